@@ -1,0 +1,85 @@
+# The README's commands. `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE ?= $(HOME)/.cache/slm-appliance
+LLAMA_VERSION := 0.3.36
+LLAMA_SDIST := $(CACHE)/llama_cpp_python-$(LLAMA_VERSION).tar.gz
+LLAMA_SRC := $(CACHE)/llama_cpp_python-$(LLAMA_VERSION)
+# Portable CPU build (DESIGN section 3): -march=native dies with SIGILL where AMX is reported but not granted.
+LLAMA_FLAGS_portable := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
+# Opt-in faster build for CPUs with AVX-512 (still no AMX): `make setup LLAMA_BUILD=avx512`.
+LLAMA_FLAGS_avx512 := $(LLAMA_FLAGS_portable) -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+LLAMA_BUILD ?= portable
+LLAMA_WHEELS := $(CACHE)/wheels/$(LLAMA_BUILD)
+LLAMA_WHEEL := $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64.whl
+
+export BUILDER_LLAMA_CPP := $(LLAMA_SRC)/vendor/llama.cpp
+DEMO_GEN := build/demo-generation
+DEMO_DATA := builder/demo_data/corpus
+
+.PHONY: help setup deps demo-home demo test bench lint clean
+
+help:
+	@echo "make demo    set everything up, then talk to the appliance about the demo documents"
+	@echo "make test    set up what the tests need, then run them"
+	@echo "make setup   only the set-up (idempotent); make bench; make lint; make clean"
+
+setup: deps demo-home
+
+deps: $(VENV)/.installed
+
+$(LLAMA_SDIST):
+	@mkdir -p $(CACHE)
+	@echo ">> fetching the llama-cpp-python $(LLAMA_VERSION) source (runtime build and GGUF converter)" >&2
+	$(PYTHON) -m pip download --quiet --no-binary :all: --no-deps -d $(CACHE) llama-cpp-python==$(LLAMA_VERSION)
+
+$(LLAMA_SRC)/.extracted: | $(LLAMA_SDIST)
+	tar -xzf $(LLAMA_SDIST) -C $(CACHE)
+	@touch $@
+
+$(LLAMA_WHEEL): | $(LLAMA_SDIST)
+	@mkdir -p $(LLAMA_WHEELS)
+	@echo ">> building llama.cpp ($(LLAMA_BUILD) flags); about 5 minutes on 2 cores, once per machine" >&2
+	@$(PYTHON) -m venv $(CACHE)/build-venv && $(CACHE)/build-venv/bin/pip install --quiet --upgrade pip wheel
+	CMAKE_ARGS="$(LLAMA_FLAGS_$(LLAMA_BUILD))" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(CACHE)/build-venv/bin/pip wheel --no-deps -w $(LLAMA_WHEELS) -v $(LLAMA_SDIST) 2>&1 \
+	  | tee $(CACHE)/build-$(LLAMA_BUILD).log | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]' | cut -c1-60 >&2
+	@test -f $@ || { echo "llama.cpp build failed; see $(CACHE)/build-$(LLAMA_BUILD).log" >&2; exit 1; }
+
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) $(LLAMA_SRC)/.extracted
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) --force-reinstall --no-deps $(LLAMA_WHEEL)
+	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) -e '.[builder,dev]'
+	@touch $@
+
+# The demo generation: built once (under 10 minutes on 2 cores), installed and fed the demo corpus.
+$(DEMO_GEN)/generation.json: | $(VENV)/.installed
+	$(BIN)/builder demo --out $(DEMO_GEN)
+
+demo-home: $(DEMO_GEN)/generation.json
+	@if ! $(BIN)/appliance status >/dev/null 2>&1; then \
+	  $(BIN)/appliance install-generation --unsigned $(DEMO_GEN) && \
+	  $(BIN)/appliance ingest $(DEMO_DATA)/reference --collection reference && \
+	  $(BIN)/appliance ingest $(DEMO_DATA)/proposals --collection proposals && \
+	  $(BIN)/appliance ingest $(DEMO_DATA)/rfps --collection rfps; \
+	fi
+
+demo: setup
+	$(BIN)/appliance ask
+
+test: deps
+	$(BIN)/python -m pytest
+
+bench: deps
+	$(BIN)/python -m bench
+
+lint: deps
+	$(BIN)/ruff check appliance builder tui tests bench
+
+clean:
+	rm -rf build $(VENV)

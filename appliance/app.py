@@ -1,0 +1,119 @@
+"""The appliance as one object: settings, the installed generation, the database, the embedder and the
+model, each opened on first use and closed together. The CLI uses it in-process; the service and the
+operator UI will hold one for their lifetime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance import generations, rag
+from appliance.config import Settings
+from appliance.ingest import IngestReport, ingest
+from appliance.store import Store
+
+
+class Appliance:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._store: Store | None = None
+        self._embedder = None
+        self._engine = None
+        self._installed: generations.Installed | None = None
+
+    def __enter__(self) -> Appliance:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @property
+    def installed(self) -> generations.Installed:
+        if self._installed is None:
+            self._installed = generations.current(self.settings.home)
+        return self._installed
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.settings.db_path)
+        return self._store
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from appliance.embed import OnnxEmbedder
+
+            self._embedder = OnnxEmbedder(self.installed.embedder_path, threads=self.settings.embed_threads,
+                                          batch_size=self.settings.embed_batch)
+        return self._embedder
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from appliance.engine import LlamaEngine
+
+            inst = self.installed
+            # Never beyond what the model was trained on: llama.cpp would only warn, then degrade.
+            n_ctx = min(self.settings.n_ctx, inst.manifest.model.context_length)
+            self._engine = LlamaEngine(inst.model_path, inst.template_path.read_text(), n_ctx=n_ctx,
+                                       threads=self.settings.threads, name=inst.manifest.model.name)
+        return self._engine
+
+    def model_info(self) -> dict:
+        inst = self.installed
+        return {"name": inst.manifest.model.name, "sha256": inst.manifest.files[inst.manifest.model.file].sha256,
+                "quant": inst.manifest.model.quant, "generation": inst.number}
+
+    def ready_index(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Re-embed every chunk if the installed embedder differs from the index's; returns how many."""
+        return self.store.ensure_embedder(self.embedder.name, self.embedder.dim, self.embedder.embed, progress)
+
+    def ingest(self, paths: list[Path], collection: str,
+               progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
+        return ingest(self.store, self.embedder, paths, collection,
+                      max_bytes=int(self.settings.max_file_mb * 1_000_000),
+                      chunk_chars=self.settings.chunk_chars, progress=progress)
+
+    def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[rag.Hit]:
+        self.ready_index()
+        return rag.search(self.store, self.embedder, query, k or self.settings.top_k, collection)
+
+    def ask(self, question: str, collection: str | None = None, use_rag: bool = True,
+            max_tokens: int | None = None, temperature: float | None = None,
+            on_text: Callable[[str], None] | None = None) -> rag.Answer:
+        start = time.perf_counter()
+        hits = self.search(question, collection=collection) if use_rag else []
+        retrieval_ms = (time.perf_counter() - start) * 1000
+        return rag.answer(self.engine, question, hits, self.model_info(), n_ctx=self.engine.n_ctx,
+                          max_tokens=max_tokens or self.settings.max_tokens,
+                          temperature=self.settings.temperature if temperature is None else temperature,
+                          rag=use_rag, retrieval_ms=retrieval_ms, on_text=on_text)
+
+    def status(self) -> dict:
+        inst = self.installed
+        m = inst.manifest
+        name, dim = self.store.embedder_id()
+        return {
+            "home": str(self.settings.home),
+            "generation": inst.number,
+            "generations": generations.list_generations(self.settings.generations_dir),
+            "model": {"name": m.model.name, "sha256": m.files[m.model.file].sha256, "quant": m.model.quant,
+                      "architecture": m.model.architecture, "parameters": m.model.parameters,
+                      "context_length": m.model.context_length, "size": m.files[m.model.file].size},
+            "embedder": {"name": m.embedder.name, "dim": m.embedder.dim,
+                         "index": {"name": name, "dim": dim, "matches": (name, dim) == (m.embedder.name, m.embedder.dim)
+                                   or name is None}},
+            "collections": self.store.collection_stats(),
+            "lineage": m.lineage,
+        }

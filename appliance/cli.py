@@ -1,0 +1,278 @@
+"""`appliance`: the command line. stdout carries data (`--json` on read commands); stderr carries logs
+and progress. Errors are translated to exit codes here and nowhere else (see errors.ExitCode)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from appliance import __version__
+from appliance.errors import ApplianceError, ExitCode
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+class _Progress:
+    """A one-line progress display on stderr when it is a terminal; one line per step otherwise."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, item, done: int, total: int | None = None) -> None:
+        if total is None:  # (done, total) form
+            item, done, total = "", item, done
+        if total == 0:
+            return
+        line = f"{self.label} {done}/{total} {Path(item).name if item else ''}"
+        if self.tty:
+            click.echo(f"\r\x1b[K{line[:100]}", err=True, nl=done >= total)
+        elif item:
+            _err(line)
+
+
+def _app(ctx: click.Context):
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+
+    app = Appliance(load_settings(home=ctx.obj.get("home")))
+    ctx.call_on_close(app.close)
+    return app
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ApplianceError as exc:
+            _err(f"error: {exc.message}")
+            if exc.fix:
+                _err(f"  fix: {exc.fix}")
+            ctx.exit(int(exc.exit_code))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="appliance")
+@click.option("--home", type=click.Path(path_type=Path), envvar="APPLIANCE_HOME",
+              help="Appliance home (default $APPLIANCE_HOME or ~/.local/share/appliance).")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """Air-gapped language-model appliance: cited answers from your documents, on CPU, offline.
+
+    \b
+    Examples:
+      appliance status
+      appliance ingest ~/rfps --collection rfps
+      appliance search "15-1252.00"
+      appliance ask "Which labor category covers database administration?"
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = home
+
+
+@cli.command("install-generation")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--unsigned", is_flag=True, help="Required: acknowledges that no signature is checked.")
+@click.pass_context
+def install_generation(ctx, directory: Path, unsigned: bool) -> None:
+    """Install a generation directory written by the builder (development path, no signature).
+
+    The directory is checked against its own generation.json (every file's sha256), copied into
+    $APPLIANCE_HOME/generations/<n>/ and made current with one atomic switch.
+
+    \b
+    Example:
+      appliance install-generation --unsigned build/demo-generation
+    """
+    from appliance.config import load_settings
+    from appliance.generations import install_unsigned
+
+    if not unsigned:
+        raise click.UsageError("this path checks no signature; pass --unsigned to confirm that you mean it")
+    settings = load_settings(home=ctx.obj.get("home"))
+    installed = install_unsigned(directory, settings.home)
+    _err(f"installed generation {installed.number} ({installed.manifest.model.name}, "
+         f"{installed.manifest.model.quant}) into {settings.home}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--collection", "-c", default="default", show_default=True, help="Collection to add to.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def ingest(ctx, paths: tuple[Path, ...], collection: str, as_json: bool) -> None:
+    """Add files or directories (recursively): txt, md, pdf, docx, csv, xlsx.
+
+    Unchanged files are skipped by content hash; a file that cannot be read is reported and the rest
+    go on. Exits 7 when any file failed.
+
+    \b
+    Example:
+      appliance ingest proposals/ labor_categories.csv --collection reference
+    """
+    app = _app(ctx)
+    reindexed = app.ready_index(_Progress("re-embedding"))
+    if reindexed:
+        _err(f"re-embedded {reindexed} chunks for embedder {app.embedder.name}")
+    report = app.ingest(list(paths), collection, progress=_Progress("ingesting"))
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        for item in report.added:
+            click.echo(f"added     {item['source']}  ({item['chunks']} chunks)")
+        for source in report.unchanged:
+            click.echo(f"unchanged {source}")
+        for item in report.failed:
+            click.echo(f"FAILED    {item['error']}")
+    _err(f"{len(report.added)} added, {len(report.unchanged)} unchanged, {len(report.failed)} failed "
+         f"(collection '{collection}')")
+    if report.failed:
+        ctx.exit(int(ExitCode.INGEST))
+
+
+@cli.group()
+def docs() -> None:
+    """List and remove ingested documents."""
+
+
+@docs.command("list")
+@click.option("--collection", "-c", help="Only this collection.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def docs_list(ctx, collection: str | None, as_json: bool) -> None:
+    """List documents with their collection, chunk count and sha256."""
+    rows = _app(ctx).store.list_documents(collection)
+    if as_json:
+        _echo_json({"documents": [vars(r) for r in rows]})
+        return
+    for r in rows:
+        click.echo(f"{r.id:>5}  {r.collection:<12} {r.chunks:>5} chunks  {r.sha256[:12]}  {r.source}")
+
+
+@docs.command("remove")
+@click.argument("doc_id", type=int)
+@click.pass_context
+def docs_remove(ctx, doc_id: int) -> None:
+    """Remove a document, its chunks and vectors (ids from `appliance docs list`)."""
+    row = _app(ctx).store.remove_document(doc_id)
+    _err(f"removed document {row.id}: {row.source}")
+
+
+@cli.command()
+@click.argument("query")
+@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 100), help="How many results.")
+@click.option("--collection", "-c", help="Only this collection.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def search(ctx, query: str, k: int, collection: str | None, as_json: bool) -> None:
+    """Hybrid keyword + vector search; exact codes come first.
+
+    \b
+    Examples:
+      appliance search "15-1252.00"
+      appliance search "cloud migration past performance" -k 10 --json
+    """
+    hits = _app(ctx).search(query, k=k, collection=collection)
+    if as_json:
+        _echo_json({"results": [h.to_json() for h in hits]})
+        return
+    if not hits:
+        _err("no results")
+    for i, h in enumerate(hits, start=1):
+        snippet = " ".join(h.text.split())[:160]
+        click.echo(f"[{i}] {h.title} ({Path(h.source).name}, chunk {h.position}){' exact' if h.exact else ''}\n"
+                   f"    {snippet}")
+
+
+def _print_answer(result, streamed: bool) -> None:
+    if not streamed:
+        click.echo(result.answer)
+    if result.sources:
+        click.echo("\nSources:")
+        cited = {c["n"] for c in result.citations}
+        for i, h in enumerate(result.sources, start=1):
+            mark = "*" if i in cited else " "
+            click.echo(f" {mark}[{i}] {h.title} - {Path(h.source).name}, chunk {h.position}")
+    if result.unknown_citations:
+        _err(f"warning: the answer cites sources that do not exist: {result.unknown_citations}")
+    t = result.timing
+    _err(f"(retrieval {t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
+         f"{t['tokens_per_s'] or 0:.1f} tokens/s)")
+
+
+@cli.command()
+@click.argument("question", required=False)
+@click.option("--collection", "-c", help="Retrieve only from this collection.")
+@click.option("--no-rag", is_flag=True, help="Answer without retrieval.")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), help="Cap on generated tokens.")
+@click.option("--temperature", type=click.FloatRange(0.0, 2.0), help="Sampling temperature.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (no streaming).")
+@click.pass_context
+def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tokens: int | None,
+        temperature: float | None, as_json: bool) -> None:
+    """Answer a question from the documents, citing sources as [n].
+
+    Without QUESTION, reads questions from the terminal until an empty line or Ctrl-D.
+
+    \b
+    Examples:
+      appliance ask "What is the code for a Database Administrator?"
+      appliance ask "Summarise the transition plan" --collection proposals --json
+    """
+    app = _app(ctx)
+
+    def one(q: str) -> None:
+        if as_json:
+            _echo_json(app.ask(q, collection, not no_rag, max_tokens, temperature).to_json())
+            return
+        result = app.ask(q, collection, not no_rag, max_tokens, temperature,
+                         on_text=lambda piece: click.echo(piece, nl=False))
+        click.echo()
+        _print_answer(result, streamed=True)
+
+    if question:
+        one(question)
+        return
+    status = app.status()
+    _err(f"appliance: generation {status['generation']}, model {status['model']['name']}, "
+         f"{sum(c['chunks'] for c in status['collections'])} chunks in "
+         f"{len(status['collections'])} collections. Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            q = click.prompt("\nquestion", default="", show_default=False, err=True)
+        except (EOFError, click.Abort):
+            break
+        if not q.strip():
+            break
+        one(q)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx, as_json: bool) -> None:
+    """The installed generation, model, embedder and collections."""
+    data = _app(ctx).status()
+    if as_json:
+        _echo_json(data)
+        return
+    m, e = data["model"], data["embedder"]
+    click.echo(f"home        {data['home']}")
+    click.echo(f"generation  {data['generation']} (installed: {', '.join(map(str, data['generations']))})")
+    click.echo(f"model       {m['name']} {m['quant']} {m['parameters']:,} parameters, sha256 {m['sha256'][:16]}")
+    click.echo(f"embedder    {e['name']} ({e['dim']}-d)")
+    for c in data["collections"] or [{"name": "(none)", "documents": 0, "chunks": 0}]:
+        click.echo(f"collection  {c['name']:<14} {c['documents']:>4} documents {c['chunks']:>6} chunks")
+
+
+def main() -> None:
+    cli(prog_name="appliance")

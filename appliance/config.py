@@ -1,0 +1,80 @@
+"""Settings: defaults, then `$APPLIANCE_HOME/config.yaml`, then `APPLIANCE_*` environment variables.
+
+The same variables work in systemd's `EnvironmentFile=`. Unknown keys in the YAML file are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.errors import ConfigError
+
+
+def default_home() -> Path:
+    env = os.environ.get("APPLIANCE_HOME")
+    if env:
+        return Path(env).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "appliance"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    home: Path = Field(default_factory=default_home, description="Where generations and the database live")
+    threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = all cores")
+    embed_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
+    embed_batch: int = Field(default=32, ge=1, le=1024, description="Chunks embedded per ONNX call")
+    n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context window given to llama.cpp")
+    max_tokens: int = Field(default=256, ge=1, le=8192, description="Default cap on generated tokens")
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0, description="Default sampling temperature")
+    top_k: int = Field(default=5, ge=1, le=50, description="Sources retrieved for an answer")
+    max_file_mb: float = Field(default=25.0, gt=0, description="Files larger than this are refused at ingest")
+    chunk_chars: int = Field(default=1200, ge=200, le=20000, description="Target chunk size in characters")
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "appliance.db"
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.home / "generations"
+
+    @property
+    def current_link(self) -> Path:
+        return self.home / "current"
+
+
+_ENV_FIELDS = {name: f"APPLIANCE_{name.upper()}" for name in Settings.model_fields if name != "home"}
+
+
+def load_settings(**overrides) -> Settings:
+    """Defaults < config.yaml < environment < explicit overrides."""
+    home = Path(overrides.pop("home", None) or default_home())
+    values: dict = {}
+    config_file = home / "config.yaml"
+    if config_file.exists():
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_file}: not valid YAML ({exc})", "fix the file or remove it") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of settings", "see `appliance --help`")
+        values.update(loaded)
+    for name, var in _ENV_FIELDS.items():
+        if var in os.environ:
+            values[name] = os.environ[var]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(home=home, **values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            f"setting '{field}': {first['msg']}",
+            f"correct it in {config_file} or in {_ENV_FIELDS.get(field, 'the environment')}",
+        ) from exc

@@ -1,0 +1,119 @@
+"""Installed generations under `$APPLIANCE_HOME/generations/<n>/` and the `current` symlink.
+
+`install_unsigned` is the development path (`appliance install-generation --unsigned`): it checks the
+directory against its own manifest, copies it into a staging directory on the same filesystem, makes
+it read-only, renames it into place and switches `current` with one atomic `rename`. A failure at any
+step leaves `current` pointing where it pointed before and removes the staging copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import GenerationError, NotFoundError
+from appliance.manifest import GenerationManifest, read_manifest, verify_generation
+
+
+@dataclass(frozen=True)
+class Installed:
+    number: int
+    path: Path
+    manifest: GenerationManifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model.file
+
+    @property
+    def template_path(self) -> Path:
+        return self.path / self.manifest.chat_template
+
+    @property
+    def embedder_path(self) -> Path:
+        return self.path / self.manifest.embedder.dir
+
+
+def list_generations(generations_dir: Path) -> list[int]:
+    if not generations_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in generations_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def current(home: Path) -> Installed:
+    link = home / "current"
+    if not link.is_symlink():
+        raise NotFoundError(f"no generation installed in {home}",
+                            "install one with `appliance install-generation --unsigned DIR` "
+                            "(or run `make setup`)")
+    target = (home / os.readlink(link)).resolve()
+    if not target.is_dir():
+        raise GenerationError(f"{link} points at {target}, which is missing",
+                              "reinstall the generation")
+    return Installed(number=int(target.name), path=target, manifest=read_manifest(target))
+
+
+def _make_read_only(root: Path) -> None:
+    for path in root.rglob("*"):
+        mode = path.stat().st_mode
+        path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    root.chmod(root.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _make_writable(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+def remove_tree(root: Path) -> None:
+    if root.exists():
+        _make_writable(root)
+        shutil.rmtree(root)
+
+
+def switch_current(home: Path, number: int) -> None:
+    """Point `current` at generations/<number> atomically (symlink then rename over the old one)."""
+    tmp = home / f".current.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(f"generations/{number}", tmp)
+    os.replace(tmp, home / "current")
+    _fsync_dir(home)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def install_unsigned(source: Path, home: Path) -> Installed:
+    """Copy a verified generation directory into the home and make it current."""
+    source = source.resolve()
+    if not source.is_dir():
+        raise NotFoundError(f"{source}: not a directory", "give the path of a generation directory")
+    manifest = verify_generation(source)
+    generations = home / "generations"
+    generations.mkdir(parents=True, exist_ok=True)
+    # Leftovers of an interrupted install are never current; clear them first.
+    for stale in generations.glob(".staging-*"):
+        remove_tree(stale)
+    number = (list_generations(generations) or [0])[-1] + 1
+    staging = generations / f".staging-{number}"
+    try:
+        shutil.copytree(source, staging, symlinks=False)
+        verify_generation(staging)  # what was copied, not what we were shown
+        _make_read_only(staging)
+        os.rename(staging, generations / str(number))
+        _fsync_dir(generations)
+        switch_current(home, number)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    return Installed(number=number, path=generations / str(number), manifest=manifest)

@@ -1,0 +1,97 @@
+"""Ingest: files and directories into a collection.
+
+Each file is read, chunked, embedded and stored in one transaction. An unchanged file (same sha256 in
+the same collection) is skipped; an edited file replaces its previous version; a file that cannot be
+read is reported with the reason and the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.documents import CODE_RE, SUPPORTED_SUFFIXES, Document, chunk_document, read_document
+from appliance.errors import IngestError
+from appliance.manifest import sha256_file
+from appliance.protocols import Embedder
+from appliance.store import NewChunk, Store, embedding_text
+
+
+@dataclass
+class IngestReport:
+    added: list[dict] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"added": self.added, "unchanged": self.unchanged, "failed": self.failed}
+
+
+def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
+    """Files to ingest (directories recursively, supported types only) and paths that do not exist."""
+    files: list[Path] = []
+    missing: list[dict] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*")
+                            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append({"source": str(path), "error": f"{path}: no such file or directory"})
+    return list(dict.fromkeys(files)), missing
+
+
+def _table_row(columns: list[str], row: dict[str, str]) -> dict:
+    """Find the code and title of a reference-table row by column name, falling back to the pattern."""
+    lowered = {c.lower().strip(): c for c in columns}
+    code_col = next((lowered[c] for c in ("code", "soc code", "onet code", "o*net code", "lcat code",
+                                           "labor category code") if c in lowered), None)
+    title_col = next((lowered[c] for c in ("title", "labor category", "name", "category") if c in lowered), None)
+    code = row.get(code_col, "") if code_col else ""
+    if not code:
+        found = next((CODE_RE.search(v) for v in row.values() if CODE_RE.search(v)), None)
+        code = found.group(0) if found else ""
+    return {"code": code.strip() or None, "title": row.get(title_col, "").strip() if title_col else None,
+            "data": row}
+
+
+def _chunks(doc: Document, limit: int) -> list[NewChunk]:
+    chunks = chunk_document(doc, limit)
+    if doc.table is None:
+        return [NewChunk(c.position, c.heading, c.text) for c in chunks]
+    return [NewChunk(c.position, c.heading, c.text, row=_table_row(doc.table.columns, doc.table.rows[c.row]))
+            for c in chunks]
+
+
+def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: str, *, max_bytes: int,
+           chunk_chars: int, progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
+    store.ensure_embedder(embedder.name, embedder.dim, embedder.embed)
+    files, missing = expand_paths(paths)
+    report = IngestReport(failed=missing)
+    coll_id = store.collection_id(collection, create=True)
+    for i, path in enumerate(files):
+        if progress:
+            progress(str(path), i, len(files))
+        source = str(path.resolve())
+        try:
+            digest = sha256_file(path)
+            if store.find_document(coll_id, digest) is not None:
+                report.unchanged.append(source)
+                continue
+            doc = read_document(path, max_bytes)
+            chunks = _chunks(doc, chunk_chars)
+            vectors = embedder.embed([embedding_text(c.heading, c.text) for c in chunks])
+            doc_id, replaced = store.add_document(collection, source, doc.title, doc.kind, digest,
+                                                  path.stat().st_size, chunks, vectors)
+            report.added.append({"doc_id": doc_id, "source": source, "title": doc.title, "kind": doc.kind,
+                                 "chunks": len(chunks), "sha256": digest, "replaced": replaced})
+        except IngestError as exc:
+            report.failed.append({"source": source, "error": str(exc)})
+        except OSError as exc:
+            report.failed.append({"source": source, "error": f"{path}: cannot read ({exc.strerror})"})
+    if progress:
+        progress("", len(files), len(files))
+    return report

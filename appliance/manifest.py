@@ -1,0 +1,130 @@
+"""The generation manifest: the one contract between the builder and the appliance.
+
+A generation directory holds `model.gguf`, `chat_template.jinja`, `embedder/` and `generation.json`.
+`generation.json` lists every other file with its sha256 and size, and the lineage of the model.
+`verify_generation` refuses a directory whose files are missing, extra or altered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path, PurePosixPath
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.errors import GenerationError
+
+MANIFEST_NAME = "generation.json"
+FORMAT_VERSION = 1
+_HASH_BLOCK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str = "model.gguf"
+    name: str
+    architecture: str = "llama"
+    quant: str = Field(description="llama.cpp file type, e.g. Q8_0")
+    context_length: int = Field(ge=16)
+    parameters: int = Field(ge=0)
+
+
+class EmbedderInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dir: str = "embedder"
+    name: str
+    dim: int = Field(ge=1)
+
+
+class GenerationManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: int = FORMAT_VERSION
+    name: str
+    created: str
+    model: ModelInfo
+    chat_template: str = "chat_template.jinja"
+    embedder: EmbedderInfo
+    files: dict[str, FileEntry]
+    lineage: dict = Field(default_factory=dict, description="Base model, data hashes, stage configs")
+
+    @field_validator("files")
+    @classmethod
+    def _safe_paths(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in files:
+            p = PurePosixPath(name)
+            if not name or "\x00" in name or p.is_absolute() or ".." in p.parts or "\\" in name:
+                raise ValueError(f"unsafe file name in manifest: {name!r}")
+        return files
+
+
+def scan_files(root: Path) -> dict[str, FileEntry]:
+    """Every regular file under root except the manifest, with its hash; symlinks are refused."""
+    entries: dict[str, FileEntry] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise GenerationError(f"{path}: symbolic links are not allowed in a generation",
+                                  "copy the file itself into the directory")
+        if not path.is_file():
+            continue
+        rel = path.relative_to(root).as_posix()
+        if rel == MANIFEST_NAME:
+            continue
+        entries[rel] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+    return entries
+
+
+def write_manifest(root: Path, manifest_fields: dict) -> GenerationManifest:
+    """Hash every file under root and write generation.json (used by the builder)."""
+    manifest = GenerationManifest(files=scan_files(root), **manifest_fields)
+    (root / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(root: Path) -> GenerationManifest:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise GenerationError(f"{root}: no {MANIFEST_NAME}; this is not a generation directory",
+                              "point at a directory written by `builder demo` or `builder export`")
+    try:
+        return GenerationManifest.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as exc:
+        raise GenerationError(f"{path}: invalid manifest ({exc})", "rebuild the generation") from exc
+
+
+def verify_generation(root: Path) -> GenerationManifest:
+    """Check that the directory holds exactly the files the manifest lists, with matching hashes."""
+    manifest = read_manifest(root)
+    if manifest.format != FORMAT_VERSION:
+        raise GenerationError(f"{root}: manifest format {manifest.format}, this appliance reads "
+                              f"{FORMAT_VERSION}", "rebuild the generation with a matching builder")
+    for required in (manifest.model.file, manifest.chat_template):
+        if required not in manifest.files:
+            raise GenerationError(f"{root}: manifest does not list {required}", "rebuild the generation")
+    actual = scan_files(root)
+    missing = sorted(set(manifest.files) - set(actual))
+    if missing:
+        raise GenerationError(f"{root}: missing {', '.join(missing)}", "copy the complete generation again")
+    extra = sorted(set(actual) - set(manifest.files))
+    if extra:
+        raise GenerationError(f"{root}: files not in the manifest: {', '.join(extra)}",
+                              "remove them or rebuild the generation")
+    for name, entry in manifest.files.items():
+        if actual[name].size != entry.size or actual[name].sha256 != entry.sha256:
+            raise GenerationError(f"{name}: sha256 mismatch with the manifest; the generation is damaged "
+                                  "or altered", "rebuild it with `builder demo` or copy it again")
+    return manifest

@@ -1,0 +1,165 @@
+"""Hybrid retrieval and cited answers.
+
+`search` fuses FTS5 BM25 and vec0 nearest neighbours by reciprocal rank fusion; a query holding an
+exact identifier (a labor-category code such as 15-1252.00) returns the reference row defining it
+first, then other chunks that contain it, whatever the vectors say. `answer` puts the hits into the
+prompt as numbered sources, streams the model's reply and maps each `[n]` back to its document.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from appliance.documents import CODE_RE
+from appliance.prompt import build_messages, cited_numbers, format_source
+from appliance.protocols import Embedder, Generator
+from appliance.store import ChunkRow, Store
+
+RRF_K = 60
+_PARTIAL_CODE_RE = re.compile(r"\b\d{2}-\d{2,4}(?:\.\d{1,2})?\b")
+_STOPWORDS = frozenset(
+    "a an and are as at be by can do does for from has have how i in is it its me of on or our the "
+    "this to was we what when where which who why will with you your".split())
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    doc_id: int
+    source: str
+    title: str
+    heading: str
+    position: int
+    text: str
+    doc_sha256: str
+    collection: str
+    score: float
+    exact: bool = False
+
+    def to_json(self) -> dict:
+        return {"chunk_id": self.chunk_id, "doc_id": self.doc_id, "source": self.source, "title": self.title,
+                "collection": self.collection, "position": self.position, "score": round(self.score, 6),
+                "exact": self.exact, "text": self.text}
+
+
+def query_codes(query: str) -> list[str]:
+    return list(dict.fromkeys(_PARTIAL_CODE_RE.findall(query)))
+
+
+def fts_query(query: str) -> str | None:
+    """An FTS5 MATCH expression: codes as exact phrases, other words OR-ed (BM25 ranks them)."""
+    terms = [f'"{c}"' for c in query_codes(query)]
+    rest = _PARTIAL_CODE_RE.sub(" ", query)
+    words = [w for w in re.findall(r"\w+", rest.lower()) if w not in _STOPWORDS and len(w) > 1]
+    terms += [f'"{w}"' for w in dict.fromkeys(words)]
+    return " OR ".join(terms) if terms else None
+
+
+def search(store: Store, embedder: Embedder, query: str, k: int = 5, collection: str | None = None,
+           fetch: int | None = None) -> list[Hit]:
+    query = query.strip()
+    if not query:
+        return []
+    coll_id = store.collection_id(collection) if collection else None
+    fetch = fetch or max(4 * k, 20)
+    scores: dict[int, float] = {}
+    match = fts_query(query)
+    ranked_lists = [store.keyword_search(match, fetch, coll_id)] if match else []
+    ranked_lists.append(store.vector_search(embedder.embed([query])[0], fetch, coll_id))
+    for ranked in ranked_lists:
+        for rank, (chunk_id, _) in enumerate(ranked):
+            scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
+    # Exact identifiers outrank everything: first the reference rows defining them, then any chunk
+    # containing them (found by phrase even when neither list above reached it).
+    exact: list[int] = []
+    for code in query_codes(query):
+        exact += store.ref_chunks_for_code(code, coll_id)
+        exact += [cid for cid, _ in store.keyword_search(f'"{code}"', fetch, coll_id)]
+    exact = list(dict.fromkeys(exact))
+    ordered = exact + sorted((c for c in scores if c not in set(exact)), key=lambda c: -scores[c])
+    rows = store.chunks(ordered[:k])
+    exact_set = set(exact)
+    return [_hit(rows[c], scores.get(c, 0.0), c in exact_set) for c in ordered[:k] if c in rows]
+
+
+def _hit(row: ChunkRow, score: float, exact: bool) -> Hit:
+    return Hit(chunk_id=row.chunk_id, doc_id=row.doc_id, source=row.source, title=row.title,
+               heading=row.heading, position=row.position, text=row.text, doc_sha256=row.doc_sha256,
+               collection=row.collection, score=score, exact=exact)
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    sources: list[Hit]
+    citations: list[dict]
+    unknown_citations: list[int]
+    model: dict
+    timing: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"question": self.question, "answer": self.answer, "citations": self.citations,
+                "unknown_citations": self.unknown_citations,
+                "sources": [{"n": i + 1, **h.to_json()} for i, h in enumerate(self.sources)],
+                "model": self.model, "timing": self.timing}
+
+
+def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: int) -> list[str]:
+    """Numbered source blocks, as many as fit the token budget; the last one may be cut short."""
+    sources: list[str] = []
+    used = generator.count_tokens(question) + 64
+    for i, hit in enumerate(hits, start=1):
+        title = f"{hit.title} - {hit.heading}" if hit.heading and hit.heading != hit.title else hit.title
+        block = format_source(i, title, hit.text)
+        cost = generator.count_tokens(block)
+        if used + cost > budget:
+            room = budget - used - 32
+            if room > 64:  # a useful fragment still fits
+                fraction = room / cost
+                sources.append(format_source(i, title, hit.text[: int(len(hit.text) * fraction)] + " ..."))
+            break
+        sources.append(block)
+        used += cost
+    return sources
+
+
+def answer(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
+           max_tokens: int, temperature: float, rag: bool = True, retrieval_ms: float = 0.0,
+           on_text: Callable[[str], None] | None = None) -> Answer:
+    budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], rag)[0]["content"]) - 32
+    sources = fit_sources(hits, question, generator, budget) if rag else []
+    hits = hits[: len(sources)]
+    messages = build_messages(question, sources, rag)
+    start = time.perf_counter()
+    first = None
+    pieces: list[str] = []
+    for piece in generator.stream(messages, max_tokens=max_tokens, temperature=temperature):
+        if first is None:
+            first = time.perf_counter()
+        pieces.append(piece)
+        if on_text:
+            on_text(piece)
+    end = time.perf_counter()
+    text = "".join(pieces).strip()
+    citations, unknown = [], []
+    for n in cited_numbers(text):
+        if 1 <= n <= len(hits):
+            h = hits[n - 1]
+            citations.append({"n": n, "chunk_id": h.chunk_id, "doc_id": h.doc_id, "source": h.source,
+                              "title": h.title, "doc_sha256": h.doc_sha256})
+        else:
+            unknown.append(n)
+    n_tokens = generator.count_tokens(text) if text else 0
+    decode_s = end - (first or end)
+    timing = {"retrieval_ms": round(retrieval_ms, 2),
+              "ttft_ms": round(((first or end) - start) * 1000, 2),
+              "tokens": n_tokens,
+              "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
+    return Answer(question=question, answer=text, sources=hits, citations=citations,
+                  unknown_citations=unknown, model=model_info, timing=timing)
+
+

@@ -1,0 +1,336 @@
+"""The appliance database (the only module that loads sqlite-vec).
+
+One SQLite file through apsw: collections, documents keyed by their content's sha256, chunks with
+their position, an FTS5 index over the chunk text, a `vec0` table of chunk vectors sharing the chunk's
+rowid, and reference-table rows (labor categories and the like) kept as structured data. WAL with
+`synchronous=FULL`: a committed ingest survives a crash. Schema changes are ordered, named migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import apsw
+import numpy as np
+
+from appliance.errors import NotFoundError, StoreError
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("001_initial", """
+        CREATE TABLE collections (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created TEXT NOT NULL
+        );
+        CREATE TABLE documents (
+            id INTEGER PRIMARY KEY,
+            collection_id INTEGER NOT NULL REFERENCES collections(id),
+            source TEXT NOT NULL,
+            title TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            ingested TEXT NOT NULL,
+            UNIQUE (collection_id, sha256)
+        );
+        CREATE INDEX documents_source ON documents(collection_id, source);
+        CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY,
+            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            heading TEXT NOT NULL,
+            text TEXT NOT NULL
+        );
+        CREATE INDEX chunks_document ON chunks(document_id, position);
+        CREATE VIRTUAL TABLE chunk_fts USING fts5(
+            heading, text, content='', contentless_delete=1, tokenize='unicode61 remove_diacritics 2'
+        );
+        CREATE TABLE ref_rows (
+            id INTEGER PRIMARY KEY,
+            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+            chunk_id INTEGER NOT NULL REFERENCES chunks(id) ON DELETE CASCADE,
+            row_index INTEGER NOT NULL,
+            code TEXT,
+            title TEXT,
+            data TEXT NOT NULL
+        );
+        CREATE INDEX ref_rows_code ON ref_rows(code);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """),
+]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class DocumentRow:
+    id: int
+    collection: str
+    source: str
+    title: str
+    kind: str
+    sha256: str
+    size: int
+    ingested: str
+    chunks: int
+
+
+@dataclass
+class ChunkRow:
+    chunk_id: int
+    doc_id: int
+    source: str
+    title: str
+    heading: str
+    position: int
+    text: str
+    doc_sha256: str
+    collection: str
+
+
+@dataclass
+class NewChunk:
+    position: int
+    heading: str
+    text: str
+    row: dict | None = None  # a reference-table row: {"code", "title", "data"}
+
+
+class Store:
+    """A connection to the appliance database; use as a context manager."""
+
+    def __init__(self, path: Path):
+        import sqlite_vec
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = apsw.Connection(str(path))
+            self.conn.set_busy_timeout(10_000)
+            self.conn.enable_load_extension(True)
+            self.conn.load_extension(sqlite_vec.loadable_path())
+            self.conn.enable_load_extension(False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA trusted_schema=OFF")
+            self._migrate()
+        except apsw.Error as exc:
+            raise StoreError(f"{path}: cannot open the database ({exc})",
+                             "check the disk and permissions; restore from backup if it is corrupt") from exc
+        self.path = path
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- schema -------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)")
+        done = {row[0] for row in self.conn.execute("SELECT name FROM _migrations")}
+        for name, sql in MIGRATIONS:
+            if name in done:
+                continue
+            with self.conn:
+                self.conn.execute(sql)
+                self.conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, _now()))
+
+    def migrations(self) -> list[str]:
+        return [row[0] for row in self.conn.execute("SELECT name FROM _migrations ORDER BY name")]
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                          (key, value))
+
+    # -- vectors ------------------------------------------------------------------------------
+    def embedder_id(self) -> tuple[str | None, int | None]:
+        dim = self.get_meta("embedder_dim")
+        return self.get_meta("embedder_name"), int(dim) if dim else None
+
+    def ensure_embedder(self, name: str, dim: int, embed: Callable[[list[str]], np.ndarray],
+                        progress: Callable[[int, int], None] | None = None, batch: int = 256) -> int:
+        """Make the vector index match this embedder; re-embed every chunk if it changed.
+
+        Returns the number of chunks re-embedded (0 when the index already matches).
+        """
+        if self.embedder_id() == (name, dim):
+            return 0
+        total = self.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        with self.conn:
+            self.conn.execute("DROP TABLE IF EXISTS chunk_vectors")
+            self.conn.execute(
+                f"CREATE VIRTUAL TABLE chunk_vectors USING vec0("
+                f"collection_id INTEGER PARTITION KEY, embedding float[{int(dim)}] distance_metric=cosine)")
+            done = 0
+            rows = self.conn.execute(
+                "SELECT c.id, d.collection_id, c.heading, c.text FROM chunks c "
+                "JOIN documents d ON d.id = c.document_id ORDER BY c.id").fetchall()
+            for start in range(0, len(rows), batch):
+                part = rows[start:start + batch]
+                vectors = embed([embedding_text(h, t) for _, _, h, t in part])
+                self.conn.executemany("INSERT INTO chunk_vectors(rowid, collection_id, embedding) VALUES (?, ?, ?)",
+                                      [(cid, coll, v.astype(np.float32).tobytes()) for (cid, coll, _, _), v
+                                       in zip(part, vectors)])
+                done += len(part)
+                if progress:
+                    progress(done, total)
+            self._set_meta("embedder_name", name)
+            self._set_meta("embedder_dim", str(dim))
+        return total
+
+    # -- collections and documents -----------------------------------------------------------
+    def collection_id(self, name: str, create: bool = False) -> int:
+        row = self.conn.execute("SELECT id FROM collections WHERE name = ?", (name,)).fetchone()
+        if row:
+            return row[0]
+        if not create:
+            raise NotFoundError(f"no collection named '{name}'",
+                                "see `appliance status` for the collections that exist")
+        self.conn.execute("INSERT INTO collections(name, created) VALUES (?, ?)", (name, _now()))
+        return self.conn.last_insert_rowid()
+
+    def find_document(self, collection_id: int, sha256: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM documents WHERE collection_id = ? AND sha256 = ?",
+                                (collection_id, sha256)).fetchone()
+        return row[0] if row else None
+
+    def add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
+                     chunks: Sequence[NewChunk], vectors: np.ndarray) -> tuple[int, list[int]]:
+        """Insert a document, its chunks, FTS rows, vectors and table rows in one transaction.
+
+        A document already in the collection under the same source path with different content is
+        replaced (the file was edited). Returns (document id, ids of documents it replaced).
+        """
+        if self.embedder_id()[1] is None:
+            raise StoreError("the vector index has not been set up", "call ensure_embedder first")
+        if len(chunks) != len(vectors):
+            raise StoreError("chunk and vector counts differ", "this is a bug; please report it")
+        with self.conn:
+            coll = self.collection_id(collection, create=True)
+            replaced = [r[0] for r in self.conn.execute(
+                "SELECT id FROM documents WHERE collection_id = ? AND source = ? AND sha256 != ?",
+                (coll, source, sha256))]
+            for doc_id in replaced:
+                self._delete_document(doc_id)
+            self.conn.execute(
+                "INSERT INTO documents(collection_id, source, title, kind, sha256, size, ingested) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", (coll, source, title, kind, sha256, size, _now()))
+            doc_id = self.conn.last_insert_rowid()
+            for chunk, vector in zip(chunks, vectors):
+                self.conn.execute("INSERT INTO chunks(document_id, position, heading, text) VALUES (?, ?, ?, ?)",
+                                  (doc_id, chunk.position, chunk.heading, chunk.text))
+                chunk_id = self.conn.last_insert_rowid()
+                self.conn.execute("INSERT INTO chunk_fts(rowid, heading, text) VALUES (?, ?, ?)",
+                                  (chunk_id, chunk.heading, chunk.text))
+                self.conn.execute("INSERT INTO chunk_vectors(rowid, collection_id, embedding) VALUES (?, ?, ?)",
+                                  (chunk_id, coll, vector.astype(np.float32).tobytes()))
+                if chunk.row is not None:
+                    self.conn.execute(
+                        "INSERT INTO ref_rows(document_id, chunk_id, row_index, code, title, data) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (doc_id, chunk_id, chunk.position, chunk.row.get("code"), chunk.row.get("title"),
+                         json.dumps(chunk.row["data"])))
+        return doc_id, replaced
+
+    def _delete_document(self, doc_id: int) -> None:
+        ids = [r[0] for r in self.conn.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))]
+        for chunk_id in ids:
+            self.conn.execute("DELETE FROM chunk_fts WHERE rowid = ?", (chunk_id,))
+            self.conn.execute("DELETE FROM chunk_vectors WHERE rowid = ?", (chunk_id,))
+        self.conn.execute("DELETE FROM ref_rows WHERE document_id = ?", (doc_id,))
+        self.conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
+        self.conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+
+    def remove_document(self, doc_id: int) -> DocumentRow:
+        docs = [d for d in self.list_documents() if d.id == doc_id]
+        if not docs:
+            raise NotFoundError(f"no document with id {doc_id}", "see `appliance docs list` for ids")
+        with self.conn:
+            self._delete_document(doc_id)
+        return docs[0]
+
+    def list_documents(self, collection: str | None = None) -> list[DocumentRow]:
+        sql = ("SELECT d.id, c.name, d.source, d.title, d.kind, d.sha256, d.size, d.ingested, "
+               "(SELECT count(*) FROM chunks WHERE document_id = d.id) "
+               "FROM documents d JOIN collections c ON c.id = d.collection_id")
+        args: tuple = ()
+        if collection is not None:
+            sql += " WHERE c.name = ?"
+            args = (collection,)
+        return [DocumentRow(*row) for row in self.conn.execute(sql + " ORDER BY d.id", args)]
+
+    def collection_stats(self) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT c.name, count(DISTINCT d.id), count(ch.id) FROM collections c "
+            "LEFT JOIN documents d ON d.collection_id = c.id LEFT JOIN chunks ch ON ch.document_id = d.id "
+            "GROUP BY c.id ORDER BY c.name")
+        return [{"name": n, "documents": d, "chunks": k} for n, d, k in rows]
+
+    # -- retrieval ----------------------------------------------------------------------------
+    def keyword_search(self, match: str, k: int, collection_id: int | None = None) -> list[tuple[int, float]]:
+        """FTS5 BM25 top-k as (chunk id, bm25) with the best (most negative) first."""
+        if collection_id is None:
+            sql = "SELECT rowid, bm25(chunk_fts, 0.5, 1.0) AS s FROM chunk_fts WHERE chunk_fts MATCH ? ORDER BY s LIMIT ?"
+            args: tuple = (match, k)
+        else:
+            sql = ("SELECT f.rowid, bm25(chunk_fts, 0.5, 1.0) AS s FROM chunk_fts f "
+                   "JOIN chunks c ON c.id = f.rowid JOIN documents d ON d.id = c.document_id "
+                   "WHERE chunk_fts MATCH ? AND d.collection_id = ? ORDER BY s LIMIT ?")
+            args = (match, collection_id, k)
+        try:
+            return [(row[0], row[1]) for row in self.conn.execute(sql, args)]
+        except apsw.SQLError as exc:
+            raise StoreError(f"keyword query could not be run ({exc})", "simplify the query") from exc
+
+    def vector_search(self, vector: np.ndarray, k: int, collection_id: int | None = None) -> list[tuple[int, float]]:
+        """vec0 KNN as (chunk id, cosine distance), nearest first."""
+        if self.embedder_id()[1] is None:
+            return []
+        blob = vector.astype(np.float32).tobytes()
+        if collection_id is None:
+            rows = self.conn.execute("SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ?",
+                                     (blob, k))
+        else:
+            rows = self.conn.execute("SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ? "
+                                     "AND collection_id = ?", (blob, k, collection_id))
+        return [(row[0], row[1]) for row in rows]
+
+    def chunks(self, ids: Iterable[int]) -> dict[int, ChunkRow]:
+        ids = list(ids)
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(
+            "SELECT c.id, d.id, d.source, d.title, c.heading, c.position, c.text, d.sha256, col.name "
+            "FROM chunks c JOIN documents d ON d.id = c.document_id JOIN collections col ON col.id = d.collection_id "
+            f"WHERE c.id IN ({marks})", ids)
+        return {row[0]: ChunkRow(*row) for row in rows}
+
+    def ref_chunks_for_code(self, code: str, collection_id: int | None = None) -> list[int]:
+        """Chunk ids of reference rows whose code is this code or starts with it."""
+        sql = ("SELECT r.chunk_id FROM ref_rows r JOIN documents d ON d.id = r.document_id "
+               "WHERE (r.code = ? OR r.code LIKE ? ESCAPE '\\')")
+        args: list = [code, code.replace("%", "\\%").replace("_", "\\_") + "%"]
+        if collection_id is not None:
+            sql += " AND d.collection_id = ?"
+            args.append(collection_id)
+        return [row[0] for row in self.conn.execute(sql + " ORDER BY r.code = ? DESC, r.code", [*args, code])]
+
+
+def embedding_text(heading: str, text: str) -> str:
+    """What the embedder sees for a chunk: its section heading gives a paragraph its context."""
+    return f"{heading}\n{text}" if heading and not text.startswith(heading) else text

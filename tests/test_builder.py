@@ -1,0 +1,145 @@
+"""Builder: tokenizer parity with llama.cpp, HF -> GGUF round trip, embedder export, the demo corpus."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.demo import DEMO_DATA, held_out, load_corpus, training_texts
+
+LOGIT_ATOL = 2e-3  # f16 weights and llama.cpp kernels vs PyTorch fp32, on logits of magnitude ~0.5
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny checkpoint with scaled-up weights, so logits are far from uniform."""
+    import torch
+
+    from builder.synth import synthesize
+
+    out = tmp_path_factory.mktemp("tiny-hf")
+    synthesize("tiny", out, [d.text for d in load_corpus(DEMO_DATA / "corpus")], seed=1)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_checkpoint):
+    from builder.llamacpp import convert_hf
+
+    return convert_hf(tiny_checkpoint, tiny_checkpoint / "model-f16.gguf", "f16")
+
+
+def test_gguf_logits_match_pytorch(tiny_checkpoint, tiny_gguf):
+    import llama_cpp
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from builder.synth import encode
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_checkpoint / "tokenizer.model"))
+    ids = [1] + encode(sp, "The contractor shall provide a transition-in plan within 30 days.")
+    model = LlamaForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(str(tiny_gguf), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(ids)
+        actual = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    assert expected.shape == actual.shape
+    assert np.abs(expected).max() > 0.2, "logits too flat for the comparison to mean anything"
+    assert np.abs(expected - actual).max() < LOGIT_ATOL
+    assert (expected.argmax(-1) == actual.argmax(-1)).all()
+
+
+def test_tokenizer_matches_llama_cpp(tiny_checkpoint, tiny_gguf):
+    import llama_cpp
+    import sentencepiece as spm
+
+    from builder.synth import encode
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_checkpoint / "tokenizer.model"))
+    llm = llama_cpp.Llama(str(tiny_gguf), vocab_only=True, verbose=False)
+    try:
+        samples = ["<s><|system|>\nUse the sources.\n<|user|>\nCode 15-1252.00?</s><|assistant|>\n",
+                   "  leading spaces, tabs\tand\n\nnewlines", "Résumé – 😀 [12] $14.2 million"]
+        samples += [d.text[:2000] for d in load_corpus(DEMO_DATA / "corpus")]
+        for text in samples:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == encode(sp, text), text[:60]
+    finally:
+        llm.close()
+
+
+def test_quantize_q8_0_and_refuse_unknown_type(tiny_gguf, tmp_path):
+    from builder.errors import BuilderError
+    from builder.llamacpp import quantize
+
+    out = quantize(tiny_gguf, tmp_path / "q8.gguf", "Q8_0")
+    assert out.read_bytes()[:4] == b"GGUF"
+    assert out.stat().st_size < tiny_gguf.stat().st_size
+    with pytest.raises(BuilderError, match="unknown quantization type"):
+        quantize(tiny_gguf, tmp_path / "x.gguf", "Q3_WHAT")
+
+
+def test_embedder_export_records_agreement(embedder_dir):
+    manifest = json.loads((embedder_dir / "embedder.json").read_text())
+    assert manifest["dim"] == 384 and manifest["pooling"] == "mean" and manifest["normalize"] is True
+    agreement = manifest["agreement"]
+    assert agreement["fp32_vs_torch_min_cosine"] > 0.9999
+    assert agreement["int8_vs_fp32_min_cosine"] > 0.98
+    assert (embedder_dir / "model_int8.onnx").stat().st_size < (embedder_dir / "model_fp32.onnx").stat().st_size / 3
+
+
+def test_demo_corpus_has_what_the_issue_promises():
+    rows = list(csv.DictReader((DEMO_DATA / "corpus" / "reference" / "labor_categories.csv").open()))
+    assert len(rows) >= 40
+    assert all(re.fullmatch(r"\d{2}-\d{4}\.\d{2}", r["code"]) for r in rows)
+    assert len({r["code"] for r in rows}) == len(rows)
+    proposals = list((DEMO_DATA / "corpus" / "proposals").iterdir())
+    rfps = list((DEMO_DATA / "corpus" / "rfps").iterdir())
+    assert len(proposals) >= 5 and len(rfps) >= 3
+    assert {p.suffix for p in proposals + rfps} >= {".md", ".txt", ".docx", ".pdf"}
+
+
+def test_held_out_questions_never_reach_training():
+    docs = load_corpus(DEMO_DATA / "corpus")
+    items = held_out(DEMO_DATA / "eval" / "qa.jsonl")
+    assert len(items) >= 10
+    text = "\n".join(training_texts(docs, items))
+    for item in items:
+        assert item["question"] not in text
+    # the labor categories a held-out question asks about get no generated question either
+    assert "What is the code for the Incident Response Lead labor category?" not in text
+    assert "What is the code for the Cloud Architect labor category?" in text
+    assert "Which labor category has code 15-1243.01?" not in text
+
+
+def test_unknown_shape_is_refused():
+    from builder.errors import BuilderError
+    from builder.synth import shape_config
+
+    with pytest.raises(BuilderError, match="choose one of tiny, demo, llama-3.2-1b"):
+        shape_config("gpt-5")
+
+
+def test_builder_cli_help_teaches():
+    from click.testing import CliRunner
+
+    from builder.cli import cli
+
+    for args in (["--help"], ["demo", "--help"], ["synth", "--help"], ["embedder", "export", "--help"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0 and "Example" in result.output, args

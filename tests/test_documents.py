@@ -1,0 +1,55 @@
+"""Reading and chunking documents."""
+
+from pathlib import Path
+
+import pytest
+
+from appliance.documents import chunk_text, clean_text, read_document
+from appliance.errors import IngestError
+
+CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
+
+
+def test_chunks_follow_headings_and_stay_under_the_limit():
+    text = "# Title\n\nIntro para.\n\n## Section A\n\n" + ("Sentence about staffing. " * 120) + "\n\n## Section B\n\nShort."
+    chunks = chunk_text(text, 500)
+    assert all(len(c.text) <= 500 for c in chunks)
+    assert [c.heading for c in chunks][0] == "Title"
+    assert {c.heading for c in chunks} == {"Title", "Section A", "Section B"}
+    assert chunks[-1].heading == "Section B" and chunks[-1].text == "Short."
+    assert [c.position for c in chunks] == list(range(len(chunks)))
+
+
+def test_numbered_requirement_is_not_mistaken_for_a_heading():
+    chunks = chunk_text("C.2 Requirements\n\nC.2.1 The contractor shall deliver a plan.\n\nC.2.2 The contractor "
+                        "shall report monthly.", 1200)
+    assert len(chunks) == 1 and chunks[0].heading == "C.2 Requirements"
+    assert "C.2.1" in chunks[0].text and "C.2.2" in chunks[0].text
+
+
+def test_escape_sequences_and_controls_are_stripped():
+    dirty = "ok\x1b[31mred\x1b[0m \x1b]0;title\x07bell\x00nul\u202eevil\r\nnext"
+    assert clean_text(dirty) == "okred bellnulevil\nnext"
+
+
+def test_reference_table_rows_and_pdf_docx_text():
+    table = read_document(CORPUS / "reference" / "labor_categories.csv", 10**8).table
+    assert table.columns == ["code", "title", "duties", "education", "years"]
+    assert len(table.rows) >= 40
+    pdf = read_document(CORPUS / "rfps" / "RFP-2026-EPA-data-platform.pdf", 10**8)
+    assert "C.2.1" in pdf.text and pdf.kind == "pdf"
+    docx = read_document(CORPUS / "proposals" / "2023-NOAA-cloud-migration.docx", 10**8)
+    assert "# Meridian Ridge Systems" in docx.text and "## Wave Plan" in docx.text
+
+
+def test_windows_1252_text_is_read(tmp_path):
+    path = tmp_path / "legacy.txt"
+    path.write_bytes("Résumé of the café contract – phase 2".encode("cp1252"))
+    assert read_document(path, 10**6).text == "Résumé of the café contract – phase 2"
+
+
+def test_unsupported_type_names_the_supported_ones(tmp_path):
+    path = tmp_path / "slides.pptx"
+    path.write_bytes(b"PK")
+    with pytest.raises(IngestError, match="supported: .csv, .docx"):
+        read_document(path, 10**6)

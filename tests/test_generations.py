@@ -1,0 +1,102 @@
+"""Installing a generation directory: verified, copied, switched atomically, nothing half-installed."""
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli import cli
+from appliance.errors import ExitCode, GenerationError
+from appliance.generations import current, install_unsigned
+from appliance.manifest import verify_generation
+
+
+def _staging_left(home):
+    return [p.name for p in (home / "generations").iterdir() if p.name.startswith(".staging")]
+
+
+def test_generation_lists_every_file_with_hash_and_lineage(tiny_generation):
+    manifest = verify_generation(tiny_generation)
+    assert {"model.gguf", "chat_template.jinja", "embedder/embedder.json", "embedder/tokenizer.json",
+            "embedder/model_int8.onnx"} <= set(manifest.files)
+    assert manifest.model.quant == "Q8_0"
+    assert manifest.embedder.dim == 384
+    assert manifest.lineage["stages"][0]["stage"] == "pretrain"
+    assert manifest.lineage["stages"][0]["steps"] == 3
+    assert len(manifest.lineage["corpus"]) >= 9
+    assert (tiny_generation / "model.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_install_twice_switches_current_and_keeps_previous(tmp_path, tiny_generation):
+    home = tmp_path / "home"
+    first = install_unsigned(tiny_generation, home)
+    second = install_unsigned(tiny_generation, home)
+    assert (first.number, second.number) == (1, 2)
+    assert os.readlink(home / "current") == "generations/2"
+    assert current(home).number == 2
+    assert (home / "generations" / "1" / "model.gguf").is_file()
+    with pytest.raises(PermissionError):  # installed generations are read-only
+        (home / "generations" / "2" / "model.gguf").open("ab")
+
+
+@pytest.mark.parametrize("damage", ["flip_model_byte", "truncate_template", "extra_file", "missing_embedder",
+                                    "unsafe_name"])
+def test_damaged_generation_is_refused_and_current_untouched(tmp_path, tiny_generation, damage):
+    if os.geteuid() == 0 and damage == "none":
+        pytest.skip()
+    home = tmp_path / "home"
+    install_unsigned(tiny_generation, home)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_generation, bad)
+    if damage == "flip_model_byte":
+        data = bytearray((bad / "model.gguf").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (bad / "model.gguf").write_bytes(bytes(data))
+        expected = "model.gguf: sha256 mismatch"
+    elif damage == "truncate_template":
+        (bad / "chat_template.jinja").write_text("{{")
+        expected = "chat_template.jinja: sha256 mismatch"
+    elif damage == "extra_file":
+        (bad / "payload.sh").write_text("echo hi")
+        expected = "files not in the manifest: payload.sh"
+    elif damage == "missing_embedder":
+        (bad / "embedder" / "model_int8.onnx").unlink()
+        expected = "missing embedder/model_int8.onnx"
+    else:
+        manifest = json.loads((bad / "generation.json").read_text())
+        manifest["files"]["../escape"] = manifest["files"]["model.gguf"]
+        (bad / "generation.json").write_text(json.dumps(manifest))
+        expected = "unsafe file name"
+    with pytest.raises(GenerationError, match=expected):
+        install_unsigned(bad, home)
+    assert current(home).number == 1
+    assert sorted(p.name for p in (home / "generations").iterdir()) == ["1"]
+
+
+def test_cli_requires_unsigned_flag_and_reports_damage(tmp_path, tiny_generation):
+    runner = CliRunner()
+    home = tmp_path / "home"
+    result = runner.invoke(cli, ["--home", str(home), "install-generation", str(tiny_generation)])
+    assert result.exit_code == ExitCode.USAGE
+    assert "--unsigned" in result.output
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_generation, bad)
+    (bad / "generation.json").unlink()
+    result = runner.invoke(cli, ["--home", str(home), "install-generation", "--unsigned", str(bad)])
+    assert result.exit_code == ExitCode.GENERATION
+    assert "not a generation directory" in result.output
+    result = runner.invoke(cli, ["--home", str(home), "install-generation", "--unsigned", str(tiny_generation)])
+    assert result.exit_code == 0, result.output
+    assert "installed generation 1" in result.output
+
+
+def test_interrupted_install_leftovers_are_cleared(tmp_path, tiny_generation):
+    home = tmp_path / "home"
+    install_unsigned(tiny_generation, home)
+    stale = home / "generations" / ".staging-2"
+    shutil.copytree(tiny_generation, stale)  # as if killed mid-copy
+    installed = install_unsigned(tiny_generation, home)
+    assert installed.number == 2
+    assert _staging_left(home) == []

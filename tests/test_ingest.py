@@ -1,0 +1,125 @@
+"""Ingest: every supported format, bad files reported and skipped, nothing lost, unchanged files skipped."""
+
+import json
+
+from click.testing import CliRunner
+
+from appliance.app import Appliance
+from appliance.cli import cli
+from appliance.config import load_settings
+from appliance.errors import ExitCode
+
+
+def _bad_files(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.pdf").write_bytes(b"%PDF-1.4\n this is not really a pdf \x00\x01\x02")
+    (bad / "empty.md").write_bytes(b"")
+    (bad / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    with open(bad / "huge.txt", "w") as fh:  # 50 MB: over the default 25 MB limit
+        line = "The contractor shall provide monthly status reports. " * 20 + "\n"
+        while fh.tell() < 50_000_000:
+            fh.write(line)
+    (bad / "scanned.pdf").write_bytes(_blank_pdf())
+    (bad / "good.md").write_text("# Fine\n\nA perfectly readable note about 15-9999.00 staffing.\n")
+    return bad
+
+
+def _blank_pdf() -> bytes:
+    """A valid one-page PDF with no text layer, like a scan."""
+    from pypdf import PdfWriter
+    import io
+
+    writer = PdfWriter()
+    writer.add_blank_page(width=612, height=792)
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def test_bad_files_are_reported_and_the_rest_ingested(home, tmp_path):
+    bad = _bad_files(tmp_path)
+    result = CliRunner().invoke(cli, ["--home", str(home), "ingest", str(bad), "--json"])
+    assert result.exit_code == ExitCode.INGEST
+    report = json.loads(result.stdout)
+    errors = {item["source"].rsplit("/", 1)[-1]: item["error"] for item in report["failed"]}
+    assert set(errors) == {"broken.pdf", "empty.md", "binary.txt", "huge.txt", "scanned.pdf"}
+    assert "unreadable PDF" in errors["broken.pdf"]
+    assert "empty file" in errors["empty.md"]
+    assert "binary content" in errors["binary.txt"]
+    assert "over the 25 MB limit" in errors["huge.txt"] and "APPLIANCE_MAX_FILE_MB" in errors["huge.txt"]
+    assert "no extractable text" in errors["scanned.pdf"] and "OCR" in errors["scanned.pdf"]
+    assert [a["source"].rsplit("/", 1)[-1] for a in report["added"]] == ["good.md"]
+    with Appliance(load_settings(home=home)) as app:
+        hits = app.search("15-9999.00")
+        assert hits and "15-9999.00" in hits[0].text
+
+
+def test_every_demo_format_is_ingested_with_chunks(home, corpus_copy):
+    with Appliance(load_settings(home=home)) as app:
+        report = app.ingest([corpus_copy], "all")
+        assert report.failed == []
+        kinds = {a["kind"] for a in report.added}
+        assert {"md", "txt", "docx", "pdf", "csv"} <= kinds
+        assert all(a["chunks"] >= 1 for a in report.added)
+        csv_doc = next(a for a in report.added if a["kind"] == "csv")
+        assert csv_doc["chunks"] >= 40  # one chunk per labor category row
+        # the DOCX headings survive as chunk headings
+        docs = {d.source.rsplit("/", 1)[-1]: d for d in app.store.list_documents()}
+        noaa = docs["2023-NOAA-cloud-migration.docx"]
+        headings = [r[0] for r in app.store.conn.execute(
+            "SELECT heading FROM chunks WHERE document_id = ? ORDER BY position", (noaa.id,))]
+        assert "Wave Plan" in headings
+
+
+def test_reingest_unchanged_is_a_noop_and_edit_replaces(home, tmp_path):
+    note = tmp_path / "note.md"
+    note.write_text("# Transition\n\nTransition-in takes 45 days.\n")
+    with Appliance(load_settings(home=home)) as app:
+        first = app.ingest([note], "notes")
+        again = app.ingest([note], "notes")
+        assert len(first.added) == 1 and again.added == [] and again.unchanged == [str(note.resolve())]
+        note.write_text("# Transition\n\nTransition-in takes 30 days.\n")
+        edited = app.ingest([note], "notes")
+        assert edited.added[0]["replaced"] == [first.added[0]["doc_id"]]
+        docs = app.store.list_documents("notes")
+        assert len(docs) == 1
+        assert "30 days" in app.search("transition days", collection="notes")[0].text
+        assert all("45 days" not in h.text for h in app.search("45 days", k=20))
+
+
+def test_docs_list_and_remove(home, tmp_path):
+    note = tmp_path / "note.txt"
+    note.write_text("Help desk hours are 7am to 7pm Eastern.")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--home", str(home), "ingest", str(note)]).exit_code == 0
+    listed = json.loads(runner.invoke(cli, ["--home", str(home), "docs", "list", "--json"]).stdout)
+    assert len(listed["documents"]) == 1 and listed["documents"][0]["chunks"] == 1
+    doc_id = listed["documents"][0]["id"]
+    assert runner.invoke(cli, ["--home", str(home), "docs", "remove", str(doc_id)]).exit_code == 0
+    assert json.loads(runner.invoke(cli, ["--home", str(home), "docs", "list", "--json"]).stdout)["documents"] == []
+    with Appliance(load_settings(home=home)) as app:
+        assert app.search("help desk hours") == []
+    missing = runner.invoke(cli, ["--home", str(home), "docs", "remove", str(doc_id)])
+    assert missing.exit_code == ExitCode.NOT_FOUND and "docs list" in missing.output
+
+
+def test_committed_ingest_survives_a_killed_process(home, tmp_path):
+    import subprocess
+    import sys
+
+    note = tmp_path / "kill.md"
+    note.write_text("# Kill test\n\nThe escrow account is 7731.\n")
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from appliance.app import Appliance\n"
+        "from appliance.config import load_settings\n"
+        "app = Appliance(load_settings(home=sys.argv[1]))\n"
+        "app.ingest([Path(sys.argv[2])], 'default')\n"
+        "os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(home), str(note)], capture_output=True, timeout=120)
+    assert proc.returncode == -9
+    with Appliance(load_settings(home=home)) as app:
+        assert [d.title for d in app.store.list_documents()] == ["Kill test"]
+        assert "7731" in app.search("escrow account")[0].text

@@ -1,0 +1,47 @@
+"""The appliance never imports the training stack, and answers with the network unreachable."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+FORBIDDEN = ["torch", "transformers", "peft", "trl", "mergekit", "textual", "sentence_transformers"]
+
+SCRIPT = textwrap.dedent("""
+    import json, socket, sys
+
+    def refuse(*args, **kwargs):
+        raise OSError("outbound network blocked by the test")
+    socket.socket.connect = refuse
+    socket.socket.connect_ex = refuse
+    socket.create_connection = refuse
+    socket.getaddrinfo = refuse
+    try:
+        socket.create_connection(("203.0.113.1", 80))
+        blocked = False
+    except OSError:
+        blocked = True
+
+    from appliance.app import Appliance
+    from appliance.cli import cli  # the CLI module too: everything an operator runs
+    from appliance.config import load_settings
+
+    with Appliance(load_settings(home=sys.argv[1])) as app:
+        result = app.ask("What is the code for the Database Administrator labor category?", max_tokens=8)
+        hits = app.search("15-1242.00")
+    forbidden = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[2].split(","))
+    print(json.dumps({"blocked": blocked, "forbidden": forbidden, "sources": len(result.sources),
+                      "first_hit": hits[0].text, "tokens": result.timing["tokens"]}))
+""")
+
+
+def test_appliance_imports_no_training_stack_and_works_offline(demo_home):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(demo_home), ",".join(FORBIDDEN)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["blocked"], "the socket block did not take effect, so the test proves nothing"
+    assert out["forbidden"] == []
+    assert out["sources"] >= 1
+    assert out["tokens"] >= 1
+    assert "15-1242.00" in out["first_hit"]
