@@ -6,3 +6,6 @@ class BuilderError(Exception):
         super().__init__(message)
         self.message = message
         self.fix = fix
+
+    def __str__(self) -> str:
+        return f"{self.message} - {self.fix}" if self.fix else self.message

@@ -53,7 +53,7 @@ def test_fusion_uses_both_lists(app):
     query = "folders scanned quality control"
     keyword = app.store.keyword_search(fts_query(query), 50)
     vector = app.store.vector_search(app.embedder.embed([query])[0], 50)
-    fused = [h.chunk_id for h in search(app.store, app.embedder, query, k=50, fetch=50)]
+    fused = [h.chunk_id for h in search(app.store, app.embedder, query, k=500, fetch=50)]
     assert set(fused) == {c for c, _ in keyword} | {c for c, _ in vector}
     assert fused[0] in {c for c, _ in keyword[:3]} | {c for c, _ in vector[:3]}
 

@@ -1,0 +1,144 @@
+"""Decode and prompt-processing speed: `appliance ask` against bare llama-cpp-python on the same GGUF.
+
+The model is a random-weight Llama-3.2-1B-shaped checkpoint (`builder synth`, speed does not depend on
+weight values) quantized to Q4_K_M, built once into build/bench/. Also reports the memory-bandwidth
+ceiling (measured copy bandwidth / model bytes per token), and, when given other Python interpreters
+with another llama.cpp build (`--compare NAME=PYTHON`), bare decode with each build.
+Run: python -m bench.decode [--compare avx512=build/bench/avx512-venv/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import row
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "bench"
+N_TOKENS = 64
+QUESTION = "Which labor categories and codes should staff a cloud migration of 42 applications?"
+
+BARE = r"""
+import json, sys, time
+import llama_cpp
+path, n_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = llama_cpp.Llama(path, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, seed=0)
+prompt = [llm.token_bos()] + [(i * 7919) % 30000 + 100 for i in range(511)]
+best_pp = 0.0
+for _ in range(3):
+    llm.reset(); llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+    start = time.perf_counter(); llm.eval(prompt); best_pp = max(best_pp, len(prompt) / (time.perf_counter() - start))
+best_tg = 0.0
+for _ in range(3):
+    llm.reset()
+    times = []
+    for part in llm.create_completion(prompt[:64], max_tokens=n_tokens, temperature=0.0, stream=True):
+        times.append(time.perf_counter())
+    best_tg = max(best_tg, (len(times) - 1) / (times[-1] - times[0]))
+print(json.dumps({"pp": best_pp, "tg": best_tg, "system": llama_cpp.llama_print_system_info().decode()}))
+"""
+
+
+def model_path() -> Path:
+    gguf = WORK / "llama-3.2-1b" / "model-Q4_K_M.gguf"
+    if not gguf.is_file():
+        shutil.rmtree(WORK / "llama-3.2-1b", ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "builder.cli", "synth", "--shape", "llama-3.2-1b", "--out",
+                        str(WORK / "llama-3.2-1b"), "--gguf", "Q4_K_M"], check=True)
+        for f in (WORK / "llama-3.2-1b").glob("*.safetensors"):
+            f.unlink()  # 2.5 GB we no longer need
+        (WORK / "llama-3.2-1b" / "model-f16.gguf").unlink(missing_ok=True)
+    return gguf
+
+
+def copy_bandwidth_gbs(size: int = 512 * 2**20) -> float:
+    a = np.ones(size // 8)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - start) / 1e9)  # read + write
+    return best
+
+
+def bare(python: str, gguf: Path, threads: int) -> dict:
+    proc = subprocess.run([python, "-c", BARE, str(gguf), str(N_TOKENS), str(threads)], capture_output=True,
+                          text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def through_appliance(gguf: Path, threads: int) -> dict:
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+    from appliance.generations import install_unsigned
+    from appliance.manifest import write_manifest
+    from builder.embedder import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = Path(tmp) / "gen"
+        gen.mkdir()
+        os.link(gguf, gen / "model.gguf") if os.stat(gguf).st_dev == os.stat(tmp).st_dev else shutil.copy(gguf, gen / "model.gguf")
+        shutil.copy(ROOT / "builder" / "templates" / "chat_template.jinja", gen / "chat_template.jinja")
+        emb = Path(tmp) / "emb"
+        manifest = export(emb)
+        (gen / "embedder").mkdir()
+        for name in ("embedder.json", "tokenizer.json", "model_int8.onnx"):
+            shutil.copy(emb / name, gen / "embedder" / name)
+        write_manifest(gen, {"name": "bench", "created": "now",
+                             "model": {"name": "llama-3.2-1b-random", "quant": "Q4_K_M", "context_length": 8192,
+                                       "parameters": 1_235_814_400},
+                             "embedder": {"name": manifest["name"], "dim": manifest["dim"]}})
+        home = Path(tmp) / "home"
+        install_unsigned(gen, home)
+        with Appliance(load_settings(home=home, threads=threads, max_tokens=N_TOKENS, temperature=0.0)) as app:
+            app.ingest([ROOT / "builder" / "demo_data" / "corpus"], "demo")
+            app.ask(QUESTION, max_tokens=8)  # load and warm
+            best = {"tokens_per_s": 0.0}
+            for _ in range(3):
+                timing = app.ask(QUESTION).timing
+                if (timing["tokens_per_s"] or 0) > best["tokens_per_s"]:
+                    best = timing
+            return best
+
+
+def run(compare: dict[str, str]) -> list[str]:
+    threads = os.cpu_count() or 1
+    gguf = model_path()
+    size = gguf.stat().st_size
+    bw = copy_bandwidth_gbs()
+    ceiling = bw * 1e9 / size
+    base = bare(sys.executable, gguf, threads)
+    app = through_appliance(gguf, threads)
+    lines = [row("path", "decode tokens/s", "vs bare", "vs bandwidth ceiling", "prompt tokens/s"),
+             row(*["---"] * 5),
+             row("bare llama-cpp-python (portable build)", f"{base['tg']:.2f}", "1.00x", f"{base['tg'] / ceiling:.0%}",
+                 f"{base['pp']:.1f}"),
+             row("appliance ask (retrieval + template + stream)", f"{app['tokens_per_s']:.2f}",
+                 f"{app['tokens_per_s'] / base['tg']:.2f}x", f"{app['tokens_per_s'] / ceiling:.0%}", "")]
+    for name, python in compare.items():
+        other = bare(python, gguf, threads)
+        lines.append(row(f"bare llama-cpp-python ({name} build)", f"{other['tg']:.2f}",
+                         f"{other['tg'] / base['tg']:.2f}x", f"{other['tg'] / ceiling:.0%}",
+                         f"{other['pp']:.1f} ({other['pp'] / base['pp']:.2f}x)"))
+    lines.append(f"\nrandom Llama-3.2-1B shape, Q4_K_M, {size / 1e6:.0f} MB; {N_TOKENS} tokens; {threads} threads; "
+                 f"copy bandwidth {bw:.1f} GB/s -> ceiling {ceiling:.1f} tokens/s; appliance TTFT "
+                 f"{app['ttft_ms']:.0f} ms with retrieval {app['retrieval_ms']:.0f} ms")
+    return lines
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--compare", nargs="*", default=[], help="NAME=PYTHON with another llama.cpp build")
+    args = parser.parse_args()
+    print("\n".join(run(dict(c.split("=", 1) for c in args.compare))))

@@ -1,0 +1,109 @@
+"""Hybrid search latency at 10k and 100k chunks, beside a brute-force numpy scan of the same vectors.
+
+Chunks are synthetic (words drawn from the demo corpus, random unit vectors of the embedder's 384
+dimensions); the query vector is precomputed so the figure is the store's, not the embedder's.
+Run: python -m bench.search [--sizes 10000 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance.rag import search
+from appliance.store import NewChunk, Store
+from bench.common import pct, row, time_calls
+
+DIM = 384
+CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
+
+
+class FixedEmbedder:
+    """Returns precomputed query vectors: the benchmark measures retrieval, not embedding."""
+
+    name, dim = "bench-random", DIM
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+        self.i = 0
+
+    def embed(self, texts):
+        self.i = (self.i + 1) % len(self.vectors)
+        return self.vectors[self.i: self.i + 1]
+
+
+def vocabulary() -> list[str]:
+    import re
+
+    words = set()
+    for p in CORPUS.rglob("*"):
+        if p.suffix in {".md", ".txt", ".csv"}:
+            words |= set(re.findall(r"[a-z]{3,}", p.read_text().lower()))
+    return sorted(words)
+
+
+def unit(n: int, rng: np.random.Generator) -> np.ndarray:
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def build(path: Path, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    prng = random.Random(seed)
+    words = vocabulary()
+    vectors = unit(n, rng)
+    with Store(path) as store:
+        store.ensure_embedder(FixedEmbedder.name, DIM, lambda t: unit(len(t), rng))
+        per_doc = 100
+        for d in range(n // per_doc):
+            chunks = [NewChunk(i, "Section", " ".join(prng.choices(words, k=120)) +
+                               f" code {10 + (d * per_doc + i) % 89}-{1000 + (d * per_doc + i) % 8999}.00")
+                      for i in range(per_doc)]
+            store.add_document("bench", f"/bench/{d}", f"doc {d}", "txt", f"{d:064x}", 1, chunks,
+                               vectors[d * per_doc:(d + 1) * per_doc])
+    return vectors
+
+
+def run(sizes: list[int], queries: int = 200) -> list[str]:
+    lines = [row("chunks", "hybrid p50 ms", "hybrid p95 ms", "vec0 KNN p95 ms", "numpy brute-force p95 ms",
+                 "hybrid p95 / numpy p95"), row(*["---"] * 6)]
+    rng = np.random.default_rng(1)
+    words = vocabulary()
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            vectors = build(Path(tmp) / "bench.db", n)
+            build_s = time.perf_counter() - start
+            qv = unit(queries, rng)
+            texts = [" ".join(random.Random(i).choices(words, k=6)) for i in range(queries)]
+            emb = FixedEmbedder(qv)
+            with Store(Path(tmp) / "bench.db") as store:
+                it = iter(range(10**9))
+                hybrid = time_calls(lambda: search(store, emb, texts[next(it) % queries], k=5), queries)
+                it2 = iter(range(10**9))
+                knn = time_calls(lambda: store.vector_search(qv[next(it2) % queries], 20), queries)
+            it3 = iter(range(10**9))
+
+            def brute():
+                q = qv[next(it3) % queries]
+                scores = vectors @ q
+                top = np.argpartition(-scores, 20)[:20]
+                return top[np.argsort(-scores[top])]
+
+            numpy_ms = time_calls(brute, queries)
+            lines.append(row(f"{n:,}", f"{pct(hybrid, 50):.2f}", f"{pct(hybrid, 95):.2f}", f"{pct(knn, 95):.2f}",
+                             f"{pct(numpy_ms, 95):.2f}", f"{pct(hybrid, 95) / pct(numpy_ms, 95):.1f}x"))
+            print(f"  built {n:,} chunks in {build_s:.0f} s", flush=True)
+    return lines
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    args = parser.parse_args()
+    print("\n".join(run(args.sizes)))
