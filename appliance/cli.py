@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from appliance import __version__
+from appliance.documents import clean_text
 from appliance.errors import ApplianceError, ExitCode
 
 
@@ -204,6 +205,9 @@ def _print_answer(result, streamed: bool) -> None:
             click.echo(f" {mark}[{i}] {h.title} - {Path(h.source).name}, chunk {h.position}")
     if result.unknown_citations:
         _err(f"warning: the answer cites sources that do not exist: {result.unknown_citations}")
+    if result.unverified_codes:
+        _err(f"warning: codes in the answer that no source contains (do not rely on them): "
+             f"{', '.join(result.unverified_codes)}; check with `appliance search CODE`")
     t = result.timing
     _err(f"(retrieval {t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
          f"{t['tokens_per_s'] or 0:.1f} tokens/s)")
@@ -234,8 +238,9 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
         if as_json:
             _echo_json(app.ask(q, collection, not no_rag, max_tokens, temperature).to_json())
             return
+        # Model output is text for a terminal: escape sequences and control characters never pass.
         result = app.ask(q, collection, not no_rag, max_tokens, temperature,
-                         on_text=lambda piece: click.echo(piece, nl=False))
+                         on_text=lambda piece: click.echo(clean_text(piece), nl=False))
         click.echo()
         _print_answer(result, streamed=True)
 

@@ -98,12 +98,13 @@ class Answer:
     sources: list[Hit]
     citations: list[dict]
     unknown_citations: list[int]
+    unverified_codes: list[str]
     model: dict
     timing: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "citations": self.citations,
-                "unknown_citations": self.unknown_citations,
+                "unknown_citations": self.unknown_citations, "unverified_codes": self.unverified_codes,
                 "sources": [{"n": i + 1, **h.to_json()} for i, h in enumerate(self.sources)],
                 "model": self.model, "timing": self.timing}
 
@@ -153,6 +154,9 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
                               "title": h.title, "doc_sha256": h.doc_sha256})
         else:
             unknown.append(n)
+    # A code the model wrote that none of its sources contains is flagged, never passed off as fact.
+    shown = "\n".join(sources)
+    unverified = [c for c in dict.fromkeys(CODE_RE.findall(text)) if c not in shown]
     n_tokens = generator.count_tokens(text) if text else 0
     decode_s = end - (first or end)
     timing = {"retrieval_ms": round(retrieval_ms, 2),
@@ -160,6 +164,6 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
               "tokens": n_tokens,
               "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
     return Answer(question=question, answer=text, sources=hits, citations=citations,
-                  unknown_citations=unknown, model=model_info, timing=timing)
+                  unknown_citations=unknown, unverified_codes=unverified, model=model_info, timing=timing)
 
 

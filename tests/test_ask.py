@@ -57,13 +57,14 @@ class ScriptedGenerator:
 
 def test_citations_map_to_documents_and_unknown_numbers_are_flagged(app):
     hits = app.search("15-1242.00 database administrator", k=3)
-    gen = ScriptedGenerator("It is 15-1242.00 [1] , see also [3] and [9] .")
+    gen = ScriptedGenerator("It is 15-1242.00 [1] , not 15-9999.00 , see also [3] and [9] .")
     result = answer(gen, "code?", hits, {"name": "x"}, n_ctx=4096, max_tokens=64, temperature=0)
     assert [c["n"] for c in result.citations] == [1, 3]
     assert result.citations[0]["doc_id"] == hits[0].doc_id
     assert result.citations[0]["doc_sha256"] == hits[0].doc_sha256
     assert result.citations[1]["chunk_id"] == hits[2].chunk_id
     assert result.unknown_citations == [9]
+    assert result.unverified_codes == ["15-9999.00"]  # in no source: flagged
     system, user = gen.messages
     assert system["content"] == SYSTEM_PROMPT
     assert user["content"].count("<source n=") == 3 and user["content"].endswith("Question: code?")
