@@ -52,7 +52,8 @@ class ScriptedGenerator:
 
     def stream(self, messages, max_tokens, temperature):
         self.messages = messages
-        yield from self.reply.split(" ")
+        for word in self.reply.split(" "):
+            yield word + " "
 
 
 def test_citations_map_to_documents_and_unknown_numbers_are_flagged(app):
