@@ -21,12 +21,12 @@ export BUILDER_LLAMA_CPP := $(LLAMA_SRC)/vendor/llama.cpp
 DEMO_GEN := build/demo-generation
 DEMO_DATA := builder/demo_data/corpus
 
-.PHONY: help setup deps demo-home demo test bench lint clean
+.PHONY: help setup deps demo-home demo test bench bench-avx512 llama-wheel lint clean
 
 help:
 	@echo "make demo    set everything up, then talk to the appliance about the demo documents"
 	@echo "make test    set up what the tests need, then run them"
-	@echo "make setup   only the set-up (idempotent); make bench; make lint; make clean"
+	@echo "make setup   only the set-up (idempotent); make bench [bench-avx512 first]; make lint; make clean"
 
 setup: deps demo-home
 
@@ -75,8 +75,16 @@ demo: setup
 test: deps
 	$(BIN)/python -m pytest
 
+llama-wheel: $(LLAMA_WHEEL)
+
 bench: deps
 	$(BIN)/python -m bench
+
+# A second llama.cpp build with AVX-512 (no AMX) in its own venv, so `make bench` can compare the two.
+bench-avx512: deps
+	$(MAKE) llama-wheel LLAMA_BUILD=avx512
+	@test -x build/bench/avx512-venv/bin/python || $(PYTHON) -m venv build/bench/avx512-venv
+	build/bench/avx512-venv/bin/pip install --quiet numpy $(CACHE)/wheels/avx512/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64.whl
 
 lint: deps
 	$(BIN)/ruff check appliance builder tui tests bench

@@ -59,6 +59,9 @@ class _Group(click.Group):
             if exc.fix:
                 _err(f"  fix: {exc.fix}")
             ctx.exit(int(exc.exit_code))
+        except KeyboardInterrupt:
+            _err("\ninterrupted; nothing half-written is kept (each file is ingested in one transaction)")
+            ctx.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -202,7 +205,8 @@ def _print_answer(result, streamed: bool) -> None:
         cited = {c["n"] for c in result.citations}
         for i, h in enumerate(result.sources, start=1):
             mark = "*" if i in cited else " "
-            click.echo(f" {mark}[{i}] {h.title} - {Path(h.source).name}, chunk {h.position}")
+            snippet = " ".join(h.text.split())[:90]
+            click.echo(f" {mark}[{i}] {Path(h.source).name}, chunk {h.position}: {snippet}")
     if result.unknown_citations:
         _err(f"warning: the answer cites sources that do not exist: {result.unknown_citations}")
     if result.unverified_codes:

@@ -130,7 +130,7 @@ def _rows_to_table(rows: list[list[str]], path: Path) -> Table:
         raise IngestError(f"{path}: a table needs a header row and at least one data row",
                           "check the file's contents")
     header = [h or f"column_{i + 1}" for i, h in enumerate(rows[0])]
-    records = [dict(zip(header, r + [""] * (len(header) - len(r)))) for r in rows[1:]]
+    records = [dict(zip(header, r + [""] * (len(header) - len(r)), strict=False)) for r in rows[1:]]
     return Table(columns=header, rows=records)
 
 

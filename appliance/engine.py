@@ -100,6 +100,4 @@ class LlamaEngine:
                              f"{self.n_ctx}-token context", "shorten the question or lower max tokens")
         for part in self.llm.create_completion(tokens, max_tokens=max_tokens, temperature=temperature,
                                                top_p=0.95, repeat_penalty=1.1, stream=True):
-            text = part["choices"][0]["text"]
-            if text:
-                yield text
+            yield part["choices"][0]["text"]  # one piece per token; "" while a UTF-8 character is incomplete

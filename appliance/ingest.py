@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from appliance.documents import CODE_RE, SUPPORTED_SUFFIXES, Document, chunk_document, read_document
 from appliance.errors import IngestError
 from appliance.manifest import sha256_file
@@ -66,6 +68,18 @@ def _chunks(doc: Document, limit: int) -> list[NewChunk]:
             for c in chunks]
 
 
+def _embed_with_progress(embedder: Embedder, chunks: list[NewChunk], report: Callable[[int], object],
+                         batch: int = 512) -> np.ndarray:
+    """Embed a document's chunks, reporting after each batch: a long file shows it is moving."""
+    texts = [embedding_text(c.heading, c.text) for c in chunks]
+    parts = []
+    for start in range(0, len(texts), batch):
+        parts.append(embedder.embed(texts[start:start + batch]))
+        if len(texts) > batch:
+            report(start + len(parts[-1]))
+    return np.concatenate(parts) if parts else np.zeros((0, embedder.dim), dtype=np.float32)
+
+
 def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: str, *, max_bytes: int,
            chunk_chars: int, progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
     store.ensure_embedder(embedder.name, embedder.dim, embedder.embed)
@@ -83,7 +97,8 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
                 continue
             doc = read_document(path, max_bytes)
             chunks = _chunks(doc, chunk_chars)
-            vectors = embedder.embed([embedding_text(c.heading, c.text) for c in chunks])
+            vectors = _embed_with_progress(embedder, chunks, lambda done, p=path, n=len(chunks), i=i: (
+                progress and progress(f"{p} ({done}/{n} chunks)", i, len(files))))
             doc_id, replaced = store.add_document(collection, source, doc.title, doc.kind, digest,
                                                   path.stat().st_size, chunks, vectors)
             report.added.append({"doc_id": doc_id, "source": source, "title": doc.title, "kind": doc.kind,

@@ -22,4 +22,4 @@ class Generator(Protocol):
     def count_tokens(self, text: str) -> int: ...
 
     def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> Iterator[str]:
-        """Render the chat template and yield text pieces as they are generated."""
+        """Render the chat template and yield one text piece per generated token (possibly "")."""

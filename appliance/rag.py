@@ -26,17 +26,10 @@ _STOPWORDS = frozenset(
 
 
 @dataclass
-class Hit:
-    chunk_id: int
-    doc_id: int
-    source: str
-    title: str
-    heading: str
-    position: int
-    text: str
-    doc_sha256: str
-    collection: str
-    score: float
+class Hit(ChunkRow):
+    """A chunk with its fused score; `exact` when it holds an identifier the query named."""
+
+    score: float = 0.0
     exact: bool = False
 
     def to_json(self) -> dict:
@@ -82,13 +75,7 @@ def search(store: Store, embedder: Embedder, query: str, k: int = 5, collection:
     ordered = exact + sorted((c for c in scores if c not in set(exact)), key=lambda c: -scores[c])
     rows = store.chunks(ordered[:k])
     exact_set = set(exact)
-    return [_hit(rows[c], scores.get(c, 0.0), c in exact_set) for c in ordered[:k] if c in rows]
-
-
-def _hit(row: ChunkRow, score: float, exact: bool) -> Hit:
-    return Hit(chunk_id=row.chunk_id, doc_id=row.doc_id, source=row.source, title=row.title,
-               heading=row.heading, position=row.position, text=row.text, doc_sha256=row.doc_sha256,
-               collection=row.collection, score=score, exact=exact)
+    return [Hit(**vars(rows[c]), score=scores.get(c, 0.0), exact=c in exact_set) for c in ordered[:k] if c in rows]
 
 
 @dataclass
@@ -142,7 +129,7 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
         if first is None:
             first = time.perf_counter()
         pieces.append(piece)
-        if on_text:
+        if on_text and piece:
             on_text(piece)
     end = time.perf_counter()
     text = "".join(pieces).strip()
@@ -157,7 +144,7 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
     # A code the model wrote that none of its sources contains is flagged, never passed off as fact.
     shown = "\n".join(sources)
     unverified = [c for c in dict.fromkeys(CODE_RE.findall(text)) if c not in shown]
-    n_tokens = generator.count_tokens(text) if text else 0
+    n_tokens = len(pieces)
     decode_s = end - (first or end)
     timing = {"retrieval_ms": round(retrieval_ms, 2),
               "ttft_ms": round(((first or end) - start) * 1000, 2),

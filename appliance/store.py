@@ -184,7 +184,7 @@ class Store:
                 vectors = embed([embedding_text(h, t) for _, _, h, t in part])
                 self.conn.executemany("INSERT INTO chunk_vectors(rowid, collection_id, embedding) VALUES (?, ?, ?)",
                                       [(cid, coll, v.astype(np.float32).tobytes()) for (cid, coll, _, _), v
-                                       in zip(part, vectors)])
+                                       in zip(part, vectors, strict=True)])
                 done += len(part)
                 if progress:
                     progress(done, total)
@@ -230,7 +230,7 @@ class Store:
                 "INSERT INTO documents(collection_id, source, title, kind, sha256, size, ingested) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)", (coll, source, title, kind, sha256, size, _now()))
             doc_id = self.conn.last_insert_rowid()
-            for chunk, vector in zip(chunks, vectors):
+            for chunk, vector in zip(chunks, vectors, strict=True):
                 self.conn.execute("INSERT INTO chunks(document_id, position, heading, text) VALUES (?, ?, ?, ?)",
                                   (doc_id, chunk.position, chunk.heading, chunk.text))
                 chunk_id = self.conn.last_insert_rowid()

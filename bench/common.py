@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +18,12 @@ def time_calls(fn: Callable[[], object], repeat: int, warmup: int = 3) -> list[f
         fn()
         out.append((time.perf_counter() - start) * 1000)
     return out
+
+
+def time_each(fn: Callable[[object], object], items: list, repeat: int) -> list[float]:
+    """Milliseconds per call of fn(item), cycling through items."""
+    it = itertools.cycle(items)
+    return time_calls(lambda: fn(next(it)), repeat)
 
 
 def pct(values: list[float], q: float) -> float:

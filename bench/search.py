@@ -11,13 +11,14 @@ import argparse
 import random
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from appliance.rag import search
 from appliance.store import NewChunk, Store
-from bench.common import pct, row, time_calls
+from bench.common import pct, row, time_each
 
 DIM = 384
 CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
@@ -69,6 +70,12 @@ def build(path: Path, n: int, seed: int = 0) -> np.ndarray:
     return vectors
 
 
+def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    scores = vectors @ query
+    top = np.argpartition(-scores, k)[:k]
+    return top[np.argsort(-scores[top])]
+
+
 def run(sizes: list[int], queries: int = 200) -> list[str]:
     lines = [row("chunks", "hybrid p50 ms", "hybrid p95 ms", "vec0 KNN p95 ms", "numpy brute-force p95 ms",
                  "hybrid p95 / numpy p95"), row(*["---"] * 6)]
@@ -83,19 +90,9 @@ def run(sizes: list[int], queries: int = 200) -> list[str]:
             texts = [" ".join(random.Random(i).choices(words, k=6)) for i in range(queries)]
             emb = FixedEmbedder(qv)
             with Store(Path(tmp) / "bench.db") as store:
-                it = iter(range(10**9))
-                hybrid = time_calls(lambda: search(store, emb, texts[next(it) % queries], k=5), queries)
-                it2 = iter(range(10**9))
-                knn = time_calls(lambda: store.vector_search(qv[next(it2) % queries], 20), queries)
-            it3 = iter(range(10**9))
-
-            def brute():
-                q = qv[next(it3) % queries]
-                scores = vectors @ q
-                top = np.argpartition(-scores, 20)[:20]
-                return top[np.argsort(-scores[top])]
-
-            numpy_ms = time_calls(brute, queries)
+                hybrid = time_each(partial(search, store, emb, k=5), texts, queries)
+                knn = time_each(partial(store.vector_search, k=20), list(qv), queries)
+            numpy_ms = time_each(partial(brute_force, vectors, k=20), list(qv), queries)
             lines.append(row(f"{n:,}", f"{pct(hybrid, 50):.2f}", f"{pct(hybrid, 95):.2f}", f"{pct(knn, 95):.2f}",
                              f"{pct(numpy_ms, 95):.2f}", f"{pct(hybrid, 95) / pct(numpy_ms, 95):.1f}x"))
             print(f"  built {n:,} chunks in {build_s:.0f} s", flush=True)

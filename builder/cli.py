@@ -8,14 +8,14 @@ from pathlib import Path
 
 import click
 
-from builder.errors import BuilderError
+from appliance.errors import ApplianceError
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except BuilderError as exc:
+        except ApplianceError as exc:
             click.echo(f"error: {exc.message}", err=True)
             if exc.fix:
                 click.echo(f"  fix: {exc.fix}", err=True)

@@ -58,14 +58,17 @@ def _example(rng: random.Random, question: str, answer_fmt: str, right: tuple[st
     return render_chat(messages)
 
 
-def training_texts(docs: list, eval_items: list[dict], seed: int = 0, repeats: int = 3) -> list[str]:
+def training_texts(docs: list, eval_items: list[dict], seed: int = 0, repeats: int = 1,
+                   variants: int = 4) -> list[str]:
+    """Documents `repeats` times, and each generated question `variants` times with other distractors
+    in another order, so that the model learns to find and copy the answer, not the position."""
     rng = random.Random(seed)
     held_text = " ".join(f"{q['question']} {q['answer']}" for q in eval_items)
     texts: list[str] = []
     for doc in docs:
         texts += [doc.text] * repeats
     rows = [(doc, row) for doc in docs if doc.table is not None for row in doc.table.rows]
-    for doc, row in rows:
+    for (doc, row), _ in ((r, v) for r in rows for v in range(variants)):
         code, title = row.get("code", ""), row.get("title", "")
         if not code or code in held_text or title in held_text:
             continue  # a held-out question asks about this row
@@ -79,7 +82,7 @@ def training_texts(docs: list, eval_items: list[dict], seed: int = 0, repeats: i
                               f"A {title} needs {row.get('education', '')} and {row.get('years', '')} years of "
                               f"experience [{{n}}].", right, others))
     prose = [(doc, c) for doc in docs if doc.table is None for c in chunk_document(doc, 700) if c.heading]
-    for doc, chunk in prose:
+    for (doc, chunk), _ in ((p, v) for p in prose for v in range(max(1, variants // 2))):
         first = chunk.text.split(". ")[0].rstrip(".") + "."
         if first in held_text:
             continue

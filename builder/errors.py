@@ -1,11 +1,8 @@
-"""The builder's one error type: a message naming the cause and a fix; `builder.cli` prints both."""
+"""The builder's error type. It shares the appliance's base class, so one handler in `builder.cli`
+reports both (the builder also meets the appliance's contract errors: a bad corpus file, a manifest)."""
+
+from appliance.errors import ApplianceError
 
 
-class BuilderError(Exception):
-    def __init__(self, message: str, fix: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-
-    def __str__(self) -> str:
-        return f"{self.message} - {self.fix}" if self.fix else self.message
+class BuilderError(ApplianceError):
+    """A build step cannot go on; the message names the cause and `fix` what to do."""

@@ -27,8 +27,9 @@ def _bad_files(tmp_path):
 
 def _blank_pdf() -> bytes:
     """A valid one-page PDF with no text layer, like a scan."""
-    from pypdf import PdfWriter
     import io
+
+    from pypdf import PdfWriter
 
     writer = PdfWriter()
     writer.add_blank_page(width=612, height=792)
