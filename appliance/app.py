@@ -16,8 +16,11 @@ from appliance.store import Store
 
 
 class Appliance:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, long_lived: bool = False):
+        """`long_lived`: a process that will search many times (service, UI, benchmark) keeps the
+        vectors in memory; a one-shot command does not pay to load them."""
         self.settings = settings
+        self.long_lived = long_lived
         self._store: Store | None = None
         self._embedder = None
         self._engine = None
@@ -46,7 +49,7 @@ class Appliance:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.settings.db_path)
+            self._store = Store(self.settings.db_path, cache_vectors=self.long_lived)
         return self._store
 
     @property

@@ -19,6 +19,7 @@ from appliance.protocols import Embedder, Generator
 from appliance.store import ChunkRow, Store
 
 RRF_K = 60
+POSTINGS_BUDGET = 5_000  # about 10 ms of BM25 on the development machine (bench/search.py)
 _PARTIAL_CODE_RE = re.compile(r"\b\d{2}-\d{2,4}(?:\.\d{1,2})?\b")
 _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from has have how i in is it its me of on or our the "
@@ -42,13 +43,33 @@ def query_codes(query: str) -> list[str]:
     return list(dict.fromkeys(_PARTIAL_CODE_RE.findall(query)))
 
 
-def fts_query(query: str) -> str | None:
+def query_words(query: str) -> list[str]:
+    rest = _PARTIAL_CODE_RE.sub(" ", query)
+    return list(dict.fromkeys(w for w in re.findall(r"\w+", rest.lower()) if w not in _STOPWORDS and len(w) > 1))
+
+
+def fts_query(query: str, words: list[str] | None = None) -> str | None:
     """An FTS5 MATCH expression: codes as exact phrases, other words OR-ed (BM25 ranks them)."""
     terms = [f'"{c}"' for c in query_codes(query)]
-    rest = _PARTIAL_CODE_RE.sub(" ", query)
-    words = [w for w in re.findall(r"\w+", rest.lower()) if w not in _STOPWORDS and len(w) > 1]
-    terms += [f'"{w}"' for w in dict.fromkeys(words)]
+    terms += [f'"{w}"' for w in (query_words(query) if words is None else words)]
     return " OR ".join(terms) if terms else None
+
+
+def selective_words(store: Store, words: list[str], budget: int = POSTINGS_BUDGET) -> list[str]:
+    """The query's rarest words, as many as fit a budget of postings for BM25 to score.
+
+    BM25 scores every chunk that holds any query word, so a common word costs the most and, with a
+    low IDF, tells the least; the vector side still covers meaning. Below the budget (a corpus
+    under a few thousand chunks) every word is kept. Codes are searched as phrases apart from this.
+    """
+    counts = store.term_document_counts(words)
+    kept, spent = [], 0
+    for word in sorted(words, key=lambda w: counts.get(w, 0)):
+        spent += counts.get(word, 0)
+        if spent > budget:
+            break
+        kept.append(word)
+    return kept
 
 
 def search(store: Store, embedder: Embedder, query: str, k: int = 5, collection: str | None = None,
@@ -59,7 +80,7 @@ def search(store: Store, embedder: Embedder, query: str, k: int = 5, collection:
     coll_id = store.collection_id(collection) if collection else None
     fetch = fetch or max(4 * k, 20)
     scores: dict[int, float] = {}
-    match = fts_query(query)
+    match = fts_query(query, selective_words(store, query_words(query)))
     ranked_lists = [store.keyword_search(match, fetch, coll_id)] if match else []
     ranked_lists.append(store.vector_search(embedder.embed([query])[0], fetch, coll_id))
     for ranked in ranked_lists:

@@ -61,6 +61,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX ref_rows_code ON ref_rows(code);
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """),
+    ("002_fts_vocabulary", """
+        CREATE VIRTUAL TABLE chunk_fts_terms USING fts5vocab(chunk_fts, 'row');
+    """),
 ]
 
 
@@ -102,11 +105,51 @@ class NewChunk:
     row: dict | None = None  # a reference-table row: {"code", "title", "data"}
 
 
-class Store:
-    """A connection to the appliance database; use as a context manager."""
+class _VectorCache:
+    """All chunk vectors as one float32 matrix, for processes that search many times.
 
-    def __init__(self, path: Path):
+    sqlite-vec's KNN (no SIMD in the PyPI build) scans 100k x 384 floats in about 55 ms on the
+    development machine; a BLAS matrix-vector product over the same vectors takes about 10 ms. The
+    database stays the source of truth: the cache is rebuilt after any commit, ours or another
+    process's (`PRAGMA data_version`).
+    """
+
+    def __init__(self, conn: apsw.Connection, dim: int):
+        rows = conn.execute("SELECT rowid, collection_id, embedding FROM chunk_vectors").fetchall()
+        self.ids = np.array([r[0] for r in rows], dtype=np.int64)
+        self.collections = np.array([r[1] for r in rows], dtype=np.int64)
+        self.matrix = (np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+                       if rows else np.zeros((0, dim), dtype=np.float32))
+
+    def search(self, vector: np.ndarray, k: int, collection_id: int | None) -> list[tuple[int, float]]:
+        ids, matrix = self.ids, self.matrix
+        if collection_id is not None:
+            mask = self.collections == collection_id
+            ids, matrix = ids[mask], matrix[mask]
+        if len(ids) == 0:
+            return []
+        similarity = matrix @ vector.astype(np.float32)
+        k = min(k, len(ids))
+        top = np.argpartition(-similarity, k - 1)[:k]
+        top = top[np.argsort(-similarity[top])]
+        return [(int(ids[i]), float(1.0 - similarity[i])) for i in top]  # cosine distance, as vec0
+
+
+class Store:
+    """A connection to the appliance database; use as a context manager.
+
+    `cache_vectors=True` keeps the vectors in memory for fast repeated searches (the service, the
+    operator UI); one-shot commands leave it off and let vec0 scan.
+    """
+
+    def __init__(self, path: Path, cache_vectors: bool = False):
         import sqlite_vec
+
+        self.cache_vectors = cache_vectors
+        self._cache: _VectorCache | None = None
+        self._cache_version: int | None = None
+        self._term_counts: dict[str, int] = {}
+        self._terms_version: int | None = None
 
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -190,6 +233,7 @@ class Store:
                     progress(done, total)
             self._set_meta("embedder_name", name)
             self._set_meta("embedder_dim", str(dim))
+        self._forget()
         return total
 
     # -- collections and documents -----------------------------------------------------------
@@ -244,7 +288,13 @@ class Store:
                         "VALUES (?, ?, ?, ?, ?, ?)",
                         (doc_id, chunk_id, chunk.position, chunk.row.get("code"), chunk.row.get("title"),
                          json.dumps(chunk.row["data"])))
+        self._forget()
         return doc_id, replaced
+
+    def _forget(self) -> None:
+        """Our own commit: drop what was derived from the old contents (other writers bump data_version)."""
+        self._cache = None
+        self._term_counts = {}
 
     def _delete_document(self, doc_id: int) -> None:
         ids = [r[0] for r in self.conn.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))]
@@ -261,6 +311,7 @@ class Store:
             raise NotFoundError(f"no document with id {doc_id}", "see `appliance docs list` for ids")
         with self.conn:
             self._delete_document(doc_id)
+        self._forget()
         return docs[0]
 
     def list_documents(self, collection: str | None = None) -> list[DocumentRow]:
@@ -296,10 +347,34 @@ class Store:
         except apsw.SQLError as exc:
             raise StoreError(f"keyword query could not be run ({exc})", "simplify the query") from exc
 
+    def term_document_counts(self, terms: Iterable[str]) -> dict[str, int]:
+        """How many chunks contain each (lower-case) term; 0 for absent ones.
+
+        FTS5 counts by walking the term's postings (about 1 ms for a common word in 100k chunks),
+        so counts are remembered until the database changes.
+        """
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._terms_version:
+            self._term_counts, self._terms_version = {}, version
+        for term in dict.fromkeys(terms):
+            if term not in self._term_counts:
+                row = self.conn.execute("SELECT doc FROM chunk_fts_terms WHERE term = ?", (term,)).fetchone()
+                self._term_counts[term] = row[0] if row else 0
+        return {t: self._term_counts[t] for t in terms}
+
+    def chunk_count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+
     def vector_search(self, vector: np.ndarray, k: int, collection_id: int | None = None) -> list[tuple[int, float]]:
         """vec0 KNN as (chunk id, cosine distance), nearest first."""
-        if self.embedder_id()[1] is None:
+        dim = self.embedder_id()[1]
+        if dim is None:
             return []
+        if self.cache_vectors:
+            version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+            if self._cache is None or version != self._cache_version:
+                self._cache, self._cache_version = _VectorCache(self.conn, dim), version
+            return self._cache.search(vector, k, collection_id)
         blob = vector.astype(np.float32).tobytes()
         if collection_id is None:
             rows = self.conn.execute("SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ?",

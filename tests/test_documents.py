@@ -53,3 +53,18 @@ def test_unsupported_type_names_the_supported_ones(tmp_path):
     path.write_bytes(b"PK")
     with pytest.raises(IngestError, match="supported: .csv, .docx"):
         read_document(path, 10**6)
+
+
+def test_xlsx_reference_table(tmp_path):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["Code", "Title", "Years"])
+    sheet.append(["15-1299.08", "Computer Systems Engineer", 7])
+    sheet.append([None, None, None])  # blank rows are dropped
+    sheet.append(["13-1161.00", "Business Analyst", 3])
+    book.save(tmp_path / "lcats.xlsx")
+    doc = read_document(tmp_path / "lcats.xlsx", 10**6)
+    assert doc.kind == "xlsx" and doc.table.columns == ["Code", "Title", "Years"]
+    assert doc.table.rows[1] == {"Code": "13-1161.00", "Title": "Business Analyst", "Years": "3"}

@@ -124,3 +124,19 @@ def test_committed_ingest_survives_a_killed_process(home, tmp_path):
     with Appliance(load_settings(home=home)) as app:
         assert [d.title for d in app.store.list_documents()] == ["Kill test"]
         assert "7731" in app.search("escrow account")[0].text
+
+
+def test_xlsx_rows_are_looked_up_by_code(home, tmp_path):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.active.append(["LCAT Code", "Labor Category", "Education"])
+    book.active.append(["15-1299.10", "Quantum Network Engineer", "PhD"])
+    book.active.append(["15-1299.11", "Satellite Link Analyst", "BS"])
+    book.save(tmp_path / "extra.xlsx")
+    with Appliance(load_settings(home=home)) as app:
+        assert app.ingest([tmp_path / "extra.xlsx"], "reference").failed == []
+        rows = app.store.conn.execute("SELECT code, title FROM ref_rows ORDER BY code").fetchall()
+        assert rows == [("15-1299.10", "Quantum Network Engineer"), ("15-1299.11", "Satellite Link Analyst")]
+        hit = app.search("15-1299.11")[0]
+        assert hit.exact and "Satellite Link Analyst" in hit.text

@@ -2,16 +2,16 @@
 
 import numpy as np
 
-from appliance.store import Store
+from appliance.store import NewChunk, Store
 
 
 def test_migrations_and_durability_pragmas(tmp_path):
     with Store(tmp_path / "a.db") as store:
-        assert store.migrations() == ["001_initial"]
+        assert store.migrations() == ["001_initial", "002_fts_vocabulary"]
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with Store(tmp_path / "a.db") as store:  # reopening applies nothing twice
-        assert store.migrations() == ["001_initial"]
+        assert store.migrations() == ["001_initial", "002_fts_vocabulary"]
 
 
 def test_changed_embedder_re_embeds_everything(home):
@@ -33,3 +33,54 @@ def test_changed_embedder_re_embeds_everything(home):
         assert app.store.vector_search(np.ones(8, dtype=np.float32), 5)[0][0] >= 1
         assert app.store.ensure_embedder("other-embedder", 8, other) == 0  # already matches
         assert app.status()["embedder"]["index"]["matches"] is False
+
+
+def _filled(path, n=300, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store = Store(path)
+    store.ensure_embedder("e", dim, lambda t: vectors[: len(t)])
+    for d in range(n // 50):
+        chunks = [NewChunk(i, "", f"chunk {d} {i}") for i in range(50)]
+        store.add_document("odd" if d % 2 else "even", f"/d{d}", f"d{d}", "txt", f"{d:064x}", 1, chunks,
+                           vectors[d * 50:(d + 1) * 50])
+    return store, rng
+
+
+def test_vector_cache_agrees_with_vec0_and_follows_other_writers(tmp_path):
+    store, rng = _filled(tmp_path / "v.db")
+    cached = Store(tmp_path / "v.db", cache_vectors=True)
+    coll = store.collection_id("odd")
+    for _ in range(5):
+        q = rng.standard_normal(16).astype(np.float32)
+        q /= np.linalg.norm(q)
+        for c in (None, coll):
+            direct, fast = store.vector_search(q, 10, c), cached.vector_search(q, 10, c)
+            assert [i for i, _ in direct] == [i for i, _ in fast]
+            assert np.allclose([d for _, d in direct], [d for _, d in fast], atol=1e-5)
+    # another connection removes a document: the cache must not keep serving its vectors
+    doc = store.list_documents("even")[0]
+    first_chunk = store.conn.execute("SELECT min(id) FROM chunks WHERE document_id = ?", (doc.id,)).fetchone()[0]
+    vec = np.frombuffer(store.conn.execute("SELECT embedding FROM chunk_vectors WHERE rowid = ?",
+                                           (first_chunk,)).fetchone()[0], dtype=np.float32)
+    assert cached.vector_search(vec, 1)[0][0] == first_chunk
+    store.remove_document(doc.id)
+    assert cached.vector_search(vec, 1)[0][0] != first_chunk
+    store.close()
+    cached.close()
+
+
+def test_common_words_are_dropped_from_the_keyword_query(tmp_path):
+    from appliance.rag import selective_words
+
+    store, _ = _filled(tmp_path / "v.db")
+    # "chunk" is in all 300 chunks, "1" in 55, "49" in 6
+    assert store.term_document_counts(["chunk", "1", "49", "nowhere"]) == {"chunk": 300, "1": 55, "49": 6,
+                                                                          "nowhere": 0}
+    assert selective_words(store, ["chunk", "1", "49"], budget=5000) == ["49", "1", "chunk"]  # small: all
+    assert selective_words(store, ["chunk", "1", "49"], budget=100) == ["49", "1"]  # rarest first
+    assert selective_words(store, ["chunk"], budget=100) == []  # only a common word: vectors alone
+    store.remove_document(store.list_documents()[0].id)  # counts follow the data
+    assert store.term_document_counts(["chunk"]) == {"chunk": 250}
+    store.close()
