@@ -19,7 +19,7 @@ EMBEDDER_MANIFEST = "embedder.json"
 
 
 class OnnxEmbedder:
-    def __init__(self, directory: Path, threads: int = 0, batch_size: int = 32, variant: str | None = None):
+    def __init__(self, directory: Path, threads: int = 0, batch_size: int = 8, variant: str | None = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
