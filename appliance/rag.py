@@ -1,6 +1,7 @@
 """Hybrid retrieval and cited answers.
 
-`search` fuses FTS5 BM25 and vec0 nearest neighbours by reciprocal rank fusion; a query holding an
+`search` fuses BM25 (FTS5, over the query's rarest words) and nearest neighbours by meaning by
+reciprocal rank fusion; a query holding an
 exact identifier (a labor-category code such as 15-1252.00) returns the reference row defining it
 first, then other chunks that contain it, whatever the vectors say. `answer` puts the hits into the
 prompt as numbered sources, streams the model's reply and maps each `[n]` back to its document.
@@ -93,9 +94,9 @@ def search(store: Store, embedder: Embedder, query: str, k: int = 5, collection:
         exact += store.ref_chunks_for_code(code, coll_id)
         exact += [cid for cid, _ in store.keyword_search(f'"{code}"', fetch, coll_id)]
     exact = list(dict.fromkeys(exact))
-    ordered = exact + sorted((c for c in scores if c not in set(exact)), key=lambda c: -scores[c])
-    rows = store.chunks(ordered[:k])
     exact_set = set(exact)
+    ordered = exact + sorted((c for c in scores if c not in exact_set), key=lambda c: -scores[c])
+    rows = store.chunks(ordered[:k])
     return [Hit(**vars(rows[c]), score=scores.get(c, 0.0), exact=c in exact_set) for c in ordered[:k] if c in rows]
 
 
