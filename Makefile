@@ -72,8 +72,10 @@ demo-home: $(DEMO_GEN)/generation.json
 demo: setup
 	$(BIN)/appliance ask
 
+# pytest exits 5 when it collected nothing: that is a failure, never a pass.
 test: deps
-	$(BIN)/python -m pytest
+	@$(BIN)/python -m pytest; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 llama-wheel: $(LLAMA_WHEEL)
 

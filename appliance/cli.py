@@ -212,6 +212,9 @@ def _print_answer(result, streamed: bool) -> None:
     if result.unverified_codes:
         _err(f"warning: codes in the answer that no source contains (do not rely on them): "
              f"{', '.join(result.unverified_codes)}; check with `appliance search CODE`")
+    for m in result.miscited_codes:
+        _err(f"warning: {m['code']} is not in the cited source{'s' if len(m['cited']) > 1 else ''} "
+             f"{', '.join(f'[{n}]' for n in m['cited'])}; it is in {', '.join(f'[{n}]' for n in m['found_in'])}")
     t = result.timing
     _err(f"(retrieval {t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
          f"{t['tokens_per_s'] or 0:.1f} tokens/s)")

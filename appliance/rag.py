@@ -108,12 +108,14 @@ class Answer:
     citations: list[dict]
     unknown_citations: list[int]
     unverified_codes: list[str]
+    miscited_codes: list[dict]
     model: dict
     timing: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "citations": self.citations,
                 "unknown_citations": self.unknown_citations, "unverified_codes": self.unverified_codes,
+                "miscited_codes": self.miscited_codes,
                 "sources": [{"n": i + 1, **h.to_json()} for i, h in enumerate(self.sources)],
                 "model": self.model, "timing": self.timing}
 
@@ -163,9 +165,13 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
                               "title": h.title, "doc_sha256": h.doc_sha256})
         else:
             unknown.append(n)
-    # A code the model wrote that none of its sources contains is flagged, never passed off as fact.
-    shown = "\n".join(sources)
-    unverified = [c for c in dict.fromkeys(CODE_RE.findall(text)) if c not in shown]
+    # A code the model wrote that none of its sources contains is flagged, never passed off as fact;
+    # one that is in the sources but not in any source the answer cites is pointed at where it is.
+    codes = list(dict.fromkeys(CODE_RE.findall(text)))
+    unverified = [c for c in codes if not any(c in block for block in sources)]
+    cited = {c["n"] for c in citations}
+    miscited = [{"code": c, "cited": sorted(cited), "found_in": [i for i, b in enumerate(sources, 1) if c in b]}
+                for c in codes if c not in unverified and cited and not any(c in sources[n - 1] for n in cited)]
     n_tokens = len(pieces)
     decode_s = end - (first or end)
     timing = {"retrieval_ms": round(retrieval_ms, 2),
@@ -173,6 +179,7 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
               "tokens": n_tokens,
               "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
     return Answer(question=question, answer=text, sources=hits, citations=citations,
-                  unknown_citations=unknown, unverified_codes=unverified, model=model_info, timing=timing)
+                  unknown_citations=unknown, unverified_codes=unverified, miscited_codes=miscited,
+                  model=model_info, timing=timing)
 
 

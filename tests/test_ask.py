@@ -66,6 +66,16 @@ def test_citations_map_to_documents_and_unknown_numbers_are_flagged(app):
     assert result.citations[1]["chunk_id"] == hits[2].chunk_id
     assert result.unknown_citations == [9]
     assert result.unverified_codes == ["15-9999.00"]  # in no source: flagged
+    assert result.miscited_codes == []  # 15-1242.00 is in [1], which the answer cites
+
+
+def test_code_cited_to_the_wrong_source_is_pointed_at_the_right_one(app):
+    hits = app.search("15-1242.00 database administrator", k=3)
+    wrong = next(i for i, h in enumerate(hits, 1) if "15-1242.00" not in h.text)
+    gen = ScriptedGenerator(f"The code is 15-1242.00 [{wrong}] .")
+    result = answer(gen, "code?", hits, {"name": "x"}, n_ctx=4096, max_tokens=64, temperature=0)
+    found = [i for i, h in enumerate(hits, 1) if "15-1242.00" in h.text]
+    assert result.miscited_codes == [{"code": "15-1242.00", "cited": [wrong], "found_in": found}]
     system, user = gen.messages
     assert system["content"] == SYSTEM_PROMPT
     assert user["content"].count("<source n=") == 3 and user["content"].endswith("Question: code?")
