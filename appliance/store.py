@@ -263,6 +263,14 @@ class Store:
             raise StoreError("the vector index has not been set up", "call ensure_embedder first")
         if len(chunks) != len(vectors):
             raise StoreError("chunk and vector counts differ", "this is a bug; please report it")
+        try:
+            return self._add_document(collection, source, title, kind, sha256, size, chunks, vectors)
+        except apsw.Error as exc:  # SQLite has rolled the transaction back (disk full, I/O, read-only)
+            raise StoreError(f"{self.path}: the database could not be written ({exc}); nothing of "
+                             f"{source} was kept", "free disk space or fix permissions, then ingest again") from exc
+
+    def _add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
+                      chunks: Sequence[NewChunk], vectors: np.ndarray) -> tuple[int, list[int]]:
         with self.conn:
             coll = self.collection_id(collection, create=True)
             replaced = [r[0] for r in self.conn.execute(

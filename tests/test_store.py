@@ -84,3 +84,21 @@ def test_common_words_are_dropped_from_the_keyword_query(tmp_path):
     store.remove_document(store.list_documents()[0].id)  # counts follow the data
     assert store.term_document_counts(["chunk"]) == {"chunk": 250}
     store.close()
+
+
+def test_full_disk_during_ingest_keeps_nothing_half_written(tmp_path):
+    import pytest
+
+    from appliance.errors import StoreError
+
+    store, _ = _filled(tmp_path / "v.db", n=50)
+    before = store.chunk_count()
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is now full
+    big = [NewChunk(i, "", "filler text " * 400) for i in range(200)]
+    vectors = np.ones((200, 16), dtype=np.float32) / 4
+    with pytest.raises(StoreError, match="could not be written.*nothing of /big was kept"):
+        store.add_document("even", "/big", "big", "txt", "f" * 64, 1, big, vectors)
+    assert store.chunk_count() == before
+    assert [d.source for d in store.list_documents()] == ["/d0"]
+    store.close()

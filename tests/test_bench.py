@@ -1,0 +1,11 @@
+"""The benchmarks still run (small sizes): `make bench` must not rot between releases."""
+
+from bench import search
+
+
+def test_search_benchmark_prints_its_table():
+    lines = search.run([1000], queries=20)
+    assert lines[0].startswith("| chunks | hybrid cached p50 ms")
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == "1,000" and cells[-1].endswith("x")
+    assert all(float(c) > 0 for c in cells[1:-1])
