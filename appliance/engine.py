@@ -1,6 +1,7 @@
 """llama.cpp inference (the only module that imports llama_cpp).
 
-`LlamaEngine` loads a GGUF after checking its header in Python, renders prompts with the chat
+`LlamaEngine` loads a GGUF after checking its header in Python (the full structure was checked at
+install, see `modelfile`), renders prompts with the chat
 template shipped in the generation (never the one inside the GGUF), and streams text pieces.
 Consecutive prompts that share a prefix (the system prompt) reuse llama.cpp's KV cache.
 """
@@ -8,7 +9,6 @@ Consecutive prompts that share a prefix (the system prompt) reuse llama.cpp's KV
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,26 +16,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from appliance.errors import ModelError
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf_header(path: Path) -> int:
-    """Refuse a file that is not a GGUF v2/v3 before llama.cpp parses it; returns the version."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(24)
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read the model ({exc.strerror})", "reinstall the generation") from exc
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
-        raise ModelError(f"{path}: not a GGUF file (bad magic)", "reinstall the generation")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise ModelError(f"{path}: GGUF version {version} is not supported", "rebuild with the pinned builder")
-    if n_tensors > 1_000_000 or n_kv > 1_000_000:
-        raise ModelError(f"{path}: implausible GGUF header ({n_tensors} tensors, {n_kv} keys)",
-                         "the file is damaged; reinstall the generation")
-    return version
+from appliance.modelfile import check_header
 
 
 def compile_template(text: str):
@@ -51,7 +32,7 @@ class LlamaEngine:
 
     def __init__(self, model_path: Path, template_text: str, n_ctx: int = 2048, threads: int = 0,
                  name: str | None = None, seed: int = 0):
-        check_gguf_header(model_path)
+        check_header(model_path)
         import llama_cpp
 
         self.template = compile_template(template_text)

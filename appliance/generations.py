@@ -1,9 +1,10 @@
 """Installed generations under `$APPLIANCE_HOME/generations/<n>/` and the `current` symlink.
 
 `install_unsigned` is the development path (`appliance install-generation --unsigned`): it checks the
-directory against its own manifest, copies it into a staging directory on the same filesystem, makes
-it read-only, renames it into place and switches `current` with one atomic `rename`. A failure at any
-step leaves `current` pointing where it pointed before and removes the staging copy.
+directory against its own manifest, copies it into a staging directory on the same filesystem,
+checks the copy again and validates the GGUF's structure, makes it read-only, renames it into place
+and switches `current` with one atomic `rename`. A failure at any step leaves `current` pointing
+where it pointed before and removes the staging copy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import modelfile
 from appliance.errors import GenerationError, NotFoundError
 from appliance.manifest import GenerationManifest, read_manifest, verify_generation
 
@@ -109,6 +111,7 @@ def install_unsigned(source: Path, home: Path) -> Installed:
     try:
         shutil.copytree(source, staging, symlinks=False)
         verify_generation(staging)  # what was copied, not what we were shown
+        modelfile.validate(staging / manifest.model.file)  # before llama.cpp ever parses it
         _make_read_only(staging)
         os.rename(staging, generations / str(number))
         _fsync_dir(generations)
