@@ -92,6 +92,11 @@ class Appliance:
         self.ready_index()
         return rag.search(self.store, self.embedder, query, k or self.settings.top_k, collection)
 
+    def lookup(self, query: str, collection: str | None = None, limit: int = 20) -> list[dict]:
+        from appliance.lookup import lookup
+
+        return lookup(self.store, query, collection, limit)
+
     def ask(self, question: str, collection: str | None = None, use_rag: bool = True,
             max_tokens: int | None = None, temperature: float | None = None,
             on_text: Callable[[str], None] | None = None) -> rag.Answer:

@@ -197,6 +197,32 @@ def search(ctx, query: str, k: int, collection: str | None, as_json: bool) -> No
                    f"    {snippet}")
 
 
+@cli.command()
+@click.argument("query")
+@click.option("--collection", "-c", help="Only tables in this collection.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="Rows at most.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def lookup(ctx, query: str, collection: str | None, limit: int, as_json: bool) -> None:
+    """Look up reference-table rows by exact code, code prefix or title words (no model).
+
+    \b
+    Examples:
+      appliance lookup 15-1252.00          # that labor category
+      appliance lookup 15-12               # every code that begins 15-12
+      appliance lookup "database administrator"
+    """
+    rows = _app(ctx).lookup(query, collection, limit)
+    if as_json:
+        _echo_json({"query": query, "rows": rows})
+        return
+    if not rows:
+        _err(f"no reference row matches '{query}'")
+        ctx.exit(int(ExitCode.NOT_FOUND))
+    for r in rows:
+        click.echo(f"{r['code'] or '-':<12} {r['title'] or '-':<40} {r['match']:<18} {Path(r['source']).name}")
+
+
 def _print_answer(result, streamed: bool) -> None:
     if not streamed:
         click.echo(result.answer)

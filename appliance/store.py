@@ -403,6 +403,17 @@ class Store:
             f"WHERE c.id IN ({marks})", ids)
         return {row[0]: ChunkRow(*row) for row in rows}
 
+    def ref_rows(self, collection_id: int | None = None) -> list[dict]:
+        """Every reference-table row with its document and collection."""
+        sql = ("SELECT r.code, r.title, r.data, d.source, c.name, r.chunk_id FROM ref_rows r "
+               "JOIN documents d ON d.id = r.document_id JOIN collections c ON c.id = d.collection_id")
+        args: tuple = ()
+        if collection_id is not None:
+            sql += " WHERE d.collection_id = ?"
+            args = (collection_id,)
+        return [{"code": code, "title": title, "data": json.loads(data), "source": source, "collection": coll,
+                 "chunk_id": chunk_id} for code, title, data, source, coll, chunk_id in self.conn.execute(sql, args)]
+
     def ref_chunks_for_code(self, code: str, collection_id: int | None = None) -> list[int]:
         """Chunk ids of reference rows whose code is this code or starts with it."""
         sql = ("SELECT r.chunk_id FROM ref_rows r JOIN documents d ON d.id = r.document_id "
