@@ -11,6 +11,7 @@ from pathlib import Path
 
 from appliance import generations, rag
 from appliance.config import Settings
+from appliance.documents import clean_text
 from appliance.ingest import IngestReport, ingest
 from appliance.store import Store
 
@@ -96,6 +97,65 @@ class Appliance:
         from appliance.lookup import lookup
 
         return lookup(self.store, query, collection, limit)
+
+    def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
+              progress: Callable[[str, int, int], None] | None = None, generator=None):
+        """A proposal draft for an RFP file (see appliance.draft); `generator` replaces the model in tests."""
+        from appliance import draft as d
+
+        start = time.perf_counter()
+        title, requirements, text = d.parse_rfp(rfp, int(self.settings.max_file_mb * 1_000_000))
+        self.ready_index()
+        rows = self.store.ref_rows()
+        by_chunk = {r["chunk_id"]: r for r in rows}
+
+        def best_row(phrase: str) -> dict | None:  # retrieval, for roles the table does not name verbatim
+            hits = rag.search(self.store, self.embedder, phrase, k=10)
+            return next((by_chunk[h.chunk_id] for h in hits if h.chunk_id in by_chunk), None)
+
+        staffing = d.staff(text, rows, best_row)
+        generator = generator or self.engine
+        known = {r["code"] for r in rows if r["code"]}
+        rfp_source = str(rfp.resolve())
+        sources: dict[int, dict] = {}
+        responses, unknown, gaps = {}, [], []
+        for i, req in enumerate(requirements):
+            if progress:
+                progress(req.id, i, len(requirements))
+            hits = [h for coll in (collections or [None])
+                    for h in rag.search(self.store, self.embedder, req.text, k=4, collection=coll)
+                    if h.source != rfp_source]
+            hits = sorted(hits, key=lambda h: -h.score)[:4]
+            result = rag.answer(generator, f"Write our proposal's response to requirement {req.id}: {req.text}",
+                                hits, self.model_info(), n_ctx=getattr(generator, "n_ctx", self.settings.n_ctx),
+                                max_tokens=max_tokens or self.settings.max_tokens,
+                                temperature=self.settings.temperature)
+
+            def renumber(match, used=result.sources):
+                n = int(match.group(1))
+                if not 1 <= n <= len(used):
+                    return ""  # a source that was never given: the citation is dropped
+                hit = used[n - 1]
+                if hit.chunk_id not in sources:
+                    sources[hit.chunk_id] = {"n": len(sources) + 1, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id,
+                                             "source": hit.source, "position": hit.position,
+                                             "doc_sha256": hit.doc_sha256}
+                return f"[{sources[hit.chunk_id]['n']}]"
+
+            # model output is text: no control characters (they would break the DOCX too)
+            text_out, flagged = d.flag_unknown_codes(
+                clean_text(d.CITATION_RE.sub(renumber, result.answer)).strip(), known)
+            unknown += [c for c in flagged if c not in unknown]
+            responses[req.id] = text_out
+            if not text_out:
+                gaps.append(req.id)
+        if progress:
+            progress("", len(requirements), len(requirements))
+        result = d.Draft(rfp=rfp_source, title=title, requirements=requirements, responses=responses,
+                         staffing=staffing, sources=list(sources.values()), unknown_codes=unknown, gaps=gaps,
+                         timing={"seconds": round(time.perf_counter() - start, 1)})
+        result.markdown = d.assemble(result)
+        return result
 
     def ask(self, question: str, collection: str | None = None, use_rag: bool = True,
             max_tokens: int | None = None, temperature: float | None = None,

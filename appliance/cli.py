@@ -223,6 +223,46 @@ def lookup(ctx, query: str, collection: str | None, limit: int, as_json: bool) -
         click.echo(f"{r['code'] or '-':<12} {r['title'] or '-':<40} {r['match']:<18} {Path(r['source']).name}")
 
 
+@cli.command()
+@click.argument("rfp_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Markdown file to write.")
+@click.option("--collection", "-c", "collections", multiple=True, help="Retrieve from this collection (repeatable).")
+@click.option("--docx", "as_docx", is_flag=True, help="Also write a Word document next to --out.")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), help="Cap on each response paragraph.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx: bool, max_tokens: int | None,
+          as_json: bool) -> None:
+    """Draft a proposal from an RFP (pdf, docx, md, txt): compliance matrix, cited responses, staffing.
+
+    Every "shall"/"must"/"will provide" statement becomes a row of the compliance matrix and a
+    cited paragraph; the staffing table's codes and qualifications come from the reference tables.
+    Codes the model writes that the tables lack are flagged; requirements left unanswered are gaps.
+
+    \b
+    Example:
+      appliance draft rfp.pdf --out draft.md --collection proposals --collection reference --docx
+    """
+    from appliance.draft import write_docx
+
+    progress = _Progress("drafting")
+    result = _app(ctx).draft(rfp_file, list(collections) or None, max_tokens,
+                             progress=lambda item, i, n: progress(f"requirement {item}" if item else "", i, n))
+    out.write_text(result.markdown)
+    if as_docx:
+        write_docx(result.markdown, out.with_suffix(".docx"))
+    summary = result.summary()
+    if as_json:
+        _echo_json(summary)
+    _err(f"wrote {out}{' and ' + str(out.with_suffix('.docx')) if as_docx else ''}: "
+         f"{summary['requirements_found']} requirements, {summary['answered']} drafted, {len(result.gaps)} gaps, "
+         f"{len(result.staffing)} roles staffed, {len(result.sources)} sources cited")
+    if result.unknown_codes:
+        _err(f"warning: codes not in the reference tables (flagged in the draft): {', '.join(result.unknown_codes)}")
+    if result.gaps:
+        _err(f"warning: requirements without a response: {', '.join(result.gaps)}")
+
+
 def _print_answer(result, streamed: bool) -> None:
     if not streamed:
         click.echo(result.answer)

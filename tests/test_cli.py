@@ -8,7 +8,7 @@ from appliance.cli import cli
 from appliance.errors import ExitCode
 
 COMMANDS = [[], ["install-generation"], ["ingest"], ["docs", "list"], ["docs", "remove"], ["search"], ["ask"],
-            ["status"], ["lookup"]]
+            ["status"], ["lookup"], ["draft"]]
 
 
 def test_every_command_has_help():

@@ -1,0 +1,200 @@
+"""Proposal drafting from an RFP: requirements, staffing from the reference table, cited responses.
+
+`parse_rfp` finds numbered requirement statements ("shall", "must", "will provide" ...) with their
+identifiers (C.2.1, L.1; R1, R2 ... where the RFP numbers none). `staff` finds the roles the RFP
+names and maps each to a labor category by exact title first, retrieval second; codes, titles and
+qualifications in the staffing table come from the reference table, never from the model. `draft`
+writes one cited paragraph per requirement and assembles a Markdown draft: cover, compliance matrix,
+technical approach, staffing table, sources. A code in generated text that the reference tables do
+not hold is flagged in the text and in the summary; a requirement left without a response is a gap.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.documents import CODE_RE, read_document
+from appliance.errors import IngestError
+from appliance.prompt import CITATION_RE
+
+_REQ_RE = re.compile(r"\b(shall|must|will (?:provide|deliver|submit|ensure|perform|maintain|support)|is required to)\b",
+                     re.IGNORECASE)
+_ID_RE = re.compile(r"^([A-Z]\.\d+(?:\.\d+)*)\.?\s+(.+)$", re.DOTALL)
+
+
+@dataclass
+class Requirement:
+    id: str
+    text: str
+    section: str
+
+
+@dataclass
+class Role:
+    name: str  # as the RFP words it
+    code: str
+    title: str
+    education: str
+    years: str
+    how: str  # "exact title" or "retrieval"
+
+
+@dataclass
+class Draft:
+    rfp: str
+    title: str
+    requirements: list[Requirement]
+    responses: dict[str, str]
+    staffing: list[Role]
+    sources: list[dict]
+    unknown_codes: list[str]
+    gaps: list[str]
+    markdown: str = ""
+    timing: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        cited = sorted({int(n) for text in self.responses.values() for n in CITATION_RE.findall(text)})
+        codes = sorted({c for text in self.responses.values() for c in CODE_RE.findall(text)}
+                       | {r.code for r in self.staffing})
+        return {"rfp": self.rfp, "requirements_found": len(self.requirements),
+                "answered": len(self.requirements) - len(self.gaps), "gaps": self.gaps,
+                "codes_used": codes, "unknown_codes": self.unknown_codes, "citations": cited,
+                "sources": self.sources, "staffing": [vars(r) for r in self.staffing], "timing": self.timing}
+
+
+def parse_rfp(path: Path, max_bytes: int) -> tuple[str, list[Requirement], str]:
+    """(title, requirements, full text); IngestError for an empty, unreadable or image-only file."""
+    doc = read_document(path, max_bytes)
+    requirements: list[Requirement] = []
+    section = ""
+    for block in _units(doc.text):
+        if not block:
+            continue
+        if block.startswith("#"):
+            section = block.lstrip("#").strip()
+            continue
+        match = _ID_RE.match(block)
+        if match and _REQ_RE.search(match.group(2)):
+            requirements.append(Requirement(match.group(1), match.group(2), section))
+        elif match and len(block) < 80:
+            section = block  # "C.2 Requirements"
+        elif _REQ_RE.search(block):
+            for sentence in re.split(r"(?<=[.;])\s+", block):
+                if _REQ_RE.search(sentence):
+                    requirements.append(Requirement(f"R{len(requirements) + 1}", sentence, section))
+    if not requirements:
+        raise IngestError(f"{path}: no requirement statements found (no 'shall', 'must' or 'will provide')",
+                          "check that this is the RFP's statement of work, or draft from its sections by hand")
+    return doc.title, requirements, doc.text
+
+
+_UNIT_START_RE = re.compile(r"\n(?=[A-Z]\.\d+(?:\.\d+)*\.?\s|SECTION\s|#)")
+
+
+def _units(text: str) -> list[str]:
+    """Paragraphs, also split where a line starts with an identifier or heading: PDF text often has
+    no blank lines between paragraphs, only line breaks."""
+    units = []
+    for block in re.split(r"\n\s*\n", text):
+        units += [" ".join(u.split()) for u in _UNIT_START_RE.split(block) if u.strip()]
+    return units
+
+
+def _title_pattern(title: str) -> re.Pattern:
+    return re.compile(r"\b" + re.escape(title) + r"(?:s|es)?\b", re.IGNORECASE)
+
+
+def staff(text: str, rows: list[dict], find: Callable[[str], dict | None]) -> list[Role]:
+    """Roles named in the RFP text, each with its labor category from the reference rows."""
+    roles: dict[str, Role] = {}
+    remaining = text
+    for row in sorted((r for r in rows if r["title"] and r["code"]), key=lambda r: -len(r["title"])):
+        pattern = _title_pattern(row["title"])
+        found = pattern.search(remaining)
+        if found:
+            roles[row["code"]] = _role(found.group(0), row, "exact title")
+            remaining = pattern.sub(" ", remaining)  # "Senior Database Administrator" is not also a DBA
+    # Roles the table does not name word for word: "Key personnel: X and Y", "Other roles: ...".
+    for listing in re.findall(r"(?:personnel|roles)\s*:\s*([^\n.]+)", remaining, re.IGNORECASE):
+        for phrase in re.split(r",|\band\b|;", listing):
+            phrase = re.split(r"\b(?:with|who|having|at least)\b", phrase, flags=re.IGNORECASE)[0]  # not qualifications
+            phrase = " ".join(re.sub(r"\b(?:a|an|the)\b", " ", phrase, flags=re.IGNORECASE).split())
+            if len(phrase) < 4 or not phrase[0].isupper():
+                continue
+            row = find(phrase)
+            if row and row["code"] not in roles:
+                roles[row["code"]] = _role(phrase, row, "retrieval")
+    return list(roles.values())
+
+
+def _role(name: str, row: dict, how: str) -> Role:
+    data = {k.lower(): v for k, v in row["data"].items()}
+    return Role(name=name, code=row["code"], title=row["title"], education=data.get("education", ""),
+                years=data.get("years", ""), how=how)
+
+
+def flag_unknown_codes(text: str, known: set[str]) -> tuple[str, list[str]]:
+    unknown = [c for c in dict.fromkeys(CODE_RE.findall(text)) if c not in known]
+    for code in unknown:
+        text = re.sub(rf"\b{re.escape(code)}\b", f"{code} [UNVERIFIED CODE: not in the reference table]", text)
+    return text, unknown
+
+
+def assemble(d: Draft) -> str:
+    out = [f"# Proposal draft: {d.title}", "",
+           f"Response to `{Path(d.rfp).name}`. Drafted {time.strftime('%Y-%m-%d')} by the appliance from past "
+           "proposals and the reference tables; every statement must be reviewed before submission.", ""]
+    if d.unknown_codes or d.gaps:
+        out += ["> **Review first:** " + "; ".join(
+            ([f"codes not in the reference table: {', '.join(d.unknown_codes)}"] if d.unknown_codes else [])
+            + ([f"requirements without a response: {', '.join(d.gaps)}"] if d.gaps else [])), ""]
+    out += ["## Compliance matrix", "", "| Requirement | Text | Response section | Status |", "| --- | --- | --- | --- |"]
+    for r in d.requirements:
+        status = "GAP" if r.id in d.gaps else "Drafted"
+        text = r.text.replace("|", "\\|")
+        out.append(f"| {r.id} | {text} | {'-' if r.id in d.gaps else f'Technical approach, {r.id}'} | {status} |")
+    out += ["", "## Technical approach", ""]
+    for r in d.requirements:
+        out += [f"### {r.id}", "", f"*Requirement:* {r.text}", "", d.responses.get(r.id) or "**GAP: no response drafted.**", ""]
+    out += ["## Staffing", "", "| Role in the RFP | Labor category | Code | Minimum education | Years | Matched by |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {s.name} | {s.title} | {s.code} | {s.education} | {s.years} | {s.how} |" for s in d.staffing]
+    out += ["", "## Sources", ""]
+    out += [f"[{s['n']}] {Path(s['source']).name}, chunk {s['position']} (sha256 {s['doc_sha256'][:12]})"
+            for s in d.sources]
+    return "\n".join(out) + "\n"
+
+
+def write_docx(markdown: str, path: Path) -> None:
+    """The Markdown draft as a Word document: headings, paragraphs and tables."""
+    import docx
+
+    document = docx.Document()
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip("|").split(" | ")]
+                if not all(set(c) <= {"-", " "} for c in cells):
+                    rows.append(cells)
+                i += 1
+            table = document.add_table(rows=len(rows), cols=len(rows[0]))
+            table.style = "Table Grid"
+            for r, cells in enumerate(rows):
+                for c, value in enumerate(cells[: len(rows[0])]):
+                    table.cell(r, c).text = value
+            continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            document.add_heading(line.lstrip("#").strip(), level=min(level, 3))
+        elif line.strip():
+            document.add_paragraph(line.replace("**", "").replace("*", "").lstrip("> "))
+        i += 1
+    document.save(path)

@@ -1,0 +1,112 @@
+"""Proposal drafting on the demo RFPs: every requirement in the matrix, codes real or flagged, citations resolved."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli import cli
+from appliance.errors import ExitCode
+
+RFPS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus" / "rfps"
+EXPECTED_IDS = {
+    "RFP-2025-USDA-application-modernization.md": ["C.2.1", "C.2.2", "C.2.3", "C.2.4", "C.2.5", "C.2.6", "C.2.7",
+                                                   "C.3.1", "C.3.2", "L.1", "L.2", "L.3"],
+    "RFP-2025-DOT-service-desk.docx": ["C.2.1", "C.2.2", "C.2.3", "C.2.4", "C.2.5", "C.2.6", "C.2.7", "L.1", "L.2"],
+    "RFP-2026-EPA-data-platform.pdf": ["C.2.1", "C.2.2", "C.2.3", "C.2.4", "C.2.5", "C.2.6"],
+}
+
+
+def _known_codes(app):
+    return {r["code"] for r in app.store.ref_rows()}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_IDS))
+def test_demo_rfp_draft(app, name):
+    draft = app.draft(RFPS / name, ["proposals", "reference"], max_tokens=16)
+    md = draft.markdown
+    assert [r.id for r in draft.requirements] == EXPECTED_IDS[name]
+    for req in draft.requirements:  # each statement is in the matrix, with its id
+        assert f"| {req.id} | {req.text} |" in md
+    known = _known_codes(app)
+    for code in set(re.findall(r"\b\d{2}-\d{4}\.\d{2}\b", md)):
+        assert code in known or f"{code} [UNVERIFIED CODE" in md, code
+    listed = {int(n) for n in re.findall(r"^\[(\d+)\] ", md, re.MULTILINE)}
+    cited = {int(n) for n in re.findall(r"\[(\d+)\]", md.split("## Sources")[0])}
+    assert cited <= listed
+    assert listed == set(range(1, len(draft.sources) + 1))
+
+
+def test_staffing_comes_from_the_reference_table(app):
+    draft = app.draft(RFPS / "RFP-2025-USDA-application-modernization.md", max_tokens=4)
+    assert sorted((s.code, s.title) for s in draft.staffing) == [
+        ("11-3021.00", "Program Manager"), ("15-1241.01", "Cloud Architect"),
+        ("15-1242.01", "Senior Database Administrator"), ("15-1252.00", "Software Developer"),
+        ("15-1252.02", "Software Architect"), ("15-1252.03", "DevSecOps Engineer")]
+    pm = next(s for s in draft.staffing if s.code == "11-3021.00")
+    assert pm.years == "12" and "PMP" in pm.education
+    assert "| Program Manager | Program Manager | 11-3021.00 |" in draft.markdown
+
+
+class InventingGenerator:
+    """The model edge only: writes a response with a code that does not exist."""
+
+    name = "inventor"
+    n_ctx = 4096
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def stream(self, messages, max_tokens, temperature):
+        yield "Our Quantum Engineer (99-9999.99) leads this [1] ; see also [42] ."
+
+
+def test_invented_code_is_flagged_not_kept_silently(app):
+    draft = app.draft(RFPS / "RFP-2026-EPA-data-platform.pdf", generator=InventingGenerator())
+    assert draft.unknown_codes == ["99-9999.99"]
+    assert "99-9999.99 [UNVERIFIED CODE: not in the reference table]" in draft.markdown
+    assert "codes not in the reference table: 99-9999.99" in draft.markdown
+    assert "[42]" not in draft.markdown  # a citation of a source never given is dropped
+    assert draft.summary()["unknown_codes"] == ["99-9999.99"]
+
+
+def test_cli_writes_markdown_docx_and_json_summary(demo_home, tmp_path):
+    out = tmp_path / "draft.md"
+    result = CliRunner().invoke(cli, ["--home", str(demo_home), "draft", str(RFPS / "RFP-2026-EPA-data-platform.pdf"),
+                                      "--out", str(out), "--docx", "--json", "--max-tokens", "8",
+                                      "-c", "proposals"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["requirements_found"] == 6 and summary["answered"] + len(summary["gaps"]) == 6
+    assert {"codes_used", "unknown_codes", "citations", "gaps"} <= set(summary)
+    assert out.read_text().startswith("# Proposal draft:")
+    import docx
+
+    document = docx.Document(str(out.with_suffix(".docx")))
+    matrix = document.tables[0]
+    assert [c.text for c in matrix.rows[0].cells] == ["Requirement", "Text", "Response section", "Status"]
+    assert len(matrix.rows) == 7
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "empty file"),
+    (b"Thank you for your interest. We look forward to meeting you.", "no requirement statements"),
+    (None, "no extractable text"),
+])
+def test_unusable_rfp_gets_a_clear_message(demo_home, tmp_path, content, expected):
+    if content is None:
+        from pypdf import PdfWriter
+
+        path = tmp_path / "scan.pdf"
+        writer = PdfWriter()
+        writer.add_blank_page(width=612, height=792)
+        writer.write(str(path))
+    else:
+        path = tmp_path / "rfp.txt"
+        path.write_bytes(content)
+    result = CliRunner().invoke(cli, ["--home", str(demo_home), "draft", str(path), "--out", str(tmp_path / "o.md")])
+    assert result.exit_code == ExitCode.INGEST
+    assert expected in result.output
+    assert not (tmp_path / "o.md").exists()
