@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance import generations, rag
+from appliance import audit, generations, rag
 from appliance.config import Settings
 from appliance.documents import clean_text
 from appliance.ingest import IngestReport, ingest
@@ -83,11 +83,26 @@ class Appliance:
         """Re-embed every chunk if the installed embedder differs from the index's; returns how many."""
         return self.store.ensure_embedder(self.embedder.name, self.embedder.dim, self.embedder.embed, progress)
 
+    def audit(self, action: str, detail: dict, with_model: bool = True) -> dict:
+        info = self.model_info() if with_model else {}
+        return audit.append(self.store.conn, action, detail, model_sha256=info.get("sha256"),
+                            generation=info.get("generation"))
+
     def ingest(self, paths: list[Path], collection: str,
                progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
-        return ingest(self.store, self.embedder, paths, collection,
-                      max_bytes=int(self.settings.max_file_mb * 1_000_000),
-                      chunk_chars=self.settings.chunk_chars, progress=progress)
+        report = ingest(self.store, self.embedder, paths, collection,
+                        max_bytes=int(self.settings.max_file_mb * 1_000_000),
+                        chunk_chars=self.settings.chunk_chars, progress=progress)
+        for item in report.added:
+            self.audit("ingest", {"collection": collection, "source": item["source"], "sha256": item["sha256"],
+                                  "doc_id": item["doc_id"], "chunks": item["chunks"], "replaced": item["replaced"]})
+        return report
+
+    def remove_document(self, doc_id: int):
+        row = self.store.remove_document(doc_id)
+        self.audit("remove", {"doc_id": row.id, "source": row.source, "sha256": row.sha256,
+                              "collection": row.collection})
+        return row
 
     def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[rag.Hit]:
         self.ready_index()
@@ -163,10 +178,18 @@ class Appliance:
         start = time.perf_counter()
         hits = self.search(question, collection=collection) if use_rag else []
         retrieval_ms = (time.perf_counter() - start) * 1000
-        return rag.answer(self.engine, question, hits, self.model_info(), n_ctx=self.engine.n_ctx,
-                          max_tokens=max_tokens or self.settings.max_tokens,
-                          temperature=self.settings.temperature if temperature is None else temperature,
-                          rag=use_rag, retrieval_ms=retrieval_ms, on_text=on_text)
+        result = rag.answer(self.engine, question, hits, self.model_info(), n_ctx=self.engine.n_ctx,
+                            max_tokens=max_tokens or self.settings.max_tokens,
+                            temperature=self.settings.temperature if temperature is None else temperature,
+                            rag=use_rag, retrieval_ms=retrieval_ms, on_text=on_text)
+        detail = {"question_sha256": audit.sha256_text(question), "answer_sha256": audit.sha256_text(result.answer),
+                  "collection": collection, "rag": use_rag,
+                  "chunks": [{"chunk_id": h.chunk_id, "doc_sha256": h.doc_sha256} for h in result.sources],
+                  "citations": [c["n"] for c in result.citations], "unverified_codes": result.unverified_codes}
+        if self.settings.audit_text:
+            detail.update(question=question, answer=result.answer)
+        result.audit_id = self.audit("ask", detail)["id"]
+        return result
 
     def status(self) -> dict:
         inst = self.installed

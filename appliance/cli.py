@@ -102,8 +102,13 @@ def install_generation(ctx, directory: Path, unsigned: bool) -> None:
 
     if not unsigned:
         raise click.UsageError("this path checks no signature; pass --unsigned to confirm that you mean it")
+    from appliance.app import Appliance
+
     settings = load_settings(home=ctx.obj.get("home"))
     installed = install_unsigned(directory, settings.home)
+    with Appliance(settings) as app:
+        app.audit("install", {"source": str(directory.resolve()), "generation": installed.number,
+                              "signed": False, "name": installed.manifest.name})
     _err(f"installed generation {installed.number} ({installed.manifest.model.name}, "
          f"{installed.manifest.model.quant}) into {settings.home}")
 
@@ -167,7 +172,7 @@ def docs_list(ctx, collection: str | None, as_json: bool) -> None:
 @click.pass_context
 def docs_remove(ctx, doc_id: int) -> None:
     """Remove a document, its chunks and vectors (ids from `appliance docs list`)."""
-    row = _app(ctx).store.remove_document(doc_id)
+    row = _app(ctx).remove_document(doc_id)
     _err(f"removed document {row.id}: {row.source}")
 
 
@@ -350,6 +355,57 @@ def status(ctx, as_json: bool) -> None:
     click.echo(f"embedder    {e['name']} ({e['dim']}-d)")
     for c in data["collections"] or [{"name": "(none)", "documents": 0, "chunks": 0}]:
         click.echo(f"collection  {c['name']:<14} {c['documents']:>4} documents {c['chunks']:>6} chunks")
+
+
+@cli.group("audit")
+def audit_group() -> None:
+    """The tamper-evident log of answers, ingests, removals and installs."""
+
+
+@audit_group.command("list")
+@click.option("--action", help="Only this action (ask, ingest, remove, install).")
+@click.option("--user", help="Only this OS user.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Newest rows at most.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def audit_list(ctx, action: str | None, user: str | None, limit: int, as_json: bool) -> None:
+    """The newest audit rows, newest first."""
+    from appliance import audit
+
+    entries = list(audit.rows(_app(ctx).store.conn, action, user, limit))
+    if as_json:
+        _echo_json({"rows": [dict(e, detail=json.loads(e["detail"])) for e in entries]})
+        return
+    for e in entries:
+        click.echo(f"{e['id']:>6}  {e['time']}  {e['user']:<10} {e['action']:<8} gen {e['generation'] or '-'}  "
+                   f"{e['row_hash'][:12]}  {e['detail'][:80]}")
+
+
+@audit_group.command("verify")
+@click.pass_context
+def audit_verify(ctx) -> None:
+    """Recompute the hash chain; exit 1 naming the first row that does not match."""
+    from appliance import audit
+
+    count, bad = audit.verify_rows(audit.rows(_app(ctx).store.conn))
+    if bad is not None:
+        _err(f"audit chain broken at row {bad} (of {count} checked): that row or the one before it was "
+             "altered, inserted or deleted - compare with the last export")
+        ctx.exit(int(ExitCode.FAILURE))
+    click.echo(f"audit chain intact: {count} rows")
+
+
+@audit_group.command("export")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="JSON lines file.")
+@click.pass_context
+def audit_export(ctx, out: Path) -> None:
+    """Write every row with its chain as JSON lines (checkable by the README's short script)."""
+    from appliance import audit
+
+    app = _app(ctx)
+    n = audit.export(app.store.conn, out)
+    app.audit("export", {"out": str(out.resolve()), "rows": n}, with_model=False)
+    _err(f"exported {n} audit rows to {out}")
 
 
 def main() -> None:

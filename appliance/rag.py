@@ -111,13 +111,14 @@ class Answer:
     miscited_codes: list[dict]
     model: dict
     timing: dict = field(default_factory=dict)
+    audit_id: int | None = None
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "citations": self.citations,
                 "unknown_citations": self.unknown_citations, "unverified_codes": self.unverified_codes,
                 "miscited_codes": self.miscited_codes,
                 "sources": [{"n": i + 1, **h.to_json()} for i, h in enumerate(self.sources)],
-                "model": self.model, "timing": self.timing}
+                "model": self.model, "timing": self.timing, "audit_id": self.audit_id}
 
 
 def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: int) -> list[str]:

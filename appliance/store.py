@@ -64,6 +64,20 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("002_fts_vocabulary", """
         CREATE VIRTUAL TABLE chunk_fts_terms USING fts5vocab(chunk_fts, 'row');
     """),
+    ("003_audit", """
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            user TEXT NOT NULL,
+            action TEXT NOT NULL,
+            model_sha256 TEXT,
+            generation INTEGER,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            row_hash TEXT NOT NULL
+        );
+        CREATE INDEX audit_action ON audit(action, user);
+    """),
 ]
 
 
