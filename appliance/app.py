@@ -195,6 +195,8 @@ class Appliance:
         inst = self.installed
         m = inst.manifest
         name, dim = self.store.embedder_id()
+        # An empty index (nothing ingested yet) matches any embedder.
+        index_matches = name is None or (name, dim) == (m.embedder.name, m.embedder.dim)
         return {
             "home": str(self.settings.home),
             "generation": inst.number,
@@ -203,8 +205,7 @@ class Appliance:
                       "architecture": m.model.architecture, "parameters": m.model.parameters,
                       "context_length": m.model.context_length, "size": m.files[m.model.file].size},
             "embedder": {"name": m.embedder.name, "dim": m.embedder.dim,
-                         "index": {"name": name, "dim": dim, "matches": (name, dim) == (m.embedder.name, m.embedder.dim)
-                                   or name is None}},
+                         "index": {"name": name, "dim": dim, "matches": index_matches}},
             "collections": self.store.collection_stats(),
             "lineage": m.lineage,
         }

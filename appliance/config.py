@@ -47,10 +47,6 @@ class Settings(BaseModel):
     def generations_dir(self) -> Path:
         return self.home / "generations"
 
-    @property
-    def current_link(self) -> Path:
-        return self.home / "current"
-
 
 _ENV_FIELDS = {name: f"APPLIANCE_{name.upper()}" for name in Settings.model_fields if name != "home"}
 

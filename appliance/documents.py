@@ -11,7 +11,7 @@ import csv
 import io
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import IngestError
@@ -48,7 +48,6 @@ class Document:
     title: str
     text: str
     table: Table | None = None
-    meta: dict = field(default_factory=dict)
 
 
 def _decode(data: bytes, path: Path) -> str:
