@@ -85,14 +85,16 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
     store.ensure_embedder(embedder.name, embedder.dim, embedder.embed)
     files, missing = expand_paths(paths)
     report = IngestReport(failed=missing)
-    coll_id = store.collection_id(collection, create=True)
+    coll_id = None  # the collection is created by the first document added to it, not by a failed batch
     for i, path in enumerate(files):
         if progress:
             progress(str(path), i, len(files))
         source = str(path.resolve())
         try:
             digest = sha256_file(path)
-            if store.find_document(coll_id, digest) is not None:
+            if coll_id is None and collection in {c["name"] for c in store.collection_stats()}:
+                coll_id = store.collection_id(collection)
+            if coll_id is not None and store.find_document(coll_id, digest) is not None:
                 report.unchanged.append(source)
                 continue
             doc = read_document(path, max_bytes)

@@ -140,3 +140,14 @@ def test_xlsx_rows_are_looked_up_by_code(home, tmp_path):
         assert rows == [("15-1299.10", "Quantum Network Engineer"), ("15-1299.11", "Satellite Link Analyst")]
         hit = app.search("15-1299.11")[0]
         assert hit.exact and "Satellite Link Analyst" in hit.text
+
+
+def test_a_batch_that_adds_nothing_creates_no_collection_and_duplicates_are_skipped(home, tmp_path):
+    (tmp_path / "a.md").write_text("# Same\n\nIdentical content.")
+    (tmp_path / "b.md").write_text("# Same\n\nIdentical content.")
+    with Appliance(load_settings(home=home)) as app:
+        report = app.ingest([tmp_path / "missing.md"], "ghost")
+        assert report.added == [] and len(report.failed) == 1
+        assert "ghost" not in {c["name"] for c in app.store.collection_stats()}
+        report = app.ingest([tmp_path / "a.md", tmp_path / "b.md"], "dups")
+        assert len(report.added) == 1 and report.unchanged == [str((tmp_path / "b.md").resolve())]
