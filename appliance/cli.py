@@ -310,6 +310,8 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
       appliance ask "What is the code for a Database Administrator?"
       appliance ask "Summarise the transition plan" --collection proposals --json
     """
+    if question is not None and not question.strip():
+        raise click.UsageError("the question is empty; give one, or none for the interactive loop")
     app = _app(ctx)
 
     def one(q: str) -> None:
