@@ -44,3 +44,8 @@ def test_bad_setting_names_the_variable(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["--home", str(tmp_path), "status"])
     assert result.exit_code == ExitCode.CONFIG
     assert "n_ctx" in result.output and "APPLIANCE_N_CTX" in result.output
+
+
+def test_empty_question_is_a_usage_error(demo_home):
+    result = CliRunner().invoke(cli, ["--home", str(demo_home), "ask", "   "])
+    assert result.exit_code == ExitCode.USAGE and "the question is empty" in result.output
