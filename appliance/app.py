@@ -11,8 +11,8 @@ from pathlib import Path
 
 from appliance import audit, generations, rag
 from appliance.config import Settings
-from appliance.documents import clean_text
 from appliance.ingest import IngestReport, ingest
+from appliance.manifest import sha256_file
 from appliance.store import Store
 
 
@@ -88,6 +88,16 @@ class Appliance:
         return audit.append(self.store.conn, action, detail, model_sha256=info.get("sha256"),
                             generation=info.get("generation"))
 
+    def install_generation(self, directory: Path) -> generations.Installed:
+        """The unsigned development install; the model and embedder of the old generation are let go."""
+        installed = generations.install_unsigned(directory, self.settings.home)
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = self._embedder = self._installed = None
+        self.audit("install", {"source": str(directory.resolve()), "generation": installed.number,
+                               "signed": False, "name": installed.manifest.name})
+        return installed
+
     def ingest(self, paths: list[Path], collection: str,
                progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
         report = ingest(self.store, self.embedder, paths, collection,
@@ -116,60 +126,20 @@ class Appliance:
     def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
               progress: Callable[[str, int, int], None] | None = None, generator=None):
         """A proposal draft for an RFP file (see appliance.draft); `generator` replaces the model in tests."""
-        from appliance import draft as d
+        from appliance import draft
 
-        start = time.perf_counter()
-        title, requirements, text = d.parse_rfp(rfp, int(self.settings.max_file_mb * 1_000_000))
         self.ready_index()
-        rows = self.store.ref_rows()
-        by_chunk = {r["chunk_id"]: r for r in rows}
-
-        def best_row(phrase: str) -> dict | None:  # retrieval, for roles the table does not name verbatim
-            hits = rag.search(self.store, self.embedder, phrase, k=10)
-            return next((by_chunk[h.chunk_id] for h in hits if h.chunk_id in by_chunk), None)
-
-        staffing = d.staff(text, rows, best_row)
         generator = generator or self.engine
-        known = {r["code"] for r in rows if r["code"]}
-        rfp_source = str(rfp.resolve())
-        sources: dict[int, dict] = {}
-        responses, unknown, gaps = {}, [], []
-        for i, req in enumerate(requirements):
-            if progress:
-                progress(req.id, i, len(requirements))
-            hits = [h for coll in (collections or [None])
-                    for h in rag.search(self.store, self.embedder, req.text, k=4, collection=coll)
-                    if h.source != rfp_source]
-            hits = sorted(hits, key=lambda h: -h.score)[:4]
-            result = rag.answer(generator, f"Write our proposal's response to requirement {req.id}: {req.text}",
-                                hits, self.model_info(), n_ctx=getattr(generator, "n_ctx", self.settings.n_ctx),
-                                max_tokens=max_tokens or self.settings.max_tokens,
-                                temperature=self.settings.temperature)
-
-            def renumber(match, used=result.sources):
-                n = int(match.group(1))
-                if not 1 <= n <= len(used):
-                    return ""  # a source that was never given: the citation is dropped
-                hit = used[n - 1]
-                if hit.chunk_id not in sources:
-                    sources[hit.chunk_id] = {"n": len(sources) + 1, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id,
-                                             "source": hit.source, "position": hit.position,
-                                             "doc_sha256": hit.doc_sha256}
-                return f"[{sources[hit.chunk_id]['n']}]"
-
-            # model output is text: no control characters (they would break the DOCX too)
-            text_out, flagged = d.flag_unknown_codes(
-                clean_text(d.CITATION_RE.sub(renumber, result.answer)).strip(), known)
-            unknown += [c for c in flagged if c not in unknown]
-            responses[req.id] = text_out
-            if not text_out:
-                gaps.append(req.id)
-        if progress:
-            progress("", len(requirements), len(requirements))
-        result = d.Draft(rfp=rfp_source, title=title, requirements=requirements, responses=responses,
-                         staffing=staffing, sources=list(sources.values()), unknown_codes=unknown, gaps=gaps,
-                         timing={"seconds": round(time.perf_counter() - start, 1)})
-        result.markdown = d.assemble(result)
+        result = draft.draft(self.store, self.embedder, generator, rfp, collections=collections,
+                             model_info=self.model_info(), max_bytes=int(self.settings.max_file_mb * 1_000_000),
+                             n_ctx=getattr(generator, "n_ctx", self.settings.n_ctx),
+                             max_tokens=max_tokens or self.settings.max_tokens,
+                             temperature=self.settings.temperature, progress=progress)
+        self.audit("draft", {"rfp": result.rfp, "rfp_sha256": sha256_file(rfp),
+                             "requirements": len(result.requirements), "gaps": result.gaps,
+                             "unknown_codes": result.unknown_codes,
+                             "chunks": [{"chunk_id": s["chunk_id"], "doc_sha256": s["doc_sha256"]}
+                                        for s in result.sources]})
         return result
 
     def ask(self, question: str, collection: str | None = None, use_rag: bool = True,

@@ -97,20 +97,12 @@ def install_generation(ctx, directory: Path, unsigned: bool) -> None:
     Example:
       appliance install-generation --unsigned build/demo-generation
     """
-    from appliance.config import load_settings
-    from appliance.generations import install_unsigned
-
     if not unsigned:
         raise click.UsageError("this path checks no signature; pass --unsigned to confirm that you mean it")
-    from appliance.app import Appliance
-
-    settings = load_settings(home=ctx.obj.get("home"))
-    installed = install_unsigned(directory, settings.home)
-    with Appliance(settings) as app:
-        app.audit("install", {"source": str(directory.resolve()), "generation": installed.number,
-                              "signed": False, "name": installed.manifest.name})
+    app = _app(ctx)
+    installed = app.install_generation(directory)
     _err(f"installed generation {installed.number} ({installed.manifest.model.name}, "
-         f"{installed.manifest.model.quant}) into {settings.home}")
+         f"{installed.manifest.model.quant}) into {app.settings.home}")
 
 
 @cli.command()

@@ -11,6 +11,7 @@ import csv
 import io
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,22 @@ def _read_xlsx(path: Path) -> Table:
 
 def table_row_text(columns: list[str], row: dict[str, str]) -> str:
     return "\n".join(f"{c}: {row.get(c, '')}" for c in columns if row.get(c, ""))
+
+
+def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
+    """Files to ingest (directories recursively, supported types only) and paths that do not exist."""
+    files: list[Path] = []
+    missing: list[dict] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*")
+                            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append({"source": str(path), "error": f"{path}: no such file or directory"})
+    return list(dict.fromkeys(files)), missing
 
 
 def read_document(path: Path, max_bytes: int) -> Document:

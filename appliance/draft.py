@@ -17,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.documents import CODE_RE, read_document
+from appliance import rag
+from appliance.documents import CODE_RE, clean_text, read_document
 from appliance.errors import IngestError
 from appliance.prompt import CITATION_RE
+from appliance.protocols import Embedder, Generator
+from appliance.store import Store
 
 _REQ_RE = re.compile(r"\b(shall|must|will (?:provide|deliver|submit|ensure|perform|maintain|support)|is required to)\b",
                      re.IGNORECASE)
@@ -142,6 +145,57 @@ def flag_unknown_codes(text: str, known: set[str]) -> tuple[str, list[str]]:
     for code in unknown:
         text = re.sub(rf"\b{re.escape(code)}\b", f"{code} [UNVERIFIED CODE: not in the reference table]", text)
     return text, unknown
+
+
+def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, model_info: dict,
+          collections: list[str] | None, max_bytes: int, n_ctx: int, max_tokens: int, temperature: float,
+          progress: Callable[[str, int, int], None] | None = None) -> Draft:
+    start = time.perf_counter()
+    title, requirements, text = parse_rfp(rfp, max_bytes)
+    rows = store.ref_rows()
+    by_chunk = {r["chunk_id"]: r for r in rows}
+
+    def best_row(phrase: str) -> dict | None:  # retrieval, for roles the table does not name verbatim
+        hits = rag.search(store, embedder, phrase, k=10)
+        return next((by_chunk[h.chunk_id] for h in hits if h.chunk_id in by_chunk), None)
+
+    staffing = staff(text, rows, best_row)
+    known = {r["code"] for r in rows if r["code"]}
+    rfp_source = str(rfp.resolve())
+    sources: dict[int, dict] = {}  # chunk id -> the draft's numbered source
+    responses, unknown, gaps = {}, [], []
+    for i, req in enumerate(requirements):
+        if progress:
+            progress(req.id, i, len(requirements))
+        hits = [h for coll in (collections or [None])
+                for h in rag.search(store, embedder, req.text, k=4, collection=coll) if h.source != rfp_source]
+        hits = sorted(hits, key=lambda h: -h.score)[:4]
+        result = rag.answer(generator, f"Write our proposal's response to requirement {req.id}: {req.text}",
+                            hits, model_info, n_ctx=n_ctx, max_tokens=max_tokens, temperature=temperature)
+
+        def renumber(match, used=result.sources):
+            n = int(match.group(1))
+            if not 1 <= n <= len(used):
+                return ""  # a source that was never given: the citation is dropped
+            hit = used[n - 1]
+            if hit.chunk_id not in sources:
+                sources[hit.chunk_id] = {"n": len(sources) + 1, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id,
+                                         "source": hit.source, "position": hit.position, "doc_sha256": hit.doc_sha256}
+            return f"[{sources[hit.chunk_id]['n']}]"
+
+        # model output is text: no control characters (they would break the DOCX too)
+        response, flagged = flag_unknown_codes(clean_text(CITATION_RE.sub(renumber, result.answer)).strip(), known)
+        unknown += [c for c in flagged if c not in unknown]
+        responses[req.id] = response
+        if not response:
+            gaps.append(req.id)
+    if progress:
+        progress("", len(requirements), len(requirements))
+    result = Draft(rfp=rfp_source, title=title, requirements=requirements, responses=responses, staffing=staffing,
+                   sources=list(sources.values()), unknown_codes=unknown, gaps=gaps,
+                   timing={"seconds": round(time.perf_counter() - start, 1)})
+    result.markdown = assemble(result)
+    return result
 
 
 def assemble(d: Draft) -> str:

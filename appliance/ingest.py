@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.documents import CODE_RE, SUPPORTED_SUFFIXES, Document, chunk_document, read_document
+from appliance.documents import CODE_RE, Document, chunk_document, expand_paths, read_document
 from appliance.errors import IngestError
 from appliance.manifest import sha256_file
 from appliance.protocols import Embedder
@@ -28,22 +28,6 @@ class IngestReport:
 
     def to_json(self) -> dict:
         return {"added": self.added, "unchanged": self.unchanged, "failed": self.failed}
-
-
-def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
-    """Files to ingest (directories recursively, supported types only) and paths that do not exist."""
-    files: list[Path] = []
-    missing: list[dict] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.is_file():
-            files.append(path)
-        else:
-            missing.append({"source": str(path), "error": f"{path}: no such file or directory"})
-    return list(dict.fromkeys(files)), missing
 
 
 def _table_row(columns: list[str], row: dict[str, str]) -> dict:
@@ -85,16 +69,13 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
     store.ensure_embedder(embedder.name, embedder.dim, embedder.embed)
     files, missing = expand_paths(paths)
     report = IngestReport(failed=missing)
-    coll_id = None  # the collection is created by the first document added to it, not by a failed batch
     for i, path in enumerate(files):
         if progress:
             progress(str(path), i, len(files))
         source = str(path.resolve())
         try:
             digest = sha256_file(path)
-            if coll_id is None and collection in {c["name"] for c in store.collection_stats()}:
-                coll_id = store.collection_id(collection)
-            if coll_id is not None and store.find_document(coll_id, digest) is not None:
+            if store.find_document(collection, digest) is not None:
                 report.unchanged.append(source)
                 continue
             doc = read_document(path, max_bytes)

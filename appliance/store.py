@@ -161,9 +161,8 @@ class Store:
 
         self.cache_vectors = cache_vectors
         self._cache: _VectorCache | None = None
-        self._cache_version: int | None = None
         self._term_counts: dict[str, int] = {}
-        self._terms_version: int | None = None
+        self._seen_version: int | None = None
 
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -193,14 +192,20 @@ class Store:
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
-        self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)")
-        done = {row[0] for row in self.conn.execute("SELECT name FROM _migrations")}
-        for name, sql in MIGRATIONS:
-            if name in done:
-                continue
-            with self.conn:
-                self.conn.execute(sql)
-                self.conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, _now()))
+        """Apply pending migrations under the write lock: two processes opening a new database at
+        once (the service and a CLI command) must not both apply the same one."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)")
+            done = {row[0] for row in self.conn.execute("SELECT name FROM _migrations")}
+            for name, sql in MIGRATIONS:
+                if name not in done:
+                    self.conn.execute(sql)
+                    self.conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, _now()))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
 
     def migrations(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT name FROM _migrations ORDER BY name")]
@@ -261,9 +266,10 @@ class Store:
         self.conn.execute("INSERT INTO collections(name, created) VALUES (?, ?)", (name, _now()))
         return self.conn.last_insert_rowid()
 
-    def find_document(self, collection_id: int, sha256: str) -> int | None:
-        row = self.conn.execute("SELECT id FROM documents WHERE collection_id = ? AND sha256 = ?",
-                                (collection_id, sha256)).fetchone()
+    def find_document(self, collection: str, sha256: str) -> int | None:
+        """The id of a document with this content in this collection, if there is one."""
+        row = self.conn.execute("SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id "
+                                "WHERE c.name = ? AND d.sha256 = ?", (collection, sha256)).fetchone()
         return row[0] if row else None
 
     def add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
@@ -314,9 +320,16 @@ class Store:
         return doc_id, replaced
 
     def _forget(self) -> None:
-        """Our own commit: drop what was derived from the old contents (other writers bump data_version)."""
+        """Drop what was derived from the old contents (our own commits call this directly)."""
         self._cache = None
         self._term_counts = {}
+
+    def _follow_other_writers(self) -> None:
+        """Another connection's commit bumps PRAGMA data_version: then forget what we derived."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._seen_version:
+            self._forget()
+            self._seen_version = version
 
     def _delete_document(self, doc_id: int) -> None:
         ids = [r[0] for r in self.conn.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))]
@@ -328,7 +341,7 @@ class Store:
         self.conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
 
     def remove_document(self, doc_id: int) -> DocumentRow:
-        docs = [d for d in self.list_documents() if d.id == doc_id]
+        docs = self.list_documents(doc_id=doc_id)
         if not docs:
             raise NotFoundError(f"no document with id {doc_id}", "see `appliance docs list` for ids")
         with self.conn:
@@ -336,15 +349,15 @@ class Store:
         self._forget()
         return docs[0]
 
-    def list_documents(self, collection: str | None = None) -> list[DocumentRow]:
+    def list_documents(self, collection: str | None = None, doc_id: int | None = None) -> list[DocumentRow]:
         sql = ("SELECT d.id, c.name, d.source, d.title, d.kind, d.sha256, d.size, d.ingested, "
                "(SELECT count(*) FROM chunks WHERE document_id = d.id) "
                "FROM documents d JOIN collections c ON c.id = d.collection_id")
-        args: tuple = ()
-        if collection is not None:
-            sql += " WHERE c.name = ?"
-            args = (collection,)
-        return [DocumentRow(*row) for row in self.conn.execute(sql + " ORDER BY d.id", args)]
+        where = [(clause, value) for clause, value in (("c.name = ?", collection), ("d.id = ?", doc_id))
+                 if value is not None]
+        if where:
+            sql += " WHERE " + " AND ".join(clause for clause, _ in where)
+        return [DocumentRow(*row) for row in self.conn.execute(sql + " ORDER BY d.id", [v for _, v in where])]
 
     def collection_stats(self) -> list[dict]:
         rows = self.conn.execute(
@@ -375,17 +388,12 @@ class Store:
         FTS5 counts by walking the term's postings (about 1 ms for a common word in 100k chunks),
         so counts are remembered until the database changes.
         """
-        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._terms_version:
-            self._term_counts, self._terms_version = {}, version
+        self._follow_other_writers()
         for term in dict.fromkeys(terms):
             if term not in self._term_counts:
                 row = self.conn.execute("SELECT doc FROM chunk_fts_terms WHERE term = ?", (term,)).fetchone()
                 self._term_counts[term] = row[0] if row else 0
         return {t: self._term_counts[t] for t in terms}
-
-    def chunk_count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
 
     def vector_search(self, vector: np.ndarray, k: int, collection_id: int | None = None) -> list[tuple[int, float]]:
         """vec0 KNN as (chunk id, cosine distance), nearest first."""
@@ -393,9 +401,9 @@ class Store:
         if dim is None:
             return []
         if self.cache_vectors:
-            version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-            if self._cache is None or version != self._cache_version:
-                self._cache, self._cache_version = _VectorCache(self.conn, dim), version
+            self._follow_other_writers()
+            if self._cache is None:
+                self._cache = _VectorCache(self.conn, dim)
             return self._cache.search(vector, k, collection_id)
         blob = vector.astype(np.float32).tobytes()
         if collection_id is None:

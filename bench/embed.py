@@ -18,8 +18,7 @@ CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "cor
 
 def texts(n: int = 512, min_chars: int = 0) -> list[str]:
     """The demo corpus's chunks (repeated to n); min_chars keeps only the longer prose ones."""
-    from appliance.documents import chunk_document, read_document
-    from appliance.ingest import expand_paths
+    from appliance.documents import chunk_document, expand_paths, read_document
 
     files, _ = expand_paths([CORPUS])
     chunks = [c.text for f in files for c in chunk_document(read_document(f, 10**8), 1200)

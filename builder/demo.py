@@ -11,6 +11,7 @@ categories they ask about are left out of the generated examples.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -19,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.documents import chunk_document, read_document, table_row_text
-from appliance.ingest import expand_paths
+from appliance.documents import chunk_document, expand_paths, read_document, table_row_text
 from appliance.manifest import sha256_file, write_manifest
 from appliance.prompt import build_messages, format_source
 from builder.errors import BuilderError
@@ -40,11 +40,16 @@ def held_out(eval_file: Path) -> list[dict]:
     return [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
 
 
-def render_chat(messages: list[dict]) -> str:
+@functools.cache
+def _template():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    template = ImmutableSandboxedEnvironment(keep_trailing_newline=True).from_string(TEMPLATE.read_text())
-    return template.render(messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=False)
+    return ImmutableSandboxedEnvironment(keep_trailing_newline=True).from_string(TEMPLATE.read_text())
+
+
+def render_chat(messages: list[dict]) -> str:
+    """A chat in the shipped template, as the appliance will render it (BOS and EOS as text pieces)."""
+    return _template().render(messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=False)
 
 
 def _example(rng: random.Random, question: str, answer_fmt: str, right: tuple[str, str],

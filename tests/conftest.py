@@ -92,6 +92,18 @@ def app(demo_home):
 
 
 @pytest.fixture
+def scanned_pdf(tmp_path) -> Path:
+    """A valid one-page PDF with no text layer, as a scanner writes it."""
+    from pypdf import PdfWriter
+
+    path = tmp_path / "scanned.pdf"
+    writer = PdfWriter()
+    writer.add_blank_page(width=612, height=792)
+    writer.write(str(path))
+    return path
+
+
+@pytest.fixture
 def corpus_copy(tmp_path) -> Path:
     dst = tmp_path / "corpus"
     shutil.copytree(CORPUS, dst)

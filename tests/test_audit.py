@@ -95,7 +95,9 @@ def test_two_processes_appending_at_once_keep_one_chain(home):
     script = ("import sys\nfrom appliance.app import Appliance\nfrom appliance.config import load_settings\n"
               "with Appliance(load_settings(home=sys.argv[1])) as app:\n"
               "    for i in range(40):\n        app.audit('load', {'writer': sys.argv[2], 'i': i})\n")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(home), w]) for w in ("a", "b")]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(home), w], stderr=subprocess.PIPE, text=True)
+             for w in ("a", "b")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
     result = _run(home, "audit", "verify")
     assert result.exit_code == 0 and "intact: 80 rows" in result.output

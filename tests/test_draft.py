@@ -88,6 +88,10 @@ def test_cli_writes_markdown_docx_and_json_summary(demo_home, tmp_path):
     matrix = document.tables[0]
     assert [c.text for c in matrix.rows[0].cells] == ["Requirement", "Text", "Response section", "Status"]
     assert len(matrix.rows) == 7
+    audited = json.loads(CliRunner().invoke(cli, ["--home", str(demo_home), "audit", "list", "--json",
+                                                  "--action", "draft", "--limit", "1"]).stdout)["rows"]
+    assert audited[0]["detail"]["rfp"].endswith("RFP-2026-EPA-data-platform.pdf")
+    assert audited[0]["detail"]["requirements"] == 6 and len(audited[0]["detail"]["rfp_sha256"]) == 64
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -95,14 +99,9 @@ def test_cli_writes_markdown_docx_and_json_summary(demo_home, tmp_path):
     (b"Thank you for your interest. We look forward to meeting you.", "no requirement statements"),
     (None, "no extractable text"),
 ])
-def test_unusable_rfp_gets_a_clear_message(demo_home, tmp_path, content, expected):
+def test_unusable_rfp_gets_a_clear_message(demo_home, tmp_path, scanned_pdf, content, expected):
     if content is None:
-        from pypdf import PdfWriter
-
-        path = tmp_path / "scan.pdf"
-        writer = PdfWriter()
-        writer.add_blank_page(width=612, height=792)
-        writer.write(str(path))
+        path = scanned_pdf
     else:
         path = tmp_path / "rfp.txt"
         path.write_bytes(content)

@@ -98,3 +98,16 @@ def test_interrupted_install_leftovers_are_cleared(tmp_path, tiny_generation):
     installed = install_unsigned(tiny_generation, home)
     assert installed.number == 2
     assert _staging_left(home) == []
+
+
+def test_a_long_lived_appliance_moves_to_the_new_generation(tmp_path, tiny_generation):
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+
+    home = tmp_path / "home"
+    install_unsigned(tiny_generation, home)
+    with Appliance(load_settings(home=home), long_lived=True) as app:
+        assert app.ask("hello", use_rag=False, max_tokens=2).model["generation"] == 1  # model loaded
+        app.install_generation(tiny_generation)
+        assert app.ask("hello", use_rag=False, max_tokens=2).model["generation"] == 2
+        assert app.engine.llm is not None

@@ -1,6 +1,7 @@
 """Ingest: every supported format, bad files reported and skipped, nothing lost, unchanged files skipped."""
 
 import json
+import shutil
 
 from click.testing import CliRunner
 
@@ -10,7 +11,7 @@ from appliance.config import load_settings
 from appliance.errors import ExitCode
 
 
-def _bad_files(tmp_path):
+def _bad_files(tmp_path, scanned_pdf):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.pdf").write_bytes(b"%PDF-1.4\n this is not really a pdf \x00\x01\x02")
@@ -20,26 +21,13 @@ def _bad_files(tmp_path):
         line = "The contractor shall provide monthly status reports. " * 20 + "\n"
         while fh.tell() < 50_000_000:
             fh.write(line)
-    (bad / "scanned.pdf").write_bytes(_blank_pdf())
+    shutil.copyfile(scanned_pdf, bad / "scanned.pdf")
     (bad / "good.md").write_text("# Fine\n\nA perfectly readable note about 15-9999.00 staffing.\n")
     return bad
 
 
-def _blank_pdf() -> bytes:
-    """A valid one-page PDF with no text layer, like a scan."""
-    import io
-
-    from pypdf import PdfWriter
-
-    writer = PdfWriter()
-    writer.add_blank_page(width=612, height=792)
-    buf = io.BytesIO()
-    writer.write(buf)
-    return buf.getvalue()
-
-
-def test_bad_files_are_reported_and_the_rest_ingested(home, tmp_path):
-    bad = _bad_files(tmp_path)
+def test_bad_files_are_reported_and_the_rest_ingested(home, tmp_path, scanned_pdf):
+    bad = _bad_files(tmp_path, scanned_pdf)
     result = CliRunner().invoke(cli, ["--home", str(home), "ingest", str(bad), "--json"])
     assert result.exit_code == ExitCode.INGEST
     report = json.loads(result.stdout)

@@ -45,3 +45,20 @@ def test_appliance_imports_no_training_stack_and_works_offline(demo_home):
     assert out["sources"] >= 1
     assert out["tokens"] >= 1
     assert "15-1242.00" in out["first_hit"]
+
+
+def test_builder_uses_only_the_appliances_contract_modules():
+    """DESIGN section 2: builder -> appliance only through the contract (plus `embed` to check its export)."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"appliance.manifest", "appliance.prompt", "appliance.documents", "appliance.errors",
+               "appliance.embed"}
+    used = set()
+    for path in (Path(__file__).resolve().parent.parent / "builder").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("appliance"):
+                used.add(node.module)
+            elif isinstance(node, ast.Import):
+                used |= {a.name for a in node.names if a.name.startswith("appliance")}
+    assert used and used <= allowed, used - allowed

@@ -92,13 +92,43 @@ def test_full_disk_during_ingest_keeps_nothing_half_written(tmp_path):
     from appliance.errors import StoreError
 
     store, _ = _filled(tmp_path / "v.db", n=50)
-    before = store.chunk_count()
+    count = "SELECT count(*) FROM chunks"
+    before = store.conn.execute(count).fetchone()[0]
     pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
     store.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is now full
     big = [NewChunk(i, "", "filler text " * 400) for i in range(200)]
     vectors = np.ones((200, 16), dtype=np.float32) / 4
     with pytest.raises(StoreError, match="could not be written.*nothing of /big was kept"):
         store.add_document("even", "/big", "big", "txt", "f" * 64, 1, big, vectors)
-    assert store.chunk_count() == before
+    assert store.conn.execute(count).fetchone()[0] == before
     assert [d.source for d in store.list_documents()] == ["/d0"]
     store.close()
+
+
+def test_two_connections_opening_a_new_database_at_once_migrate_it_once(tmp_path, monkeypatch):
+    """The second opener arrives while the first is still migrating: it must wait, not re-apply."""
+    import threading
+    import time
+
+    import appliance.store as store_module
+
+    slow = ("999_slow", "CREATE TABLE slow(x); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+                        "WHERE x < 2000000) INSERT INTO slow SELECT x FROM c;")
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, slow])
+    db, errors = tmp_path / "new.db", []
+
+    def open_store():
+        try:
+            Store(db).close()
+        except Exception as exc:  # reported below with the thread's error
+            errors.append(exc)
+
+    first = threading.Thread(target=open_store)
+    first.start()
+    time.sleep(0.1)  # the first connection is inside the slow migration now
+    open_store()
+    first.join()
+    assert errors == []
+    with Store(db) as store:
+        assert store.migrations()[-1] == "999_slow"
+        assert store.conn.execute("SELECT count(*) FROM slow").fetchone()[0] == 2_000_000
