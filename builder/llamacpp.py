@@ -8,6 +8,7 @@ BUILDER_LLAMA_CPP), run with that tree's own `gguf-py` first on PYTHONPATH.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +19,16 @@ from builder.errors import BuilderError
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
 # llama.cpp file types (enum llama_ftype) by the names llama-quantize uses.
-FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q5_0": 8, "Q2_K": 10, "Q3_K_M": 12,
-          "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
+FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+          "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+          "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25,
+          "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32}
+# Types llama.cpp refuses to make without an importance matrix (llama-quantize's own list).
+NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S"}
+# Row length each type's blocks need; K and IQ types fall back to a 32-wide type on other rows.
+BLOCK = {name: (32 if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL") else
+                1 if name in ("F32", "F16", "BF16") else 256) for name in FTYPES}
+TOOLS = ("llama-imatrix", "llama-quantize")
 
 
 def source_dir() -> Path:
@@ -54,6 +63,67 @@ def convert_hf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
     return out
 
 
+def tools_dir() -> Path:
+    """llama.cpp's command-line tools built from the pinned source (once; cached beside it).
+
+    Same portable CPU flags as the wheel the appliance runs, plus CUDA when nvcc is present.
+    """
+    src = source_dir()
+    build = src.parent.parent.parent / "llama-tools"
+    binaries = build / "bin"
+    if all((binaries / t).is_file() for t in TOOLS):
+        return binaries
+    flags = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+    print(f"building {', '.join(TOOLS)} from {src} (once, a few minutes) ...", file=sys.stderr)
+    log = build.with_suffix(".log")
+    build.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        for cmd in (["cmake", "-S", str(src), "-B", str(build / "cmake"), *flags],
+                    ["cmake", "--build", str(build / "cmake"), "--parallel", str(os.cpu_count() or 2),
+                     "--target", *TOOLS]):
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            if proc.returncode != 0:
+                raise BuilderError(f"building llama.cpp tools failed; see {log}",
+                                   "install cmake and a C++ compiler (build-essential)")
+    binaries.mkdir(exist_ok=True)
+    for tool in TOOLS:
+        found = next((build / "cmake").rglob(tool), None)
+        if found is None:
+            raise BuilderError(f"{tool} was not built; see {log}", "check the log for the compiler error")
+        shutil.copy2(found, binaries / tool)
+    return binaries
+
+
+def imatrix(model: Path, text_file: Path, out: Path, *, chunks: int, ctx: int, threads: int = 0) -> Path:
+    """An importance matrix of `model` over the customer's own text, with llama-imatrix."""
+    tool = tools_dir() / "llama-imatrix"
+    cmd = [str(tool), "-m", str(model), "-f", str(text_file), "-o", str(out), "--chunks", str(chunks),
+           "-c", str(ctx), "-t", str(threads or os.cpu_count() or 1), "--no-ppl"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
+        raise BuilderError(f"llama-imatrix failed:\n{tail}",
+                           "the text must be at least one context long (ctx tokens); give more or lower ctx")
+    print(f"imatrix over {text_file.name}: {out.name} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return out
+
+
+def quantize_with_imatrix(src: Path, dst: Path, qtype: str, matrix: Path, threads: int = 0) -> Path:
+    """Quantize with llama-quantize (the Python binding cannot pass an importance matrix)."""
+    tool = tools_dir() / "llama-quantize"
+    cmd = [str(tool), "--imatrix", str(matrix), str(src), str(dst), qtype.upper(), str(threads or os.cpu_count() or 1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not dst.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
+        raise BuilderError(f"quantizing {src.name} to {qtype} failed:\n{tail}", "see the llama.cpp message above")
+    print(f"quantized {src.name} -> {dst.name} {qtype} with imatrix ({dst.stat().st_size / 1e6:.1f} MB)",
+          file=sys.stderr)
+    return dst
+
+
 def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> Path:
     """Quantize a GGUF with the llama.cpp library the appliance itself runs."""
     import logging
@@ -75,3 +145,54 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> Path:
     print(f"quantized {src.name} -> {dst.name} {qtype} ({dst.stat().st_size / 1e6:.1f} MB, "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return dst
+
+
+def perplexity(model: Path, text: str, *, ctx: int = 512, max_tokens: int = 16384, threads: int = 0) -> dict:
+    """Perplexity of `text` under a GGUF, scored as llama-perplexity does: the text is cut into
+    contexts of `ctx` tokens and only the second half of each is scored (every scored token sees at
+    least ctx/2 tokens before it)."""
+    import logging
+
+    import llama_cpp
+    import numpy as np
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    llm = llama_cpp.Llama(str(model), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False,
+                          n_threads=threads or (os.cpu_count() or 1))
+    try:
+        tokens = llm.tokenize(text.encode(), add_bos=False, special=False)[:max_tokens]
+        n_chunks = len(tokens) // ctx
+        if n_chunks < 1:
+            raise BuilderError(f"held-out text has {len(tokens)} tokens, fewer than one context ({ctx})",
+                               "give more held-out text or a smaller ppl_ctx")
+        nll, count = 0.0, 0
+        first = ctx // 2
+        for c in range(n_chunks):
+            chunk = [llm.token_bos()] + tokens[c * ctx: (c + 1) * ctx - 1]
+            llm.reset()
+            llm.eval(chunk)
+            logits = np.array(llm.scores[: len(chunk)], dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            for pos in range(first, len(chunk) - 1):
+                nll -= logp[pos, chunk[pos + 1]]
+                count += 1
+    finally:
+        llm.close()
+    return {"perplexity": round(float(np.exp(nll / count)), 4), "tokens_scored": count, "contexts": n_chunks}
+
+
+def model_metadata(path: Path) -> dict:
+    """Architecture, trained context length and parameter count from a GGUF's header."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key):
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    arch = value("general.architecture") or "llama"
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    return {"architecture": arch, "context_length": int(value(f"{arch}.context_length") or 2048),
+            "parameters": params}

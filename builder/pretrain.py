@@ -1,136 +1,176 @@
-"""Pre-training stage: a Llama-architecture model trained on domain text with transformers' Trainer.
+"""`builder pretrain CONFIG`: continual pre-training on a customer's raw text.
 
-For the demo the model starts from random weights of a named shape (continual pre-training of a real
-base model is the same loop from a loaded checkpoint; issue 3 adds that path, LoRA and replay).
-Reads top to bottom: tokenize and pack -> build the model -> train -> save the HF checkpoint with
-its tokenizer and `train.json` (the resolved config, losses, throughput).
+setup: read documents (txt/md/pdf/docx/csv/xlsx through the appliance's own reader) and optional
+JSONL texts -> tokenize as llama.cpp will -> pack into fixed-length blocks -> mix in general "replay"
+text at `replay_ratio` (limits forgetting) -> hold out `eval_fraction` of the domain blocks.
+work: Trainer on the full model or LoRA adapters (optionally with embeddings and output head trained).
+save: a full checkpoint (adapters merged) with its tokenizer, and lineage.json.
+
+The base is a local Hugging Face checkpoint (`base`), or for the demo a named shape trained from
+scratch (`init_shape`, with a SentencePiece tokenizer trained on the same text).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import sys
-import time
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from builder.errors import BuilderError
+from builder.training import LoraSettings
 
 
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shape: str = Field("demo", description="Model shape from builder.synth.SHAPES")
-    steps: int = Field(280, ge=1, description="Optimizer steps at most")
-    max_minutes: float = Field(7.0, gt=0, description="Stop training after this much wall time")
-    seq_len: int = Field(512, ge=32, le=8192, description="Packed sequence length")
-    batch_size: int = Field(8, ge=1, description="Sequences per step")
-    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate (cosine decay)")
-    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of sequences held out for eval loss")
-    seed: int = Field(0, description="Random seed for weights and data order")
+    out: Path = Field(description="Directory to write the trained checkpoint to")
+    base: Path | None = Field(None, description="Local Hugging Face checkpoint to continue from")
+    init_shape: str | None = Field(None, description="Instead of base: a shape from builder.synth.SHAPES, "
+                                   "random weights (the demo)")
+    tokenizer_vocab_size: int = Field(4096, ge=256, description="With init_shape: SentencePiece vocabulary size")
+    corpus: list[Path] = Field(description="Documents or directories of domain text")
+    texts: list[Path] = Field([], description="JSONL files of {\"text\": ...} records added to the domain text")
+    replay: list[Path] = Field([], description="Documents or JSONL of general text, mixed in to limit forgetting")
+    replay_ratio: float = Field(0.0, ge=0, lt=1, description="Share of training blocks drawn from replay text")
+    method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA adapters")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="With method: lora")
+    seq_len: int = Field(512, ge=32, le=32768, description="Packed block length in tokens")
+    batch_size: int = Field(8, ge=1, description="Blocks per device step")
+    grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
+    steps: int = Field(200, ge=1, description="Optimizer updates at most")
+    max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay)")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
+    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of domain blocks held out for eval loss")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences")
+    seed: int = Field(0, description="Seed for initial weights, data order and the split")
+
+    @model_validator(mode="after")
+    def _one_base(self):
+        if (self.base is None) == (self.init_shape is None):
+            raise ValueError("give exactly one of base (a checkpoint) or init_shape (random weights)")
+        if self.replay_ratio > 0 and not self.replay:
+            raise ValueError("replay_ratio > 0 needs replay text")
+        return self
+
+    def inputs(self) -> list[Path]:
+        return [p for p in [self.base, *self.corpus, *self.texts, *self.replay] if p is not None]
 
 
-def pack(token_lists: list[list[int]], seq_len: int) -> list[list[int]]:
-    """Concatenate documents and cut the stream into equal blocks (the last partial block is dropped)."""
-    stream = [t for ids in token_lists for t in ids]
+def read_texts(paths: list[Path]) -> list[str]:
+    """Text of every document under `paths`, and the `text` field of JSONL records."""
+    from appliance.documents import expand_paths, read_document
+
+    texts: list[str] = []
+    jsonl = [p for p in paths if p.suffix == ".jsonl"]
+    files, missing = expand_paths([p for p in paths if p.suffix != ".jsonl"])
+    if missing:
+        raise BuilderError(f"{missing[0]['path']}: no such file or directory", "check the paths in the config")
+    for path in jsonl:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise BuilderError(f"{path}:{n}: expected a JSON object with a \"text\" field",
+                                       "one record per line") from exc
+    texts += [read_document(p, max_bytes=200_000_000).text for p in files]
+    return [t for t in texts if t.strip()]
+
+
+def pack(token_lists: list[list[int]], seq_len: int, eos_id: int | None = None) -> list[list[int]]:
+    """Documents joined (EOS between them) and cut into equal blocks; the last partial block is dropped."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream += ids + ([eos_id] if eos_id is not None else [])
     return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
 
-def run(config: PretrainConfig, texts: list[str], tokenizer_dir: Path, out: Path) -> dict:
-    import random
+class Blocks:
+    """A torch Dataset of token blocks; labels are the inputs (the model shifts them)."""
 
-    import sentencepiece as spm
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
 
-    from builder.synth import encode, new_model
+    def __len__(self):
+        return len(self.rows)
 
-    # -- data: tokenized exactly as llama.cpp will tokenize at inference time
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
-    blocks = pack([encode(sp, t) for t in texts], config.seq_len)
-    if len(blocks) < 2:
-        raise ValueError(f"only {len(blocks)} sequences of {config.seq_len} tokens; give more text or a "
-                         "shorter seq_len")
-    random.Random(config.seed).shuffle(blocks)
-    n_eval = max(1, int(len(blocks) * config.eval_fraction)) if config.eval_fraction else 0
-    eval_blocks, train_blocks = blocks[:n_eval], blocks[n_eval:]
+    def __getitem__(self, i):
+        import torch
 
-    class Blocks(torch.utils.data.Dataset):
-        def __init__(self, rows):
-            self.rows = rows
+        ids = torch.tensor(self.rows[i], dtype=torch.long)
+        return {"input_ids": ids, "labels": ids.clone()}
 
-        def __len__(self):
-            return len(self.rows)
 
-        def __getitem__(self, i):
-            ids = torch.tensor(self.rows[i], dtype=torch.long)
-            return {"input_ids": ids, "labels": ids.clone()}
+def run(config: PretrainConfig) -> Path:
+    from transformers import Trainer
 
-    # -- model
-    model = new_model(config.shape, vocab_size=sp.get_piece_size(), seed=config.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"pre-training {config.shape} ({n_params:,} parameters) on {len(train_blocks)} x {config.seq_len} "
-          f"tokens, at most {config.steps} steps or {config.max_minutes:g} min", file=sys.stderr)
+    from builder import lineage, training
+    from builder.synth import new_model, train_tokenizer
 
-    class TimeBudget(TrainerCallback):
-        def __init__(self, seconds: float):
-            self.deadline = time.monotonic() + seconds
-            self.stopped_at: int | None = None
+    with lineage.staged_output("pretrain", config, config.inputs()) as (out, record):
+        # -- data
+        domain = read_texts(config.corpus + config.texts)
+        if not domain:
+            raise BuilderError("no domain text found in corpus/texts", "point corpus at documents")
+        if config.init_shape:
+            train_tokenizer(domain, out, config.tokenizer_vocab_size)
+            tok = training.Tokenizer(out)
+        else:
+            tok = training.Tokenizer(training.check_checkpoint(config.base))
+        blocks = pack([tok.encode(t) for t in domain], config.seq_len, tok.eos_id)
+        if len(blocks) < 2:
+            raise BuilderError(f"only {len(blocks)} blocks of {config.seq_len} tokens of domain text",
+                               "give more text or a shorter seq_len")
+        rng = random.Random(config.seed)
+        rng.shuffle(blocks)
+        n_eval = max(1, int(len(blocks) * config.eval_fraction)) if config.eval_fraction else 0
+        eval_blocks, train_blocks = blocks[:n_eval], blocks[n_eval:]
+        n_replay = 0
+        if config.replay_ratio:
+            general = pack([tok.encode(t) for t in read_texts(config.replay)], config.seq_len, tok.eos_id)
+            if not general:
+                raise BuilderError("replay text is shorter than one block", "give more replay text")
+            n_replay = round(len(train_blocks) * config.replay_ratio / (1 - config.replay_ratio))
+            train_blocks += [general[i % len(general)] for i in range(n_replay)]
+            rng.shuffle(train_blocks)
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() > self.deadline:
-                control.should_training_stop = True
-                self.stopped_at = state.global_step
-            return control
+        # -- model
+        if config.init_shape:
+            model = new_model(config.init_shape, vocab_size=len(tok), seed=config.seed)
+        else:
+            model = training.load_model(config.base)
+        if config.method == "lora":
+            from peft import get_peft_model
 
-    class StderrLog(TrainerCallback):
-        """Progress as lines on stderr (stdout carries the command's result only)."""
+            model = get_peft_model(model, config.lora.peft_config())
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"pretrain: {n_params:,} parameters ({n_train:,} trained, {config.method}) on {len(train_blocks)} x "
+              f"{config.seq_len} tokens ({n_replay} replay), at most {config.steps} steps"
+              + (f" or {config.max_minutes:g} min" if config.max_minutes else ""), file=sys.stderr)
 
-        def __init__(self):
-            self.start = time.monotonic()
+        # -- train
+        args = training.training_arguments(out, steps=config.steps, batch_size=config.batch_size,
+                                           grad_accum=config.grad_accum, learning_rate=config.learning_rate,
+                                           warmup_steps=config.warmup_steps, seed=config.seed,
+                                           gradient_checkpointing=config.gradient_checkpointing)
+        trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks))
+        stats = training.run_trainer(trainer, training.callbacks(config.max_minutes, "pretrain"))
+        eval_loss = trainer.evaluate(Blocks(eval_blocks))["eval_loss"] if eval_blocks else None
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                elapsed = time.monotonic() - self.start
-                eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
-                print(f"  step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.3f}  "
-                      f"lr {float(logs.get('learning_rate', 0)):.2e}  {elapsed:.0f} s elapsed, ~{eta:.0f} s left",
-                      file=sys.stderr, flush=True)
-
-    budget = TimeBudget(config.max_minutes * 60)
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, lr_scheduler_type="cosine",
-        weight_decay=0.01, logging_steps=max(1, min(20, config.steps // 10)), save_strategy="no",
-        report_to=[], seed=config.seed, use_cpu=not torch.cuda.is_available(), bf16=bf16,
-        dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0)
-    trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks), callbacks=[budget, StderrLog()])
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - start
-    eval_loss = trainer.evaluate(Blocks(eval_blocks))["eval_loss"] if eval_blocks else None
-    steps_done = trainer.state.global_step
-
-    # -- save
-    model.config.torch_dtype = "float32"
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        (out / name).write_bytes((tokenizer_dir / name).read_bytes())
-    stats = {
-        "config": config.model_dump(), "parameters": n_params, "train_sequences": len(train_blocks),
-        "eval_sequences": len(eval_blocks), "steps": steps_done, "seconds": round(seconds, 1),
-        "stopped_by_time_budget": budget.stopped_at is not None,
-        "tokens_per_s": round(steps_done * config.batch_size * config.seq_len / seconds, 1),
-        "train_loss": round(result.training_loss, 4),
-        "eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
-        "eval_perplexity": round(math.exp(eval_loss), 2) if eval_loss is not None else None,
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "bf16": bf16,
-    }
-    (out / "train.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"trained {steps_done} steps in {seconds:.0f} s ({stats['tokens_per_s']:.0f} tokens/s); train loss "
-          f"{stats['train_loss']}, eval loss {stats['eval_loss']}", file=sys.stderr)
-    return stats
+        # -- save
+        training.save_model(trainer.model, tok, out)
+        tokens = stats["steps"] * config.batch_size * config.grad_accum * config.seq_len
+        record.update(stats, parameters=n_params, trained_parameters=n_train, train_blocks=len(train_blocks),
+                      replay_blocks=n_replay, eval_blocks=len(eval_blocks),
+                      tokens_per_s=round(tokens / max(stats["seconds"], 1e-9), 1),
+                      eval_loss=round(eval_loss, 4) if eval_loss is not None else None,
+                      eval_perplexity=round(math.exp(eval_loss), 2) if eval_loss is not None else None)
+        training.remove_trainer_dir(out)
+    return config.out

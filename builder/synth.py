@@ -77,13 +77,20 @@ def encode(sp, text: str) -> list[int]:
     dummy prefix does the same when each run of text between special pieces is encoded on its own.
     """
     ids: list[int] = []
+    previous = ""
     for part in _SPECIAL_SPLIT.split(text):
         if not part:
             continue
         if part in _SPECIAL_IDS:
             ids.append(sp.PieceToId(part))
+        elif previous == "<|assistant|>" and part.startswith("\n") and len(part) > 1:
+            # The appliance's prompt ends at "<|assistant|>\n" and the reply is generated after it, so
+            # a training reply is encoded the same way: the newline on its own, then the reply.
+            ids.extend(sp.encode("\n"))
+            ids.extend(sp.encode(part[1:]))
         else:
             ids.extend(sp.encode(part))
+        previous = part
     return ids
 
 

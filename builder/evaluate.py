@@ -1,0 +1,205 @@
+"""`builder eval CONFIG`: is this generation good enough to ship?
+
+Measures, for the F16 GGUF and every quant of an export: perplexity on held-out domain text (llama.cpp,
+the runtime the appliance uses), and task accuracy on a held-out question set with retrieval and
+without, through the appliance's own ingest, hybrid search and answer code in-process (so what is
+measured is what the operator will get). Writes `eval.json`; the release gate (largest perplexity
+increase of a quant over F16, least accuracy with retrieval, most without) fails the command with
+the numbers when it is not met, and `builder run` keeps failing until it is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from builder.errors import BuilderError
+
+
+class GateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_ppl_increase: float | None = Field(0.10, ge=0, description="Most a quant's perplexity may exceed "
+                                           "F16's, as a fraction (0.10 = 10%)")
+    min_accuracy_with_retrieval: float | None = Field(None, ge=0, le=1, description="Least share of "
+                                                      "questions answered exactly with retrieval")
+    max_accuracy_without_retrieval: float | None = Field(None, ge=0, le=1, description="Most share answered "
+                                                         "without retrieval (above it, the model memorised)")
+    kind: str | None = Field(None, description="Apply the accuracy limits to questions of this kind only")
+    quant: str | None = Field(None, description="Apply the accuracy limits to this quant only (default: all)")
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="Directory for eval.json")
+    export: Path = Field(description="An export directory (model-F16.gguf and model-<TYPE>.gguf files)")
+    heldout: list[Path] = Field([], description="Held-out domain documents for perplexity")
+    ppl_ctx: int = Field(512, ge=32, description="Context length for perplexity")
+    ppl_max_tokens: int = Field(16384, ge=64, description="Held-out tokens scored at most")
+    questions: Path | None = Field(None, description="JSONL of {id, question, must_contain: [...], kind?}")
+    corpus: list[Path] = Field([], description="Documents the retrieval index is built from")
+    embedder: Path | None = Field(None, description="Embedder directory (builder embedder export)")
+    chat_template: Path = Field(Path(__file__).parent / "templates" / "chat_template.jinja",
+                                description="The template the generation ships")
+    top_k: int = Field(5, ge=1, le=50, description="Sources per question (the appliance's default)")
+    n_ctx: int = Field(2048, ge=256, description="Context window for answers")
+    max_tokens: int = Field(96, ge=1, description="Answer length cap")
+    task_quants: list[str] | None = Field(None, description="Quants that answer the questions (default: all "
+                                          "but F16)")
+    gate: GateSettings = Field(default_factory=GateSettings, description="Release gate")
+
+    def inputs(self) -> list[Path]:
+        return [p for p in [self.export, *self.heldout, self.questions, *self.corpus, self.embedder,
+                            self.chat_template] if p is not None]
+
+
+def ggufs(export: Path) -> dict[str, Path]:
+    found = {p.stem.removeprefix("model-").upper(): p for p in sorted(export.glob("model-*.gguf"))}
+    if "F16" not in found:
+        raise BuilderError(f"{export}: no model-F16.gguf", "point export at a `builder export` output")
+    return found
+
+
+def correct(answer: str, must_contain: list[str]) -> bool:
+    text = answer.casefold()
+    return all(m.casefold() in text for m in must_contain)
+
+
+def ask_all(model: Path, template: str, questions: list[dict], store, embedder, config: EvalConfig) -> list[dict]:
+    """Each question with retrieval and without; the answers, whether exact, and what was retrieved."""
+    from appliance import rag
+    from appliance.engine import LlamaEngine
+    from builder.llamacpp import model_metadata
+
+    results = []
+    # Never beyond what the model was trained on, as the appliance does.
+    n_ctx = min(config.n_ctx, model_metadata(model)["context_length"])
+    with LlamaEngine(model, template, n_ctx=n_ctx) as engine:
+        info = {"name": model.name}
+        for q in questions:
+            hits = rag.search(store, embedder, q["question"], config.top_k)
+            with_rag = rag.answer(engine, q["question"], hits, info, n_ctx=n_ctx,
+                                  max_tokens=config.max_tokens, temperature=0.0)
+            without = rag.answer(engine, q["question"], [], info, n_ctx=n_ctx,
+                                 max_tokens=config.max_tokens, temperature=0.0, rag=False)
+            results.append({
+                "id": q.get("id"), "kind": q.get("kind"), "question": q["question"],
+                "must_contain": q["must_contain"],
+                "retrieved_answer_source": any(correct(h.text, q["must_contain"]) for h in hits),
+                "with_retrieval": {"answer": with_rag.answer, "exact": correct(with_rag.answer, q["must_contain"]),
+                                   "unverified_codes": with_rag.unverified_codes},
+                "without_retrieval": {"answer": without.answer,
+                                      "exact": correct(without.answer, q["must_contain"])},
+            })
+    return results
+
+
+def accuracy(rows: list[dict], kind: str | None = None) -> dict:
+    rows = [r for r in rows if kind is None or r["kind"] == kind]
+    if not rows:
+        return {"questions": 0}
+    return {"questions": len(rows),
+            "with_retrieval": round(sum(r["with_retrieval"]["exact"] for r in rows) / len(rows), 4),
+            "without_retrieval": round(sum(r["without_retrieval"]["exact"] for r in rows) / len(rows), 4),
+            "retrieval_found_answer": round(sum(r["retrieved_answer_source"] for r in rows) / len(rows), 4)}
+
+
+def gate_failures(report: dict, gate: GateSettings) -> list[str]:
+    failures = []
+    ppl = report.get("perplexity", {})
+    if gate.max_ppl_increase is not None and "F16" in ppl:
+        base = ppl["F16"]["perplexity"]
+        for quant, row in ppl.items():
+            increase = row["perplexity"] / base - 1
+            if quant != "F16" and increase > gate.max_ppl_increase:
+                failures.append(f"{quant} perplexity {row['perplexity']:.3f} is {increase:.1%} above F16's "
+                                f"{base:.3f} (limit {gate.max_ppl_increase:.0%})")
+    for quant, task in report.get("tasks", {}).items():
+        if gate.quant and quant != gate.quant.upper():
+            continue
+        acc = task["by_kind"].get(gate.kind, {}) if gate.kind else task["overall"]
+        if not acc.get("questions"):
+            if gate.min_accuracy_with_retrieval is not None or gate.max_accuracy_without_retrieval is not None:
+                failures.append(f"{quant}: no questions of kind {gate.kind!r} to gate on")
+            continue
+        label = f"{quant}" + (f" on {gate.kind} questions" if gate.kind else "")
+        if gate.min_accuracy_with_retrieval is not None and acc["with_retrieval"] < gate.min_accuracy_with_retrieval:
+            failures.append(f"{label}: {acc['with_retrieval']:.0%} exact with retrieval "
+                            f"(needs >= {gate.min_accuracy_with_retrieval:.0%})")
+        if (gate.max_accuracy_without_retrieval is not None
+                and acc["without_retrieval"] > gate.max_accuracy_without_retrieval):
+            failures.append(f"{label}: {acc['without_retrieval']:.0%} exact without retrieval "
+                            f"(allowed <= {gate.max_accuracy_without_retrieval:.0%})")
+    return failures
+
+
+class GateFailed(BuilderError):
+    pass
+
+
+def run(config: EvalConfig) -> Path:
+    from builder import lineage, llamacpp
+    from builder.pretrain import read_texts
+
+    models = ggufs(config.export)
+    with lineage.staged_output("eval", config, config.inputs()) as (out, report):
+        # -- perplexity of F16 and each quant on held-out text
+        if config.heldout:
+            text = "\n\n".join(read_texts(config.heldout))
+            report["perplexity"] = {}
+            for quant, path in models.items():
+                start = time.perf_counter()
+                report["perplexity"][quant] = llamacpp.perplexity(path, text, ctx=config.ppl_ctx,
+                                                                  max_tokens=config.ppl_max_tokens)
+                print(f"eval: {quant} perplexity {report['perplexity'][quant]['perplexity']:.3f} "
+                      f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+
+        # -- task accuracy with and without retrieval, through the appliance's own code
+        if config.questions:
+            if not config.corpus or config.embedder is None:
+                raise BuilderError("questions need corpus and embedder for retrieval", "add both to the config")
+            from appliance.embed import OnnxEmbedder
+            from appliance.ingest import ingest
+            from appliance.store import Store
+            from builder.training import read_jsonl
+
+            questions = read_jsonl(config.questions, ("question", "must_contain"))
+            embedder = OnnxEmbedder(config.embedder)
+            template = config.chat_template.read_text()
+            quants = [q.upper() for q in (config.task_quants or [q for q in models if q != "F16"] or ["F16"])]
+            report["tasks"] = {}
+            with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "index.db") as store:
+                ingest(store, embedder, config.corpus, "eval", max_bytes=200_000_000, chunk_chars=1200)
+                for quant in quants:
+                    if quant not in models:
+                        raise BuilderError(f"no model-{quant}.gguf in {config.export}",
+                                           f"choose task_quants among {', '.join(models)}")
+                    start = time.perf_counter()
+                    rows = ask_all(models[quant], template, questions, store, embedder, config)
+                    kinds = sorted({r["kind"] for r in rows if r["kind"]})
+                    report["tasks"][quant] = {"overall": accuracy(rows),
+                                              "by_kind": {k: accuracy(rows, k) for k in kinds},
+                                              "seconds": round(time.perf_counter() - start, 1), "answers": rows}
+                    o = report["tasks"][quant]["overall"]
+                    print(f"eval: {quant} exact {o['with_retrieval']:.0%} with retrieval, "
+                          f"{o['without_retrieval']:.0%} without ({len(rows)} questions)", file=sys.stderr)
+
+        failures = gate_failures(report, config.gate)
+        report["gate"] = {"passed": not failures, "failures": failures, **config.gate.model_dump()}
+        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    check_gate(config.out)
+    return config.out
+
+
+def check_gate(out: Path) -> None:
+    """Raise GateFailed with the numbers when an eval output did not pass its gate."""
+    gate = json.loads((out / "eval.json").read_text())["gate"]
+    if not gate["passed"]:
+        raise GateFailed("release gate not met:\n  " + "\n  ".join(gate["failures"]),
+                         f"see {out / 'eval.json'}; improve the model or change the gate deliberately")

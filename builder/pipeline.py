@@ -1,0 +1,190 @@
+"""`builder run PIPELINE.yaml`: the stages end to end, resumable, ending in a generation directory.
+
+    name: meridian
+    work: build/meridian            # each stage writes <work>/<stage name>
+    stages:
+      - {name: pretrain, stage: pretrain, config: {base: /models/llama-3.2-1b, corpus: [docs/]}}
+      - {name: sft, stage: sft, config: {model: "@pretrain", datasets: [data/qa.jsonl]}}
+      - {name: export, stage: export, config: {model: "@sft", quants: [Q8_0, Q4_K_M]}}
+      - {name: embedder, stage: embedder, config: {}}
+      - {name: eval, stage: eval, config: {export: "@export", questions: data/heldout.jsonl, ...}}
+    generation: {out: build/meridian-generation, model: "@export/model-Q4_K_M.gguf",
+                 embedder: "@embedder", eval: "@eval"}
+
+"@name" (or "@name/file") is an earlier stage's output. A stage whose config and input hashes match
+its existing lineage.json is skipped, so a second run after a crash or Ctrl-C picks up at the first
+stage that did not finish (outputs are renamed into place only when complete). An eval stage's gate
+is checked even when the stage is skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from builder.errors import BuilderError
+
+StageKind = Literal["pretrain", "sft", "align", "merge", "export", "eval", "embedder"]
+REF = re.compile(r"^@([A-Za-z0-9_.-]+)(/.*)?$")
+
+
+def stage_modules() -> dict[str, tuple]:
+    from builder import align, embedder, evaluate, export, merge, pretrain, sft
+
+    return {"pretrain": (pretrain, pretrain.PretrainConfig), "sft": (sft, sft.SFTConfig),
+            "align": (align, align.AlignConfig), "merge": (merge, merge.MergeConfig),
+            "export": (export, export.ExportConfig), "eval": (evaluate, evaluate.EvalConfig),
+            "embedder": (embedder, embedder.EmbedderConfig)}
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Stage name; its output is <work>/<name>")
+    stage: StageKind = Field(description="Which stage runs")
+    config: dict = Field(default_factory=dict, description="The stage's config (without `out`)")
+
+
+class GenerationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(description="Generation directory to write (what `appliance install-generation` takes)")
+    name: str | None = Field(None, description="Model name shown by the appliance (default: pipeline name)")
+    model: str = Field(description="The GGUF to ship, e.g. @export/model-Q4_K_M.gguf")
+    embedder: str = Field(description="Embedder directory, e.g. @embedder")
+    eval: str | None = Field(None, description="Eval stage whose eval.json ships with the generation")
+    chat_template: Path | None = Field(None, description="Template to ship (default: the builder's)")
+
+
+class Pipeline(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Pipeline (and model) name")
+    work: Path = Field(description="Directory for stage outputs")
+    base_model: str | None = Field(None, description="What the chain starts from, for the lineage")
+    stages: list[StageSpec] = Field(min_length=1, description="Stages in order")
+    generation: GenerationSpec | None = Field(None, description="The generation directory to write at the end")
+
+    @model_validator(mode="after")
+    def _references(self):
+        seen: set[str] = set()
+        for spec in self.stages:
+            if spec.name in seen:
+                raise ValueError(f"stage name {spec.name!r} is used twice")
+            for ref in _refs(spec.config):
+                if ref not in seen:
+                    raise ValueError(f"stage {spec.name!r} refers to @{ref}, which is not an earlier stage")
+            seen.add(spec.name)
+        return self
+
+
+def _refs(value) -> list[str]:
+    if isinstance(value, str):
+        m = REF.match(value)
+        return [m.group(1)] if m else []
+    if isinstance(value, list):
+        return [r for v in value for r in _refs(v)]
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _refs(v)]
+    return []
+
+
+def _resolve(value, outputs: dict[str, Path], base: Path):
+    """'@stage/file' -> that stage's output path; other relative paths are left for the stage config."""
+    if isinstance(value, str):
+        m = REF.match(value)
+        if m:
+            return str(outputs[m.group(1)] / (m.group(2) or "/").lstrip("/"))
+        return value
+    if isinstance(value, list):
+        return [_resolve(v, outputs, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, outputs, base) for k, v in value.items()}
+    return value
+
+
+def load(path: Path) -> Pipeline:
+    from builder.lineage import load_config
+
+    return load_config(Pipeline, path)
+
+
+def stage_configs(pipeline: Pipeline, base: Path) -> list[tuple[StageSpec, BaseModel]]:
+    """Every stage's validated config, with references and relative paths resolved."""
+    from builder.lineage import load_config
+
+    modules = stage_modules()
+    outputs = {s.name: pipeline.work / s.name for s in pipeline.stages}
+    resolved = []
+    for spec in pipeline.stages:
+        data = _resolve(spec.config, outputs, base)
+        if "out" in data:
+            raise BuilderError(f"stage {spec.name}: `out` is set by the pipeline", "remove it from the config")
+        data["out"] = str(outputs[spec.name])
+        try:
+            config = load_config(modules[spec.stage][1], data=data, base=base)
+        except BuilderError as exc:
+            raise BuilderError(f"stage {spec.name}: {exc.message}", exc.fix) from exc
+        resolved.append((spec, config))
+    return resolved
+
+
+def run(path: Path, *, force: list[str] | None = None, until: str | None = None) -> dict:
+    from builder import evaluate, generation, lineage
+
+    pipeline = load(path)
+    base = path.parent.resolve()
+    configs = stage_configs(pipeline, base)
+    names = [s.name for s, _ in configs]
+    for name in (force or []) + ([until] if until else []):
+        if name not in names:
+            raise BuilderError(f"no stage named {name!r}", f"stages: {', '.join(names)}")
+    modules = stage_modules()
+    summary: dict[str, dict] = {}
+    started = time.perf_counter()
+    for spec, config in configs:
+        module = modules[spec.stage][0]
+        forced = spec.name in (force or [])  # what follows reruns if the forced output differs
+        key = lineage.stage_key(spec.stage, config, lineage.input_hashes(config.inputs()))
+        if not forced and lineage.is_current(config.out, key):
+            print(f"[{spec.name}] unchanged, skipped", file=sys.stderr)
+            summary[spec.name] = {"skipped": True, **lineage.read_lineage(config.out)["result"]}
+        else:
+            print(f"[{spec.name}] running {spec.stage} ...", file=sys.stderr)
+            module.run(config)
+            summary[spec.name] = {"skipped": False, **lineage.read_lineage(config.out)["result"]}
+        if spec.stage == "eval":
+            evaluate.check_gate(config.out)
+        if spec.name == until:
+            return {"stages": _brief(summary), "seconds": round(time.perf_counter() - started, 1)}
+
+    out = None
+    if pipeline.generation:
+        g = pipeline.generation
+        outputs = {s.name: c.out for s, c in configs}
+        model = Path(_resolve(g.model, outputs, base))
+        stages = {s.name: {"stage": s.stage, **{k: v for k, v in lineage.read_lineage(c.out).items()
+                                                 if k in ("config", "inputs", "versions", "git_commit", "seconds")}}
+                  for s, c in configs}
+        out = generation.write(
+            (base / g.out).resolve() if not g.out.is_absolute() else g.out, name=g.name or pipeline.name,
+            model=generation.check_exists(model, "model"),
+            embedder_dir=generation.check_exists(Path(_resolve(g.embedder, outputs, base)), "embedder"),
+            template=g.chat_template or Path(__file__).parent / "templates" / "chat_template.jinja",
+            stages=stages, eval_dir=Path(_resolve(g.eval, outputs, base)) if g.eval else None,
+            base_model=pipeline.base_model)
+    return {"stages": _brief(summary), "generation": str(out) if out else None,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _brief(summary: dict[str, dict]) -> dict:
+    keep = ("skipped", "steps", "seconds", "train_loss", "first_loss", "last_loss", "eval_loss", "tokens_per_s",
+            "stopped_by_time_budget", "files", "gate")
+    return {name: {k: v for k, v in row.items() if k in keep} for name, row in summary.items()}
+
+

@@ -1,0 +1,310 @@
+"""Pieces the training stages share: LoRA settings, the tokenizer as llama.cpp cuts text, progress on
+stderr, a wall-clock budget, TrainingArguments with the right precision, and saving a full checkpoint.
+
+Tokenization is done here, not by transformers' tokenizer classes: a SentencePiece model converted by
+transformers may split text differently from llama.cpp, and the model must be trained on exactly the
+tokens the appliance will feed it. `Tokenizer.encode` matches llama.cpp (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from builder.errors import BuilderError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get adapters")
+    train_embeddings: bool = Field(False, description="Also train embed_tokens and lm_head in full (new "
+                                   "vocabulary or domain terms need it; they are frozen otherwise)")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM",
+                          modules_to_save=["embed_tokens", "lm_head"] if self.train_embeddings else None)
+
+
+class Tokenizer:
+    """The checkpoint's SentencePiece model, encoding as llama.cpp does."""
+
+    def __init__(self, model_dir: Path):
+        import sentencepiece as spm
+
+        path = model_dir / "tokenizer.model"
+        if not path.is_file():
+            raise BuilderError(f"{model_dir}: no tokenizer.model",
+                               "the builder trains SentencePiece checkpoints (Llama 2 / Mistral style); a "
+                               "checkpoint with only tokenizer.json is not supported yet")
+        self.dir = model_dir
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        from builder.synth import encode
+
+        return encode(self.sp, text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def save(self, out: Path) -> None:
+        for name in TOKENIZER_FILES:
+            if (self.dir / name).is_file() and self.dir.resolve() != out.resolve():
+                shutil.copyfile(self.dir / name, out / name)
+
+
+def check_checkpoint(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise BuilderError(f"{path}: not a Hugging Face checkpoint (no config.json)",
+                           "point the config at a directory written by save_pretrained or an earlier stage")
+    return path
+
+
+def load_model(path: Path, *, for_training: bool = True):
+    """A causal LM from a local directory, in fp32 on CPU or bf16 on CUDA; nothing is fetched."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from builder.lineage import device
+
+    check_checkpoint(path)
+    quiet()
+    dev, bf16 = device()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 local_files_only=True)
+    return model
+
+
+def save_model(model, tokenizer: Tokenizer, out: Path) -> None:
+    """A full checkpoint (LoRA merged in when present) in fp32 on CPU / bf16 on GPU, with the tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save(out)
+
+
+def training_arguments(out: Path, *, steps: int, batch_size: int, grad_accum: int, learning_rate: float,
+                       warmup_steps: int, seed: int, gradient_checkpointing: bool = False, **extra):
+    """TrainingArguments shared by every stage (or TRL's subclass via `cls`)."""
+    from transformers import TrainingArguments
+
+    from builder.lineage import device
+
+    cls = extra.pop("cls", TrainingArguments)
+    quiet()
+    dev, bf16 = device()
+    return cls(output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
+               gradient_accumulation_steps=grad_accum, learning_rate=learning_rate, warmup_steps=warmup_steps,
+               lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, min(20, steps // 10)),
+               save_strategy="no", report_to=[], seed=seed, use_cpu=dev == "cpu", bf16=bf16,
+               dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
+               remove_unused_columns=False, activation_checkpointing=gradient_checkpointing, **extra)
+
+
+def quiet() -> None:
+    """No per-example progress bars from datasets or transformers: stderr carries our progress lines."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
+def callbacks(max_minutes: float | None, label: str) -> list:
+    """Progress lines on stderr and an optional wall-clock budget (training stops cleanly at it)."""
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        def __init__(self, seconds: float):
+            self.deadline = time.monotonic() + seconds
+            self.stopped_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() > self.deadline:
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
+
+    class StderrLog(TrainerCallback):
+        def __init__(self):
+            self.start = time.monotonic()
+            self.losses: list[tuple[int, float]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append((state.global_step, float(logs["loss"])))
+                elapsed = time.monotonic() - self.start
+                eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+                print(f"  {label} step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.4f}  "
+                      f"{elapsed:.0f} s elapsed, ~{eta:.0f} s left", file=sys.stderr, flush=True)
+
+    found = [StderrLog()]
+    if max_minutes:
+        found.append(TimeBudget(max_minutes * 60))
+    return found
+
+
+def run_trainer(trainer, cbs: list) -> dict:
+    """Train with stdout kept clean; return steps, seconds, losses and whether the budget stopped it."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    for cb in cbs:
+        trainer.add_callback(cb)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    log = cbs[0]
+    budget = cbs[1] if len(cbs) > 1 else None
+    return {"steps": trainer.state.global_step, "seconds": round(seconds, 1),
+            "train_loss": round(result.training_loss, 4),
+            "first_loss": round(log.losses[0][1], 4) if log.losses else None,
+            "last_loss": round(log.losses[-1][1], 4) if log.losses else None,
+            "stopped_by_time_budget": bool(budget and budget.stopped_at is not None)}
+
+
+def hf_tokenizer(tok: Tokenizer):
+    """`tok` as a transformers tokenizer for TRL's trainers, encoding exactly as llama.cpp does."""
+    from transformers import BatchEncoding, PreTrainedTokenizer
+
+    class LlamaCppTokenizer(PreTrainedTokenizer):
+        model_input_names = ["input_ids", "attention_mask"]
+
+        def __init__(self, **kwargs):
+            self.tok = tok
+            super().__init__(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>", **kwargs)
+
+        @property
+        def vocab_size(self) -> int:
+            return len(self.tok)
+
+        def get_vocab(self) -> dict[str, int]:
+            return {self.tok.sp.IdToPiece(i): i for i in range(len(self.tok))}
+
+        def _tokenize(self, text, **kwargs):
+            return [self.tok.sp.IdToPiece(i) for i in self.tok.encode(text)]
+
+        def _convert_token_to_id(self, token):
+            return self.tok.sp.PieceToId(token)
+
+        def _convert_id_to_token(self, index):
+            return self.tok.sp.IdToPiece(index)
+
+        def convert_tokens_to_string(self, tokens):
+            return self.tok.sp.decode_pieces(tokens)
+
+        def __call__(self, text=None, **kwargs):
+            if isinstance(text, list):
+                ids = [self.tok.encode(t) for t in text]
+                return BatchEncoding({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]})
+            ids = self.tok.encode(text)
+            return BatchEncoding({"input_ids": ids, "attention_mask": [1] * len(ids)})
+
+        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            if hasattr(token_ids, "tolist"):
+                token_ids = token_ids.tolist()
+            if isinstance(token_ids, int):
+                token_ids = [token_ids]
+            return self.tok.decode(list(token_ids))
+
+        def save_vocabulary(self, save_directory, filename_prefix=None):
+            self.tok.save(Path(save_directory))
+            return (str(Path(save_directory) / "tokenizer.model"),)
+
+    return LlamaCppTokenizer()
+
+
+DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "chat_template.jinja"
+
+
+def render_chat(messages: list[dict], *, add_generation_prompt: bool = False,
+                template: Path = DEFAULT_TEMPLATE) -> str:
+    """A chat rendered with the template that ships in the generation (BOS/EOS as text pieces)."""
+    return _template(template).render(messages=messages, bos_token="<s>", eos_token="</s>",
+                                      add_generation_prompt=add_generation_prompt)
+
+
+@functools.cache
+def _template(path: Path):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(keep_trailing_newline=True).from_string(path.read_text())
+
+
+def prompt_completion(messages: list[dict], template: Path = DEFAULT_TEMPLATE) -> tuple[str, str]:
+    """(prompt up to the reply, reply with EOS) for a chat ending in an assistant message."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("the last message must be the assistant's reply")
+    prompt = render_chat(messages[:-1], add_generation_prompt=True, template=template)
+    return prompt, messages[-1]["content"] + "</s>"
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise BuilderError(f"{path}:{n}: not valid JSON ({exc})", "one JSON object per line") from exc
+        missing = [k for k in required if k not in row] if isinstance(row, dict) else list(required)
+        if missing:
+            raise BuilderError(f"{path}:{n}: missing {', '.join(missing)}",
+                               f"each line needs {', '.join(required)}")
+        rows.append(row)
+    if not rows:
+        raise BuilderError(f"{path}: no records", "one JSON object per line")
+    return rows
+
+
+def encode_chat(tok: Tokenizer, messages: list[dict], template: Path = DEFAULT_TEMPLATE) -> tuple[list[int], list[int]]:
+    """Token ids of a whole chat and a mask that is 1 on every assistant reply (its EOS included)."""
+    ids = tok.encode(render_chat(messages, template=template))
+    header = tok.sp.PieceToId("<|assistant|>")
+    newline = len(tok.encode("\n"))
+    mask, inside, skip = [], False, 0
+    for i in ids:
+        if i == header:
+            mask.append(0)
+            inside, skip = True, newline
+        elif inside and skip:
+            mask.append(0)
+            skip -= 1
+        elif inside:
+            mask.append(1)
+            inside = i != tok.eos_id
+        else:
+            mask.append(0)
+    return ids, mask
+
+
+def remove_trainer_dir(out: Path) -> None:
+    shutil.rmtree(out / "trainer", ignore_errors=True)
