@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     STORE = 6
     INGEST = 7
     GENERATION = 8
+    GATE = 9  # builder: the release gate was not met
 
 
 class ApplianceError(Exception):

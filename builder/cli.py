@@ -19,43 +19,46 @@ class _Group(click.Group):
             click.echo(f"error: {exc.message}", err=True)
             if exc.fix:
                 click.echo(f"  fix: {exc.fix}", err=True)
-            ctx.exit(1)
+            ctx.exit(int(exc.exit_code))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="slm-appliance", prog_name="builder")
 def cli() -> None:
-    """Build what the appliance runs: models, GGUF files, embedders and generations.
+    """Build what the appliance runs: adapt a base model to a customer's text, quantize it, check it,
+    and write a generation directory the appliance installs.
+
+    Each stage takes a YAML config (`builder STAGE --help` lists its fields) and writes a directory
+    with lineage.json; `builder run` chains them and skips stages whose inputs did not change.
 
     \b
     Examples:
       builder demo --out build/demo-generation
+      builder run pipeline.yaml
+      builder sft configs/sft-qa.yaml
       builder synth --shape llama-3.2-1b --out build/synth-1b
-      builder embedder export --out build/embedder
     """
 
 
 @cli.command()
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write (must not exist).")
-@click.option("--shape", default="demo", show_default=True, help="Model shape (tiny, demo, llama-3.2-1b).")
-@click.option("--steps", default=280, show_default=True, type=click.IntRange(1), help="Training steps at most.")
-@click.option("--max-minutes", default=7.0, show_default=True, type=click.FloatRange(0.1),
-              help="Stop training after this many minutes.")
-@click.option("--quant", default="Q8_0", show_default=True, help="llama.cpp quantization type of model.gguf.")
-@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(32), help="Training sequence length.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Sequences per step.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Generation directory to write.")
+@click.option("--shape", default="demo", show_default=True, help="Model shape (tiny, demo).")
+@click.option("--minutes", default=11.0, show_default=True, type=click.FloatRange(0.5),
+              help="Training time shared by the four training stages.")
 @click.option("--embedder", "embedder_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Reuse an embedder written by `builder embedder export`.")
 @click.option("--corpus", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Corpus directory (default: the demo corpus shipped with the builder).")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
-def demo(out: Path, shape: str, steps: int, max_minutes: float, quant: str, seq_len: int, batch_size: int,
-         embedder_dir: Path | None, corpus: Path | None, seed: int) -> None:
-    """Train the demo model on CPU and write a generation directory the appliance installs.
+@click.option("--quick", is_flag=True, help="A few steps per stage on tiny data (a smoke test of the chain).")
+def demo(out: Path, shape: str, minutes: float, embedder_dir: Path | None, corpus: Path | None, seed: int,
+         quick: bool) -> None:
+    """The whole chain on the demo corpus, on CPU, into a generation directory the appliance installs.
 
-    Trains a SentencePiece tokenizer and a small Llama from scratch on the demo corpus (about 6
-    minutes on 2 cores), converts it with llama.cpp's converter, quantizes it, exports the embedder
-    and writes generation.json with every file's sha256.
+    Writes training data and a pipeline to `.<out>.work/` (pipeline.yaml there is an editable
+    example for your own runs), then runs it: pretrain from scratch -> SFT for questions with
+    citations and for proposal writing -> DPO -> ties merge -> GGUF Q8_0 and Q4_K_M -> eval on
+    held-out questions -> `<out>`. About 14 minutes on 2 cores; run it again to resume after a stop.
 
     \b
     Example:
@@ -64,9 +67,8 @@ def demo(out: Path, shape: str, steps: int, max_minutes: float, quant: str, seq_
     """
     from builder import demo as demo_mod
 
-    result = demo_mod.build(out, shape=shape, steps=steps, max_minutes=max_minutes, quant=quant,
-                            embedder_dir=embedder_dir, corpus=corpus, seq_len=seq_len, batch_size=batch_size,
-                            seed=seed)
+    result = demo_mod.build(out, shape=shape, minutes=minutes, embedder_dir=embedder_dir, corpus=corpus,
+                            seed=seed, quick=quick)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -118,6 +120,99 @@ def embedder_export(out: Path, source: Path | None) -> None:
     from builder.embedder import export
 
     click.echo(json.dumps(export(out, source), indent=2))
+
+
+STAGES = {
+    "pretrain": ("builder.pretrain", "PretrainConfig", "Continual pre-training on raw domain text.",
+                 "out: build/pretrain\nbase: /models/llama-3.2-1b\ncorpus: [customer-docs/]\n"
+                 "replay: [general.jsonl]\nreplay_ratio: 0.2\nmethod: lora\nlora: {r: 64, train_embeddings: true}"),
+    "sft": ("builder.sft", "SFTConfig", "Instruction tuning with LoRA through TRL's SFTTrainer (loss on replies).",
+            "out: build/sft\nmodel: build/pretrain\ndatasets: [data/qa.jsonl]\nsteps: 500"),
+    "align": ("builder.align", "AlignConfig", "DPO on preference pairs through TRL's DPOTrainer.",
+              "out: build/align\nmodel: build/sft\ndatasets: [data/pairs.jsonl]\ngenerate_rejected: missing"),
+    "merge": ("builder.merge", "MergeConfig", "Merge fine-tunes of one base with mergekit.",
+              "out: build/merge\nmethod: ties\nbase_model: build/pretrain\nmodels:\n"
+              "  - {model: build/sft-qa, weight: 0.5, density: 0.6}\n  - {model: build/sft-write, weight: 0.5, density: 0.6}"),
+    "export": ("builder.export", "ExportConfig", "HF checkpoint to GGUF F16 and quant types (llama.cpp).",
+               "out: build/export\nmodel: build/merge\nquants: [Q8_0, Q4_K_M, IQ4_XS]\n"
+               "imatrix: {corpus: [customer-docs/]}"),
+    "eval": ("builder.evaluate", "EvalConfig", "Perplexity and held-out task accuracy, with a release gate.",
+             "out: build/eval\nexport: build/export\nheldout: [heldout-docs/]\nquestions: data/heldout.jsonl\n"
+             "corpus: [customer-docs/]\nembedder: build/embedder\n"
+             "gate: {max_ppl_increase: 0.05, min_accuracy_with_retrieval: 0.6}"),
+}
+
+
+def _fields_help(cls, indent: str = "  ") -> list[str]:
+    lines = []
+    for name, field in cls.model_fields.items():
+        default = "" if field.is_required() else f" [default: {field.get_default(call_default_factory=False)}]"
+        if field.default_factory is not None:
+            default = ""
+        lines.append(f"{indent}{name}: {field.description or ''}{default if len(default) < 60 else ''}")
+    return lines
+
+
+def _make_stage_command(name: str, module: str, cls_name: str, summary: str, example: str):
+    import importlib
+
+    def command(config: Path) -> None:
+        from builder.lineage import load_config, read_lineage
+
+        mod = importlib.import_module(module)
+        cfg = load_config(getattr(mod, cls_name), config)
+        out = mod.run(cfg)
+        click.echo(json.dumps({"out": str(out), **(read_lineage(out) or {}).get("result", {})}, indent=2))
+
+    def help_text() -> str:
+        mod = importlib.import_module(module)
+        cls = getattr(mod, cls_name)
+        fields = "\n".join(_fields_help(cls))
+        sample = "\n".join("  " + line for line in example.splitlines())
+        return (f"{summary}\n\n{(mod.__doc__ or '').split(chr(10) + chr(10), 1)[-1].strip()}\n\n"
+                f"\b\nCONFIG fields:\n{fields}\n\n\b\nExample CONFIG:\n{sample}\n\n"
+                f"\b\nExample:\n  builder {name} {name}.yaml")
+
+    class LazyHelp(click.Command):
+        def get_help(self, ctx):
+            self.help = help_text()
+            return super().get_help(ctx)
+
+    cmd = LazyHelp(name, callback=command, help=summary, short_help=summary,
+                   params=[click.Argument(["config"], type=click.Path(path_type=Path, dir_okay=False))])
+    cli.add_command(cmd)
+
+
+for _name, _spec in STAGES.items():
+    _make_stage_command(_name, *_spec)
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--force", multiple=True, help="Rerun this stage even if unchanged (repeatable).")
+@click.option("--until", help="Stop after this stage.")
+def run_pipeline(pipeline: Path, force: tuple[str, ...], until: str | None) -> None:
+    """Run a pipeline of stages end to end and write the generation directory.
+
+    A stage whose config and inputs (by sha256) match its lineage.json is skipped, so after a crash
+    or Ctrl-C the same command resumes at the stage that did not finish. An eval stage's release
+    gate is enforced on every run (exit code 9 when it is not met).
+
+    \b
+    PIPELINE fields:
+      name: model name; work: directory for stage outputs; base_model: text for the lineage
+      stages: list of {name, stage: pretrain|sft|align|merge|export|eval|embedder, config}
+              ("@name" or "@name/file" in a config is an earlier stage's output)
+      generation: {out, model: "@export/model-Q4_K_M.gguf", embedder: "@embedder", eval: "@eval"}
+
+    \b
+    Example:
+      builder run pipeline.yaml
+      builder run pipeline.yaml --force eval
+    """
+    from builder import pipeline as pipeline_mod
+
+    click.echo(json.dumps(pipeline_mod.run(pipeline, force=list(force), until=until), indent=2))
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from builder.errors import BuilderError
+from builder.errors import BuilderError, GateFailed
 
 
 class GateSettings(BaseModel):
@@ -73,8 +73,8 @@ def correct(answer: str, must_contain: list[str]) -> bool:
 
 def ask_all(model: Path, template: str, questions: list[dict], store, embedder, config: EvalConfig) -> list[dict]:
     """Each question with retrieval and without; the answers, whether exact, and what was retrieved."""
-    from appliance import rag
     from appliance.engine import LlamaEngine
+    from appliance.rag import answer, search
     from builder.llamacpp import model_metadata
 
     results = []
@@ -83,10 +83,10 @@ def ask_all(model: Path, template: str, questions: list[dict], store, embedder, 
     with LlamaEngine(model, template, n_ctx=n_ctx) as engine:
         info = {"name": model.name}
         for q in questions:
-            hits = rag.search(store, embedder, q["question"], config.top_k)
-            with_rag = rag.answer(engine, q["question"], hits, info, n_ctx=n_ctx,
+            hits = search(store, embedder, q["question"], config.top_k)
+            with_rag = answer(engine, q["question"], hits, info, n_ctx=n_ctx,
                                   max_tokens=config.max_tokens, temperature=0.0)
-            without = rag.answer(engine, q["question"], [], info, n_ctx=n_ctx,
+            without = answer(engine, q["question"], [], info, n_ctx=n_ctx,
                                  max_tokens=config.max_tokens, temperature=0.0, rag=False)
             results.append({
                 "id": q.get("id"), "kind": q.get("kind"), "question": q["question"],
@@ -137,10 +137,6 @@ def gate_failures(report: dict, gate: GateSettings) -> list[str]:
             failures.append(f"{label}: {acc['without_retrieval']:.0%} exact without retrieval "
                             f"(allowed <= {gate.max_accuracy_without_retrieval:.0%})")
     return failures
-
-
-class GateFailed(BuilderError):
-    pass
 
 
 def run(config: EvalConfig) -> Path:

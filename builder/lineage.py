@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from appliance.manifest import sha256_file
-from builder.errors import BuilderError
+from builder.errors import BuilderConfigError, BuilderError
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -41,18 +41,18 @@ def load_config(cls: type[C], path: Path | None = None, data: dict | None = None
     where = str(path) if path else "config"
     if data is None:
         if path is None or not path.is_file():
-            raise BuilderError(f"{where}: no such config file", "give the path of a YAML file")
+            raise BuilderConfigError(f"{where}: no such config file", "give the path of a YAML file")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise BuilderError(f"{where}: not valid YAML: {exc}", "fix the syntax at the line named") from exc
+            raise BuilderConfigError(f"{where}: not valid YAML: {exc}", "fix the syntax at the line named") from exc
     if not isinstance(data, dict):
-        raise BuilderError(f"{where}: expected a mapping of settings", "see the example in the command's --help")
+        raise BuilderConfigError(f"{where}: expected a mapping of settings", "see the example in the command's --help")
     try:
         config = cls.model_validate(data)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()]
-        raise BuilderError(f"{where}: invalid {cls.__name__}:\n" + "\n".join(lines),
+        raise BuilderConfigError(f"{where}: invalid {cls.__name__}:\n" + "\n".join(lines),
                            "fix the fields named; every field is listed in the stage's --help") from exc
     return absolutize(config, base or (path.parent if path is not None else Path.cwd()))
 

@@ -104,7 +104,7 @@ class Blocks:
         import torch
 
         ids = torch.tensor(self.rows[i], dtype=torch.long)
-        return {"input_ids": ids, "labels": ids.clone()}
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
 def run(config: PretrainConfig) -> Path:
@@ -166,10 +166,8 @@ def run(config: PretrainConfig) -> Path:
 
         # -- save
         training.save_model(trainer.model, tok, out)
-        tokens = stats["steps"] * config.batch_size * config.grad_accum * config.seq_len
         record.update(stats, parameters=n_params, trained_parameters=n_train, train_blocks=len(train_blocks),
                       replay_blocks=n_replay, eval_blocks=len(eval_blocks),
-                      tokens_per_s=round(tokens / max(stats["seconds"], 1e-9), 1),
                       eval_loss=round(eval_loss, 4) if eval_loss is not None else None,
                       eval_perplexity=round(math.exp(eval_loss), 2) if eval_loss is not None else None)
         training.remove_trainer_dir(out)

@@ -123,7 +123,8 @@ def training_arguments(out: Path, *, steps: int, batch_size: int, grad_accum: in
                lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, min(20, steps // 10)),
                save_strategy="no", report_to=[], seed=seed, use_cpu=dev == "cpu", bf16=bf16,
                dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
-               remove_unused_columns=False, activation_checkpointing=gradient_checkpointing, **extra)
+               remove_unused_columns=False, activation_checkpointing=gradient_checkpointing,
+               include_num_input_tokens_seen="non_padding", **extra)
 
 
 def quiet() -> None:
@@ -164,7 +165,25 @@ def callbacks(max_minutes: float | None, label: str) -> list:
                 print(f"  {label} step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.4f}  "
                       f"{elapsed:.0f} s elapsed, ~{eta:.0f} s left", file=sys.stderr, flush=True)
 
-    found = [StderrLog()]
+    class Throughput(TrainerCallback):
+        """Tokens per second after the first steps (compilation, allocator warm-up) are over."""
+
+        WARM = 3
+
+        def __init__(self):
+            self.mark: tuple[float, int] | None = None
+            self.tokens_per_s: float | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.WARM:
+                self.mark = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.mark and state.global_step > self.WARM:
+                seconds = time.perf_counter() - self.mark[0]
+                self.tokens_per_s = (state.num_input_tokens_seen - self.mark[1]) / max(seconds, 1e-9)
+
+    found = [StderrLog(), Throughput()]
     if max_minutes:
         found.append(TimeBudget(max_minutes * 60))
     return found
@@ -181,9 +200,12 @@ def run_trainer(trainer, cbs: list) -> dict:
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
-    log = cbs[0]
-    budget = cbs[1] if len(cbs) > 1 else None
+    log, speed = cbs[0], cbs[1]
+    budget = cbs[2] if len(cbs) > 2 else None
     return {"steps": trainer.state.global_step, "seconds": round(seconds, 1),
+            "tokens_seen": int(trainer.state.num_input_tokens_seen),
+            "tokens_per_s": round(speed.tokens_per_s, 1) if speed.tokens_per_s else
+            round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
             "train_loss": round(result.training_loss, 4),
             "first_loss": round(log.losses[0][1], 4) if log.losses else None,
             "last_loss": round(log.losses[-1][1], 4) if log.losses else None,

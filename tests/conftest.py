@@ -53,11 +53,12 @@ def embedder_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_generation(tmp_path_factory, embedder_dir) -> Path:
-    """A real generation: tokenizer, a few training steps, llama.cpp conversion, Q8_0, embedder."""
+    """A real generation through the whole demo chain, a few steps per stage: pretrain -> two SFTs ->
+    DPO -> ties merge -> GGUF Q8_0 and Q4_K_M -> eval -> generation directory."""
     from builder.demo import build
 
     out = tmp_path_factory.mktemp("gen") / "tiny-generation"
-    build(out, shape="tiny", steps=3, max_minutes=2, embedder_dir=embedder_dir, seq_len=128, batch_size=4)
+    build(out, shape="tiny", quick=True, embedder_dir=embedder_dir)
     return out
 
 

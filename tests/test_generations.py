@@ -23,9 +23,11 @@ def test_generation_lists_every_file_with_hash_and_lineage(tiny_generation):
             "embedder/model_int8.onnx"} <= set(manifest.files)
     assert manifest.model.quant == "Q8_0"
     assert manifest.embedder.dim == 384
-    assert manifest.lineage["stages"][0]["stage"] == "pretrain"
-    assert manifest.lineage["stages"][0]["steps"] == 3
-    assert len(manifest.lineage["corpus"]) >= 9
+    pretrain = manifest.lineage["stages"]["pretrain"]
+    assert pretrain["stage"] == "pretrain" and pretrain["config"]["steps"] == 3
+    corpus = [p for p in pretrain["inputs"] if "/corpus/" in p]
+    assert len(corpus) >= 9 and all(len(h) == 64 for h in pretrain["inputs"].values())  # each with its sha256
+    assert "eval.json" in manifest.files
     assert (tiny_generation / "model.gguf").read_bytes()[:4] == b"GGUF"
 
 

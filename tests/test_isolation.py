@@ -48,17 +48,22 @@ def test_appliance_imports_no_training_stack_and_works_offline(demo_home):
 
 
 def test_builder_uses_only_the_appliances_contract_modules():
-    """DESIGN section 2: builder -> appliance only through the contract (plus `embed` to check its export)."""
+    """DESIGN section 2: builder -> appliance only through the contract (plus `embed` to check its export).
+    `builder eval` alone also runs the appliance's own ingest, search and answer code (issue 3: accuracy
+    is measured through what the operator will run)."""
     import ast
     from pathlib import Path
 
     allowed = {"appliance.manifest", "appliance.prompt", "appliance.documents", "appliance.errors",
                "appliance.embed"}
+    eval_only = {"appliance.store", "appliance.ingest", "appliance.rag", "appliance.engine"}
     used = set()
     for path in (Path(__file__).resolve().parent.parent / "builder").rglob("*.py"):
+        found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("appliance"):
-                used.add(node.module)
+                found.add(node.module)
             elif isinstance(node, ast.Import):
-                used |= {a.name for a in node.names if a.name.startswith("appliance")}
+                found |= {a.name for a in node.names if a.name.startswith("appliance")}
+        used |= found - eval_only if path.name == "evaluate.py" else found
     assert used and used <= allowed, used - allowed

@@ -1,0 +1,279 @@
+"""The builder's stages on tiny models on CPU: artifacts, lineage, learning, refusals, resumability."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder import lineage
+from builder.errors import BuilderError, GateFailed
+
+CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
+REPLY = "The Incident Response Lead labor category has code 15-1212.03 [1]."
+
+
+def chat(reply: str = REPLY) -> dict:
+    return {"messages": [{"role": "system", "content": "Use only the numbered sources."},
+                         {"role": "user", "content": "Which code for an Incident Response Lead?"},
+                         {"role": "assistant", "content": reply}]}
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """pretrain (from scratch, tiny) -> two SFT variants -> DPO, each a few steps."""
+    from builder import align, pretrain, sft, training
+
+    root = tmp_path_factory.mktemp("stages")
+    (root / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
+    pairs = [{"prompt": chat()["messages"][:-1], "chosen": REPLY,
+              "rejected": "The Incident Response Lead labor category has code 15-9999.99."},
+             {"prompt": chat()["messages"][:-1], "chosen": REPLY}]  # rejected sampled from the model
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    pre = pretrain.run(pretrain.PretrainConfig(
+        out=root / "pretrain", init_shape="tiny", tokenizer_vocab_size=512, corpus=[CORPUS / "proposals"],
+        seq_len=64, batch_size=4, steps=30, learning_rate=3e-3, warmup_steps=0, eval_fraction=0.1))
+    lora = training.LoraSettings(r=16, alpha=32, train_embeddings=True)
+    sft_a = sft.run(sft.SFTConfig(out=root / "sft-a", model=pre, datasets=[root / "chats.jsonl"], lora=lora,
+                                  steps=25, batch_size=1, learning_rate=5e-3, warmup_steps=0))
+    sft_b = sft.run(sft.SFTConfig(out=root / "sft-b", model=pre, datasets=[root / "chats.jsonl"], lora=lora,
+                                  steps=5, batch_size=1, learning_rate=5e-3, warmup_steps=0, seed=1))
+    aligned = align.run(align.AlignConfig(out=root / "align", model=sft_a, datasets=[root / "pairs.jsonl"],
+                                          lora=lora, steps=4, batch_size=2, sample_max_tokens=6))
+    return {"root": root, "pretrain": pre, "sft-a": sft_a, "sft-b": sft_b, "align": aligned}
+
+
+def result(out: Path) -> dict:
+    return json.loads((out / "lineage.json").read_text())["result"]
+
+
+def test_pretrain_writes_checkpoint_and_lineage_and_learns(stages):
+    out = stages["pretrain"]
+    assert {"config.json", "model.safetensors", "tokenizer.model", "lineage.json"} <= {p.name for p in out.iterdir()}
+    record = json.loads((out / "lineage.json").read_text())
+    assert record["config"]["init_shape"] == "tiny" and record["versions"]["torch"]
+    corpus_input = record["inputs"][str(CORPUS / "proposals")]
+    assert corpus_input == lineage.hash_path(CORPUS / "proposals") and len(corpus_input) == 64
+    assert record["result"]["last_loss"] < record["result"]["first_loss"] - 0.3
+    assert record["result"]["eval_loss"] is not None
+    assert not (out / "trainer").exists() and not out.with_name("pretrain.partial").exists()
+
+
+def test_sft_learns_the_reply_and_only_the_reply(stages):
+    from builder import training
+
+    r = result(stages["sft-a"])
+    assert r["last_loss"] < r["first_loss"] * 0.5, r
+    assert (stages["sft-a"] / "adapter" / "adapter_config.json").is_file()
+    tok = training.Tokenizer(stages["pretrain"])
+    ids, mask = training.encode_chat(tok, chat()["messages"])
+    learned = [i for i, m in zip(ids, mask, strict=True) if m]
+    assert tok.decode(learned).strip() == REPLY  # the reply and its EOS, nothing of the prompt
+    assert learned[-1] == tok.eos_id
+    prompt, completion = training.prompt_completion(chat()["messages"])
+    assert tok.encode(prompt) + tok.encode(completion) == ids[: len(tok.encode(prompt) + tok.encode(completion))]
+
+
+def test_align_samples_missing_rejected_replies_and_trains(stages):
+    r = result(stages["align"])
+    assert r["generated_rejected"] == 1 and r["pairs"] + r["dropped_identical"] == 2
+    assert r["steps"] == 4 and "rewards_margins" in r
+
+
+def test_merge_refuses_mismatched_models_before_reading_tensors(stages, tmp_path):
+    from builder import merge
+    from builder.synth import synthesize
+
+    other = tmp_path / "other"
+    synthesize("tiny", other, ["some text to train a tokenizer on"] * 50)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (other / "config.json").write_text(json.dumps(cfg))
+    (other / "model.safetensors").write_bytes(b"not read")  # proves no tensor is read
+    config = merge.MergeConfig(out=tmp_path / "m", method="ties", base_model=stages["pretrain"],
+                               models=[{"model": stages["sft-a"]}, {"model": other}])
+    with pytest.raises(BuilderError, match=r"num_hidden_layers differs \(3 vs 2\)"):
+        merge.run(config)
+    cfg["num_hidden_layers"] = 2
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BuilderError, match="tokenizer.model files differ"):
+        merge.run(config)
+    assert not (tmp_path / "m").exists()
+
+
+def test_ties_merge_loads_and_generates(stages):
+    import llama_cpp
+
+    from builder import llamacpp, merge
+
+    out = merge.run(merge.MergeConfig(out=stages["root"] / "merge", method="ties", base_model=stages["pretrain"],
+                                      models=[{"model": stages["align"], "density": 0.7, "weight": 0.5},
+                                              {"model": stages["sft-b"], "density": 0.7, "weight": 0.5}]))
+    assert result(out)["recipe"]["merge_method"] == "ties"
+    gguf = llamacpp.convert_hf(out, stages["root"] / "merged.gguf", "f16")
+    llm = llama_cpp.Llama(str(gguf), n_ctx=256, verbose=False, n_threads=2)
+    try:
+        text = llm("<|user|>\nWhich code for an Incident Response Lead?\n<|assistant|>\n", max_tokens=12,
+                   temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+    assert llm is not None and isinstance(text, str) and len(text) > 0
+
+
+def test_merge_config_checks_method_needs():
+    from builder.merge import MergeConfig
+
+    with pytest.raises(ValueError, match="ties needs base_model"):
+        MergeConfig(out=Path("x"), method="ties", models=[{"model": "a"}, {"model": "b"}])
+    with pytest.raises(ValueError, match="slerp merges exactly two models and needs t"):
+        MergeConfig(out=Path("x"), method="slerp", base_model="a", models=[{"model": "a"}, {"model": "b"}])
+
+
+@pytest.fixture(scope="module")
+def exported(stages):
+    from builder import export
+
+    return export.run(export.ExportConfig(out=stages["root"] / "export", model=stages["sft-a"],
+                                          quants=["Q8_0", "Q4_K_M"]))
+
+
+def test_export_writes_each_quant_and_perplexity_stays_close(exported):
+    from builder import llamacpp
+
+    files = json.loads((exported / "export.json").read_text())["files"]
+    assert set(files) == {"F16", "Q8_0", "Q4_K_M"}
+    # the tiny model's rows (64 wide) cannot take K-quant blocks (256): llama.cpp falls back, recorded
+    assert files["Q4_K_M"]["fallback_tensors"] > 0 and files["Q8_0"]["fallback_tensors"] == 0
+    text = (CORPUS / "proposals" / "2020-SBA-loan-portal.md").read_text()
+    ppl = {q: llamacpp.perplexity(exported / f"model-{q}.gguf", text, ctx=128)["perplexity"] for q in files}
+    assert ppl["Q8_0"] < ppl["F16"] * 1.02
+    assert ppl["Q4_K_M"] < ppl["F16"] * 1.25
+
+
+def test_export_of_an_adapter_merges_it_into_its_base(stages, tmp_path):
+    from builder import export
+
+    out = export.run(export.ExportConfig(out=tmp_path / "e", model=stages["sft-a"] / "adapter",
+                                         base=stages["pretrain"], quants=["Q8_0"]))
+    assert (out / "model-Q8_0.gguf").stat().st_size > 0 and not (out / "merged-hf").exists()
+
+
+def test_export_refuses_rows_that_no_block_fits(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from builder import export, llamacpp
+    from builder.synth import train_tokenizer
+
+    train_tokenizer(["odd widths need a clear refusal"] * 50, tmp_path / "odd", 300)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(tmp_path / "odd")
+    f16 = llamacpp.convert_hf(tmp_path / "odd", tmp_path / "odd.gguf", "f16")
+    with pytest.raises(BuilderError, match=r"rows of 48 values: Q4_K_M cannot store them"):
+        export.row_check(f16, "Q4_K_M")
+    with pytest.raises(ValueError, match="need an importance matrix"):
+        export.ExportConfig(out=tmp_path / "x", model=tmp_path / "odd", quants=["IQ2_XS"])
+    with pytest.raises(ValueError, match="unknown quant type Q3_WHAT"):
+        export.ExportConfig(out=tmp_path / "x", model=tmp_path / "odd", quants=["Q3_WHAT"])
+
+
+def test_eval_gate_fails_with_the_numbers(exported, embedder_dir, tmp_path):
+    from builder import evaluate
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "a", "kind": "lcat_code", "question": "Code of an Incident Response Lead?",
+                                     "must_contain": ["15-1212.03"]}) + "\n")
+    config = evaluate.EvalConfig(out=tmp_path / "eval", export=exported,
+                                 heldout=[CORPUS / "proposals" / "2020-SBA-loan-portal.md"], ppl_ctx=128,
+                                 questions=questions, corpus=[CORPUS / "reference"], embedder=embedder_dir,
+                                 max_tokens=8, gate={"max_ppl_increase": 0.5, "min_accuracy_with_retrieval": 0.9,
+                                                     "kind": "lcat_code"})
+    with pytest.raises(GateFailed, match=r"Q8_0 on lcat_code questions: 0% exact with retrieval \(needs >= 90%\)"):
+        evaluate.run(config)
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["gate"]["passed"] is False
+    assert set(report["perplexity"]) == {"F16", "Q8_0", "Q4_K_M"}
+    row = report["tasks"]["Q8_0"]["answers"][0]
+    assert row["retrieved_answer_source"] is True  # retrieval found the row; the tiny model just cannot read it
+    with pytest.raises(GateFailed):  # the gate holds on every later look, not only the first
+        evaluate.check_gate(tmp_path / "eval")
+
+
+def _pipeline(tmp_path: Path, sft_steps: int) -> Path:
+    (tmp_path / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
+    spec = {"name": "t", "work": "work", "stages": [
+        {"name": "pretrain", "stage": "pretrain", "config": {
+            "init_shape": "tiny", "tokenizer_vocab_size": 512, "corpus": [str(CORPUS / "proposals")],
+            "seq_len": 64, "batch_size": 2, "steps": 2}},
+        {"name": "sft", "stage": "sft", "config": {"model": "@pretrain", "datasets": ["chats.jsonl"],
+                                                   "steps": sft_steps, "batch_size": 1}}]}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_run_skips_unchanged_stages_and_reruns_what_changed(tmp_path):
+    from builder import pipeline
+
+    path = _pipeline(tmp_path, 2)
+    first = pipeline.run(path)
+    assert [s["skipped"] for s in first["stages"].values()] == [False, False]
+    assert [s["skipped"] for s in pipeline.run(path)["stages"].values()] == [True, True]
+    (tmp_path / "chats.jsonl").write_text(json.dumps(chat("Another reply [1].")) + "\n")
+    assert [s["skipped"] for s in pipeline.run(path)["stages"].values()] == [True, False]
+    forced = pipeline.run(path, force=["pretrain"])["stages"]
+    assert forced["pretrain"]["skipped"] is False  # sft reruns only if the new output differs
+
+
+def test_run_resumes_after_a_stage_is_killed(tmp_path):
+    path = _pipeline(tmp_path, 100_000)
+    builder = [sys.executable, "-m", "builder.cli", "run", str(path)]
+    proc = subprocess.Popen(builder, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    partial = tmp_path / "work" / "sft.partial"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial.exists() and not (tmp_path / "work" / "sft").exists()  # nothing looks finished
+    assert (tmp_path / "work" / "pretrain" / "lineage.json").is_file()
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"][1]["config"]["steps"] = 2  # (only to end the test quickly: sft reruns either way)
+    path.write_text(yaml.safe_dump(spec))
+    done = subprocess.run(builder, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "[pretrain] unchanged, skipped" in done.stderr and "[sft] running sft" in done.stderr
+    assert (tmp_path / "work" / "sft" / "lineage.json").is_file() and not partial.exists()
+
+
+def test_config_errors_name_the_field_and_exit_4(tmp_path):
+    from click.testing import CliRunner
+
+    from builder.cli import cli
+
+    bad = tmp_path / "sft.yaml"
+    bad.write_text("out: o\nmodel: m\ndatasets: [d.jsonl]\nlearning_rte: 0.1\nsteps: -1\n")
+    run = CliRunner().invoke(cli, ["sft", str(bad)])
+    assert run.exit_code == 4
+    assert "learning_rte: Extra inputs are not permitted" in run.output
+    assert "steps: Input should be greater than or equal to 1" in run.output
+    (tmp_path / "p.yaml").write_text("name: x\nwork: w\nstages:\n  - {name: a, stage: sft, config: {model: '@b'}}\n")
+    run = CliRunner().invoke(cli, ["run", str(tmp_path / "p.yaml")])
+    assert run.exit_code == 4 and "refers to @b, which is not an earlier stage" in run.output
+
+
+def test_stage_help_lists_every_field():
+    from click.testing import CliRunner
+
+    from builder.cli import cli
+    from builder.pretrain import PretrainConfig
+
+    out = CliRunner().invoke(cli, ["pretrain", "--help"]).output
+    assert all(f"  {name}:" in out for name in PretrainConfig.model_fields)
+    assert "Example CONFIG" in out
