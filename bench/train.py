@@ -76,7 +76,7 @@ def plain_trainer(model_dir: Path, data: Path, steps: int, batch: int, max_lengt
     base = training.load_model(model_dir)
     if use_cache is not None:
         base.config.use_cache = use_cache
-    model = get_peft_model(base, lora.peft_config())
+    model = get_peft_model(base, lora.peft_config(base))
     with tempfile.TemporaryDirectory() as tmp:
         args = training.training_arguments(Path(tmp), steps=steps, batch_size=batch, grad_accum=1,
                                            learning_rate=2e-4, warmup_steps=2, seed=0)

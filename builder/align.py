@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from builder.errors import BuilderError
-from builder.training import DEFAULT_TEMPLATE, LoraSettings
+from builder.training import LoraSettings
 
 
 class AlignConfig(BaseModel):
@@ -27,7 +27,8 @@ class AlignConfig(BaseModel):
     out: Path = Field(description="Directory to write the aligned checkpoint to")
     model: Path = Field(description="Checkpoint to align (usually an sft or merge output)")
     datasets: list[Path] = Field(min_length=1, description="JSONL of {prompt, chosen, rejected} preference pairs")
-    chat_template: Path = Field(DEFAULT_TEMPLATE, description="Jinja chat template (the one the generation ships)")
+    chat_template: Path | None = Field(None, description="Jinja chat template (default: the model's own, "
+                                       "else the builder's)")
     generate_rejected: Literal["missing", "always", "never"] = Field(
         "missing", description="Sample `rejected` from the model for rows without one, for every row, or never")
     sample_temperature: float = Field(1.0, gt=0, le=2, description="Temperature of generated rejected replies")
@@ -44,7 +45,7 @@ class AlignConfig(BaseModel):
     seed: int = Field(0, description="Seed for sampling and data order")
 
     def inputs(self) -> list[Path]:
-        return [self.model, *self.datasets, self.chat_template]
+        return [p for p in [self.model, *self.datasets, self.chat_template] if p is not None]
 
 
 def sample_replies(model, tok, prompts: list[str], *, temperature: float, max_tokens: int, seed: int) -> list[str]:
@@ -59,7 +60,7 @@ def sample_replies(model, tok, prompts: list[str], *, temperature: float, max_to
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_tokens, do_sample=True, temperature=temperature,
                                  eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
-        replies.append(tok.decode(out[0, ids.shape[1]:].tolist()).split("</s>")[0].strip())
+        replies.append(tok.decode(out[0, ids.shape[1]:].tolist()).split(tok.eos_token)[0].strip())
     model.train()
     return replies
 
@@ -72,13 +73,13 @@ def run(config: AlignConfig) -> Path:
 
     with lineage.staged_output("align", config, config.inputs()) as (out, record):
         # -- data
-        tok = training.Tokenizer(training.check_checkpoint(config.model))
+        tok = training.Tokenizer(training.check_checkpoint(config.model), config.chat_template)
         rows = [row for path in config.datasets for row in training.read_jsonl(path, ("prompt", "chosen"))]
         pairs = []
         for row in rows:
             prompt = row["prompt"]
             if isinstance(prompt, list):
-                prompt = training.render_chat(prompt, add_generation_prompt=True, template=config.chat_template)
+                prompt = tok.render(prompt, add_generation_prompt=True)
             pairs.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row.get("rejected")})
         model = training.load_model(config.model)
         todo = [p for p in pairs if config.generate_rejected == "always"
@@ -98,9 +99,9 @@ def run(config: AlignConfig) -> Path:
         pairs = [p for p in pairs if p not in same]
         if not pairs:
             raise BuilderError("every rejected reply equals its chosen one", "nothing to learn from these pairs")
-        for p in pairs:
-            p["chosen"] += "</s>"
-            p["rejected"] += "</s>"
+        for p in pairs:  # the reply ends the turn as the template ends it
+            p["chosen"] = end_turn(tok, p["chosen"])
+            p["rejected"] = end_turn(tok, p["rejected"])
 
         # -- train
         args = training.training_arguments(
@@ -108,18 +109,28 @@ def run(config: AlignConfig) -> Path:
             learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, seed=config.seed,
             cls=DPOConfig, beta=config.beta, max_length=config.max_length, dataset_num_proc=None)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                             processing_class=training.hf_tokenizer(tok), peft_config=config.lora.peft_config())
+                             processing_class=training.hf_tokenizer(tok), peft_config=config.lora.peft_config(model))
         margins = MetricTail(("rewards/margins", "rewards/accuracies"))
         trainer.add_callback(margins)
         stats = training.run_trainer(trainer, training.callbacks(config.max_minutes, "align"))
 
         # -- save
-        trainer.model.save_pretrained(out / "adapter")
-        training.save_model(trainer.model, tok, out)
+        if lineage.rank() == 0 and not trainer.is_fsdp_enabled:
+            trainer.model.save_pretrained(out / "adapter")
+        training.save_model(trainer.model, tok, out, trainer)
         training.remove_trainer_dir(out)
         record.update(stats, pairs=len(pairs), dropped_identical=len(same), generated_rejected=len(todo),
                       **margins.last())
     return config.out
+
+
+def end_turn(tok, reply: str) -> str:
+    """`reply` followed by whatever the chat template puts after an assistant turn, through EOS."""
+    from builder.training import prompt_completion
+
+    probe = "\x00REPLY\x00"
+    full = prompt_completion(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}])[1]
+    return reply + full.split(probe, 1)[1]
 
 
 class MetricTail:

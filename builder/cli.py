@@ -157,8 +157,9 @@ def _make_stage_command(name: str, module: str, cls_name: str, summary: str, exa
     import importlib
 
     def command(config: Path) -> None:
-        from builder.lineage import load_config, read_lineage
+        from builder.lineage import init_distributed, load_config, read_lineage
 
+        init_distributed()
         mod = importlib.import_module(module)
         cfg = load_config(getattr(mod, cls_name), config)
         out = mod.run(cfg)

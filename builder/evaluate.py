@@ -45,8 +45,8 @@ class EvalConfig(BaseModel):
     questions: Path | None = Field(None, description="JSONL of {id, question, must_contain: [...], kind?}")
     corpus: list[Path] = Field([], description="Documents the retrieval index is built from")
     embedder: Path | None = Field(None, description="Embedder directory (builder embedder export)")
-    chat_template: Path = Field(Path(__file__).parent / "templates" / "chat_template.jinja",
-                                description="The template the generation ships")
+    chat_template: Path | None = Field(None, description="The template the generation ships (default: the "
+                                       "export's chat_template.jinja)")
     top_k: int = Field(5, ge=1, le=50, description="Sources per question (the appliance's default)")
     n_ctx: int = Field(2048, ge=256, description="Context window for answers")
     max_tokens: int = Field(96, ge=1, description="Answer length cap")
@@ -64,6 +64,15 @@ def ggufs(export: Path) -> dict[str, Path]:
     if "F16" not in found:
         raise BuilderError(f"{export}: no model-F16.gguf", "point export at a `builder export` output")
     return found
+
+
+def template_for(config: EvalConfig) -> str:
+    from builder.training import DEFAULT_TEMPLATE
+
+    for path in (config.chat_template, config.export / "chat_template.jinja", DEFAULT_TEMPLATE):
+        if path is not None and path.is_file():
+            return path.read_text()
+    raise BuilderError("no chat template found", "set chat_template in the eval config")
 
 
 def correct(answer: str, must_contain: list[str]) -> bool:
@@ -167,7 +176,7 @@ def run(config: EvalConfig) -> Path:
 
             questions = read_jsonl(config.questions, ("question", "must_contain"))
             embedder = OnnxEmbedder(config.embedder)
-            template = config.chat_template.read_text()
+            template = template_for(config)
             quants = [q.upper() for q in (config.task_quants or [q for q in models if q != "F16"] or ["F16"])]
             report["tasks"] = {}
             with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "index.db") as store:

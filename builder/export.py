@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from builder import llamacpp
 from builder.errors import BuilderError
+from builder.training import chat_template_text
 
 
 class ImatrixSettings(BaseModel):
@@ -108,6 +109,8 @@ def run(config: ExportConfig) -> Path:
         if (source / "adapter_config.json").is_file() and not (source / "config.json").is_file():
             source = merge_adapter(source, config.base, out / "merged-hf")
         f16 = llamacpp.convert_hf(source, out / "model-F16.gguf", "f16")
+        # The template the model was tuned with travels to eval and into the generation.
+        (out / "chat_template.jinja").write_text(chat_template_text(source))
         files = {"F16": {"file": f16.name, "bytes": f16.stat().st_size}}
 
         # -- importance matrix from the customer's text

@@ -127,13 +127,45 @@ def is_current(out: Path, key: str) -> bool:
     return bool(lineage and lineage.get("key") == key)
 
 
+def rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed() -> None:
+    """Join the process group when launched by torchrun / accelerate launch (several processes)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op when not distributed)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 @contextlib.contextmanager
 def staged_output(stage: str, config: BaseModel, inputs: list[Path]) -> Iterator[tuple[Path, dict]]:
     """Yield (partial directory, record); on success write lineage.json there and move it into place.
 
     The record is the stage's to fill (metrics, artifacts); it lands in lineage.json under `result`.
+    Under torchrun/accelerate every rank trains, rank 0 alone writes the output; the others work in
+    a scratch directory and wait for it.
     """
     out: Path = config.out  # type: ignore[attr-defined]
+    if rank() != 0:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"{stage}-rank{rank()}-") as scratch:
+            yield Path(scratch), {}
+        barrier()
+        return
     hashes = input_hashes(inputs)
     key = stage_key(stage, config, hashes)
     partial = out.with_name(out.name + ".partial")
@@ -162,6 +194,7 @@ def staged_output(stage: str, config: BaseModel, inputs: list[Path]) -> Iterator
     else:
         partial.rename(out)
     print(f"{stage}: wrote {out} in {lineage['seconds']:.0f} s", file=sys.stderr)
+    barrier()
 
 
 def device() -> tuple[str, bool]:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from builder.errors import BuilderError
 
 StageKind = Literal["pretrain", "sft", "align", "merge", "export", "eval", "embedder"]
+TRAINING = {"pretrain", "sft", "align"}  # stages every rank runs under torchrun / accelerate launch
 REF = re.compile(r"^@([A-Za-z0-9_.-]+)(/.*)?$")
 
 
@@ -58,7 +59,8 @@ class GenerationSpec(BaseModel):
     model: str = Field(description="The GGUF to ship, e.g. @export/model-Q4_K_M.gguf")
     embedder: str = Field(description="Embedder directory, e.g. @embedder")
     eval: str | None = Field(None, description="Eval stage whose eval.json ships with the generation")
-    chat_template: Path | None = Field(None, description="Template to ship (default: the builder's)")
+    chat_template: Path | None = Field(None, description="Template to ship (default: the one the model was "
+                                       "tuned with, saved beside the GGUF by export)")
 
 
 class Pipeline(BaseModel):
@@ -138,6 +140,7 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None)
     from builder import evaluate, generation, lineage
 
     pipeline = load(path)
+    lineage.init_distributed()
     base = path.parent.resolve()
     configs = stage_configs(pipeline, base)
     names = [s.name for s, _ in configs]
@@ -154,9 +157,15 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None)
         if not forced and lineage.is_current(config.out, key):
             print(f"[{spec.name}] unchanged, skipped", file=sys.stderr)
             summary[spec.name] = {"skipped": True, **lineage.read_lineage(config.out)["result"]}
+        elif spec.stage not in TRAINING and lineage.rank() != 0:
+            lineage.barrier()  # under torchrun, rank 0 alone merges, exports and evaluates
+            summary[spec.name] = {"skipped": True}
+            continue
         else:
             print(f"[{spec.name}] running {spec.stage} ...", file=sys.stderr)
             module.run(config)
+            if spec.stage not in TRAINING:
+                lineage.barrier()
             summary[spec.name] = {"skipped": False, **lineage.read_lineage(config.out)["result"]}
         if spec.stage == "eval":
             evaluate.check_gate(config.out)
@@ -164,7 +173,7 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None)
             return {"stages": _brief(summary), "seconds": round(time.perf_counter() - started, 1)}
 
     out = None
-    if pipeline.generation:
+    if pipeline.generation and lineage.rank() == 0:
         g = pipeline.generation
         outputs = {s.name: c.out for s, c in configs}
         model = Path(_resolve(g.model, outputs, base))
@@ -175,11 +184,18 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None)
             (base / g.out).resolve() if not g.out.is_absolute() else g.out, name=g.name or pipeline.name,
             model=generation.check_exists(model, "model"),
             embedder_dir=generation.check_exists(Path(_resolve(g.embedder, outputs, base)), "embedder"),
-            template=g.chat_template or Path(__file__).parent / "templates" / "chat_template.jinja",
+            template=g.chat_template or _template_beside(model),
             stages=stages, eval_dir=Path(_resolve(g.eval, outputs, base)) if g.eval else None,
             base_model=pipeline.base_model)
     return {"stages": _brief(summary), "generation": str(out) if out else None,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _template_beside(model: Path) -> Path:
+    from builder.training import DEFAULT_TEMPLATE
+
+    beside = model.parent / "chat_template.jinja"
+    return beside if beside.is_file() else DEFAULT_TEMPLATE
 
 
 def _brief(summary: dict[str, dict]) -> dict:

@@ -148,7 +148,7 @@ def run(config: PretrainConfig) -> Path:
         if config.method == "lora":
             from peft import get_peft_model
 
-            model = get_peft_model(model, config.lora.peft_config())
+            model = get_peft_model(model, config.lora.peft_config(model))
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"pretrain: {n_params:,} parameters ({n_train:,} trained, {config.method}) on {len(train_blocks)} x "
@@ -165,7 +165,7 @@ def run(config: PretrainConfig) -> Path:
         eval_loss = trainer.evaluate(Blocks(eval_blocks))["eval_loss"] if eval_blocks else None
 
         # -- save
-        training.save_model(trainer.model, tok, out)
+        training.save_model(trainer.model, tok, out, trainer)
         record.update(stats, parameters=n_params, trained_parameters=n_train, train_blocks=len(train_blocks),
                       replay_blocks=n_replay, eval_blocks=len(eval_blocks),
                       eval_loss=round(eval_loss, 4) if eval_loss is not None else None,

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from builder.errors import BuilderError
-from builder.training import DEFAULT_TEMPLATE, LoraSettings
+from builder.training import LoraSettings
 
 
 class SFTConfig(BaseModel):
@@ -28,7 +28,8 @@ class SFTConfig(BaseModel):
     out: Path = Field(description="Directory to write the tuned checkpoint to")
     model: Path = Field(description="Checkpoint to tune (a pretrain output or any local HF checkpoint)")
     datasets: list[Path] = Field(min_length=1, description="JSONL files of {\"messages\": [...]} chats")
-    chat_template: Path = Field(DEFAULT_TEMPLATE, description="Jinja chat template (the one the generation ships)")
+    chat_template: Path | None = Field(None, description="Jinja chat template (default: the model's own, "
+                                       "else the builder's); it is saved with the model and shipped")
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters, or every weight")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="With method: lora")
     max_length: int = Field(1024, ge=32, description="Longer chats are cut (and counted in lineage)")
@@ -44,7 +45,7 @@ class SFTConfig(BaseModel):
     seed: int = Field(0, description="Seed for data order and the split")
 
     def inputs(self) -> list[Path]:
-        return [self.model, *self.datasets, self.chat_template]
+        return [p for p in [self.model, *self.datasets, self.chat_template] if p is not None]
 
 
 def run(config: SFTConfig) -> Path:
@@ -56,11 +57,11 @@ def run(config: SFTConfig) -> Path:
 
     with lineage.staged_output("sft", config, config.inputs()) as (out, record):
         # -- data
-        tok = training.Tokenizer(training.check_checkpoint(config.model))
+        tok = training.Tokenizer(training.check_checkpoint(config.model), config.chat_template)
         chats = [row["messages"] for path in config.datasets for row in training.read_jsonl(path, ("messages",))]
         rows, truncated = [], 0
         for chat in chats:
-            ids, mask = training.encode_chat(tok, chat, config.chat_template)
+            ids, mask = training.encode_chat(tok, chat)
             if not any(mask):
                 raise BuilderError("a chat has no assistant reply to learn", "end each chat with the assistant")
             truncated += len(ids) > config.max_length
@@ -71,7 +72,7 @@ def run(config: SFTConfig) -> Path:
 
         # -- model
         model = training.load_model(config.model)
-        peft_config = config.lora.peft_config() if config.method == "lora" else None
+        peft_config = config.lora.peft_config(model) if config.method == "lora" else None
         print(f"sft: {len(train_rows)} chats ({truncated} cut at {config.max_length} tokens), {config.method}, "
               f"at most {config.steps} steps", file=sys.stderr)
 
@@ -89,9 +90,9 @@ def run(config: SFTConfig) -> Path:
         eval_loss = (trainer.evaluate(Dataset.from_list(eval_rows))["eval_loss"] if eval_rows else None)
 
         # -- save
-        if peft_config is not None:
+        if peft_config is not None and lineage.rank() == 0 and not trainer.is_fsdp_enabled:
             trainer.model.save_pretrained(out / "adapter")
-        training.save_model(trainer.model, tok, out)
+        training.save_model(trainer.model, tok, out, trainer)
         training.remove_trainer_dir(out)
         record.update(stats, chats=len(train_rows), truncated=truncated, trained_parameters=n_train,
                       eval_loss=round(eval_loss, 4) if eval_loss is not None else None)

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from builder.errors import BuilderError
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 class LoraSettings(BaseModel):
@@ -35,44 +36,78 @@ class LoraSettings(BaseModel):
     train_embeddings: bool = Field(False, description="Also train embed_tokens and lm_head in full (new "
                                    "vocabulary or domain terms need it; they are frozen otherwise)")
 
-    def peft_config(self):
+    def peft_config(self, model=None):
+        """PEFT's LoraConfig; with trained embeddings on a model that ties them to the output head,
+        the two stay one tensor (else the merged checkpoint would silently untie them)."""
         from peft import LoraConfig
 
+        tied = bool(model is not None and getattr(model.config, "tie_word_embeddings", False))
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=self.target_modules, task_type="CAUSAL_LM",
-                          modules_to_save=["embed_tokens", "lm_head"] if self.train_embeddings else None)
+                          modules_to_save=["embed_tokens", "lm_head"] if self.train_embeddings else None,
+                          ensure_weight_tying=self.train_embeddings and tied)
 
 
 class Tokenizer:
-    """The checkpoint's SentencePiece model, encoding as llama.cpp does."""
+    """A checkpoint's tokenizer and chat template, encoding text as llama.cpp will.
 
-    def __init__(self, model_dir: Path):
-        import sentencepiece as spm
+    Two kinds: a SentencePiece `tokenizer.model` alone (what the builder trains; encoded with
+    `builder.synth.encode`, tested token for token against llama.cpp) or a Hugging Face
+    `tokenizer.json` (Llama 3, Qwen, Mistral...: llama.cpp implements the same pre-tokenizers).
+    The chat template is, in order: the one given, the checkpoint's `chat_template.jinja`, the
+    `chat_template` of its tokenizer_config.json, the builder's own.
+    """
 
-        path = model_dir / "tokenizer.model"
-        if not path.is_file():
-            raise BuilderError(f"{model_dir}: no tokenizer.model",
-                               "the builder trains SentencePiece checkpoints (Llama 2 / Mistral style); a "
-                               "checkpoint with only tokenizer.json is not supported yet")
+    def __init__(self, model_dir: Path, template: Path | None = None):
         self.dir = model_dir
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.template_text = chat_template_text(model_dir, template)
+        if (model_dir / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.sp = None
+            self.bos_token, self.eos_token = self.hf.bos_token or "", self.hf.eos_token
+            self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
+        elif (model_dir / "tokenizer.model").is_file():
+            import sentencepiece as spm
+
+            self.hf = None
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+            self.bos_token, self.eos_token = self.sp.IdToPiece(self.bos_id), self.sp.IdToPiece(self.eos_id)
+        else:
+            raise BuilderError(f"{model_dir}: no tokenizer.json or tokenizer.model",
+                               "copy the base model's tokenizer files next to its weights")
 
     def encode(self, text: str) -> list[int]:
+        if self.hf is not None:
+            return self.hf(text, add_special_tokens=False)["input_ids"]
         from builder.synth import encode
 
         return encode(self.sp, text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        return self.hf.decode(ids) if self.hf is not None else self.sp.decode(ids)
+
+    def piece(self, token_id: int) -> str:
+        return self.hf.convert_ids_to_tokens(token_id) if self.hf is not None else self.sp.IdToPiece(token_id)
 
     def __len__(self) -> int:
-        return self.sp.get_piece_size()
+        return len(self.hf) if self.hf is not None else self.sp.get_piece_size()
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """A chat as the appliance will render it (same template, BOS/EOS as text)."""
+        return _template(self.template_text).render(messages=messages, bos_token=self.bos_token,
+                                                    eos_token=self.eos_token,
+                                                    add_generation_prompt=add_generation_prompt)
 
     def save(self, out: Path) -> None:
-        for name in TOKENIZER_FILES:
-            if (self.dir / name).is_file() and self.dir.resolve() != out.resolve():
-                shutil.copyfile(self.dir / name, out / name)
+        """Tokenizer files and the chat template used, so later stages and the export find them."""
+        if self.dir.resolve() != out.resolve():
+            for name in TOKENIZER_FILES:
+                if (self.dir / name).is_file():
+                    shutil.copyfile(self.dir / name, out / name)
+        (out / "chat_template.jinja").write_text(self.template_text)
 
 
 def check_checkpoint(path: Path) -> Path:
@@ -97,11 +132,35 @@ def load_model(path: Path, *, for_training: bool = True):
     return model
 
 
-def save_model(model, tokenizer: Tokenizer, out: Path) -> None:
-    """A full checkpoint (LoRA merged in when present) in fp32 on CPU / bf16 on GPU, with the tokenizer."""
+def save_model(model, tokenizer: Tokenizer, out: Path, trainer=None) -> None:
+    """A full checkpoint (LoRA merged in when present) in fp32 on CPU / bf16 on GPU, with the tokenizer.
+
+    Distributed: under DDP rank 0 writes. Under FSDP the Trainer gathers the full state dict on every
+    rank and rank 0 writes it (an adapter then gets merged into its base from disk, on rank 0)."""
     from transformers.utils import logging as hf_logging
 
+    from builder.lineage import rank
+
     hf_logging.disable_progress_bar()
+    if trainer is not None and getattr(trainer, "is_fsdp_enabled", False):
+        gathered = out / "fsdp-gathered"
+        trainer.save_model(str(gathered))  # collective
+        if rank() == 0:
+            if (gathered / "adapter_config.json").is_file():
+                from peft import PeftModel
+
+                base = Path(json.loads((gathered / "adapter_config.json").read_text())["base_model_name_or_path"])
+                model = PeftModel.from_pretrained(load_model(base), str(gathered)).merge_and_unload()
+            else:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(gathered, local_files_only=True)
+            model.save_pretrained(out, safe_serialization=True)
+            tokenizer.save(out)
+            shutil.rmtree(gathered, ignore_errors=True)
+        return
+    if rank() != 0:
+        return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
@@ -214,6 +273,10 @@ def run_trainer(trainer, cbs: list) -> dict:
 
 def hf_tokenizer(tok: Tokenizer):
     """`tok` as a transformers tokenizer for TRL's trainers, encoding exactly as llama.cpp does."""
+    if tok.hf is not None:
+        if tok.hf.pad_token is None:
+            tok.hf.pad_token = tok.hf.eos_token
+        return tok.hf
     from transformers import BatchEncoding, PreTrainedTokenizer
 
     class LlamaCppTokenizer(PreTrainedTokenizer):
@@ -266,26 +329,51 @@ def hf_tokenizer(tok: Tokenizer):
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "chat_template.jinja"
 
 
-def render_chat(messages: list[dict], *, add_generation_prompt: bool = False,
-                template: Path = DEFAULT_TEMPLATE) -> str:
-    """A chat rendered with the template that ships in the generation (BOS/EOS as text pieces)."""
-    return _template(template).render(messages=messages, bos_token="<s>", eos_token="</s>",
-                                      add_generation_prompt=add_generation_prompt)
+def chat_template_text(model_dir: Path, template: Path | None = None) -> str:
+    if template is not None:
+        return template.read_text()
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text()
+    try:
+        found = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        found = None
+    return found if isinstance(found, str) else DEFAULT_TEMPLATE.read_text()
 
 
 @functools.cache
-def _template(path: Path):
+def _template(text: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    return ImmutableSandboxedEnvironment(keep_trailing_newline=True).from_string(path.read_text())
+    def raise_exception(message):
+        raise BuilderError(f"chat template: {message}", "check the messages' roles and order")
+
+    env = ImmutableSandboxedEnvironment(keep_trailing_newline=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(text)
 
 
-def prompt_completion(messages: list[dict], template: Path = DEFAULT_TEMPLATE) -> tuple[str, str]:
-    """(prompt up to the reply, reply with EOS) for a chat ending in an assistant message."""
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """A chat in the builder's own template (the demo's models), before any tokenizer exists."""
+    return _template(DEFAULT_TEMPLATE.read_text()).render(messages=messages, bos_token="<s>", eos_token="</s>",
+                                                          add_generation_prompt=add_generation_prompt)
+
+
+def prompt_completion(tok: Tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """(prompt up to the reply, the reply through its end-of-turn) for a chat ending in the assistant."""
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("the last message must be the assistant's reply")
-    prompt = render_chat(messages[:-1], add_generation_prompt=True, template=template)
-    return prompt, messages[-1]["content"] + "</s>"
+    prompt = tok.render(messages[:-1], add_generation_prompt=True)
+    full = tok.render(messages)
+    if not full.startswith(prompt):
+        raise BuilderError("the chat template renders a prompt that is not a prefix of the whole chat",
+                           "use a template whose generation prompt matches its assistant turns")
+    return prompt, _through_eos(full[len(prompt):], tok.eos_token)
+
+
+def _through_eos(text: str, eos: str) -> str:
+    cut = text.rfind(eos)
+    return text[: cut + len(eos)] if cut >= 0 else text
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
@@ -307,24 +395,25 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def encode_chat(tok: Tokenizer, messages: list[dict], template: Path = DEFAULT_TEMPLATE) -> tuple[list[int], list[int]]:
-    """Token ids of a whole chat and a mask that is 1 on every assistant reply (its EOS included)."""
-    ids = tok.encode(render_chat(messages, template=template))
-    header = tok.sp.PieceToId("<|assistant|>")
-    newline = len(tok.encode("\n"))
-    mask, inside, skip = [], False, 0
-    for i in ids:
-        if i == header:
-            mask.append(0)
-            inside, skip = True, newline
-        elif inside and skip:
-            mask.append(0)
-            skip -= 1
-        elif inside:
-            mask.append(1)
-            inside = i != tok.eos_id
-        else:
-            mask.append(0)
+def encode_chat(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a whole chat and a mask that is 1 on every assistant reply (its end of turn
+    included), found by rendering each prefix of the chat: whatever the template."""
+    ids = tok.encode(tok.render(messages))
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(tok.encode(tok.render(messages[:i], add_generation_prompt=True)))
+        turn = tok.render(messages[: i + 1])
+        end = len(tok.encode(turn))
+        if tok.eos_token in turn[len(tok.render(messages[:i], add_generation_prompt=True)):]:
+            while end > start and ids[end - 1] != tok.eos_id:  # not what follows the end of turn
+                end -= 1
+        if ids[:start] != tok.encode(tok.render(messages[:i], add_generation_prompt=True)):
+            raise BuilderError("the chat template's prompt tokens are not a prefix of the chat's",
+                               "use a template whose generation prompt matches its assistant turns")
+        for j in range(start, end):
+            mask[j] = 1
     return ids, mask
 
 

@@ -75,7 +75,7 @@ def test_sft_learns_the_reply_and_only_the_reply(stages):
     learned = [i for i, m in zip(ids, mask, strict=True) if m]
     assert tok.decode(learned).strip() == REPLY  # the reply and its EOS, nothing of the prompt
     assert learned[-1] == tok.eos_id
-    prompt, completion = training.prompt_completion(chat()["messages"])
+    prompt, completion = training.prompt_completion(tok, chat()["messages"])
     assert tok.encode(prompt) + tok.encode(completion) == ids[: len(tok.encode(prompt) + tok.encode(completion))]
 
 
@@ -277,3 +277,56 @@ def test_stage_help_lists_every_field():
     out = CliRunner().invoke(cli, ["pretrain", "--help"]).output
     assert all(f"  {name}:" in out for name in PretrainConfig.model_fields)
     assert "Example CONFIG" in out
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A checkpoint shaped like Qwen's: a byte-level BPE tokenizer.json and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("hf-base")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [p.read_text() for p in (CORPUS / "proposals").glob("*.md")]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                                 tie_word_embeddings=False)).save_pretrained(out)
+    return out
+
+
+def test_sft_on_a_hugging_face_tokenizer_and_its_own_template(hf_checkpoint, tmp_path):
+    from builder import sft, training
+
+    tok = training.Tokenizer(hf_checkpoint)
+    assert tok.hf is not None and "<|im_start|>" in tok.template_text
+    ids, mask = training.encode_chat(tok, chat()["messages"])
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == REPLY + "<|im_end|>"
+    (tmp_path / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
+    out = sft.run(sft.SFTConfig(out=tmp_path / "sft", model=hf_checkpoint, datasets=[tmp_path / "chats.jsonl"],
+                                steps=20, batch_size=1, learning_rate=5e-3, warmup_steps=0,
+                                lora={"r": 16, "alpha": 32, "train_embeddings": True}))
+    r = result(out)
+    assert r["last_loss"] < r["first_loss"] * 0.6, r
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").read_text() == CHATML
+
+
+def test_the_real_model_example_pipeline_is_valid():
+    from builder import pipeline
+
+    path = Path(__file__).resolve().parent.parent / "builder" / "examples" / "pipeline-real-model.yaml"
+    configs = pipeline.stage_configs(pipeline.load(path), path.parent)
+    assert [s.stage for s, _ in configs] == ["pretrain", "sft", "sft", "align", "merge", "export", "embedder", "eval"]
+    export = dict(configs)[next(s for s, _ in configs if s.stage == "export")]
+    assert "IQ4_XS" in export.quants and export.imatrix is not None
