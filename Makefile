@@ -57,7 +57,7 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) $(LLAMA_SRC)/.extracted
 	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) -e '.[builder,dev]'
 	@touch $@
 
-# The demo generation: built once (under 10 minutes on 2 cores), installed and fed the demo corpus.
+# The demo generation: the whole builder chain (about 13 minutes on 2 cores, resumable), installed and fed the demo corpus.
 $(DEMO_GEN)/generation.json: | $(VENV)/.installed
 	$(BIN)/builder demo --out $(DEMO_GEN)
 

@@ -158,14 +158,12 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None)
             print(f"[{spec.name}] unchanged, skipped", file=sys.stderr)
             summary[spec.name] = {"skipped": True, **lineage.read_lineage(config.out)["result"]}
         elif spec.stage not in TRAINING and lineage.rank() != 0:
-            lineage.barrier()  # under torchrun, rank 0 alone merges, exports and evaluates
+            lineage.barrier()  # under torchrun, rank 0 alone merges, exports and evaluates; wait for it
             summary[spec.name] = {"skipped": True}
             continue
         else:
             print(f"[{spec.name}] running {spec.stage} ...", file=sys.stderr)
-            module.run(config)
-            if spec.stage not in TRAINING:
-                lineage.barrier()
+            module.run(config)  # its output is written (by rank 0) once every rank passes its barrier
             summary[spec.name] = {"skipped": False, **lineage.read_lineage(config.out)["result"]}
         if spec.stage == "eval":
             evaluate.check_gate(config.out)

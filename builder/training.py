@@ -179,7 +179,7 @@ def training_arguments(out: Path, *, steps: int, batch_size: int, grad_accum: in
     dev, bf16 = device()
     return cls(output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
                gradient_accumulation_steps=grad_accum, learning_rate=learning_rate, warmup_steps=warmup_steps,
-               lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, min(20, steps // 10)),
+               lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, min(10, steps // 10)),
                save_strategy="no", report_to=[], seed=seed, use_cpu=dev == "cpu", bf16=bf16,
                dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
                remove_unused_columns=False, activation_checkpointing=gradient_checkpointing,

@@ -330,3 +330,23 @@ def test_the_real_model_example_pipeline_is_valid():
     assert [s.stage for s, _ in configs] == ["pretrain", "sft", "sft", "align", "merge", "export", "embedder", "eval"]
     export = dict(configs)[next(s for s, _ in configs if s.stage == "export")]
     assert "IQ4_XS" in export.quants and export.imatrix is not None
+
+
+@pytest.mark.slow
+def test_export_with_an_importance_matrix_from_the_corpus(stages, tmp_path):
+    """llama-imatrix and llama-quantize are built from the pinned source once (cached beside it)."""
+    import llama_cpp
+
+    from builder import export
+
+    out = export.run(export.ExportConfig(out=tmp_path / "e", model=stages["sft-a"], quants=["IQ4_XS", "Q4_K_M"],
+                                         imatrix={"corpus": [CORPUS / "proposals"], "chunks": 4, "ctx": 128}))
+    report = json.loads((out / "export.json").read_text())
+    assert len(report["imatrix"]["sha256"]) == 64 and (out / "imatrix.gguf").is_file()
+    assert not (out / "calibration.txt").exists()
+    for quant in ("IQ4_XS", "Q4_K_M"):
+        llm = llama_cpp.Llama(str(out / f"model-{quant}.gguf"), n_ctx=64, verbose=False, n_threads=2)
+        try:
+            assert llm.tokenize(b"Transition plan") and llm.n_vocab() == 512
+        finally:
+            llm.close()
