@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+from pydantic import BaseModel
 
 from appliance.errors import ApplianceError
 
@@ -150,6 +151,10 @@ def _fields_help(cls, indent: str = "  ") -> list[str]:
         if field.default_factory is not None:
             default = ""
         lines.append(f"{indent}{name}: {field.description or ''}{default if len(default) < 60 else ''}")
+        nested = next((t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if nested is not None:
+            lines += _fields_help(nested, indent + "  ")
     return lines
 
 
@@ -163,7 +168,10 @@ def _make_stage_command(name: str, module: str, cls_name: str, summary: str, exa
         mod = importlib.import_module(module)
         cfg = load_config(getattr(mod, cls_name), config)
         out = mod.run(cfg)
-        click.echo(json.dumps({"out": str(out), **(read_lineage(out) or {}).get("result", {})}, indent=2))
+        result = (read_lineage(out) or {}).get("result", {})
+        for task in result.get("tasks", {}).values():  # every answer is in eval.json; stdout gets the totals
+            task.pop("answers", None)
+        click.echo(json.dumps({"out": str(out), **result}, indent=2))
 
     def help_text() -> str:
         mod = importlib.import_module(module)
