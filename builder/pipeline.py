@@ -82,6 +82,11 @@ class Pipeline(BaseModel):
                 if ref not in seen:
                     raise ValueError(f"stage {spec.name!r} refers to @{ref}, which is not an earlier stage")
             seen.add(spec.name)
+        if self.generation is not None:
+            g = self.generation
+            for ref in _refs([g.model, g.embedder, g.eval]):
+                if ref not in seen:
+                    raise ValueError(f"generation refers to @{ref}, which is not a stage")
         return self
 
 

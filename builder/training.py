@@ -403,15 +403,16 @@ def encode_chat(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[i
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        start = len(tok.encode(tok.render(messages[:i], add_generation_prompt=True)))
-        turn = tok.render(messages[: i + 1])
-        end = len(tok.encode(turn))
-        if tok.eos_token in turn[len(tok.render(messages[:i], add_generation_prompt=True)):]:
-            while end > start and ids[end - 1] != tok.eos_id:  # not what follows the end of turn
-                end -= 1
-        if ids[:start] != tok.encode(tok.render(messages[:i], add_generation_prompt=True)):
+        prompt = tok.render(messages[:i], add_generation_prompt=True)
+        prompt_ids = tok.encode(prompt)
+        if ids[: len(prompt_ids)] != prompt_ids:
             raise BuilderError("the chat template's prompt tokens are not a prefix of the chat's",
                                "use a template whose generation prompt matches its assistant turns")
+        turn = tok.render(messages[: i + 1])
+        start, end = len(prompt_ids), len(tok.encode(turn))
+        if tok.eos_token in turn[len(prompt):]:
+            while end > start and ids[end - 1] != tok.eos_id:  # not what follows the end of turn
+                end -= 1
         for j in range(start, end):
             mask[j] = 1
     return ids, mask

@@ -266,6 +266,10 @@ def test_config_errors_name_the_field_and_exit_4(tmp_path):
     (tmp_path / "p.yaml").write_text("name: x\nwork: w\nstages:\n  - {name: a, stage: sft, config: {model: '@b'}}\n")
     run = CliRunner().invoke(cli, ["run", str(tmp_path / "p.yaml")])
     assert run.exit_code == 4 and "refers to @b, which is not an earlier stage" in run.output
+    (tmp_path / "g.yaml").write_text("name: x\nwork: w\nstages:\n  - {name: e, stage: embedder, config: {}}\n"
+                                     "generation: {out: g, model: '@export/model-Q8_0.gguf', embedder: '@e'}\n")
+    run = CliRunner().invoke(cli, ["run", str(tmp_path / "g.yaml")])
+    assert run.exit_code == 4 and "generation refers to @export, which is not a stage" in run.output
 
 
 def test_stage_help_lists_every_field():
