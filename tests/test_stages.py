@@ -354,3 +354,20 @@ def test_export_with_an_importance_matrix_from_the_corpus(stages, tmp_path):
             assert llm.tokenize(b"Transition plan") and llm.n_vocab() == 512
         finally:
             llm.close()
+
+
+def test_pretrain_mixes_replay_text_at_the_ratio_asked(tmp_path):
+    from builder import pretrain
+
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": f"General text number {i}. " * 40}) + "\n" for i in range(20)))
+    out = pretrain.run(pretrain.PretrainConfig(
+        out=tmp_path / "p", init_shape="tiny", tokenizer_vocab_size=512, corpus=[CORPUS / "proposals"],
+        replay=[general], replay_ratio=0.25, seq_len=64, batch_size=2, steps=2, eval_fraction=0.1))
+    r = result(out)
+    domain = r["train_blocks"] - r["replay_blocks"]
+    assert r["replay_blocks"] == round(domain * 0.25 / 0.75) > 0
+    with pytest.raises(ValueError, match="replay_ratio > 0 needs replay text"):
+        pretrain.PretrainConfig(out=tmp_path / "x", init_shape="tiny", corpus=[CORPUS], replay_ratio=0.2)
+    with pytest.raises(ValueError, match="exactly one of base"):
+        pretrain.PretrainConfig(out=tmp_path / "x", corpus=[CORPUS])
