@@ -40,6 +40,8 @@ class AlignConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
     steps: int = Field(50, ge=1, description="Optimizer updates at most")
     max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
+                                   "command resumes from the last one")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (cosine decay)")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up updates")
     seed: int = Field(0, description="Seed for sampling and data order")
@@ -107,6 +109,7 @@ def run(config: AlignConfig) -> Path:
         args = training.training_arguments(
             out, steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
             learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, seed=config.seed,
+            save_every=config.save_every, checkpoints=lineage.checkpoint_dir("align", config),
             cls=DPOConfig, beta=config.beta, max_length=config.max_length, dataset_num_proc=None)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
                              processing_class=training.hf_tokenizer(tok), peft_config=config.lora.peft_config(model))

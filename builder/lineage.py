@@ -105,6 +105,14 @@ def git_commit() -> str | None:
         return None
 
 
+def checkpoint_dir(stage: str, config: BaseModel) -> Path:
+    """Where a stage's mid-training checkpoints go: beside its output, per config and inputs, so a
+    rerun resumes only the very same training. Removed when the stage completes."""
+    out: Path = config.out  # type: ignore[attr-defined]
+    key = stage_key(stage, config, input_hashes(config.inputs()))  # type: ignore[attr-defined]
+    return out.with_name(out.name + ".checkpoints") / key[:16]
+
+
 def versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in LIBRARIES:
@@ -193,6 +201,7 @@ def staged_output(stage: str, config: BaseModel, inputs: list[Path]) -> Iterator
         shutil.rmtree(old, ignore_errors=True)
     else:
         partial.rename(out)
+    shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
     print(f"{stage}: wrote {out} in {lineage['seconds']:.0f} s", file=sys.stderr)
     barrier()
 

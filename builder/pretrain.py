@@ -44,6 +44,8 @@ class PretrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
     steps: int = Field(200, ge=1, description="Optimizer updates at most")
     max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
+                                   "command resumes from the last one")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay)")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of domain blocks held out for eval loss")
@@ -159,6 +161,8 @@ def run(config: PretrainConfig) -> Path:
         args = training.training_arguments(out, steps=config.steps, batch_size=config.batch_size,
                                            grad_accum=config.grad_accum, learning_rate=config.learning_rate,
                                            warmup_steps=config.warmup_steps, seed=config.seed,
+                                           save_every=config.save_every,
+                                           checkpoints=lineage.checkpoint_dir("pretrain", config),
                                            gradient_checkpointing=config.gradient_checkpointing)
         trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks))
         stats = training.run_trainer(trainer, training.callbacks(config.max_minutes, "pretrain"))

@@ -38,6 +38,8 @@ class SFTConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
     steps: int = Field(100, ge=1, description="Optimizer updates at most")
     max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
+                                   "command resumes from the last one")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay)")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Share of chats held out for eval loss")
@@ -80,6 +82,7 @@ def run(config: SFTConfig) -> Path:
         args = training.training_arguments(
             out, steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
             learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, seed=config.seed,
+            save_every=config.save_every, checkpoints=lineage.checkpoint_dir("sft", config),
             gradient_checkpointing=config.gradient_checkpointing, cls=TrlSFTConfig,
             max_length=config.max_length, packing=config.packing, completion_only_loss=True,
             dataset_num_proc=None)

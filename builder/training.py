@@ -168,8 +168,10 @@ def save_model(model, tokenizer: Tokenizer, out: Path, trainer=None) -> None:
 
 
 def training_arguments(out: Path, *, steps: int, batch_size: int, grad_accum: int, learning_rate: float,
-                       warmup_steps: int, seed: int, gradient_checkpointing: bool = False, **extra):
-    """TrainingArguments shared by every stage (or TRL's subclass via `cls`)."""
+                       warmup_steps: int, seed: int, gradient_checkpointing: bool = False,
+                       save_every: int | None = None, checkpoints: Path | None = None, **extra):
+    """TrainingArguments shared by every stage (or TRL's subclass via `cls`). With `save_every`, a
+    checkpoint every N steps in `checkpoints` (kept outside the stage's output, so a crash keeps it)."""
     from transformers import TrainingArguments
 
     from builder.lineage import device
@@ -177,10 +179,12 @@ def training_arguments(out: Path, *, steps: int, batch_size: int, grad_accum: in
     cls = extra.pop("cls", TrainingArguments)
     quiet()
     dev, bf16 = device()
-    return cls(output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
+    saving = {"save_strategy": "steps", "save_steps": save_every, "save_total_limit": 1} if save_every else \
+        {"save_strategy": "no"}
+    return cls(output_dir=str(checkpoints if save_every and checkpoints else out / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
                gradient_accumulation_steps=grad_accum, learning_rate=learning_rate, warmup_steps=warmup_steps,
                lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, min(10, steps // 10)),
-               save_strategy="no", report_to=[], seed=seed, use_cpu=dev == "cpu", bf16=bf16,
+               **saving, report_to=[], seed=seed, use_cpu=dev == "cpu", bf16=bf16,
                dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
                remove_unused_columns=False, activation_checkpointing=gradient_checkpointing,
                include_num_input_tokens_seen="non_padding", **extra)
@@ -256,12 +260,19 @@ def run_trainer(trainer, cbs: list) -> dict:
         trainer.remove_callback(cb)
     for cb in cbs:
         trainer.add_callback(cb)
+    resume = None
+    if trainer.args.save_strategy == "steps" and Path(trainer.args.output_dir).is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(trainer.args.output_dir)
+        if resume:
+            print(f"  resuming from {resume}", file=sys.stderr)
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     log, speed = cbs[0], cbs[1]
     budget = cbs[2] if len(cbs) > 2 else None
-    return {"steps": trainer.state.global_step, "seconds": round(seconds, 1),
+    return {"steps": trainer.state.global_step, "seconds": round(seconds, 1), "resumed_from": resume,
             "tokens_seen": int(trainer.state.num_input_tokens_seen),
             "tokens_per_s": round(speed.tokens_per_s, 1) if speed.tokens_per_s else
             round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),

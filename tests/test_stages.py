@@ -371,3 +371,26 @@ def test_pretrain_mixes_replay_text_at_the_ratio_asked(tmp_path):
         pretrain.PretrainConfig(out=tmp_path / "x", init_shape="tiny", corpus=[CORPUS], replay_ratio=0.2)
     with pytest.raises(ValueError, match="exactly one of base"):
         pretrain.PretrainConfig(out=tmp_path / "x", corpus=[CORPUS])
+
+
+def test_a_killed_training_stage_resumes_from_its_last_checkpoint(stages, tmp_path):
+    (tmp_path / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump({"out": "sft", "model": str(stages["pretrain"]), "datasets": ["chats.jsonl"],
+                                      "steps": 100_000, "max_minutes": 0.2, "save_every": 5, "batch_size": 1}))
+    builder = [sys.executable, "-m", "builder.cli", "sft", str(config)]
+    proc = subprocess.Popen(builder, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = tmp_path / "sft.checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("*/checkpoint-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = sorted(checkpoints.glob("*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert saved and not (tmp_path / "sft").exists()
+    done = subprocess.run(builder, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr
+    r = result(tmp_path / "sft")
+    assert r["resumed_from"].split("checkpoint-")[1].isdigit() and r["steps"] > int(saved[0].name.split("-")[1])
+    assert not checkpoints.exists()  # removed once the stage completed
