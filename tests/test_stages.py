@@ -394,3 +394,20 @@ def test_a_killed_training_stage_resumes_from_its_last_checkpoint(stages, tmp_pa
     r = result(tmp_path / "sft")
     assert r["resumed_from"].split("checkpoint-")[1].isdigit() and r["steps"] > int(saved[0].name.split("-")[1])
     assert not checkpoints.exists()  # removed once the stage completed
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "dare_ties", "slerp"])
+def test_every_merge_method_writes_a_checkpoint(stages, tmp_path, method):
+    from transformers import LlamaForCausalLM
+
+    from builder import merge
+
+    models = [{"model": stages["sft-a"], "weight": 0.5, "density": 0.7}, {"model": stages["sft-b"], "weight": 0.5}]
+    if method in ("linear", "slerp"):
+        models = [{"model": m["model"], "weight": 0.5} for m in models]
+    out = merge.run(merge.MergeConfig(out=tmp_path / method, method=method, models=models,
+                                      base_model=None if method == "linear" else stages["pretrain"],
+                                      t=0.5 if method == "slerp" else None))
+    assert result(out)["recipe"]["merge_method"] == method
+    merged = LlamaForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in merged.parameters()) > 0 and (out / "tokenizer.model").is_file()
