@@ -9,6 +9,7 @@ its `key` (a hash of config and inputs) is what `builder run` compares to skip a
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -77,13 +78,25 @@ def absolutize(model: BaseModel, base: Path) -> BaseModel:
 def hash_path(path: Path) -> str:
     """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
     if path.is_file():
-        return sha256_file(path)
+        return _file_hash(path)
     if not path.is_dir():
         raise BuilderError(f"{path}: no such file or directory", "check the path in the config")
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file() and q.name != "lineage.json"):
-        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+        h.update(f"{p.relative_to(path).as_posix()}\0{_file_hash(p)}\n".encode())
     return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    # A pipeline hashes each input several times (skip check, lineage, checkpoint key): a multi-GB
+    # checkpoint is read once per process unless it changed.
+    st = path.stat()
+    return _cached_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
 
 def stage_key(stage: str, config: BaseModel, inputs: dict[str, str]) -> str:
