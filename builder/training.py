@@ -252,6 +252,22 @@ def callbacks(max_minutes: float | None, label: str) -> list:
     return found
 
 
+def last_complete_checkpoint(directory: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing (trainer_state.json is its last file); newer,
+    half-written ones (a kill mid-save) are removed."""
+    if not directory.is_dir():
+        return None
+    found = sorted((p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in found:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return str(checkpoint)
+        except (OSError, ValueError):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
 def run_trainer(trainer, cbs: list) -> dict:
     """Train with stdout kept clean; return steps, seconds, losses and whether the budget stopped it."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -261,10 +277,8 @@ def run_trainer(trainer, cbs: list) -> dict:
     for cb in cbs:
         trainer.add_callback(cb)
     resume = None
-    if trainer.args.save_strategy == "steps" and Path(trainer.args.output_dir).is_dir():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(trainer.args.output_dir)
+    if trainer.args.save_strategy == "steps":
+        resume = last_complete_checkpoint(Path(trainer.args.output_dir))
         if resume:
             print(f"  resuming from {resume}", file=sys.stderr)
     start = time.perf_counter()

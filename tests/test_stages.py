@@ -382,17 +382,24 @@ def test_a_killed_training_stage_resumes_from_its_last_checkpoint(stages, tmp_pa
     proc = subprocess.Popen(builder, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = tmp_path / "sft.checkpoints"
     deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("*/checkpoint-*")) and time.monotonic() < deadline and proc.poll() is None:
+    while (not list(checkpoints.glob("*/checkpoint-*/trainer_state.json")) and time.monotonic() < deadline
+           and proc.poll() is None):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = sorted(checkpoints.glob("*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    saved = sorted((p.parent for p in checkpoints.glob("*/checkpoint-*/trainer_state.json")),
+                   key=lambda p: int(p.name.split("-")[1]))
     assert saved and not (tmp_path / "sft").exists()
+    # as if the kill had come while the next checkpoint was being written
+    half = saved[-1].with_name(f"checkpoint-{int(saved[-1].name.split('-')[1]) + 1000}")
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"cut off")
     done = subprocess.run(builder, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stderr
     r = result(tmp_path / "sft")
-    assert r["resumed_from"].split("checkpoint-")[1].isdigit() and r["steps"] > int(saved[0].name.split("-")[1])
+    assert r["resumed_from"] and r["resumed_from"] != str(half)
+    assert r["steps"] > int(Path(r["resumed_from"]).name.split("-")[1])
     assert not checkpoints.exists()  # removed once the stage completed
 
 
