@@ -106,15 +106,10 @@ def run(config: AlignConfig) -> Path:
             p["rejected"] = end_turn(tok, p["rejected"])
 
         # -- train
-        args = training.training_arguments(
-            out, steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
-            learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, seed=config.seed,
-            save_every=config.save_every, checkpoints=lineage.checkpoint_dir("align", config),
-            cls=DPOConfig, beta=config.beta, max_length=config.max_length, dataset_num_proc=None)
+        args = training.stage_arguments("align", config, out, cls=DPOConfig, beta=config.beta,
+                                        max_length=config.max_length, dataset_num_proc=None)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
                              processing_class=training.hf_tokenizer(tok), peft_config=config.lora.peft_config(model))
-        margins = MetricTail(("rewards/margins", "rewards/accuracies"))
-        trainer.add_callback(margins)
         stats = training.run_trainer(trainer, training.callbacks(config.max_minutes, "align"))
 
         # -- save
@@ -123,7 +118,7 @@ def run(config: AlignConfig) -> Path:
         training.save_model(trainer.model, tok, out, trainer)
         training.remove_trainer_dir(out)
         record.update(stats, pairs=len(pairs), dropped_identical=len(same), generated_rejected=len(todo),
-                      **margins.last())
+                      **{k.replace("/", "_"): v for k, v in stats["last_logged"].items() if k.startswith("rewards/")})
     return config.out
 
 
@@ -134,24 +129,3 @@ def end_turn(tok, reply: str) -> str:
     probe = "\x00REPLY\x00"
     full = prompt_completion(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}])[1]
     return reply + full.split(probe, 1)[1]
-
-
-class MetricTail:
-    """Keeps the last logged value of a few trainer metrics."""
-
-    def __new__(cls, names):
-        from transformers import TrainerCallback
-
-        class _Tail(TrainerCallback):
-            def __init__(self):
-                self.values: dict[str, float] = {}
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                for name in names:
-                    if logs and name in logs:
-                        self.values[name] = float(logs[name])
-
-            def last(self) -> dict:
-                return {k.replace("/", "_"): round(v, 4) for k, v in self.values.items()}
-
-        return _Tail()

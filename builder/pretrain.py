@@ -158,12 +158,7 @@ def run(config: PretrainConfig) -> Path:
               + (f" or {config.max_minutes:g} min" if config.max_minutes else ""), file=sys.stderr)
 
         # -- train
-        args = training.training_arguments(out, steps=config.steps, batch_size=config.batch_size,
-                                           grad_accum=config.grad_accum, learning_rate=config.learning_rate,
-                                           warmup_steps=config.warmup_steps, seed=config.seed,
-                                           save_every=config.save_every,
-                                           checkpoints=lineage.checkpoint_dir("pretrain", config),
-                                           gradient_checkpointing=config.gradient_checkpointing)
+        args = training.stage_arguments("pretrain", config, out)
         trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_blocks))
         stats = training.run_trainer(trainer, training.callbacks(config.max_minutes, "pretrain"))
         eval_loss = trainer.evaluate(Blocks(eval_blocks))["eval_loss"] if eval_blocks else None

@@ -79,13 +79,8 @@ def run(config: SFTConfig) -> Path:
               f"at most {config.steps} steps", file=sys.stderr)
 
         # -- train
-        args = training.training_arguments(
-            out, steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
-            learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, seed=config.seed,
-            save_every=config.save_every, checkpoints=lineage.checkpoint_dir("sft", config),
-            gradient_checkpointing=config.gradient_checkpointing, cls=TrlSFTConfig,
-            max_length=config.max_length, packing=config.packing, completion_only_loss=True,
-            dataset_num_proc=None)
+        args = training.stage_arguments("sft", config, out, cls=TrlSFTConfig, max_length=config.max_length,
+                                        packing=config.packing, completion_only_loss=True, dataset_num_proc=None)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                              processing_class=training.hf_tokenizer(tok), peft_config=peft_config)
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

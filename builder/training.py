@@ -117,7 +117,7 @@ def check_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_model(path: Path, *, for_training: bool = True):
+def load_model(path: Path):
     """A causal LM from a local directory, in fp32 on CPU or bf16 on CUDA; nothing is fetched."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -126,10 +126,9 @@ def load_model(path: Path, *, for_training: bool = True):
 
     check_checkpoint(path)
     quiet()
-    dev, bf16 = device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 local_files_only=True)
-    return model
+    bf16 = device()[1]
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                local_files_only=True)
 
 
 def save_model(model, tokenizer: Tokenizer, out: Path, trainer=None) -> None:
@@ -190,6 +189,17 @@ def training_arguments(out: Path, *, steps: int, batch_size: int, grad_accum: in
                include_num_input_tokens_seen="non_padding", **extra)
 
 
+def stage_arguments(stage: str, config, out: Path, **extra):
+    """training_arguments from a training stage's config (steps, batch, schedule, seed, checkpoints)."""
+    from builder.lineage import checkpoint_dir
+
+    return training_arguments(out, steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                              learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                              seed=config.seed, save_every=config.save_every,
+                              checkpoints=checkpoint_dir(stage, config),
+                              gradient_checkpointing=getattr(config, "gradient_checkpointing", False), **extra)
+
+
 def quiet() -> None:
     """No per-example progress bars from datasets or transformers: stderr carries our progress lines."""
     import datasets
@@ -219,8 +229,11 @@ def callbacks(max_minutes: float | None, label: str) -> list:
         def __init__(self):
             self.start = time.monotonic()
             self.losses: list[tuple[int, float]] = []
+            self.last: dict[str, float] = {}  # the latest value of every metric logged
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            self.last.update({k: round(float(v), 4) for k, v in (logs or {}).items()
+                              if isinstance(v, (int, float)) and "/" in k})
             if logs and "loss" in logs:
                 self.losses.append((state.global_step, float(logs["loss"])))
                 elapsed = time.monotonic() - self.start
@@ -293,7 +306,7 @@ def run_trainer(trainer, cbs: list) -> dict:
             "train_loss": round(result.training_loss, 4),
             "first_loss": round(log.losses[0][1], 4) if log.losses else None,
             "last_loss": round(log.losses[-1][1], 4) if log.losses else None,
-            "stopped_by_time_budget": bool(budget and budget.stopped_at is not None)}
+            "stopped_by_time_budget": bool(budget and budget.stopped_at is not None), "last_logged": log.last}
 
 
 def hf_tokenizer(tok: Tokenizer):

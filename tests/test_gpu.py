@@ -23,7 +23,6 @@ def test_sft_trains_in_bf16_on_cuda_and_loss_falls(tmp_path):
     (tmp_path / "chats.jsonl").write_text(json.dumps(chat) + "\n")
     model = training.load_model(tmp_path / "base")
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert next(model.parameters()).device.type == "cpu"  # the Trainer moves it
     config = sft.SFTConfig(out=tmp_path / "sft", model=tmp_path / "base", datasets=[tmp_path / "chats.jsonl"],
                            steps=30, batch_size=1, learning_rate=5e-3, warmup_steps=0,
                            lora=training.LoraSettings(r=16, alpha=32, train_embeddings=True))

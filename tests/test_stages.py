@@ -118,11 +118,11 @@ def test_ties_merge_loads_and_generates(stages):
     gguf = llamacpp.convert_hf(out, stages["root"] / "merged.gguf", "f16")
     llm = llama_cpp.Llama(str(gguf), n_ctx=256, verbose=False, n_threads=2)
     try:
-        text = llm("<|user|>\nWhich code for an Incident Response Lead?\n<|assistant|>\n", max_tokens=12,
-                   temperature=0.0)["choices"][0]["text"]
+        out = llm("<|user|>\nWhich code for an Incident Response Lead?\n<|assistant|>\n", max_tokens=12,
+                  temperature=0.0)
     finally:
         llm.close()
-    assert llm is not None and isinstance(text, str) and len(text) > 0
+    assert out["usage"]["completion_tokens"] >= 1 and out["choices"][0]["text"]
 
 
 def test_merge_config_checks_method_needs():
