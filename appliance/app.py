@@ -11,6 +11,7 @@ from pathlib import Path
 
 from appliance import audit, generations, rag
 from appliance.config import Settings
+from appliance.errors import ApplianceError
 from appliance.ingest import IngestReport, ingest
 from appliance.manifest import sha256_file
 from appliance.store import Store
@@ -88,15 +89,109 @@ class Appliance:
         return audit.append(self.store.conn, action, detail, model_sha256=info.get("sha256"),
                             generation=info.get("generation"))
 
-    def install_generation(self, directory: Path) -> generations.Installed:
-        """The unsigned development install; the model and embedder of the old generation are let go."""
-        installed = generations.install_unsigned(directory, self.settings.home)
+    def _let_go(self) -> None:
+        """Forget the loaded generation (after an install or rollback switched `current`)."""
         if self._engine is not None:
             self._engine.close()
         self._engine = self._embedder = self._installed = None
+
+    def _has_generation(self) -> bool:
+        try:
+            return self.installed is not None
+        except ApplianceError:
+            return False
+
+    def install_generation(self, directory: Path) -> generations.Installed:
+        """The unsigned development install; the model and embedder of the old generation are let go."""
+        installed = generations.install_unsigned(directory, self.settings.home)
+        self._let_go()
         self.audit("install", {"source": str(directory.resolve()), "generation": installed.number,
                                "signed": False, "name": installed.manifest.name})
         return installed
+
+    # -- signed bundles (appliance.bundle) ------------------------------------------------------
+    def recover(self) -> str | None:
+        """Finish or undo an install that was killed; audited when something was done."""
+        from appliance import bundle
+
+        message = bundle.recover(self.settings.home)
+        if message:
+            self._let_go()
+            self.audit("recover", {"message": message}, with_model=self._has_generation())
+        return message
+
+    def trust_init(self, root_json: Path, force: bool = False) -> dict:
+        from appliance import bundle
+
+        report = bundle.trust_init(self.settings.home, root_json, force)
+        self.audit("trust", dict(report, source=str(root_json.resolve())), with_model=self._has_generation())
+        return report
+
+    def verify_bundle(self, directory: Path, progress=None):
+        from appliance import bundle
+
+        return bundle.verify(self.settings.home, directory, progress)
+
+    def _prepare(self, staged: Path, manifest, info, progress=None) -> dict:
+        """Health check of a staged generation, then re-embedding of local documents if its embedder
+        differs: the model loads and answers a canary prompt, the embedder's vectors have the declared
+        dimension, and the index ends up with that dimension."""
+        from appliance.embed import OnnxEmbedder
+        from appliance.engine import LlamaEngine
+        from appliance.errors import BundleError
+
+        start = time.perf_counter()
+        n_ctx = min(512, manifest.model.context_length)
+        with LlamaEngine(staged / manifest.model.file, (staged / manifest.chat_template).read_text(), n_ctx=n_ctx,
+                         threads=self.settings.threads, name=manifest.model.name) as engine:
+            pieces = list(engine.stream([{"role": "user", "content": "Reply with the word OK."}], max_tokens=8,
+                                        temperature=0.0))
+        if not pieces:
+            raise BundleError("health check: the model produced no tokens for the canary prompt",
+                              "the model is broken; rebuild the bundle")
+        embedder = OnnxEmbedder(staged / manifest.embedder.dir, threads=self.settings.embed_threads,
+                                batch_size=self.settings.embed_batch)
+        dim = embedder.embed(["labor category canary"]).shape[1]
+        if dim != manifest.embedder.dim or embedder.dim != manifest.embedder.dim:
+            raise BundleError(f"health check: the embedder returns {dim}-d vectors, its manifest says "
+                              f"{manifest.embedder.dim}", "rebuild the bundle")
+        reembedded = self.store.ensure_embedder(embedder.name, embedder.dim, embedder.embed, progress)
+        name, index_dim = self.store.embedder_id()
+        if name is not None and index_dim != manifest.embedder.dim:
+            raise BundleError(f"health check: the index holds {index_dim}-d vectors after re-embedding, the "
+                              f"embedder {manifest.embedder.dim}", "run the install again")
+        return {"canary_tokens": len(pieces), "embedder_dim": dim, "reembedded_chunks": reembedded,
+                "seconds": round(time.perf_counter() - start, 2)}
+
+    def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress=None,
+                       reembed_progress=None):
+        """Verify and install a signed bundle (see appliance.bundle.install); audited either way."""
+        from appliance import bundle
+
+        self._let_go()  # the running model is not needed to install; its memory goes to the health check
+        try:
+            result = bundle.install(self.settings.home, directory,
+                                    lambda staged, m, i: self._prepare(staged, m, i, reembed_progress),
+                                    allow_downgrade=allow_downgrade, security_floor=self.settings.security_floor,
+                                    progress=progress)
+        except ApplianceError as exc:
+            self.audit("install_refused", {"source": str(directory.resolve()), "error": exc.message},
+                       with_model=self._has_generation())
+            raise
+        self._let_go()
+        if result.number is not None:
+            self.audit("install", {"source": str(directory.resolve()), "generation": result.number, "signed": True,
+                                   "version": result.version, "name": result.info.name,
+                                   "downgrade": result.downgrade, "health": result.health})
+        return result
+
+    def rollback(self) -> tuple[int, int]:
+        from appliance import bundle
+
+        left, now = bundle.rollback(self.settings.home)
+        self._let_go()
+        self.audit("rollback", {"from": left, "to": now})
+        return left, now
 
     def ingest(self, paths: list[Path], collection: str,
                progress: Callable[[str, int, int], None] | None = None) -> IngestReport:

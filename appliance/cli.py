@@ -47,6 +47,9 @@ def _app(ctx: click.Context):
 
     app = Appliance(load_settings(home=ctx.obj.get("home")))
     ctx.call_on_close(app.close)
+    recovered = app.recover()
+    if recovered:
+        _err(f"note: {recovered}")
     return app
 
 
@@ -103,6 +106,143 @@ def install_generation(ctx, directory: Path, unsigned: bool) -> None:
     installed = app.install_generation(directory)
     _err(f"installed generation {installed.number} ({installed.manifest.model.name}, "
          f"{installed.manifest.model.quant}) into {app.settings.home}")
+
+
+@cli.group()
+def trust() -> None:
+    """The root of trust that signed bundles are checked against."""
+
+
+@trust.command("init")
+@click.argument("root_json", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing trusted root (audited).")
+@click.option("--json", "as_json", is_flag=True, help="Print what is now trusted as JSON.")
+@click.pass_context
+def trust_init(ctx, root_json: Path, force: bool, as_json: bool) -> None:
+    """Provision the trusted root (root.json from `builder keys init`), once per appliance.
+
+    The file must be TUF root metadata signed by its own threshold of root keys. Replacing a root
+    that is already there needs --force: whoever controls the root decides what the appliance runs.
+
+    \b
+    Example:
+      appliance trust init /media/keys/root.json
+    """
+    report = _app(ctx).trust_init(root_json, force)
+    if as_json:
+        _echo_json(report)
+        return
+    _err(f"trusted root version {report['root_version']} (expires {report['expires'][:10]}); "
+         + ", ".join(f"{role}: {report['thresholds'][role]} of {len(ids)} keys" for role, ids in report["keyids"].items())
+         + (" - replaced the previous root" if report["replaced"] else ""))
+
+
+@cli.group("bundle")
+def bundle_group() -> None:
+    """Verify, install, list and roll back signed update bundles (USB sticks)."""
+
+
+def _byte_progress(label: str):
+    tty = sys.stderr.isatty()
+
+    def report(name: str, done: int, total: int) -> None:
+        line = f"{label} {done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / max(total, 1):.0f}%) {name}"
+        if tty:
+            click.echo(f"\r\x1b[K{line[:100]}", err=True, nl=done >= total)
+        else:
+            _err(line)
+    return report
+
+
+@bundle_group.command("verify")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the bundle's description as JSON.")
+@click.pass_context
+def bundle_verify(ctx, directory: Path, as_json: bool) -> None:
+    """Check a bundle completely without installing it: signatures against the trusted root, expiry,
+    every file's length and sha256, the generation's manifest and the model's GGUF structure.
+
+    \b
+    Example:
+      appliance bundle verify /media/usb
+    """
+    verified = _app(ctx).verify_bundle(directory, _byte_progress("verifying"))
+    info = verified.info
+    if as_json:
+        _echo_json({"version": verified.version, "files": len(verified.targets), "bytes": verified.total_bytes,
+                    "notes": verified.notes, "bundle": info.model_dump()})
+        return
+    click.echo(f"bundle {info.name} version {info.version}: {len(verified.targets)} files, "
+               f"{verified.total_bytes / 1e6:.1f} MB, signatures and hashes OK")
+    click.echo(f"model {info.model['name']} {info.model['quant']}, embedder {info.embedder['name']} "
+               f"({info.embedder['dim']}-d), needs {info.min_ram_mb} MB of memory")
+    for note in verified.notes:
+        _err(f"note: {note}")
+
+
+@bundle_group.command("install")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--allow-downgrade", is_flag=True,
+              help="Install an older version than the one trusted (audited; never below security_floor).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -> None:
+    """Verify a signed bundle and install it as the new current generation.
+
+    Every file is checked against the signed metadata while it is copied into staging; the model's
+    structure is checked before llama.cpp loads it; the model must answer a canary prompt; local
+    documents are re-embedded if the embedder changed. Only then does `current` switch, in one
+    atomic step. The previous generation is kept for `appliance bundle rollback`. Installing the
+    running version again does nothing. Exits 10 when the bundle is refused, 11 when another
+    install is running.
+
+    \b
+    Example:
+      appliance bundle install /media/usb
+    """
+    app = _app(ctx)
+    result = app.install_bundle(directory, allow_downgrade, progress=_byte_progress("installing"),
+                                reembed_progress=_Progress("re-embedding"))
+    if as_json:
+        _echo_json({"version": result.version, "generation": result.number, "message": result.message,
+                    "downgrade": result.downgrade, "health": result.health})
+        return
+    if result.number is None:
+        _err(result.message)
+        return
+    _err(f"{result.message} ({result.info.name}, {result.info.model['quant']}); "
+         f"health check {result.health.get('seconds', 0):.1f} s"
+         + (f", re-embedded {result.health['reembedded_chunks']} chunks" if result.health.get("reembedded_chunks")
+            else "") + ("; DOWNGRADE" if result.downgrade else ""))
+
+
+@bundle_group.command("rollback")
+@click.pass_context
+def bundle_rollback(ctx) -> None:
+    """Return to the generation that was current before the last install (audited)."""
+    left, now = _app(ctx).rollback()
+    _err(f"rolled back from generation {left} to generation {now}")
+
+
+@bundle_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def bundle_list(ctx, as_json: bool) -> None:
+    """Installed generations, newest first: version, model, which is current and which is kept for rollback."""
+    from appliance import bundle
+
+    app = _app(ctx)
+    rows = bundle.history(app.settings.home)
+    if as_json:
+        _echo_json({"generations": rows, "trusted_version": bundle.trusted_version(app.settings.home)})
+        return
+    if not rows:
+        _err("no generation installed")
+    for r in rows:
+        mark = "current " if r["current"] else "previous" if r["previous"] else ""
+        version = f"v{r['version']}" if r["version"] is not None else "unsigned"
+        click.echo(f"{r['generation']:>4}  {mark:<8}  {version:<9} {r.get('name') or '-':<28} "
+                   f"{r.get('quant') or '-':<8} installed {r['installed']}")
 
 
 @cli.command()

@@ -36,6 +36,8 @@ class Settings(BaseModel):
     top_k: int = Field(default=5, ge=1, le=50, description="Sources retrieved for an answer")
     max_file_mb: float = Field(default=25.0, gt=0, description="Files larger than this are refused at ingest")
     chunk_chars: int = Field(default=1200, ge=200, le=20000, description="Target chunk size in characters")
+    security_floor: int = Field(default=0, ge=0, description="Never install a bundle version below this, "
+                                                             "not even with --allow-downgrade")
     audit_text: bool = Field(default=False, description="Keep questions and answers in full in the audit log "
                                                          "(hashes only by default)")
 

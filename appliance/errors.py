@@ -20,6 +20,8 @@ class ExitCode(IntEnum):
     INGEST = 7
     GENERATION = 8
     GATE = 9  # builder: the release gate was not met
+    BUNDLE = 10  # an update bundle was refused (signature, hash, version, structure)
+    BUSY = 11  # another install holds the lock
 
 
 class ApplianceError(Exception):
@@ -60,3 +62,15 @@ class GenerationError(ApplianceError):
     """A generation directory is missing, incomplete or does not match its manifest."""
 
     exit_code = ExitCode.GENERATION
+
+
+class BundleError(ApplianceError):
+    """An update bundle was refused, or the appliance's trust is not set up."""
+
+    exit_code = ExitCode.BUNDLE
+
+
+class BusyError(ApplianceError):
+    """Another install or rollback is running."""
+
+    exit_code = ExitCode.BUSY

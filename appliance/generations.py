@@ -58,7 +58,7 @@ def current(home: Path) -> Installed:
     return Installed(number=int(target.name), path=target, manifest=read_manifest(target))
 
 
-def _make_read_only(root: Path) -> None:
+def make_read_only(root: Path) -> None:
     for path in root.rglob("*"):
         mode = path.stat().st_mode
         path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
@@ -112,7 +112,7 @@ def install_unsigned(source: Path, home: Path) -> Installed:
         shutil.copytree(source, staging, symlinks=False)
         verify_generation(staging)  # what was copied, not what we were shown
         modelfile.validate(staging / manifest.model.file)  # before llama.cpp ever parses it
-        _make_read_only(staging)
+        make_read_only(staging)
         os.rename(staging, generations / str(number))
         _fsync_dir(generations)
         switch_current(home, number)

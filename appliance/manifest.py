@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from appliance.errors import GenerationError
 
 MANIFEST_NAME = "generation.json"
+BUNDLE_NAME = "bundle.json"
+REFERENCE_DB = "reference.db"
+BUNDLE_FORMAT = 1
 FORMAT_VERSION = 1
 _HASH_BLOCK = 1 << 20
 
@@ -106,8 +109,11 @@ def read_manifest(root: Path) -> GenerationManifest:
         raise GenerationError(f"{path}: invalid manifest ({exc})", "rebuild the generation") from exc
 
 
-def verify_generation(root: Path) -> GenerationManifest:
-    """Check that the directory holds exactly the files the manifest lists, with matching hashes."""
+def verify_generation(root: Path, bundle_files: bool = False) -> GenerationManifest:
+    """Check that the directory holds exactly the files the manifest lists, with matching hashes.
+
+    `bundle_files`: the directory was installed from a signed bundle, so bundle.json and reference.db
+    (signed by the bundle, not listed by the generation) may sit beside the generation's files."""
     manifest = read_manifest(root)
     if manifest.format != FORMAT_VERSION:
         raise GenerationError(f"{root}: manifest format {manifest.format}, this appliance reads "
@@ -119,7 +125,7 @@ def verify_generation(root: Path) -> GenerationManifest:
     missing = sorted(set(manifest.files) - set(actual))
     if missing:
         raise GenerationError(f"{root}: missing {', '.join(missing)}", "copy the complete generation again")
-    extra = sorted(set(actual) - set(manifest.files))
+    extra = sorted(set(actual) - set(manifest.files) - ({BUNDLE_NAME, REFERENCE_DB} if bundle_files else set()))
     if extra:
         raise GenerationError(f"{root}: files not in the manifest: {', '.join(extra)}",
                               "remove them or rebuild the generation")
@@ -128,3 +134,21 @@ def verify_generation(root: Path) -> GenerationManifest:
             raise GenerationError(f"{name}: sha256 mismatch with the manifest; the generation is damaged "
                                   "or altered", "rebuild it with `builder demo` or copy it again")
     return manifest
+
+
+class BundleManifest(BaseModel):
+    """bundle.json: what a signed update bundle carries besides the generation's own files."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int = BUNDLE_FORMAT
+    name: str
+    version: int = Field(ge=1, description="Equals the TUF targets/snapshot/timestamp version")
+    created: str
+    generation: str = Field(description="sha256 of the generation's generation.json")
+    model: dict = Field(description="name, quant, sha256, bytes")
+    embedder: dict = Field(description="name, dim")
+    lineage: dict = Field(default_factory=dict)
+    evaluation: dict | None = Field(default=None, description="eval.json of the generation, when it was evaluated")
+    min_ram_mb: int = Field(ge=1, description="Model + KV cache at the default context + embedder + 400 MB")
+    reference_db: bool = False
+    builder: str = ""

@@ -224,6 +224,127 @@ def run_pipeline(pipeline: Path, force: tuple[str, ...], until: str | None) -> N
     click.echo(json.dumps(pipeline_mod.run(pipeline, force=list(force), until=until), indent=2))
 
 
+PASSPHRASE_ENV = "BUILDER_KEY_PASSPHRASE"
+
+
+def _new_passphrase(wanted: bool) -> bytes | None:
+    import os
+
+    if not wanted:
+        return None
+    secret = os.environ.get(PASSPHRASE_ENV) or click.prompt("passphrase for the new private keys", hide_input=True,
+                                                            confirmation_prompt=True, err=True)
+    return secret.encode()
+
+
+def _ask_passphrase(name: str) -> bytes | None:
+    import os
+
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV].encode()
+    if not sys.stdin.isatty():
+        return None
+    return click.prompt(f"passphrase for {name}", hide_input=True, err=True).encode()
+
+
+@cli.group()
+def keys() -> None:
+    """Signing keys for update bundles (TUF roles: root, targets, snapshot, timestamp)."""
+
+
+@keys.command("init")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="New keys directory.")
+@click.option("--threshold", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Signatures required for root and targets (the offline roles).")
+@click.option("--keys", "count", type=click.IntRange(1, 16),
+              help="Keys for root and targets (default: the threshold; more lets one key be lost).")
+@click.option("--expires-days", default=1825, show_default=True, type=click.IntRange(1, 36500),
+              help="Lifetime of the root metadata.")
+@click.option("--passphrase", is_flag=True,
+              help=f"Encrypt the private keys (asked for, or read from ${PASSPHRASE_ENV}).")
+def keys_init(out: Path, threshold: int, count: int | None, expires_days: int, passphrase: bool) -> None:
+    """Create the signing keys and the root.json that appliances are provisioned with.
+
+    Root and targets keys sign rarely and belong offline (a separate encrypted stick); snapshot
+    and timestamp keys sign every bundle. Copy root.json to each appliance and run
+    `appliance trust init root.json` there once.
+
+    \b
+    Examples:
+      builder keys init --out /secure/keys --passphrase
+      builder keys init --out /secure/keys --threshold 2 --keys 3
+    """
+    from builder import keys as keyring
+
+    root = keyring.init(out, threshold=threshold, keys=count, expires_days=expires_days,
+                        passphrase=_new_passphrase(passphrase))
+    click.echo(str(root))
+    click.echo(f"keys written to {out}; provision appliances with: appliance trust init {root}", err=True)
+
+
+@keys.command("rotate")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="Keys directory from `builder keys init`.")
+@click.option("--role", type=click.Choice(["root", "targets", "snapshot", "timestamp"]), required=True,
+              help="Role whose keys are replaced.")
+@click.option("--expires-days", default=1825, show_default=True, type=click.IntRange(1, 36500),
+              help="Lifetime of the new root metadata.")
+@click.option("--passphrase", is_flag=True, help="Encrypt the new private keys.")
+def keys_rotate(keys_dir: Path, role: str, expires_days: int, passphrase: bool) -> None:
+    """Replace a role's keys: the next root version, signed by the current root keys.
+
+    The retired keys move to retired/ and are refused by every appliance that has installed a
+    bundle carrying the new root (each bundle carries every root version, so appliances follow).
+
+    \b
+    Example:
+      builder keys rotate --keys /secure/keys --role targets
+    """
+    from builder import keys as keyring
+
+    report = keyring.rotate(keys_dir, role, passphrase=_ask_passphrase, new_passphrase=_new_passphrase(passphrase),
+                            expires_days=expires_days)
+    click.echo(json.dumps(report, indent=2))
+
+
+@cli.group("bundle")
+def bundle_group() -> None:
+    """Signed update bundles for USB sticks."""
+
+
+@bundle_group.command("create")
+@click.option("--generation", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="Generation directory (from `builder demo` or `builder run`).")
+@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="Keys directory from `builder keys init`.")
+@click.option("--version", "version", required=True,
+              help="Bundle version: a whole number above every version signed before, or 'next'.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Where to write it (a USB stick's mount point or an empty directory).")
+@click.option("--reference-db", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A prebuilt reference.db to ship with the model.")
+@click.option("--expires-days", default=365, show_default=True, type=click.IntRange(1, 3650),
+              help="How long appliances accept this bundle.")
+@click.option("--force", is_flag=True, help="Replace a bundle already in --out.")
+def bundle_create(generation: Path, keys_dir: Path, version: str, out: Path, reference_db: Path | None,
+                  expires_days: int, force: bool) -> None:
+    """Sign a generation into a bundle: a TUF repository in a plain directory.
+
+    metadata/ holds the root versions and the signed targets, snapshot and timestamp; targets/
+    holds each file once under its sha256. Appliances install it with
+    `appliance bundle install DIR`, which refuses anything altered, older or signed by other keys.
+
+    \b
+    Example:
+      builder bundle create --generation build/gen --keys /secure/keys --version next --out /media/usb
+    """
+    from builder import bundle
+
+    info = bundle.create(generation, keys_dir, version, out, reference_db=reference_db, expires_days=expires_days,
+                         passphrase=_ask_passphrase, force=force)
+    click.echo(info.model_dump_json(indent=2, exclude={"lineage", "evaluation"}))
+
+
 def main() -> None:
     cli(prog_name="builder")
 
