@@ -440,15 +440,16 @@ def _commit(home: Path, state: dict) -> None:
         os.rename(staging / "generation", final)
         _fsync_dir(gens)
     _step(home, state, "renamed")
-    if state.get("trust") and (staging / "tuf").is_dir():
+    if state.get("trust"):
         trust = trust_dir(home)
         md = trust / f"md-{number}"
-        if not md.exists():
+        if not md.exists() and (staging / "tuf").is_dir():
             os.rename(staging / "tuf", md)
-        _switch_link(trust / "metadata", md.name)
-        for old in trust.glob("md-*"):
-            if old != md:
-                shutil.rmtree(old)
+        if md.exists():
+            _switch_link(trust / "metadata", md.name)
+            for old in trust.glob("md-*"):
+                if old != md:
+                    shutil.rmtree(old)
     previous = state.get("previous")
     if _link_number(home / "current") != number:
         if previous is not None:
@@ -483,7 +484,9 @@ def _recover_locked(home: Path) -> str | None:
             state = json.loads(path.read_text())
         except ValueError:
             state = {}
-        if state.get("step") in _COMMIT_STEPS:
+        staged = Path(state.get("staging", "/nonexistent")) / "generation"
+        final = home / "generations" / str(state.get("number"))
+        if state.get("step") in _COMMIT_STEPS and (staged.is_dir() or final.is_dir()):
             _commit(home, state)
             message = f"completed an interrupted install of version {state.get('version')} " \
                       f"(generation {state.get('number')})"

@@ -544,3 +544,7 @@ def audit_export(ctx, out: Path) -> None:
 
 def main() -> None:
     cli(prog_name="appliance")
+
+
+if __name__ == "__main__":
+    main()

@@ -60,7 +60,10 @@ def min_ram_mb(model: Path, embedder_bytes: int) -> int:
     and the process overhead the appliance is held to."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(model))
+    try:
+        reader = GGUFReader(str(model))
+    except (ValueError, IndexError, KeyError, OSError) as exc:
+        raise BuilderError(f"{model}: not a readable GGUF ({exc})", "export the model again") from exc
 
     def value(key, default=0):
         field = reader.fields.get(key)
