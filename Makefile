@@ -19,6 +19,8 @@ LLAMA_WHEEL := $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_
 
 export BUILDER_LLAMA_CPP := $(LLAMA_SRC)/vendor/llama.cpp
 DEMO_GEN := build/demo-generation
+DEMO_KEYS := build/demo-keys
+DEMO_BUNDLE := build/demo-bundle
 DEMO_DATA := builder/demo_data/corpus
 
 .PHONY: help setup deps demo-home demo test bench bench-avx512 llama-wheel lint clean
@@ -61,13 +63,22 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) $(LLAMA_SRC)/.extracted
 $(DEMO_GEN)/generation.json: | $(VENV)/.installed
 	$(BIN)/builder demo --out $(DEMO_GEN)
 
-demo-home: $(DEMO_GEN)/generation.json
-	@if ! $(BIN)/appliance status >/dev/null 2>&1; then \
-	  $(BIN)/appliance install-generation --unsigned $(DEMO_GEN) && \
-	  $(BIN)/appliance ingest $(DEMO_DATA)/reference --collection reference && \
-	  $(BIN)/appliance ingest $(DEMO_DATA)/proposals --collection proposals && \
-	  $(BIN)/appliance ingest $(DEMO_DATA)/rfps --collection rfps; \
-	fi
+# Demo signing keys (unencrypted: a demo, not a deployment) and the demo generation signed into a bundle.
+$(DEMO_KEYS)/root.json: | $(VENV)/.installed
+	$(BIN)/builder keys init --out $(DEMO_KEYS)
+
+$(DEMO_BUNDLE)/metadata/timestamp.json: $(DEMO_GEN)/generation.json $(DEMO_KEYS)/root.json
+	$(BIN)/builder bundle create --generation $(DEMO_GEN) --keys $(DEMO_KEYS) --version next \
+	  --out $(DEMO_BUNDLE) --force >/dev/null
+
+# Installed through the signed path, as a stick would be (a no-op when that version already runs).
+demo-home: $(DEMO_BUNDLE)/metadata/timestamp.json
+	@test -f "$$($(BIN)/python -c 'from appliance.config import default_home; print(default_home())')/trust/root.json" \
+	  || $(BIN)/appliance trust init $(DEMO_KEYS)/root.json
+	$(BIN)/appliance bundle install $(DEMO_BUNDLE)
+	@$(BIN)/appliance ingest $(DEMO_DATA)/reference --collection reference >/dev/null && \
+	  $(BIN)/appliance ingest $(DEMO_DATA)/proposals --collection proposals >/dev/null && \
+	  $(BIN)/appliance ingest $(DEMO_DATA)/rfps --collection rfps >/dev/null
 
 demo: setup
 	$(BIN)/appliance ask
