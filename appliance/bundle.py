@@ -26,8 +26,10 @@ import fcntl
 import io
 import json
 import os
+import queue
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,12 +39,12 @@ from appliance import generations, modelfile
 from appliance.errors import ApplianceError, BundleError, BusyError
 from appliance.manifest import (
     BUNDLE_NAME,
+    FORMAT_VERSION,
     MANIFEST_NAME,
     REFERENCE_DB,
     BundleManifest,
     GenerationManifest,
     read_manifest,
-    verify_generation,
 )
 
 STATE = "install-state.json"
@@ -52,6 +54,7 @@ _BLOCK = 1 << 20
 _MAX_TARGETS = 10_000
 _SPACE_MARGIN = 64 << 20
 _PROGRESS_EVERY = 64 << 20
+_SYNC_EVERY = 64 << 20
 PAUSE_ENV = "APPLIANCE_INSTALL_PAUSE"  # tests only: stop at this step until the pause file is removed
 _COMMIT_STEPS = ("commit", "renamed", "switched")
 
@@ -208,10 +211,56 @@ class _Tee(io.RawIOBase):
         n = self.src.readinto(buffer)
         if n:
             if self.out is not None:
-                self.out.write(memoryview(buffer)[:n])
+                self.out.write(bytes(memoryview(buffer)[:n]))  # a copy: TUF reuses its buffer
             self.pos += n
             self.on_bytes(n)
         return n or 0
+
+
+class _StagedWriter:
+    """Writes staged bytes on a second thread while the first hashes (both release the GIL), and pushes
+    them to disk every `_SYNC_EVERY` bytes so the final fsync has little left to wait for."""
+
+    def __init__(self, out):
+        self.out = out
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="bundle-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        unsynced = 0
+        while (data := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                self.out.write(data)
+                unsynced += len(data)
+                if unsynced >= _SYNC_EVERY:
+                    self.out.flush()
+                    os.fdatasync(self.out.fileno())
+                    unsynced = 0
+            except BaseException as exc:  # handed to the producer thread, which raises it
+                self.error = exc
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(data)
+
+    def finish(self) -> None:
+        """All bytes written and on disk, or the writer's error."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self.out.flush()
+        os.fsync(self.out.fileno())
+
+    def abandon(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
 
 
 def _safe_target_name(name: str) -> None:
@@ -302,26 +351,27 @@ def _stage_target(verified: Verified, name: str, dest: Path | None, on_bytes: Ca
             kind = "longer" if size > target.length else "shorter (truncated)"
             raise BundleError(f"{name}: {size} bytes, {kind} than the {target.length} signed",
                               "the bundle is damaged or altered; copy it again or rebuild it")
-        out = None
+        out = writer = None
         if dest is not None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             out = _open_staged(dest)
+            writer = _StagedWriter(out)
         try:
             try:
-                target.verify_length_and_hashes(_Tee(src, out, on_bytes))
+                target.verify_length_and_hashes(_Tee(src, writer, on_bytes))
             except LengthOrHashMismatchError as exc:
                 raise BundleError(f"{name}: sha256 mismatch with the signed metadata ({exc})",
                                   "the bundle is damaged or altered; rebuild it with `builder bundle create`") from exc
-            if out is not None:
-                out.flush()
-                os.fsync(out.fileno())
+            if writer is not None:
+                writer.finish()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise BundleError(f"{name}: no space left on the device while staging", "free space in "
                                   f"{dest.parent} (the bundle needs {verified.total_bytes / 1e6:.0f} MB)") from exc
             raise
         finally:
-            if out is not None:
+            if writer is not None:
+                writer.abandon()
                 out.close()
 
 
@@ -329,9 +379,9 @@ def _open_staged(dest: Path):
     return open(dest, "xb")
 
 
-def _read_info(staged: Path) -> BundleManifest:
+def _read_info(path: Path) -> BundleManifest:
     try:
-        return BundleManifest.model_validate_json((staged / BUNDLE_NAME).read_bytes())
+        return BundleManifest.model_validate_json(path.read_bytes())
     except ValueError as exc:
         raise BundleError(f"{BUNDLE_NAME}: invalid ({exc})", "rebuild the bundle with a matching builder") from exc
 
@@ -569,12 +619,12 @@ def verify(home: Path, source: Path, progress: Progress | None = None) -> Verifi
         if verified.downgrade:
             verified.notes.append(f"older than version {trusted_version(home)}: installing it needs "
                                   "--allow-downgrade")
-        _copy_all(verified, Path(tmp) / "generation", progress)
-        _validate_staged(Path(tmp) / "generation", verified)
+        _copy_all(verified, None, progress)  # hashed in place: nothing is written
+        _validate(verified, lambda name: verified.source / "targets" / verified.targets[name].get_prefixed_paths()[0])
     return verified
 
 
-def _copy_all(verified: Verified, dest: Path, progress: Progress | None,
+def _copy_all(verified: Verified, dest: Path | None, progress: Progress | None,
               after_first: Callable[[], None] | None = None) -> None:
     total = verified.total_bytes
     done = reported = 0
@@ -588,29 +638,54 @@ def _copy_all(verified: Verified, dest: Path, progress: Progress | None,
             progress(name, done, total)
 
     for i, name in enumerate(sorted(verified.targets, key=lambda n: (n != BUNDLE_NAME, n))):
-        _stage_target(verified, name, dest / name, on_bytes)
+        _stage_target(verified, name, None if dest is None else dest / name, on_bytes)
         if progress:
             progress(name, done, total)
         if i == 0 and after_first:
             after_first()
 
 
-def _validate_staged(staged: Path, verified: Verified) -> GenerationManifest:
-    verified.info = _read_info(staged)
+def _check_generation(verified: Verified, manifest_path: Path) -> GenerationManifest:
+    """The generation's own manifest agrees with the signed metadata: the same files, each with the
+    length and sha256 TUF checked while copying (so nothing is hashed twice)."""
+    try:
+        manifest = GenerationManifest.model_validate_json(manifest_path.read_bytes())
+    except ValueError as exc:
+        raise BundleError(f"{MANIFEST_NAME}: invalid ({exc})", "rebuild the bundle with a matching builder") from exc
+    if manifest.format != FORMAT_VERSION:
+        raise BundleError(f"{MANIFEST_NAME}: format {manifest.format}, this appliance reads {FORMAT_VERSION}",
+                          "rebuild the bundle with a matching builder")
+    signed = set(verified.targets) - {MANIFEST_NAME, BUNDLE_NAME, REFERENCE_DB}
+    listed = set(manifest.files)
+    for required in (manifest.model.file, manifest.chat_template):
+        if required not in listed:
+            raise BundleError(f"{MANIFEST_NAME} does not list {required}", "rebuild the bundle")
+    if signed != listed:
+        raise BundleError(f"the signed files and the generation's manifest differ "
+                          f"(signed only: {sorted(signed - listed)}, listed only: {sorted(listed - signed)})",
+                          "rebuild the bundle with `builder bundle create`")
+    for name, entry in manifest.files.items():
+        target = verified.targets[name]
+        if (entry.size, entry.sha256) != (target.length, target.hashes.get("sha256")):
+            raise BundleError(f"{name}: the generation's manifest and the signed metadata disagree",
+                              "rebuild the bundle with `builder bundle create`")
+    return manifest
+
+
+def _validate(verified: Verified, path_of: Callable[[str], Path]) -> GenerationManifest:
+    """bundle.json, the generation's manifest, the GGUF's structure and reference.db, read from
+    `path_of(name)`: the staged copy when installing, the stick itself when only verifying."""
+    verified.info = _read_info(path_of(BUNDLE_NAME))
     if verified.info.version != verified.version:
         raise BundleError(f"{BUNDLE_NAME} says version {verified.info.version}, the signed metadata "
                           f"{verified.version}", "rebuild the bundle with `builder bundle create`")
-    try:
-        manifest = verify_generation(staged, bundle_files=True)
-    except ApplianceError as exc:
-        raise BundleError(f"the generation inside the bundle does not match its own manifest ({exc.message})",
-                          "rebuild the bundle") from exc
     if verified.info.generation != verified.targets[MANIFEST_NAME].hashes.get("sha256"):
         raise BundleError(f"{BUNDLE_NAME} names another generation than the one signed",
                           "rebuild the bundle with `builder bundle create`")
-    modelfile.validate(staged / manifest.model.file)  # before llama.cpp ever parses it
+    manifest = _check_generation(verified, path_of(MANIFEST_NAME))
+    modelfile.validate(path_of(manifest.model.file))  # before llama.cpp ever parses it
     if REFERENCE_DB in verified.targets:
-        _validate_reference_db(staged / REFERENCE_DB)
+        _validate_reference_db(path_of(REFERENCE_DB))
     return manifest
 
 
@@ -658,7 +733,7 @@ def install(home: Path, source: Path, prepare: Prepare | None = None, *, allow_d
             _copy_all(verified, staging / "generation", progress,
                       after_first=lambda: _step(home, state, "copying"))
             _step(home, state, "validate")
-            manifest = _validate_staged(staging / "generation", verified)
+            manifest = _validate(verified, lambda name: staging / "generation" / name)
             ram = _mem_total_mb()
             if ram is not None and verified.info.min_ram_mb > ram:
                 raise BundleError(f"the model needs {verified.info.min_ram_mb} MB of memory; this machine has {ram} MB",

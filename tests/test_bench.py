@@ -9,3 +9,12 @@ def test_search_benchmark_prints_its_table():
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[0] == "1,000" and cells[-1].endswith("x")
     assert all(float(c) > 0 for c in cells[1:-1])
+
+
+def test_bundle_benchmark_prints_its_table():
+    from bench import bundle
+
+    lines = bundle.run(0.02)
+    assert lines[0].startswith("| what | seconds | MB/s | vs sha256sum |")
+    install = next(line for line in lines if "appliance bundle install" in line)
+    assert float(install.split("|")[-2].strip().rstrip("x")) > 0

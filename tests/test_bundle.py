@@ -626,3 +626,10 @@ def test_builder_cli_keys_with_passphrase_and_bundle_create(tmp_path, tiny_gener
     assert r.exit_code == 0, r.output
     r = runner.invoke(appliance_cli, ["--home", str(home), "bundle", "install", str(tmp_path / "stick2")])
     assert r.exit_code == 0, r.output
+
+
+def test_signed_files_and_the_generation_manifest_must_agree(tmp_path, installed, keys, variant_generation):
+    stick = make_bundle(tmp_path, variant_generation, keys, 2)
+    resign(stick, keys, lambda targets: targets.targets.pop("eval.json"))
+    refused(installed, stick, r"signed files and the generation's manifest differ .*listed only: \['eval.json'\]")
+    assert_untouched(installed, 1, trusted=1)
