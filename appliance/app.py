@@ -13,7 +13,7 @@ from appliance import audit, generations, rag
 from appliance.config import Settings
 from appliance.errors import ApplianceError
 from appliance.ingest import IngestReport, ingest
-from appliance.manifest import sha256_file
+from appliance.manifest import BUNDLE_NAME, BundleManifest, sha256_file
 from appliance.store import Store
 
 
@@ -262,9 +262,12 @@ class Appliance:
         name, dim = self.store.embedder_id()
         # An empty index (nothing ingested yet) matches any embedder.
         index_matches = name is None or (name, dim) == (m.embedder.name, m.embedder.dim)
+        bundle_json = inst.path / BUNDLE_NAME
+        version = BundleManifest.model_validate_json(bundle_json.read_bytes()).version if bundle_json.is_file() else None
         return {
             "home": str(self.settings.home),
             "generation": inst.number,
+            "version": version,
             "generations": generations.list_generations(self.settings.generations_dir),
             "model": {"name": m.model.name, "sha256": m.files[m.model.file].sha256, "quant": m.model.quant,
                       "architecture": m.model.architecture, "parameters": m.model.parameters,

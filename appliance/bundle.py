@@ -147,10 +147,12 @@ def trusted_version(home: Path) -> int:
 
 def _open_regular(path: Path) -> io.BufferedReader:
     """Open a file on the stick for reading: no symlinks, nothing but a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: opening a FIFO planted on the stick must not hang the installer.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise BundleError(f"{path}: not a regular file", "rebuild the bundle with `builder bundle create`")
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
 
@@ -352,11 +354,15 @@ def _stage_target(verified: Verified, name: str, dest: Path | None, on_bytes: Ca
             raise BundleError(f"{name}: {size} bytes, {kind} than the {target.length} signed",
                               "the bundle is damaged or altered; copy it again or rebuild it")
         out = writer = None
-        if dest is not None:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            out = _open_staged(dest)
-            writer = _StagedWriter(out)
         try:
+            if dest is not None:
+                try:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    out = _open_staged(dest)
+                except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                    raise BundleError(f"{name}: cannot be staged ({exc.strerror}): two signed names collide",
+                                      "this bundle was not made by `builder bundle create`; do not install it") from exc
+                writer = _StagedWriter(out)
             try:
                 target.verify_length_and_hashes(_Tee(src, writer, on_bytes))
             except LengthOrHashMismatchError as exc:
@@ -372,6 +378,7 @@ def _stage_target(verified: Verified, name: str, dest: Path | None, on_bytes: Ca
         finally:
             if writer is not None:
                 writer.abandon()
+            if out is not None:
                 out.close()
 
 

@@ -484,7 +484,8 @@ def status(ctx, as_json: bool) -> None:
         return
     m, e = data["model"], data["embedder"]
     click.echo(f"home        {data['home']}")
-    click.echo(f"generation  {data['generation']} (installed: {', '.join(map(str, data['generations']))})")
+    version = f"signed bundle v{data['version']}" if data["version"] is not None else "unsigned"
+    click.echo(f"generation  {data['generation']}, {version} (installed: {', '.join(map(str, data['generations']))})")
     click.echo(f"model       {m['name']} {m['quant']} {m['parameters']:,} parameters, sha256 {m['sha256'][:16]}")
     click.echo(f"embedder    {e['name']} ({e['dim']}-d)")
     for c in data["collections"] or [{"name": "(none)", "documents": 0, "chunks": 0}]:
@@ -497,7 +498,8 @@ def audit_group() -> None:
 
 
 @audit_group.command("list")
-@click.option("--action", help="Only this action (ask, ingest, remove, install).")
+@click.option("--action", help="Only this action (ask, draft, ingest, remove, install, install_refused, "
+                                "rollback, trust, recover, export).")
 @click.option("--user", help="Only this OS user.")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Newest rows at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

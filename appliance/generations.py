@@ -49,8 +49,8 @@ def current(home: Path) -> Installed:
     link = home / "current"
     if not link.is_symlink():
         raise NotFoundError(f"no generation installed in {home}",
-                            "install one with `appliance install-generation --unsigned DIR` "
-                            "(or run `make setup`)")
+                            "install a signed bundle with `appliance bundle install DIR` "
+                            "(or run `make setup` for the demo)")
     target = (home / os.readlink(link)).resolve()
     if not target.is_dir():
         raise GenerationError(f"{link} points at {target}, which is missing",

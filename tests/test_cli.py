@@ -36,7 +36,7 @@ def test_status_json(demo_home):
 def test_nothing_installed_says_how_to_fix(tmp_path):
     result = CliRunner().invoke(cli, ["--home", str(tmp_path / "empty"), "status"])
     assert result.exit_code == ExitCode.NOT_FOUND
-    assert "no generation installed" in result.output and "install-generation" in result.output
+    assert "no generation installed" in result.output and "appliance bundle install" in result.output
 
 
 def test_bad_setting_names_the_variable(tmp_path, monkeypatch):
