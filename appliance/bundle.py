@@ -127,7 +127,7 @@ def trust_init(home: Path, root_json: Path, force: bool = False) -> dict:
     tmp.write_bytes(data)
     os.replace(tmp, trust / "root.json")
     # What was trusted under the old root no longer counts.
-    _switch_link(trust / "metadata", None)
+    generations.switch_link(trust / "metadata", None)
     for stale in trust.glob("md-*"):
         shutil.rmtree(stale)
     return {"root_version": md.signed.version, "expires": md.signed.expires.isoformat(), "replaced": replaced,
@@ -437,14 +437,6 @@ def _locked(home: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock; so does the kernel when the process is killed
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_state(home: Path, state: dict) -> None:
     tmp = home / f".{STATE}.tmp"
     with open(tmp, "w") as fh:
@@ -452,7 +444,7 @@ def _write_state(home: Path, state: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, home / STATE)
-    _fsync_dir(home)
+    generations.fsync_dir(home)
 
 
 def _step(home: Path, state: dict, step: str) -> None:
@@ -464,20 +456,6 @@ def _step(home: Path, state: dict, step: str) -> None:
         deadline = time.monotonic() + 600
         while marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-
-
-def _switch_link(link: Path, target: str | None) -> None:
-    """Point `link` at `target` atomically (or remove it)."""
-    if target is None:
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        return
-    tmp = link.with_name(f".{link.name}.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    _fsync_dir(link.parent)
 
 
 def _link_number(link: Path) -> int | None:
@@ -495,7 +473,7 @@ def _commit(home: Path, state: dict) -> None:
     final = gens / str(number)
     if (staging / "generation").is_dir() and not final.exists():
         os.rename(staging / "generation", final)
-        _fsync_dir(gens)
+        generations.fsync_dir(gens)
     _step(home, state, "renamed")
     if state.get("trust"):
         trust = trust_dir(home)
@@ -503,14 +481,14 @@ def _commit(home: Path, state: dict) -> None:
         if not md.exists() and (staging / "tuf").is_dir():
             os.rename(staging / "tuf", md)
         if md.exists():
-            _switch_link(trust / "metadata", md.name)
+            generations.switch_link(trust / "metadata", md.name)
             for old in trust.glob("md-*"):
                 if old != md:
                     shutil.rmtree(old)
     previous = state.get("previous")
     if _link_number(home / "current") != number:
         if previous is not None:
-            _switch_link(home / "previous", f"generations/{previous}")
+            generations.switch_link(home / "previous", f"generations/{previous}")
         generations.switch_current(home, number)
     _step(home, state, "switched")
     keep = {number, previous}
@@ -519,7 +497,7 @@ def _commit(home: Path, state: dict) -> None:
             generations.remove_tree(gens / str(other))
     generations.remove_tree(staging)
     (home / STATE).unlink()
-    _fsync_dir(home)
+    generations.fsync_dir(home)
 
 
 def recover(home: Path) -> str | None:
@@ -777,7 +755,7 @@ def rollback(home: Path) -> tuple[int, int]:
                               "`appliance bundle list` shows what is installed")
         generations.current(home)  # the current link must be sound before it is replaced
         generations.switch_current(home, previous)
-        _switch_link(home / "previous", None)
+        generations.switch_link(home / "previous", None)
         return current, previous
 
 

@@ -79,15 +79,24 @@ def remove_tree(root: Path) -> None:
 
 def switch_current(home: Path, number: int) -> None:
     """Point `current` at generations/<number> atomically (symlink then rename over the old one)."""
-    tmp = home / f".current.{os.getpid()}"
+    switch_link(home / "current", f"generations/{number}")
+
+
+def switch_link(link: Path, target: str | None) -> None:
+    """Point the symlink `link` at `target` atomically, or remove it (target None)."""
+    if target is None:
+        if link.is_symlink():
+            link.unlink()
+        return
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    os.symlink(f"generations/{number}", tmp)
-    os.replace(tmp, home / "current")
-    _fsync_dir(home)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -114,7 +123,7 @@ def install_unsigned(source: Path, home: Path) -> Installed:
         modelfile.validate(staging / manifest.model.file)  # before llama.cpp ever parses it
         make_read_only(staging)
         os.rename(staging, generations / str(number))
-        _fsync_dir(generations)
+        fsync_dir(generations)
         switch_current(home, number)
     except BaseException:
         remove_tree(staging)
