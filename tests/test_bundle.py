@@ -637,3 +637,20 @@ def test_signed_files_and_the_generation_manifest_must_agree(tmp_path, installed
     resign(stick, keys, lambda targets: targets.targets.pop("eval.json"))
     refused(installed, stick, r"signed files and the generation's manifest differ .*listed only: \['eval.json'\]")
     assert_untouched(installed, 1, trusted=1)
+
+
+def test_reference_db_is_shipped_checked_and_a_corrupt_one_refused(tmp_path, installed, keys, variant_generation,
+                                                                   demo_home):
+    db = tmp_path / "reference.db"
+    shutil.copyfile(demo_home / "appliance.db", db)  # a real index the appliance wrote
+    stick = make_bundle(tmp_path, variant_generation, keys, 2, reference_db=db)
+    assert json.loads(target_file(stick, "bundle.json").read_text())["reference_db"] is True
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    refused(installed, make_bundle(tmp_path, variant_generation, keys, 3, name="bad-ref", reference_db=bad),
+            "reference.db: (not a readable SQLite database|integrity check failed)")
+    assert_untouched(installed, 1, trusted=1)
+    with new_app(installed) as app:
+        assert app.install_bundle(stick).number == 2  # the refused v3 moved no trust: v2 is no downgrade
+    installed_db = installed / "generations" / "2" / "reference.db"
+    assert installed_db.read_bytes() == db.read_bytes()
