@@ -5,6 +5,7 @@ operator UI will hold one for their lifetime.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,10 +85,11 @@ class Appliance:
         """Re-embed every chunk if the installed embedder differs from the index's; returns how many."""
         return self.store.ensure_embedder(self.embedder.name, self.embedder.dim, self.embedder.embed, progress)
 
-    def audit(self, action: str, detail: dict, with_model: bool = True) -> dict:
+    def audit(self, action: str, detail: dict, with_model: bool = True, user: str | None = None) -> dict:
+        """`user`: the OS user a request came from (the service knows it from the socket); default: ours."""
         info = self.model_info() if with_model else {}
         return audit.append(self.store.conn, action, detail, model_sha256=info.get("sha256"),
-                            generation=info.get("generation"))
+                            generation=info.get("generation"), user=user)
 
     def _let_go(self) -> None:
         """Forget the loaded generation (after an install or rollback switched `current`)."""
@@ -164,7 +166,7 @@ class Appliance:
                 "seconds": round(time.perf_counter() - start, 2)}
 
     def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress=None,
-                       reembed_progress=None):
+                       reembed_progress=None, user: str | None = None):
         """Verify and install a signed bundle (see appliance.bundle.install); audited either way."""
         from appliance import bundle
 
@@ -176,37 +178,38 @@ class Appliance:
                                     progress=progress)
         except ApplianceError as exc:
             self.audit("install_refused", {"source": str(directory.resolve()), "error": exc.message},
-                       with_model=self._has_generation())
+                       with_model=self._has_generation(), user=user)
             raise
         self._let_go()
         if result.number is not None:
             self.audit("install", {"source": str(directory.resolve()), "generation": result.number, "signed": True,
                                    "version": result.version, "name": result.info.name,
-                                   "downgrade": result.downgrade, "health": result.health})
+                                   "downgrade": result.downgrade, "health": result.health}, user=user)
         return result
 
-    def rollback(self) -> tuple[int, int]:
+    def rollback(self, user: str | None = None) -> tuple[int, int]:
         from appliance import bundle
 
         left, now = bundle.rollback(self.settings.home)
         self._let_go()
-        self.audit("rollback", {"from": left, "to": now})
+        self.audit("rollback", {"from": left, "to": now}, user=user)
         return left, now
 
     def ingest(self, paths: list[Path], collection: str,
-               progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
+               progress: Callable[[str, int, int], None] | None = None, user: str | None = None) -> IngestReport:
         report = ingest(self.store, self.embedder, paths, collection,
                         max_bytes=int(self.settings.max_file_mb * 1_000_000),
                         chunk_chars=self.settings.chunk_chars, progress=progress)
         for item in report.added:
             self.audit("ingest", {"collection": collection, "source": item["source"], "sha256": item["sha256"],
-                                  "doc_id": item["doc_id"], "chunks": item["chunks"], "replaced": item["replaced"]})
+                                  "doc_id": item["doc_id"], "chunks": item["chunks"], "replaced": item["replaced"]},
+                       user=user)
         return report
 
-    def remove_document(self, doc_id: int):
+    def remove_document(self, doc_id: int, user: str | None = None):
         row = self.store.remove_document(doc_id)
         self.audit("remove", {"doc_id": row.id, "source": row.source, "sha256": row.sha256,
-                              "collection": row.collection})
+                              "collection": row.collection}, user=user)
         return row
 
     def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[rag.Hit]:
@@ -239,21 +242,27 @@ class Appliance:
 
     def ask(self, question: str, collection: str | None = None, use_rag: bool = True,
             max_tokens: int | None = None, temperature: float | None = None,
-            on_text: Callable[[str], None] | None = None) -> rag.Answer:
+            on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
+            should_stop: Callable[[], bool] | None = None, user: str | None = None) -> rag.Answer:
         start = time.perf_counter()
         hits = self.search(question, collection=collection) if use_rag else []
         retrieval_ms = (time.perf_counter() - start) * 1000
         result = rag.answer(self.engine, question, hits, self.model_info(), n_ctx=self.engine.n_ctx,
                             max_tokens=max_tokens or self.settings.max_tokens,
                             temperature=self.settings.temperature if temperature is None else temperature,
-                            rag=use_rag, retrieval_ms=retrieval_ms, on_text=on_text)
+                            rag=use_rag, retrieval_ms=retrieval_ms, on_text=on_text, history=history,
+                            should_stop=should_stop)
         detail = {"question_sha256": audit.sha256_text(question), "answer_sha256": audit.sha256_text(result.answer),
                   "collection": collection, "rag": use_rag,
                   "chunks": [{"chunk_id": h.chunk_id, "doc_sha256": h.doc_sha256} for h in result.sources],
                   "citations": [c["n"] for c in result.citations], "unverified_codes": result.unverified_codes}
+        if result.stopped:
+            detail["stopped"] = True  # the client went away: what it was sent is still recorded
+        if history:
+            detail["history_sha256"] = audit.sha256_text(json.dumps(history, sort_keys=True))
         if self.settings.audit_text:
             detail.update(question=question, answer=result.answer)
-        result.audit_id = self.audit("ask", detail)["id"]
+        result.audit_id = self.audit("ask", detail, user=user)["id"]
         return result
 
     def status(self) -> dict:

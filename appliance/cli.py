@@ -4,6 +4,7 @@ and progress. Errors are translated to exit codes here and nowhere else (see err
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -490,6 +491,35 @@ def status(ctx, as_json: bool) -> None:
     click.echo(f"embedder    {e['name']} ({e['dim']}-d)")
     for c in data["collections"] or [{"name": "(none)", "documents": 0, "chunks": 0}]:
         click.echo(f"collection  {c['name']:<14} {c['documents']:>4} documents {c['chunks']:>6} chunks")
+
+
+@cli.command()
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Unix socket to listen on (default $XDG_RUNTIME_DIR/appliance.sock; "
+                   "/run/appliance/api.sock under systemd).")
+@click.option("--queue", "queue_size", default=4, show_default=True, type=click.IntRange(0, 256),
+              help="Requests that may wait for the model; the next one gets 503 with Retry-After.")
+@click.pass_context
+def serve(ctx, socket_path: Path | None, queue_size: int) -> None:
+    """Serve the OpenAI-compatible API and the appliance routes on a Unix socket.
+
+    The one process that loads the model and writes the database while it runs. The caller's OS
+    user (from the socket's peer credentials) is recorded in the audit log.
+
+    \b
+    Examples:
+      appliance serve
+      curl --unix-socket $XDG_RUNTIME_DIR/appliance.sock http://appliance/v1/models
+      OpenAI(base_url="http://appliance/v1", api_key="local",
+             http_client=httpx.Client(transport=httpx.HTTPTransport(uds=SOCKET)))
+    """
+    from appliance import service
+
+    path = socket_path or Path(os.environ.get("APPLIANCE_SOCKET") or service.default_socket())
+    app = _app(ctx)
+    app.long_lived = True
+    service.serve(app, path, queue_size, on_ready=lambda: _err(f"appliance: serving on {path} "
+                                                               f"(generation {app.installed.number})"))
 
 
 @cli.group("audit")

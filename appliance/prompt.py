@@ -31,9 +31,12 @@ def user_message(question: str, sources: list[str]) -> str:
     return "Sources:\n" + "\n".join(sources) + f"\n\nQuestion: {question}"
 
 
-def build_messages(question: str, sources: list[str], rag: bool = True) -> list[dict]:
+def build_messages(question: str, sources: list[str], rag: bool = True,
+                   history: list[dict] | None = None) -> list[dict]:
+    """System prompt (constant, so llama.cpp keeps it cached), earlier turns, then the question."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT if rag else NO_RAG_SYSTEM_PROMPT},
+        *(history or []),
         {"role": "user", "content": user_message(question, sources)},
     ]
 

@@ -112,6 +112,7 @@ class Answer:
     model: dict
     timing: dict = field(default_factory=dict)
     audit_id: int | None = None
+    stopped: bool = False  # the caller stopped generation early (a client went away)
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "citations": self.citations,
@@ -142,20 +143,28 @@ def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: in
 
 def answer(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
            max_tokens: int, temperature: float, rag: bool = True, retrieval_ms: float = 0.0,
-           on_text: Callable[[str], None] | None = None) -> Answer:
+           on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
+           should_stop: Callable[[], bool] | None = None) -> Answer:
     budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], rag)[0]["content"]) - 32
     sources = fit_sources(hits, question, generator, budget) if rag else []
     hits = hits[: len(sources)]
-    messages = build_messages(question, sources, rag)
+    messages = build_messages(question, sources, rag, history)
     start = time.perf_counter()
     first = None
     pieces: list[str] = []
-    for piece in generator.stream(messages, max_tokens=max_tokens, temperature=temperature):
+    stopped = False
+    stream = generator.stream(messages, max_tokens=max_tokens, temperature=temperature)
+    for piece in stream:
         if first is None:
             first = time.perf_counter()
         pieces.append(piece)
         if on_text and piece:
             on_text(piece)
+        if should_stop and should_stop():
+            stopped = True
+            if hasattr(stream, "close"):
+                stream.close()  # llama.cpp stops decoding here
+            break
     end = time.perf_counter()
     text = "".join(pieces).strip()
     citations, unknown = [], []
@@ -176,11 +185,13 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
     n_tokens = len(pieces)
     decode_s = end - (first or end)
     timing = {"retrieval_ms": round(retrieval_ms, 2),
+              "prompt_tokens": sum(generator.count_tokens(m["content"]) for m in messages),
+              "max_tokens": max_tokens,
               "ttft_ms": round(((first or end) - start) * 1000, 2),
               "tokens": n_tokens,
               "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
     return Answer(question=question, answer=text, sources=hits, citations=citations,
                   unknown_citations=unknown, unverified_codes=unverified, miscited_codes=miscited,
-                  model=model_info, timing=timing)
+                  model=model_info, timing=timing, stopped=stopped)
 
 

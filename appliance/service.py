@@ -1,0 +1,461 @@
+"""The appliance as a local service: FastAPI on uvicorn, bound to a Unix socket, OpenAI-compatible.
+
+One process loads the model and writes the database. Work that needs the model, the embedder or the
+database runs on one worker thread, in order; at most `queue_size` requests wait for it and the next
+gets 503 with Retry-After. Request values are bounded (context, max tokens, sampling): out of range
+is a 4xx naming the allowed range. A client that disconnects stops its generation. The caller's OS
+user comes from the socket's peer credentials (SO_PEERCRED) and goes into the audit log.
+
+OpenAI routes: GET /v1/models, POST /v1/chat/completions (streamed over SSE or not; retrieval on by
+default; extension fields `collection` and `rag` in the request, `citations`/`sources` in the
+response and in the final stream chunk), POST /v1/embeddings. Appliance routes under /appliance/:
+status, search, documents (list, ingest a path, remove), audit (list, verify), bundles (verify,
+install, rollback). Errors have OpenAI's shape: {"error": {"message", "type", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from appliance.app import Appliance
+from appliance.errors import ApplianceError, ExitCode
+
+MAX_PROMPT_CHARS = 32_000
+MAX_EMBED_INPUTS = 256
+PEER_KEY = "appliance.peer"
+
+
+def default_socket() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "appliance.sock" if runtime else Path(f"/tmp/appliance-{os.getuid()}.sock")
+
+
+# -- request bodies --------------------------------------------------------------------------------
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, content):
+        size = len(content) if isinstance(content, str) else len(json.dumps(content or []))
+        if size > MAX_PROMPT_CHARS:
+            raise ValueError(f"{size} characters; at most {MAX_PROMPT_CHARS} allowed per message")
+        return content
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields this server ignores
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1, max_length=64)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1)
+    collection: str | None = Field(default=None, description="Extension: retrieve only from this collection")
+    rag: bool = Field(default=True, description="Extension: false answers without retrieval")
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[str] = Field(min_length=1)
+
+
+class IngestRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    paths: list[str] = Field(min_length=1, max_length=1000)
+    collection: str = Field(default="default", min_length=1, max_length=100)
+
+
+class BundleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    allow_downgrade: bool = False
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+
+
+_STATUS = {ExitCode.NOT_FOUND: 404, ExitCode.CONFIG: 500, ExitCode.MODEL: 400, ExitCode.INGEST: 422,
+           ExitCode.BUNDLE: 422, ExitCode.BUSY: 409, ExitCode.GENERATION: 503, ExitCode.STORE: 500}
+
+
+def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": code, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+# -- the worker ------------------------------------------------------------------------------------
+
+class Worker:
+    """One thread for everything that touches the model, embedder or database, with a bounded queue."""
+
+    def __init__(self, queue_size: int):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="appliance")
+        self.queue_size = queue_size
+        self.pending = 0
+        self.lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args):
+        with self.lock:
+            if self.pending >= self.queue_size + 1:  # one running, queue_size waiting
+                raise ApiError(503, f"the appliance is busy ({self.pending} requests ahead); retry shortly",
+                               "server_busy", {"Retry-After": "2"})
+            self.pending += 1
+        future = self.pool.submit(fn, *args)
+
+        def done(_):
+            with self.lock:
+                self.pending -= 1
+        future.add_done_callback(done)
+        return asyncio.wrap_future(future)
+
+
+class Stopped(Exception):
+    """The client went away; generation stops at the next token."""
+
+
+def _user(request: Request) -> str | None:
+    peer = request.scope.get(PEER_KEY)
+    return peer["user"] if peer else None
+
+
+def _question(messages: list[Message]) -> tuple[str, list[dict]]:
+    """The last user message is the question; earlier user/assistant turns are history."""
+    def text(m: Message) -> str:
+        if isinstance(m.content, list):
+            return "".join(p.get("text", "") for p in m.content if p.get("type") == "text")
+        return m.content or ""
+
+    turns = [m for m in messages if m.role in ("user", "assistant")]
+    if not turns or turns[-1].role != "user" or not text(turns[-1]).strip():
+        raise ApiError(400, "the last message must be a non-empty user message")
+    return text(turns[-1]), [{"role": m.role, "content": text(m)} for m in turns[:-1]]
+
+
+def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI application over one Appliance (one model, one database)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        if on_shutdown:
+            on_shutdown()
+
+    api = FastAPI(title="appliance", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    worker = Worker(queue_size)
+    api.state.appliance = app
+    api.state.worker = worker
+
+    @api.exception_handler(ApiError)
+    async def _api_error(_, exc: ApiError):
+        return _error(exc.status, exc.message, exc.code, exc.headers)
+
+    @api.exception_handler(ApplianceError)
+    async def _appliance_error(_, exc: ApplianceError):
+        return _error(_STATUS.get(exc.exit_code, 400), str(exc), type(exc).__name__)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"] if p != "body")
+            parts.append(f"{where}: {e['msg']}")
+        return _error(422 if any("json" in e["type"] for e in exc.errors()) else 400, "; ".join(parts),
+                      "invalid_request_error")
+
+    def model_id() -> str:
+        return app.installed.manifest.model.name
+
+    @api.get("/v1/models")
+    async def models():
+        m = app.installed.manifest
+        created = int(app.installed.path.stat().st_mtime)
+        return {"object": "list", "data": [
+            {"id": m.model.name, "object": "model", "created": created, "owned_by": "appliance",
+             "generation": app.installed.number, "quant": m.model.quant},
+            {"id": m.embedder.name, "object": "model", "created": created, "owned_by": "appliance",
+             "dimensions": m.embedder.dim}]}
+
+    def limits(body: ChatRequest) -> tuple[int, float]:
+        max_tokens = body.max_completion_tokens or body.max_tokens or app.settings.max_tokens
+        context = min(app.settings.n_ctx, app.installed.manifest.model.context_length)
+        if max_tokens > context // 2:
+            raise ApiError(400, f"max_tokens {max_tokens} is more than half the {context}-token context; "
+                                f"allowed: 1 to {context // 2}")
+        temperature = app.settings.temperature if body.temperature is None else body.temperature
+        return max_tokens, temperature
+
+    def finish(answer) -> str:
+        return "length" if answer.stopped or answer.timing.get("tokens", 0) >= answer.timing.get("max_tokens", 1 << 30) \
+            else "stop"
+
+    def completion_json(answer, created: int, cid: str) -> dict:
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model_id(),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
+                             "finish_reason": finish(answer)}],
+                "usage": {"prompt_tokens": answer.timing.get("prompt_tokens", 0),
+                          "completion_tokens": answer.timing.get("tokens", 0),
+                          "total_tokens": answer.timing.get("prompt_tokens", 0) + answer.timing.get("tokens", 0)},
+                "citations": answer.citations, "sources": answer.to_json()["sources"],
+                "unverified_codes": answer.unverified_codes, "audit_id": answer.audit_id,
+                "appliance": {"generation": answer.model.get("generation"), "timing": answer.timing}}
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        question, history = _question(body.messages)
+        max_tokens, temperature = limits(body)
+        user = _user(request)
+        stop = threading.Event()
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        if not body.stream:
+            def run():
+                return app.ask(question, body.collection, body.rag, max_tokens, temperature, history=history,
+                               should_stop=stop.is_set, user=user)
+            future = worker.submit(run)
+            while not future.done():
+                if await request.is_disconnected():
+                    stop.set()
+                    break
+                await asyncio.wait({future}, timeout=0.1)
+            return completion_json(await future, created, cid)
+
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        def run_streaming():
+            try:
+                answer = app.ask(question, body.collection, body.rag, max_tokens, temperature, history=history,
+                                 should_stop=stop.is_set, user=user,
+                                 on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, ("text", piece)))
+                loop.call_soon_threadsafe(pieces.put_nowait, ("done", answer))
+            except BaseException as exc:  # reported to the client as the stream's last event
+                loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
+        future = worker.submit(run_streaming)
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id(),
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await pieces.get()
+                    if kind == "text":
+                        yield chunk({"content": value})
+                    elif kind == "done":
+                        final = completion_json(value, created, cid)
+                        yield chunk({}, finish(value),
+                                    **{k: final[k] for k in ("citations", "sources", "unverified_codes",
+                                                             "audit_id", "appliance", "usage")})
+                        yield "data: [DONE]\n\n"
+                        return
+                    else:
+                        message = str(value) if isinstance(value, ApplianceError) else f"internal error: {value!r}"
+                        yield f"data: {json.dumps({'error': {'message': message, 'type': type(value).__name__}})}\n\n"
+                        return
+            finally:
+                stop.set()  # a client that went away stops the generation at its next token
+                await asyncio.shield(future)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > MAX_EMBED_INPUTS or any(len(t) > MAX_PROMPT_CHARS for t in texts):
+            raise ApiError(400, f"at most {MAX_EMBED_INPUTS} inputs of at most {MAX_PROMPT_CHARS} characters each")
+        vectors = await worker.submit(lambda: app.embedder.embed(texts))
+        return {"object": "list", "model": app.embedder.name,
+                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": sum(len(t.split()) for t in texts),
+                          "total_tokens": sum(len(t.split()) for t in texts)}}
+
+    # -- appliance routes --------------------------------------------------------------------------
+    @api.get("/appliance/status")
+    async def status():
+        return await worker.submit(app.status)
+
+    @api.get("/appliance/search")
+    async def search(q: str, k: int = 5, collection: str | None = None):
+        if not 1 <= k <= 100:
+            raise ApiError(400, f"k {k} out of range; allowed: 1 to 100")
+        hits = await worker.submit(lambda: app.search(q, k=k, collection=collection))
+        return {"results": [h.to_json() for h in hits]}
+
+    @api.get("/appliance/documents")
+    async def documents(collection: str | None = None):
+        rows = await worker.submit(lambda: app.store.list_documents(collection))
+        return {"documents": [vars(r) for r in rows]}
+
+    @api.post("/appliance/documents")
+    async def ingest(body: IngestRequest, request: Request):
+        user = _user(request)
+        report = await worker.submit(lambda: app.ingest([Path(p) for p in body.paths], body.collection, user=user))
+        return report.to_json()
+
+    @api.delete("/appliance/documents/{doc_id}")
+    async def remove(doc_id: int, request: Request):
+        user = _user(request)
+        row = await worker.submit(lambda: app.remove_document(doc_id, user=user))
+        return {"removed": vars(row)}
+
+    @api.get("/appliance/audit")
+    async def audit_list(action: str | None = None, user: str | None = None, limit: int = 50):
+        from appliance import audit
+
+        entries = await worker.submit(lambda: list(audit.rows(app.store.conn, action, user, max(1, min(limit, 1000)))))
+        return {"rows": [dict(e, detail=json.loads(e["detail"])) for e in entries]}
+
+    @api.get("/appliance/audit/verify")
+    async def audit_verify():
+        from appliance import audit
+
+        count, bad = await worker.submit(lambda: audit.verify_rows(audit.rows(app.store.conn)))
+        return {"rows": count, "intact": bad is None, "first_bad_row": bad}
+
+    @api.post("/appliance/bundles/verify")
+    async def bundle_verify(body: BundleRequest):
+        verified = await worker.submit(lambda: app.verify_bundle(Path(body.path)))
+        return {"version": verified.version, "files": len(verified.targets), "bytes": verified.total_bytes,
+                "notes": verified.notes, "bundle": verified.info.model_dump()}
+
+    @api.post("/appliance/bundles/install")
+    async def bundle_install(body: BundleRequest, request: Request):
+        """Progress as server-sent events: {"file", "done", "total"}, then {"result": ...} or {"error": ...}."""
+        user = _user(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def run():
+            try:
+                result = app.install_bundle(Path(body.path), body.allow_downgrade, user=user,
+                                            progress=lambda f, d, t: loop.call_soon_threadsafe(
+                                                events.put_nowait, {"file": f, "done": d, "total": t}))
+                loop.call_soon_threadsafe(events.put_nowait, {"result": {
+                    "version": result.version, "generation": result.number, "message": result.message,
+                    "downgrade": result.downgrade, "health": result.health}})
+            except ApplianceError as exc:
+                loop.call_soon_threadsafe(events.put_nowait, {"error": {"message": str(exc),
+                                                                        "type": type(exc).__name__}})
+        worker.submit(run)
+
+        async def stream():
+            while True:
+                event = await events.get()
+                yield f"data: {json.dumps(event)}\n\n"
+                if "result" in event or "error" in event:
+                    return
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @api.post("/appliance/bundles/rollback")
+    async def bundle_rollback(request: Request):
+        user = _user(request)
+        left, now = await worker.submit(lambda: app.rollback(user=user))
+        return {"from": left, "to": now}
+
+    return api
+
+
+# -- serving on a Unix socket with peer credentials ------------------------------------------------
+
+def _peer(transport) -> dict | None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid:{uid}"
+    return {"pid": pid, "uid": uid, "gid": gid, "user": name}
+
+
+def _peer_protocol():
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class PeerCredProtocol(H11Protocol):
+        """h11 with the connecting process's credentials put into every request's scope."""
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            peer, inner = _peer(transport), self.app
+
+            async def with_peer(scope, receive, send):
+                scope[PEER_KEY] = peer
+                await inner(scope, receive, send)
+            self.app = with_peer
+
+    return PeerCredProtocol
+
+
+def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Callable[[], None] | None = None) -> None:
+    """Load the model, bind the socket (mode 0660: the appliance group may connect) and serve until stopped."""
+    import uvicorn
+
+    app.recover()
+    app.ready_index()
+    _ = app.engine  # load the model before the first request, so a broken one fails at start
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    if socket_path.exists() or socket_path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(socket_path))
+            raise ApplianceError(f"{socket_path}: another appliance service is listening",
+                                 "stop it first, or give --socket another path")
+        except (ConnectionRefusedError, FileNotFoundError):
+            socket_path.unlink()  # left by a service that was killed
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(str(socket_path))
+    finally:
+        os.umask(old)
+    # uvicorn re-raises SIGTERM after its shutdown, so the socket goes in the lifespan's shutdown step.
+    api = make_api(app, queue_size, on_shutdown=lambda: socket_path.unlink(missing_ok=True))
+    config = uvicorn.Config(api, http=_peer_protocol(), log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    if on_ready:
+        on_ready()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if socket_path.exists():
+            socket_path.unlink()

