@@ -6,6 +6,7 @@ operator UI will hold one for their lifetime.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,15 @@ class Appliance:
         if self._engine is not None:
             self._engine.close()
         self._engine = self._embedder = self._installed = None
+
+    def follow_current(self) -> None:
+        """Let go of the loaded generation if `current` was switched by another process (the USB
+        import installs through the CLI while the service runs); the next use loads the new one."""
+        if self._installed is None:
+            return
+        link = self.settings.home / "current"
+        if link.is_symlink() and Path(os.readlink(link)).name != str(self._installed.number):
+            self._let_go()
 
     def _has_generation(self) -> bool:
         try:

@@ -119,8 +119,9 @@ def _error(status: int, message: str, code: str, headers: dict | None = None) ->
 class Worker:
     """One thread for everything that touches the model, embedder or database, with a bounded queue."""
 
-    def __init__(self, queue_size: int):
+    def __init__(self, queue_size: int, before: Callable[[], None] | None = None):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="appliance")
+        self.before = before
         self.queue_size = queue_size
         self.pending = 0
         self.lock = threading.Lock()
@@ -131,13 +132,18 @@ class Worker:
                 raise ApiError(503, f"the appliance is busy ({self.pending} requests ahead); retry shortly",
                                "server_busy", {"Retry-After": "2"})
             self.pending += 1
-        future = self.pool.submit(fn, *args)
+        future = self.pool.submit(self._run, fn, *args)
 
         def done(_):
             with self.lock:
                 self.pending -= 1
         future.add_done_callback(done)
         return asyncio.wrap_future(future)
+
+    def _run(self, fn: Callable, *args):
+        if self.before:
+            self.before()
+        return fn(*args)
 
 
 class Stopped(Exception):
@@ -173,7 +179,7 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
 
     api = FastAPI(title="appliance", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    worker = Worker(queue_size)
+    worker = Worker(queue_size, before=app.follow_current)
     api.state.appliance = app
     api.state.worker = worker
 
@@ -199,6 +205,9 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
 
     @api.get("/v1/models")
     async def models():
+        return await worker.submit(model_list)
+
+    def model_list() -> dict:
         m = app.installed.manifest
         created = int(app.installed.path.stat().st_mtime)
         return {"object": "list", "data": [

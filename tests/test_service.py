@@ -206,3 +206,17 @@ class sqlite_rows:
 
     def __exit__(self, *exc):
         self.conn.close()
+
+
+def test_a_generation_installed_by_another_process_is_picked_up(served, tiny_generation):
+    """The USB import installs through the CLI while the service runs; the next request uses it."""
+    home, sock = served
+    env = dict(os.environ, APPLIANCE_HOME=str(home))
+    subprocess.run([sys.executable, "-m", "appliance.cli", "install-generation", "--unsigned", str(tiny_generation)],
+                   env=env, check=True, capture_output=True)
+    with _client(sock) as http:
+        models = http.get("/v1/models").json()["data"]
+        assert models[0]["generation"] == 2
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
+                                                    "max_tokens": 4})
+        assert r.json()["appliance"]["generation"] == 2

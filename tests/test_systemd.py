@@ -1,4 +1,4 @@
-"""The USB import script and the systemd files around it.
+"""systemd: the USB import script, its udev rule and unit, and the service unit.
 
 The script runs for real on an ext4 image holding a real bundle: mounted read-only in a private mount
 namespace (`unshare -m`), copied, unmounted, installed from the copy. That needs root and loop devices;
@@ -135,9 +135,10 @@ def test_udev_rule_only_tags_and_the_unit_mounts_nothing_itself():
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
-def test_import_unit_exposure_at_most_2():
-    out = subprocess.run(["systemd-analyze", "security", "--offline=yes",
-                          str(SYSTEMD / "appliance-usb-import@.service")], capture_output=True, text=True)
+@pytest.mark.parametrize("unit", ["appliance.service", "appliance-usb-import@.service"])
+def test_unit_exposure_at_most_2(unit):
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(SYSTEMD / unit)],
+                         capture_output=True, text=True)
     line = next(ln for ln in out.stdout.splitlines() if "Overall exposure level" in ln)
     score = float(line.split(":")[1].split()[0])
     assert score <= 2.0, line
