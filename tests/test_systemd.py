@@ -142,3 +142,15 @@ def test_unit_exposure_at_most_2(unit):
     line = next(ln for ln in out.stdout.splitlines() if "Overall exposure level" in ln)
     score = float(line.split(":")[1].split()[0])
     assert score <= 2.0, line
+
+
+def test_dockerfile_runtime_stage_has_no_compiler_and_no_builder_extra():
+    text = (ROOT / "Dockerfile").read_text()
+    stages = text.split("\nFROM ")
+    assert len(stages) == 3, "a build stage and a runtime stage"
+    runtime = stages[2]
+    assert "build-essential" not in runtime and "cmake" not in runtime and "[builder]" not in text.replace(
+        "no [builder] extra", "")
+    assert 'ENTRYPOINT ["appliance"]' in runtime and '"serve"' in runtime
+    assert "USER appliance" in runtime and 'VOLUME ["/var/lib/appliance"]' in runtime
+    assert "-DGGML_NATIVE=OFF" in stages[1]
