@@ -26,7 +26,7 @@ DEMO_DATA := builder/demo_data/corpus
 .PHONY: help setup deps demo-home demo test bench bench-avx512 llama-wheel lint clean
 
 help:
-	@echo "make demo    set everything up, then talk to the appliance about the demo documents"
+	@echo "make demo    set everything up, then open the operator UI over the demo bundle"
 	@echo "make test    set up what the tests need, then run them"
 	@echo "make setup   only the set-up (idempotent); make bench [bench-avx512 first]; make lint; make clean"
 
@@ -81,7 +81,7 @@ demo-home: $(DEMO_BUNDLE)/metadata/timestamp.json
 	  $(BIN)/appliance ingest $(DEMO_DATA)/rfps --collection rfps >/dev/null
 
 demo: setup
-	$(BIN)/appliance ask
+	$(BIN)/appliance tui
 
 # pytest exits 5 when it collected nothing: that is a failure, never a pass.
 test: deps

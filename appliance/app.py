@@ -18,6 +18,8 @@ from appliance.ingest import IngestReport, ingest
 from appliance.manifest import BUNDLE_NAME, BundleManifest, sha256_file
 from appliance.store import Store
 
+HISTORY_MESSAGES = 4  # earlier turns sent with a question: follow-ups work, sources keep most of the context
+
 
 class Appliance:
     def __init__(self, settings: Settings, long_lived: bool = False):
@@ -253,7 +255,13 @@ class Appliance:
     def ask(self, question: str, collection: str | None = None, use_rag: bool = True,
             max_tokens: int | None = None, temperature: float | None = None,
             on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
-            should_stop: Callable[[], bool] | None = None, user: str | None = None) -> rag.Answer:
+            should_stop: Callable[[], bool] | None = None, user: str | None = None,
+            conversation: int | None = None) -> rag.Answer:
+        """`conversation`: a stored conversation (the operator UI's); its last turns are the history and
+        the question and answer are added to it."""
+        if conversation is not None and history is None:
+            history = [{"role": m["role"], "content": m["content"]}
+                       for m in self.store.messages(conversation, limit=HISTORY_MESSAGES)]
         start = time.perf_counter()
         hits = self.search(question, collection=collection) if use_rag else []
         retrieval_ms = (time.perf_counter() - start) * 1000
@@ -273,6 +281,9 @@ class Appliance:
         if self.settings.audit_text:
             detail.update(question=question, answer=result.answer)
         result.audit_id = self.audit("ask", detail, user=user)["id"]
+        if conversation is not None:
+            self.store.add_message(conversation, "user", question)
+            self.store.add_message(conversation, "assistant", result.answer, result.audit_id)
         return result
 
     def status(self) -> dict:

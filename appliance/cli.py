@@ -522,6 +522,17 @@ def serve(ctx, socket_path: Path | None, queue_size: int) -> None:
                                                                f"(generation {app.installed.number})"))
 
 
+@cli.command()
+@click.pass_context
+def tui(ctx) -> None:
+    """The operator UI: chat with cited sources, documents, model and bundles, audit log (F1: help)."""
+    from tui.app import run
+
+    app = _app(ctx)
+    app.long_lived = True
+    run(app)
+
+
 @cli.group("audit")
 def audit_group() -> None:
     """The tamper-evident log of answers, ingests, removals and installs."""

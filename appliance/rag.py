@@ -146,6 +146,7 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
            on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
            should_stop: Callable[[], bool] | None = None) -> Answer:
     budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], rag)[0]["content"]) - 32
+    budget -= sum(generator.count_tokens(m["content"]) + 8 for m in history or [])
     sources = fit_sources(hits, question, generator, budget) if rag else []
     hits = hits[: len(sources)]
     messages = build_messages(question, sources, rag, history)

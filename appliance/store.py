@@ -78,6 +78,22 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX audit_action ON audit(action, user);
     """),
+    ("004_conversations", """
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            started TEXT NOT NULL,
+            user TEXT NOT NULL
+        );
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            content TEXT NOT NULL,
+            audit_id INTEGER,
+            time TEXT NOT NULL
+        );
+        CREATE INDEX messages_conversation ON messages(conversation_id, id);
+    """),
 ]
 
 
@@ -206,6 +222,31 @@ class Store:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+
+    # -- conversations (the operator UI's history) ----------------------------------------------
+    def new_conversation(self, user: str) -> int:
+        with self.conn:
+            self.conn.execute("INSERT INTO conversations(started, user) VALUES (?, ?)", (_now(), user))
+            return self.conn.last_insert_rowid()
+
+    def add_message(self, conversation_id: int, role: str, content: str, audit_id: int | None = None) -> None:
+        with self.conn:
+            self.conn.execute("INSERT INTO messages(conversation_id, role, content, audit_id, time) "
+                              "VALUES (?, ?, ?, ?, ?)", (conversation_id, role, content, audit_id, _now()))
+
+    def messages(self, conversation_id: int, limit: int = 1000) -> list[dict]:
+        """The newest `limit` messages of a conversation, oldest first."""
+        rows = self.conn.execute("SELECT role, content, audit_id, time FROM messages WHERE conversation_id = ? "
+                                 "ORDER BY id DESC LIMIT ?", (conversation_id, limit)).fetchall()
+        return [{"role": r, "content": c, "audit_id": a, "time": t} for r, c, a, t in reversed(rows)]
+
+    def conversations(self, user: str | None = None, limit: int = 50) -> list[dict]:
+        sql = ("SELECT c.id, c.started, c.user, (SELECT content FROM messages m WHERE m.conversation_id = c.id "
+               "ORDER BY m.id LIMIT 1), (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) "
+               "FROM conversations c" + (" WHERE c.user = ?" if user else "") + " ORDER BY c.id DESC LIMIT ?")
+        args = (user, limit) if user else (limit,)
+        return [{"id": i, "started": s, "user": u, "first": f or "", "messages": n}
+                for i, s, u, f, n in self.conn.execute(sql, args)]
 
     def migrations(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT name FROM _migrations ORDER BY name")]

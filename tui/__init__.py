@@ -1,2 +1,1 @@
-"""The Textual operator UI: a client of the appliance. It arrives with issue 5; until then `make demo`
-runs the interactive `appliance ask` loop."""
+"""The Textual operator UI (`appliance tui`): a client of the appliance; see tui/app.py."""

@@ -1,0 +1,179 @@
+"""The operator UI, driven by Textual's pilot over a real appliance home (the tiny model, the demo corpus)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Input, Static, TabbedContent
+
+from appliance.app import Appliance
+from appliance.config import load_settings
+from appliance.documents import clean_text
+from tui.app import ConfirmScreen, TextScreen, make_app
+
+SIZES = [(80, 24), (120, 40)]
+
+
+@pytest.fixture
+def ui_home(tmp_path, demo_home) -> Path:
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home, symlinks=True)
+    return home
+
+
+def _app(home: Path):
+    return make_app(Appliance(load_settings(home=home), long_lived=True))
+
+
+async def _settle(pilot, app, until=lambda: True, seconds: float = 60) -> None:
+    for _ in range(int(seconds / 0.05)):
+        await pilot.pause(0.05)
+        if until() and not app.busy and not [w for w in app.workers if w.is_running]:
+            return
+    raise AssertionError("the UI did not settle")
+
+
+async def _ask(pilot, app, question: str) -> None:
+    app.query_one("#question", Input).focus()
+    await pilot.press(*question)
+    await pilot.press("enter")
+    await _settle(pilot, app, until=lambda: app.last_answer is not None)
+
+
+async def test_chat_round_trip_shows_sources_and_keeps_history(ui_home):
+    app = _app(ui_home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settle(pilot, app)
+        await _ask(pilot, app, "What is the code for a Database Administrator?")
+        answer = app.last_answer
+        sources = app.query_one("#sources", DataTable)
+        assert sources.row_count == len(answer.sources) > 0
+        assert "labor_categories.csv" in str(sources.get_row_at(0)[2])
+        shown = [str(w.content) for w in app.query("#transcript Static")]
+        assert any(clean_text(answer.answer)[:20] in s for s in shown), (answer.answer, shown)
+        # Enter on a source opens it in full
+        sources.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, TextScreen) and answer.sources[0].text[:30] in str(
+            app.screen.query_one("#dialog-body", Static).content)
+        await pilot.press("escape")
+        # a follow-up goes into the same stored conversation
+        first = app.conversation
+        app.last_answer = None
+        await _ask(pilot, app, "And its title?")
+        assert app.conversation == first
+        messages = app.appliance.store.messages(first)
+        assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+        assert messages[1]["audit_id"] == answer.audit_id
+        await pilot.press("ctrl+n")
+        assert app.conversation is None and not list(app.query("#transcript Static"))
+
+
+class HostileEngine:
+    """A model whose output tries to retitle the terminal, clear it and inject Rich markup."""
+
+    n_ctx = 512
+    name = "hostile"
+    OUTPUT = ["\x1b]0;pwned\x07", "\x1b[2J", "[bold red]", "ok", "[/bold red]", " \x07done"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split()) + 1
+
+    def stream(self, messages, max_tokens, temperature):
+        yield from self.OUTPUT
+
+    def close(self) -> None:
+        pass
+
+
+async def test_escape_sequences_and_markup_in_model_output_are_inert(ui_home):
+    app = _app(ui_home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _settle(pilot, app)
+        app.appliance._engine = HostileEngine()
+        await _ask(pilot, app, "hello")
+        widget = app.query("#transcript Static").last()
+        text = widget.content
+        assert str(text) == "[bold red]ok[/bold red] done"
+        assert not text.spans  # no style came from the model's markup
+        svg = app.export_screenshot()
+        assert "pwned" not in svg and "[bold red]ok[/bold red]" in svg.replace("&#160;", " ")
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_every_screen_fits_and_answers_the_keyboard(ui_home, size):
+    app = _app(ui_home)
+    async with app.run_test(size=size) as pilot:
+        await _settle(pilot, app)
+        screen = app.screen.region
+        panes = {"f2": ("chat", ["#transcript", "#sources", "#question"]),
+                 "f3": ("documents", ["#ingest-path", "#ingest", "#documents-table"]),
+                 "f4": ("model", ["#model-info", "#bundle-path", "#bundle-install", "#bundle-rollback",
+                                  "#generations-table"]),
+                 "f5": ("audit", ["#audit-user", "#audit-verify", "#audit-table"])}
+        for key, (tab, ids) in panes.items():
+            await pilot.press(key)
+            await pilot.pause(0.2)
+            assert app.query_one(TabbedContent).active == tab
+            for wid in ids:
+                region = app.query_one(wid).region
+                assert region.height > 0 and region.width > 0, (tab, wid, region)
+                assert screen.contains_region(region), (tab, wid, region, size)
+        assert app.query_one("#documents-table", DataTable).row_count == 10
+        assert "generation 1" in str(app.query_one("#model-info", Static).content)
+        await pilot.press("f1")
+        assert isinstance(app.screen, TextScreen)
+        await pilot.press("escape")
+
+
+async def test_documents_ingest_with_progress_then_remove_after_confirmation(ui_home, corpus_copy):
+    app = _app(ui_home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settle(pilot, app)
+        await pilot.press("f3")
+        app.query_one("#ingest-path", Input).value = str(corpus_copy / "rfps")
+        app.query_one("#ingest-collection", Input).value = "new-rfps"
+        app.query_one("#ingest-path", Input).focus()
+        await pilot.press("enter")
+        table = app.query_one("#documents-table", DataTable)
+        await _settle(pilot, app, until=lambda: table.row_count == 13)
+        bar = app.query_one("#ingest-progress")
+        assert bar.progress == bar.total
+        table.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        await _settle(pilot, app)
+        assert table.row_count == 13
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        await pilot.press("y")
+        await _settle(pilot, app, until=lambda: table.row_count == 12)
+
+
+async def test_rollback_asks_first_and_audit_verifies(ui_home):
+    app = _app(ui_home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settle(pilot, app)
+        await pilot.press("f4")
+        await pilot.click("#bundle-rollback")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await _settle(pilot, app)
+        assert any("no previous generation" in n.message for n in app._notifications)
+        await pilot.press("f5")
+        await pilot.click("#audit-verify")
+        await _settle(pilot, app, until=lambda: "intact" in str(app.query_one("#audit-status", Static).content))
+        assert app.query_one("#audit-table", DataTable).row_count > 0
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_snapshot_help_screen(snap_compare, size):
+    """The help screen (deterministic: no model output, times or paths)."""
+    app_path = Path(__file__).parent / "tui_snapshot_app.py"
+    assert snap_compare(str(app_path), terminal_size=size, press=["f1"])

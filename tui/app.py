@@ -1,0 +1,540 @@
+"""The operator UI: chat with cited sources, documents, model and bundles, audit log.
+
+`make_app(appliance)` builds it over an in-process `Appliance` (the CLI's `appliance tui` and the tests
+use the same factory). The UI does no work: every call into the appliance runs in a thread worker,
+one at a time, and comes back as a message; the screen never freezes while the model generates.
+Model output and document text are shown as plain `Text`: terminal escape sequences and control
+characters are stripped first and Rich markup is never interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Input,
+    Label,
+    ProgressBar,
+    Static,
+    TabbedContent,
+    TabPane,
+)
+
+from appliance.app import Appliance
+from appliance.audit import os_user
+from appliance.documents import clean_text
+from appliance.errors import ApplianceError
+
+
+def inert(text: str) -> Text:
+    """Text for the terminal: no escape sequences, no control characters, no markup."""
+    return Text(clean_text(text))
+
+
+def resident_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+HELP = """F1 help   F2 chat   F3 documents   F4 model   F5 audit
+Ctrl+Q quit   Tab next field   Escape close a dialog
+
+Chat       Enter asks. Ctrl+N starts a new conversation,
+           Ctrl+Y copies the last answer. In the sources
+           table, Enter opens a source in full.
+Documents  Enter on a path ingests it; Enter on a row
+           removes that document (asks first).
+Model      verify or install a bundle from a path (a mounted
+           USB stick); rollback asks first.
+Audit      filter by user or action; Verify recomputes
+           the hash chain.
+
+Answers cite sources as [n]; a star in the sources table
+marks the ones cited. Codes no source contains are flagged
+as unverified: look them up before relying on them."""
+
+
+class TextScreen(ModalScreen):
+    """A scrollable text (a full source, the help), closed with Escape."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close")]
+
+    def __init__(self, title: str, body: str):
+        super().__init__()
+        self.title_text, self.body = title, body
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(inert(self.title_text), id="dialog-title")
+            with VerticalScroll():
+                yield Static(inert(self.body), id="dialog-body")
+            yield Label("Escape to close", classes="hint")
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    BINDINGS = [Binding("escape", "no", "Cancel"), Binding("y", "yes", "Yes"), Binding("n", "no", "No")]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(inert(self.question), id="dialog-title")
+            with Horizontal(classes="buttons"):
+                yield Button("Yes (y)", id="yes", variant="warning")
+                yield Button("No (n)", id="no")
+
+    def action_yes(self) -> None:
+        self.dismiss(True)
+
+    def action_no(self) -> None:
+        self.dismiss(False)
+
+    @on(Button.Pressed)
+    def pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+# -- messages posted by workers ---------------------------------------------------------------------
+
+class Piece(Message):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+
+class Answered(Message):
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+
+class Failed(Message):
+    def __init__(self, where: str, error: str):
+        super().__init__()
+        self.where, self.error = where, error
+
+
+class Progress(Message):
+    def __init__(self, bar: str, done: float, total: float, label: str = ""):
+        super().__init__()
+        self.bar, self.done, self.total, self.label = bar, done, total, label
+
+
+class Loaded(Message):
+    """Fresh data for a pane: `what` names it."""
+
+    def __init__(self, what: str, data):
+        super().__init__()
+        self.what, self.data = what, data
+
+
+class OperatorApp(App):
+    TITLE = "appliance"
+    CSS = """
+    TabbedContent { height: 1fr; }
+    TabPane { padding: 0; }
+    #transcript { height: 1fr; border: round $primary; padding: 0 1; }
+    .user { color: $accent; margin-top: 1; }
+    .assistant { margin-bottom: 0; }
+    .warning { color: $warning; }
+    #sources { height: 7; border: round $secondary; }
+    #question { dock: bottom; }
+    #dialog { width: 90%; height: 80%; border: thick $primary; background: $surface; padding: 1; align: center middle; }
+    #dialog-title { text-style: bold; }
+    ConfirmScreen #dialog { height: auto; width: 60; }
+    TextScreen, ConfirmScreen { align: center middle; }
+    .hint { color: $text-muted; }
+    .row { height: auto; }
+    .row Input { width: 1fr; }
+    .row Button { width: auto; min-width: 10; }
+    #model-info { height: auto; max-height: 14; border: round $secondary; padding: 0 1; }
+    DataTable { height: 1fr; }
+    ProgressBar { width: 100%; }
+    #status-line { height: 1; color: $text-muted; }
+    """
+    BINDINGS = [
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "quit", "Quit"),
+        Binding("ctrl+n", "new_conversation", "New chat"),
+        Binding("ctrl+y", "copy_answer", "Copy answer"),
+        Binding("f2", "tab('chat')", "Chat", show=False, priority=True),
+        Binding("f3", "tab('documents')", "Documents", show=False, priority=True),
+        Binding("f4", "tab('model')", "Model", show=False, priority=True),
+        Binding("f5", "tab('audit')", "Audit", show=False, priority=True),
+    ]
+
+    def __init__(self, appliance: Appliance):
+        super().__init__()
+        self.appliance = appliance
+        self.lock = threading.Lock()  # one call into the appliance at a time
+        self.user = os_user()
+        self.conversation: int | None = None
+        self.last_answer = None
+        self.busy = False
+        self._current_text: list[str] = []
+
+    # -- layout ----------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        with TabbedContent(initial="chat"):
+            with TabPane("Chat", id="chat"):
+                yield VerticalScroll(id="transcript")
+                yield DataTable(id="sources", cursor_type="row")
+                yield Input(placeholder="Ask about your documents; Enter to send", id="question")
+            with TabPane("Documents", id="documents"):
+                with Horizontal(classes="row"):
+                    yield Input(placeholder="file or folder to ingest", id="ingest-path")
+                    yield Input(value="default", placeholder="collection", id="ingest-collection")
+                    yield Button("Ingest", id="ingest")
+                yield ProgressBar(id="ingest-progress", show_eta=False)
+                yield DataTable(id="documents-table", cursor_type="row")
+            with TabPane("Model", id="model"):
+                yield Static(id="model-info")
+                with Horizontal(classes="row"):
+                    yield Input(placeholder="bundle directory (a mounted USB stick)", id="bundle-path")
+                    yield Button("Verify", id="bundle-verify")
+                    yield Button("Install", id="bundle-install", variant="primary")
+                    yield Button("Rollback", id="bundle-rollback", variant="warning")
+                yield ProgressBar(id="bundle-progress", show_eta=False)
+                yield DataTable(id="generations-table", cursor_type="row")
+            with TabPane("Audit", id="audit"):
+                with Horizontal(classes="row"):
+                    yield Input(placeholder="user", id="audit-user")
+                    yield Input(placeholder="action (ask, ingest, install...)", id="audit-action")
+                    yield Button("Verify chain", id="audit-verify")
+                yield Static(id="audit-status")
+                yield DataTable(id="audit-table", cursor_type="row")
+        yield Static(id="status-line")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#sources", DataTable).add_columns("n", "cited", "document", "chunk", "text")
+        self.query_one("#documents-table", DataTable).add_columns("id", "collection", "chunks", "sha256", "document")
+        self.query_one("#generations-table", DataTable).add_columns("gen", "state", "version", "name", "quant",
+                                                                     "installed")
+        self.query_one("#audit-table", DataTable).add_columns("id", "time", "user", "action", "gen", "detail")
+        self.query_one("#question", Input).focus()
+        self.refresh_all()
+
+    # -- the one way into the appliance -----------------------------------------------------------
+    def _call(self, where: str, fn):
+        with self.lock:
+            try:
+                return fn()
+            except ApplianceError as exc:
+                self.post_message(Failed(where, str(exc)))
+            except OSError as exc:
+                self.post_message(Failed(where, f"{exc.strerror or exc}"))
+        return None
+
+    @work(thread=True, group="load")
+    def refresh_all(self) -> None:
+        status = self._call("status", self.appliance.status)
+        if status is not None:
+            status["resident_mb"] = resident_mb()
+            self.post_message(Loaded("status", status))
+        from appliance import bundle
+
+        self.post_message(Loaded("generations", bundle.history(self.appliance.settings.home)))
+        docs = self._call("documents", lambda: self.appliance.store.list_documents())
+        if docs is not None:
+            self.post_message(Loaded("documents", docs))
+        self._load_audit()
+
+    def _load_audit(self, user: str | None = None, action: str | None = None) -> None:
+        from appliance import audit
+
+        rows = self._call("audit", lambda: list(audit.rows(self.appliance.store.conn, action or None, user or None,
+                                                          200)))
+        if rows is not None:
+            self.post_message(Loaded("audit", rows))
+
+    # -- chat ----------------------------------------------------------------------------------------
+    @on(Input.Submitted, "#question")
+    def ask(self, event: Input.Submitted) -> None:
+        question = event.value.strip()
+        if not question or self.busy:
+            if self.busy:
+                self.notify("still answering the last question", severity="warning")
+            return
+        event.input.value = ""
+        self.busy = True
+        transcript = self.query_one("#transcript", VerticalScroll)
+        transcript.mount(Static(inert(f"you: {question}"), classes="user"))
+        self._current_text = []
+        self._answer_widget = Static(Text(""), classes="assistant")
+        transcript.mount(self._answer_widget)
+        transcript.scroll_end(animate=False)
+        self.query_one("#status-line", Static).update("answering...")
+        self._ask(question)
+
+    @work(thread=True, group="ask")
+    def _ask(self, question: str) -> None:
+        def run():
+            if self.conversation is None:
+                self.conversation = self.appliance.store.new_conversation(self.user)
+            return self.appliance.ask(question, conversation=self.conversation,
+                                      on_text=lambda piece: self.post_message(Piece(piece)))
+        answer = self._call("ask", run)
+        self.post_message(Answered(answer))
+
+    def on_piece(self, message: Piece) -> None:
+        self._current_text.append(message.text)
+        self._answer_widget.update(inert("".join(self._current_text)))
+        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+
+    def on_answered(self, message: Answered) -> None:
+        self.busy = False
+        answer = message.answer
+        if answer is None:
+            self._answer_widget.update(inert("(no answer)"))
+            self.query_one("#status-line", Static).update("")
+            return
+        self.last_answer = answer
+        self._answer_widget.update(inert(answer.answer))
+        table = self.query_one("#sources", DataTable)
+        table.clear()
+        cited = {c["n"] for c in answer.citations}
+        for i, hit in enumerate(answer.sources, start=1):
+            table.add_row(str(i), "*" if i in cited else "", inert(Path(hit.source).name), str(hit.position),
+                          inert(" ".join(hit.text.split())[:200]), key=str(i))
+        if answer.unverified_codes:
+            self.query_one("#transcript", VerticalScroll).mount(
+                Static(inert("unverified codes (no source contains them): " + ", ".join(answer.unverified_codes)),
+                       classes="warning"))
+        t = answer.timing
+        self.query_one("#status-line", Static).update(
+            f"{len(answer.sources)} sources, {len(answer.citations)} cited; retrieval {t['retrieval_ms']:.0f} ms, "
+            f"first token {t['ttft_ms']:.0f} ms, {t['tokens_per_s'] or 0:.1f} tokens/s")
+        self._load_audit_async()
+
+    @on(DataTable.RowSelected, "#sources")
+    def open_source(self, event: DataTable.RowSelected) -> None:
+        if self.last_answer is None:
+            return
+        hit = self.last_answer.sources[int(event.row_key.value) - 1]
+        self.push_screen(TextScreen(f"[{event.row_key.value}] {Path(hit.source).name}, chunk {hit.position}",
+                                    hit.text))
+
+    def action_new_conversation(self) -> None:
+        self.conversation = None
+        self.last_answer = None
+        self.query_one("#transcript", VerticalScroll).remove_children()
+        self.query_one("#sources", DataTable).clear()
+        self.notify("new conversation")
+
+    def action_copy_answer(self) -> None:
+        if self.last_answer is not None:
+            self.copy_to_clipboard(clean_text(self.last_answer.answer))
+            self.notify("answer copied")
+
+    # -- documents ----------------------------------------------------------------------------------
+    @on(Input.Submitted, "#ingest-path")
+    @on(Button.Pressed, "#ingest")
+    def ingest(self) -> None:
+        path = self.query_one("#ingest-path", Input).value.strip()
+        collection = self.query_one("#ingest-collection", Input).value.strip() or "default"
+        if not path:
+            self.notify("give a file or folder to ingest", severity="warning")
+            return
+        self._ingest(Path(path).expanduser(), collection)
+
+    @work(thread=True, group="ingest")
+    def _ingest(self, path: Path, collection: str) -> None:
+        report = self._call("ingest", lambda: self.appliance.ingest(
+            [path], collection, progress=lambda item, done, total: self.post_message(
+                Progress("#ingest-progress", done, total, Path(item).name if item else ""))))
+        if report is not None:
+            self.post_message(Progress("#ingest-progress", 1, 1))
+            self.post_message(Loaded("ingested", report))
+        self.refresh_all()
+
+    @on(DataTable.RowSelected, "#documents-table")
+    def remove_document(self, event: DataTable.RowSelected) -> None:
+        doc_id = int(event.row_key.value)
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._remove(doc_id)
+        self.push_screen(ConfirmScreen(f"Remove document {doc_id}, its chunks and vectors?"), answered)
+
+    @work(thread=True, group="ingest")
+    def _remove(self, doc_id: int) -> None:
+        row = self._call("remove", lambda: self.appliance.remove_document(doc_id))
+        if row is not None:
+            self.post_message(Loaded("removed", row))
+        self.refresh_all()
+
+    # -- model and bundles --------------------------------------------------------------------------
+    @on(Button.Pressed, "#bundle-verify")
+    def verify_bundle(self) -> None:
+        path = self.query_one("#bundle-path", Input).value.strip()
+        if path:
+            self._bundle("verify", Path(path).expanduser())
+
+    @on(Button.Pressed, "#bundle-install")
+    def install_bundle(self) -> None:
+        path = self.query_one("#bundle-path", Input).value.strip()
+        if path:
+            self._bundle("install", Path(path).expanduser())
+
+    @work(thread=True, group="bundle")
+    def _bundle(self, what: str, path: Path) -> None:
+        def progress(name, done, total):
+            self.post_message(Progress("#bundle-progress", done, total, name))
+        if what == "verify":
+            result = self._call("verify", lambda: self.appliance.verify_bundle(path, progress))
+            if result is not None:
+                self.post_message(Loaded("verified", result))
+        else:
+            result = self._call("install", lambda: self.appliance.install_bundle(path, progress=progress))
+            if result is not None:
+                self.post_message(Loaded("installed", result))
+        self.refresh_all()
+
+    @on(Button.Pressed, "#bundle-rollback")
+    def rollback(self) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._rollback()
+        self.push_screen(ConfirmScreen("Return to the previous generation? The current one stays installed."),
+                         answered)
+
+    @work(thread=True, group="bundle")
+    def _rollback(self) -> None:
+        result = self._call("rollback", self.appliance.rollback)
+        if result is not None:
+            self.post_message(Loaded("rolled back", result))
+        self.refresh_all()
+
+    # -- audit ----------------------------------------------------------------------------------------
+    @on(Input.Submitted, "#audit-user")
+    @on(Input.Submitted, "#audit-action")
+    def filter_audit(self) -> None:
+        self._load_audit_async()
+
+    @work(thread=True, group="load")
+    def _load_audit_async(self) -> None:
+        self._load_audit(self.query_one("#audit-user", Input).value.strip(),
+                         self.query_one("#audit-action", Input).value.strip())
+
+    @on(Button.Pressed, "#audit-verify")
+    def verify_audit(self) -> None:
+        self._verify_audit()
+
+    @work(thread=True, group="load")
+    def _verify_audit(self) -> None:
+        from appliance import audit
+
+        result = self._call("audit", lambda: audit.verify_rows(audit.rows(self.appliance.store.conn)))
+        if result is not None:
+            self.post_message(Loaded("audit-verified", result))
+
+    # -- results from workers ------------------------------------------------------------------------
+    def on_failed(self, message: Failed) -> None:
+        self.notify(clean_text(message.error), title=f"{message.where} failed", severity="error", timeout=10,
+                    markup=False)
+
+    def on_progress(self, message: Progress) -> None:
+        bar = self.query_one(message.bar, ProgressBar)
+        bar.update(total=max(message.total, 1), progress=message.done)
+        if message.label:
+            self.query_one("#status-line", Static).update(inert(message.label))
+
+    def on_loaded(self, message: Loaded) -> None:
+        what, data = message.what, message.data
+        if what == "status":
+            self._show_status(data)
+        elif what == "generations":
+            table = self.query_one("#generations-table", DataTable)
+            table.clear()
+            for r in data:
+                state = "current" if r["current"] else "previous" if r["previous"] else ""
+                table.add_row(str(r["generation"]), state, f"v{r['version']}" if r["version"] else "unsigned",
+                              inert(r.get("name") or "-"), r.get("quant") or "-", r["installed"])
+        elif what == "documents":
+            table = self.query_one("#documents-table", DataTable)
+            table.clear()
+            for d in data:
+                table.add_row(str(d.id), inert(d.collection), str(d.chunks), d.sha256[:12], inert(Path(d.source).name),
+                              key=str(d.id))
+        elif what == "audit":
+            table = self.query_one("#audit-table", DataTable)
+            table.clear()
+            for e in data:
+                table.add_row(str(e["id"]), e["time"], inert(e["user"]), e["action"], str(e["generation"] or "-"),
+                              inert(e["detail"][:120]))
+        elif what == "audit-verified":
+            count, bad = data
+            self.query_one("#audit-status", Static).update(
+                f"audit chain intact: {count} rows" if bad is None else
+                f"audit chain BROKEN at row {bad} (of {count}): that row or the one before it was altered")
+        elif what == "ingested":
+            self.notify(f"{len(data.added)} added, {len(data.unchanged)} unchanged, {len(data.failed)} failed",
+                        severity="error" if data.failed else "information")
+        elif what == "removed":
+            self.notify(inert(f"removed {Path(data.source).name}").plain, markup=False)
+        elif what == "verified":
+            self.notify(f"bundle {data.info.name} version {data.version}: signatures and hashes OK", markup=False)
+        elif what == "installed":
+            self.notify(clean_text(data.message), markup=False)
+        elif what == "rolled back":
+            self.notify(f"rolled back from generation {data[0]} to {data[1]}")
+
+    def _show_status(self, s: dict) -> None:
+        m, e = s["model"], s["embedder"]
+        lines = [f"generation {s['generation']}"
+                 + (f", signed bundle v{s['version']}" if s.get("version") else ", unsigned"),
+                 f"model      {m['name']} {m['quant']}, {m['parameters']:,} parameters, {m['size'] / 1e6:.1f} MB",
+                 f"embedder   {e['name']} ({e['dim']}-d)",
+                 f"memory     {s['resident_mb']:.0f} MB resident" if s.get("resident_mb") else "memory     -"]
+        lineage = s.get("lineage") or {}
+        stages = lineage.get("stages") or {}
+        names = list(stages) if isinstance(stages, dict) else [str(st.get("stage", "?")) for st in stages]
+        if names:
+            lines.append("lineage    " + " -> ".join(names))
+        evaluation = (lineage.get("evaluation") or {})
+        gate = evaluation.get("gate")
+        if gate:
+            lines.append(f"release gate {'passed' if gate.get('passed') else 'FAILED'}: "
+                         + json.dumps({k: v for k, v in gate.items() if k != 'passed'})[:200])
+        for quant, ppl in (evaluation.get("perplexity") or {}).items():
+            lines.append(f"perplexity {quant}: {ppl if not isinstance(ppl, dict) else ppl.get('ppl')}")
+        self.query_one("#model-info", Static).update(inert("\n".join(lines)))
+
+    # -- actions ---------------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        self.push_screen(TextScreen("Help", HELP))
+
+    def action_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+        first = {"chat": "#question", "documents": "#ingest-path", "model": "#bundle-path", "audit": "#audit-user"}
+        self.query_one(first[tab]).focus()
+
+
+def make_app(appliance: Appliance) -> OperatorApp:
+    return OperatorApp(appliance)
+
+
+def run(appliance: Appliance) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    make_app(appliance).run()
