@@ -78,34 +78,44 @@ def bare(python: str, gguf: Path, threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def through_appliance(gguf: Path, threads: int) -> dict:
+def bench_home(tmp: Path, gguf: Path) -> Path:
+    """A home with the benchmark GGUF installed (linked, not copied, where possible) and the demo corpus."""
     from appliance.app import Appliance
     from appliance.config import load_settings
     from appliance.generations import install_unsigned
     from appliance.manifest import write_manifest
     from builder.embedder import export
 
+    gen = tmp / "gen"
+    gen.mkdir()
+    try:
+        os.link(gguf, gen / "model.gguf")  # 800 MB: link when on the same filesystem
+    except OSError:
+        shutil.copy(gguf, gen / "model.gguf")
+    shutil.copy(ROOT / "builder" / "templates" / "chat_template.jinja", gen / "chat_template.jinja")
+    emb = tmp / "emb"
+    manifest = export(emb)
+    (gen / "embedder").mkdir()
+    for name in ("embedder.json", "tokenizer.json", "model_int8.onnx"):
+        shutil.copy(emb / name, gen / "embedder" / name)
+    write_manifest(gen, {"name": "bench", "created": "now",
+                         "model": {"name": "llama-3.2-1b-random", "quant": "Q4_K_M", "context_length": 8192,
+                                   "parameters": 1_235_814_400},
+                         "embedder": {"name": manifest["name"], "dim": manifest["dim"]}})
+    home = tmp / "home"
+    install_unsigned(gen, home)
+    with Appliance(load_settings(home=home)) as app:
+        app.ingest([ROOT / "builder" / "demo_data" / "corpus"], "demo")
+    return home
+
+
+def through_appliance(gguf: Path, threads: int) -> dict:
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+
     with tempfile.TemporaryDirectory() as tmp:
-        gen = Path(tmp) / "gen"
-        gen.mkdir()
-        try:
-            os.link(gguf, gen / "model.gguf")  # 800 MB: link when on the same filesystem
-        except OSError:
-            shutil.copy(gguf, gen / "model.gguf")
-        shutil.copy(ROOT / "builder" / "templates" / "chat_template.jinja", gen / "chat_template.jinja")
-        emb = Path(tmp) / "emb"
-        manifest = export(emb)
-        (gen / "embedder").mkdir()
-        for name in ("embedder.json", "tokenizer.json", "model_int8.onnx"):
-            shutil.copy(emb / name, gen / "embedder" / name)
-        write_manifest(gen, {"name": "bench", "created": "now",
-                             "model": {"name": "llama-3.2-1b-random", "quant": "Q4_K_M", "context_length": 8192,
-                                       "parameters": 1_235_814_400},
-                             "embedder": {"name": manifest["name"], "dim": manifest["dim"]}})
-        home = Path(tmp) / "home"
-        install_unsigned(gen, home)
+        home = bench_home(Path(tmp), gguf)
         with Appliance(load_settings(home=home, threads=threads, max_tokens=N_TOKENS, temperature=0.0)) as app:
-            app.ingest([ROOT / "builder" / "demo_data" / "corpus"], "demo")
             app.ask(QUESTION, max_tokens=8)  # load and warm
             best = {"tokens_per_s": 0.0}
             for _ in range(3):

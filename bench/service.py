@@ -1,0 +1,122 @@
+"""The service, each figure against a baseline measured in the same run, on the random-weight
+Llama-3.2-1B-shaped Q4_K_M model of bench/decode.py:
+
+- decode tokens/s through the HTTP API (a streamed chat completion over the Unix socket, timed by the
+  client from the first to the last content chunk) against bare llama-cpp-python on the same GGUF;
+- time to first token of a follow-up question in a conversation with llama.cpp's prefix cache, against
+  the same follow-up after the cache was cleared (without retrieval: the conversation is the prefix;
+  with retrieval: new sources come before the question, so only the system prompt and history repeat);
+- the service's resident memory against model file + KV cache + 400 MB.
+Run: python -m bench.service
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import row
+from bench.decode import N_TOKENS, QUESTION, bare, bench_home, model_path
+
+FOLLOW_UP = "Which of those roles needs a security clearance?"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def through_api(home: Path, threads: int) -> dict:
+    sock = home.parent / "api.sock"
+    env = dict(os.environ, APPLIANCE_HOME=str(home), APPLIANCE_THREADS=str(threads), APPLIANCE_TEMPERATURE="0")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read())
+            time.sleep(0.1)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://appliance",
+                          timeout=600) as http:
+            def streamed(max_tokens: int) -> dict:
+                stamps, usage = [], None
+                body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
+                        "stream": True, "temperature": 0}
+                with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    for line in r.iter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"][0]["delta"].get("content"):
+                            stamps.append(time.perf_counter())
+                        usage = chunk.get("usage") or usage
+                tokens = usage["completion_tokens"]
+                return {"tokens": tokens, "tokens_per_s": (tokens - 1) / (stamps[-1] - stamps[0])}
+            streamed(8)  # load and warm
+            best = max((streamed(N_TOKENS) for _ in range(3)), key=lambda r: r["tokens_per_s"])
+            best["rss_mb"] = _rss_mb(proc.pid)
+            return best
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, float]:
+    """(ms with the prefix cache, ms with the cache cleared), best of three each."""
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+
+    with Appliance(load_settings(home=home, threads=threads, max_tokens=N_TOKENS, temperature=0.0)) as app:
+        app.ask(QUESTION, use_rag=use_rag, max_tokens=4)  # load and warm
+        cached, cleared = [], []
+        for _ in range(3):
+            for clear, out in ((False, cached), (True, cleared)):
+                conversation = app.store.new_conversation("bench")
+                app.ask(QUESTION, use_rag=use_rag, conversation=conversation)
+                if clear:
+                    app.engine.llm.reset()  # llama.cpp starts from an empty KV cache
+                out.append(app.ask(FOLLOW_UP, use_rag=use_rag, conversation=conversation).timing["ttft_ms"])
+        return min(cached), min(cleared)
+
+
+def kv_cache_mb(n_ctx: int = 2048) -> float:
+    # Llama-3.2-1B: 16 layers, 8 KV heads of 64, f16 keys and values
+    return 2 * 16 * n_ctx * 8 * 64 * 2 / 2**20
+
+
+def run() -> list[str]:
+    threads = os.cpu_count() or 1
+    gguf = model_path()
+    base = bare(sys.executable, gguf, threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = bench_home(Path(tmp), gguf)
+        api = through_api(home, threads)
+        plain = follow_up_ttft(home, threads, use_rag=False)
+        rag = follow_up_ttft(home, threads, use_rag=True)
+    model_mb = gguf.stat().st_size / 2**20
+    budget = model_mb + kv_cache_mb() + 400
+    return [row("what", "measured", "baseline", "ratio", "goal"),
+            row(*["---"] * 5),
+            row("decode through the HTTP API (tokens/s)", f"{api['tokens_per_s']:.2f}",
+                f"{base['tg']:.2f} bare llama-cpp-python", f"{api['tokens_per_s'] / base['tg']:.2f}x", ">= 0.95x"),
+            row("follow-up TTFT, no retrieval (ms)", f"{plain[0]:.0f} cached", f"{plain[1]:.0f} cache cleared",
+                f"{plain[1] / plain[0]:.1f}x", ">= 5x"),
+            row("follow-up TTFT, with retrieval (ms)", f"{rag[0]:.0f} cached", f"{rag[1]:.0f} cache cleared",
+                f"{rag[1] / rag[0]:.1f}x", ">= 5x"),
+            row("service resident memory (MB)", f"{api['rss_mb']:.0f}",
+                f"{budget:.0f} = model {model_mb:.0f} + KV {kv_cache_mb():.0f} + 400", f"{api['rss_mb'] / budget:.2f}x",
+                "<= 1.00x"),
+            f"\n{N_TOKENS} tokens per answer; {threads} threads; n_ctx 2048"]
+
+
+if __name__ == "__main__":
+    print("\n".join(run()))
