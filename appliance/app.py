@@ -76,7 +76,8 @@ class Appliance:
             # Never beyond what the model was trained on: llama.cpp would only warn, then degrade.
             n_ctx = min(self.settings.n_ctx, inst.manifest.model.context_length)
             self._engine = LlamaEngine(inst.model_path, inst.template_path.read_text(), n_ctx=n_ctx,
-                                       threads=self.settings.threads, name=inst.manifest.model.name)
+                                       threads=self.settings.threads, name=inst.manifest.model.name,
+                                       mmap=self.settings.mmap)
         return self._engine
 
     def model_info(self) -> dict:

@@ -34,6 +34,8 @@ class Settings(BaseModel):
     max_tokens: int = Field(default=256, ge=1, le=8192, description="Default cap on generated tokens")
     temperature: float = Field(default=0.2, ge=0.0, le=2.0, description="Default sampling temperature")
     top_k: int = Field(default=5, ge=1, le=50, description="Sources retrieved for an answer")
+    mmap: bool = Field(default=False, description="Memory-map the model instead of reading it in (more resident "
+                                                   "memory where llama.cpp repacks weights)")
     max_file_mb: float = Field(default=25.0, gt=0, description="Files larger than this are refused at ingest")
     chunk_chars: int = Field(default=1200, ge=200, le=20000, description="Target chunk size in characters")
     security_floor: int = Field(default=0, ge=0, description="Never install a bundle version below this, "

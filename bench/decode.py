@@ -32,7 +32,8 @@ BARE = r"""
 import json, sys, time
 import llama_cpp
 path, n_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(path, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, seed=0)
+llm = llama_cpp.Llama(path, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, seed=0,
+                      use_mmap=False)  # as the appliance loads it
 prompt = [llm.token_bos()] + [(i * 7919) % 30000 + 100 for i in range(511)]
 best_pp = 0.0
 for _ in range(3):
