@@ -284,7 +284,7 @@ class Appliance:
         result.audit_id = self.audit("ask", detail, user=user)["id"]
         if conversation is not None:
             self.store.add_message(conversation, "user", question)
-            self.store.add_message(conversation, "assistant", result.answer, result.audit_id)
+            self.store.add_message(conversation, "assistant", result.raw or result.answer, result.audit_id)
         return result
 
     def status(self) -> dict:

@@ -113,6 +113,8 @@ class Answer:
     timing: dict = field(default_factory=dict)
     audit_id: int | None = None
     stopped: bool = False  # the caller stopped generation early (a client went away)
+    raw: str = ""  # the text exactly as generated (the answer is stripped); history sends this back, so
+    # llama.cpp finds the tokens it generated at the front of the next prompt and keeps them cached
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "citations": self.citations,
@@ -193,6 +195,6 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
               "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
     return Answer(question=question, answer=text, sources=hits, citations=citations,
                   unknown_citations=unknown, unverified_codes=unverified, miscited_codes=miscited,
-                  model=model_info, timing=timing, stopped=stopped)
+                  model=model_info, timing=timing, stopped=stopped, raw="".join(pieces))
 
 
