@@ -54,6 +54,23 @@ def _app(ctx: click.Context):
     return app
 
 
+def _service(ctx: click.Context):
+    """A client of the running service for this home, or None (then the command works in-process)."""
+    if ctx.obj.get("local"):
+        return None
+    from appliance.client import ServiceClient, find_socket
+
+    path = find_socket()
+    if path is None:
+        return None
+    client = ServiceClient(path)
+    ctx.call_on_close(client.close)
+    home = ctx.obj.get("home")
+    if home is not None and Path(home).resolve() != Path(client.status()["home"]).resolve():
+        return None  # the service serves another home
+    return client
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -72,8 +89,10 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="appliance")
 @click.option("--home", type=click.Path(path_type=Path), envvar="APPLIANCE_HOME",
               help="Appliance home (default $APPLIANCE_HOME or ~/.local/share/appliance).")
+@click.option("--local", is_flag=True, help="Work in-process even when `appliance serve` is running "
+                                            "(ask, search and status use the service otherwise).")
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None) -> None:
+def cli(ctx: click.Context, home: Path | None, local: bool) -> None:
     """Air-gapped language-model appliance: cited answers from your documents, on CPU, offline.
 
     \b
@@ -85,6 +104,7 @@ def cli(ctx: click.Context, home: Path | None) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["home"] = home
+    ctx.obj["local"] = local
 
 
 @cli.command("install-generation")
@@ -323,7 +343,8 @@ def search(ctx, query: str, k: int, collection: str | None, as_json: bool) -> No
       appliance search "15-1252.00"
       appliance search "cloud migration past performance" -k 10 --json
     """
-    hits = _app(ctx).search(query, k=k, collection=collection)
+    client = _service(ctx)
+    hits = client.search(query, k, collection) if client else _app(ctx).search(query, k=k, collection=collection)
     if as_json:
         _echo_json({"results": [h.to_json() for h in hits]})
         return
@@ -445,7 +466,7 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
     """
     if question is not None and not question.strip():
         raise click.UsageError("the question is empty; give one, or none for the interactive loop")
-    app = _app(ctx)
+    app = _service(ctx) or _app(ctx)
 
     def one(q: str) -> None:
         if as_json:
@@ -479,7 +500,8 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
 @click.pass_context
 def status(ctx, as_json: bool) -> None:
     """The installed generation, model, embedder and collections."""
-    data = _app(ctx).status()
+    client = _service(ctx)
+    data = client.status() if client else _app(ctx).status()
     if as_json:
         _echo_json(data)
         return

@@ -44,8 +44,9 @@ PEER_KEY = "appliance.peer"
 
 
 def default_socket() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "appliance.sock" if runtime else Path(f"/tmp/appliance-{os.getuid()}.sock")
+    from appliance.client import _default_socket
+
+    return _default_socket()
 
 
 # -- request bodies --------------------------------------------------------------------------------
@@ -237,7 +238,8 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
                           "completion_tokens": answer.timing.get("tokens", 0),
                           "total_tokens": answer.timing.get("prompt_tokens", 0) + answer.timing.get("tokens", 0)},
                 "citations": answer.citations, "sources": answer.to_json()["sources"],
-                "unverified_codes": answer.unverified_codes, "audit_id": answer.audit_id,
+                "unverified_codes": answer.unverified_codes, "unknown_citations": answer.unknown_citations,
+                "miscited_codes": answer.miscited_codes, "audit_id": answer.audit_id,
                 "appliance": {"generation": answer.model.get("generation"), "timing": answer.timing}}
 
     @api.post("/v1/chat/completions")
@@ -289,6 +291,7 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
                         final = completion_json(value, created, cid)
                         yield chunk({}, finish(value),
                                     **{k: final[k] for k in ("citations", "sources", "unverified_codes",
+                                                             "unknown_citations", "miscited_codes",
                                                              "audit_id", "appliance", "usage")})
                         yield "data: [DONE]\n\n"
                         return
@@ -456,6 +459,7 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
         sock.bind(str(socket_path))
     finally:
         os.umask(old)
+    sock.listen(128)  # clients that find the socket wait in the backlog instead of being refused
     # uvicorn re-raises SIGTERM after its shutdown, so the socket goes in the lifespan's shutdown step.
     api = make_api(app, queue_size, on_shutdown=lambda: socket_path.unlink(missing_ok=True))
     config = uvicorn.Config(api, http=_peer_protocol(), log_level="warning", timeout_graceful_shutdown=5)

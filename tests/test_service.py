@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from appliance import audit
+from appliance.errors import ExitCode
 
 
 def _start(home: Path, sock: Path, *args: str) -> subprocess.Popen:
@@ -220,3 +221,30 @@ def test_a_generation_installed_by_another_process_is_picked_up(served, tiny_gen
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
                                                     "max_tokens": 4})
         assert r.json()["appliance"]["generation"] == 2
+
+
+def test_cli_uses_the_running_service(served):
+    """ask, search and status go through the service when it runs (one model in memory, the service
+    records the caller); --local works in-process; a service of another home is not used."""
+    from click.testing import CliRunner
+
+    from appliance.cli import cli
+
+    home, sock = served
+    runner = CliRunner(env={"APPLIANCE_SOCKET": str(sock)})
+    r = runner.invoke(cli, ["--home", str(home), "ask", QUESTION, "--json", "--max-tokens", "8"])
+    assert r.exit_code == 0, r.output
+    answer = json.loads(r.stdout)
+    with _client(sock) as http:
+        newest = http.get("/appliance/audit", params={"action": "ask", "limit": 1}).json()["rows"][0]
+    assert newest["id"] == answer["audit_id"] and answer["sources"]  # the service answered it
+    r = runner.invoke(cli, ["--home", str(home), "ask", QUESTION, "--max-tokens", "8"])
+    assert r.exit_code == 0 and "Sources:" in r.stdout
+    r = runner.invoke(cli, ["--home", str(home), "search", "15-1242.00", "--json"])
+    assert r.exit_code == 0 and "15-1242" in json.loads(r.stdout)["results"][0]["text"]
+    assert json.loads(runner.invoke(cli, ["--home", str(home), "status", "--json"]).stdout)["home"] == str(home)
+    r = runner.invoke(cli, ["--home", str(home), "--local", "ask", QUESTION, "--json", "--max-tokens", "4"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["audit_id"] == answer["audit_id"] + 2  # in-process
+    other = home.parent / "elsewhere"
+    r = runner.invoke(cli, ["--home", str(other), "status"])
+    assert r.exit_code == ExitCode.NOT_FOUND  # not the service's home: in-process, and nothing is installed
