@@ -153,11 +153,11 @@ class OperatorApp(App):
     CSS = """
     TabbedContent { height: 1fr; }
     TabPane { padding: 0; }
-    #transcript { height: 1fr; border: round $primary; padding: 0 1; }
+    #transcript { height: 3fr; border: round $primary; padding: 0 1; }
     .user { color: $accent; margin-top: 1; }
     .assistant { margin-bottom: 0; }
     .warning { color: $warning; }
-    #sources { height: 7; border: round $secondary; }
+    #sources { height: 2fr; min-height: 5; border: round $secondary; }
     #question { dock: bottom; }
     #dialog { width: 90%; height: 80%; border: thick $primary; background: $surface; padding: 1; align: center middle; }
     #dialog-title { text-style: bold; }
