@@ -101,6 +101,8 @@ def cli(ctx: click.Context, home: Path | None, local: bool) -> None:
       appliance ingest ~/rfps --collection rfps
       appliance search "15-1252.00"
       appliance ask "Which labor category covers database administration?"
+      appliance tui                          # the operator UI
+      appliance bundle install /media/usb    # a signed update from a USB stick
     """
     ctx.ensure_object(dict)
     ctx.obj["home"] = home
