@@ -523,8 +523,12 @@ def status(ctx, as_json: bool) -> None:
                    "/run/appliance/api.sock under systemd).")
 @click.option("--queue", "queue_size", default=4, show_default=True, type=click.IntRange(0, 256),
               help="Requests that may wait for the model; the next one gets 503 with Retry-After.")
+@click.option("--tcp", metavar="HOST:PORT", help="Also listen on TCP (off by default); every request there needs "
+                                                 "a bearer token from --token-file.")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Lines 'NAME TOKEN' (mode 0600); NAME is recorded as the user in the audit log.")
 @click.pass_context
-def serve(ctx, socket_path: Path | None, queue_size: int) -> None:
+def serve(ctx, socket_path: Path | None, queue_size: int, tcp: str | None, token_file: Path | None) -> None:
     """Serve the OpenAI-compatible API and the appliance routes on a Unix socket.
 
     The one process that loads the model and writes the database while it runs. The caller's OS
@@ -540,10 +544,18 @@ def serve(ctx, socket_path: Path | None, queue_size: int) -> None:
     from appliance import service
 
     path = socket_path or Path(os.environ.get("APPLIANCE_SOCKET") or service.default_socket())
+    address = None
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        if not host or not port.isdigit():
+            raise click.UsageError(f"--tcp {tcp!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
+        address = (host.strip("[]"), int(port))
+    tokens = service.load_tokens(token_file) if token_file else None
     app = _app(ctx)
     app.long_lived = True
-    service.serve(app, path, queue_size, on_ready=lambda: _err(f"appliance: serving on {path} "
-                                                               f"(generation {app.installed.number})"))
+    service.serve(app, path, queue_size, tcp=address, tokens=tokens,
+                  on_ready=lambda: _err(f"appliance: serving on {path}" + (f" and tcp {tcp} (bearer tokens)" if tcp else "")
+                                        + f" (generation {app.installed.number})"))
 
 
 @cli.command()

@@ -435,9 +435,64 @@ def _peer_protocol():
     return PeerCredProtocol
 
 
-def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Callable[[], None] | None = None) -> None:
-    """Load the model, bind the socket (mode 0660: the appliance group may connect) and serve until stopped."""
+def load_tokens(path: Path) -> dict[str, str]:
+    """`NAME TOKEN` per line (# comments); the file must be readable by its owner only."""
+    from appliance.errors import ConfigError
+
+    try:
+        mode = path.stat().st_mode
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the token file ({exc.strerror})", "create it, mode 0600") from exc
+    if mode & 0o077:
+        raise ConfigError(f"{path}: readable by others (mode {mode & 0o777:o})", f"chmod 600 {path}")
+    tokens = {}
+    for n, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[1]) < 24:
+            raise ConfigError(f"{path}:{n}: expected 'NAME TOKEN' with a token of at least 24 characters",
+                              "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        tokens[parts[1]] = parts[0]
+    if not tokens:
+        raise ConfigError(f"{path}: no tokens", "add a line 'NAME TOKEN'")
+    return tokens
+
+
+def _bearer_only(inner, tokens: dict[str, str]):
+    """TCP connections (no peer credentials) must carry a known bearer token; its name is the user."""
+    import hmac
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and scope.get(PEER_KEY) is None:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            name = next((n for t, n in tokens.items() if given and hmac.compare_digest(t, given)), None)
+            if name is None:
+                body = json.dumps({"error": {"message": "a bearer token is required over TCP",
+                                             "type": "authentication_error", "code": "invalid_api_key"}}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            scope[PEER_KEY] = {"user": f"token:{name}", "uid": None, "pid": None, "gid": None}
+        await inner(scope, receive, send)
+    return app
+
+
+def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Callable[[], None] | None = None,
+          tcp: tuple[str, int] | None = None, tokens: dict[str, str] | None = None) -> None:
+    """Load the model, bind the socket (mode 0660: the appliance group may connect) and serve until stopped.
+
+    `tcp` (off by default) also listens on HOST:PORT, where every request needs one of `tokens`."""
     import uvicorn
+
+    from appliance.errors import ConfigError
+
+    if tcp and not tokens:
+        raise ConfigError("TCP listening needs bearer tokens", "pass --token-file FILE (lines 'NAME TOKEN', mode 0600)")
 
     app.recover()
     app.ready_index()
@@ -462,13 +517,19 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     sock.listen(128)  # clients that find the socket wait in the backlog instead of being refused
     # uvicorn re-raises SIGTERM after its shutdown, so the socket goes in the lifespan's shutdown step.
     api = make_api(app, queue_size, on_shutdown=lambda: socket_path.unlink(missing_ok=True))
-    config = uvicorn.Config(api, http=_peer_protocol(), log_level="warning", timeout_graceful_shutdown=5)
+    sockets = [sock]
+    if tcp:
+        tcp_sock = socket.create_server(tcp, backlog=128)
+        sockets.append(tcp_sock)
+    config = uvicorn.Config(_bearer_only(api, tokens or {}), http=_peer_protocol(), log_level="warning",
+                            timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     if on_ready:
         on_ready()
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
-        sock.close()
+        for s in sockets:
+            s.close()
         if socket_path.exists():
             socket_path.unlink()

@@ -248,3 +248,42 @@ def test_cli_uses_the_running_service(served):
     other = home.parent / "elsewhere"
     r = runner.invoke(cli, ["--home", str(other), "status"])
     assert r.exit_code == ExitCode.NOT_FOUND  # not the service's home: in-process, and nothing is installed
+
+
+def test_tcp_listener_needs_a_bearer_token(tmp_path, demo_home):
+    import secrets
+    import socket
+
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home, symlinks=True)
+    token = secrets.token_urlsafe(32)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# name token\nci-script {token}\n")
+    tokens.chmod(0o644)
+    env = dict(os.environ, APPLIANCE_HOME=str(home))
+    sock = tmp_path / "t.sock"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock), "--tcp", f"127.0.0.1:{port}"]
+    refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == ExitCode.CONFIG and "needs bearer tokens" in refused.stderr
+    refused = subprocess.run([*args, "--token-file", str(tokens)], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == ExitCode.CONFIG and "readable by others" in refused.stderr
+    tokens.chmod(0o600)
+    proc = _start(home, sock, "--tcp", f"127.0.0.1:{port}", "--token-file", str(tokens))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            assert http.get("/v1/models").status_code == 401
+            assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            auth = {"Authorization": f"Bearer {token}"}
+            assert http.get("/v1/models", headers=auth).status_code == 200
+            r = http.post("/v1/chat/completions", headers=auth, json={
+                "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4})
+            audit_id = r.json()["audit_id"]
+        with _client(sock) as unix:  # the Unix socket needs no token: the kernel names the caller
+            row = next(x for x in unix.get("/appliance/audit", params={"action": "ask"}).json()["rows"]
+                       if x["id"] == audit_id)
+        assert row["user"] == "token:ci-script"
+    finally:
+        _stop(proc, sock)
