@@ -173,7 +173,8 @@ async def test_rollback_asks_first_and_audit_verifies(ui_home):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_snapshot_help_screen(snap_compare, size):
-    """The help screen (deterministic: no model output, times or paths)."""
+@pytest.mark.parametrize("keys", [[], ["f3"], ["f4"], ["f5"], ["f1"]], ids=["chat", "documents", "model", "audit", "help"])
+def test_snapshot_each_screen(snap_compare, size, keys):
+    """Each screen at 80x24 and 120x40, over fixed data (tests/tui_snapshot_app.py) so the SVG is stable."""
     app_path = Path(__file__).parent / "tui_snapshot_app.py"
-    assert snap_compare(str(app_path), terminal_size=size, press=["f1"])
+    assert snap_compare(str(app_path), terminal_size=size, press=keys)

@@ -205,7 +205,7 @@ class OperatorApp(App):
                     yield Input(placeholder="file or folder to ingest", id="ingest-path")
                     yield Input(value="default", placeholder="collection", id="ingest-collection")
                     yield Button("Ingest", id="ingest")
-                yield ProgressBar(id="ingest-progress", show_eta=False)
+                yield ProgressBar(total=1, id="ingest-progress", show_eta=False)  # idle: 0%, not an animation
                 yield DataTable(id="documents-table", cursor_type="row")
             with TabPane("Model", id="model"):
                 yield Static(id="model-info")
@@ -214,7 +214,7 @@ class OperatorApp(App):
                     yield Button("Verify", id="bundle-verify")
                     yield Button("Install", id="bundle-install", variant="primary")
                     yield Button("Rollback", id="bundle-rollback", variant="warning")
-                yield ProgressBar(id="bundle-progress", show_eta=False)
+                yield ProgressBar(total=1, id="bundle-progress", show_eta=False)
                 yield DataTable(id="generations-table", cursor_type="row")
             with TabPane("Audit", id="audit"):
                 with Horizontal(classes="row"):
