@@ -508,6 +508,8 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
             socket_path.unlink()  # left by a service that was killed
         finally:
             probe.close()
+    # TCP first: once the Unix socket exists, clients may rely on every listener being there.
+    tcp_sock = socket.create_server(tcp, backlog=128) if tcp else None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o117)
     try:
@@ -517,10 +519,7 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     sock.listen(128)  # clients that find the socket wait in the backlog instead of being refused
     # uvicorn re-raises SIGTERM after its shutdown, so the socket goes in the lifespan's shutdown step.
     api = make_api(app, queue_size, on_shutdown=lambda: socket_path.unlink(missing_ok=True))
-    sockets = [sock]
-    if tcp:
-        tcp_sock = socket.create_server(tcp, backlog=128)
-        sockets.append(tcp_sock)
+    sockets = [sock, *([tcp_sock] if tcp_sock else [])]
     config = uvicorn.Config(_bearer_only(api, tokens or {}), http=_peer_protocol(), log_level="warning",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -25,11 +25,17 @@ def _start(home: Path, sock: Path, *args: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not sock.exists():
+    while True:  # serving, not only bound: the socket exists before uvicorn has started the app
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the service did not start"
+        if sock.exists():
+            try:
+                with _client(sock) as http:
+                    if http.get("/v1/models").status_code == 200:
+                        return proc
+            except httpx.TransportError:
+                pass
         time.sleep(0.05)
-    return proc
 
 
 def _stop(proc: subprocess.Popen, sock: Path) -> None:
