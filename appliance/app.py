@@ -15,7 +15,7 @@ from appliance import audit, generations, rag
 from appliance.config import Settings
 from appliance.errors import ApplianceError
 from appliance.ingest import IngestReport, ingest
-from appliance.manifest import BUNDLE_NAME, BundleManifest, sha256_file
+from appliance.manifest import sha256_file
 from appliance.store import Store
 
 HISTORY_MESSAGES = 4  # earlier turns sent with a question: follow-ups work, sources keep most of the context
@@ -156,9 +156,10 @@ class Appliance:
         from appliance.errors import BundleError
 
         start = time.perf_counter()
+        self._let_go()  # the running model's memory goes to the health check (reloaded on next use if refused)
         n_ctx = min(512, manifest.model.context_length)
         with LlamaEngine(staged / manifest.model.file, (staged / manifest.chat_template).read_text(), n_ctx=n_ctx,
-                         threads=self.settings.threads, name=manifest.model.name) as engine:
+                         threads=self.settings.threads, name=manifest.model.name, mmap=self.settings.mmap) as engine:
             pieces = list(engine.stream([{"role": "user", "content": "Reply with the word OK."}], max_tokens=8,
                                         temperature=0.0))
         if not pieces:
@@ -183,7 +184,6 @@ class Appliance:
         """Verify and install a signed bundle (see appliance.bundle.install); audited either way."""
         from appliance import bundle
 
-        self._let_go()  # the running model is not needed to install; its memory goes to the health check
         try:
             result = bundle.install(self.settings.home, directory,
                                     lambda staged, m, i: self._prepare(staged, m, i, reembed_progress),
@@ -193,8 +193,8 @@ class Appliance:
             self.audit("install_refused", {"source": str(directory.resolve()), "error": exc.message},
                        with_model=self._has_generation(), user=user)
             raise
-        self._let_go()
-        if result.number is not None:
+        if result.number is not None:  # a no-op keeps the loaded model
+            self._let_go()
             self.audit("install", {"source": str(directory.resolve()), "generation": result.number, "signed": True,
                                    "version": result.version, "name": result.info.name,
                                    "downgrade": result.downgrade, "health": result.health}, user=user)
@@ -293,12 +293,10 @@ class Appliance:
         name, dim = self.store.embedder_id()
         # An empty index (nothing ingested yet) matches any embedder.
         index_matches = name is None or (name, dim) == (m.embedder.name, m.embedder.dim)
-        bundle_json = inst.path / BUNDLE_NAME
-        version = BundleManifest.model_validate_json(bundle_json.read_bytes()).version if bundle_json.is_file() else None
         return {
             "home": str(self.settings.home),
             "generation": inst.number,
-            "version": version,
+            "version": inst.version,
             "generations": generations.list_generations(self.settings.generations_dir),
             "model": {"name": m.model.name, "sha256": m.files[m.model.file].sha256, "quant": m.model.quant,
                       "architecture": m.model.architecture, "parameters": m.model.parameters,

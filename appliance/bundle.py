@@ -44,6 +44,7 @@ from appliance.manifest import (
     REFERENCE_DB,
     BundleManifest,
     GenerationManifest,
+    read_bundle,
     read_manifest,
 )
 
@@ -552,11 +553,9 @@ def _check_policy(home: Path, verified: Verified, security_floor: int) -> str | 
 
 def _current_version(home: Path) -> int | None:
     try:
-        inst = generations.current(home)
+        return generations.current(home).version
     except ApplianceError:
         return None
-    info = inst.path / BUNDLE_NAME
-    return BundleManifest.model_validate_json(info.read_bytes()).version if info.is_file() else None
 
 
 def _verified(home: Path, source: Path, workdir: Path, allow_downgrade: bool) -> Verified:
@@ -772,9 +771,9 @@ def history(home: Path) -> list[dict]:
         with contextlib.suppress(ApplianceError, ValueError, OSError):
             m = read_manifest(path)
             row.update(name=m.name, model=m.model.name, quant=m.model.quant)
-        if row["signed"]:
-            with contextlib.suppress(ValueError, OSError):
-                info = BundleManifest.model_validate_json((path / BUNDLE_NAME).read_bytes())
+        with contextlib.suppress(ValueError, OSError):
+            info = read_bundle(path)
+            if info is not None:
                 gate = (info.evaluation or {}).get("gate")
                 row.update(version=info.version, created=info.created,
                            gate=None if gate is None else gate.get("passed"))

@@ -542,8 +542,9 @@ def serve(ctx, socket_path: Path | None, queue_size: int, tcp: str | None, token
              http_client=httpx.Client(transport=httpx.HTTPTransport(uds=SOCKET)))
     """
     from appliance import service
+    from appliance.config import default_socket
 
-    path = socket_path or Path(os.environ.get("APPLIANCE_SOCKET") or service.default_socket())
+    path = socket_path or Path(os.environ.get("APPLIANCE_SOCKET") or default_socket())
     address = None
     if tcp:
         host, _, port = tcp.rpartition(":")

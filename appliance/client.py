@@ -15,20 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from appliance.config import default_socket
 from appliance.errors import ApplianceError, ExitCode
 
 SYSTEM_SOCKET = Path("/run/appliance/api.sock")
 
 
-def _default_socket() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "appliance.sock" if runtime else Path(f"/tmp/appliance-{os.getuid()}.sock")
-
-
 def find_socket() -> Path | None:
     """The first socket a service answers on, or None."""
     explicit = os.environ.get("APPLIANCE_SOCKET")
-    for candidate in ([Path(explicit)] if explicit else [_default_socket(), SYSTEM_SOCKET]):
+    for candidate in ([Path(explicit)] if explicit else [default_socket(), SYSTEM_SOCKET]):
         if not candidate.is_socket():
             continue
         probe = socket.socket(socket.AF_UNIX)

@@ -22,6 +22,12 @@ def default_home() -> Path:
     return Path(data) / "appliance"
 
 
+def default_socket() -> Path:
+    """Where `appliance serve` listens by default, and where the CLI looks for it."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "appliance.sock" if runtime else Path(f"/tmp/appliance-{os.getuid()}.sock")
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

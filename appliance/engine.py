@@ -48,6 +48,7 @@ class LlamaEngine:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"{model_path}: llama.cpp could not load the model ({exc})",
                              "check free memory, then reinstall the generation") from exc
+        self.prompt_tokens = 0
         self.bos_text = self._piece(self.llm.token_bos())
         self.eos_text = self._piece(self.llm.token_eos())
 
@@ -80,6 +81,7 @@ class LlamaEngine:
 
     def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> Iterator[str]:
         tokens = self.tokenize(self.render(messages))
+        self.prompt_tokens = len(tokens)  # the exact count, template included, for usage reports
         if len(tokens) + max_tokens > self.n_ctx:
             raise ModelError(f"prompt of {len(tokens)} tokens plus {max_tokens} to generate exceeds the "
                              f"{self.n_ctx}-token context", "shorten the question or lower max tokens")

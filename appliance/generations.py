@@ -17,7 +17,7 @@ from pathlib import Path
 
 from appliance import modelfile
 from appliance.errors import GenerationError, NotFoundError
-from appliance.manifest import GenerationManifest, read_manifest, verify_generation
+from appliance.manifest import GenerationManifest, read_bundle, read_manifest, verify_generation
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ class Installed:
     @property
     def embedder_path(self) -> Path:
         return self.path / self.manifest.embedder.dir
+
+    @property
+    def version(self) -> int | None:
+        """The signed bundle's version; None for a generation installed unsigned."""
+        info = read_bundle(self.path)
+        return info.version if info else None
 
 
 def list_generations(generations_dir: Path) -> list[int]:

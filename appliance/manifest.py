@@ -136,6 +136,12 @@ def verify_generation(root: Path, bundle_files: bool = False) -> GenerationManif
     return manifest
 
 
+def read_bundle(root: Path) -> BundleManifest | None:
+    """bundle.json of an installed generation (None: installed unsigned)."""
+    path = root / BUNDLE_NAME
+    return BundleManifest.model_validate_json(path.read_bytes()) if path.is_file() else None
+
+
 class BundleManifest(BaseModel):
     """bundle.json: what a signed update bundle carries besides the generation's own files."""
 

@@ -188,7 +188,7 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
     n_tokens = len(pieces)
     decode_s = end - (first or end)
     timing = {"retrieval_ms": round(retrieval_ms, 2),
-              "prompt_tokens": sum(generator.count_tokens(m["content"]) for m in messages),
+              "prompt_tokens": getattr(generator, "prompt_tokens", 0),
               "max_tokens": max_tokens,
               "ttft_ms": round(((first or end) - start) * 1000, 2),
               "tokens": n_tokens,

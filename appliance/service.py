@@ -43,12 +43,6 @@ MAX_EMBED_INPUTS = 256
 PEER_KEY = "appliance.peer"
 
 
-def default_socket() -> Path:
-    from appliance.client import _default_socket
-
-    return _default_socket()
-
-
 # -- request bodies --------------------------------------------------------------------------------
 
 class Message(BaseModel):

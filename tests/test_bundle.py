@@ -195,9 +195,12 @@ def test_newer_bundle_then_rollback_then_same_bundle_again(tmp_path, installed, 
         assert app.status()["model"]["quant"] == "Q8_0"
         with pytest.raises(BundleError, match="no previous generation"):
             app.rollback()
-        # The running version again: nothing to do, though the appliance already trusts version 2.
+        # The running version again: nothing to do, though the appliance already trusts version 2;
+        # the loaded model stays loaded (a service must not reload it for a no-op).
+        engine = app.engine
         again = app.install_bundle(tmp_path / "stick-v1")
         assert again.number is None and "already the running generation" in again.message
+        assert app._engine is engine
         # Version 2 again, on purpose: installed anew (a rollback is not a ban).
         assert app.install_bundle(v2).number == 3
         actions = [r["action"] for r in audit.rows(app.store.conn) if r["action"] in ("install", "rollback")]

@@ -94,12 +94,18 @@ def test_openai_sdk_chat_stream_and_embeddings(openai_client):
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
 
 
-def test_follow_up_turns_and_no_rag(openai_client):
+def test_follow_up_turns_and_no_rag(openai_client, served):
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "15-1242.00"}]
     done = openai_client.chat.completions.create(
         model="m", max_tokens=8, extra_body={"rag": False},
-        messages=[{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "15-1242.00"},
-                  {"role": "user", "content": "And its title?"}])
+        messages=[*history, {"role": "user", "content": "And its title?"}])
     assert done.model_extra["sources"] == []
+    with _client(served[1]) as http:  # the earlier turns reached the model: their hash is in the audit row
+        row = next(r for r in http.get("/appliance/audit", params={"action": "ask", "limit": 5}).json()["rows"]
+                   if r["id"] == done.model_extra["audit_id"])
+    assert row["detail"]["history_sha256"] == audit.sha256_text(json.dumps(history, sort_keys=True))
+    # usage counts the prompt the engine tokenized: at least a token per word of the history
+    assert done.usage.prompt_tokens > sum(len(m["content"].split()) for m in history)
 
 
 @pytest.mark.parametrize("body, status, message", [
