@@ -193,6 +193,8 @@ class Appliance:
             self.audit("install_refused", {"source": str(directory.resolve()), "error": exc.message},
                        with_model=self._has_generation(), user=user)
             raise
+        if result.recovered:  # found under the install lock (the service and UI do not run `recover` first)
+            self.audit("recover", {"message": result.recovered}, with_model=self._has_generation(), user=user)
         if result.number is not None:  # a no-op keeps the loaded model
             self._let_go()
             self.audit("install", {"source": str(directory.resolve()), "generation": result.number, "signed": True,

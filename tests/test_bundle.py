@@ -657,3 +657,19 @@ def test_reference_db_is_shipped_checked_and_a_corrupt_one_refused(tmp_path, ins
         assert app.install_bundle(stick).number == 2  # the refused v3 moved no trust: v2 is no downgrade
     installed_db = installed / "generations" / "2" / "reference.db"
     assert installed_db.read_bytes() == db.read_bytes()
+
+
+def test_an_install_finds_and_records_the_interrupted_one(tmp_path, installed, keys, variant_generation):
+    """The service and the UI install without running `recover` first: the install does it, audited."""
+    stick = make_bundle(tmp_path, variant_generation, keys, 2)
+    proc = _install_process(installed, stick, "copying")
+    _wait_paused(installed, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (installed / "install-paused").unlink()
+    with new_app(installed) as app:
+        result = app.install_bundle(stick)
+        assert result.number == 2 and "removed an interrupted install" in result.recovered
+        recovered = list(audit.rows(app.store.conn, "recover"))
+    assert len(recovered) == 1 and "interrupted" in json.loads(recovered[0]["detail"])["message"]
+    assert_untouched(installed, 2, trusted=2)
