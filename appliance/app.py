@@ -5,20 +5,35 @@ operator UI will hold one for their lifetime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from appliance import audit, generations, rag
 from appliance.config import Settings
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, IngestError
 from appliance.ingest import IngestReport, ingest
 from appliance.manifest import sha256_file
 from appliance.store import Store
 
+
+def resident_mb() -> float | None:
+    """This process's resident memory (the one holding the model)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 HISTORY_MESSAGES = 4  # earlier turns sent with a question: follow-ups work, sources keep most of the context
+RECALL_MESSAGES = 12  # a conversation this process answered is sent whole, with its sources, up to this
 
 
 class Appliance:
@@ -31,6 +46,7 @@ class Appliance:
         self._embedder = None
         self._engine = None
         self._installed: generations.Installed | None = None
+        self.turns = rag.TurnMemory()
 
     def __enter__(self) -> Appliance:
         return self
@@ -211,15 +227,39 @@ class Appliance:
         return left, now
 
     def ingest(self, paths: list[Path], collection: str,
-               progress: Callable[[str, int, int], None] | None = None, user: str | None = None) -> IngestReport:
+               progress: Callable[[str, int, int], None] | None = None, user: str | None = None,
+               source_name: Callable[[Path], str] | None = None) -> IngestReport:
         report = ingest(self.store, self.embedder, paths, collection,
                         max_bytes=int(self.settings.max_file_mb * 1_000_000),
-                        chunk_chars=self.settings.chunk_chars, progress=progress)
+                        chunk_chars=self.settings.chunk_chars, progress=progress, source_name=source_name)
         for item in report.added:
             self.audit("ingest", {"collection": collection, "source": item["source"], "sha256": item["sha256"],
                                   "doc_id": item["doc_id"], "chunks": item["chunks"], "replaced": item["replaced"]},
                        user=user)
         return report
+
+    @contextlib.contextmanager
+    def _uploaded(self, name: str, data: bytes):
+        """An uploaded file under the home (private, removed afterwards), named like the original so its
+        type is recognised."""
+        base = Path(name.replace("\\", "/")).name
+        if not base or base in (".", "..") or "\0" in base or len(base) > 255:
+            raise IngestError(f"upload name {name!r} is not a file name", "send the file's path as `name`")
+        with tempfile.TemporaryDirectory(dir=self.settings.home, prefix=".upload-") as tmp:
+            path = Path(tmp) / base
+            path.write_bytes(data)
+            yield path
+
+    def ingest_upload(self, name: str, data: bytes, collection: str, user: str | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
+        """Ingest a file the caller read and sent (the service's upload route), recorded as `name`."""
+        with self._uploaded(name, data) as path:
+            return self.ingest([path], collection, progress=progress, user=user, source_name=lambda _: name)
+
+    def draft_upload(self, name: str, data: bytes, collections: list[str] | None = None,
+                     max_tokens: int | None = None, progress=None, user: str | None = None):
+        with self._uploaded(name, data) as path:
+            return self.draft(path, collections, max_tokens, progress=progress, user=user, source=name)
 
     def remove_document(self, doc_id: int, user: str | None = None):
         row = self.store.remove_document(doc_id)
@@ -237,8 +277,10 @@ class Appliance:
         return lookup(self.store, query, collection, limit)
 
     def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
-              progress: Callable[[str, int, int], None] | None = None, generator=None):
-        """A proposal draft for an RFP file (see appliance.draft); `generator` replaces the model in tests."""
+              progress: Callable[[str, int, int], None] | None = None, generator=None, user: str | None = None,
+              source: str | None = None):
+        """A proposal draft for an RFP file (see appliance.draft); `generator` replaces the model in tests;
+        `source`: what the RFP is recorded as (an upload's name on the caller's side)."""
         from appliance import draft
 
         self.ready_index()
@@ -247,12 +289,12 @@ class Appliance:
                              model_info=self.model_info(), max_bytes=int(self.settings.max_file_mb * 1_000_000),
                              n_ctx=getattr(generator, "n_ctx", self.settings.n_ctx),
                              max_tokens=max_tokens or self.settings.max_tokens,
-                             temperature=self.settings.temperature, progress=progress)
+                             temperature=self.settings.temperature, progress=progress, source=source)
         self.audit("draft", {"rfp": result.rfp, "rfp_sha256": sha256_file(rfp),
                              "requirements": len(result.requirements), "gaps": result.gaps,
                              "unknown_codes": result.unknown_codes,
                              "chunks": [{"chunk_id": s["chunk_id"], "doc_sha256": s["doc_sha256"]}
-                                        for s in result.sources]})
+                                        for s in result.sources]}, user=user)
         return result
 
     def ask(self, question: str, collection: str | None = None, use_rag: bool = True,
@@ -264,23 +306,34 @@ class Appliance:
         the question and answer are added to it."""
         if conversation is not None and history is None:
             history = [{"role": m["role"], "content": m["content"]}
-                       for m in self.store.messages(conversation, limit=HISTORY_MESSAGES)]
+                       for m in self.store.messages(conversation, limit=RECALL_MESSAGES)]
+        max_tokens = max_tokens or self.settings.max_tokens
+        given = history
+        history, earlier = self._history(history, max_tokens) if history else (history, [])
         start = time.perf_counter()
-        hits = self.search(question, collection=collection) if use_rag else []
+        hits = self.search(question, collection=collection) if use_rag and not earlier else []
+        if use_rag and earlier:  # a follow-up: its earlier sources stay; a few new ones join them
+            shown = {h.chunk_id for h in earlier}
+            hits = [h for h in self.search(question, k=self.settings.follow_up_k + len(earlier), collection=collection)
+                    if h.chunk_id not in shown][:self.settings.follow_up_k]
         retrieval_ms = (time.perf_counter() - start) * 1000
         result = rag.answer(self.engine, question, hits, self.model_info(), n_ctx=self.engine.n_ctx,
-                            max_tokens=max_tokens or self.settings.max_tokens,
+                            max_tokens=max_tokens,
                             temperature=self.settings.temperature if temperature is None else temperature,
                             rag=use_rag, retrieval_ms=retrieval_ms, on_text=on_text, history=history,
-                            should_stop=should_stop)
+                            should_stop=should_stop, earlier=earlier if use_rag else None)
+        if not result.stopped:
+            self.turns.remember(question, result)
         detail = {"question_sha256": audit.sha256_text(question), "answer_sha256": audit.sha256_text(result.answer),
                   "collection": collection, "rag": use_rag,
                   "chunks": [{"chunk_id": h.chunk_id, "doc_sha256": h.doc_sha256} for h in result.sources],
                   "citations": [c["n"] for c in result.citations], "unverified_codes": result.unverified_codes}
         if result.stopped:
             detail["stopped"] = True  # the client went away: what it was sent is still recorded
-        if history:
-            detail["history_sha256"] = audit.sha256_text(json.dumps(history, sort_keys=True))
+        if result.earlier:
+            detail["earlier_sources"] = result.earlier  # chunks[:n] came with the history, the rest are new
+        if given:  # the history as the caller sent it (the model may have seen it with its sources)
+            detail["history_sha256"] = audit.sha256_text(json.dumps(given, sort_keys=True))
         if self.settings.audit_text:
             detail.update(question=question, answer=result.answer)
         result.audit_id = self.audit("ask", detail, user=user)["id"]
@@ -288,6 +341,38 @@ class Appliance:
             self.store.add_message(conversation, "user", question)
             self.store.add_message(conversation, "assistant", result.raw or result.answer, result.audit_id)
         return result
+
+    def _history(self, history: list[dict], max_tokens: int) -> tuple[list[dict], list[rag.Hit]]:
+        """The history to send and the sources numbered in it: the conversation as the model saw it
+        (rag.TurnMemory) when this process answered all of it and it takes at most two thirds of the
+        room left for the prompt, so the new question still gets sources; else its last turns as typed."""
+        recalled = self.turns.recall(history)
+        if recalled is not None:
+            room = (self.engine.n_ctx - max_tokens) * 2 // 3
+            if sum(self.engine.count_tokens(m["content"]) + 8 for m in recalled[0]) <= room:
+                return recalled
+        return history[-HISTORY_MESSAGES:], []
+
+    # -- reads the operator UI and the CLI make (appliance.client.ServiceClient has the same methods) --
+    def documents(self, collection: str | None = None) -> list:
+        return self.store.list_documents(collection)
+
+    def generations(self) -> dict:
+        from appliance import bundle
+
+        return {"generations": bundle.history(self.settings.home),
+                "trusted_version": bundle.trusted_version(self.settings.home)}
+
+    def audit_rows(self, action: str | None = None, user: str | None = None, limit: int = 50) -> list[dict]:
+        """Newest first; `detail` parsed."""
+        return [dict(e, detail=json.loads(e["detail"])) for e in audit.rows(self.store.conn, action, user, limit)]
+
+    def audit_verify(self) -> tuple[int, int | None]:
+        """(rows checked, first bad row or None)."""
+        return audit.verify_rows(audit.rows(self.store.conn))
+
+    def new_conversation(self, user: str | None = None) -> int:
+        return self.store.new_conversation(user or audit.os_user())
 
     def status(self) -> dict:
         inst = self.installed
@@ -307,4 +392,5 @@ class Appliance:
                          "index": {"name": name, "dim": dim, "matches": index_matches}},
             "collections": self.store.collection_stats(),
             "lineage": m.lineage,
+            "resident_mb": resident_mb(),
         }

@@ -65,10 +65,17 @@ def _service(ctx: click.Context):
         return None
     client = ServiceClient(path)
     ctx.call_on_close(client.close)
-    home = ctx.obj.get("home")
-    if home is not None and Path(home).resolve() != Path(client.status()["home"]).resolve():
+    from appliance.config import default_home
+
+    home = Path(ctx.obj.get("home") or default_home())
+    if home.resolve() != Path(client.status()["home"]).resolve():
         return None  # the service serves another home
     return client
+
+
+def _backend(ctx: click.Context):
+    """The running service for this home (see appliance.client), else the appliance in-process."""
+    return _service(ctx) or _app(ctx)
 
 
 class _Group(click.Group):
@@ -189,7 +196,7 @@ def bundle_verify(ctx, directory: Path, as_json: bool) -> None:
     Example:
       appliance bundle verify /media/usb
     """
-    verified = _app(ctx).verify_bundle(directory, _byte_progress("verifying"))
+    verified = _backend(ctx).verify_bundle(directory, _byte_progress("verifying"))
     info = verified.info
     if as_json:
         _echo_json({"version": verified.version, "files": len(verified.targets), "bytes": verified.total_bytes,
@@ -223,9 +230,8 @@ def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -
     Example:
       appliance bundle install /media/usb
     """
-    app = _app(ctx)
-    result = app.install_bundle(directory, allow_downgrade, progress=_byte_progress("installing"),
-                                reembed_progress=_Progress("re-embedding"))
+    result = _backend(ctx).install_bundle(directory, allow_downgrade, progress=_byte_progress("installing"),
+                                          reembed_progress=_Progress("re-embedding"))
     if as_json:
         _echo_json({"version": result.version, "generation": result.number, "message": result.message,
                     "downgrade": result.downgrade, "health": result.health})
@@ -243,7 +249,7 @@ def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -
 @click.pass_context
 def bundle_rollback(ctx) -> None:
     """Return to the generation that was current before the last install (audited)."""
-    left, now = _app(ctx).rollback()
+    left, now = _backend(ctx).rollback()
     _err(f"rolled back from generation {left} to generation {now}")
 
 
@@ -252,12 +258,10 @@ def bundle_rollback(ctx) -> None:
 @click.pass_context
 def bundle_list(ctx, as_json: bool) -> None:
     """Installed generations, newest first: version, model, which is current and which is kept for rollback."""
-    from appliance import bundle
-
-    app = _app(ctx)
-    rows = bundle.history(app.settings.home)
+    data = _backend(ctx).generations()
+    rows = data["generations"]
     if as_json:
-        _echo_json({"generations": rows, "trusted_version": bundle.trusted_version(app.settings.home)})
+        _echo_json(data)
         return
     if not rows:
         _err("no generation installed")
@@ -283,9 +287,10 @@ def ingest(ctx, paths: tuple[Path, ...], collection: str, as_json: bool) -> None
     Example:
       appliance ingest proposals/ labor_categories.csv --collection reference
     """
-    app = _app(ctx)
-    reindexed = app.ready_index(_Progress("re-embedding"))
-    if reindexed:
+    app = _backend(ctx)
+    if not hasattr(app, "ready_index"):  # the service re-embeds when it must; the files are sent to it
+        _err(f"ingesting through the service at {app.path}")
+    elif reindexed := app.ready_index(_Progress("re-embedding")):
         _err(f"re-embedded {reindexed} chunks for embedder {app.embedder.name}")
     report = app.ingest(list(paths), collection, progress=_Progress("ingesting"))
     if as_json:
@@ -314,7 +319,7 @@ def docs() -> None:
 @click.pass_context
 def docs_list(ctx, collection: str | None, as_json: bool) -> None:
     """List documents with their collection, chunk count and sha256."""
-    rows = _app(ctx).store.list_documents(collection)
+    rows = _backend(ctx).documents(collection)
     if as_json:
         _echo_json({"documents": [vars(r) for r in rows]})
         return
@@ -327,7 +332,7 @@ def docs_list(ctx, collection: str | None, as_json: bool) -> None:
 @click.pass_context
 def docs_remove(ctx, doc_id: int) -> None:
     """Remove a document, its chunks and vectors (ids from `appliance docs list`)."""
-    row = _app(ctx).remove_document(doc_id)
+    row = _backend(ctx).remove_document(doc_id)
     _err(f"removed document {row.id}: {row.source}")
 
 
@@ -345,8 +350,7 @@ def search(ctx, query: str, k: int, collection: str | None, as_json: bool) -> No
       appliance search "15-1252.00"
       appliance search "cloud migration past performance" -k 10 --json
     """
-    client = _service(ctx)
-    hits = client.search(query, k, collection) if client else _app(ctx).search(query, k=k, collection=collection)
+    hits = _backend(ctx).search(query, k, collection)
     if as_json:
         _echo_json({"results": [h.to_json() for h in hits]})
         return
@@ -373,7 +377,7 @@ def lookup(ctx, query: str, collection: str | None, limit: int, as_json: bool) -
       appliance lookup 15-12               # every code that begins 15-12
       appliance lookup "database administrator"
     """
-    rows = _app(ctx).lookup(query, collection, limit)
+    rows = _backend(ctx).lookup(query, collection, limit)
     if as_json:
         _echo_json({"query": query, "rows": rows})
         return
@@ -407,8 +411,8 @@ def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx:
     from appliance.draft import write_docx
 
     progress = _Progress("drafting")
-    result = _app(ctx).draft(rfp_file, list(collections) or None, max_tokens,
-                             progress=lambda item, i, n: progress(f"requirement {item}" if item else "", i, n))
+    result = _backend(ctx).draft(rfp_file, list(collections) or None, max_tokens,
+                                 progress=lambda item, i, n: progress(f"requirement {item}" if item else "", i, n))
     out.write_text(result.markdown)
     if as_docx:
         write_docx(result.markdown, out.with_suffix(".docx"))
@@ -468,7 +472,7 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
     """
     if question is not None and not question.strip():
         raise click.UsageError("the question is empty; give one, or none for the interactive loop")
-    app = _service(ctx) or _app(ctx)
+    app = _backend(ctx)
 
     def one(q: str) -> None:
         if as_json:
@@ -502,8 +506,7 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
 @click.pass_context
 def status(ctx, as_json: bool) -> None:
     """The installed generation, model, embedder and collections."""
-    client = _service(ctx)
-    data = client.status() if client else _app(ctx).status()
+    data = _backend(ctx).status()
     if as_json:
         _echo_json(data)
         return
@@ -562,12 +565,15 @@ def serve(ctx, socket_path: Path | None, queue_size: int, tcp: str | None, token
 @cli.command()
 @click.pass_context
 def tui(ctx) -> None:
-    """The operator UI: chat with cited sources, documents, model and bundles, audit log (F1: help)."""
+    """The operator UI: chat with cited sources, documents, lookup and drafting, model and bundles,
+    audit log (F1: help). Works through the running service when there is one, in-process otherwise."""
     from tui.app import run
 
-    app = _app(ctx)
-    app.long_lived = True
-    run(app)
+    backend = _service(ctx)
+    if backend is None:
+        backend = _app(ctx)
+        backend.long_lived = True
+    run(backend)
 
 
 @cli.group("audit")
@@ -584,24 +590,21 @@ def audit_group() -> None:
 @click.pass_context
 def audit_list(ctx, action: str | None, user: str | None, limit: int, as_json: bool) -> None:
     """The newest audit rows, newest first."""
-    from appliance import audit
-
-    entries = list(audit.rows(_app(ctx).store.conn, action, user, limit))
+    entries = _backend(ctx).audit_rows(action, user, limit)
     if as_json:
-        _echo_json({"rows": [dict(e, detail=json.loads(e["detail"])) for e in entries]})
+        _echo_json({"rows": entries})
         return
     for e in entries:
+        detail = json.dumps(e["detail"], separators=(",", ":"))
         click.echo(f"{e['id']:>6}  {e['time']}  {e['user']:<10} {e['action']:<8} gen {e['generation'] or '-'}  "
-                   f"{e['row_hash'][:12]}  {e['detail'][:80]}")
+                   f"{e['row_hash'][:12]}  {detail[:80]}")
 
 
 @audit_group.command("verify")
 @click.pass_context
 def audit_verify(ctx) -> None:
     """Recompute the hash chain; exit 1 naming the first row that does not match."""
-    from appliance import audit
-
-    count, bad = audit.verify_rows(audit.rows(_app(ctx).store.conn))
+    count, bad = _backend(ctx).audit_verify()
     if bad is not None:
         _err(f"audit chain broken at row {bad} (of {count} checked): that row or the one before it was "
              "altered, inserted or deleted - compare with the last export")

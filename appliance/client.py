@@ -1,6 +1,12 @@
-"""A client of a running `appliance serve`, for the CLI: while the service runs, `ask`, `search` and
-`status` go through it, so the model stays loaded once (in the service) and the service records the
-caller from the socket. With no service listening, the CLI works in-process as before.
+"""A client of a running `appliance serve`, for the CLI and the operator UI. While the service runs,
+whatever loads the model or writes the database goes through it, so the model is loaded once (in the
+service), one process writes, and the service records the caller from the socket. With no service
+listening, the CLI and the UI work in-process on an `Appliance`.
+
+`ServiceClient` has the methods of `Appliance` that those callers use, with the same arguments and
+results of the same shape, so a caller holds either. Files are read here, as the caller, and sent to
+the service (ingest, draft): nothing is ingested with the service's permissions that the caller
+could not read.
 
 The socket is `$APPLIANCE_SOCKET`, else `$XDG_RUNTIME_DIR/appliance.sock`, else `/run/appliance/api.sock`.
 """
@@ -16,7 +22,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from appliance.config import default_socket
+from appliance.documents import expand_paths
 from appliance.errors import ApplianceError, ExitCode
+from appliance.ingest import IngestReport
 
 SYSTEM_SOCKET = Path("/run/appliance/api.sock")
 
@@ -72,6 +80,36 @@ def _hit(data: dict) -> SimpleNamespace:
     return hit
 
 
+@dataclass
+class RemoteDraft:
+    """What `appliance draft` writes and prints, as the service returned it."""
+
+    markdown: str
+    summary_json: dict
+    gaps: list
+    unknown_codes: list
+    staffing: list
+    sources: list
+
+    def summary(self) -> dict:
+        return self.summary_json
+
+
+def _events(response, progress: Callable | None):
+    """Read a progress stream (service.progress_events): report each event, return the result."""
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        event = json.loads(line[6:])
+        if "error" in event:
+            raise ServiceError(event["error"]["message"], "see the service's log")
+        if "result" in event:
+            return event["result"]
+        if progress:
+            progress(event["item"], event["done"], event["total"])
+    raise ServiceError("the service closed the stream before the result", "try again; see the service's log")
+
+
 class ServiceClient:
     def __init__(self, path: Path):
         import httpx
@@ -93,17 +131,107 @@ class ServiceClient:
                                "see `journalctl -u appliance` or the `appliance serve` output")
         return response.json()
 
+    def _stream(self, method: str, url: str, progress: Callable | None = None, **kwargs):
+        with self.http.stream(method, url, **kwargs) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            return _events(r, progress)
+
     def status(self) -> dict:
         return self._check(self.http.get("/appliance/status"))
+
+    def documents(self, collection: str | None = None) -> list:
+        params = {"collection": collection} if collection else {}
+        return [SimpleNamespace(**d) for d in self._check(self.http.get("/appliance/documents", params=params))
+                ["documents"]]
+
+    def generations(self) -> dict:
+        return self._check(self.http.get("/appliance/bundles"))
+
+    def audit_rows(self, action: str | None = None, user: str | None = None, limit: int = 50) -> list[dict]:
+        params = {k: v for k, v in (("action", action), ("user", user)) if v} | {"limit": limit}
+        return self._check(self.http.get("/appliance/audit", params=params))["rows"]
+
+    def audit_verify(self) -> tuple[int, int | None]:
+        data = self._check(self.http.get("/appliance/audit/verify"))
+        return data["rows"], data["first_bad_row"]
+
+    def new_conversation(self, user: str | None = None) -> int:
+        """The service records the socket's user, whoever `user` says."""
+        return self._check(self.http.post("/appliance/conversations"))["id"]
+
+    def lookup(self, query: str, collection: str | None = None, limit: int = 20) -> list[dict]:
+        params = {"q": query, "limit": limit, **({"collection": collection} if collection else {})}
+        return self._check(self.http.get("/appliance/lookup", params=params))["rows"]
+
+    def ingest(self, paths: list[Path], collection: str, progress: Callable | None = None) -> IngestReport:
+        """Each file is read here and uploaded; unreadable ones are reported like an in-process ingest."""
+        files, missing = expand_paths(paths)
+        report = IngestReport(failed=missing)
+        for i, path in enumerate(files):
+            source = str(path.resolve())
+            if progress:
+                progress(source, i, len(files))
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                report.failed.append({"source": source, "error": f"{source}: cannot read ({exc.strerror})"})
+                continue
+            response = self.http.post("/appliance/documents/upload", content=data,
+                                      params={"name": source, "collection": collection})
+            if response.status_code in (413, 422):  # this file refused; the rest go on
+                report.failed.append({"source": source, "error": response.json()["error"]["message"]})
+                continue
+            part = self._check(response)
+            report.added += part["added"]
+            report.unchanged += part["unchanged"]
+            report.failed += part["failed"]
+        if progress:
+            progress("", len(files), len(files))
+        return report
+
+    def remove_document(self, doc_id: int):
+        return SimpleNamespace(**self._check(self.http.delete(f"/appliance/documents/{doc_id}"))["removed"])
+
+    def verify_bundle(self, directory: Path, progress: Callable | None = None):
+        data = self._check(self.http.post("/appliance/bundles/verify", json={"path": str(directory.resolve())}))
+        return SimpleNamespace(version=data["version"], targets=data["targets"], total_bytes=data["bytes"],
+                               notes=data["notes"], info=SimpleNamespace(**data["bundle"]))
+
+    def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress: Callable | None = None,
+                       reembed_progress: Callable | None = None):
+        """The service reads the bundle (it needs the path, not the caller's bytes: the signatures are
+        checked where the files are)."""
+        result = self._stream("POST", "/appliance/bundles/install", progress,
+                              json={"path": str(directory.resolve()), "allow_downgrade": allow_downgrade})
+        info = result.pop("bundle", None)
+        return SimpleNamespace(**result, number=result.pop("generation"),
+                               info=SimpleNamespace(**info) if info else None)
+
+    def rollback(self) -> tuple[int, int]:
+        data = self._check(self.http.post("/appliance/bundles/rollback"))
+        return data["from"], data["to"]
+
+    def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
+              progress: Callable | None = None) -> RemoteDraft:
+        params = {"name": str(rfp.resolve()), **({"collection": collections} if collections else {}),
+                  **({"max_tokens": max_tokens} if max_tokens else {})}
+        result = self._stream("POST", "/appliance/draft", progress, content=rfp.read_bytes(), params=params)
+        summary = result["summary"]
+        return RemoteDraft(result["markdown"], summary, result["gaps"], result["unknown_codes"],
+                           summary["staffing"], summary["sources"])
 
     def search(self, query: str, k: int, collection: str | None) -> list:
         params = {"q": query, "k": k, **({"collection": collection} if collection else {})}
         return [_hit(h) for h in self._check(self.http.get("/appliance/search", params=params))["results"]]
 
-    def ask(self, question: str, collection: str | None, use_rag: bool, max_tokens: int | None,
-            temperature: float | None, on_text: Callable[[str], None] | None = None) -> RemoteAnswer:
+    def ask(self, question: str, collection: str | None = None, use_rag: bool = True, max_tokens: int | None = None,
+            temperature: float | None = None, on_text: Callable[[str], None] | None = None,
+            conversation: int | None = None) -> RemoteAnswer:
         body = {"messages": [{"role": "user", "content": question}], "stream": True, "rag": use_rag,
                 **({"collection": collection} if collection else {}),
+                **({"conversation": conversation} if conversation is not None else {}),
                 **({"max_tokens": max_tokens} if max_tokens else {}),
                 **({"temperature": temperature} if temperature is not None else {})}
         pieces, final = [], None

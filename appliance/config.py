@@ -36,10 +36,14 @@ class Settings(BaseModel):
     embed_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
     embed_batch: int = Field(default=8, ge=1, le=1024,
                              description="Chunks per ONNX call (small batches stay in cache: fastest on CPU)")
-    n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context window given to llama.cpp")
+    n_ctx: int = Field(default=4096, ge=256, le=131072,
+                       description="Context window given to llama.cpp (at most the model's): room for a "
+                                   "follow-up to keep the earlier turn's sources")
     max_tokens: int = Field(default=256, ge=1, le=8192, description="Default cap on generated tokens")
     temperature: float = Field(default=0.2, ge=0.0, le=2.0, description="Default sampling temperature")
     top_k: int = Field(default=5, ge=1, le=50, description="Sources retrieved for an answer")
+    follow_up_k: int = Field(default=3, ge=0, le=50, description="New sources added for a follow-up question "
+                             "(the earlier turns' sources stay in its prompt, still numbered)")
     mmap: bool = Field(default=False, description="Memory-map the model instead of reading it in (more resident "
                                                    "memory where llama.cpp repacks weights)")
     max_file_mb: float = Field(default=25.0, gt=0, description="Files larger than this are refused at ingest")

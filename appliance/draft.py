@@ -149,7 +149,7 @@ def flag_unknown_codes(text: str, known: set[str]) -> tuple[str, list[str]]:
 
 def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, model_info: dict,
           collections: list[str] | None, max_bytes: int, n_ctx: int, max_tokens: int, temperature: float,
-          progress: Callable[[str, int, int], None] | None = None) -> Draft:
+          progress: Callable[[str, int, int], None] | None = None, source: str | None = None) -> Draft:
     start = time.perf_counter()
     title, requirements, text = parse_rfp(rfp, max_bytes)
     rows = store.ref_rows()
@@ -161,7 +161,7 @@ def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, 
 
     staffing = staff(text, rows, best_row)
     known = {r["code"] for r in rows if r["code"]}
-    rfp_source = str(rfp.resolve())
+    rfp_source = source or str(rfp.resolve())  # an upload: its path on the caller's side
     sources: dict[int, dict] = {}  # chunk id -> the draft's numbered source
     responses, unknown, gaps = {}, [], []
     for i, req in enumerate(requirements):

@@ -65,14 +65,17 @@ def _embed_with_progress(embedder: Embedder, chunks: list[NewChunk], report: Cal
 
 
 def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: str, *, max_bytes: int,
-           chunk_chars: int, progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
+           chunk_chars: int, progress: Callable[[str, int, int], None] | None = None,
+           source_name: Callable[[Path], str] | None = None) -> IngestReport:
+    """`source_name`: what a file is recorded as (an upload: the path on the caller's side); default its
+    absolute path."""
     store.ensure_embedder(embedder.name, embedder.dim, embedder.embed)
     files, missing = expand_paths(paths)
     report = IngestReport(failed=missing)
     for i, path in enumerate(files):
+        source = source_name(path) if source_name else str(path.resolve())
         if progress:
-            progress(str(path), i, len(files))
-        source = str(path.resolve())
+            progress(source, i, len(files))
         try:
             digest = sha256_file(path)
             if store.find_document(collection, digest) is not None:
@@ -80,16 +83,16 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
                 continue
             doc = read_document(path, max_bytes)
             chunks = _chunks(doc, chunk_chars)
-            vectors = _embed_with_progress(embedder, chunks, lambda done, p=path, n=len(chunks), i=i: (
-                progress and progress(f"{p} ({done}/{n} chunks)", i, len(files))))
+            vectors = _embed_with_progress(embedder, chunks, lambda done, src=source, n=len(chunks), i=i: (
+                progress and progress(f"{src} ({done}/{n} chunks)", i, len(files))))
             doc_id, replaced = store.add_document(collection, source, doc.title, doc.kind, digest,
                                                   path.stat().st_size, chunks, vectors)
             report.added.append({"doc_id": doc_id, "source": source, "title": doc.title, "kind": doc.kind,
                                  "chunks": len(chunks), "sha256": digest, "replaced": replaced})
-        except IngestError as exc:
-            report.failed.append({"source": source, "error": str(exc)})
+        except IngestError as exc:  # named as the caller knows the file
+            report.failed.append({"source": source, "error": str(exc).replace(str(path), source)})
         except OSError as exc:
-            report.failed.append({"source": source, "error": f"{path}: cannot read ({exc.strerror})"})
+            report.failed.append({"source": source, "error": f"{source}: cannot read ({exc.strerror})"})
     if progress:
         progress("", len(files), len(files))
     return report

@@ -25,19 +25,20 @@ def format_source(n: int, title: str, text: str) -> str:
     return f'<source n="{n}" title="{title.replace(chr(34), chr(39))}">\n{text}\n</source>'
 
 
-def user_message(question: str, sources: list[str]) -> str:
+def user_message(question: str, sources: list[str], more: bool = False) -> str:
+    """`more`: earlier turns already showed sources, which keep their numbers; these add to them."""
     if not sources:
         return question
-    return "Sources:\n" + "\n".join(sources) + f"\n\nQuestion: {question}"
+    return ("More sources:\n" if more else "Sources:\n") + "\n".join(sources) + f"\n\nQuestion: {question}"
 
 
 def build_messages(question: str, sources: list[str], rag: bool = True,
-                   history: list[dict] | None = None) -> list[dict]:
+                   history: list[dict] | None = None, more: bool = False) -> list[dict]:
     """System prompt (constant, so llama.cpp keeps it cached), earlier turns, then the question."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT if rag else NO_RAG_SYSTEM_PROMPT},
         *(history or []),
-        {"role": "user", "content": user_message(question, sources)},
+        {"role": "user", "content": user_message(question, sources, more)},
     ]
 
 

@@ -9,8 +9,10 @@ prompt as numbered sources, streams the model's reply and maps each `[n]` back t
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -115,6 +117,8 @@ class Answer:
     stopped: bool = False  # the caller stopped generation early (a client went away)
     raw: str = ""  # the text exactly as generated (the answer is stripped); history sends this back, so
     # llama.cpp finds the tokens it generated at the front of the next prompt and keeps them cached
+    prompt: str = ""  # the question as the model saw it: its new sources, then the question
+    earlier: int = 0  # sources[:earlier] were shown in earlier turns of the conversation
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "citations": self.citations,
@@ -124,11 +128,11 @@ class Answer:
                 "model": self.model, "timing": self.timing, "audit_id": self.audit_id}
 
 
-def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: int) -> list[str]:
-    """Numbered source blocks, as many as fit the token budget; the last one may be cut short."""
+def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: int, first: int = 1) -> list[str]:
+    """Numbered source blocks (from `first`), as many as fit the token budget; the last one may be cut short."""
     sources: list[str] = []
     used = generator.count_tokens(question) + 64
-    for i, hit in enumerate(hits, start=1):
+    for i, hit in enumerate(hits, start=first):
         title = f"{hit.title} - {hit.heading}" if hit.heading and hit.heading != hit.title else hit.title
         block = format_source(i, title, hit.text)
         cost = generator.count_tokens(block)
@@ -146,12 +150,18 @@ def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: in
 def answer(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
            max_tokens: int, temperature: float, rag: bool = True, retrieval_ms: float = 0.0,
            on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
-           should_stop: Callable[[], bool] | None = None) -> Answer:
+           should_stop: Callable[[], bool] | None = None, earlier: list[Hit] | None = None) -> Answer:
+    """`earlier`: the sources numbered in the history's questions (see TurnMemory); they keep their
+    numbers, only new hits are added to the prompt, numbered after them, and [n] maps over all."""
+    earlier = earlier or []
     budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], rag)[0]["content"]) - 32
     budget -= sum(generator.count_tokens(m["content"]) + 8 for m in history or [])
-    sources = fit_sources(hits, question, generator, budget) if rag else []
-    hits = hits[: len(sources)]
-    messages = build_messages(question, sources, rag, history)
+    shown = {h.chunk_id for h in earlier}
+    hits = [h for h in hits if h.chunk_id not in shown]
+    sources = fit_sources(hits, question, generator, budget, first=len(earlier) + 1) if rag else []
+    hits = earlier + hits[: len(sources)]
+    messages = build_messages(question, sources, rag, history, more=bool(earlier))
+    texts = [h.text for h in earlier] + sources  # what the model was shown, earlier turns included
     start = time.perf_counter()
     first = None
     pieces: list[str] = []
@@ -181,10 +191,10 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
     # A code the model wrote that none of its sources contains is flagged, never passed off as fact;
     # one that is in the sources but not in any source the answer cites is pointed at where it is.
     codes = list(dict.fromkeys(CODE_RE.findall(text)))
-    unverified = [c for c in codes if not any(c in block for block in sources)]
+    unverified = [c for c in codes if not any(c in block for block in texts)]
     cited = {c["n"] for c in citations}
-    miscited = [{"code": c, "cited": sorted(cited), "found_in": [i for i, b in enumerate(sources, 1) if c in b]}
-                for c in codes if c not in unverified and cited and not any(c in sources[n - 1] for n in cited)]
+    miscited = [{"code": c, "cited": sorted(cited), "found_in": [i for i, b in enumerate(texts, 1) if c in b]}
+                for c in codes if c not in unverified and cited and not any(c in texts[n - 1] for n in cited)]
     n_tokens = len(pieces)
     decode_s = end - (first or end)
     timing = {"retrieval_ms": round(retrieval_ms, 2),
@@ -195,6 +205,64 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
               "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
     return Answer(question=question, answer=text, sources=hits, citations=citations,
                   unknown_citations=unknown, unverified_codes=unverified, miscited_codes=miscited,
-                  model=model_info, timing=timing, stopped=stopped, raw="".join(pieces))
+                  model=model_info, timing=timing, stopped=stopped, raw="".join(pieces),
+                  prompt=messages[-1]["content"], earlier=len(earlier))
+
+
+@dataclass
+class Turn:
+    """One answered question as the model saw it."""
+
+    prompt: str  # the user message: the sources new in this turn, then the question
+    answer: str  # the answer exactly as generated
+    sources: list[Hit]  # every source numbered so far in the conversation, this turn's last
+    earlier: int  # how many of them earlier turns had numbered
+
+
+class TurnMemory:
+    """The questions this process answered recently, so a follow-up can be sent as the model saw the
+    conversation.
+
+    A client sends history as it was typed: earlier questions without the sources they were answered
+    from. Sent like that, the prompt differs from the one before right after the system prompt, so
+    llama.cpp re-reads the whole conversation, and the sources the earlier answers cited are gone.
+    When every turn of a history is one this process answered (matched on question and answer text),
+    the history is rebuilt with the sources in it: the earlier prompt is then a prefix of the new one
+    and stays in the KV cache, and only the follow-up's new sources and question are read. Kept in
+    memory only, like the KV cache it serves; an unknown history is sent as it came.
+    """
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._turns: OrderedDict[str, Turn] = OrderedDict()
+
+    @staticmethod
+    def _key(question: str, answer: str) -> str:
+        return hashlib.sha256(f"{question.strip()}\0{answer.strip()}".encode()).hexdigest()
+
+    def remember(self, question: str, answer: Answer) -> None:
+        key = self._key(question, answer.raw or answer.answer)
+        self._turns[key] = Turn(answer.prompt, answer.raw or answer.answer, list(answer.sources), answer.earlier)
+        self._turns.move_to_end(key)
+        while len(self._turns) > self.size:
+            self._turns.popitem(last=False)
+
+    def recall(self, history: list[dict]) -> tuple[list[dict], list[Hit]] | None:
+        """(the history as the model saw it, the sources numbered in it), or None when any turn is unknown
+        or the history does not start where its first turn's numbering did."""
+        if not history or len(history) % 2:
+            return None
+        rebuilt: list[dict] = []
+        sources: list[Hit] = []
+        for asked, answered in zip(history[::2], history[1::2], strict=True):
+            if asked.get("role") != "user" or answered.get("role") != "assistant":
+                return None
+            turn = self._turns.get(self._key(asked["content"], answered["content"]))
+            if turn is None or turn.earlier != len(sources) or \
+                    [h.chunk_id for h in turn.sources[:turn.earlier]] != [h.chunk_id for h in sources]:
+                return None
+            rebuilt += [{"role": "user", "content": turn.prompt}, {"role": "assistant", "content": turn.answer}]
+            sources = turn.sources
+        return rebuilt, sources
 
 

@@ -8,9 +8,13 @@ user comes from the socket's peer credentials (SO_PEERCRED) and goes into the au
 
 OpenAI routes: GET /v1/models, POST /v1/chat/completions (streamed over SSE or not; retrieval on by
 default; extension fields `collection` and `rag` in the request, `citations`/`sources` in the
-response and in the final stream chunk), POST /v1/embeddings. Appliance routes under /appliance/:
-status, search, documents (list, ingest a path, remove), audit (list, verify), bundles (verify,
-install, rollback). Errors have OpenAI's shape: {"error": {"message", "type", "code"}}.
+response and in the final stream chunk; `conversation`: a stored conversation whose turns are the
+history and which the answer is added to), POST /v1/embeddings. Appliance routes under /appliance/:
+status, search, conversations, documents (list, ingest a path the service reads, upload a file the
+caller read, remove), draft (an uploaded RFP), audit (list, verify), bundles (list, verify, install,
+rollback). Long work (upload with `?stream=true`, draft, bundle install) reports progress as
+server-sent events: {"item", "done", "total"}..., then {"result": ...} or {"error": {...}}.
+Errors have OpenAI's shape: {"error": {"message", "type", "code"}}.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -71,6 +75,8 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     collection: str | None = Field(default=None, description="Extension: retrieve only from this collection")
     rag: bool = Field(default=True, description="Extension: false answers without retrieval")
+    conversation: int | None = Field(default=None, description="Extension: a stored conversation (POST "
+                                     "/appliance/conversations); its turns are the history, the answer is added")
 
 
 class EmbeddingRequest(BaseModel):
@@ -143,6 +149,44 @@ class Worker:
 
 class Stopped(Exception):
     """The client went away; generation stops at the next token."""
+
+
+def progress_events(worker: Worker, work: Callable[[Callable[..., None]], dict]) -> StreamingResponse:
+    """Run `work(report)` on the worker; each `report(item, done, total)` is an event, then the result
+    or the error. The queue is checked before the response starts, so a busy service still says 503."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def put(event: dict) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def run():
+        try:
+            put({"result": work(lambda item, done, total: put({"item": str(item or ""), "done": done,
+                                                                "total": total}))})
+        except ApplianceError as exc:
+            put({"error": {"message": str(exc), "type": type(exc).__name__}})
+        except Exception as exc:  # reported, never a stream that just stops
+            put({"error": {"message": f"internal error: {exc!r}", "type": type(exc).__name__}})
+    worker.submit(run)
+
+    async def stream():
+        while True:
+            event = await events.get()
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            if "result" in event or "error" in event:
+                return
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"the upload is larger than {limit / 1e6:.1f} MB (max_file_mb)", "too_large")
+    return bytes(body)
 
 
 def _user(request: Request) -> str | None:
@@ -243,11 +287,19 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
         user = _user(request)
         stop = threading.Event()
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.conversation is not None:
+            if await worker.submit(lambda: app.store.conversation_user(body.conversation)) is None:
+                raise ApiError(404, f"no conversation {body.conversation}; create one with POST "
+                                    "/appliance/conversations", "not_found")
+            history = None  # the stored turns are the history
+
+        def ask(**streaming):
+            return app.ask(question, body.collection, body.rag, max_tokens, temperature, history=history,
+                           should_stop=stop.is_set, user=user, conversation=body.conversation, **streaming)
 
         if not body.stream:
             def run():
-                return app.ask(question, body.collection, body.rag, max_tokens, temperature, history=history,
-                               should_stop=stop.is_set, user=user)
+                return ask()
             future = worker.submit(run)
             while not future.done():
                 if await request.is_disconnected():
@@ -261,9 +313,7 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
 
         def run_streaming():
             try:
-                answer = app.ask(question, body.collection, body.rag, max_tokens, temperature, history=history,
-                                 should_stop=stop.is_set, user=user,
-                                 on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, ("text", piece)))
+                answer = ask(on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, ("text", piece)))
                 loop.call_soon_threadsafe(pieces.put_nowait, ("done", answer))
             except BaseException as exc:  # reported to the client as the stream's last event
                 loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
@@ -323,6 +373,15 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
         hits = await worker.submit(lambda: app.search(q, k=k, collection=collection))
         return {"results": [h.to_json() for h in hits]}
 
+    @api.post("/appliance/conversations")
+    async def new_conversation(request: Request):
+        user = _user(request) or "unknown"
+        return {"id": await worker.submit(lambda: app.store.new_conversation(user))}
+
+    @api.get("/appliance/lookup")
+    async def lookup(q: str, collection: str | None = None, limit: int = Query(default=20, ge=1, le=1000)):
+        return {"query": q, "rows": await worker.submit(lambda: app.lookup(q, collection, limit))}
+
     @api.get("/appliance/documents")
     async def documents(collection: str | None = None):
         rows = await worker.submit(lambda: app.store.list_documents(collection))
@@ -334,6 +393,31 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
         report = await worker.submit(lambda: app.ingest([Path(p) for p in body.paths], body.collection, user=user))
         return report.to_json()
 
+    @api.post("/appliance/documents/upload")
+    async def upload(request: Request, name: str, collection: str = "default", stream: bool = False):
+        """One file's bytes as the body; `name`: its path on the caller's side (recorded as the source).
+        The caller read the file, so it is ingested with the caller's permissions, not the service's."""
+        user = _user(request)
+        data = await read_body(request, int(app.settings.max_file_mb * 1_000_000))
+        if stream:
+            return progress_events(worker, lambda report: app.ingest_upload(
+                name, data, collection, user=user, progress=report).to_json())
+        return (await worker.submit(lambda: app.ingest_upload(name, data, collection, user=user))).to_json()
+
+    @api.post("/appliance/draft")
+    async def draft(request: Request, name: str, collection: list[str] | None = Query(default=None),
+                    max_tokens: int | None = Query(default=None, ge=1, le=4096)):
+        """An RFP's bytes as the body; progress events per requirement, then the draft's markdown and summary."""
+        user = _user(request)
+        data = await read_body(request, int(app.settings.max_file_mb * 1_000_000))
+
+        def work(report):
+            result = app.draft_upload(name, data, collection, max_tokens, progress=report, user=user)
+            return {"markdown": result.markdown, "summary": result.summary(), "gaps": result.gaps,
+                    "unknown_codes": result.unknown_codes, "staffing": len(result.staffing),
+                    "sources": len(result.sources)}
+        return progress_events(worker, work)
+
     @api.delete("/appliance/documents/{doc_id}")
     async def remove(doc_id: int, request: Request):
         user = _user(request)
@@ -342,51 +426,37 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
 
     @api.get("/appliance/audit")
     async def audit_list(action: str | None = None, user: str | None = None, limit: int = 50):
-        from appliance import audit
-
-        entries = await worker.submit(lambda: list(audit.rows(app.store.conn, action, user, max(1, min(limit, 1000)))))
-        return {"rows": [dict(e, detail=json.loads(e["detail"])) for e in entries]}
+        return {"rows": await worker.submit(lambda: app.audit_rows(action, user, max(1, min(limit, 1000))))}
 
     @api.get("/appliance/audit/verify")
     async def audit_verify():
-        from appliance import audit
-
-        count, bad = await worker.submit(lambda: audit.verify_rows(audit.rows(app.store.conn)))
+        count, bad = await worker.submit(app.audit_verify)
         return {"rows": count, "intact": bad is None, "first_bad_row": bad}
+
+    @api.get("/appliance/bundles")
+    async def bundle_list():
+        from appliance import bundle
+
+        return await worker.submit(lambda: {"generations": bundle.history(app.settings.home),
+                                            "trusted_version": bundle.trusted_version(app.settings.home)})
 
     @api.post("/appliance/bundles/verify")
     async def bundle_verify(body: BundleRequest):
         verified = await worker.submit(lambda: app.verify_bundle(Path(body.path)))
-        return {"version": verified.version, "files": len(verified.targets), "bytes": verified.total_bytes,
-                "notes": verified.notes, "bundle": verified.info.model_dump()}
+        return {"version": verified.version, "files": len(verified.targets), "targets": sorted(verified.targets),
+                "bytes": verified.total_bytes, "notes": verified.notes, "bundle": verified.info.model_dump()}
 
     @api.post("/appliance/bundles/install")
     async def bundle_install(body: BundleRequest, request: Request):
-        """Progress as server-sent events: {"file", "done", "total"}, then {"result": ...} or {"error": ...}."""
+        """Progress as server-sent events (see the module's docstring)."""
         user = _user(request)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
 
-        def run():
-            try:
-                result = app.install_bundle(Path(body.path), body.allow_downgrade, user=user,
-                                            progress=lambda f, d, t: loop.call_soon_threadsafe(
-                                                events.put_nowait, {"file": f, "done": d, "total": t}))
-                loop.call_soon_threadsafe(events.put_nowait, {"result": {
-                    "version": result.version, "generation": result.number, "message": result.message,
-                    "downgrade": result.downgrade, "health": result.health}})
-            except ApplianceError as exc:
-                loop.call_soon_threadsafe(events.put_nowait, {"error": {"message": str(exc),
-                                                                        "type": type(exc).__name__}})
-        worker.submit(run)
-
-        async def stream():
-            while True:
-                event = await events.get()
-                yield f"data: {json.dumps(event)}\n\n"
-                if "result" in event or "error" in event:
-                    return
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def work(report):
+            result = app.install_bundle(Path(body.path), body.allow_downgrade, user=user, progress=report)
+            return {"version": result.version, "generation": result.number, "message": result.message,
+                    "downgrade": result.downgrade, "health": result.health,
+                    "bundle": result.info.model_dump() if result.info else None}
+        return progress_events(worker, work)
 
     @api.post("/appliance/bundles/rollback")
     async def bundle_rollback(request: Request):

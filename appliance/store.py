@@ -229,6 +229,11 @@ class Store:
             self.conn.execute("INSERT INTO conversations(started, user) VALUES (?, ?)", (_now(), user))
             return self.conn.last_insert_rowid()
 
+    def conversation_user(self, conversation_id: int) -> str | None:
+        """Who started a conversation; None when there is no such conversation."""
+        row = self.conn.execute("SELECT user FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        return row[0] if row else None
+
     def add_message(self, conversation_id: int, role: str, content: str, audit_id: int | None = None) -> None:
         with self.conn:
             self.conn.execute("INSERT INTO messages(conversation_id, role, content, audit_id, time) "

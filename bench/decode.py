@@ -31,8 +31,9 @@ QUESTION = "Which labor categories and codes should staff a cloud migration of 4
 BARE = r"""
 import json, sys, time
 import llama_cpp
-path, n_tokens, threads, context = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = llama_cpp.Llama(path, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False, seed=0,
+path, n_tokens, threads, context, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \
+    int(sys.argv[5])
+llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False, seed=0,
                       use_mmap=False)  # as the appliance loads it
 prompt = [llm.token_bos()] + [(i * 7919) % 30000 + 100 for i in range(max(511, context))]
 best_pp = 0.0
@@ -76,7 +77,11 @@ def copy_bandwidth_gbs(size: int = 512 * 2**20) -> float:
 
 
 def bare(python: str, gguf: Path, threads: int, context: int = 64) -> dict:
-    proc = subprocess.run([python, "-c", BARE, str(gguf), str(N_TOKENS), str(threads), str(context)],
+    """Bare llama-cpp-python on the GGUF, with the context window the appliance gives it by default."""
+    from appliance.config import Settings
+
+    n_ctx = Settings.model_fields["n_ctx"].default
+    proc = subprocess.run([python, "-c", BARE, str(gguf), str(N_TOKENS), str(threads), str(context), str(n_ctx)],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -4,8 +4,8 @@ Llama-3.2-1B-shaped Q4_K_M model of bench/decode.py:
 - decode tokens/s through the HTTP API (a streamed chat completion over the Unix socket, timed by the
   client from the first to the last content chunk) against bare llama-cpp-python on the same GGUF;
 - time to first token of a follow-up question in a conversation with llama.cpp's prefix cache, against
-  the same follow-up after the cache was cleared (without retrieval: the conversation is the prefix;
-  with retrieval: new sources come before the question, so only the system prompt and history repeat);
+  the same follow-up after the cache was cleared, without and with retrieval (with retrieval, the first
+  turn is sent back with its sources, rag.TurnMemory, so the new sources and question are all that is new);
 - the service's resident memory against model file + KV cache + 400 MB.
 Run: python -m bench.service
 """
@@ -88,8 +88,9 @@ def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, floa
     """(ms with the prefix cache, ms with the cache cleared), best of three each.
 
     A random-weight model's answer is tokens that decode to no text, which no real conversation sends
-    back; so the first answer is replaced by a plausible one, and (without retrieval) the KV cache is
-    left as a real model would leave it: holding the first exchange, answer included."""
+    back; so the first answer is replaced by a plausible one (in the stored conversation and in the
+    service's memory of the turn), and the KV cache is left as a real model would leave it: holding the
+    first exchange as the model saw it, answer included."""
     from appliance.app import Appliance
     from appliance.config import load_settings
     from appliance.prompt import build_messages
@@ -100,24 +101,29 @@ def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, floa
         for _ in range(3):
             for clear, out in ((False, cached), (True, cleared)):
                 conversation = app.store.new_conversation("bench")
-                app.ask(QUESTION, use_rag=use_rag, conversation=conversation, max_tokens=8)
+                first = app.ask(QUESTION, use_rag=use_rag, conversation=conversation, max_tokens=8)
                 app.store.conn.execute("UPDATE messages SET content = ? WHERE conversation_id = ? AND role = 'assistant'",
                                        (CANNED, conversation))
-                if not use_rag:
-                    first = build_messages(QUESTION, [], False, None) + [{"role": "assistant", "content": CANNED}]
-                    list(app.engine.stream(first, max_tokens=1, temperature=0.0))
+                first.raw = CANNED
+                app.turns.remember(QUESTION, first)
+                seen = [build_messages("", [], use_rag)[0], {"role": "user", "content": first.prompt},
+                        {"role": "assistant", "content": CANNED}]
+                list(app.engine.stream(seen, max_tokens=1, temperature=0.0))
                 if clear:
                     app.engine.llm.reset()  # llama.cpp starts from an empty KV cache
                 out.append(app.ask(FOLLOW_UP, use_rag=use_rag, conversation=conversation).timing["ttft_ms"])
         return min(cached), min(cleared)
 
 
-def kv_cache_mb(n_ctx: int = 2048) -> float:
+def kv_cache_mb(n_ctx: int) -> float:
     # Llama-3.2-1B: 16 layers, 8 KV heads of 64, f16 keys and values
     return 2 * 16 * n_ctx * 8 * 64 * 2 / 2**20
 
 
 def run() -> list[str]:
+    from appliance.config import Settings
+
+    n_ctx = Settings.model_fields["n_ctx"].default
     threads = os.cpu_count() or 1
     gguf = model_path()
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +133,7 @@ def run() -> list[str]:
         plain = follow_up_ttft(home, threads, use_rag=False)
         rag = follow_up_ttft(home, threads, use_rag=True)
     model_mb = gguf.stat().st_size / 2**20
-    budget = model_mb + kv_cache_mb() + 400
+    budget = model_mb + kv_cache_mb(n_ctx) + 400
     return [row("what", "measured", "baseline", "ratio", "goal"),
             row(*["---"] * 5),
             row("decode through the HTTP API (tokens/s)", f"{api['tokens_per_s']:.2f}",
@@ -137,10 +143,10 @@ def run() -> list[str]:
             row("follow-up TTFT, with retrieval (ms)", f"{rag[0]:.0f} cached", f"{rag[1]:.0f} cache cleared",
                 f"{rag[1] / rag[0]:.1f}x", ">= 5x"),
             row("service resident memory (MB)", f"{api['rss_mb']:.0f}",
-                f"{budget:.0f} = model {model_mb:.0f} + KV {kv_cache_mb():.0f} + 400", f"{api['rss_mb'] / budget:.2f}x",
+                f"{budget:.0f} = model {model_mb:.0f} + KV {kv_cache_mb(n_ctx):.0f} + 400", f"{api['rss_mb'] / budget:.2f}x",
                 "<= 1.00x"),
             f"\n{N_TOKENS} tokens per answer after a {api['prompt_tokens']}-token prompt (the bare baseline decodes "
-            f"after a prompt of the same length); {threads} threads; n_ctx 2048"]
+            f"after a prompt of the same length); {threads} threads; n_ctx {n_ctx}"]
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ import json
 
 from click.testing import CliRunner
 
+from appliance.app import Appliance
 from appliance.cli import cli
+from appliance.config import load_settings
 from appliance.errors import ExitCode
 from appliance.prompt import SYSTEM_PROMPT, format_source
-from appliance.rag import answer
+from appliance.rag import TurnMemory, answer
 
 
 def test_ask_json_contract_with_the_real_model(demo_home):
@@ -101,3 +103,59 @@ def test_oversize_question_is_refused_with_a_reason(demo_home):
     result = CliRunner().invoke(cli, ["--home", str(demo_home), "ask", question, "--no-rag"])
     assert result.exit_code == ExitCode.MODEL
     assert "exceeds the" in result.output and "shorten the question" in result.output
+
+
+def test_follow_up_keeps_earlier_sources_numbered_and_adds_only_new_ones(app):
+    first_hits = app.search("15-1242.00 database administrator", k=3)
+    gen = ScriptedGenerator("The DBA code is 15-1242.00 [1] .")
+    first = answer(gen, "DBA code?", first_hits, {}, n_ctx=4096, max_tokens=64, temperature=0)
+    memory = TurnMemory()
+    memory.remember("DBA code?", first)
+    history = [{"role": "user", "content": "DBA code?"}, {"role": "assistant", "content": first.answer}]
+    rebuilt, earlier = memory.recall(history)
+    assert rebuilt[0]["content"] == gen.messages[1]["content"]  # the question as the model saw it
+    assert [h.chunk_id for h in earlier] == [h.chunk_id for h in first_hits]
+
+    second_hits = app.search("service desk 15-1242.00", k=4)
+    new = [h for h in second_hits if h.chunk_id not in {e.chunk_id for e in earlier}]
+    gen = ScriptedGenerator("Still 15-1242.00 [1] , desk in [4] .")
+    second = answer(gen, "And the service desk?", second_hits, {}, n_ctx=4096, max_tokens=64, temperature=0,
+                    history=rebuilt, earlier=earlier)
+    sent = gen.messages[-1]["content"]
+    assert sent.startswith("More sources:") and sent.count("<source n=") == len(new)
+    assert '<source n="4"' in sent and '<source n="1"' not in sent  # earlier ones are not repeated
+    assert [h.chunk_id for h in second.sources] == [h.chunk_id for h in earlier + new]
+    assert second.earlier == 3
+    assert [c["chunk_id"] for c in second.citations] == [first_hits[0].chunk_id, new[0].chunk_id]
+    assert second.unverified_codes == []  # the code is in an earlier turn's source
+    # the third turn: both earlier turns are recalled, numbering continues
+    memory.remember("And the service desk?", second)
+    rebuilt, earlier = memory.recall(history + [{"role": "user", "content": "And the service desk?"},
+                                                {"role": "assistant", "content": second.answer}])
+    assert len(earlier) == len(second.sources) and rebuilt[2]["content"] == sent
+    # a turn this process never answered, or one cut from the front, is sent as typed
+    assert memory.recall([{"role": "user", "content": "DBA code?"}, {"role": "assistant", "content": "other"}]) is None
+    assert memory.recall([{"role": "user", "content": "And the service desk?"},
+                          {"role": "assistant", "content": second.answer}]) is None
+
+
+def test_follow_up_prompt_extends_the_cached_one(demo_home, monkeypatch):
+    """With the real model: the follow-up's prompt starts with the whole first exchange as the model
+    saw it (sources included), so llama.cpp keeps it in the KV cache and reads only what is new."""
+    with Appliance(load_settings(home=demo_home, top_k=2)) as app:  # two turns fit the tiny model's context
+        _follow_up(app, monkeypatch)
+
+
+def _follow_up(app, monkeypatch):
+    rendered = []
+    render = app.engine.render
+    monkeypatch.setattr(app.engine, "render", lambda messages: rendered.append(render(messages)) or rendered[-1])
+    conversation = app.store.new_conversation("test")
+    first = app.ask("What is the code for a Database Administrator?", conversation=conversation, max_tokens=8,
+                    temperature=0)
+    second = app.ask("And for a Cloud Architect?", conversation=conversation, max_tokens=8, temperature=0)
+    assert rendered[1].startswith(rendered[0] + first.raw)
+    assert second.earlier == len(first.sources) > 0
+    assert [h.chunk_id for h in second.sources[:second.earlier]] == [h.chunk_id for h in first.sources]
+    row = app.store.conn.execute("SELECT detail FROM audit WHERE id = ?", (second.audit_id,)).fetchone()
+    assert json.loads(row[0])["earlier_sources"] == second.earlier

@@ -15,33 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from running import sqlite_rows, start_service, stop_service, uds_client
 
 from appliance import audit
 from appliance.errors import ExitCode
-
-
-def _start(home: Path, sock: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, APPLIANCE_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while True:  # serving, not only bound: the socket exists before uvicorn has started the app
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the service did not start"
-        if sock.exists():
-            try:
-                with _client(sock) as http:
-                    if http.get("/v1/models").status_code == 200:
-                        return proc
-            except httpx.TransportError:
-                pass
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen, sock: Path) -> None:
-    proc.terminate()
-    proc.wait(timeout=30)
-    assert not sock.exists()  # removed at shutdown
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +29,10 @@ def served(tmp_path_factory, demo_home):
     sockdir = Path(tempfile.mkdtemp(prefix="appliance-test-"))
     sockdir.chmod(0o711)
     sock = sockdir / "api.sock"
-    proc = _start(home, sock)
+    proc = start_service(home, sock)
     yield home, sock
-    _stop(proc, sock)
+    stop_service(proc, sock)
     sockdir.rmdir()
-
-
-def _client(sock: Path) -> httpx.Client:
-    return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://appliance", timeout=60)
 
 
 @pytest.fixture
@@ -67,7 +40,7 @@ def openai_client(served):
     from openai import OpenAI
 
     _, sock = served
-    with _client(sock) as http:
+    with uds_client(sock) as http:
         yield OpenAI(base_url="http://appliance/v1", api_key="local", http_client=http)
 
 
@@ -100,7 +73,7 @@ def test_follow_up_turns_and_no_rag(openai_client, served):
         model="m", max_tokens=8, extra_body={"rag": False},
         messages=[*history, {"role": "user", "content": "And its title?"}])
     assert done.model_extra["sources"] == []
-    with _client(served[1]) as http:  # the earlier turns reached the model: their hash is in the audit row
+    with uds_client(served[1]) as http:  # the earlier turns reached the model: their hash is in the audit row
         row = next(r for r in http.get("/appliance/audit", params={"action": "ask", "limit": 5}).json()["rows"]
                    if r["id"] == done.model_extra["audit_id"])
     assert row["detail"]["history_sha256"] == audit.sha256_text(json.dumps(history, sort_keys=True))
@@ -121,7 +94,7 @@ def test_follow_up_turns_and_no_rag(openai_client, served):
 ])
 def test_out_of_range_requests_get_4xx_and_the_server_lives(served, body, status, message):
     _, sock = served
-    with _client(sock) as http:
+    with uds_client(sock) as http:
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == status, r.text
         assert message in r.json()["error"]["message"]
@@ -139,7 +112,7 @@ def test_audit_records_the_peer_user_and_verifies(served):
                           json.dumps({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4})],
                          capture_output=True, text=True, timeout=120)
     audit_id = json.loads(out.stdout)["audit_id"]
-    with _client(sock) as http:
+    with uds_client(sock) as http:
         row = next(r for r in http.get("/appliance/audit", params={"action": "ask", "limit": 20}).json()["rows"]
                    if r["id"] == audit_id)
         assert row["user"] == "nobody"
@@ -148,14 +121,14 @@ def test_audit_records_the_peer_user_and_verifies(served):
 
 def test_client_disconnect_stops_generation(served):
     home, sock = served
-    with _client(sock) as http, http.stream("POST", "/v1/chat/completions", json={
+    with uds_client(sock) as http, http.stream("POST", "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "Write a long staffing plan."}], "max_tokens": 100,
             "stream": True, "rag": False, "temperature": 1.0}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         next(lines)
     # the connection is closed; the service stops at its next token and records that it did
-    with _client(sock) as http:
+    with uds_client(sock) as http:
         deadline = time.monotonic() + 30
         while True:
             row = http.get("/appliance/audit", params={"action": "ask", "limit": 1}).json()["rows"][0]
@@ -169,13 +142,13 @@ def test_queue_full_gets_503_with_retry_after(tmp_path, demo_home):
     home = tmp_path / "home"
     shutil.copytree(demo_home, home, symlinks=True)
     sock = tmp_path / "q.sock"
-    proc = _start(home, sock, "--queue", "0")
+    proc = start_service(home, sock, "--queue", "0")
     try:
         body = {"messages": [{"role": "user", "content": "Write a long staffing plan."}], "max_tokens": 100,
                 "rag": False, "temperature": 1.0}
 
         def post():
-            with _client(sock) as http:
+            with uds_client(sock) as http:
                 return http.post("/v1/chat/completions", json=body)
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda _: post(), range(6)))
@@ -184,12 +157,12 @@ def test_queue_full_gets_503_with_retry_after(tmp_path, demo_home):
         busy = next(r for r in responses if r.status_code == 503)
         assert busy.headers["Retry-After"] == "2" and "busy" in busy.json()["error"]["message"]
     finally:
-        _stop(proc, sock)
+        stop_service(proc, sock)
 
 
 def test_appliance_routes(served, corpus_copy):
     home, sock = served
-    with _client(sock) as http:
+    with uds_client(sock) as http:
         assert http.get("/appliance/status").json()["generation"] == 1
         hits = http.get("/appliance/search", params={"q": "15-1242.00", "k": 3}).json()["results"]
         assert hits and "15-1242" in hits[0]["text"]
@@ -206,28 +179,13 @@ def test_appliance_routes(served, corpus_copy):
     assert "ingest" in actions and "remove" in actions
 
 
-class sqlite_rows:
-    """The audit table of a home, opened read-only beside the running service."""
-
-    def __init__(self, home: Path):
-        import apsw
-
-        self.conn = apsw.Connection(str(home / "appliance.db"), flags=apsw.SQLITE_OPEN_READONLY)
-
-    def __enter__(self):
-        return self.conn
-
-    def __exit__(self, *exc):
-        self.conn.close()
-
-
 def test_a_generation_installed_by_another_process_is_picked_up(served, tiny_generation):
     """The USB import installs through the CLI while the service runs; the next request uses it."""
     home, sock = served
     env = dict(os.environ, APPLIANCE_HOME=str(home))
     subprocess.run([sys.executable, "-m", "appliance.cli", "install-generation", "--unsigned", str(tiny_generation)],
                    env=env, check=True, capture_output=True)
-    with _client(sock) as http:
+    with uds_client(sock) as http:
         models = http.get("/v1/models").json()["data"]
         assert models[0]["generation"] == 2
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
@@ -247,7 +205,7 @@ def test_cli_uses_the_running_service(served):
     r = runner.invoke(cli, ["--home", str(home), "ask", QUESTION, "--json", "--max-tokens", "8"])
     assert r.exit_code == 0, r.output
     answer = json.loads(r.stdout)
-    with _client(sock) as http:
+    with uds_client(sock) as http:
         newest = http.get("/appliance/audit", params={"action": "ask", "limit": 1}).json()["rows"][0]
     assert newest["id"] == answer["audit_id"] and answer["sources"]  # the service answered it
     r = runner.invoke(cli, ["--home", str(home), "ask", QUESTION, "--max-tokens", "8"])
@@ -283,7 +241,7 @@ def test_tcp_listener_needs_a_bearer_token(tmp_path, demo_home):
     refused = subprocess.run([*args, "--token-file", str(tokens)], env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == ExitCode.CONFIG and "readable by others" in refused.stderr
     tokens.chmod(0o600)
-    proc = _start(home, sock, "--tcp", f"127.0.0.1:{port}", "--token-file", str(tokens))
+    proc = start_service(home, sock, "--tcp", f"127.0.0.1:{port}", "--token-file", str(tokens))
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             assert http.get("/v1/models").status_code == 401
@@ -293,9 +251,111 @@ def test_tcp_listener_needs_a_bearer_token(tmp_path, demo_home):
             r = http.post("/v1/chat/completions", headers=auth, json={
                 "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4})
             audit_id = r.json()["audit_id"]
-        with _client(sock) as unix:  # the Unix socket needs no token: the kernel names the caller
+        with uds_client(sock) as unix:  # the Unix socket needs no token: the kernel names the caller
             row = next(x for x in unix.get("/appliance/audit", params={"action": "ask"}).json()["rows"]
                        if x["id"] == audit_id)
         assert row["user"] == "token:ci-script"
     finally:
-        _stop(proc, sock)
+        stop_service(proc, sock)
+
+
+RFP = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus" / "rfps" / \
+    "RFP-2025-USDA-application-modernization.md"
+
+
+def _events(response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_uploads_are_ingested_as_the_callers_files(served):
+    """The caller reads the file and sends it: it is recorded under the caller's path and user, the
+    service's own permissions never decide what gets in."""
+    home, sock = served
+    body = b"# Notes\n\nThe Program Manager (11-1021.00) leads the transition.\n"
+    with uds_client(sock) as http:
+        r = http.post("/appliance/documents/upload", content=body,
+                      params={"name": "/home/operator/notes.md", "collection": "uploads"})
+        assert r.status_code == 200, r.text
+        added = r.json()["added"]
+        assert [a["source"] for a in added] == ["/home/operator/notes.md"] and added[0]["chunks"] >= 1
+        again = http.post("/appliance/documents/upload", content=body,
+                          params={"name": "/home/operator/notes.md", "collection": "uploads", "stream": "true"})
+        events = _events(again)
+        assert events[-1]["result"]["unchanged"] == ["/home/operator/notes.md"]  # by content hash
+        assert any("item" in e for e in events[:-1])  # progress before the result
+        hits = http.get("/appliance/search", params={"q": "11-1021.00", "collection": "uploads"}).json()["results"]
+        assert hits and hits[0]["source"] == "/home/operator/notes.md"
+        too_big = http.post("/appliance/documents/upload", content=b"x" * 26_000_001, params={"name": "big.txt"})
+        assert too_big.status_code == 413 and "max_file_mb" in too_big.json()["error"]["message"]
+        for name in ("..", ""):
+            r = http.post("/appliance/documents/upload", content=body, params={"name": name})
+            assert r.status_code in (400, 422), (name, r.text)
+        failed = http.post("/appliance/documents/upload", content=body, params={"name": "/home/op/notes"}).json()
+        assert failed["failed"][0]["error"].startswith("/home/op/notes: unsupported file type")  # no temporary path
+        assert http.get("/v1/models").status_code == 200
+    assert not list(home.glob(".upload-*"))  # nothing left behind
+    with sqlite_rows(home) as conn:
+        row = next(r for r in audit.rows(conn, "ingest") if "notes.md" in r["detail"])
+    assert json.loads(row["detail"])["source"] == "/home/operator/notes.md"
+
+
+def test_stored_conversations_lookup_bundles_and_draft_routes(served):
+    home, sock = served
+    with uds_client(sock) as http:
+        conversation = http.post("/appliance/conversations").json()["id"]
+        for question in (QUESTION, "And its title?"):
+            r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": question}],
+                                                        "max_tokens": 4, "conversation": conversation})
+            assert r.status_code == 200, r.text
+        missing = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "conversation": 999_999})
+        assert missing.status_code == 404 and "POST /appliance/conversations" in missing.json()["error"]["message"]
+        rows = http.get("/appliance/lookup", params={"q": "15-1242.00"}).json()["rows"]
+        assert rows[0]["code"] == "15-1242.00" and rows[0]["match"] == "exact code"
+        listed = http.get("/appliance/bundles").json()
+        assert listed["generations"][0]["current"] and "trusted_version" in listed
+        with http.stream("POST", "/appliance/draft", content=RFP.read_bytes(),
+                         params={"name": "/home/operator/rfp.md", "max_tokens": 4}) as r:
+            events = _events(r)
+        result = events[-1]["result"]
+        assert result["summary"]["requirements_found"] >= 5 and "Compliance matrix" in result["markdown"]
+        assert result["summary"]["rfp"] == "/home/operator/rfp.md"
+        assert sum("item" in e for e in events) >= result["summary"]["requirements_found"]
+    with sqlite_rows(home) as conn:
+        stored = conn.execute("SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id",
+                              (conversation,)).fetchall()
+        user = conn.execute("SELECT user FROM conversations WHERE id = ?", (conversation,)).fetchone()[0]
+        drafted = json.loads(next(iter(audit.rows(conn, "draft")))["detail"])
+    assert [r for r, _ in stored] == ["user", "assistant", "user", "assistant"]
+    assert stored[2][1] == "And its title?"
+    assert user == audit.os_user()  # from the socket's peer credentials
+    assert drafted["rfp"] == "/home/operator/rfp.md"
+
+
+def test_cli_writes_through_the_running_service(served, corpus_copy, tmp_path):
+    """While the service runs, the CLI's writers (ingest, docs remove, draft) and readers go through it."""
+    from click.testing import CliRunner
+
+    from appliance.cli import cli
+
+    home, sock = served
+    runner = CliRunner(env={"APPLIANCE_SOCKET": str(sock)})
+
+    def run(*args):
+        result = runner.invoke(cli, ["--home", str(home), *args])
+        assert result.exit_code == 0, (args, result.output)
+        return result
+
+    r = run("ingest", str(corpus_copy / "proposals"), "--collection", "via-service", "--json")
+    assert "through the service" in r.stderr and len(json.loads(r.stdout)["added"]) == 6
+    docs = json.loads(run("docs", "list", "--collection", "via-service", "--json").stdout)["documents"]
+    assert {Path(d["source"]).parent for d in docs} == {(corpus_copy / "proposals").resolve()}
+    run("docs", "remove", str(docs[0]["id"]))
+    rows = json.loads(run("audit", "list", "--action", "remove", "--limit", "1", "--json").stdout)["rows"]
+    assert rows[0]["detail"]["doc_id"] == docs[0]["id"]
+    assert "intact" in run("audit", "verify").stdout
+    out = tmp_path / "draft.md"
+    r = run("draft", str(RFP), "--out", str(out), "--max-tokens", "4")
+    assert "Compliance matrix" in out.read_text() and "requirements" in r.stderr
+    assert "15-1252.00" in run("lookup", "15-1252.00").stdout
+    assert "current" in run("bundle", "list").stdout

@@ -65,7 +65,7 @@ async def test_chat_round_trip_shows_sources_and_keeps_history(ui_home):
         app.last_answer = None
         await _ask(pilot, app, "And its title?")
         assert app.conversation == first
-        messages = app.appliance.store.messages(first)
+        messages = app.backend.store.messages(first)
         assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
         assert messages[1]["audit_id"] == answer.audit_id
         await pilot.press("ctrl+n")
@@ -93,7 +93,7 @@ async def test_escape_sequences_and_markup_in_model_output_are_inert(ui_home):
     app = _app(ui_home)
     async with app.run_test(size=(80, 24)) as pilot:
         await _settle(pilot, app)
-        app.appliance._engine = HostileEngine()
+        app.backend._engine = HostileEngine()
         await _ask(pilot, app, "hello")
         widget = app.query("#transcript Static").last()
         text = widget.content
@@ -111,9 +111,10 @@ async def test_every_screen_fits_and_answers_the_keyboard(ui_home, size):
         screen = app.screen.region
         panes = {"f2": ("chat", ["#transcript", "#sources", "#question"]),
                  "f3": ("documents", ["#ingest-path", "#ingest", "#documents-table"]),
-                 "f4": ("model", ["#model-info", "#bundle-path", "#bundle-install", "#bundle-rollback",
+                 "f4": ("lookup", ["#lookup-query", "#lookup-table", "#draft-rfp", "#draft-go", "#draft-progress"]),
+                 "f5": ("model", ["#model-info", "#bundle-path", "#bundle-install", "#bundle-rollback",
                                   "#generations-table"]),
-                 "f5": ("audit", ["#audit-user", "#audit-verify", "#audit-table"])}
+                 "f6": ("audit", ["#audit-user", "#audit-verify", "#audit-table"])}
         for key, (tab, ids) in panes.items():
             await pilot.press(key)
             await pilot.pause(0.2)
@@ -159,22 +160,81 @@ async def test_rollback_asks_first_and_audit_verifies(ui_home):
     app = _app(ui_home)
     async with app.run_test(size=(120, 40)) as pilot:
         await _settle(pilot, app)
-        await pilot.press("f4")
+        await pilot.press("f5")
         await pilot.click("#bundle-rollback")
         await pilot.pause(0.2)
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
         await _settle(pilot, app)
         assert any("no previous generation" in n.message for n in app._notifications)
-        await pilot.press("f5")
+        await pilot.press("f6")
         await pilot.click("#audit-verify")
         await _settle(pilot, app, until=lambda: "intact" in str(app.query_one("#audit-status", Static).content))
         assert app.query_one("#audit-table", DataTable).row_count > 0
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("keys", [[], ["f3"], ["f4"], ["f5"], ["f1"]], ids=["chat", "documents", "model", "audit", "help"])
+@pytest.mark.parametrize("keys", [[], ["f3"], ["f4"], ["f5"], ["f6"], ["f1"]],
+                         ids=["chat", "documents", "lookup", "model", "audit", "help"])
 def test_snapshot_each_screen(snap_compare, size, keys):
     """Each screen at 80x24 and 120x40, over fixed data (tests/tui_snapshot_app.py) so the SVG is stable."""
     app_path = Path(__file__).parent / "tui_snapshot_app.py"
     assert snap_compare(str(app_path), terminal_size=size, press=keys)
+
+
+async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monkeypatch):
+    """With a service running, the UI holds no model and opens no database: it asks, ingests (sending
+    the files it read), looks up and drafts through the socket, and the service records the turns."""
+    import tempfile
+
+    from running import sqlite_rows, start_service, stop_service
+
+    from appliance.client import ServiceClient
+
+    sockdir = Path(tempfile.mkdtemp(prefix="appliance-tui-"))
+    sock = sockdir / "api.sock"
+    proc = start_service(ui_home, sock)
+    monkeypatch.chdir(tmp_path)  # the draft is written to the working directory
+    client = ServiceClient(sock)
+    try:
+        app = make_app(client)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _settle(pilot, app)
+            assert "generation 1" in str(app.query_one("#model-info", Static).content)
+            assert app.query_one("#documents-table", DataTable).row_count == 10
+            await _ask(pilot, app, "What is the code for a Database Administrator?")
+            assert app.last_answer.sources and app.last_answer.audit_id
+            app.last_answer = None
+            await _ask(pilot, app, "And its duties?")
+            # ingest: the UI reads the files and uploads them
+            await pilot.press("f3")
+            app.query_one("#ingest-path", Input).value = str(corpus_copy / "rfps")
+            app.query_one("#ingest-collection", Input).value = "new-rfps"
+            app.query_one("#ingest-path", Input).focus()
+            await pilot.press("enter")
+            table = app.query_one("#documents-table", DataTable)
+            await _settle(pilot, app, until=lambda: table.row_count == 13)
+            # lookup, then a draft with progress
+            await pilot.press("f4")
+            await pilot.press(*"15-12", "enter")
+            lookup = app.query_one("#lookup-table", DataTable)
+            await _settle(pilot, app, until=lambda: lookup.row_count > 1)
+            assert all(str(lookup.get_row_at(i)[0]).startswith("15-12") for i in range(lookup.row_count))
+            app.query_one("#draft-rfp", Input).value = str(corpus_copy / "rfps" / "RFP-2026-EPA-data-platform.pdf")
+            app.query_one("#draft-rfp", Input).focus()
+            await pilot.press("enter")
+            status = app.query_one("#draft-status", Static)
+            await _settle(pilot, app, until=lambda: "wrote" in str(status.content), seconds=120)
+            assert (tmp_path / "RFP-2026-EPA-data-platform-draft.md").read_text().startswith("#")
+            assert app.query_one("#draft-progress").progress == app.query_one("#draft-progress").total
+        with sqlite_rows(ui_home) as conn:
+            turns = conn.execute("SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id",
+                                 (app.conversation,)).fetchall()
+            sources = {r[0] for r in conn.execute("SELECT source FROM documents d JOIN collections c ON "
+                                                  "c.id = d.collection_id WHERE c.name = 'new-rfps'")}
+        assert [r for r, _ in turns] == ["user", "assistant"] * 2 and turns[2][1] == "And its duties?"
+        assert sources == {str(p.resolve()) for p in (corpus_copy / "rfps").iterdir()}
+    finally:
+        client.close()
+        stop_service(proc, sock)
+        sockdir.rmdir()

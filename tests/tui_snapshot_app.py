@@ -26,9 +26,13 @@ GENERATIONS = [{"generation": 2, "current": True, "previous": False, "version": 
                {"generation": 1, "current": False, "previous": True, "version": 1, "name": "meridian-demo",
                 "quant": "Q8_0", "installed": "2026-01-01T00:00:00Z"}]
 AUDIT = [{"id": 2, "time": "2026-01-02T00:00:00Z", "user": "analyst", "action": "ask", "generation": 2,
-          "detail": '{"rag":true,"citations":[1]}'},
+          "detail": {"rag": True, "citations": [1]}},
          {"id": 1, "time": "2026-01-01T00:00:00Z", "user": "root", "action": "install", "generation": 2,
-          "detail": '{"signed":true,"version":2}'}]
+          "detail": {"signed": True, "version": 2}}]
+LOOKUP = [{"code": "15-1252.00", "title": "Software Developer", "match": "exact code",
+           "source": "/srv/corpus/labor_categories.csv"},
+          {"code": "15-1253.00", "title": "Software Quality Assurance Analyst", "match": "code prefix",
+           "source": "/srv/corpus/labor_categories.csv"}]
 HIT = Hit(chunk_id=20, doc_id=1, source="/srv/corpus/labor_categories.csv", title="labor_categories", heading="",
           position=20, text="code: 15-1242.00 title: Database Administrator duties: Installs and tunes databases.",
           doc_sha256=SHA, collection="reference", score=0.03, exact=True)
@@ -40,7 +44,8 @@ ANSWER = Answer(question="What is the code for a Database Administrator?",
 
 class SnapshotApp(OperatorApp):
     def refresh_all(self) -> None:
-        for what, data in (("status", STATUS), ("documents", DOCS), ("generations", GENERATIONS), ("audit", AUDIT)):
+        for what, data in (("status", STATUS), ("documents", DOCS), ("generations", GENERATIONS), ("audit", AUDIT),
+                           ("lookup", LOOKUP)):
             self.post_message(Loaded(what, data))
 
     def _load_audit_async(self) -> None:

@@ -1,8 +1,10 @@
-"""The operator UI: chat with cited sources, documents, model and bundles, audit log.
+"""The operator UI: chat with cited sources, documents, lookup and drafting, model and bundles, audit log.
 
-`make_app(appliance)` builds it over an in-process `Appliance` (the CLI's `appliance tui` and the tests
-use the same factory). The UI does no work: every call into the appliance runs in a thread worker,
-one at a time, and comes back as a message; the screen never freezes while the model generates.
+`make_app(backend)` builds it over a client of the running service (`appliance.client.ServiceClient`:
+the model stays loaded once, in the service, which records this user from the socket) or, with no
+service running, an in-process `Appliance`; both have the same methods. The UI does no work: every
+call runs in a thread worker, one at a time, and comes back as a message; the screen never freezes
+while the model generates.
 Model output and document text are shown as plain `Text`: terminal escape sequences and control
 characters are stripped first and Rich markup is never interpreted.
 """
@@ -33,7 +35,6 @@ from textual.widgets import (
     TabPane,
 )
 
-from appliance.app import Appliance
 from appliance.audit import os_user
 from appliance.documents import clean_text
 from appliance.errors import ApplianceError
@@ -44,17 +45,7 @@ def inert(text: str) -> Text:
     return Text(clean_text(text))
 
 
-def resident_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-HELP = """F1 help   F2 chat   F3 documents   F4 model   F5 audit
+HELP = """F1 help  F2 chat  F3 documents  F4 lookup/draft  F5 model  F6 audit
 Ctrl+Q quit   Tab next field   Escape close a dialog
 
 Chat       Enter asks. Ctrl+N starts a new conversation,
@@ -62,6 +53,10 @@ Chat       Enter asks. Ctrl+N starts a new conversation,
            table, Enter opens a source in full.
 Documents  Enter on a path ingests it; Enter on a row
            removes that document (asks first).
+Lookup     a code (15-1252.00), a prefix (15-12) or title
+           words: rows of the reference tables, no model.
+Draft      an RFP file: compliance matrix, cited responses
+           and staffing, written as Markdown.
 Model      verify or install a bundle from a path (a mounted
            USB stick); rollback asks first.
 Audit      filter by user or action; Verify recomputes
@@ -179,14 +174,16 @@ class OperatorApp(App):
         Binding("ctrl+y", "copy_answer", "Copy answer"),
         Binding("f2", "tab('chat')", "Chat", show=False, priority=True),
         Binding("f3", "tab('documents')", "Documents", show=False, priority=True),
-        Binding("f4", "tab('model')", "Model", show=False, priority=True),
-        Binding("f5", "tab('audit')", "Audit", show=False, priority=True),
+        Binding("f4", "tab('lookup')", "Lookup", show=False, priority=True),
+        Binding("f5", "tab('model')", "Model", show=False, priority=True),
+        Binding("f6", "tab('audit')", "Audit", show=False, priority=True),
     ]
 
-    def __init__(self, appliance: Appliance):
+    def __init__(self, backend):
+        """`backend`: a ServiceClient or an Appliance (see the module docstring)."""
         super().__init__()
-        self.appliance = appliance
-        self.lock = threading.Lock()  # one call into the appliance at a time
+        self.backend = backend
+        self.lock = threading.Lock()  # one call into the backend at a time
         self.user = os_user()
         self.conversation: int | None = None
         self.last_answer = None
@@ -207,6 +204,17 @@ class OperatorApp(App):
                     yield Button("Ingest", id="ingest")
                 yield ProgressBar(total=1, id="ingest-progress", show_eta=False)  # idle: 0%, not an animation
                 yield DataTable(id="documents-table", cursor_type="row")
+            with TabPane("Lookup/Draft", id="lookup"):
+                with Horizontal(classes="row"):
+                    yield Input(placeholder="code, code prefix or title words", id="lookup-query")
+                    yield Button("Look up", id="lookup-go")
+                yield DataTable(id="lookup-table", cursor_type="row")
+                with Horizontal(classes="row"):
+                    yield Input(placeholder="RFP file to draft a proposal for", id="draft-rfp")
+                    yield Input(placeholder="collections (comma-separated)", id="draft-collections")
+                    yield Button("Draft", id="draft-go", variant="primary")
+                yield ProgressBar(total=1, id="draft-progress", show_eta=False)
+                yield Static(id="draft-status")
             with TabPane("Model", id="model"):
                 yield Static(id="model-info")
                 with Horizontal(classes="row"):
@@ -232,10 +240,11 @@ class OperatorApp(App):
         self.query_one("#generations-table", DataTable).add_columns("gen", "state", "version", "name", "quant",
                                                                      "installed")
         self.query_one("#audit-table", DataTable).add_columns("id", "time", "user", "action", "gen", "detail")
+        self.query_one("#lookup-table", DataTable).add_columns("code", "title", "match", "source")
         self.query_one("#question", Input).focus()
         self.refresh_all()
 
-    # -- the one way into the appliance -----------------------------------------------------------
+    # -- the one way into the backend --------------------------------------------------------------
     def _call(self, where: str, fn):
         with self.lock:
             try:
@@ -248,23 +257,19 @@ class OperatorApp(App):
 
     @work(thread=True, group="load")
     def refresh_all(self) -> None:
-        status = self._call("status", self.appliance.status)
+        status = self._call("status", self.backend.status)
         if status is not None:
-            status["resident_mb"] = resident_mb()
             self.post_message(Loaded("status", status))
-        from appliance import bundle
-
-        self.post_message(Loaded("generations", bundle.history(self.appliance.settings.home)))
-        docs = self._call("documents", lambda: self.appliance.store.list_documents())
+        generations = self._call("generations", self.backend.generations)
+        if generations is not None:
+            self.post_message(Loaded("generations", generations["generations"]))
+        docs = self._call("documents", self.backend.documents)
         if docs is not None:
             self.post_message(Loaded("documents", docs))
         self._load_audit()
 
     def _load_audit(self, user: str | None = None, action: str | None = None) -> None:
-        from appliance import audit
-
-        rows = self._call("audit", lambda: list(audit.rows(self.appliance.store.conn, action or None, user or None,
-                                                          200)))
+        rows = self._call("audit", lambda: self.backend.audit_rows(action or None, user or None, 200))
         if rows is not None:
             self.post_message(Loaded("audit", rows))
 
@@ -291,9 +296,9 @@ class OperatorApp(App):
     def _ask(self, question: str) -> None:
         def run():
             if self.conversation is None:
-                self.conversation = self.appliance.store.new_conversation(self.user)
-            return self.appliance.ask(question, conversation=self.conversation,
-                                      on_text=lambda piece: self.post_message(Piece(piece)))
+                self.conversation = self.backend.new_conversation(self.user)
+            return self.backend.ask(question, conversation=self.conversation,
+                                    on_text=lambda piece: self.post_message(Piece(piece)))
         answer = self._call("ask", run)
         self.post_message(Answered(answer))
 
@@ -360,7 +365,7 @@ class OperatorApp(App):
 
     @work(thread=True, group="ingest")
     def _ingest(self, path: Path, collection: str) -> None:
-        report = self._call("ingest", lambda: self.appliance.ingest(
+        report = self._call("ingest", lambda: self.backend.ingest(
             [path], collection, progress=lambda item, done, total: self.post_message(
                 Progress("#ingest-progress", done, total, Path(item).name if item else ""))))
         if report is not None:
@@ -379,7 +384,7 @@ class OperatorApp(App):
 
     @work(thread=True, group="ingest")
     def _remove(self, doc_id: int) -> None:
-        row = self._call("remove", lambda: self.appliance.remove_document(doc_id))
+        row = self._call("remove", lambda: self.backend.remove_document(doc_id))
         if row is not None:
             self.post_message(Loaded("removed", row))
         self.refresh_all()
@@ -402,11 +407,11 @@ class OperatorApp(App):
         def progress(name, done, total):
             self.post_message(Progress("#bundle-progress", done, total, name))
         if what == "verify":
-            result = self._call("verify", lambda: self.appliance.verify_bundle(path, progress))
+            result = self._call("verify", lambda: self.backend.verify_bundle(path, progress))
             if result is not None:
                 self.post_message(Loaded("verified", result))
         else:
-            result = self._call("install", lambda: self.appliance.install_bundle(path, progress=progress))
+            result = self._call("install", lambda: self.backend.install_bundle(path, progress=progress))
             if result is not None:
                 self.post_message(Loaded("installed", result))
         self.refresh_all()
@@ -421,7 +426,7 @@ class OperatorApp(App):
 
     @work(thread=True, group="bundle")
     def _rollback(self) -> None:
-        result = self._call("rollback", self.appliance.rollback)
+        result = self._call("rollback", self.backend.rollback)
         if result is not None:
             self.post_message(Loaded("rolled back", result))
         self.refresh_all()
@@ -443,11 +448,48 @@ class OperatorApp(App):
 
     @work(thread=True, group="load")
     def _verify_audit(self) -> None:
-        from appliance import audit
-
-        result = self._call("audit", lambda: audit.verify_rows(audit.rows(self.appliance.store.conn)))
+        result = self._call("audit", self.backend.audit_verify)
         if result is not None:
             self.post_message(Loaded("audit-verified", result))
+
+    # -- lookup and draft ------------------------------------------------------------------------------
+    @on(Input.Submitted, "#lookup-query")
+    @on(Button.Pressed, "#lookup-go")
+    def lookup(self) -> None:
+        query = self.query_one("#lookup-query", Input).value.strip()
+        if query:
+            self._lookup(query)
+
+    @work(thread=True, group="load")
+    def _lookup(self, query: str) -> None:
+        rows = self._call("lookup", lambda: self.backend.lookup(query, None, 200))
+        if rows is not None:
+            self.post_message(Loaded("lookup", rows))
+
+    @on(Input.Submitted, "#draft-rfp")
+    @on(Button.Pressed, "#draft-go")
+    def draft(self) -> None:
+        rfp = self.query_one("#draft-rfp", Input).value.strip()
+        if not rfp:
+            self.notify("give the RFP file to draft from", severity="warning")
+            return
+        collections = [c.strip() for c in self.query_one("#draft-collections", Input).value.split(",") if c.strip()]
+        self._draft(Path(rfp).expanduser(), collections or None)
+
+    @work(thread=True, group="ask")
+    def _draft(self, rfp: Path, collections: list[str] | None) -> None:
+        def progress(item, done, total):
+            self.post_message(Progress("#draft-progress", done, total, f"requirement {item}" if item else ""))
+        result = self._call("draft", lambda: self.backend.draft(rfp, collections, progress=progress))
+        if result is None:
+            return
+        out = Path.cwd() / f"{rfp.stem}-draft.md"
+        try:
+            out.write_text(result.markdown)
+        except OSError as exc:
+            self.post_message(Failed("draft", f"{out}: cannot write ({exc.strerror})"))
+            return
+        self.post_message(Loaded("drafted", (out, result)))
 
     # -- results from workers ------------------------------------------------------------------------
     def on_failed(self, message: Failed) -> None:
@@ -481,8 +523,28 @@ class OperatorApp(App):
             table = self.query_one("#audit-table", DataTable)
             table.clear()
             for e in data:
+                detail = json.dumps(e["detail"], separators=(",", ":"))
                 table.add_row(str(e["id"]), e["time"], inert(e["user"]), e["action"], str(e["generation"] or "-"),
-                              inert(e["detail"][:120]))
+                              inert(detail[:120]))
+        elif what == "lookup":
+            table = self.query_one("#lookup-table", DataTable)
+            table.clear()
+            for r in data:
+                table.add_row(inert(r["code"] or "-"), inert(r["title"] or "-"), r["match"],
+                              inert(Path(r["source"]).name))
+            if not data:
+                self.notify("no reference row matches", severity="warning")
+        elif what == "drafted":
+            out, result = data
+            summary = result.summary()
+            lines = [f"wrote {out}: {summary['requirements_found']} requirements, {summary['answered']} drafted, "
+                     f"{len(result.gaps)} gaps, {len(result.staffing)} roles staffed, {len(result.sources)} sources"]
+            if result.unknown_codes:
+                lines.append("codes not in the reference tables (flagged in the draft): "
+                             + ", ".join(result.unknown_codes))
+            if result.gaps:
+                lines.append("requirements without a response: " + ", ".join(result.gaps))
+            self.query_one("#draft-status", Static).update(inert("\n".join(lines)))
         elif what == "audit-verified":
             count, bad = data
             self.query_one("#audit-status", Static).update(
@@ -527,14 +589,15 @@ class OperatorApp(App):
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
-        first = {"chat": "#question", "documents": "#ingest-path", "model": "#bundle-path", "audit": "#audit-user"}
+        first = {"chat": "#question", "documents": "#ingest-path", "lookup": "#lookup-query", "model": "#bundle-path",
+                 "audit": "#audit-user"}
         self.query_one(first[tab]).focus()
 
 
-def make_app(appliance: Appliance) -> OperatorApp:
-    return OperatorApp(appliance)
+def make_app(backend) -> OperatorApp:
+    return OperatorApp(backend)
 
 
-def run(appliance: Appliance) -> None:
+def run(backend) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    make_app(appliance).run()
+    make_app(backend).run()
