@@ -6,6 +6,7 @@ operator UI will hold one for their lifetime.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -15,9 +16,10 @@ from pathlib import Path
 
 from appliance import audit, generations, rag
 from appliance.config import Settings
-from appliance.errors import ApplianceError, IngestError
+from appliance.errors import ApplianceError, FeedbackError, IngestError, NotFoundError
 from appliance.ingest import IngestReport, ingest
 from appliance.manifest import sha256_file
+from appliance.prompt import source_title
 from appliance.store import Store
 
 
@@ -152,11 +154,23 @@ class Appliance:
         return message
 
     def trust_init(self, root_json: Path, force: bool = False) -> dict:
+        """Provisioning: the trusted root, and the appliance's own signing key if it has none."""
         from appliance import bundle
 
         report = bundle.trust_init(self.settings.home, root_json, force)
         self.audit("trust", dict(report, source=str(root_json.resolve())), with_model=self._has_generation())
+        report["appliance_key_id"] = self.identity().key_id
         return report
+
+    def identity(self):
+        """The appliance's signing key (appliance.identity), created and audited on first need."""
+        from appliance import identity
+
+        ident, created = identity.ensure(self.settings.home)
+        if created:
+            self.audit("identity", {"key_id": ident.key_id, "public_key": ident.public_pem},
+                       with_model=self._has_generation())
+        return ident
 
     def verify_bundle(self, directory: Path, progress=None):
         from appliance import bundle
@@ -260,6 +274,86 @@ class Appliance:
                      max_tokens: int | None = None, progress=None, user: str | None = None):
         with self._uploaded(name, data) as path:
             return self.draft(path, collections, max_tokens, progress=progress, user=user, source=name)
+
+    # -- feedback (appliance.feedback) ---------------------------------------------------------------
+    def feedback(self, answer_audit_id: int, kind: str, *, correction: str | None = None, source: int | None = None,
+                 chunk_id: int | None = None, note: str | None = None, question: str | None = None,
+                 answer: str | None = None, user: str | None = None) -> dict:
+        """Record feedback on the answer of audit row `answer_audit_id` (audited). `source`: the [n] a
+        `irrelevant_source` names; `chunk_id`: the chunk a `missing_source` adds; `question`/`answer`:
+        only for answers kept nowhere else, checked against the row's sha256s."""
+        from appliance import feedback
+
+        if kind not in feedback.KINDS:
+            raise FeedbackError(f"unknown feedback kind {kind!r}", f"one of: {', '.join(feedback.KINDS)}")
+        for name, text in (("correction", correction), ("note", note)):
+            if text is not None and len(text) > feedback.MAX_TEXT:
+                raise FeedbackError(f"the {name} is {len(text)} characters; at most {feedback.MAX_TEXT}",
+                                    "shorten it")
+        row = self.store.conn.execute("SELECT action, detail, model_sha256, generation FROM audit WHERE id = ?",
+                                      (answer_audit_id,)).fetchone()
+        if row is None or row[0] != "ask":
+            raise NotFoundError(f"audit row {answer_audit_id} is not an answer",
+                                "give the audit_id an answer returned (`appliance audit list --action ask`)")
+        detail = json.loads(row[1])
+        asked, answered = feedback.answer_texts(self.store.conn, answer_audit_id, detail, question, answer)
+        sources = feedback.answer_sources(self.store, detail)
+        chunk = None
+        if kind == "correction" and not (correction or "").strip():
+            raise FeedbackError("a correction needs the corrected answer", "write what the answer should have been")
+        if kind == "irrelevant_source" and not (source and 1 <= source <= len(sources)):
+            raise FeedbackError(f"source {source} is not one of the answer's {len(sources)} sources",
+                                f"give a number from 1 to {len(sources)}" if sources else "this answer had none")
+        if kind == "missing_source":
+            found = self.store.chunks([chunk_id]).get(chunk_id) if chunk_id else None
+            if found is None:
+                raise FeedbackError(f"no chunk {chunk_id}", "find it with `appliance search` (chunk_id in --json)")
+            chunk = {"chunk_id": found.chunk_id, "doc_sha256": found.doc_sha256, "source": found.source,
+                     "title": source_title(found.title, found.heading), "text": found.text}
+        who = user or audit.os_user()
+        fid = feedback.add(self.store.conn, user=who, answer_audit_id=answer_audit_id, kind=kind, question=asked,
+                           answer=answered, sources=sources, correction=correction.strip() if correction else None,
+                           source_n=source if kind == "irrelevant_source" else None, chunk=chunk, note=note,
+                           model_sha256=row[2], generation=row[3])
+        entry = self.audit("feedback", {"feedback_id": fid, "answer_audit_id": answer_audit_id, "kind": kind,
+                                        **({"correction_sha256": audit.sha256_text(correction.strip())}
+                                           if correction else {}),
+                                        **({"source": source} if kind == "irrelevant_source" else {}),
+                                        **({"chunk_id": chunk_id} if chunk else {})}, user=user)
+        feedback.link_audit(self.store.conn, fid, entry["id"])
+        return {"id": fid, "kind": kind, "answer_audit_id": answer_audit_id, "audit_id": entry["id"]}
+
+    def feedback_items(self, pending_only: bool = False, since: str | None = None, limit: int | None = None) -> list:
+        from appliance import feedback
+
+        return [i.to_json() for i in feedback.items(self.store.conn, pending_only, since, limit)]
+
+    def feedback_export_build(self, since: str | None = None):
+        """A signed export of the pending feedback (or all since `since`); nothing is marked yet."""
+        from appliance import feedback
+
+        chosen = feedback.items(self.store.conn, pending_only=since is None, since=since)
+        if not chosen:
+            raise FeedbackError("no feedback to export" + (f" since {since}" if since else " (all exported already)"),
+                                "give --since DATE to export earlier feedback again")
+        return feedback.build(chosen, self.identity(), since)
+
+    def feedback_export_done(self, export, out: str, user: str | None = None) -> dict:
+        """After the export was written: its items are marked exported and the export is audited."""
+        from appliance import feedback
+
+        feedback.mark_exported(self.store.conn, export.feedback_ids, export.export_id)
+        self.audit("feedback_export", {"export_id": export.export_id, "out": out, "counts": export.counts,
+                                       "feedback_ids": export.feedback_ids,
+                                       "manifest_sha256": hashlib.sha256(export.manifest).hexdigest()},
+                   with_model=False, user=user)
+        return {"export_id": export.export_id, "out": out, "counts": export.counts, "items": len(export.feedback_ids)}
+
+    def feedback_export(self, out: Path, since: str | None = None, user: str | None = None) -> dict:
+        """Build, write into `out`, then mark and audit: a failed write marks nothing."""
+        export = self.feedback_export_build(since)
+        export.write(out)
+        return self.feedback_export_done(export, str(out.resolve()), user)
 
     def remove_document(self, doc_id: int, user: str | None = None):
         row = self.store.remove_document(doc_id)
@@ -374,6 +468,12 @@ class Appliance:
     def new_conversation(self, user: str | None = None) -> int:
         return self.store.new_conversation(user or audit.os_user())
 
+    def _key_status(self) -> dict | None:
+        from appliance import identity
+
+        ident = identity.load(self.settings.home)
+        return {"key_id": ident.key_id, "public_key": ident.public_pem} if ident else None
+
     def status(self) -> dict:
         inst = self.installed
         m = inst.manifest
@@ -393,4 +493,5 @@ class Appliance:
             "collections": self.store.collection_stats(),
             "lineage": m.lineage,
             "resident_mb": resident_mb(),
+            "appliance_key": self._key_status(),
         }

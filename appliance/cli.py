@@ -516,6 +516,9 @@ def status(ctx, as_json: bool) -> None:
     click.echo(f"generation  {data['generation']}, {version} (installed: {', '.join(map(str, data['generations']))})")
     click.echo(f"model       {m['name']} {m['quant']} {m['parameters']:,} parameters, sha256 {m['sha256'][:16]}")
     click.echo(f"embedder    {e['name']} ({e['dim']}-d)")
+    key = data.get("appliance_key")
+    click.echo(f"signing key {key['key_id']} (ed25519; public key: {data['home']}/identity/appliance.pub)" if key
+               else "signing key none yet (made by `appliance trust init` or the first feedback export)")
     for c in data["collections"] or [{"name": "(none)", "documents": 0, "chunks": 0}]:
         click.echo(f"collection  {c['name']:<14} {c['documents']:>4} documents {c['chunks']:>6} chunks")
 
@@ -623,6 +626,99 @@ def audit_export(ctx, out: Path) -> None:
     n = audit.export(app.store.conn, out)
     app.audit("export", {"out": str(out.resolve()), "rows": n}, with_model=False)
     _err(f"exported {n} audit rows to {out}")
+
+
+@cli.group("feedback")
+def feedback_group() -> None:
+    """Operator feedback on answers, and the signed export that carries it to the builder."""
+
+
+@feedback_group.command("add")
+@click.argument("audit_id", type=int)
+@click.option("--good", "kind", flag_value="good", help="The answer was right.")
+@click.option("--bad", "kind", flag_value="bad", help="The answer was wrong (say how with --correct).")
+@click.option("--correct", "correction", metavar="TEXT", help="What the answer should have been.")
+@click.option("--irrelevant", "source", type=click.IntRange(1), metavar="N", help="Source [N] did not belong.")
+@click.option("--missing", "chunk_id", type=click.IntRange(1), metavar="CHUNK_ID",
+              help="This chunk should have been found (chunk_id from `appliance search --json`).")
+@click.option("--note", help="A remark kept with the feedback.")
+@click.option("--question", help="Only for answers kept nowhere else: the question, exactly as asked.")
+@click.option("--answer", help="Only for answers kept nowhere else: the answer, exactly as returned.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored feedback as JSON.")
+@click.pass_context
+def feedback_add(ctx, audit_id: int, kind: str | None, correction: str | None, source: int | None,
+                 chunk_id: int | None, note: str | None, question: str | None, answer: str | None,
+                 as_json: bool) -> None:
+    """Judge the answer of audit row AUDIT_ID (printed with every answer; `appliance audit list --action ask`).
+
+    Exactly one of --good, --bad, --correct, --irrelevant, --missing. The feedback is tied to the
+    answer's audit row (model, generation, sources) and is itself audited.
+
+    \b
+    Examples:
+      appliance feedback add 42 --correct "The Database Administrator code is 15-1242.00 [1]."
+      appliance feedback add 42 --irrelevant 3
+      appliance feedback add 42 --missing 117
+    """
+    chosen = [k for k, v in (("good", kind == "good"), ("bad", kind == "bad"), ("correction", correction),
+                             ("irrelevant_source", source), ("missing_source", chunk_id)) if v]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --good, --bad, --correct, --irrelevant, --missing")
+    result = _backend(ctx).feedback(audit_id, chosen[0], correction=correction, source=source, chunk_id=chunk_id,
+                                    note=note, question=question, answer=answer)
+    if as_json:
+        _echo_json(result)
+        return
+    _err(f"feedback {result['id']} ({result['kind']}) on answer {audit_id} recorded; audit row {result['audit_id']}")
+
+
+@feedback_group.command("list")
+@click.option("--pending", is_flag=True, help="Only feedback not exported yet.")
+@click.option("--since", metavar="DATE", help="Only feedback from this date (YYYY-MM-DD) on.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def feedback_list(ctx, pending: bool, since: str | None, as_json: bool) -> None:
+    """Feedback recorded on this appliance, oldest first, with whether it was exported."""
+    rows = _backend(ctx).feedback_items(pending, since)
+    if as_json:
+        _echo_json({"items": rows})
+        return
+    if not rows:
+        _err("no feedback" + (" pending" if pending else ""))
+    for r in rows:
+        what = {"correction": f"-> {r['correction']}", "irrelevant_source": f"source [{r['source_n']}]",
+                "missing_source": f"chunk {(r['chunk'] or {}).get('chunk_id')}"}.get(r["kind"], "")
+        state = "exported" if r["export_id"] else "pending"
+        click.echo(clean_text(f"{r['id']:>5}  {r['time'][:10]}  {r['user']:<10} {r['kind']:<17} answer {r['answer_audit_id']:<5} "
+                              f"{state:<8}  {r['question'][:40]!r} {what[:60]}"))
+
+
+@feedback_group.command("export")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="New (or empty) directory to write the export to, e.g. on a USB stick.")
+@click.option("--since", metavar="DATE", help="Everything from this date (YYYY-MM-DD) on, exported before or "
+                                              "not (default: only what is pending).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def feedback_export(ctx, out: Path, since: str | None, as_json: bool) -> None:
+    """Write the feedback as datasets for the builder, signed with this appliance's key (audited).
+
+    sft.jsonl (approved and corrected answers), dpo.jsonl (correction chosen, the model's answer
+    rejected), retrieval.jsonl (sources judged irrelevant or missing), ratings.jsonl, and a manifest
+    with every file's sha256, signed (manifest.sig). Only the questions, answers and the sources
+    shown with the judged answers leave; no other document text. The builder checks it with
+    `builder feedback import DIR --trust appliance.pub` (the public key: `appliance status`).
+
+    \b
+    Example:
+      appliance feedback export --out /media/usb/feedback-2026-11
+    """
+    result = _backend(ctx).feedback_export(out, since)
+    if as_json:
+        _echo_json(result)
+        return
+    counts = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in result["counts"].items())
+    _err(f"exported {result['items']} feedback items to {out} ({counts}); export {result['export_id']}")
 
 
 def main() -> None:

@@ -209,6 +209,26 @@ class ServiceClient:
         return SimpleNamespace(**result, number=result.pop("generation"),
                                info=SimpleNamespace(**info) if info else None)
 
+    def feedback(self, answer_audit_id: int, kind: str, **fields) -> dict:
+        body = {"audit_id": answer_audit_id, "kind": kind, **{k: v for k, v in fields.items() if v is not None}}
+        return self._check(self.http.post("/appliance/feedback", json=body))
+
+    def feedback_items(self, pending_only: bool = False, since: str | None = None, limit: int | None = None) -> list:
+        params = {"pending": pending_only, **({"since": since} if since else {}), **({"limit": limit} if limit else {})}
+        return self._check(self.http.get("/appliance/feedback", params=params))["items"]
+
+    def feedback_export(self, out: Path, since: str | None = None) -> dict:
+        """The service signs; the files are written here, as the caller (a USB stick the service may
+        not see), and only then does the service mark the items exported."""
+        from appliance.feedback import Export
+
+        data = self._check(self.http.post("/appliance/feedback/export", json={"since": since}))
+        export = Export(data["export_id"], {k: v.encode() for k, v in data["files"].items()}, data["manifest"].encode(),
+                        data["signature"], [], data["counts"])
+        export.write(out)
+        return self._check(self.http.post(f"/appliance/feedback/export/{data['export_id']}/written",
+                                          json={"out": str(out.resolve())}))
+
     def rollback(self) -> tuple[int, int]:
         data = self._check(self.http.post("/appliance/bundles/rollback"))
         return data["from"], data["to"]

@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     GATE = 9  # builder: the release gate was not met
     BUNDLE = 10  # an update bundle was refused (signature, hash, version, structure)
     BUSY = 11  # another install holds the lock
+    FEEDBACK = 12  # feedback or a feedback export was refused (unknown answer, text not matching, bad signature)
 
 
 class ApplianceError(Exception):
@@ -74,3 +75,9 @@ class BusyError(ApplianceError):
     """Another install or rollback is running."""
 
     exit_code = ExitCode.BUSY
+
+
+class FeedbackError(ApplianceError):
+    """Feedback on an answer that cannot be tied to it, or a feedback export that does not verify."""
+
+    exit_code = ExitCode.FEEDBACK

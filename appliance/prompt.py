@@ -19,6 +19,11 @@ NO_RAG_SYSTEM_PROMPT = "You answer questions for a government contractor's propo
 CITATION_RE = re.compile(r"\[(\d{1,3})\]")
 
 
+def source_title(title: str, heading: str | None) -> str:
+    """A source's title in the prompt: its document's, and the section's when it has one."""
+    return f"{title} - {heading}" if heading and heading != title else title
+
+
 def format_source(n: int, title: str, text: str) -> str:
     # A document cannot close the delimiter early and speak as the user.
     text = text.replace("</source>", "</ source>")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.documents import CODE_RE
-from appliance.prompt import build_messages, cited_numbers, format_source
+from appliance.prompt import build_messages, cited_numbers, format_source, source_title
 from appliance.protocols import Embedder, Generator
 from appliance.store import ChunkRow, Store
 
@@ -133,7 +133,7 @@ def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: in
     sources: list[str] = []
     used = generator.count_tokens(question) + 64
     for i, hit in enumerate(hits, start=first):
-        title = f"{hit.title} - {hit.heading}" if hit.heading and hit.heading != hit.title else hit.title
+        title = source_title(hit.title, hit.heading)
         block = format_source(i, title, hit.text)
         cost = generator.count_tokens(block)
         if used + cost > budget:

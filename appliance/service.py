@@ -91,6 +91,29 @@ class IngestRequest(BaseModel):
     collection: str = Field(default="default", min_length=1, max_length=100)
 
 
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    audit_id: int = Field(description="The audit id of the answer (in every chat completion's response)")
+    kind: Literal["good", "bad", "correction", "irrelevant_source", "missing_source"]
+    correction: str | None = Field(default=None, max_length=16_000)
+    source: int | None = Field(default=None, ge=1, description="irrelevant_source: the answer's [n]")
+    chunk_id: int | None = Field(default=None, ge=1, description="missing_source: the chunk that should have been found")
+    note: str | None = Field(default=None, max_length=16_000)
+    question: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
+                                 description="For answers outside a stored conversation: checked against the audit row")
+    answer: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    since: str | None = Field(default=None, description="Everything since this date (YYYY-MM-DD), exported or not")
+
+
+class WrittenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out: str
+
+
 class BundleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
@@ -107,7 +130,7 @@ class ApiError(Exception):
 
 
 _STATUS = {ExitCode.NOT_FOUND: 404, ExitCode.CONFIG: 500, ExitCode.MODEL: 400, ExitCode.INGEST: 422,
-           ExitCode.BUNDLE: 422, ExitCode.BUSY: 409, ExitCode.GENERATION: 503, ExitCode.STORE: 500}
+           ExitCode.BUNDLE: 422, ExitCode.BUSY: 409, ExitCode.FEEDBACK: 422, ExitCode.GENERATION: 503, ExitCode.STORE: 500}
 
 
 def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
@@ -432,6 +455,39 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
     async def audit_verify():
         count, bad = await worker.submit(app.audit_verify)
         return {"rows": count, "intact": bad is None, "first_bad_row": bad}
+
+    @api.post("/appliance/feedback")
+    async def feedback(body: FeedbackRequest, request: Request):
+        user = _user(request)
+        return await worker.submit(lambda: app.feedback(body.audit_id, body.kind, correction=body.correction,
+                                                        source=body.source, chunk_id=body.chunk_id, note=body.note,
+                                                        question=body.question, answer=body.answer, user=user))
+
+    @api.get("/appliance/feedback")
+    async def feedback_list(pending: bool = False, since: str | None = None,
+                            limit: int | None = Query(default=None, ge=1, le=10_000)):
+        return {"items": await worker.submit(lambda: app.feedback_items(pending, since, limit))}
+
+    exports: dict[str, object] = {}  # built, not yet written by the caller
+
+    @api.post("/appliance/feedback/export")
+    async def feedback_export(body: ExportRequest):
+        """The signed export's files; the caller writes them where it can, then confirms (`written`):
+        only then are the items marked exported and the export audited."""
+        export = await worker.submit(lambda: app.feedback_export_build(body.since))
+        exports.clear()  # one pending export at a time
+        exports[export.export_id] = export
+        return {"export_id": export.export_id, "counts": export.counts,
+                "files": {name: data.decode() for name, data in export.files.items()},
+                "manifest": export.manifest.decode(), "signature": export.signature}
+
+    @api.post("/appliance/feedback/export/{export_id}/written")
+    async def feedback_written(export_id: str, body: WrittenRequest, request: Request):
+        export = exports.pop(export_id, None)
+        if export is None:
+            raise ApiError(404, f"no pending export {export_id}", "not_found")
+        user = _user(request)
+        return await worker.submit(lambda: app.feedback_export_done(export, body.out, user))
 
     @api.get("/appliance/bundles")
     async def bundle_list():

@@ -94,6 +94,29 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX messages_conversation ON messages(conversation_id, id);
     """),
+    ("005_feedback", """
+        CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            user TEXT NOT NULL,
+            answer_audit_id INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('good', 'bad', 'correction', 'irrelevant_source',
+                                               'missing_source')),
+            question TEXT NOT NULL,
+            answer TEXT NOT NULL,
+            sources TEXT NOT NULL,
+            correction TEXT,
+            source_n INTEGER,
+            chunk TEXT,
+            note TEXT,
+            model_sha256 TEXT,
+            generation INTEGER,
+            audit_id INTEGER,
+            export_id TEXT
+        );
+        CREATE INDEX feedback_answer ON feedback(answer_audit_id);
+        CREATE INDEX feedback_pending ON feedback(export_id, id);
+    """),
 ]
 
 

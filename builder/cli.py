@@ -52,8 +52,11 @@ def cli() -> None:
               help="Corpus directory (default: the demo corpus shipped with the builder).")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
 @click.option("--quick", is_flag=True, help="A few steps per stage on tiny data (a smoke test of the chain).")
+@click.option("--feedback", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="A dataset from `builder feedback import`: go on with DPO on the operators' corrections, ship "
+                   "that model, and report the corrected questions before and after.")
 def demo(out: Path, shape: str, minutes: float, embedder_dir: Path | None, corpus: Path | None, seed: int,
-         quick: bool) -> None:
+         quick: bool, feedback: Path | None) -> None:
     """The whole chain on the demo corpus, on CPU, into a generation directory the appliance installs.
 
     Writes training data and a pipeline to `.<out>.work/` (pipeline.yaml there is an editable
@@ -69,7 +72,11 @@ def demo(out: Path, shape: str, minutes: float, embedder_dir: Path | None, corpu
     from builder import demo as demo_mod
 
     result = demo_mod.build(out, shape=shape, minutes=minutes, embedder_dir=embedder_dir, corpus=corpus,
-                            seed=seed, quick=quick)
+                            seed=seed, quick=quick, feedback=feedback)
+    if feedback is not None:
+        before, after = result["feedback"]["before"], result["feedback"]["after"]
+        click.echo(f"corrected questions answered exactly (with retrieval): {before['exact_with_retrieval']:.0%} "
+                   f"before, {after['exact_with_retrieval']:.0%} after ({after['questions']} questions)", err=True)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -343,6 +350,47 @@ def bundle_create(generation: Path, keys_dir: Path, version: str, out: Path, ref
     info = bundle.create(generation, keys_dir, version, out, reference_db=reference_db, expires_days=expires_days,
                          passphrase=_ask_passphrase, force=force)
     click.echo(info.model_dump_json(indent=2, exclude={"lineage", "evaluation"}))
+
+
+@cli.group("feedback")
+def feedback_group() -> None:
+    """Operator feedback exported by appliances (`appliance feedback export`)."""
+
+
+@feedback_group.command("import")
+@click.argument("exports", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--trust", "trust", multiple=True, required=True, type=click.Path(path_type=Path, exists=True,
+              dir_okay=False), help="An appliance's public key (appliance.pub); repeat for several appliances.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Dataset directory to add to (created if absent).")
+@click.option("--heldout", "heldout_fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of questions kept in heldout/ (chosen by a hash of the question: stable across imports).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def feedback_import(exports: tuple[Path, ...], trust: tuple[Path, ...], out: Path, heldout_fraction: float,
+                    as_json: bool) -> None:
+    """Verify feedback exports and add them to a dataset for `builder sft`, `align` and `eval`.
+
+    Every export must be signed by a trusted appliance key and match its manifest byte for byte
+    (a tampered, incomplete or unknown-key export is refused, naming the file, and nothing is
+    written). An export imported before is skipped; records already present are not added twice.
+    Writes sft.jsonl, dpo.jsonl, retrieval.jsonl, ratings.jsonl, questions.jsonl (corrected
+    questions for `builder eval`), the same under heldout/, and imports.json, which the lineage of
+    every stage reading these files records.
+
+    \b
+    Example:
+      builder feedback import /media/usb/feedback-2026-11 --trust keys/site-a.pub --out data/feedback
+      # then in align.yaml:  datasets: [data/feedback/dpo.jsonl]
+    """
+    from builder.feedback import import_exports
+
+    report = import_exports(list(exports), list(trust), out, heldout_fraction)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    added = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in report.added.items())
+    click.echo(f"imported {len(report.imported)} export(s), {len(report.replayed)} skipped as already imported; "
+               f"added {added}; {report.duplicates} duplicate records skipped -> {out}", err=True)
 
 
 def main() -> None:

@@ -221,9 +221,10 @@ SPLIT = {"pretrain": 0.55, "sft-qa": 0.27, "sft-write": 0.06, "align": 0.12}
 
 
 def prepare(work: Path, out: Path, *, corpus_dir: Path, shape: str, minutes: float, embedder_dir: Path | None,
-            seed: int = 0, quick: bool = False) -> Path:
+            seed: int = 0, quick: bool = False, feedback: Path | None = None) -> Path:
     """Write the demo's training data and pipeline.yaml under `work` (the generation goes to `out`);
-    returns the pipeline path."""
+    returns the pipeline path. `feedback`: a dataset from `builder feedback import`; the chain then
+    goes on with DPO on the operators' corrections and ships that model (see feedback_stages)."""
     from builder.training import render_chat
 
     rng = random.Random(seed)
@@ -286,23 +287,64 @@ def prepare(work: Path, out: Path, *, corpus_dir: Path, shape: str, minutes: flo
         # goal with retrieval (60%) is reported in eval.json, not gated: the demo must install.
         "gate": {"max_ppl_increase": 0.5 if quick else 0.10, "max_accuracy_without_retrieval": None if quick
                  else 0.2, "kind": None if quick else "lcat_code"}}})
+    shipped = "@export"
+    if feedback is not None:
+        shipped = "@export-feedback"
+        release = stages.pop()  # the release eval checks what ships: it moves after the feedback round
+        release["config"]["export"] = shipped
+        stages += [*feedback_stages(feedback.resolve(), lora, quick, corpus_dir, embedder, seed), release]
     pipeline = {"name": f"meridian-demo-{shape}", "work": str(work / "stages"),
                 "base_model": f"random init, shape {shape} (pre-trained from scratch on the demo corpus)",
                 "stages": stages,
-                "generation": {"out": str(out), "model": "@export/model-Q8_0.gguf", "embedder": embedder, "eval": "@eval"}}
+                "generation": {"out": str(out), "model": f"{shipped}/model-Q8_0.gguf", "embedder": embedder,
+                               "eval": "@eval"}}
     path = work / "pipeline.yaml"
     path.write_text("# Written by `builder demo`; rerun with `builder run` (unchanged stages are skipped).\n"
                     + yaml.safe_dump(pipeline, sort_keys=False, width=110))
     return path
 
 
+def feedback_stages(dataset: Path, lora: dict, quick: bool, corpus_dir: Path, embedder: str, seed: int) -> list[dict]:
+    """After the demo chain: DPO on the operators' corrections (chosen = the correction, rejected = what
+    the model said), exported, and the corrected questions answered by the model before and after."""
+    questions = dataset / "questions.jsonl"
+    ask = {"questions": str(questions), "corpus": [str(corpus_dir)], "embedder": embedder,
+           "max_tokens": 16 if quick else 64, "task_quants": ["Q8_0"], "gate": {"max_ppl_increase": None}}
+    return [
+        {"name": "align-feedback", "stage": "align", "config": {
+            "model": "@merge", "datasets": [str(dataset / "dpo.jsonl")], "generate_rejected": "never", "lora": lora,
+            "beta": 0.1, "max_length": 1024, "batch_size": 2, "steps": 6 if quick else 40,
+            "learning_rate": 5e-4, "warmup_steps": 0, "seed": seed}},
+        {"name": "export-feedback", "stage": "export", "config": {"model": "@align-feedback", "quants": ["Q8_0"]}},
+        {"name": "eval-feedback-before", "stage": "eval", "config": {"export": "@export", **ask}},
+        {"name": "eval-feedback-after", "stage": "eval", "config": {"export": "@export-feedback", **ask}},
+    ]
+
+
+def feedback_report(work: Path) -> dict:
+    """The corrected questions answered before and after the feedback round, from the two evals."""
+    report = {}
+    for when in ("before", "after"):
+        tasks = json.loads((work / "stages" / f"eval-feedback-{when}" / "eval.json").read_text())["tasks"]["Q8_0"]
+        report[when] = {"exact_with_retrieval": tasks["overall"]["with_retrieval"],
+                        "questions": tasks["overall"]["questions"],
+                        "answers": {a["id"]: a["with_retrieval"]["answer"] for a in tasks["answers"]}}
+    return report
+
+
 def build(out: Path, *, shape: str = "demo", minutes: float = 11.0, embedder_dir: Path | None = None,
-          corpus: Path | None = None, seed: int = 0, quick: bool = False) -> dict:
-    """Prepare the demo pipeline next to `out` and run it; `out` becomes the generation directory."""
+          corpus: Path | None = None, seed: int = 0, quick: bool = False, feedback: Path | None = None,
+          work: Path | None = None) -> dict:
+    """Prepare the demo pipeline next to `out` (or in `work`) and run it; `out` becomes the generation
+    directory. Stages whose config and inputs did not change are skipped, so `--feedback` after a
+    first run trains only the feedback round."""
     from builder import pipeline
 
     out = out.resolve()
-    work = out.parent / f".{out.name}.work"
+    work = (work or out.parent / f".{out.name}.work").resolve()
     path = prepare(work, out, corpus_dir=(corpus or DEMO_DATA / "corpus").resolve(), shape=shape,
-                   minutes=minutes, embedder_dir=embedder_dir, seed=seed, quick=quick)
-    return pipeline.run(path)
+                   minutes=minutes, embedder_dir=embedder_dir, seed=seed, quick=quick, feedback=feedback)
+    result = pipeline.run(path)
+    if feedback is not None:
+        result["feedback"] = feedback_report(work)
+    return result

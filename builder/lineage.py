@@ -205,6 +205,11 @@ def staged_output(stage: str, config: BaseModel, inputs: list[Path]) -> Iterator
         "seconds": round(time.time() - started, 1), "versions": versions(), "git_commit": git_commit(),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()}, "result": record,
     }
+    from builder.feedback import lineage_of
+
+    exports = lineage_of(inputs)
+    if exports:  # operator feedback from appliances went into this stage
+        lineage["feedback_exports"] = exports
     (partial / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
     if out.exists():
         old = out.with_name(out.name + ".old")

@@ -181,7 +181,8 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None)
         outputs = {s.name: c.out for s, c in configs}
         model = Path(_resolve(g.model, outputs, base))
         stages = {s.name: {"stage": s.stage, **{k: v for k, v in lineage.read_lineage(c.out).items()
-                                                 if k in ("config", "inputs", "versions", "git_commit", "seconds")}}
+                                                 if k in ("config", "inputs", "versions", "git_commit", "seconds",
+                                                          "feedback_exports")}}
                   for s, c in configs}
         out = generation.write(
             (base / g.out).resolve() if not g.out.is_absolute() else g.out, name=g.name or pipeline.name,

@@ -359,3 +359,26 @@ def test_cli_writes_through_the_running_service(served, corpus_copy, tmp_path):
     assert "Compliance matrix" in out.read_text() and "requirements" in r.stderr
     assert "15-1252.00" in run("lookup", "15-1252.00").stdout
     assert "current" in run("bundle", "list").stdout
+
+
+def test_feedback_over_the_api_is_checked_against_the_answer(openai_client, served):
+    """An API client outside a stored conversation sends the question and answer it got; they must
+    hash to what the audit row recorded."""
+    _, sock = served
+    done = openai_client.chat.completions.create(model="m", max_tokens=6,
+                                                 messages=[{"role": "user", "content": QUESTION}])
+    audit_id, answer = done.model_extra["audit_id"], done.choices[0].message.content
+    with uds_client(sock) as http:
+        r = http.post("/appliance/feedback", json={"audit_id": audit_id, "kind": "bad"})
+        assert r.status_code == 422 and "send the question and the answer" in r.json()["error"]["message"]
+        r = http.post("/appliance/feedback", json={"audit_id": audit_id, "kind": "correction", "question": QUESTION,
+                                                   "answer": answer + "!", "correction": "15-1242.00"})
+        assert r.status_code == 422 and "answer does not match" in r.json()["error"]["message"]
+        r = http.post("/appliance/feedback", json={"audit_id": audit_id, "kind": "correction", "question": QUESTION,
+                                                   "answer": answer, "correction": "It is 15-1242.00 [1]."})
+        assert r.status_code == 200, r.text
+        assert http.post("/appliance/feedback", json={"audit_id": audit_id, "kind": "meh"}).status_code == 400
+        items = http.get("/appliance/feedback", params={"pending": True}).json()["items"]
+        assert items[-1]["id"] == r.json()["id"] and items[-1]["correction"] == "It is 15-1242.00 [1]."
+        row = http.get("/appliance/audit", params={"action": "feedback", "limit": 1}).json()["rows"][0]
+    assert row["user"] == audit.os_user() and row["detail"]["answer_audit_id"] == audit_id

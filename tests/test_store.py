@@ -7,11 +7,13 @@ from appliance.store import NewChunk, Store
 
 def test_migrations_and_durability_pragmas(tmp_path):
     with Store(tmp_path / "a.db") as store:
-        assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations"]
+        assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations",
+                                      "005_feedback"]
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with Store(tmp_path / "a.db") as store:  # reopening applies nothing twice
-        assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations"]
+        assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations",
+                                      "005_feedback"]
 
 
 def test_changed_embedder_re_embeds_everything(home):

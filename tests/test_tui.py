@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -114,7 +115,8 @@ async def test_every_screen_fits_and_answers_the_keyboard(ui_home, size):
                  "f4": ("lookup", ["#lookup-query", "#lookup-table", "#draft-rfp", "#draft-go", "#draft-progress"]),
                  "f5": ("model", ["#model-info", "#bundle-path", "#bundle-install", "#bundle-rollback",
                                   "#generations-table"]),
-                 "f6": ("audit", ["#audit-user", "#audit-verify", "#audit-table"])}
+                 "f6": ("audit", ["#audit-user", "#audit-verify", "#audit-table"]),
+                 "f7": ("feedback", ["#export-path", "#export-go", "#feedback-table"])}
         for key, (tab, ids) in panes.items():
             await pilot.press(key)
             await pilot.pause(0.2)
@@ -174,12 +176,58 @@ async def test_rollback_asks_first_and_audit_verifies(ui_home):
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("keys", [[], ["f3"], ["f4"], ["f5"], ["f6"], ["f1"]],
-                         ids=["chat", "documents", "lookup", "model", "audit", "help"])
+@pytest.mark.parametrize("keys", [[], ["f3"], ["f4"], ["f5"], ["f6"], ["f7"], ["f1"]],
+                         ids=["chat", "documents", "lookup", "model", "audit", "feedback", "help"])
 def test_snapshot_each_screen(snap_compare, size, keys):
     """Each screen at 80x24 and 120x40, over fixed data (tests/tui_snapshot_app.py) so the SVG is stable."""
     app_path = Path(__file__).parent / "tui_snapshot_app.py"
     assert snap_compare(str(app_path), terminal_size=size, press=keys)
+
+
+async def test_feedback_from_the_chat_then_export(ui_home, tmp_path):
+    """Judge the last answer from the keyboard (good, correction, irrelevant source, missing source),
+    see it on the feedback screen, export it signed."""
+    from appliance import identity
+    from appliance.feedback import verify_export
+    from tui.app import CorrectionScreen, SourcePickScreen
+
+    app = _app(ui_home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _settle(pilot, app)
+        await _ask(pilot, app, "What is the code for a Database Administrator?")
+        await pilot.press("ctrl+g")
+        await _settle(pilot, app)
+        await pilot.press("ctrl+r")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, CorrectionScreen)
+        area = app.screen.query_one("#correction")
+        area.text = "The Database Administrator code is 15-1242.00 [1]."
+        await pilot.press("ctrl+s")
+        await _settle(pilot, app)
+        app.query_one("#sources", DataTable).focus()
+        await pilot.press("down", "x")  # the second source did not belong
+        await _settle(pilot, app)
+        await pilot.press("ctrl+o")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, SourcePickScreen)
+        await pilot.press(*"Cloud Architect", "enter")
+        picks = app.screen.query_one("#pick-table", DataTable)
+        await _settle(pilot, app, until=lambda: picks.row_count > 0)
+        await pilot.press("enter")
+        await _settle(pilot, app)
+        items = app.backend.feedback_items()
+        assert [i["kind"] for i in items] == ["good", "correction", "irrelevant_source", "missing_source"]
+        assert items[1]["correction"].endswith("15-1242.00 [1].") and items[2]["source_n"] == 2
+        await pilot.press("f7")
+        table = app.query_one("#feedback-table", DataTable)
+        await _settle(pilot, app, until=lambda: table.row_count == 4)
+        app.query_one("#export-path", Input).value = str(tmp_path / "usb" / "feedback")
+        await pilot.click("#export-go")
+        status = app.query_one("#feedback-status", Static)
+        await _settle(pilot, app, until=lambda: "exported 4 items" in str(status.content))
+    key = identity.load_public((ui_home / "identity" / "appliance.pub").read_bytes())
+    verified = verify_export(tmp_path / "usb" / "feedback", {identity.key_id(key): key})
+    assert verified.manifest["files"]["dpo.jsonl"]["records"] == 1
 
 
 async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monkeypatch):
@@ -227,6 +275,14 @@ async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monke
             await _settle(pilot, app, until=lambda: "wrote" in str(status.content), seconds=120)
             assert (tmp_path / "RFP-2026-EPA-data-platform-draft.md").read_text().startswith("#")
             assert app.query_one("#draft-progress").progress == app.query_one("#draft-progress").total
+            # feedback on the last answer, then a signed export written here, by the UI, not the service
+            await pilot.press("f2", "ctrl+g")
+            await _settle(pilot, app)
+            await pilot.press("f7")
+            app.query_one("#export-path", Input).value = str(tmp_path / "export")
+            await pilot.click("#export-go")
+            await _settle(pilot, app, until=lambda: "exported 1 items" in str(app.query_one("#feedback-status",
+                                                                                             Static).content))
         with sqlite_rows(ui_home) as conn:
             turns = conn.execute("SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id",
                                  (app.conversation,)).fetchall()
@@ -234,6 +290,7 @@ async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monke
                                                   "c.id = d.collection_id WHERE c.name = 'new-rfps'")}
         assert [r for r, _ in turns] == ["user", "assistant"] * 2 and turns[2][1] == "And its duties?"
         assert sources == {str(p.resolve()) for p in (corpus_copy / "rfps").iterdir()}
+        assert json.loads((tmp_path / "export" / "ratings.jsonl").read_text())["answer"] == turns[3][1].strip()
     finally:
         client.close()
         stop_service(proc, sock)

@@ -33,6 +33,10 @@ LOOKUP = [{"code": "15-1252.00", "title": "Software Developer", "match": "exact 
            "source": "/srv/corpus/labor_categories.csv"},
           {"code": "15-1253.00", "title": "Software Quality Assurance Analyst", "match": "code prefix",
            "source": "/srv/corpus/labor_categories.csv"}]
+FEEDBACK = [{"id": 1, "time": "2026-01-02T00:00:00Z", "user": "analyst", "kind": "correction", "answer_audit_id": 2,
+             "export_id": None, "question": "What is the code for a Database Administrator?"},
+            {"id": 2, "time": "2026-01-02T00:00:00Z", "user": "analyst", "kind": "good", "answer_audit_id": 3,
+             "export_id": "5f0c", "question": "Which roles need a clearance?"}]
 HIT = Hit(chunk_id=20, doc_id=1, source="/srv/corpus/labor_categories.csv", title="labor_categories", heading="",
           position=20, text="code: 15-1242.00 title: Database Administrator duties: Installs and tunes databases.",
           doc_sha256=SHA, collection="reference", score=0.03, exact=True)
@@ -45,7 +49,7 @@ ANSWER = Answer(question="What is the code for a Database Administrator?",
 class SnapshotApp(OperatorApp):
     def refresh_all(self) -> None:
         for what, data in (("status", STATUS), ("documents", DOCS), ("generations", GENERATIONS), ("audit", AUDIT),
-                           ("lookup", LOOKUP)):
+                           ("lookup", LOOKUP), ("feedback", FEEDBACK)):
             self.post_message(Loaded(what, data))
 
     def _load_audit_async(self) -> None:

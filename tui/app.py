@@ -33,6 +33,7 @@ from textual.widgets import (
     Static,
     TabbedContent,
     TabPane,
+    TextArea,
 )
 
 from appliance.audit import os_user
@@ -45,12 +46,19 @@ def inert(text: str) -> Text:
     return Text(clean_text(text))
 
 
-HELP = """F1 help  F2 chat  F3 documents  F4 lookup/draft  F5 model  F6 audit
-Ctrl+Q quit   Tab next field   Escape close a dialog
+HELP = """F1 help  F2 chat  F3 documents  F4 lookup/draft  F5 model
+F6 audit  F7 feedback   Ctrl+Q quit   Tab next field
+Escape closes a dialog
 
 Chat       Enter asks. Ctrl+N starts a new conversation,
            Ctrl+Y copies the last answer. In the sources
            table, Enter opens a source in full.
+           On the last answer: Ctrl+G good, Ctrl+B bad,
+           Ctrl+R write the correct answer, Ctrl+O add the
+           source that should have been found; X on a row
+           of the sources table marks it irrelevant.
+Feedback   what was judged, and Export: the signed files
+           for the builder (a USB stick path).
 Documents  Enter on a path ingests it; Enter on a row
            removes that document (asks first).
 Lookup     a code (15-1252.00), a prefix (15-12) or title
@@ -107,6 +115,77 @@ class ConfirmScreen(ModalScreen[bool]):
     @on(Button.Pressed)
     def pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
+
+
+class CorrectionScreen(ModalScreen[str | None]):
+    """The corrected answer, written over the model's."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save", priority=True)]
+
+    def __init__(self, answer: str):
+        super().__init__()
+        self.answer = answer
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("The answer as it should have been (Ctrl+S saves, Escape cancels)", id="dialog-title")
+            yield TextArea(clean_text(self.answer), id="correction", soft_wrap=True)
+
+    def action_save(self) -> None:
+        self.dismiss(self.query_one("#correction", TextArea).text.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class SourcePickScreen(ModalScreen[int | None]):
+    """Search for the source that should have been found; Enter on a result picks it."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, search):
+        super().__init__()
+        self.search = search  # query -> hits, called in a worker
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Search for the source that should have been found; Enter on a result picks it",
+                        id="dialog-title")
+            yield Input(placeholder="words or a code", id="pick-query")
+            yield DataTable(id="pick-table", cursor_type="row")
+
+    def on_mount(self) -> None:
+        self.query_one("#pick-table", DataTable).add_columns("chunk", "document", "text")
+        self.query_one("#pick-query", Input).focus()
+
+    @on(Input.Submitted, "#pick-query")
+    def find(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self._find(event.value.strip())
+
+    @work(thread=True)
+    def _find(self, query: str) -> None:
+        hits = self.search(query)
+        self.app.call_from_thread(self._show, hits or [])
+
+    def _show(self, hits) -> None:
+        table = self.query_one("#pick-table", DataTable)
+        table.clear()
+        for h in hits:
+            table.add_row(str(h.chunk_id), inert(Path(h.source).name), inert(" ".join(h.text.split())[:120]),
+                          key=str(h.chunk_id))
+        table.focus()
+
+    @on(DataTable.RowSelected, "#pick-table")
+    def pick(self, event: DataTable.RowSelected) -> None:
+        self.dismiss(int(event.row_key.value))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class SourcesTable(DataTable):
+    BINDINGS = [Binding("x", "app.irrelevant", "Irrelevant source")]
 
 
 # -- messages posted by workers ---------------------------------------------------------------------
@@ -166,17 +245,24 @@ class OperatorApp(App):
     DataTable { height: 1fr; }
     ProgressBar { width: 100%; }
     #status-line { height: 1; color: $text-muted; }
+    #correction { height: 1fr; }
+    CorrectionScreen, SourcePickScreen { align: center middle; }
     """
     BINDINGS = [
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit"),
-        Binding("ctrl+n", "new_conversation", "New chat"),
-        Binding("ctrl+y", "copy_answer", "Copy answer"),
+        Binding("ctrl+g", "judge('good')", "Good"),
+        Binding("ctrl+b", "judge('bad')", "Bad"),
+        Binding("ctrl+r", "correct", "Correct"),
+        Binding("ctrl+o", "missing", "Add source", show=False),
+        Binding("ctrl+n", "new_conversation", "New chat", show=False),
+        Binding("ctrl+y", "copy_answer", "Copy answer", show=False),
         Binding("f2", "tab('chat')", "Chat", show=False, priority=True),
         Binding("f3", "tab('documents')", "Documents", show=False, priority=True),
         Binding("f4", "tab('lookup')", "Lookup", show=False, priority=True),
         Binding("f5", "tab('model')", "Model", show=False, priority=True),
         Binding("f6", "tab('audit')", "Audit", show=False, priority=True),
+        Binding("f7", "tab('feedback')", "Feedback", show=False, priority=True),
     ]
 
     def __init__(self, backend):
@@ -195,7 +281,7 @@ class OperatorApp(App):
         with TabbedContent(initial="chat"):
             with TabPane("Chat", id="chat"):
                 yield VerticalScroll(id="transcript")
-                yield DataTable(id="sources", cursor_type="row")
+                yield SourcesTable(id="sources", cursor_type="row")
                 yield Input(placeholder="Ask about your documents; Enter to send", id="question")
             with TabPane("Documents", id="documents"):
                 with Horizontal(classes="row"):
@@ -231,6 +317,12 @@ class OperatorApp(App):
                     yield Button("Verify chain", id="audit-verify")
                 yield Static(id="audit-status")
                 yield DataTable(id="audit-table", cursor_type="row")
+            with TabPane("Feedback", id="feedback"):
+                with Horizontal(classes="row"):
+                    yield Input(placeholder="directory to export to (a USB stick)", id="export-path")
+                    yield Button("Export", id="export-go", variant="primary")
+                yield Static(id="feedback-status")
+                yield DataTable(id="feedback-table", cursor_type="row")
         yield Static(id="status-line")
         yield Footer()
 
@@ -241,6 +333,8 @@ class OperatorApp(App):
                                                                      "installed")
         self.query_one("#audit-table", DataTable).add_columns("id", "time", "user", "action", "gen", "detail")
         self.query_one("#lookup-table", DataTable).add_columns("code", "title", "match", "source")
+        self.query_one("#feedback-table", DataTable).add_columns("id", "time", "user", "kind", "answer", "state",
+                                                                 "question")
         self.query_one("#question", Input).focus()
         self.refresh_all()
 
@@ -267,6 +361,12 @@ class OperatorApp(App):
         if docs is not None:
             self.post_message(Loaded("documents", docs))
         self._load_audit()
+        self._load_feedback()
+
+    def _load_feedback(self) -> None:
+        items = self._call("feedback", lambda: self.backend.feedback_items(limit=500))
+        if items is not None:
+            self.post_message(Loaded("feedback", items))
 
     def _load_audit(self, user: str | None = None, action: str | None = None) -> None:
         rows = self._call("audit", lambda: self.backend.audit_rows(action or None, user or None, 200))
@@ -351,6 +451,62 @@ class OperatorApp(App):
         if self.last_answer is not None:
             self.copy_to_clipboard(clean_text(self.last_answer.answer))
             self.notify("answer copied")
+
+    # -- feedback on the last answer ------------------------------------------------------------------
+    def _judged(self) -> bool:
+        if self.last_answer is None or self.last_answer.audit_id is None:
+            self.notify("no answer to judge yet", severity="warning")
+            return False
+        return True
+
+    def action_judge(self, kind: str) -> None:
+        if self._judged():
+            self._feedback(kind)
+
+    def action_correct(self) -> None:
+        if self._judged():
+            def written(text: str | None) -> None:
+                if text:
+                    self._feedback("correction", correction=text)
+            self.push_screen(CorrectionScreen(self.last_answer.answer), written)
+
+    def action_irrelevant(self) -> None:
+        table = self.query_one("#sources", DataTable)
+        if self._judged() and table.row_count:
+            n = int(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+            self._feedback("irrelevant_source", source=n)
+
+    def action_missing(self) -> None:
+        if self._judged():
+            def picked(chunk_id: int | None) -> None:
+                if chunk_id:
+                    self._feedback("missing_source", chunk_id=chunk_id)
+            self.push_screen(SourcePickScreen(lambda q: self._call("search", lambda: self.backend.search(q, 8, None))),
+                             picked)
+
+    @work(thread=True, group="load")
+    def _feedback(self, kind: str, **fields) -> None:
+        done = self._call("feedback", lambda: self.backend.feedback(self.last_answer.audit_id, kind, **fields))
+        if done is not None:
+            self.post_message(Loaded("judged", done))
+            self._load_feedback()
+
+    @on(Input.Submitted, "#export-path")
+    @on(Button.Pressed, "#export-go")
+    def export_feedback(self) -> None:
+        path = self.query_one("#export-path", Input).value.strip()
+        if not path:
+            self.notify("give a directory to export to", severity="warning")
+            return
+        self._export(Path(path).expanduser())
+
+    @work(thread=True, group="load")
+    def _export(self, out: Path) -> None:
+        result = self._call("export", lambda: self.backend.feedback_export(out))
+        if result is not None:
+            self.post_message(Loaded("exported", result))
+            self._load_feedback()
+            self._load_audit()
 
     # -- documents ----------------------------------------------------------------------------------
     @on(Input.Submitted, "#ingest-path")
@@ -526,6 +682,19 @@ class OperatorApp(App):
                 detail = json.dumps(e["detail"], separators=(",", ":"))
                 table.add_row(str(e["id"]), e["time"], inert(e["user"]), e["action"], str(e["generation"] or "-"),
                               inert(detail[:120]))
+        elif what == "feedback":
+            table = self.query_one("#feedback-table", DataTable)
+            table.clear()
+            for f in reversed(data):  # newest first
+                table.add_row(str(f["id"]), f["time"], inert(f["user"]), f["kind"], str(f["answer_audit_id"]),
+                              "exported" if f["export_id"] else "pending", inert(f["question"][:80]))
+        elif what == "judged":
+            self.notify(f"feedback {data['id']} ({data['kind'].replace('_', ' ')}) recorded on answer "
+                        f"{data['answer_audit_id']}")
+        elif what == "exported":
+            counts = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in data["counts"].items())
+            self.query_one("#feedback-status", Static).update(
+                inert(f"exported {data['items']} items to {data['out']} ({counts}), signed; export {data['export_id']}"))
         elif what == "lookup":
             table = self.query_one("#lookup-table", DataTable)
             table.clear()
@@ -590,7 +759,7 @@ class OperatorApp(App):
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
         first = {"chat": "#question", "documents": "#ingest-path", "lookup": "#lookup-query", "model": "#bundle-path",
-                 "audit": "#audit-user"}
+                 "audit": "#audit-user", "feedback": "#export-path"}
         self.query_one(first[tab]).focus()
 
 
