@@ -23,12 +23,13 @@ DEMO_KEYS := build/demo-keys
 DEMO_BUNDLE := build/demo-bundle
 DEMO_DATA := builder/demo_data/corpus
 
-.PHONY: help setup deps demo-home demo test bench bench-avx512 llama-wheel lint clean
+.PHONY: help setup deps demo-home demo demo-feedback test bench bench-avx512 llama-wheel lint clean
 
 help:
 	@echo "make demo    set everything up, then open the operator UI over the demo bundle"
 	@echo "make test    set up what the tests need, then run them"
 	@echo "make setup   only the set-up (idempotent); make bench [bench-avx512 first]; make lint; make clean"
+	@echo "make demo-feedback   one turn of the adaptation loop: corrections -> export -> DPO -> bundle -> install"
 
 setup: deps demo-home
 
@@ -82,6 +83,10 @@ demo-home: $(DEMO_BUNDLE)/metadata/timestamp.json
 
 demo: setup
 	$(BIN)/appliance tui
+
+# Operators' corrections back into the model: signed export -> builder import -> DPO -> bundle -> install.
+demo-feedback: setup
+	$(BIN)/python demo/feedback_round_trip.py
 
 # pytest exits 5 when it collected nothing: that is a failure, never a pass.
 test: deps

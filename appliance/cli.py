@@ -448,7 +448,8 @@ def _print_answer(result, streamed: bool) -> None:
              f"{', '.join(f'[{n}]' for n in m['cited'])}; it is in {', '.join(f'[{n}]' for n in m['found_in'])}")
     t = result.timing
     _err(f"(retrieval {t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
-         f"{t['tokens_per_s'] or 0:.1f} tokens/s)")
+         f"{t['tokens_per_s'] or 0:.1f} tokens/s; audit id {result.audit_id}: "
+         f"`appliance feedback add {result.audit_id} --good` or `--correct TEXT`)")
 
 
 @cli.command()
@@ -473,13 +474,16 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
     if question is not None and not question.strip():
         raise click.UsageError("the question is empty; give one, or none for the interactive loop")
     app = _backend(ctx)
+    # Kept as a conversation: the interactive loop's follow-ups carry their context, and feedback on
+    # any answer finds its text (`appliance feedback add AUDIT_ID ...`).
+    conversation = app.new_conversation()
 
     def one(q: str) -> None:
         if as_json:
-            _echo_json(app.ask(q, collection, not no_rag, max_tokens, temperature).to_json())
+            _echo_json(app.ask(q, collection, not no_rag, max_tokens, temperature, conversation=conversation).to_json())
             return
         # Model output is text for a terminal: escape sequences and control characters never pass.
-        result = app.ask(q, collection, not no_rag, max_tokens, temperature,
+        result = app.ask(q, collection, not no_rag, max_tokens, temperature, conversation=conversation,
                          on_text=lambda piece: click.echo(clean_text(piece), nl=False))
         click.echo()
         _print_answer(result, streamed=True)
@@ -635,8 +639,8 @@ def feedback_group() -> None:
 
 @feedback_group.command("add")
 @click.argument("audit_id", type=int)
-@click.option("--good", "kind", flag_value="good", help="The answer was right.")
-@click.option("--bad", "kind", flag_value="bad", help="The answer was wrong (say how with --correct).")
+@click.option("--good", is_flag=True, help="The answer was right.")
+@click.option("--bad", is_flag=True, help="The answer was wrong (say how with --correct).")
 @click.option("--correct", "correction", metavar="TEXT", help="What the answer should have been.")
 @click.option("--irrelevant", "source", type=click.IntRange(1), metavar="N", help="Source [N] did not belong.")
 @click.option("--missing", "chunk_id", type=click.IntRange(1), metavar="CHUNK_ID",
@@ -646,7 +650,7 @@ def feedback_group() -> None:
 @click.option("--answer", help="Only for answers kept nowhere else: the answer, exactly as returned.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored feedback as JSON.")
 @click.pass_context
-def feedback_add(ctx, audit_id: int, kind: str | None, correction: str | None, source: int | None,
+def feedback_add(ctx, audit_id: int, good: bool, bad: bool, correction: str | None, source: int | None,
                  chunk_id: int | None, note: str | None, question: str | None, answer: str | None,
                  as_json: bool) -> None:
     """Judge the answer of audit row AUDIT_ID (printed with every answer; `appliance audit list --action ask`).
@@ -660,7 +664,7 @@ def feedback_add(ctx, audit_id: int, kind: str | None, correction: str | None, s
       appliance feedback add 42 --irrelevant 3
       appliance feedback add 42 --missing 117
     """
-    chosen = [k for k, v in (("good", kind == "good"), ("bad", kind == "bad"), ("correction", correction),
+    chosen = [k for k, v in (("good", good), ("bad", bad), ("correction", correction),
                              ("irrelevant_source", source), ("missing_source", chunk_id)) if v]
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of --good, --bad, --correct, --irrelevant, --missing")

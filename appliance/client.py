@@ -13,6 +13,7 @@ The socket is `$APPLIANCE_SOCKET`, else `$XDG_RUNTIME_DIR/appliance.sock`, else 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -95,14 +96,19 @@ class RemoteDraft:
         return self.summary_json
 
 
+def _sse(response):
+    """The JSON events of a server-sent event stream; an error event is raised as ServiceError."""
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise ServiceError(event["error"]["message"], "see the service's log")
+            yield event
+
+
 def _events(response, progress: Callable | None):
     """Read a progress stream (service.progress_events): report each event, return the result."""
-    for line in response.iter_lines():
-        if not line.startswith("data: "):
-            continue
-        event = json.loads(line[6:])
-        if "error" in event:
-            raise ServiceError(event["error"]["message"], "see the service's log")
+    for event in _sse(response):
         if "result" in event:
             return event["result"]
         if progress:
@@ -131,11 +137,17 @@ class ServiceClient:
                                "see `journalctl -u appliance` or the `appliance serve` output")
         return response.json()
 
-    def _stream(self, method: str, url: str, progress: Callable | None = None, **kwargs):
+    @contextlib.contextmanager
+    def _open(self, method: str, url: str, **kwargs):
+        """A streamed response, its error (if any) raised as the service worded it."""
         with self.http.stream(method, url, **kwargs) as r:
             if r.status_code >= 400:
                 r.read()
                 self._check(r)
+            yield r
+
+    def _stream(self, method: str, url: str, progress: Callable | None = None, **kwargs):
+        with self._open(method, url, **kwargs) as r:
             return _events(r, progress)
 
     def status(self) -> dict:
@@ -255,16 +267,8 @@ class ServiceClient:
                 **({"max_tokens": max_tokens} if max_tokens else {}),
                 **({"temperature": temperature} if temperature is not None else {})}
         pieces, final = [], None
-        with self.http.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code >= 400:
-                r.read()
-                self._check(r)
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise ServiceError(event["error"]["message"], "see the service's log")
+        with self._open("POST", "/v1/chat/completions", json=body) as r:
+            for event in _sse(r):
                 delta = event["choices"][0]["delta"].get("content")
                 if delta:
                     pieces.append(delta)

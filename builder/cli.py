@@ -55,8 +55,11 @@ def cli() -> None:
 @click.option("--feedback", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="A dataset from `builder feedback import`: go on with DPO on the operators' corrections, ship "
                    "that model, and report the corrected questions before and after.")
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False),
+              help="Work directory of the stages (default: .<out>.work beside --out); with --feedback, point it at "
+                   "the first run's to reuse its stages.")
 def demo(out: Path, shape: str, minutes: float, embedder_dir: Path | None, corpus: Path | None, seed: int,
-         quick: bool, feedback: Path | None) -> None:
+         quick: bool, feedback: Path | None, work: Path | None) -> None:
     """The whole chain on the demo corpus, on CPU, into a generation directory the appliance installs.
 
     Writes training data and a pipeline to `.<out>.work/` (pipeline.yaml there is an editable
@@ -72,7 +75,7 @@ def demo(out: Path, shape: str, minutes: float, embedder_dir: Path | None, corpu
     from builder import demo as demo_mod
 
     result = demo_mod.build(out, shape=shape, minutes=minutes, embedder_dir=embedder_dir, corpus=corpus,
-                            seed=seed, quick=quick, feedback=feedback)
+                            seed=seed, quick=quick, feedback=feedback, work=work)
     if feedback is not None:
         before, after = result["feedback"]["before"], result["feedback"]["after"]
         click.echo(f"corrected questions answered exactly (with retrieval): {before['exact_with_retrieval']:.0%} "

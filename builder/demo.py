@@ -305,16 +305,20 @@ def prepare(work: Path, out: Path, *, corpus_dir: Path, shape: str, minutes: flo
 
 
 def feedback_stages(dataset: Path, lora: dict, quick: bool, corpus_dir: Path, embedder: str, seed: int) -> list[dict]:
-    """After the demo chain: DPO on the operators' corrections (chosen = the correction, rejected = what
-    the model said), exported, and the corrected questions answered by the model before and after."""
+    """After the demo chain, the operators' corrections: SFT on the corrected answers (in the prompts
+    the model saw, sources included), then DPO with the correction chosen over what the model said;
+    exported, and the corrected questions answered by the model before and after."""
     questions = dataset / "questions.jsonl"
     ask = {"questions": str(questions), "corpus": [str(corpus_dir)], "embedder": embedder,
            "max_tokens": 16 if quick else 64, "task_quants": ["Q8_0"], "gate": {"max_ppl_increase": None}}
     return [
+        {"name": "sft-feedback", "stage": "sft", "config": {
+            "model": "@merge", "datasets": [str(dataset / "sft.jsonl")], "lora": lora, "max_length": 1024,
+            "batch_size": 4, "steps": 4 if quick else 30, "learning_rate": 1e-3, "warmup_steps": 0, "seed": seed}},
         {"name": "align-feedback", "stage": "align", "config": {
-            "model": "@merge", "datasets": [str(dataset / "dpo.jsonl")], "generate_rejected": "never", "lora": lora,
-            "beta": 0.1, "max_length": 1024, "batch_size": 2, "steps": 6 if quick else 40,
-            "learning_rate": 5e-4, "warmup_steps": 0, "seed": seed}},
+            "model": "@sft-feedback", "datasets": [str(dataset / "dpo.jsonl")], "generate_rejected": "never",
+            "lora": lora, "beta": 0.1, "max_length": 1024, "batch_size": 2, "steps": 3 if quick else 10,
+            "learning_rate": 5e-5, "warmup_steps": 0, "seed": seed}},
         {"name": "export-feedback", "stage": "export", "config": {"model": "@align-feedback", "quants": ["Q8_0"]}},
         {"name": "eval-feedback-before", "stage": "eval", "config": {"export": "@export", **ask}},
         {"name": "eval-feedback-after", "stage": "eval", "config": {"export": "@export-feedback", **ask}},

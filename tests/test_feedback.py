@@ -206,7 +206,7 @@ def test_round_trip_correction_to_dpo_to_an_installed_bundle(site, tmp_path, tin
     generation = tmp_path / "generation"
     result = build(generation, shape="tiny", quick=True, embedder_dir=embedder_dir, feedback=dataset, work=work)
     ran = {name for name, st in result["stages"].items() if not st.get("skipped")}
-    assert {"align-feedback", "export-feedback", "eval-feedback-after"} <= ran and "pretrain" not in ran
+    assert {"sft-feedback", "align-feedback", "export-feedback", "eval-feedback-after"} <= ran and "pretrain" not in ran
     before, after = result["feedback"]["before"], result["feedback"]["after"]
     assert before["questions"] == after["questions"] == 1
     align = json.loads((work / "stages" / "align-feedback" / "lineage.json").read_text())
@@ -229,3 +229,26 @@ def test_round_trip_correction_to_dpo_to_an_installed_bundle(site, tmp_path, tin
     status = json.loads(runner.invoke(appliance_cli, [*home, "status", "--json"]).stdout)
     assert status["generation"] == 2 and status["version"] == 1
     assert status["lineage"]["stages"]["align-feedback"]["feedback_exports"][0]["export_id"] == export_id
+
+
+def test_cli_ask_then_feedback_list_and_export(site, tmp_path):
+    """`appliance ask` keeps its answers in a conversation, so the audit id it prints is enough."""
+    from appliance.cli import cli as appliance_cli
+
+    runner = CliRunner()
+    home = ["--home", str(site["home"]), "--local"]
+    r = runner.invoke(appliance_cli, [*home, "ask", QUESTION, "--max-tokens", "6"])
+    assert r.exit_code == 0, r.output
+    audit_id = int(r.stderr.rsplit("audit id ", 1)[1].split(":")[0])
+    assert runner.invoke(appliance_cli, [*home, "feedback", "add", str(audit_id), "--good", "--bad"]).exit_code == 2
+    r = runner.invoke(appliance_cli, [*home, "feedback", "add", str(audit_id), "--correct", CORRECTION, "--json"])
+    assert r.exit_code == 0, r.output
+    listed = json.loads(runner.invoke(appliance_cli, [*home, "feedback", "list", "--pending", "--json"]).stdout)
+    assert listed["items"][-1]["correction"] == CORRECTION and len(listed["items"]) == 5
+    r = runner.invoke(appliance_cli, [*home, "feedback", "export", "--out", str(tmp_path / "usb"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["counts"]["dpo.jsonl"] == 2
+    r = runner.invoke(appliance_cli, [*home, "feedback", "export", "--out", str(tmp_path / "usb2")])
+    assert r.exit_code == ExitCode.FEEDBACK and "no feedback to export" in r.output
+    status = runner.invoke(appliance_cli, [*home, "status"]).stdout
+    assert "signing key " + identity.load(site["home"]).key_id in status

@@ -43,6 +43,18 @@ async def _ask(pilot, app, question: str) -> None:
     await _settle(pilot, app, until=lambda: app.last_answer is not None)
 
 
+async def _ingest_rfps(pilot, app, corpus_copy: Path) -> DataTable:
+    """The three demo RFPs into a new collection from the documents screen; the table then lists 13."""
+    await pilot.press("f3")
+    app.query_one("#ingest-path", Input).value = str(corpus_copy / "rfps")
+    app.query_one("#ingest-collection", Input).value = "new-rfps"
+    app.query_one("#ingest-path", Input).focus()
+    await pilot.press("enter")
+    table = app.query_one("#documents-table", DataTable)
+    await _settle(pilot, app, until=lambda: table.row_count == 13)
+    return table
+
+
 async def test_chat_round_trip_shows_sources_and_keeps_history(ui_home):
     app = _app(ui_home)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -136,13 +148,7 @@ async def test_documents_ingest_with_progress_then_remove_after_confirmation(ui_
     app = _app(ui_home)
     async with app.run_test(size=(120, 40)) as pilot:
         await _settle(pilot, app)
-        await pilot.press("f3")
-        app.query_one("#ingest-path", Input).value = str(corpus_copy / "rfps")
-        app.query_one("#ingest-collection", Input).value = "new-rfps"
-        app.query_one("#ingest-path", Input).focus()
-        await pilot.press("enter")
-        table = app.query_one("#documents-table", DataTable)
-        await _settle(pilot, app, until=lambda: table.row_count == 13)
+        table = await _ingest_rfps(pilot, app, corpus_copy)
         bar = app.query_one("#ingest-progress")
         assert bar.progress == bar.total
         table.focus()
@@ -255,13 +261,7 @@ async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monke
             app.last_answer = None
             await _ask(pilot, app, "And its duties?")
             # ingest: the UI reads the files and uploads them
-            await pilot.press("f3")
-            app.query_one("#ingest-path", Input).value = str(corpus_copy / "rfps")
-            app.query_one("#ingest-collection", Input).value = "new-rfps"
-            app.query_one("#ingest-path", Input).focus()
-            await pilot.press("enter")
-            table = app.query_one("#documents-table", DataTable)
-            await _settle(pilot, app, until=lambda: table.row_count == 13)
+            await _ingest_rfps(pilot, app, corpus_copy)
             # lookup, then a draft with progress
             await pilot.press("f4")
             await pilot.press(*"15-12", "enter")
