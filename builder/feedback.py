@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import identity
 from appliance.documents import CODE_RE
 from appliance.errors import FeedbackError
 from appliance.feedback import FILES, verify_export
+from appliance.identity import key_id, load_public
 
 IMPORTS = "imports.json"
 QUESTIONS = "questions.jsonl"
@@ -40,10 +40,10 @@ def trusted_keys(paths: list[Path]) -> dict:
     keys = {}
     for path in paths:
         try:
-            key = identity.load_public(path.read_bytes(), str(path))
+            key = load_public(path.read_bytes(), str(path))
         except OSError as exc:
             raise FeedbackError(f"{path}: cannot read ({exc.strerror})", "give the appliance.pub file") from exc
-        keys[identity.key_id(key)] = key
+        keys[key_id(key)] = key
     return keys
 
 

@@ -50,12 +50,13 @@ def test_appliance_imports_no_training_stack_and_works_offline(demo_home):
 def test_builder_uses_only_the_appliances_contract_modules():
     """DESIGN section 2: builder -> appliance only through the contract (plus `embed` to check its export).
     `builder eval` alone also runs the appliance's own ingest, search and answer code (issue 3: accuracy
-    is measured through what the operator will run)."""
+    is measured through what the operator will run). The feedback export's format and its check
+    (`feedback`, with `identity` for the keys) are contract too: written on one side, read on the other."""
     import ast
     from pathlib import Path
 
     allowed = {"appliance.manifest", "appliance.prompt", "appliance.documents", "appliance.errors",
-               "appliance.embed"}
+               "appliance.embed", "appliance.feedback", "appliance.identity"}
     eval_only = {"appliance.store", "appliance.ingest", "appliance.rag", "appliance.engine"}
     used = set()
     for path in (Path(__file__).resolve().parent.parent / "builder").rglob("*.py"):

@@ -325,7 +325,7 @@ def test_stored_conversations_lookup_bundles_and_draft_routes(served):
         stored = conn.execute("SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id",
                               (conversation,)).fetchall()
         user = conn.execute("SELECT user FROM conversations WHERE id = ?", (conversation,)).fetchone()[0]
-        drafted = json.loads(next(iter(audit.rows(conn, "draft")))["detail"])
+        drafted = json.loads(next(iter(audit.rows(conn, "draft", limit=1)))["detail"])
     assert [r for r, _ in stored] == ["user", "assistant", "user", "assistant"]
     assert stored[2][1] == "And its title?"
     assert user == audit.os_user()  # from the socket's peer credentials

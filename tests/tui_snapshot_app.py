@@ -57,7 +57,10 @@ class SnapshotApp(OperatorApp):
 
     def on_mount(self) -> None:  # runs after OperatorApp.on_mount (Textual calls each class's handler)
         self.busy = True
-        from textual.widgets import Static
+        from textual.widgets import Input, Static
+
+        for field in self.query(Input):  # a blinking cursor would be caught on or off by chance
+            field.cursor_blink = False
 
         from tui.app import inert
 
