@@ -311,9 +311,12 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
         stop = threading.Event()
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.conversation is not None:
-            if await worker.submit(lambda: app.store.conversation_user(body.conversation)) is None:
+            owner = await worker.submit(lambda: app.store.conversation_user(body.conversation))
+            if owner is None:
                 raise ApiError(404, f"no conversation {body.conversation}; create one with POST "
                                     "/appliance/conversations", "not_found")
+            if owner != (user or "unknown"):  # its turns would come back in the answer's context
+                raise ApiError(403, f"conversation {body.conversation} belongs to another user", "forbidden")
             history = None  # the stored turns are the history
 
         def ask(**streaming):

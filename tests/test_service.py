@@ -251,6 +251,11 @@ def test_tcp_listener_needs_a_bearer_token(tmp_path, demo_home):
             r = http.post("/v1/chat/completions", headers=auth, json={
                 "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4})
             audit_id = r.json()["audit_id"]
+            theirs = http.post("/appliance/conversations", headers=auth).json()["id"]
+        with uds_client(sock) as unix:  # another user may not continue (and so read) that conversation
+            r = unix.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "and?"}],
+                                                        "conversation": theirs, "max_tokens": 4})
+            assert r.status_code == 403 and "belongs to another user" in r.json()["error"]["message"]
         with uds_client(sock) as unix:  # the Unix socket needs no token: the kernel names the caller
             row = next(x for x in unix.get("/appliance/audit", params={"action": "ask"}).json()["rows"]
                        if x["id"] == audit_id)
