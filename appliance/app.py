@@ -19,7 +19,6 @@ from appliance.config import Settings
 from appliance.errors import ApplianceError, FeedbackError, IngestError, NotFoundError
 from appliance.ingest import IngestReport, ingest
 from appliance.manifest import sha256_file
-from appliance.prompt import source_title
 from appliance.store import Store
 
 
@@ -308,8 +307,7 @@ class Appliance:
             found = self.store.chunks([chunk_id]).get(chunk_id) if chunk_id else None
             if found is None:
                 raise FeedbackError(f"no chunk {chunk_id}", "find it with `appliance search` (chunk_id in --json)")
-            chunk = {"chunk_id": found.chunk_id, "doc_sha256": found.doc_sha256, "source": found.source,
-                     "title": source_title(found.title, found.heading), "text": found.text}
+            chunk = feedback.chunk_json(found)
         who = user or audit.os_user()
         fid = feedback.add(self.store.conn, user=who, answer_audit_id=answer_audit_id, kind=kind, question=asked,
                            answer=answered, sources=sources, correction=correction.strip() if correction else None,
@@ -404,18 +402,18 @@ class Appliance:
         max_tokens = max_tokens or self.settings.max_tokens
         given = history
         history, earlier = self._history(history, max_tokens) if history else (history, [])
+        # A follow-up keeps its earlier sources; follow_up_k new ones join them (searched for past those).
+        follow_up = use_rag and bool(earlier)
         start = time.perf_counter()
-        hits = self.search(question, collection=collection) if use_rag and not earlier else []
-        if use_rag and earlier:  # a follow-up: its earlier sources stay; a few new ones join them
-            shown = {h.chunk_id for h in earlier}
-            hits = [h for h in self.search(question, k=self.settings.follow_up_k + len(earlier), collection=collection)
-                    if h.chunk_id not in shown][:self.settings.follow_up_k]
+        hits = self.search(question, k=self.settings.follow_up_k + len(earlier) if follow_up else None,
+                           collection=collection) if use_rag else []
         retrieval_ms = (time.perf_counter() - start) * 1000
         result = rag.answer(self.engine, question, hits, self.model_info(), n_ctx=self.engine.n_ctx,
                             max_tokens=max_tokens,
                             temperature=self.settings.temperature if temperature is None else temperature,
                             rag=use_rag, retrieval_ms=retrieval_ms, on_text=on_text, history=history,
-                            should_stop=should_stop, earlier=earlier if use_rag else None)
+                            should_stop=should_stop, earlier=earlier if use_rag else None,
+                            new_sources=self.settings.follow_up_k if follow_up else None)
         if not result.stopped:
             self.turns.remember(question, result)
         detail = {"question_sha256": audit.sha256_text(question), "answer_sha256": audit.sha256_text(result.answer),

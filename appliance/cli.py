@@ -59,16 +59,14 @@ def _service(ctx: click.Context):
     if ctx.obj.get("local"):
         return None
     from appliance.client import ServiceClient, find_socket
+    from appliance.config import default_home
 
     path = find_socket()
     if path is None:
         return None
     client = ServiceClient(path)
     ctx.call_on_close(client.close)
-    from appliance.config import default_home
-
-    home = Path(ctx.obj.get("home") or default_home())
-    if home.resolve() != Path(client.status()["home"]).resolve():
+    if Path(ctx.obj.get("home") or default_home()).resolve() != client.home().resolve():
         return None  # the service serves another home
     return client
 
@@ -287,12 +285,14 @@ def ingest(ctx, paths: tuple[Path, ...], collection: str, as_json: bool) -> None
     Example:
       appliance ingest proposals/ labor_categories.csv --collection reference
     """
-    app = _backend(ctx)
-    if not hasattr(app, "ready_index"):  # the service re-embeds when it must; the files are sent to it
-        _err(f"ingesting through the service at {app.path}")
-    elif reindexed := app.ready_index(_Progress("re-embedding")):
-        _err(f"re-embedded {reindexed} chunks for embedder {app.embedder.name}")
-    report = app.ingest(list(paths), collection, progress=_Progress("ingesting"))
+    backend = _service(ctx)
+    if backend is not None:  # the service re-embeds when it must; the files are sent to it
+        _err(f"ingesting through the service at {backend.path}")
+    else:
+        backend = _app(ctx)
+        if reindexed := backend.ready_index(_Progress("re-embedding")):
+            _err(f"re-embedded {reindexed} chunks for embedder {backend.embedder.name}")
+    report = backend.ingest(list(paths), collection, progress=_Progress("ingesting"))
     if as_json:
         _echo_json(report.to_json())
     else:

@@ -83,17 +83,19 @@ def _hit(data: dict) -> SimpleNamespace:
 
 @dataclass
 class RemoteDraft:
-    """What `appliance draft` writes and prints, as the service returned it."""
+    """What `appliance draft` writes and prints, as the service returned it: the markdown and the
+    summary, which holds the rest."""
 
     markdown: str
     summary_json: dict
-    gaps: list
-    unknown_codes: list
-    staffing: list
-    sources: list
 
     def summary(self) -> dict:
         return self.summary_json
+
+    def __getattr__(self, name: str):  # gaps, unknown_codes, staffing, sources
+        if name in ("gaps", "unknown_codes", "staffing", "sources"):
+            return self.summary_json[name]
+        raise AttributeError(name)
 
 
 def _sse(response):
@@ -149,6 +151,9 @@ class ServiceClient:
     def _stream(self, method: str, url: str, progress: Callable | None = None, **kwargs):
         with self._open(method, url, **kwargs) as r:
             return _events(r, progress)
+
+    def home(self) -> Path:
+        return Path(self._check(self.http.get("/appliance/home"))["home"])
 
     def status(self) -> dict:
         return self._check(self.http.get("/appliance/status"))
@@ -217,9 +222,8 @@ class ServiceClient:
         checked where the files are)."""
         result = self._stream("POST", "/appliance/bundles/install", progress,
                               json={"path": str(directory.resolve()), "allow_downgrade": allow_downgrade})
-        info = result.pop("bundle", None)
-        return SimpleNamespace(**result, number=result.pop("generation"),
-                               info=SimpleNamespace(**info) if info else None)
+        info, number = result.pop("bundle", None), result.pop("generation")
+        return SimpleNamespace(**result, number=number, info=SimpleNamespace(**info) if info else None)
 
     def feedback(self, answer_audit_id: int, kind: str, **fields) -> dict:
         body = {"audit_id": answer_audit_id, "kind": kind, **{k: v for k, v in fields.items() if v is not None}}
@@ -250,9 +254,7 @@ class ServiceClient:
         params = {"name": str(rfp.resolve()), **({"collection": collections} if collections else {}),
                   **({"max_tokens": max_tokens} if max_tokens else {})}
         result = self._stream("POST", "/appliance/draft", progress, content=rfp.read_bytes(), params=params)
-        summary = result["summary"]
-        return RemoteDraft(result["markdown"], summary, result["gaps"], result["unknown_codes"],
-                           summary["staffing"], summary["sources"])
+        return RemoteDraft(result["markdown"], result["summary"])
 
     def search(self, query: str, k: int, collection: str | None) -> list:
         params = {"q": query, "k": k, **({"collection": collection} if collection else {})}
@@ -286,4 +288,4 @@ class ServiceClient:
                             unverified_codes=final.get("unverified_codes", []),
                             miscited_codes=final.get("miscited_codes", []),
                             timing=appliance.get("timing", {}), audit_id=final.get("audit_id"),
-                            model={"name": final.get("model"), "generation": appliance.get("generation")})
+                            model=appliance.get("model", {}))

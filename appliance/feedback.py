@@ -17,7 +17,7 @@ The export (format `appliance-feedback/1`) is a directory:
   manifest.json    export id, creation time, the appliance's key id and public key, every file's
                    sha256/bytes/records, counts, feedback ids, models judged
   manifest.sig     base64 ed25519 signature of manifest.json's exact bytes (appliance.identity)
-Every record carries `feedback`: {id, kind, answer_audit_id, model_sha256, generation}. Nothing
+Every record carries `feedback`: {id, kind, answer_audit_id, model_sha256, generation, question}. Nothing
 else leaves: no document text beyond the sources shown with the answers that were judged.
 `verify_export` is the builder's check of all of this; it lives here, beside the writer.
 """
@@ -67,8 +67,10 @@ class Item:
         return dict(vars(self))
 
     def tag(self) -> dict:
+        """What every exported record says of where it came from (the question as asked, for the
+        builder's held-out split and eval questions)."""
         return {"id": self.id, "kind": self.kind, "answer_audit_id": self.answer_audit_id,
-                "model_sha256": self.model_sha256, "generation": self.generation}
+                "model_sha256": self.model_sha256, "generation": self.generation, "question": self.question}
 
     def prompt(self) -> list[dict] | None:
         """The messages the model answered, rebuilt from the sources; None when a source's text is gone."""
@@ -114,6 +116,12 @@ def answer_texts(conn, audit_id: int, detail: dict, question: str | None, answer
     return question, answer
 
 
+def chunk_json(row) -> dict:
+    """A chunk as feedback keeps it: what the operator saw of it, titled as in the prompt."""
+    return {"chunk_id": row.chunk_id, "doc_sha256": row.doc_sha256, "source": row.source,
+            "title": source_title(row.title, row.heading), "text": row.text}
+
+
 def answer_sources(store, detail: dict) -> list[dict]:
     """The sources an answer was given, numbered as the model saw them; `text` None when the
     document changed or was removed since."""
@@ -122,11 +130,10 @@ def answer_sources(store, detail: dict) -> list[dict]:
     sources = []
     for n, ref in enumerate(refs, start=1):
         row = rows.get(ref["chunk_id"])
-        current = row is not None and row.doc_sha256 == ref["doc_sha256"]
-        sources.append({"n": n, "chunk_id": ref["chunk_id"], "doc_sha256": ref["doc_sha256"],
-                        "source": row.source if row else None,
-                        "title": source_title(row.title, row.heading) if row else None,
-                        "text": row.text if current else None})
+        shown = chunk_json(row) if row else {"source": None, "title": None}
+        if row is None or row.doc_sha256 != ref["doc_sha256"]:
+            shown["text"] = None
+        sources.append({**shown, "n": n, "chunk_id": ref["chunk_id"], "doc_sha256": ref["doc_sha256"]})
     return sources
 
 

@@ -150,14 +150,16 @@ def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: in
 def answer(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
            max_tokens: int, temperature: float, rag: bool = True, retrieval_ms: float = 0.0,
            on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
-           should_stop: Callable[[], bool] | None = None, earlier: list[Hit] | None = None) -> Answer:
+           should_stop: Callable[[], bool] | None = None, earlier: list[Hit] | None = None,
+           new_sources: int | None = None) -> Answer:
     """`earlier`: the sources numbered in the history's questions (see TurnMemory); they keep their
-    numbers, only new hits are added to the prompt, numbered after them, and [n] maps over all."""
+    numbers, only hits not among them are added to the prompt (at most `new_sources`), numbered after
+    them, and [n] maps over all."""
     earlier = earlier or []
     budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], rag)[0]["content"]) - 32
     budget -= sum(generator.count_tokens(m["content"]) + 8 for m in history or [])
     shown = {h.chunk_id for h in earlier}
-    hits = [h for h in hits if h.chunk_id not in shown]
+    hits = [h for h in hits if h.chunk_id not in shown][:new_sources]
     sources = fit_sources(hits, question, generator, budget, first=len(earlier) + 1) if rag else []
     hits = earlier + hits[: len(sources)]
     messages = build_messages(question, sources, rag, history, more=bool(earlier))

@@ -301,7 +301,8 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
                 "citations": answer.citations, "sources": answer.to_json()["sources"],
                 "unverified_codes": answer.unverified_codes, "unknown_citations": answer.unknown_citations,
                 "miscited_codes": answer.miscited_codes, "audit_id": answer.audit_id,
-                "appliance": {"generation": answer.model.get("generation"), "timing": answer.timing}}
+                "appliance": {"generation": answer.model.get("generation"), "model": answer.model,
+                              "timing": answer.timing}}
 
     @api.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -388,6 +389,12 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
                           "total_tokens": sum(len(t.split()) for t in texts)}}
 
     # -- appliance routes --------------------------------------------------------------------------
+    @api.get("/appliance/home")
+    async def home():
+        """Which home this service serves, answered at once (not behind the model): how the CLI
+        decides whether to use it."""
+        return {"home": str(app.settings.home)}
+
     @api.get("/appliance/status")
     async def status():
         return await worker.submit(app.status)
@@ -402,7 +409,7 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
     @api.post("/appliance/conversations")
     async def new_conversation(request: Request):
         user = _user(request) or "unknown"
-        return {"id": await worker.submit(lambda: app.store.new_conversation(user))}
+        return {"id": await worker.submit(lambda: app.new_conversation(user))}
 
     @api.get("/appliance/lookup")
     async def lookup(q: str, collection: str | None = None, limit: int = Query(default=20, ge=1, le=1000)):
@@ -410,7 +417,7 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
 
     @api.get("/appliance/documents")
     async def documents(collection: str | None = None):
-        rows = await worker.submit(lambda: app.store.list_documents(collection))
+        rows = await worker.submit(lambda: app.documents(collection))
         return {"documents": [vars(r) for r in rows]}
 
     @api.post("/appliance/documents")
@@ -439,9 +446,7 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
 
         def work(report):
             result = app.draft_upload(name, data, collection, max_tokens, progress=report, user=user)
-            return {"markdown": result.markdown, "summary": result.summary(), "gaps": result.gaps,
-                    "unknown_codes": result.unknown_codes, "staffing": len(result.staffing),
-                    "sources": len(result.sources)}
+            return {"markdown": result.markdown, "summary": result.summary()}
         return progress_events(worker, work)
 
     @api.delete("/appliance/documents/{doc_id}")
@@ -494,10 +499,7 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
 
     @api.get("/appliance/bundles")
     async def bundle_list():
-        from appliance import bundle
-
-        return await worker.submit(lambda: {"generations": bundle.history(app.settings.home),
-                                            "trusted_version": bundle.trusted_version(app.settings.home)})
+        return await worker.submit(app.generations)
 
     @api.post("/appliance/bundles/verify")
     async def bundle_verify(body: BundleRequest):

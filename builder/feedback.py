@@ -4,7 +4,8 @@ Each export directory is checked first (appliance.feedback.verify_export: signed
 appliance key, every file's sha256, nothing missing or extra) and refused whole otherwise, naming
 the file. An export already imported (same export id) is skipped as a replay; records already in
 the dataset (same content, whichever export brought them) are skipped as duplicates. Each question
-falls into `heldout/` or not by a hash of its text, so its records stay on one side across imports.
+falls into `heldout/` or not by a hash of its text (every record names it, `feedback.question`), so
+all its records stay on one side, across files and across imports.
 
 The dataset directory:
   sft.jsonl, dpo.jsonl        for `builder sft` / `builder align` (`datasets:`)
@@ -53,14 +54,6 @@ def record_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def question_of(name: str, record: dict) -> str:
-    if name == "sft.jsonl":
-        return next((m["content"] for m in reversed(record["messages"]) if m["role"] == "user"), "")
-    if name == "dpo.jsonl":
-        return record["prompt"][-1]["content"]
-    return record.get("query") or record.get("question") or ""
-
-
 def heldout(question: str, fraction: float) -> bool:
     digest = hashlib.sha256(question.strip().lower().encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
@@ -71,9 +64,8 @@ def eval_question(record: dict) -> dict | None:
     codes = list(dict.fromkeys(CODE_RE.findall(record["chosen"])))
     if not codes:
         return None
-    question = record["prompt"][-1]["content"].rsplit("Question: ", 1)[-1]
-    return {"id": f"feedback-{record['feedback']['id']}-{record_key(record)[:8]}", "question": question,
-            "must_contain": codes, "kind": "feedback"}
+    return {"id": f"feedback-{record['feedback']['id']}-{record_key(record)[:8]}",
+            "question": record["feedback"]["question"], "must_contain": codes, "kind": "feedback"}
 
 
 @dataclass
@@ -119,7 +111,7 @@ def import_exports(directories: list[Path], trust: list[Path], out: Path, heldou
                         report.duplicates += target == name
                         continue
                     seen.add(key)
-                    split = "heldout" if heldout(question_of(name, record), heldout_fraction) else ""
+                    split = "heldout" if heldout(record["feedback"]["question"], heldout_fraction) else ""
                     existing[(split, target)].append(row)
                     report.added[target] += 1
         entry = {"export_id": export_id, "directory": str(export.directory.resolve()),

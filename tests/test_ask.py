@@ -142,7 +142,8 @@ def test_follow_up_keeps_earlier_sources_numbered_and_adds_only_new_ones(app):
 def test_follow_up_prompt_extends_the_cached_one(demo_home, monkeypatch):
     """With the real model: the follow-up's prompt starts with the whole first exchange as the model
     saw it (sources included), so llama.cpp keeps it in the KV cache and reads only what is new."""
-    with Appliance(load_settings(home=demo_home, top_k=2)) as app:  # two turns fit the tiny model's context
+    # two sources a turn: two turns fit the tiny model's context
+    with Appliance(load_settings(home=demo_home, top_k=2, follow_up_k=1)) as app:
         _follow_up(app, monkeypatch)
 
 
@@ -156,6 +157,8 @@ def _follow_up(app, monkeypatch):
     second = app.ask("And for a Cloud Architect?", conversation=conversation, max_tokens=8, temperature=0)
     assert rendered[1].startswith(rendered[0] + first.raw)
     assert second.earlier == len(first.sources) > 0
+    assert len(second.sources) == second.earlier + 1  # follow_up_k new ones, none repeated
+    assert rendered[1][len(rendered[0]):].count("<source n=") == 1
     assert [h.chunk_id for h in second.sources[:second.earlier]] == [h.chunk_id for h in first.sources]
     row = app.store.conn.execute("SELECT detail FROM audit WHERE id = ?", (second.audit_id,)).fetchone()
     assert json.loads(row[0])["earlier_sources"] == second.earlier

@@ -252,3 +252,21 @@ def test_cli_ask_then_feedback_list_and_export(site, tmp_path):
     assert r.exit_code == ExitCode.FEEDBACK and "no feedback to export" in r.output
     status = runner.invoke(appliance_cli, [*home, "status"]).stdout
     assert "signing key " + identity.load(site["home"]).key_id in status
+
+
+def test_held_out_split_keeps_each_question_on_one_side_in_every_file(site, tmp_path):
+    from builder.feedback import heldout
+
+    out = _export(site, tmp_path)
+    questions = [QUESTION, "Which roles need a security clearance?"]
+    # a share between the two questions' hash positions puts exactly one of them in heldout/
+    low, high = sorted(next(f / 1000 for f in range(1001) if heldout(q, f / 1000)) for q in questions)
+    dataset = tmp_path / "dataset"
+    import_exports([out], [site["home"] / "identity" / "appliance.pub"], dataset, heldout_fraction=(low + high) / 2)
+    sides = {}
+    for split in ("", "heldout"):
+        for name in ("sft.jsonl", "dpo.jsonl", "retrieval.jsonl", "ratings.jsonl"):
+            for line in (dataset / split / name).read_text().splitlines():
+                sides.setdefault(json.loads(line)["feedback"]["question"], set()).add(split)
+    assert set(sides) == set(questions) and all(len(s) == 1 for s in sides.values())
+    assert {next(iter(s)) for s in sides.values()} == {"", "heldout"}

@@ -150,6 +150,19 @@ def test_queue_full_gets_503_with_retry_after(tmp_path, demo_home):
         def post():
             with uds_client(sock) as http:
                 return http.post("/v1/chat/completions", json=body)
+        with uds_client(sock) as http, http.stream("POST", "/v1/chat/completions",
+                                                    json={**body, "stream": True, "max_tokens": 500}) as gen:
+            lines = gen.iter_lines()
+            assert gen.status_code == 200 and next(lines).startswith("data: ")
+            next(lines)  # the model is generating: the worker is taken
+            with uds_client(sock) as other:  # the CLI's "which home?" never waits behind the model
+                assert other.get("/appliance/status").status_code == 503
+                assert other.get("/appliance/home").json()["home"] == str(home)
+        with uds_client(sock) as http:  # the disconnected answer stops at its next token; then the worker is free
+            deadline = time.monotonic() + 30
+            while http.get("/appliance/status").status_code == 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda _: post(), range(6)))
         codes = sorted(r.status_code for r in responses)
@@ -208,6 +221,9 @@ def test_cli_uses_the_running_service(served):
     with uds_client(sock) as http:
         newest = http.get("/appliance/audit", params={"action": "ask", "limit": 1}).json()["rows"][0]
     assert newest["id"] == answer["audit_id"] and answer["sources"]  # the service answered it
+    local = json.loads(runner.invoke(cli, ["--home", str(home), "--local", "status", "--json"]).stdout)
+    assert answer["model"] == {"name": local["model"]["name"], "sha256": local["model"]["sha256"],
+                               "quant": local["model"]["quant"], "generation": local["generation"]}
     r = runner.invoke(cli, ["--home", str(home), "ask", QUESTION, "--max-tokens", "8"])
     assert r.exit_code == 0 and "Sources:" in r.stdout
     r = runner.invoke(cli, ["--home", str(home), "search", "15-1242.00", "--json"])

@@ -349,29 +349,34 @@ class OperatorApp(App):
                 self.post_message(Failed(where, f"{exc.strerror or exc}"))
         return None
 
+    def _load(self, what: str, fn, where: str | None = None):
+        """`_call`, then the result (if any) to the screen as Loaded(`what`); returns it."""
+        result = self._call(where or what, fn)
+        if result is not None:
+            self.post_message(Loaded(what, result))
+        return result
+
+    def _path(self, field: str, asking: str) -> Path | None:
+        """The path typed in `field`, or None after asking for one."""
+        typed = self.query_one(field, Input).value.strip()
+        if not typed:
+            self.notify(f"give {asking}", severity="warning")
+            return None
+        return Path(typed).expanduser()
+
     @work(thread=True, group="load")
     def refresh_all(self) -> None:
-        status = self._call("status", self.backend.status)
-        if status is not None:
-            self.post_message(Loaded("status", status))
-        generations = self._call("generations", self.backend.generations)
-        if generations is not None:
-            self.post_message(Loaded("generations", generations["generations"]))
-        docs = self._call("documents", self.backend.documents)
-        if docs is not None:
-            self.post_message(Loaded("documents", docs))
+        self._load("status", self.backend.status)
+        self._load("generations", lambda: self.backend.generations()["generations"])
+        self._load("documents", self.backend.documents)
         self._load_audit()
         self._load_feedback()
 
     def _load_feedback(self) -> None:
-        items = self._call("feedback", lambda: self.backend.feedback_items(limit=500))
-        if items is not None:
-            self.post_message(Loaded("feedback", items))
+        self._load("feedback", lambda: self.backend.feedback_items(limit=500))
 
     def _load_audit(self, user: str | None = None, action: str | None = None) -> None:
-        rows = self._call("audit", lambda: self.backend.audit_rows(action or None, user or None, 200))
-        if rows is not None:
-            self.post_message(Loaded("audit", rows))
+        self._load("audit", lambda: self.backend.audit_rows(action or None, user or None, 200))
 
     # -- chat ----------------------------------------------------------------------------------------
     @on(Input.Submitted, "#question")
@@ -486,25 +491,19 @@ class OperatorApp(App):
 
     @work(thread=True, group="load")
     def _feedback(self, kind: str, **fields) -> None:
-        done = self._call("feedback", lambda: self.backend.feedback(self.last_answer.audit_id, kind, **fields))
-        if done is not None:
-            self.post_message(Loaded("judged", done))
+        if self._load("judged", lambda: self.backend.feedback(self.last_answer.audit_id, kind, **fields),
+                      "feedback") is not None:
             self._load_feedback()
 
     @on(Input.Submitted, "#export-path")
     @on(Button.Pressed, "#export-go")
     def export_feedback(self) -> None:
-        path = self.query_one("#export-path", Input).value.strip()
-        if not path:
-            self.notify("give a directory to export to", severity="warning")
-            return
-        self._export(Path(path).expanduser())
+        if out := self._path("#export-path", "a directory to export to"):
+            self._export(out)
 
     @work(thread=True, group="load")
     def _export(self, out: Path) -> None:
-        result = self._call("export", lambda: self.backend.feedback_export(out))
-        if result is not None:
-            self.post_message(Loaded("exported", result))
+        if self._load("exported", lambda: self.backend.feedback_export(out), "export") is not None:
             self._load_feedback()
             self._load_audit()
 
@@ -512,12 +511,8 @@ class OperatorApp(App):
     @on(Input.Submitted, "#ingest-path")
     @on(Button.Pressed, "#ingest")
     def ingest(self) -> None:
-        path = self.query_one("#ingest-path", Input).value.strip()
-        collection = self.query_one("#ingest-collection", Input).value.strip() or "default"
-        if not path:
-            self.notify("give a file or folder to ingest", severity="warning")
-            return
-        self._ingest(Path(path).expanduser(), collection)
+        if path := self._path("#ingest-path", "a file or folder to ingest"):
+            self._ingest(path, self.query_one("#ingest-collection", Input).value.strip() or "default")
 
     @work(thread=True, group="ingest")
     def _ingest(self, path: Path, collection: str) -> None:
@@ -540,36 +535,28 @@ class OperatorApp(App):
 
     @work(thread=True, group="ingest")
     def _remove(self, doc_id: int) -> None:
-        row = self._call("remove", lambda: self.backend.remove_document(doc_id))
-        if row is not None:
-            self.post_message(Loaded("removed", row))
+        self._load("removed", lambda: self.backend.remove_document(doc_id), "remove")
         self.refresh_all()
 
     # -- model and bundles --------------------------------------------------------------------------
     @on(Button.Pressed, "#bundle-verify")
     def verify_bundle(self) -> None:
-        path = self.query_one("#bundle-path", Input).value.strip()
-        if path:
-            self._bundle("verify", Path(path).expanduser())
+        if path := self._path("#bundle-path", "the bundle's directory (a mounted USB stick)"):
+            self._bundle("verify", path)
 
     @on(Button.Pressed, "#bundle-install")
     def install_bundle(self) -> None:
-        path = self.query_one("#bundle-path", Input).value.strip()
-        if path:
-            self._bundle("install", Path(path).expanduser())
+        if path := self._path("#bundle-path", "the bundle's directory (a mounted USB stick)"):
+            self._bundle("install", path)
 
     @work(thread=True, group="bundle")
     def _bundle(self, what: str, path: Path) -> None:
         def progress(name, done, total):
             self.post_message(Progress("#bundle-progress", done, total, name))
         if what == "verify":
-            result = self._call("verify", lambda: self.backend.verify_bundle(path, progress))
-            if result is not None:
-                self.post_message(Loaded("verified", result))
+            self._load("verified", lambda: self.backend.verify_bundle(path, progress), "verify")
         else:
-            result = self._call("install", lambda: self.backend.install_bundle(path, progress=progress))
-            if result is not None:
-                self.post_message(Loaded("installed", result))
+            self._load("installed", lambda: self.backend.install_bundle(path, progress=progress), "install")
         self.refresh_all()
 
     @on(Button.Pressed, "#bundle-rollback")
@@ -582,9 +569,7 @@ class OperatorApp(App):
 
     @work(thread=True, group="bundle")
     def _rollback(self) -> None:
-        result = self._call("rollback", self.backend.rollback)
-        if result is not None:
-            self.post_message(Loaded("rolled back", result))
+        self._load("rolled back", self.backend.rollback, "rollback")
         self.refresh_all()
 
     # -- audit ----------------------------------------------------------------------------------------
@@ -604,9 +589,7 @@ class OperatorApp(App):
 
     @work(thread=True, group="load")
     def _verify_audit(self) -> None:
-        result = self._call("audit", self.backend.audit_verify)
-        if result is not None:
-            self.post_message(Loaded("audit-verified", result))
+        self._load("audit-verified", self.backend.audit_verify, "audit")
 
     # -- lookup and draft ------------------------------------------------------------------------------
     @on(Input.Submitted, "#lookup-query")
@@ -618,19 +601,14 @@ class OperatorApp(App):
 
     @work(thread=True, group="load")
     def _lookup(self, query: str) -> None:
-        rows = self._call("lookup", lambda: self.backend.lookup(query, None, 200))
-        if rows is not None:
-            self.post_message(Loaded("lookup", rows))
+        self._load("lookup", lambda: self.backend.lookup(query, None, 200))
 
     @on(Input.Submitted, "#draft-rfp")
     @on(Button.Pressed, "#draft-go")
     def draft(self) -> None:
-        rfp = self.query_one("#draft-rfp", Input).value.strip()
-        if not rfp:
-            self.notify("give the RFP file to draft from", severity="warning")
-            return
-        collections = [c.strip() for c in self.query_one("#draft-collections", Input).value.split(",") if c.strip()]
-        self._draft(Path(rfp).expanduser(), collections or None)
+        if rfp := self._path("#draft-rfp", "the RFP file to draft from"):
+            collections = [c.strip() for c in self.query_one("#draft-collections", Input).value.split(",") if c.strip()]
+            self._draft(rfp, collections or None)
 
     @work(thread=True, group="ask")
     def _draft(self, rfp: Path, collections: list[str] | None) -> None:
