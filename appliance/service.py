@@ -43,6 +43,7 @@ from appliance.app import Appliance
 from appliance.errors import ApplianceError, ExitCode
 
 MAX_PROMPT_CHARS = 32_000
+HEARTBEAT_S = 0.5  # a streamed answer with no text for this long sends an SSE comment
 MAX_EMBED_INPUTS = 256
 PEER_KEY = "appliance.peer"
 
@@ -355,7 +356,13 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
-                    kind, value = await pieces.get()
+                    try:
+                        kind, value = await asyncio.wait_for(pieces.get(), HEARTBEAT_S)
+                    except TimeoutError:
+                        # Nothing to send (reading the prompt; tokens that are not yet text): an SSE
+                        # comment, which clients skip, so a client that went away is noticed now.
+                        yield ": generating\n\n"
+                        continue
                     if kind == "text":
                         yield chunk({"content": value})
                     elif kind == "done":

@@ -403,3 +403,21 @@ def test_feedback_over_the_api_is_checked_against_the_answer(openai_client, serv
         assert items[-1]["id"] == r.json()["id"] and items[-1]["correction"] == "It is 15-1242.00 [1]."
         row = http.get("/appliance/audit", params={"action": "feedback", "limit": 1}).json()["rows"][0]
     assert row["user"] == audit.os_user() and row["detail"]["answer_audit_id"] == audit_id
+
+
+def test_a_stream_waiting_without_text_sends_heartbeats(served):
+    """While a streamed answer has nothing to send (queued behind other work, reading its prompt),
+    SSE comments keep going out, so a client that went away is noticed then, not at the next text."""
+    _, sock = served
+    long_texts = [f"labor category {i} " * 1400 for i in range(256)]  # keeps the one worker busy for seconds
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with uds_client(sock) as http:
+            busy = pool.submit(lambda: http.post("/v1/embeddings", json={"input": long_texts}))
+            time.sleep(0.3)
+            with uds_client(sock) as other, other.stream("POST", "/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "stream": True}) as r:
+                lines = [line for line in r.iter_lines() if line]
+            assert busy.result().status_code == 200
+    first_text = next(i for i, line in enumerate(lines) if line.startswith("data: ") and i > 0)
+    assert ": generating" in lines[1:first_text + 1], lines[:5]
+    assert lines[-1] == "data: [DONE]"
