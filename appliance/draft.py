@@ -2,8 +2,11 @@
 
 `parse_rfp` finds numbered requirement statements ("shall", "must", "will provide" ...) with their
 identifiers (C.2.1, L.1; R1, R2 ... where the RFP numbers none). `staff` finds the roles the RFP
-names and maps each to a labor category by exact title first, retrieval second; codes, titles and
-qualifications in the staffing table come from the reference table, never from the model. `draft`
+names and maps each to a labor category by exact title first, retrieval second; `staff_by_duties`
+adds the categories that statement-of-work requirements imply by their duties ("conduct software
+testing of every release" -> the QA analyst), found by the same hybrid search over the table and
+marked for review. Codes, titles and qualifications in the staffing table come from the reference
+table, never from the model. `draft`
 writes one cited paragraph per requirement and assembles a Markdown draft: cover, compliance matrix,
 technical approach, staffing table, sources. A code in generated text that the reference tables do
 not hold is flagged in the text and in the summary; a requirement left without a response is a gap.
@@ -43,7 +46,7 @@ class Role:
     title: str
     education: str
     years: str
-    how: str  # "exact title" or "retrieval"
+    how: str  # "exact title", "retrieval", or "duties of C.2.3" (matched by what the requirement asks)
 
 
 @dataclass
@@ -134,6 +137,33 @@ def staff(text: str, rows: list[dict], find: Callable[[str], dict | None]) -> li
     return list(roles.values())
 
 
+# Least cosine similarity between a requirement and a reference row's text for the row to staff it by
+# its duties. On the demo RFPs, requirements that imply a role scored 0.47-0.69 against it (DevSecOps
+# pipeline 0.69, Tier 2 desktop support 0.64, service desk staffing 0.54, data pipelines 0.54, data
+# architecture 0.48) and ones that imply none (page limits, status reports, accessibility) 0.29-0.43.
+DUTY_MATCH = 0.45
+
+
+def staff_by_duties(requirements: list[Requirement], staffed: list[Role], rows: list[dict],
+                    match: Callable[[str], tuple[dict, float] | None]) -> list[Role]:
+    """Categories implied by what statement-of-work requirements ask for, one per category, for
+    requirements that name no role of the table themselves; instructions to offerors (section L, M)
+    are not work to staff."""
+    roles: list[Role] = []
+    have = {r.code for r in staffed}
+    titles = [_title_pattern(r["title"]) for r in rows if r["title"]]
+    for req in requirements:
+        if req.id[:2] in ("L.", "M.") or any(t.search(req.text) for t in titles):
+            continue
+        found = match(req.text)
+        if found is None or found[1] < DUTY_MATCH or found[0]["code"] in have:
+            continue
+        have.add(found[0]["code"])
+        words = req.text.split()
+        roles.append(_role(" ".join(words[:8]) + (" ..." if len(words) > 8 else ""), found[0], f"duties of {req.id}"))
+    return roles
+
+
 def _role(name: str, row: dict, how: str) -> Role:
     data = {k.lower(): v for k, v in row["data"].items()}
     return Role(name=name, code=row["code"], title=row["title"], education=data.get("education", ""),
@@ -159,7 +189,15 @@ def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, 
         hits = rag.search(store, embedder, phrase, k=10)
         return next((by_chunk[h.chunk_id] for h in hits if h.chunk_id in by_chunk), None)
 
+    def duty_row(requirement: str) -> tuple[dict, float] | None:  # the best row and how close it is
+        row = best_row(requirement)
+        if row is None:
+            return None
+        near = dict(store.vector_search(embedder.embed([requirement])[0], max(50, len(rows))))
+        return row, 1.0 - near.get(row["chunk_id"], 1.0)
+
     staffing = staff(text, rows, best_row)
+    staffing += staff_by_duties(requirements, staffing, rows, duty_row)
     known = {r["code"] for r in rows if r["code"]}
     rfp_source = source or str(rfp.resolve())  # an upload: its path on the caller's side
     sources: dict[int, dict] = {}  # chunk id -> the draft's numbered source
@@ -216,7 +254,8 @@ def assemble(d: Draft) -> str:
         out += [f"### {r.id}", "", f"*Requirement:* {r.text}", "", d.responses.get(r.id) or "**GAP: no response drafted.**", ""]
     out += ["## Staffing", "", "| Role in the RFP | Labor category | Code | Minimum education | Years | Matched by |",
             "| --- | --- | --- | --- | --- | --- |"]
-    out += [f"| {s.name} | {s.title} | {s.code} | {s.education} | {s.years} | {s.how} |" for s in d.staffing]
+    out += [f"| {s.name} | {s.title} | {s.code} | {s.education} | {s.years} | "
+            f"{s.how + ' (review)' if s.how.startswith('duties') else s.how} |" for s in d.staffing]
     out += ["", "## Sources", ""]
     out += [f"[{s['n']}] {Path(s['source']).name}, chunk {s['position']} (sha256 {s['doc_sha256'][:12]})"
             for s in d.sources]

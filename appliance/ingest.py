@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.documents import CODE_RE, Document, chunk_document, expand_paths, read_document
+from appliance.documents import CODE_RE, Document, chunk_document, expand_paths, key_columns, read_document
 from appliance.errors import IngestError
 from appliance.manifest import sha256_file
 from appliance.protocols import Embedder
@@ -32,10 +32,7 @@ class IngestReport:
 
 def _table_row(columns: list[str], row: dict[str, str]) -> dict:
     """Find the code and title of a reference-table row by column name, falling back to the pattern."""
-    lowered = {c.lower().strip(): c for c in columns}
-    code_col = next((lowered[c] for c in ("code", "soc code", "onet code", "o*net code", "lcat code",
-                                           "labor category code") if c in lowered), None)
-    title_col = next((lowered[c] for c in ("title", "labor category", "name", "category") if c in lowered), None)
+    title_col, code_col = key_columns(columns)
     code = row.get(code_col, "") if code_col else ""
     if not code:
         found = next((CODE_RE.search(v) for v in row.values() if CODE_RE.search(v)), None)

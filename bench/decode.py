@@ -4,7 +4,11 @@ The model is a random-weight Llama-3.2-1B-shaped checkpoint (`builder synth`, sp
 weight values) quantized to Q4_K_M, built once into build/bench/. Also reports the memory-bandwidth
 ceiling (measured copy bandwidth / model bytes per token), and, when given other Python interpreters
 with another llama.cpp build (`--compare NAME=PYTHON`), bare decode with each build.
+With `--model GGUF` (repeatable) it measures those files instead, e.g. the demo's shipped Q8_0 and
+its Q4_K_M (`--template` names their chat template; the generation's `chat_template.jinja`).
 Run: python -m bench.decode [--compare avx512=build/bench/avx512-venv/bin/python]
+     python -m bench.decode --model build/.demo-generation.work/stages/export/model-Q8_0.gguf \
+         --model build/.demo-generation.work/stages/export/model-Q4_K_M.gguf --template build/demo-generation/chat_template.jinja
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def bare(python: str, gguf: Path, threads: int, context: int = 64) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_home(tmp: Path, gguf: Path) -> Path:
+def bench_home(tmp: Path, gguf: Path, template: Path | None = None) -> Path:
     """A home with the benchmark GGUF installed (linked, not copied, where possible) and the demo corpus."""
     from appliance.app import Appliance
     from appliance.config import load_settings
@@ -100,7 +104,7 @@ def bench_home(tmp: Path, gguf: Path) -> Path:
         os.link(gguf, gen / "model.gguf")  # 800 MB: link when on the same filesystem
     except OSError:
         shutil.copy(gguf, gen / "model.gguf")
-    shutil.copy(ROOT / "builder" / "templates" / "chat_template.jinja", gen / "chat_template.jinja")
+    shutil.copy(template or ROOT / "builder" / "templates" / "chat_template.jinja", gen / "chat_template.jinja")
     emb = tmp / "emb"
     manifest = export(emb)
     (gen / "embedder").mkdir()
@@ -117,12 +121,12 @@ def bench_home(tmp: Path, gguf: Path) -> Path:
     return home
 
 
-def through_appliance(gguf: Path, threads: int) -> dict:
+def through_appliance(gguf: Path, threads: int, template: Path | None = None) -> dict:
     from appliance.app import Appliance
     from appliance.config import load_settings
 
     with tempfile.TemporaryDirectory() as tmp:
-        home = bench_home(Path(tmp), gguf)
+        home = bench_home(Path(tmp), gguf, template)
         with Appliance(load_settings(home=home, threads=threads, max_tokens=N_TOKENS, temperature=0.0)) as app:
             app.ask(QUESTION, max_tokens=8)  # load and warm
             best = {"tokens_per_s": 0.0}
@@ -131,6 +135,24 @@ def through_appliance(gguf: Path, threads: int) -> dict:
                 if (timing["tokens_per_s"] or 0) > best["tokens_per_s"]:
                     best = timing
             return best
+
+
+def models(paths: list[Path], template: Path) -> list[str]:
+    """Decode and prompt speed of given GGUFs (the shipped model), each through the appliance and bare."""
+    threads = os.cpu_count() or 1
+    bw = copy_bandwidth_gbs()
+    lines = [row("model", "MB", "bare decode tokens/s", "appliance decode tokens/s", "vs bare",
+                 "bare prompt tokens/s", "vs bandwidth ceiling"), row(*["---"] * 7)]
+    for gguf in paths:
+        size = gguf.stat().st_size
+        app = through_appliance(gguf, threads, template)
+        base = bare(sys.executable, gguf, threads, app["prompt_tokens"])
+        lines.append(row(gguf.name, f"{size / 1e6:.0f}", f"{base['tg']:.1f}", f"{app['tokens_per_s']:.1f}",
+                         f"{app['tokens_per_s'] / base['tg']:.2f}x", f"{base['pp']:.0f}",
+                         f"{base['tg'] / (bw * 1e9 / size):.0%}"))
+    lines.append(f"\n{N_TOKENS} tokens; {threads} threads; decoding after the appliance's prompt with its sources; "
+                 f"copy bandwidth {bw:.1f} GB/s")
+    return lines
 
 
 def run(compare: dict[str, str]) -> list[str]:
@@ -163,5 +185,10 @@ def run(compare: dict[str, str]) -> list[str]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--compare", nargs="*", default=[], help="NAME=PYTHON with another llama.cpp build")
+    parser.add_argument("--model", action="append", type=Path, default=[], help="a GGUF to measure (repeatable)")
+    parser.add_argument("--template", type=Path, help="with --model: the models' chat template")
     args = parser.parse_args()
-    print("\n".join(run(dict(c.split("=", 1) for c in args.compare))))
+    if args.model:
+        print("\n".join(models(args.model, args.template)))
+    else:
+        print("\n".join(run(dict(c.split("=", 1) for c in args.compare))))

@@ -1,10 +1,20 @@
-"""LoRA training throughput: the builder's `sft` stage (TRL SFTTrainer) against plain transformers
-Trainer + PEFT on the same model, the same tokenized chats, the same batch and LoRA settings.
+"""LoRA training throughput.
 
-Both runs count real (non-padding) tokens per second after the first 3 steps. On CUDA the model
-is Llama-3.2-1B-shaped in bf16; on CPU (for a quick check) the tiny shape in fp32.
+`python -m bench.train` (on a CPU): `builder sft` on the real base model (SmolLM2-135M-Instruct, imported
+from its pinned wheel) with the demo's retrieval-shaped chats, in variants that might help on a CPU,
+each as a ratio of real (non-padding) tokens per second against the default (fp32, adapters on every
+layer) measured in the same run: bf16 autocast (AVX512-BF16; a CPU that reports AMX without granting it
+must not crash), adapters on the upper layers only (the backward pass stops there), packing, shorter
+chats (three sources instead of five), and the demo's choice (bf16 and the upper ten layers).
 
-    python -m bench.train [--shape llama-3.2-1b] [--steps 30] [--batch 8] [--out DIR]
+`python -m bench.train --compare-trainer` (meant for CUDA): the builder's `sft` stage (TRL SFTTrainer)
+against plain transformers Trainer + PEFT on the same model, tokenized chats, batch and LoRA settings;
+Llama-3.2-1B-shaped in bf16 on CUDA, the tiny shape in fp32 on CPU.
+
+Both count tokens per second after the first 3 steps.
+
+    python -m bench.train [--steps 8] [--batch 4] [--only bf16,top10]
+    python -m bench.train --compare-trainer [--shape llama-3.2-1b] [--steps 30] [--batch 8] [--out DIR]
 """
 
 from __future__ import annotations
@@ -84,19 +94,99 @@ def plain_trainer(model_dir: Path, data: Path, steps: int, batch: int, max_lengt
         return training.run_trainer(trainer, training.callbacks(None, "plain"))
 
 
+# name -> (what it changes, SFTConfig fields, LoRA fields, sources per chat, LM head on labelled positions only)
+VARIANTS = {
+    "default": ("fp32, adapters on all 30 layers, LM head at every position (TRL on a CPU)", {}, {}, 5, False),
+    "labelled": ("LM head at the labelled positions only (builder's default)", {}, {}, 5, True),
+    "bf16": ("bf16 autocast", {"precision": "bf16"}, {}, 5, False),
+    "top10": ("adapters on the last 10 layers", {}, {"top_layers": 10}, 5, False),
+    "packing": ("chats packed into 1024-token rows", {"packing": True}, {}, 5, False),
+    "short": ("three sources instead of five", {}, {}, 3, False),
+    "bf16+labelled": ("bf16 + labelled positions only (the demo's choice)", {"precision": "bf16"}, {}, 5, True),
+    "bf16+labelled+top10": ("bf16 + labelled only + last 10 layers", {"precision": "bf16"}, {"top_layers": 10}, 5,
+                            True),
+}
+
+
+def every_position(on: bool) -> None:
+    """Undo (or redo) training.score_labelled_positions_only for one variant."""
+    import trl.trainer.utils as trl_utils
+
+    from builder import training
+
+    current = trl_utils._use_triton
+    if on:
+        trl_utils._use_triton = getattr(current, "original", current)
+        training.score_labelled_positions_only = lambda: False
+    else:
+        training.score_labelled_positions_only = SCORE_LABELLED
+
+
+def demo_chats(path: Path, n: int, sources: int, seed: int = 0) -> Path:
+    """The demo's table questions, with `sources` sources each."""
+    import random
+
+    from builder import demo
+
+    corpus = demo.Corpus(demo.load_corpus(CORPUS), demo.all_held_out())
+    chats = demo.qa_chats(corpus, random.Random(seed), n, prose_share=0.0, sources=sources)
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    return path
+
+
+def variants(steps: int, batch: int, only: set[str] | None) -> list[str]:
+    global SCORE_LABELLED
+
+    """`builder sft` on SmolLM2-135M in each variant; a markdown table, ratios against the default."""
+    from builder import base, sft, training
+
+    SCORE_LABELLED = training.score_labelled_positions_only
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    manifest, path = base.load_manifest(Path("smollm2-135m-instruct"))
+    model = base.import_gguf(base.ImportConfig(out=work / "base", gguf=base.fetch(manifest, path)))
+    data = {n: demo_chats(work / f"chats-{n}.jsonl", 200, n) for n in (3, 5)}
+    results = {}
+    for name, (_, fields, lora, sources, labelled) in VARIANTS.items():
+        if only and name not in only and name != "default":
+            continue
+        every_position(not labelled)
+        config = sft.SFTConfig(out=work / name, model=model, datasets=[data[sources]], steps=steps, batch_size=batch,
+                               learning_rate=1e-3, warmup_steps=1, lora=training.LoraSettings(r=16, alpha=32, **lora),
+                               **fields)
+        sft.run(config)
+        results[name] = json.loads((work / name / "lineage.json").read_text())["result"]
+    base_speed = results["default"]["tokens_per_s"]
+    lines = ["| variant | what changes | tokens/s | vs default | loss first -> last |", "| --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {VARIANTS[name][0]} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base_speed:.2f}x "
+                     f"| {r['first_loss']} -> {r['last_loss']} |")
+    return lines
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare-trainer", action="store_true", help="builder sft vs plain Trainer (for CUDA)")
+    parser.add_argument("--shape", default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--chats", type=int, default=400)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--only", default="", help="comma-separated variants (the default always runs)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not args.compare_trainer:
+        print("\n".join(variants(args.steps or 8, args.batch or 4, set(filter(None, args.only.split(","))))))
+        return
+    compare_trainer(args)
+
+
+def compare_trainer(args) -> None:
     import torch
 
     from builder import sft, synth, training
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="llama-3.2-1b" if torch.cuda.is_available() else "tiny")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--chats", type=int, default=400)
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args.shape = args.shape or ("llama-3.2-1b" if torch.cuda.is_available() else "tiny")
+    args.steps, args.batch = args.steps or 30, args.batch or 8
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"

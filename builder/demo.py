@@ -1,16 +1,21 @@
-"""`builder demo`: the whole chain on the demo corpus shipped in `builder/demo_data/`, on CPU.
+"""`builder demo`: the whole chain on the demo corpus shipped in `builder/demo_data/`, on CPU, from a
+real base model (SmolLM2-135M-Instruct; the chain is `models/smollm2-135m-instruct/demo-cpu.yaml`).
 
-prepare: the corpus -> training data in `<out>.work/data/`:
-  - pretrain texts: the documents, plus retrieval-shaped chats rendered as text;
-  - sft-qa: questions answered from numbered sources with a citation. Most use invented labor
-    categories (random titles and codes), so the only way to get them right is to copy from the
-    sources, never to remember; the rest use the real table rows that no held-out question asks about;
+prepare: the corpus -> training data in `<out>.work/data/`, shaped like what the appliance sends
+(`appliance.prompt`'s system prompt and source format, TOP_K sources as retrieval returns them):
+  - sft-qa: questions about labor categories answered from numbered sources with a citation: codes,
+    titles, education, years, duties. Most rows are invented (random titles and codes), so the only way
+    to get them right is to copy from the sources, never to remember; the others are the real rows no
+    held-out question asks about. The distractors are near misses (rows sharing title words or a code
+    group, as search ranks them); the right row is first at the rate retrieval puts it first, anywhere
+    otherwise; one question in twenty has no answer in its sources. Plus questions about proposal and
+    RFP sections;
   - sft-write: requirement -> proposal paragraph from past proposals, cited (what `appliance draft` asks);
-  - preference pairs: chosen = grounded and cited; rejected = an invented code, or no citation, or
-    (for some) whatever the model itself says.
-  -> `<out>.work/pipeline.yaml`: pretrain -> sft-qa, sft-write -> align(sft-qa) -> merge (ties) ->
-  export (Q8_0, Q4_K_M) -> embedder -> eval -> the generation directory `<out>`.
+  - preference pairs: chosen = grounded and cited; rejected = a code copied from the wrong source, an
+    invented code, no citation, or (for some) whatever the model itself says.
+  -> `<out>.work/pipeline.yaml`: the pipeline file with these paths filled in.
 run: `builder run` on that file, so a second `builder demo` resumes where the first stopped.
+`--quick` runs the same chain on a tiny random model trained from scratch, three steps a stage.
 
 The held-out questions (`demo_data/eval/*.jsonl`) never enter training: rows and documents they ask
 about are left out of every generated example (a test checks it).
@@ -20,34 +25,20 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
 import yaml
 
-from appliance.documents import chunk_document, expand_paths, read_document, table_row_text
+from appliance.documents import CODE_RE, chunk_document, expand_paths, read_document, table_row_text
 from appliance.prompt import build_messages, format_source
 from builder.errors import BuilderError
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
+# The demo's chain and its base model (models/smollm2-135m-instruct/).
+PIPELINE = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct" / "demo-cpu.yaml"
 EVAL_FILES = ("qa.jsonl", "lcat_codes.jsonl")
-# Calibration for perplexity: a past proposal the model is not pre-trained on.
-HELDOUT_DOC = "proposals/2023-GSA-data-analytics.pdf"
-
-# Invented labor categories: seniority x field x role, with random codes in the table's pattern.
-_SENIORITY = ["Junior", "Senior", "Lead", "Principal", "Staff", "Associate", "Chief", "Deputy", "Tier 2",
-              "Tier 3", "", ""]
-_FIELD = ["Cloud", "Network", "Data", "Security", "Database", "Software", "Systems", "Help Desk", "Records",
-          "Training", "Quality", "Test", "DevOps", "Identity", "Privacy", "Acquisition", "Financial",
-          "Geospatial", "Web", "Mobile", "Cybersecurity", "Incident", "Program", "Configuration", "Release",
-          "Facilities", "Logistics", "Contracts", "Grants", "Claims", "Telecom", "Imagery", "Payroll"]
-_ROLE = ["Engineer", "Analyst", "Architect", "Administrator", "Specialist", "Manager", "Developer",
-         "Technician", "Scientist", "Coordinator", "Lead", "Officer", "Consultant", "Planner", "Writer"]
-_CODE_QUESTIONS = ["What is the code for the {t} labor category?", "Which labor category code do we use for a {t}?",
-                   "What code does the {t} labor category have?", "Give the labor category code for {t}."]
-_TITLE_QUESTIONS = ["Which labor category has code {c}?", "Which labor category has the code {c}?",
-                    "What labor category is {c}?", "Code {c} is which labor category?"]
-
 
 def load_corpus(corpus: Path) -> list:
     files, missing = expand_paths([corpus])
@@ -64,22 +55,80 @@ def all_held_out() -> list[dict]:
     return [q for name in EVAL_FILES for q in held_out(DEMO_DATA / "eval" / name)]
 
 
-def _fake_row(rng: random.Random, rows: list[dict]) -> dict:
+# Sources the appliance's retrieval gives an answer (Settings.top_k) and a draft section (draft.py):
+# training chats show as many, so the model learns to pick the right one among that many.
+TOP_K = 5
+DRAFT_K = 4
+
+# Invented labor categories: seniority x field x role, with random codes in the table's pattern.
+_SENIORITY = ["Junior", "Senior", "Lead", "Principal", "Staff", "Associate", "Chief", "Deputy", "Tier 2",
+              "Tier 3", "", "", ""]
+_FIELD = ["Cloud", "Network", "Data", "Security", "Database", "Software", "Systems", "Help Desk", "Records",
+          "Training", "Quality", "Test", "DevOps", "Identity", "Privacy", "Acquisition", "Financial",
+          "Geospatial", "Web", "Mobile", "Cybersecurity", "Incident", "Program", "Configuration", "Release",
+          "Facilities", "Logistics", "Contracts", "Grants", "Claims", "Telecom", "Imagery", "Payroll"]
+_ROLE = ["Engineer", "Analyst", "Architect", "Administrator", "Specialist", "Manager", "Developer",
+         "Technician", "Scientist", "Coordinator", "Lead", "Officer", "Consultant", "Planner", "Writer"]
+# Question kinds a labor-category table answers, each with the reply that copies the fact and cites it.
+_QUESTIONS = {
+    "code": (["What is the code for the {t} labor category?", "Which labor category code do we use for {a}?",
+              "What code does the {t} labor category have?", "Give the labor category code for {t}.",
+              "What labor category code should we propose for {a}?", "{t}: which code?",
+              "Which code do we bid for the {t} role?", "What is the labor category code of {a}?"],
+             "The {t} labor category has code {c} [{n}]."),
+    "title": (["Which labor category has code {c}?", "Which labor category has the code {c}?",
+               "What labor category is {c}?", "Code {c} is which labor category?",
+               "Which labor category does {c} stand for?", "What is labor category {c} called?",
+               "What role is code {c}?"],
+              "Code {c} is the {t} labor category [{n}]."),
+    "education": (["What education does {a} need?", "What degree or certification does the {t} labor category "
+                   "require?", "What are the minimum qualifications of {a}?"],
+                  "The {t} labor category requires {e} [{n}]."),
+    "years": (["How many years of experience does {a} need?", "What experience does the {t} labor category "
+               "require?"], "The {t} labor category requires {y} years of experience [{n}]."),
+    "duties": (["What does {a} do?", "What are the duties of the {t} labor category?",
+                "Which labor category {d}?"], "The {t} {d} [{n}]."),
+}
+_UNKNOWN = "The sources do not say, so I do not know."
+
+
+def _code(rng: random.Random, like: str | None = None) -> str:
+    """A code in the table's pattern; `like`: a sibling sharing its group (15-1252.00 and 15-1252.03)."""
+    if like and rng.random() < 0.5:
+        return f"{like[:7]}.{rng.randint(0, 9)}{rng.randint(0, 9)}"
+    return f"{rng.randint(11, 29)}-{rng.randint(1000, 9999)}.{rng.randint(0, 9)}{rng.randint(0, 9)}"
+
+
+def _fake_row(rng: random.Random, rows: list[dict], like: dict | None = None) -> dict:
+    """An invented category (never a real title); `like`: a sibling sharing its field or role, the kind
+    of near miss retrieval puts next to the right row."""
     real = {r["title"] for r in rows}
     title = ""
-    while not title or any(t in title for t in real):  # never one of the real categories
-        title = " ".join(w for w in (rng.choice(_SENIORITY), rng.choice(_FIELD), rng.choice(_ROLE)) if w)
-    code = f"{rng.randint(11, 29)}-{rng.randint(1000, 9999)}.{rng.randint(0, 9)}{rng.randint(0, 9)}"
-    return {"code": code, "title": title, "duties": rng.choice(rows)["duties"],
-            "education": rng.choice(rows)["education"], "years": str(rng.randint(1, 15))}
+    while not title or any(t in title for t in real):
+        words = like["title"].split() if like else []
+        field_, role = rng.choice(_FIELD), rng.choice(_ROLE)
+        if len(words) >= 2 and rng.random() < 0.7:
+            field_, role = (words[-2], rng.choice(_ROLE)) if rng.random() < 0.5 else (rng.choice(_FIELD), words[-1])
+        title = " ".join(w for w in (rng.choice(_SENIORITY), field_, role) if w)
+    return {"code": _code(rng, like["code"] if like else None), "title": title,
+            "duties": rng.choice(rows)["duties"], "education": rng.choice(rows)["education"],
+            "years": str(rng.randint(1, 15))}
 
 
-def _chat(rng: random.Random, question: str, answer_fmt: str, right: tuple[str, str],
+# How often the right source is the first: retrieval puts an exact code's reference row first, and a
+# title's row first for most questions (measured on the held-out questions: first for 27 of 28).
+FIRST_SHARE = 0.8
+
+
+def _chat(rng: random.Random, question: str, answer_fmt: str, right: tuple[str, str] | None,
           others: list[tuple[str, str]]) -> list[dict]:
-    """The right source among distractors in random order; the answer cites its number."""
-    sources = others + [right]
+    """The right source among distractors, first at FIRST_SHARE and anywhere else otherwise; the answer
+    cites its number."""
+    sources = list(others)
     rng.shuffle(sources)
-    n = sources.index(right) + 1
+    if right:
+        sources.insert(0 if rng.random() < FIRST_SHARE else rng.randint(1, len(sources)), right)
+    n = sources.index(right) + 1 if right else 0
     blocks = [format_source(i, title, text) for i, (title, text) in enumerate(sources, start=1)]
     return build_messages(question, blocks) + [{"role": "assistant", "content": answer_fmt.format(n=n)}]
 
@@ -96,10 +145,13 @@ class Corpus:
         self.prose = [(d, c) for d in docs if d.table is None for c in chunk_document(d, 1200) if c.heading]
         self.held_text = held_text
         held_rows = [r for r in self.rows if r not in self.train_rows]
-        self.held_strings = [r["code"] for r in held_rows] + [r["title"] for r in held_rows]
+        # what the held-out questions must find: a held-out row's code or title, or an answer such as
+        # "38,000" or "12 minutes" (a bare number like "30" is everywhere and teaches nothing alone)
+        self.held_strings = [r["code"] for r in held_rows] + [r["title"] for r in held_rows] + \
+            [m for q in eval_items for m in q["must_contain"] if len(m) >= 4]
 
     def leaks(self, reply: str) -> bool:
-        """Would this reply teach something a held-out question asks (a held-out row's code or title)?"""
+        """Would this reply teach something a held-out question asks?"""
         return reply in self.held_text or any(s in reply for s in self.held_strings)
 
     def row_source(self, row: dict) -> tuple[str, str]:
@@ -110,100 +162,174 @@ class Corpus:
         return f"{doc.title} - {chunk.heading}", chunk.text
 
 
-def lcat_chat(rng: random.Random, corpus: Corpus, target: dict, pool: list[dict]) -> list[dict]:
-    """A code <-> title question whose answer must be copied from one of 2-5 sources."""
-    others: list[tuple[str, str]] = []
-    while len(others) < rng.choice([1, 2, 3, 4]):
-        if rng.random() < 0.6:
-            other = rng.choice(pool)
-            if other["title"] != target["title"]:
-                others.append(corpus.row_source(other))
-        else:
-            others.append(corpus.prose_source(rng.choice(corpus.prose)))
-    if rng.random() < 0.5:
-        question = rng.choice(_CODE_QUESTIONS).format(t=target["title"])
-        answer = f"The {target['title']} labor category has code {target['code']} [{{n}}]."
-    else:
-        question = rng.choice(_TITLE_QUESTIONS).format(c=target["code"])
-        answer = f"Code {target['code']} is the {target['title']} labor category [{{n}}]."
-    return _chat(rng, question, answer, corpus.row_source(target), others)
+def near_rows(rng: random.Random, target: dict, pool: list[dict], n: int) -> list[dict]:
+    """`n` rows of `pool` that look most like `target` (title words, code group), as keyword and
+    vector search rank them, with some chance mixed in."""
+    words = set(target["title"].split())
+    candidates = list({r["code"]: r for r in pool if r["title"] != target["title"]
+                       and r["code"] != target["code"]}.values())  # one row per code, as in a real table
+    return sorted(candidates, key=lambda r: -(len(words & set(r["title"].split()))
+                                              + (r["code"][:7] == target["code"][:7]) + 1.5 * rng.random()))[:n]
 
 
-def qa_chats(corpus: Corpus, rng: random.Random, n_invented: int, real_variants: int) -> list[list[dict]]:
+def lcat_chat(rng: random.Random, corpus: Corpus, target: dict, pool: list[dict], kind: str,
+              answerable: bool = True, sources: int = TOP_K) -> list[dict]:
+    """A question about one table row, answered from `sources` sources: near-miss rows, some prose, and
+    the row itself at any position (left out when not `answerable`: then the reply says so)."""
+    n_prose = min(rng.choice([0, 0, 0, 1, 1, 2]), sources - 1)
+    others = [corpus.row_source(r) for r in near_rows(rng, target, pool, sources - 1 - n_prose)]
+    others += [corpus.prose_source(p) for p in rng.sample(corpus.prose, n_prose)]
+    if not answerable:
+        others.append(corpus.prose_source(rng.choice(corpus.prose)))
+    questions, reply = _QUESTIONS[kind]
+    fields = _fields(target)
+    question = rng.choice(questions).format(**fields)
+    answer = reply.format(**fields, n="{n}") if answerable else _UNKNOWN
+    return _chat(rng, question, answer, corpus.row_source(target) if answerable else None, others)
+
+
+# How often each question kind is asked; codes and titles are what the proposal team asks most.
+_KIND_WEIGHTS = {"code": 0.36, "title": 0.36, "education": 0.1, "years": 0.1, "duties": 0.08}
+
+
+def qa_chats(corpus: Corpus, rng: random.Random, n_lcat: int, real_share: float = 0.1,
+             prose_share: float = 0.15, sources: int = TOP_K) -> list[list[dict]]:
+    """`n_lcat` table questions (most about invented categories, so the only way to answer is to copy
+    from the sources, never to remember; the rest about real rows no held-out question asks), one in
+    twenty unanswerable; plus questions answered from proposal and RFP sections."""
     chats = []
-    for _ in range(n_invented):
-        pool = [_fake_row(rng, corpus.rows) for _ in range(6)]
-        chats.append(lcat_chat(rng, corpus, pool[0], pool[1:]))
-    for row in corpus.train_rows:
-        for _ in range(real_variants):
-            chats.append(lcat_chat(rng, corpus, row, corpus.train_rows))
-            chats.append(_chat(rng, f"What education and experience does a {row['title']} need?",
-                               f"A {row['title']} needs {row['education']} and {row['years']} years of "
-                               f"experience [{{n}}].", corpus.row_source(row),
-                               [corpus.row_source(r) for r in rng.sample(corpus.train_rows, 2) if r is not row]))
-    for item in corpus.prose:
-        first = item[1].text.split(". ")[0].rstrip(".") + "."
-        if corpus.leaks(first):
-            continue
-        others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, 2) if p is not item]
+    kinds, weights = list(_KIND_WEIGHTS), list(_KIND_WEIGHTS.values())
+    for i in range(n_lcat):
+        kind = rng.choices(kinds, weights)[0]
+        if rng.random() < real_share:
+            target = rng.choice(corpus.train_rows)
+            pool = corpus.train_rows + [_fake_row(rng, corpus.rows, like=target) for _ in range(3)]
+        else:
+            seed_row = _fake_row(rng, corpus.rows)
+            target = _fake_row(rng, corpus.rows, like=seed_row)
+            pool = [seed_row] + [_fake_row(rng, corpus.rows, like=target) for _ in range(6)]
+        chats.append(lcat_chat(rng, corpus, target, pool, kind, answerable=i % 20 != 19, sources=sources))
+    prose = [p for p in corpus.prose if not corpus.leaks(_first_sentence(p[1].text))]
+    for item in rng.sample(prose, min(len(prose), int(n_lcat * prose_share))):
+        others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, sources) if p is not item][: sources - 1]
         chats.append(_chat(rng, f"What does the {item[0].path.stem} document say about {item[1].heading.lower()}?",
-                           f"{first} [{{n}}]", corpus.prose_source(item), others))
-    for _ in range(max(2, n_invented // 50)):
-        a, b = rng.sample(corpus.prose, 2)
-        chats.append(_chat(rng, "What is the weather on the moon today?", "The sources do not say, so I do not know.",
-                           corpus.prose_source(a), [corpus.prose_source(b)]))
+                           f"{_first_sentence(item[1].text)} [{{n}}]", corpus.prose_source(item), others))
     rng.shuffle(chats)
     return chats
 
 
-def copy_drills(rng: random.Random, corpus: Corpus, n: int) -> list[str]:
-    """Invented table rows, then the same rows again in another order: half of every text can only be
-    predicted by finding it earlier in the context. This teaches a small model to copy from its
-    context (induction) far sooner than answers alone do (measured: it copied codes from the question
-    after 700 steps with these, not at all after 400 without)."""
+def _fields(row: dict) -> dict:
+    """What the question and reply templates name: title, "a/an title", code, education, years, duties."""
+    duties = row["duties"].split(";")[0].rstrip(".")
+    return {"t": row["title"], "a": _a(row["title"]), "c": row["code"], "e": row["education"].rstrip("."),
+            "y": row["years"], "d": duties[0].lower() + duties[1:]}
+
+
+def _a(title: str) -> str:
+    return ("an " if title[0].lower() in "aeiou" else "a ") + title
+
+
+def _first_sentence(text: str) -> str:
+    return text.split(". ")[0].rstrip(".") + "."
+
+
+def lookup_drills(rng: random.Random, corpus: Corpus, n: int, sources: int = TOP_K, asks: int = 8) -> list[str]:
+    """Continual pre-training text that teaches reading the table from sources: `sources` numbered
+    sources as the appliance shows them (near-miss invented rows, sometimes prose), then `asks`
+    questions about those rows, each answered as an answer cites it. Every answer can only be predicted
+    by finding its row among the sources, so a block of this text carries eight lookups where a chat
+    carries one, and pre-training's loss covers all of them (SFT's covers one reply)."""
     texts = []
     for _ in range(n):
-        rows = [_fake_row(rng, corpus.rows) for _ in range(rng.randint(2, 4))]
-        again = rows[:]
-        rng.shuffle(again)
-        texts.append("\n\n".join(table_row_text(corpus.columns, r) for r in rows) + "\n\nThe same rows again:\n"
-                     + "\n\n".join(table_row_text(corpus.columns, r) for r in again))
+        seed_row = _fake_row(rng, corpus.rows)
+        rows = list({r["code"]: r for r in [seed_row] + [_fake_row(rng, corpus.rows, like=seed_row)
+                                                          for _ in range(sources + 2)]}.values())[:sources]
+        blocks = [corpus.row_source(r) for r in rows]
+        if rng.random() < 0.3:
+            blocks[rng.randrange(len(blocks))] = corpus.prose_source(rng.choice(corpus.prose))
+        numbered = [(i, title, text) for i, (title, text) in enumerate(blocks, start=1)]
+        lines = [format_source(i, title, text) for i, title, text in numbered]
+        table = [(i, r) for (i, _, text), r in zip(numbered, rows, strict=True) if text == table_row_text(corpus.columns, r)]
+        order = [table[i % len(table)] for i in range(asks)]  # every row asked about, in random order
+        rng.shuffle(order)
+        for n_src, row in order:
+            kind = rng.choice(["code", "code", "title", "title", "education", "years"])
+            questions, reply = _QUESTIONS[kind]
+            fields = _fields(row)
+            lines.append(f"Question: {rng.choice(questions).format(**fields)}\n"
+                         f"Answer: {reply.format(**fields, n=n_src)}")
+        texts.append("\n\n".join(lines))
     return texts
 
 
 def write_chats(corpus: Corpus, rng: random.Random, variants: int) -> list[list[dict]]:
-    """Requirement -> a cited paragraph from a past proposal (the shape `appliance draft` asks for)."""
+    """Requirement -> a cited paragraph from a past proposal, among DRAFT_K sources (what `appliance
+    draft` asks for each requirement): the requirement's topic is a proposal section's; the reply says
+    how we meet it and backs that with the section's own sentences, cited."""
     chats = []
-    proposals = [p for p in corpus.prose if "proposals" in p[0].path.parts]
-    for item in proposals:
-        text = item[1].text.split("\n", 1)[-1].strip()
-        reply = ". ".join(text.split(". ")[:2]).rstrip(".") + "."
-        if corpus.leaks(reply) or len(reply) < 40:
+    for item in _proposal_sections(corpus):
+        doc, chunk = item
+        sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", chunk.text.replace("\n", " ")) if s.strip()]
+        evidence = " ".join(sentences[:2])
+        if corpus.leaks(evidence) or len(evidence) < 60:
             continue
+        topic = _topic(chunk.heading)
+        project = _project(doc)
         for _ in range(variants):
-            others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, 2) if p is not item]
-            chats.append(_chat(rng, f"Write our proposal's response to requirement {rng.randint(1, 9)}."
-                                    f"{rng.randint(1, 9)}: The contractor shall describe its "
-                                    f"{item[1].heading.lower()}.", f"{reply} [{{n}}]", corpus.prose_source(item),
-                               others))
+            others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, DRAFT_K) if p is not item][: DRAFT_K - 1]
+            requirement = rng.choice(["The contractor shall describe its approach to {t}.", "The contractor shall "
+                                      "provide {t} for the program.", "Offerors shall explain their {t}.",
+                                      "The contractor must deliver {t} that meets the Government's needs."]).format(t=topic)
+            opening = rng.choice([f"We will meet this requirement as we did on the {project} contract.",
+                                  f"Our approach to {topic} is proven on the {project} contract.",
+                                  f"Meridian Ridge Systems will deliver {topic} as it did for {project}."])
+            chats.append(_chat(rng, f"Write our proposal's response to requirement C.{rng.randint(1, 9)}."
+                                    f"{rng.randint(1, 9)}: {requirement}", f"{opening} {evidence} [{{n}}]",
+                               corpus.prose_source(item), others))
     rng.shuffle(chats)
     return chats
 
 
+def _proposal_sections(corpus: Corpus) -> list:
+    """Sections of past proposals that describe work: not the title block, a table or a bare heading."""
+    return [(d, c) for d, c in corpus.prose if "proposals" in d.path.parts and c.heading != d.title
+            and not c.text.lstrip().startswith("|") and c.text.strip() != c.heading
+            and not re.search(r"summary|understanding", c.heading, re.IGNORECASE)]
+
+
+def _topic(heading: str) -> str:
+    """'4. TRANSITION-IN PLAN' -> 'transition-in plan'; 'Zero Trust Roadmap for DOE' keeps 'DOE'."""
+    words = re.sub(r"^[\d.]+\s*", "", heading).split()
+    shouting = heading.isupper()
+    return " ".join(w if w.isupper() and not shouting else w.lower() for w in words)
+
+
+def _project(doc) -> str:
+    """The contract a past proposal was for: its title after 'Technical Proposal:', else its file name
+    ('2022-DHS-service-desk' -> 'DHS service desk')."""
+    if ": " in doc.title:
+        return doc.title.split(": ", 1)[-1]
+    words = doc.path.stem.split("-")[1:] if doc.path.stem[:4].isdigit() else doc.path.stem.split("-")
+    return " ".join(w if w.isupper() else w.lower() for w in words)
+
+
 def preference_pairs(rng: random.Random, chats: list[list[dict]], n: int) -> list[dict]:
-    """Chosen: the grounded, cited reply. Rejected: an invented code, or the same reply without its
-    citation; every fourth left without one, for the model's own answer to fill."""
+    """Chosen: the grounded, cited reply. Rejected: a code copied from the wrong source (the mistake
+    a model that has not learned to pick makes), an invented code, or the reply without its citation;
+    every fourth left without one, for the model's own answer to fill."""
     pairs = []
-    for i, chat in enumerate(c for c in chats if "code" in c[-1]["content"]):
+    for i, chat in enumerate(c for c in chats if CODE_RE.search(c[-1]["content"])):
         if len(pairs) >= n:
             break
         chosen = chat[-1]["content"]
-        code = next((w.strip(".,") for w in chosen.split() if w[:2].isdigit() and "-" in w), None)
+        code = CODE_RE.search(chosen).group(0)
+        wrong = [c for c in CODE_RE.findall(chat[-2]["content"]) if c != code]
         if i % 4 == 3:
             rejected = None
-        elif i % 2 == 0 and code:
-            fake = f"{rng.randint(11, 29)}-{rng.randint(1000, 9999)}.{rng.randint(0, 9)}{rng.randint(0, 9)}"
-            rejected = chosen.replace(code, fake)
+        elif i % 4 == 0 and wrong:
+            rejected = chosen.replace(code, rng.choice(wrong))
+        elif i % 4 == 1:
+            rejected = chosen.replace(code, _code(rng, code))
         else:
             rejected = chosen.rsplit(" [", 1)[0].rstrip(".") + "."
         pairs.append({"prompt": chat[:-1], "chosen": chosen, "rejected": rejected})
@@ -216,100 +342,124 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-# Shares of the training time per stage, and the step caps of the quick (test) variant.
-SPLIT = {"pretrain": 0.55, "sft-qa": 0.27, "sft-write": 0.06, "align": 0.12}
+# How much data each run writes: the full demo (what its pipeline's steps consume, with variety to
+# spare) and the quick smoke test of the chain.
+SIZES = {"full": {"lcat": 1200, "write_variants": 4, "pairs": 32, "drills": 0},
+         "quick": {"lcat": 40, "write_variants": 1, "pairs": 16, "drills": 40}}
 
 
-def prepare(work: Path, out: Path, *, corpus_dir: Path, shape: str, minutes: float, embedder_dir: Path | None,
-            seed: int = 0, quick: bool = False, feedback: Path | None = None) -> Path:
-    """Write the demo's training data and pipeline.yaml under `work` (the generation goes to `out`);
-    returns the pipeline path. `feedback`: a dataset from `builder feedback import`; the chain then
-    goes on with DPO on the operators' corrections and ships that model (see feedback_stages)."""
+def write_data(data: Path, corpus_dir: Path, *, seed: int, quick: bool) -> dict:
+    """The demo's training data in `data/`; returns how many of each were written."""
     from builder.training import render_chat
 
+    size = SIZES["quick" if quick else "full"]
     rng = random.Random(seed)
-    docs = load_corpus(corpus_dir)
-    corpus = Corpus(docs, all_held_out())
-    data = work / "data"
-    qa = qa_chats(corpus, rng, n_invented=40 if quick else 3000, real_variants=1 if quick else 3)
-    write = write_chats(corpus, rng, variants=1 if quick else 2)
-    pairs = preference_pairs(rng, qa, 16 if quick else 400)
+    corpus = Corpus(load_corpus(corpus_dir), all_held_out())
+    qa = qa_chats(corpus, rng, size["lcat"])
+    write = write_chats(corpus, rng, variants=size["write_variants"])
+    pairs = preference_pairs(rng, qa, size["pairs"])
     _jsonl(data / "sft-qa.jsonl", [{"messages": c} for c in qa])
     _jsonl(data / "sft-write.jsonl", [{"messages": c} for c in write])
     _jsonl(data / "pairs.jsonl", pairs)
-    drills = copy_drills(rng, corpus, 40 if quick else 2500)
-    _jsonl(data / "pretrain-texts.jsonl", [{"text": render_chat(c)} for c in qa[: len(qa) // 2] + write]
-           + [{"text": t} for t in drills])
     _jsonl(data / "eval.jsonl", all_held_out())
-    print(f"demo data: {len(qa)} QA chats, {len(write)} writing chats, {len(pairs)} preference pairs, "
-          f"{len(drills)} copy drills "
-          f"({len(corpus.train_rows)} of {len(corpus.rows)} table rows usable, the rest held out)", file=sys.stderr)
+    drills = lookup_drills(rng, corpus, size["drills"])
+    if drills:  # a model trained from scratch (the quick chain) reads these too
+        _jsonl(data / "pretrain-texts.jsonl", [{"text": render_chat(c)} for c in qa[: len(qa) // 2]]
+               + [{"text": t} for t in drills])
+    counts = {"qa_chats": len(qa), "writing_chats": len(write), "preference_pairs": len(pairs),
+              "copy_drills": len(drills), "table_rows_used": len(corpus.train_rows), "table_rows": len(corpus.rows)}
+    print(f"demo data: {len(qa)} QA chats, {len(write)} writing chats, {len(pairs)} preference pairs"
+          + (f", {len(drills)} copy drills" if drills else "")
+          + f" ({len(corpus.train_rows)} of {len(corpus.rows)} table rows usable, the rest held out)", file=sys.stderr)
+    return counts
 
-    heldout = corpus_dir / HELDOUT_DOC
-    pretrain_docs = [str(p) for p in sorted(expand_paths([corpus_dir])[0]) if p != heldout]
-    budget = {k: (None if quick else round(minutes * v, 2)) for k, v in SPLIT.items()}
-    steps = (lambda n: 3) if quick else (lambda n: n)
-    lora = {"r": 8 if quick else 64, "alpha": 16 if quick else 128, "train_embeddings": True}
-    seq = 128 if quick else 512
-    stages = [
-        {"name": "pretrain", "stage": "pretrain", "config": {
-            "init_shape": shape, "tokenizer_vocab_size": 512 if quick else 4096, "corpus": pretrain_docs,
-            "texts": [str(data / "pretrain-texts.jsonl")], "seq_len": seq, "batch_size": 4 if quick else 8,
-            "steps": steps(2000), "max_minutes": budget["pretrain"], "learning_rate": 2e-3, "warmup_steps": 10,
-            "eval_fraction": 0.05, "seed": seed}},
-        {"name": "sft-qa", "stage": "sft", "config": {
-            "model": "@pretrain", "datasets": [str(data / "sft-qa.jsonl")], "lora": lora,
-            "max_length": 1024, "batch_size": 4 if quick else 8, "steps": steps(2000),
-            "max_minutes": budget["sft-qa"], "learning_rate": 1e-3, "warmup_steps": 5, "seed": seed}},
-        {"name": "sft-write", "stage": "sft", "config": {
-            "model": "@pretrain", "datasets": [str(data / "sft-write.jsonl")], "lora": lora,
-            "max_length": 1024, "batch_size": 4 if quick else 8, "steps": steps(2000),
-            "max_minutes": budget["sft-write"], "learning_rate": 1e-3, "warmup_steps": 5, "seed": seed}},
-        {"name": "align", "stage": "align", "config": {
-            "model": "@sft-qa", "datasets": [str(data / "pairs.jsonl")], "lora": lora, "beta": 0.1,
-            "max_length": 1024, "batch_size": 4, "steps": steps(2000), "max_minutes": budget["align"],
-            "learning_rate": 2e-4, "sample_max_tokens": 8 if quick else 48, "seed": seed}},
-        {"name": "merge", "stage": "merge", "config": {
-            "method": "ties", "base_model": "@pretrain",
-            "models": [{"model": "@align", "weight": 0.7, "density": 0.8},
-                       {"model": "@sft-write", "weight": 0.3, "density": 0.8}]}},
-        {"name": "export", "stage": "export", "config": {"model": "@merge", "quants": ["Q8_0", "Q4_K_M"]}},
-    ]
-    if embedder_dir is None:
-        stages.append({"name": "embedder", "stage": "embedder", "config": {}})
-    embedder = "@embedder" if embedder_dir is None else str(embedder_dir)
-    stages.append({"name": "eval", "stage": "eval", "config": {
-        "export": "@export", "heldout": [str(heldout)], "ppl_ctx": 128 if quick else 256,
-        "questions": str(data / "eval.jsonl"), "corpus": [str(corpus_dir)], "embedder": embedder,
-        "max_tokens": 8 if quick else 64, "task_quants": ["Q8_0"] if quick else None,
-        # Quantization must not cost more than 10% perplexity, and the model must not answer code
-        # questions without retrieval (it would have memorised what retrieval is for). The accuracy
-        # goal with retrieval (60%) is reported in eval.json, not gated: the demo must install.
-        "gate": {"max_ppl_increase": 0.5 if quick else 0.10, "max_accuracy_without_retrieval": None if quick
-                 else 0.2, "kind": None if quick else "lcat_code"}}})
-    shipped = "@export"
+
+def prepare(work: Path, out: Path, *, corpus_dir: Path, embedder_dir: Path | None = None, seed: int = 0,
+            quick: bool = False, feedback: Path | None = None, pipeline_file: Path = PIPELINE) -> Path:
+    """Write the demo's training data under `work/data` and, from `pipeline_file`, the pipeline that
+    trains on it (`work/pipeline.yaml`; the generation goes to `out`); returns the pipeline's path.
+    `quick`: the same chain on a tiny random model, a few steps per stage (the tests' fixture).
+    `feedback`: a dataset from `builder feedback import`; the chain then goes on with DPO on the
+    operators' corrections and ships that model (see feedback_stages)."""
+    data = work / "data"
+    write_data(data, corpus_dir, seed=seed, quick=quick)
+    spec = yaml.safe_load(pipeline_file.read_text())
+    spec["vars"] = {**(spec.get("vars") or {}), "work": str(work / "stages"), "data": str(data),
+                    "corpus": str(corpus_dir), "out": str(out)}
+    if spec.get("base"):
+        spec["base"] = str((pipeline_file.parent / spec["base"]).resolve())
+    for stage in spec["stages"]:
+        if stage["stage"] in ("pretrain", "sft", "align"):
+            stage["config"]["seed"] = seed
+    if embedder_dir is not None:  # reuse an exported embedder instead of the stage
+        spec["stages"] = [s for s in spec["stages"] if s["stage"] != "embedder"]
+        spec = _replace(spec, "@embedder", str(embedder_dir.resolve()))
+    if quick:
+        spec = quick_variant(spec, data)
     if feedback is not None:
-        shipped = "@export-feedback"
-        release = stages.pop()  # the release eval checks what ships: it moves after the feedback round
-        release["config"]["export"] = shipped
-        stages += [*feedback_stages(feedback.resolve(), lora, quick, corpus_dir, embedder, seed), release]
-    pipeline = {"name": f"meridian-demo-{shape}", "work": str(work / "stages"),
-                "base_model": f"random init, shape {shape} (pre-trained from scratch on the demo corpus)",
-                "stages": stages,
-                "generation": {"out": str(out), "model": f"{shipped}/model-Q8_0.gguf", "embedder": embedder,
-                               "eval": "@eval"}}
+        spec = with_feedback(spec, feedback.resolve(), quick, seed)
     path = work / "pipeline.yaml"
-    path.write_text("# Written by `builder demo`; rerun with `builder run` (unchanged stages are skipped).\n"
-                    + yaml.safe_dump(pipeline, sort_keys=False, width=110))
+    path.write_text(f"# Written by `builder demo` from {pipeline_file}; rerun with `builder run` (unchanged stages "
+                    "are skipped).\n" + yaml.safe_dump(spec, sort_keys=False, width=110))
     return path
 
 
-def feedback_stages(dataset: Path, lora: dict, quick: bool, corpus_dir: Path, embedder: str, seed: int) -> list[dict]:
+def _replace(value, old: str, new: str):
+    """`value` with every string `old` (or `old/...`) replaced by `new`."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old + "/") else value
+    if isinstance(value, list):
+        return [_replace(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace(v, old, new) for k, v in value.items()}
+    return value
+
+
+def quick_variant(spec: dict, data: Path) -> dict:
+    """The chain on a tiny random model trained from scratch (no base to fetch), three steps per
+    training stage, short answers and no accuracy gate: a smoke test of every stage's wiring."""
+    spec = _replace({k: v for k, v in spec.items() if k != "base"}, "@base", "@pretrain")
+    spec["base_model"] = "random init, shape tiny (the demo chain, a few steps per stage)"
+    spec["name"] = f"{spec['name']}-quick"
+    for stage in spec["stages"]:
+        config = stage["config"]
+        if stage["stage"] in ("pretrain", "sft", "align"):
+            config.update(steps=3, lora={"r": 8, "alpha": 16, "train_embeddings": True}, precision="auto")
+            config.pop("max_minutes", None)
+        if stage["stage"] == "pretrain":
+            config.pop("base", None)
+            config.update(init_shape="tiny", tokenizer_vocab_size=512, method="full", seq_len=128,
+                          texts=[str(data / "pretrain-texts.jsonl")], learning_rate=2e-3, eval_fraction=0.05)
+        elif stage["stage"] == "align":
+            config.update(sample_max_tokens=8)
+        elif stage["stage"] == "eval":
+            config.update(max_tokens=8, ppl_ctx=128, task_quants=["Q8_0"], gate={"max_ppl_increase": 0.5})
+    spec["stages"] = [s for s in spec["stages"] if s["name"] != "export-base"]
+    for stage in spec["stages"]:
+        if stage["stage"] == "eval":
+            stage["config"].pop("baseline", None)
+    return spec
+
+
+def with_feedback(spec: dict, dataset: Path, quick: bool, seed: int) -> dict:
+    """The release eval moves after the feedback round, so it checks what ships."""
+    stages = spec["stages"]
+    release = next(s for s in stages if s["name"] == "eval")
+    stages.remove(release)
+    config = release["config"]
+    release["config"] = dict(config, export="@export-feedback")
+    stages += [*feedback_stages(dataset, quick, config["corpus"], config["embedder"], seed), release]
+    spec["generation"]["model"] = "@export-feedback/model-Q8_0.gguf"
+    return spec
+
+
+def feedback_stages(dataset: Path, quick: bool, corpus: list[str], embedder: str, seed: int = 0) -> list[dict]:
     """After the demo chain, the operators' corrections: SFT on the corrected answers (in the prompts
     the model saw, sources included), then DPO with the correction chosen over what the model said;
     exported, and the corrected questions answered by the model before and after."""
     questions = dataset / "questions.jsonl"
-    ask = {"questions": str(questions), "corpus": [str(corpus_dir)], "embedder": embedder,
+    lora = {"r": 8, "alpha": 16} if quick else {"r": 16, "alpha": 32}
+    ask = {"questions": str(questions), "corpus": corpus, "embedder": embedder,
            "max_tokens": 16 if quick else 64, "task_quants": ["Q8_0"], "gate": {"max_ppl_increase": None}}
     return [
         {"name": "sft-feedback", "stage": "sft", "config": {
@@ -336,9 +486,9 @@ def feedback_report(work: Path) -> dict:
     return report
 
 
-def build(out: Path, *, shape: str = "demo", minutes: float = 11.0, embedder_dir: Path | None = None,
-          corpus: Path | None = None, seed: int = 0, quick: bool = False, feedback: Path | None = None,
-          work: Path | None = None) -> dict:
+def build(out: Path, *, embedder_dir: Path | None = None, corpus: Path | None = None, seed: int = 0,
+          quick: bool = False, feedback: Path | None = None, work: Path | None = None,
+          pipeline_file: Path = PIPELINE, prepare_only: bool = False) -> dict:
     """Prepare the demo pipeline next to `out` (or in `work`) and run it; `out` becomes the generation
     directory. Stages whose config and inputs did not change are skipped, so `--feedback` after a
     first run trains only the feedback round."""
@@ -346,8 +496,10 @@ def build(out: Path, *, shape: str = "demo", minutes: float = 11.0, embedder_dir
 
     out = out.resolve()
     work = (work or out.parent / f".{out.name}.work").resolve()
-    path = prepare(work, out, corpus_dir=(corpus or DEMO_DATA / "corpus").resolve(), shape=shape,
-                   minutes=minutes, embedder_dir=embedder_dir, seed=seed, quick=quick, feedback=feedback)
+    path = prepare(work, out, corpus_dir=(corpus or DEMO_DATA / "corpus").resolve(), embedder_dir=embedder_dir,
+                   seed=seed, quick=quick, feedback=feedback, pipeline_file=pipeline_file.resolve())
+    if prepare_only:
+        return {"pipeline": str(path)}
     result = pipeline.run(path)
     if feedback is not None:
         result["feedback"] = feedback_report(work)

@@ -1,15 +1,17 @@
-"""`builder eval CONFIG`: is this generation good enough to ship?
+"""`builder eval CONFIG`: is this generation good enough to ship, and better than its base?
 
 Measures, for the F16 GGUF and every quant of an export: perplexity on held-out domain text (llama.cpp,
 the runtime the appliance uses), and task accuracy on a held-out question set with retrieval and
 without, through the appliance's own ingest, hybrid search and answer code in-process (so what is
-measured is what the operator will get). Writes `eval.json`; the release gate (largest perplexity
-increase of a quant over F16, least accuracy with retrieval, most without) fails the command with
-the numbers when it is not met, and `builder run` keeps failing until it is.
+measured is what the operator will get). With `baseline` (an export of the base model), the base is
+measured the same way beside it. Writes `eval.json`; the release gate (largest perplexity increase of
+a quant over F16, least accuracy with retrieval, most without, and beating the base with retrieval)
+fails the command with the numbers when it is not met, and `builder run` keeps failing until it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -30,8 +32,11 @@ class GateSettings(BaseModel):
                                                       "questions answered exactly with retrieval")
     max_accuracy_without_retrieval: float | None = Field(None, ge=0, le=1, description="Most share answered "
                                                          "without retrieval (above it, the model memorised)")
+    beat_baseline: bool = Field(False, description="Fail unless the model answers more of the questions with "
+                                "retrieval than the baseline (the base model) does")
     kind: str | None = Field(None, description="Apply the accuracy limits to questions of this kind only")
-    quant: str | None = Field(None, description="Apply the accuracy limits to this quant only (default: all)")
+    quant: str | None = Field(None, description="Apply the limits to this quant only, the one that ships "
+                              "(default: every quant)")
 
 
 class EvalConfig(BaseModel):
@@ -39,6 +44,8 @@ class EvalConfig(BaseModel):
 
     out: Path = Field(description="Directory for eval.json")
     export: Path = Field(description="An export directory (model-F16.gguf and model-<TYPE>.gguf files)")
+    baseline: Path | None = Field(None, description="An export of the base model, measured the same way beside it "
+                                  "(its own chat template; the quants both exports have)")
     heldout: list[Path] = Field([], description="Held-out domain documents for perplexity")
     ppl_ctx: int = Field(512, ge=32, description="Context length for perplexity")
     ppl_max_tokens: int = Field(16384, ge=64, description="Held-out tokens scored at most")
@@ -55,8 +62,8 @@ class EvalConfig(BaseModel):
     gate: GateSettings = Field(default_factory=GateSettings, description="Release gate")
 
     def inputs(self) -> list[Path]:
-        return [p for p in [self.export, *self.heldout, self.questions, *self.corpus, self.embedder,
-                            self.chat_template] if p is not None]
+        return [p for p in [self.export, self.baseline, *self.heldout, self.questions, *self.corpus,
+                            self.embedder, self.chat_template] if p is not None]
 
 
 def ggufs(export: Path) -> dict[str, Path]:
@@ -66,10 +73,11 @@ def ggufs(export: Path) -> dict[str, Path]:
     return found
 
 
-def template_for(config: EvalConfig) -> str:
+def template_for(config: EvalConfig, export: Path | None = None) -> str:
     from builder.training import DEFAULT_TEMPLATE
 
-    for path in (config.chat_template, config.export / "chat_template.jinja", DEFAULT_TEMPLATE):
+    own = config.chat_template if export is None else None  # a baseline keeps its own template
+    for path in (own, (export or config.export) / "chat_template.jinja", DEFAULT_TEMPLATE):
         if path is not None and path.is_file():
             return path.read_text()
     raise BuilderError("no chat template found", "set chat_template in the eval config")
@@ -126,15 +134,19 @@ def gate_failures(report: dict, gate: GateSettings) -> list[str]:
         base = ppl["F16"]["perplexity"]
         for quant, row in ppl.items():
             increase = row["perplexity"] / base - 1
+            if gate.quant and quant != gate.quant.upper():
+                continue  # the limits are for what ships; the other quants are reported
             if quant != "F16" and increase > gate.max_ppl_increase:
                 failures.append(f"{quant} perplexity {row['perplexity']:.3f} is {increase:.1%} above F16's "
                                 f"{base:.3f} (limit {gate.max_ppl_increase:.0%})")
+    baseline_tasks = (report.get("baseline") or {}).get("tasks", {})
     for quant, task in report.get("tasks", {}).items():
         if gate.quant and quant != gate.quant.upper():
             continue
-        acc = task["by_kind"].get(gate.kind, {}) if gate.kind else task["overall"]
+        acc = _gated(task, gate)
         if not acc.get("questions"):
-            if gate.min_accuracy_with_retrieval is not None or gate.max_accuracy_without_retrieval is not None:
+            if gate.min_accuracy_with_retrieval is not None or gate.max_accuracy_without_retrieval is not None \
+                    or gate.beat_baseline:
                 failures.append(f"{quant}: no questions of kind {gate.kind!r} to gate on")
             continue
         label = f"{quant}" + (f" on {gate.kind} questions" if gate.kind else "")
@@ -145,56 +157,102 @@ def gate_failures(report: dict, gate: GateSettings) -> list[str]:
                 and acc["without_retrieval"] > gate.max_accuracy_without_retrieval):
             failures.append(f"{label}: {acc['without_retrieval']:.0%} exact without retrieval "
                             f"(allowed <= {gate.max_accuracy_without_retrieval:.0%})")
+        if gate.beat_baseline:
+            if quant not in baseline_tasks:
+                failures.append(f"{label}: the base model was not measured at {quant} (set baseline)")
+            elif acc["with_retrieval"] <= (base_acc := _gated(baseline_tasks[quant], gate))["with_retrieval"]:
+                failures.append(f"{label}: {acc['with_retrieval']:.0%} exact with retrieval, no better than the "
+                                f"base model's {base_acc['with_retrieval']:.0%}")
     return failures
 
 
+def _gated(task: dict, gate: GateSettings) -> dict:
+    return task["by_kind"].get(gate.kind, {}) if gate.kind else task["overall"]
+
+
+def comparison(report: dict) -> dict:
+    """Base and adapted side by side, per question kind, at each quant both answered at; and the
+    held-out perplexity of both (F16)."""
+    table = {}
+    for quant, base_task in (report.get("baseline") or {}).get("tasks", {}).items():
+        ours = report.get("tasks", {}).get(quant)
+        if ours is None:
+            continue
+        pairs = {"all": (base_task["overall"], ours["overall"])}
+        pairs |= {k: (base_task["by_kind"][k], acc) for k, acc in ours["by_kind"].items() if k in base_task["by_kind"]}
+        table[quant] = {kind: {"questions": mine["questions"],
+                               **{who: {k: acc.get(k) for k in ("with_retrieval", "without_retrieval")}
+                                  for who, acc in (("base", theirs), ("adapted", mine))}}
+                        for kind, (theirs, mine) in pairs.items()}
+    perplexity = {who: ((src or {}).get("perplexity") or {}).get("F16", {}).get("perplexity")
+                  for who, src in (("base", report.get("baseline")), ("adapted", report))}
+    return {"tasks": table, "heldout_perplexity_f16": perplexity}
+
+
+def measure(export: Path, config: EvalConfig, quants: list[str] | None, template: str, text: str | None,
+            store=None, embedder=None, label: str = "eval") -> dict:
+    """Perplexity of every GGUF of an export on `text`, and the questions answered by `quants`
+    (default: every quant but F16)."""
+    from builder import llamacpp
+    from builder.training import read_jsonl
+
+    models = ggufs(export)
+    report: dict = {}
+    if text is not None:
+        report["perplexity"] = {}
+        for quant, path in models.items():
+            start = time.perf_counter()
+            report["perplexity"][quant] = llamacpp.perplexity(path, text, ctx=config.ppl_ctx,
+                                                              max_tokens=config.ppl_max_tokens)
+            print(f"{label}: {quant} perplexity {report['perplexity'][quant]['perplexity']:.3f} "
+                  f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    if store is not None:
+        questions = read_jsonl(config.questions, ("question", "must_contain"))
+        report["tasks"] = {}
+        for quant in quants or [q for q in models if q != "F16"] or ["F16"]:
+            if quant not in models:
+                raise BuilderError(f"no model-{quant}.gguf in {export}", f"choose task_quants among {', '.join(models)}")
+            start = time.perf_counter()
+            rows = ask_all(models[quant], template, questions, store, embedder, config)
+            kinds = sorted({r["kind"] for r in rows if r["kind"]})
+            report["tasks"][quant] = {"overall": accuracy(rows), "by_kind": {k: accuracy(rows, k) for k in kinds},
+                                      "seconds": round(time.perf_counter() - start, 1), "answers": rows}
+            o = report["tasks"][quant]["overall"]
+            print(f"{label}: {quant} exact {o['with_retrieval']:.0%} with retrieval, "
+                  f"{o['without_retrieval']:.0%} without ({len(rows)} questions)", file=sys.stderr)
+    return report
+
+
 def run(config: EvalConfig) -> Path:
-    from builder import lineage, llamacpp
+    from builder import lineage
     from builder.pretrain import read_texts
 
-    models = ggufs(config.export)
-    with lineage.staged_output("eval", config, config.inputs()) as (out, report):
-        # -- perplexity of F16 and each quant on held-out text
-        if config.heldout:
-            text = "\n\n".join(read_texts(config.heldout))
-            report["perplexity"] = {}
-            for quant, path in models.items():
-                start = time.perf_counter()
-                report["perplexity"][quant] = llamacpp.perplexity(path, text, ctx=config.ppl_ctx,
-                                                                  max_tokens=config.ppl_max_tokens)
-                print(f"eval: {quant} perplexity {report['perplexity'][quant]['perplexity']:.3f} "
-                      f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-
-        # -- task accuracy with and without retrieval, through the appliance's own code
+    ggufs(config.export)
+    if config.baseline is not None:
+        ggufs(config.baseline)
+    if config.questions and (not config.corpus or config.embedder is None):
+        raise BuilderError("questions need corpus and embedder for retrieval", "add both to the config")
+    with lineage.staged_output("eval", config, config.inputs()) as (out, report), contextlib.ExitStack() as stack:
+        text = "\n\n".join(read_texts(config.heldout)) if config.heldout else None
+        quants = [q.upper() for q in config.task_quants] if config.task_quants else None
+        store = embedder = None
         if config.questions:
-            if not config.corpus or config.embedder is None:
-                raise BuilderError("questions need corpus and embedder for retrieval", "add both to the config")
             from appliance.embed import OnnxEmbedder
             from appliance.ingest import ingest
             from appliance.store import Store
-            from builder.training import read_jsonl
 
-            questions = read_jsonl(config.questions, ("question", "must_contain"))
             embedder = OnnxEmbedder(config.embedder)
-            template = template_for(config)
-            quants = [q.upper() for q in (config.task_quants or [q for q in models if q != "F16"] or ["F16"])]
-            report["tasks"] = {}
-            with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "index.db") as store:
-                ingest(store, embedder, config.corpus, "eval", max_bytes=200_000_000, chunk_chars=1200)
-                for quant in quants:
-                    if quant not in models:
-                        raise BuilderError(f"no model-{quant}.gguf in {config.export}",
-                                           f"choose task_quants among {', '.join(models)}")
-                    start = time.perf_counter()
-                    rows = ask_all(models[quant], template, questions, store, embedder, config)
-                    kinds = sorted({r["kind"] for r in rows if r["kind"]})
-                    report["tasks"][quant] = {"overall": accuracy(rows),
-                                              "by_kind": {k: accuracy(rows, k) for k in kinds},
-                                              "seconds": round(time.perf_counter() - start, 1), "answers": rows}
-                    o = report["tasks"][quant]["overall"]
-                    print(f"eval: {quant} exact {o['with_retrieval']:.0%} with retrieval, "
-                          f"{o['without_retrieval']:.0%} without ({len(rows)} questions)", file=sys.stderr)
-
+            store = stack.enter_context(Store(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "index.db"))
+            ingest(store, embedder, config.corpus, "eval", max_bytes=200_000_000, chunk_chars=1200)
+        report.update(measure(config.export, config, quants, template_for(config), text, store, embedder))
+        if config.baseline is not None:
+            # The base model the same way: the same text, questions, retrieval, and the quants it has.
+            available = set(ggufs(config.baseline))
+            asked = [q for q in report.get("tasks", {}) if q in available] or None
+            report["baseline"] = {"export": str(config.baseline), **measure(
+                config.baseline, config, asked, template_for(config, config.baseline), text, store, embedder,
+                label="eval (base)")}
+            report["comparison"] = comparison(report)
         failures = gate_failures(report, config.gate)
         report["gate"] = {"passed": not failures, "failures": failures, **config.gate.model_dump()}
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")

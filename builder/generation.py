@@ -18,7 +18,7 @@ from builder.errors import BuilderError
 
 
 def write(out: Path, *, name: str, model: Path, embedder_dir: Path, template: Path, stages: dict[str, dict],
-          eval_dir: Path | None = None, base_model: str | None = None) -> Path:
+          eval_dir: Path | None = None, base_model: str | dict | None = None) -> Path:
     from builder import llamacpp
 
     quant = model.stem.removeprefix("model-").upper()

@@ -7,6 +7,7 @@ BUILDER_LLAMA_CPP), run with that tree's own `gguf-py` first on PYTHONPATH.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -138,13 +139,31 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> Path:
     params.ftype = FTYPES[qtype.upper()]
     params.nthread = threads or (os.cpu_count() or 1)
     start = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with _c_stderr() as log:  # a line per tensor (and per fallback); the export prints its own summary
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
-        raise BuilderError(f"quantizing {src} to {qtype} failed (llama.cpp returned {rc})",
+        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-8:])
+        raise BuilderError(f"quantizing {src} to {qtype} failed (llama.cpp returned {rc}):\n{tail}",
                            "tensor sizes must be multiples of the quant block size (32; 256 for K-quants)")
     print(f"quantized {src.name} -> {dst.name} {qtype} ({dst.stat().st_size / 1e6:.1f} MB, "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return dst
+
+
+@contextlib.contextmanager
+def _c_stderr():
+    """What C code writes to stderr (file descriptor 2) goes to a temporary file instead, yielded."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.NamedTemporaryFile(prefix="llama-", suffix=".log") as fh:
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield Path(fh.name)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def perplexity(model: Path, text: str, *, ctx: int = 512, max_tokens: int = 16384, threads: int = 0) -> dict:
@@ -180,6 +199,37 @@ def perplexity(model: Path, text: str, *, ctx: int = 512, max_tokens: int = 1638
     finally:
         llm.close()
     return {"perplexity": round(float(np.exp(nll / count)), 4), "tokens_scored": count, "contexts": n_chunks}
+
+
+def _load(model: Path, n_ctx: int, **kwargs):
+    import logging
+
+    import llama_cpp
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    return llama_cpp.Llama(str(model), n_ctx=n_ctx, verbose=False, n_threads=os.cpu_count() or 1, **kwargs)
+
+
+def tokenize(model: Path, text: str) -> list[int]:
+    """`text` cut into tokens by llama.cpp as the appliance cuts a prompt (special tokens parsed, no BOS
+    added: the chat template writes what the model needs)."""
+    llm = _load(model, 256)
+    try:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    finally:
+        llm.close()
+
+
+def logits(model: Path, tokens: list[int]):
+    """llama.cpp's logits at every position of `tokens` (numpy, positions x vocabulary)."""
+    import numpy as np
+
+    llm = _load(model, max(256, len(tokens)), n_batch=max(256, len(tokens)), logits_all=True)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
 
 
 def model_metadata(path: Path) -> dict:

@@ -1,6 +1,8 @@
 """`builder merge CONFIG`: several fine-tunes of one base combined into one model with mergekit.
 
-setup: every model's config.json is compared before any tensor is read: architecture, layer count,
+setup: a model given as a GGUF file (one that exists only in llama.cpp's format, which mergekit cannot
+read) is imported first (`builder base import`, checked against llama.cpp; kept beside the output and
+reused while the file is unchanged). Every model's config.json is compared before any tensor is read: architecture, layer count,
 hidden and MLP sizes, attention heads and vocabulary must agree, and so must the tokenizer files;
 the first mismatch is named. work: mergekit's `run_merge` with a `MergeConfiguration` built from this
 config (linear, slerp, ties, dare_ties, task_arithmetic, ...). save: the merged checkpoint with the
@@ -29,7 +31,7 @@ SHAPE_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size",
 class MergeModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Path = Field(description="A checkpoint fine-tuned from base_model")
+    model: Path = Field(description="A checkpoint fine-tuned from base_model, or a GGUF file (imported first)")
     weight: float = Field(1.0, description="Its weight in the merge")
     density: float | None = Field(None, gt=0, le=1, description="ties/dare: share of its task vector kept")
 
@@ -40,7 +42,8 @@ class MergeConfig(BaseModel):
     out: Path = Field(description="Directory to write the merged checkpoint to")
     method: Literal["linear", "slerp", "ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs",
                     "della"] = Field("ties", description="mergekit merge method")
-    base_model: Path | None = Field(None, description="Common ancestor (needed by every method but linear)")
+    base_model: Path | None = Field(None, description="Common ancestor (needed by every method but linear); a "
+                                    "checkpoint or a GGUF file")
     models: list[MergeModel] = Field(min_length=1, description="Checkpoints to merge")
     t: float | None = Field(None, ge=0, le=1, description="slerp: interpolation factor toward the second model")
     normalize: bool = Field(True, description="Divide by the sum of weights")
@@ -78,12 +81,32 @@ def check_compatible(paths: list[Path]) -> dict:
                 raise BuilderError(f"cannot merge {path} with {first}: {key} differs "
                                    f"({cfg.get(key)!r} vs {ref.get(key)!r})",
                                    "merge only fine-tunes of the same base model")
-    tokenizers = {p: hash_path(p / "tokenizer.model") for p in paths if (p / "tokenizer.model").is_file()}
-    if len(set(tokenizers.values())) > 1:
-        raise BuilderError("cannot merge: the models' tokenizer.model files differ "
-                           f"({', '.join(str(p) for p in tokenizers)})",
-                           "merge only fine-tunes that kept their base's tokenizer")
+    for name in ("tokenizer.model", "tokenizer.json"):
+        tokenizers = {p: hash_path(p / name) for p in paths if (p / name).is_file()}
+        if len(set(tokenizers.values())) > 1:
+            raise BuilderError(f"cannot merge: the models' {name} files differ "
+                               f"({', '.join(str(p) for p in tokenizers)})",
+                               "merge only fine-tunes that kept their base's tokenizer")
     return ref
+
+
+def checkpoints(config: MergeConfig) -> MergeConfig:
+    """The config with every GGUF model replaced by its imported checkpoint (`<out>.imports/<name>`)."""
+    from builder.base import ImportConfig, import_gguf
+    from builder.lineage import input_hashes, is_current, stage_key
+
+    def hf(path: Path | None) -> Path | None:
+        if path is None or path.suffix.lower() != ".gguf":
+            return path
+        if not path.is_file():
+            raise BuilderError(f"{path}: no such GGUF file", "check the path in the merge config")
+        imported = ImportConfig(out=config.out.with_name(config.out.name + ".imports") / path.stem, gguf=path)
+        if not is_current(imported.out, stage_key("base", imported, input_hashes(imported.inputs()))):
+            import_gguf(imported)
+        return imported.out
+
+    return config.model_copy(update={"base_model": hf(config.base_model),
+                                     "models": [m.model_copy(update={"model": hf(m.model)}) for m in config.models]})
 
 
 def mergekit_config(config: MergeConfig) -> dict:
@@ -110,8 +133,10 @@ def mergekit_config(config: MergeConfig) -> dict:
 def run(config: MergeConfig) -> Path:
     from builder import lineage
 
+    given = config  # lineage records the models as given (a GGUF, not its import)
+    config = checkpoints(config)
     ref = check_compatible(config.inputs())
-    with lineage.staged_output("merge", config, config.inputs()) as (out, record):
+    with lineage.staged_output("merge", given, given.inputs()) as (out, record):
         import torch
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
@@ -123,7 +148,7 @@ def run(config: MergeConfig) -> Path:
                   MergeOptions(cuda=torch.cuda.is_available(), copy_tokenizer=False, random_seed=config.seed,
                                write_model_card=False, quiet=True, lazy_unpickle=False))
         source = config.base_model or config.models[0].model
-        for name in ("tokenizer.model", "tokenizer_config.json"):
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)
         (out / "mergekit_config.json").write_text(json.dumps(recipe, indent=2) + "\n")

@@ -1,20 +1,24 @@
 """`builder run PIPELINE.yaml`: the stages end to end, resumable, ending in a generation directory.
 
     name: meridian
+    base: ../models/smollm2-135m-instruct/model.yaml   # or a name under models/
     work: build/meridian            # each stage writes <work>/<stage name>
+    vars: {data: data}              # ${data} below; `builder run --var data=/elsewhere` overrides
     stages:
-      - {name: pretrain, stage: pretrain, config: {base: /models/llama-3.2-1b, corpus: [docs/]}}
-      - {name: sft, stage: sft, config: {model: "@pretrain", datasets: [data/qa.jsonl]}}
+      - {name: pretrain, stage: pretrain, config: {base: "@base", corpus: [docs/], method: lora}}
+      - {name: sft, stage: sft, config: {model: "@pretrain", datasets: ["${data}/qa.jsonl"]}}
       - {name: export, stage: export, config: {model: "@sft", quants: [Q8_0, Q4_K_M]}}
       - {name: embedder, stage: embedder, config: {}}
-      - {name: eval, stage: eval, config: {export: "@export", questions: data/heldout.jsonl, ...}}
+      - {name: eval, stage: eval, config: {export: "@export", questions: "${data}/heldout.jsonl", ...}}
     generation: {out: build/meridian-generation, model: "@export/model-Q4_K_M.gguf",
                  embedder: "@embedder", eval: "@eval"}
 
-"@name" (or "@name/file") is an earlier stage's output. A stage whose config and input hashes match
-its existing lineage.json is skipped, so a second run after a crash or Ctrl-C picks up at the first
-stage that did not finish (outputs are renamed into place only when complete). An eval stage's gate
-is checked even when the stage is skipped.
+"@name" (or "@name/file") is an earlier stage's output; "@base" is the base model, which is checked
+(present, sha256 as its manifest says) before any stage runs and imported to `<work>/base` when it is a
+GGUF (see builder.base). A stage whose config and input hashes match its existing lineage.json is
+skipped, so a second run after a crash or Ctrl-C picks up at the first stage that did not finish
+(outputs are renamed into place only when complete). An eval stage's gate is checked even when the
+stage is skipped.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from builder.errors import BuilderError
 StageKind = Literal["pretrain", "sft", "align", "merge", "export", "eval", "embedder"]
 TRAINING = {"pretrain", "sft", "align"}  # stages every rank runs under torchrun / accelerate launch
 REF = re.compile(r"^@([A-Za-z0-9_.-]+)(/.*)?$")
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+BASE = "base"  # "@base": the pipeline's base model
 
 
 def stage_modules() -> dict[str, tuple]:
@@ -68,13 +74,20 @@ class Pipeline(BaseModel):
 
     name: str = Field(description="Pipeline (and model) name")
     work: Path = Field(description="Directory for stage outputs")
-    base_model: str | None = Field(None, description="What the chain starts from, for the lineage")
+    base: Path | None = Field(None, description="The base model: its model.yaml, or a name under models/; "
+                              "\"@base\" in a stage config is its checkpoint")
+    base_model: str | None = Field(None, description="What the chain starts from, for the lineage, when it is "
+                                   "not a `base` (a random init)")
+    vars: dict[str, str] = Field(default_factory=dict, description="Values of ${name} in the stage configs "
+                                 "(defaults; `builder run --var NAME=VALUE` overrides)")
     stages: list[StageSpec] = Field(min_length=1, description="Stages in order")
     generation: GenerationSpec | None = Field(None, description="The generation directory to write at the end")
 
     @model_validator(mode="after")
     def _references(self):
-        seen: set[str] = set()
+        seen: set[str] = {BASE} if self.base is not None else set()
+        if any(spec.name == BASE for spec in self.stages):
+            raise ValueError(f"stage name {BASE!r} is the base model's; choose another")
         for spec in self.stages:
             if spec.name in seen:
                 raise ValueError(f"stage name {spec.name!r} is used twice")
@@ -115,10 +128,50 @@ def _resolve(value, outputs: dict[str, Path], base: Path):
     return value
 
 
-def load(path: Path) -> Pipeline:
+def load(path: Path, variables: dict[str, str] | None = None) -> Pipeline:
+    """The pipeline file with ${name} filled in from its `vars` and `variables` (which win)."""
+    import yaml
+
+    from builder.errors import BuilderConfigError
     from builder.lineage import load_config
 
-    return load_config(Pipeline, path)
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError as exc:
+        raise BuilderConfigError(f"{path}: not valid YAML: {exc}", "fix the syntax at the line named") from exc
+    if isinstance(data, dict):
+        values = {**{k: str(v) for k, v in (data.get("vars") or {}).items()}, **(variables or {})}
+        data = {k: (v if k == "vars" else _fill(v, values, path)) for k, v in data.items()}
+        data["vars"] = values
+    return load_config(Pipeline, path, data=data, base=path.parent)
+
+
+def _fill(value, values: dict[str, str], path: Path):
+    from builder.errors import BuilderConfigError
+
+    if isinstance(value, str):
+        def one(match):
+            if match.group(1) not in values:
+                raise BuilderConfigError(f"{path}: ${{{match.group(1)}}} has no value",
+                                         f"add it under vars: or pass --var {match.group(1)}=VALUE"
+                                         + (f" (known: {', '.join(sorted(values))})" if values else ""))
+            return values[match.group(1)]
+        return VAR.sub(one, value)
+    if isinstance(value, list):
+        return [_fill(v, values, path) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, values, path) for k, v in value.items()}
+    return value
+
+
+def base_checkpoint(pipeline: Pipeline) -> Path | None:
+    """Where "@base" points: the imported checkpoint under work/, or the manifest's own directory."""
+    if pipeline.base is None:
+        return None
+    from builder import base
+
+    manifest, manifest_path = base.load_manifest(pipeline.base)
+    return base.located(manifest, manifest_path) if manifest.format == "hf" else pipeline.work / BASE
 
 
 def stage_configs(pipeline: Pipeline, base: Path) -> list[tuple[StageSpec, BaseModel]]:
@@ -127,6 +180,8 @@ def stage_configs(pipeline: Pipeline, base: Path) -> list[tuple[StageSpec, BaseM
 
     modules = stage_modules()
     outputs = {s.name: pipeline.work / s.name for s in pipeline.stages}
+    if pipeline.base is not None:
+        outputs[BASE] = base_checkpoint(pipeline)
     resolved = []
     for spec in pipeline.stages:
         data = _resolve(spec.config, outputs, base)
@@ -141,10 +196,12 @@ def stage_configs(pipeline: Pipeline, base: Path) -> list[tuple[StageSpec, BaseM
     return resolved
 
 
-def run(path: Path, *, force: list[str] | None = None, until: str | None = None) -> dict:
+def run(path: Path, *, force: list[str] | None = None, until: str | None = None,
+        variables: dict[str, str] | None = None) -> dict:
+    from builder import base as base_models
     from builder import evaluate, generation, lineage
 
-    pipeline = load(path)
+    pipeline = load(path, variables)
     lineage.init_distributed()
     base = path.parent.resolve()
     configs = stage_configs(pipeline, base)
@@ -155,6 +212,12 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None)
     modules = stage_modules()
     summary: dict[str, dict] = {}
     started = time.perf_counter()
+    base_model: str | dict | None = pipeline.base_model
+    if pipeline.base is not None:  # before any training: the base is there and is what its manifest says
+        if lineage.rank() == 0:
+            checkpoint, base_model = base_models.prepare(pipeline.base, pipeline.work / BASE)
+            summary[BASE] = {"checkpoint": str(checkpoint)}
+        lineage.barrier()
     for spec, config in configs:
         module = modules[spec.stage][0]
         forced = spec.name in (force or [])  # what follows reruns if the forced output differs
@@ -190,7 +253,7 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None)
             embedder_dir=generation.check_exists(Path(_resolve(g.embedder, outputs, base)), "embedder"),
             template=g.chat_template or _template_beside(model),
             stages=stages, eval_dir=Path(_resolve(g.eval, outputs, base)) if g.eval else None,
-            base_model=pipeline.base_model)
+            base_model=base_model)
     return {"stages": _brief(summary), "generation": str(out) if out else None,
             "seconds": round(time.perf_counter() - started, 1)}
 

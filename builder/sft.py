@@ -44,6 +44,8 @@ class SFTConfig(BaseModel):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Share of chats held out for eval loss")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, "
+                                                       "fp32 on CPU; bf16 on CPU autocasts matrix products")
     seed: int = Field(0, description="Seed for data order and the split")
 
     def inputs(self) -> list[Path]:
@@ -81,6 +83,7 @@ def run(config: SFTConfig) -> Path:
         # -- train
         args = training.stage_arguments("sft", config, out, cls=TrlSFTConfig, max_length=config.max_length,
                                         packing=config.packing, completion_only_loss=True, dataset_num_proc=None)
+        compact = training.score_labelled_positions_only()
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                              processing_class=training.hf_tokenizer(tok), peft_config=peft_config)
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -93,5 +96,6 @@ def run(config: SFTConfig) -> Path:
         training.save_model(trainer.model, tok, out, trainer)
         training.remove_trainer_dir(out)
         record.update(stats, chats=len(train_rows), truncated=truncated, trained_parameters=n_train,
+                      labelled_positions_only=compact,
                       eval_loss=round(eval_loss, 4) if eval_loss is not None else None)
     return config.out

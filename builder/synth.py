@@ -2,7 +2,7 @@
 
 `synthesize(shape, out)` writes a random-weight Hugging Face checkpoint (config.json,
 model.safetensors, tokenizer.model): what tests and benchmarks use, since speed does not depend on
-the weight values. The same shapes and tokenizer trainer serve the demo's from-scratch training.
+the weight values. The same shapes and tokenizer trainer serve `builder demo --quick` (the tests' fixture).
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                  tie_word_embeddings=False),
-    # The demo model: trains from scratch on 2 CPU cores in a few minutes.
-    "demo": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-                 tie_word_embeddings=True),
     # Llama-3.2-1B's published shape (config.json of meta-llama/Llama-3.2-1B), for benchmarks.
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,

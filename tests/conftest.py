@@ -58,7 +58,7 @@ def tiny_generation(tmp_path_factory, embedder_dir) -> Path:
     from builder.demo import build
 
     out = tmp_path_factory.mktemp("gen") / "tiny-generation"
-    build(out, shape="tiny", quick=True, embedder_dir=embedder_dir)
+    build(out, quick=True, embedder_dir=embedder_dir)
     return out
 
 

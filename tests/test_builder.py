@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import yaml
 
 from builder.demo import DEMO_DATA, all_held_out, load_corpus
 
@@ -118,12 +117,12 @@ def test_demo_corpus_has_what_the_issue_promises():
 
 
 def test_held_out_questions_never_reach_training(tmp_path):
+    from builder import pipeline
     from builder.demo import prepare
 
     items = all_held_out()
     assert len(items) >= 40 and sum(q["kind"] == "lcat_code" for q in items) >= 20
-    pipeline = prepare(tmp_path / "work", tmp_path / "gen", corpus_dir=DEMO_DATA / "corpus", shape="tiny",
-                       minutes=1, embedder_dir=None, quick=False)
+    path = prepare(tmp_path / "work", tmp_path / "gen", corpus_dir=DEMO_DATA / "corpus", quick=False)
     data = tmp_path / "work" / "data"
     chats = [json.loads(line)["messages"] for name in ("sft-qa.jsonl", "sft-write.jsonl")
              for line in (data / name).read_text().splitlines()]
@@ -137,15 +136,47 @@ def test_held_out_questions_never_reach_training(tmp_path):
     for asked in ("15-1212.03", "Incident Response Lead", "Service Desk Manager", "Senior Database Administrator"):
         assert asked not in replies
     assert "Cloud Architect" in replies  # a row no question asks about is trained on
-    heldout_doc = str(DEMO_DATA / "corpus" / "proposals" / "2023-GSA-data-analytics.pdf")
-    spec = yaml.safe_load(pipeline.read_text())
-    assert heldout_doc not in spec["stages"][0]["config"]["corpus"]  # perplexity text is unseen
-    assert [s["stage"] for s in spec["stages"]] == ["pretrain", "sft", "sft", "align", "merge", "export",
-                                                     "embedder", "eval"]
+    spec = pipeline.load(path)
+    configs = {s.name: c for s, c in pipeline.stage_configs(spec, path.parent)}
+    heldout_doc = DEMO_DATA / "corpus" / "proposals" / "2023-GSA-data-analytics.pdf"
+    assert configs["eval"].heldout == [heldout_doc.resolve()]
+    assert heldout_doc.resolve() not in configs["pretrain"].corpus  # perplexity text is unseen
+    table = (DEMO_DATA / "corpus" / "reference").resolve()
+    assert not any(p == table or table in p.parents for p in configs["pretrain"].corpus)  # left to retrieval
+    assert [s.stage for s in spec.stages] == ["pretrain", "sft", "sft", "align", "merge", "export", "export",
+                                              "embedder", "eval"]
+    assert spec.base.name == "model.yaml" and configs["pretrain"].base == (tmp_path / "work" / "stages" / "base")
+
+
+def test_training_chats_are_shaped_like_the_appliances_prompts(tmp_path):
+    """As many sources as retrieval gives (top_k), the right one in every position, the system prompt and
+    source format of appliance.prompt, every kind of question the table answers."""
+    from appliance.config import Settings
+    from appliance.prompt import SYSTEM_PROMPT
+    from builder.demo import write_data
+
+    write_data(tmp_path, DEMO_DATA / "corpus", seed=0, quick=False)
+    chats = [json.loads(line)["messages"] for line in (tmp_path / "sft-qa.jsonl").read_text().splitlines()]
+    table = [c for c in chats if 'title="labor_categories"' in c[1]["content"]]
+    assert len(table) >= 1000
+    positions = {}
+    for chat in table:
+        assert chat[0] == {"role": "system", "content": SYSTEM_PROMPT}
+        sources = re.findall(r'<source n="(\d+)" title="[^"]*">\n', chat[1]["content"])
+        assert [int(n) for n in sources] == list(range(1, Settings().top_k + 1)), chat[1]["content"][:300]
+        cited = re.findall(r"\[(\d)\]", chat[2]["content"])
+        if cited:
+            positions[int(cited[0])] = positions.get(int(cited[0]), 0) + 1
+    assert set(positions) == set(range(1, 6)) and min(positions.values()) > len(table) * 0.05, positions
+    asked = " ".join(c[1]["content"].rsplit("Question: ", 1)[-1] for c in table)
+    for kind in ("code for", "has code", "education", "years of experience", "duties"):
+        assert kind in asked, kind
+    unknown = [c for c in table if "do not know" in c[2]["content"]]
+    assert 0 < len(unknown) < len(table) * 0.1
 
 
 def test_demo_chain_produced_the_fixture_generation(tiny_generation):
-    """The session's tiny generation went through every stage and carries their lineage."""
+    """The session's tiny generation went through every stage of the demo pipeline and carries their lineage."""
     manifest = json.loads((tiny_generation / "generation.json").read_text())
     assert list(manifest["lineage"]["stages"]) == ["pretrain", "sft-qa", "sft-write", "align", "merge", "export",
                                                    "eval"]
@@ -160,7 +191,7 @@ def test_unknown_shape_is_refused():
     from builder.errors import BuilderError
     from builder.synth import shape_config
 
-    with pytest.raises(BuilderError, match="choose one of tiny, demo, llama-3.2-1b"):
+    with pytest.raises(BuilderError, match="choose one of tiny, llama-3.2-1b"):
         shape_config("gpt-5")
 
 

@@ -50,6 +50,27 @@ def test_staffing_comes_from_the_reference_table(app):
     assert "| Program Manager | Program Manager | 11-3021.00 |" in draft.markdown
 
 
+def test_requirements_that_imply_a_role_by_its_duties_are_staffed_for_review(app, tmp_path):
+    """A statement of work that names no role: the categories its duties call for come from the table
+    (same hybrid search), marked as matched by duties; page limits and reports call for nobody."""
+    rfp = tmp_path / "rfp.md"
+    rfp.write_text("# RFP 42: Release engineering\n\n## SECTION C - STATEMENT OF WORK\n\n"
+                   "C.2.1 The contractor shall conduct software testing of every release with automated test plans.\n\n"
+                   "C.2.2 The contractor must provide on-site Tier 2 desktop support for all staff.\n\n"
+                   "C.2.3 The contractor shall deliver monthly status reports.\n\n"
+                   "## SECTION L - INSTRUCTIONS\n\nL.1 The technical volume shall not exceed 30 pages.\n")
+    draft = InventingGenerator.draft(app, rfp)
+    by_duties = {(s.title, s.code, s.how) for s in draft.staffing}
+    assert by_duties == {("Software Quality Assurance Analyst", "15-1253.00", "duties of C.2.1"),
+                         ("Tier 2 Desktop Support Specialist", "15-1232.01", "duties of C.2.2")}, by_duties
+    assert "| duties of C.2.1 (review) |" in draft.markdown
+    # a role the RFP names by title is staffed by title, and its duties do not add it twice
+    rfp.write_text(rfp.read_text().replace("C.2.3 The contractor shall deliver monthly status reports.",
+                                           "C.2.3 Key personnel: a Software Quality Assurance Analyst."))
+    staffed = [(s.code, s.how) for s in InventingGenerator.draft(app, rfp).staffing]
+    assert staffed.count(("15-1253.00", "exact title")) == 1 and len({c for c, _ in staffed}) == len(staffed)
+
+
 class InventingGenerator:
     """The model edge only: writes a response with a code that does not exist."""
 
@@ -61,6 +82,10 @@ class InventingGenerator:
 
     def stream(self, messages, max_tokens, temperature):
         yield "Our Quantum Engineer (99-9999.99) leads this [1] ; see also [42] ."
+
+    @classmethod
+    def draft(cls, app, rfp):
+        return app.draft(rfp, ["proposals", "reference"], generator=cls())
 
 
 def test_invented_code_is_flagged_not_kept_silently(app):

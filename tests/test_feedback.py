@@ -204,7 +204,7 @@ def test_round_trip_correction_to_dpo_to_an_installed_bundle(site, tmp_path, tin
     export_id = json.loads((export / "manifest.json").read_text())["export_id"]
     work = tiny_generation.parent / f".{tiny_generation.name}.work"  # the session's chain: its stages are reused
     generation = tmp_path / "generation"
-    result = build(generation, shape="tiny", quick=True, embedder_dir=embedder_dir, feedback=dataset, work=work)
+    result = build(generation, quick=True, embedder_dir=embedder_dir, feedback=dataset, work=work)
     ran = {name for name, st in result["stages"].items() if not st.get("skipped")}
     assert {"sft-feedback", "align-feedback", "export-feedback", "eval-feedback-after"} <= ran and "pretrain" not in ran
     before, after = result["feedback"]["before"], result["feedback"]["after"]

@@ -326,14 +326,26 @@ def test_sft_on_a_hugging_face_tokenizer_and_its_own_template(hf_checkpoint, tmp
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").read_text() == CHATML
 
 
-def test_the_real_model_example_pipeline_is_valid():
+def test_the_base_models_pipelines_are_valid():
+    """The pipelines in models/ load, every stage config validates, and they start from their manifest."""
     from builder import pipeline
 
-    path = Path(__file__).resolve().parent.parent / "builder" / "examples" / "pipeline-real-model.yaml"
-    configs = pipeline.stage_configs(pipeline.load(path), path.parent)
-    assert [s.stage for s, _ in configs] == ["pretrain", "sft", "sft", "align", "merge", "export", "embedder", "eval"]
-    export = next(c for s, c in configs if s.stage == "export")
-    assert "IQ4_XS" in export.quants and export.imatrix is not None
+    models = Path(__file__).resolve().parent.parent / "models"
+    for path in sorted(models.glob("*/*.yaml")):
+        if path.name == "model.yaml":
+            continue
+        spec = pipeline.load(path)
+        configs = pipeline.stage_configs(spec, path.parent)
+        assert spec.base == (path.parent / "model.yaml").resolve(), path
+        assert [s.stage for s, _ in configs] == ["pretrain", "sft", "sft", "align", "merge", "export", "export",
+                                                 "embedder", "eval"], path
+        evaluation = next(c for s, c in configs if s.stage == "eval")
+        assert evaluation.baseline is not None and evaluation.gate.beat_baseline, path
+    gpu = pipeline.stage_configs(pipeline.load(models / "smollm2-135m-instruct" / "gpu-workstation.yaml"),
+                                 models / "smollm2-135m-instruct")
+    export = next(c for s, c in gpu if s.name == "export")
+    assert "Q4_K_M" in export.quants and export.imatrix is not None
+    assert next(c for s, c in gpu if s.name == "sft-qa").steps >= 1000
 
 
 @pytest.mark.slow
@@ -418,3 +430,31 @@ def test_every_merge_method_writes_a_checkpoint(stages, tmp_path, method):
     assert result(out)["recipe"]["merge_method"] == method
     merged = LlamaForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in merged.parameters()) > 0 and (out / "tokenizer.model").is_file()
+
+
+def test_lm_head_on_labelled_positions_only_gives_the_same_loss(stages):
+    """builder sft and align have TRL score only the positions that carry a label (on a CPU TRL scores
+    every one); the loss must not change, only the time."""
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    from builder import training
+
+    model = training.load_model(stages["pretrain"])
+    trl_utils.add_fused_lm_head(model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 500, (2, 48))
+    labels = ids.clone()
+    labels[:, :36] = -100  # a prompt, then a reply
+    assert training.score_labelled_positions_only()
+    assert trl_utils._use_triton(torch.device("cpu")) is True
+    with torch.no_grad():
+        labelled = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+        patched, trl_utils._use_triton = trl_utils._use_triton, trl_utils._use_triton.original
+        try:
+            every = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+        finally:
+            trl_utils._use_triton = patched
+        plain = model(input_ids=ids, labels=labels).loss  # transformers' own loss over full logits
+    assert torch.allclose(labelled, every, atol=1e-5) and torch.allclose(labelled, plain, atol=1e-4), \
+        (labelled, every, plain)
