@@ -210,7 +210,7 @@ class Store:
             self.conn.enable_load_extension(True)
             self.conn.load_extension(sqlite_vec.loadable_path())
             self.conn.enable_load_extension(False)
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            self._use_wal()
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA trusted_schema=OFF")
@@ -219,6 +219,19 @@ class Store:
             raise StoreError(f"{path}: cannot open the database ({exc})",
                              "check the disk and permissions; restore from backup if it is corrupt") from exc
         self.path = path
+
+    def _use_wal(self, wait_s: float = 10.0) -> None:
+        """Switch to WAL. SQLite answers BUSY at once, without the busy handler, when another process is
+        creating or converting the same file, so two processes opening a new database together retry."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except apsw.BusyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> Store:
         return self

@@ -37,8 +37,10 @@ from builder.errors import BuilderError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 # Tokenization probe: digits (codes are copied digit by digit), the chat template's special tokens,
-# whitespace runs, punctuation, non-ASCII.
+# whitespace runs (also between digits: a byte-level regex and a digit split disagree there),
+# punctuation, non-ASCII.
 PROBE_TEXT = ("<|im_start|>user\nCode 15-1252.03, 11-3021.00 and 42,000 users; 3.3 3..3 'll 'RE\n\n  \t"
+              " May 2022\n\n1. Scope\n\n\n2. Staff"
               " Café résumé naïve — “quotes” 🚀<|im_end|>\n<|im_start|>assistant\n")
 CHECK_PROMPT = [
     {"role": "system", "content": "Use only the numbered sources. Cite every fact like [1]."},
@@ -191,6 +193,9 @@ def _find_wheel(directory: Path, w: WheelSource) -> Path | None:
 
 # -- GGUF -> Hugging Face checkpoint
 
+IMPORT_RECIPE = 2  # 2: the Digits pre-tokenizer step restored (see DIGIT_FIRST_PRE)
+
+
 class ImportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -199,6 +204,8 @@ class ImportConfig(BaseModel):
     max_mean_kl: float = Field(0.05, gt=0, description="Largest mean KL divergence (nats) between llama.cpp's "
                                "next-token distributions on the GGUF and the checkpoint's, over a fixed prompt")
     max_kl: float = Field(0.5, gt=0, description="Largest KL divergence at any one position of that prompt")
+    recipe: int = Field(IMPORT_RECIPE, description="Version of the import itself: an import made by an older "
+                        "recipe is not current, and a pipeline imports its base again")
 
     def inputs(self) -> list[Path]:
         return [self.gguf]
@@ -279,6 +286,7 @@ def import_gguf(config: ImportConfig) -> Path:
         del loaded
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        _restore_digit_split(out / "tokenizer.json", facts["tokenizer_pre"])
         if facts["chat_template"]:  # the model's own, exactly as its GGUF carries it
             (out / "chat_template.jinja").write_text(facts["chat_template"])
         check = self_check(out, config)
@@ -288,6 +296,27 @@ def import_gguf(config: ImportConfig) -> Path:
                       parameters=sum(p.numel() for p in model.parameters()), check=check,
                       chat_template="gguf-metadata" if facts["chat_template"] else None)
     return config.out
+
+
+# llama.cpp pre-tokenizer types whose first step isolates every digit ("\\p{N}") before the byte-level
+# regex (llama-vocab.cpp). transformers' GGUF converter writes a plain ByteLevel pre-tokenizer for
+# them, which reads "2022\n\n1." as "2022", "\n", "\n1." instead of "\n\n" (SmolLM2: token 1116,
+# where llama.cpp and the model's own tokenizer.json have it); the import restores the Digits step.
+DIGIT_FIRST_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+
+
+def _restore_digit_split(tokenizer_json: Path, pre: str | None) -> None:
+    import json
+
+    if pre not in DIGIT_FIRST_PRE or not tokenizer_json.is_file():
+        return
+    spec = json.loads(tokenizer_json.read_text())
+    current = spec.get("pre_tokenizer") or {}
+    if current.get("type") != "ByteLevel":
+        return  # not the converter's plain form: left as it is, and the self-check judges it
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, current]}
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False))
 
 
 def self_check(checkpoint: Path, config: ImportConfig) -> dict:

@@ -6,6 +6,7 @@ that is missing or altered, a GGUF the import cannot read faithfully, a wheel wh
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def test_a_checkpoint_that_drifted_from_its_gguf_fails_the_check(smollm2, smollm
     save_file(weights, drifted / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(BuilderError, match="disagrees with llama.cpp on the source"):
         base.self_check(drifted, base.ImportConfig(out=drifted, gguf=smollm2_gguf))
+
+
+def test_a_tokenizer_without_the_digit_split_fails_the_check(smollm2, smollm2_gguf, tmp_path):
+    """transformers' GGUF converter writes SmolLM2's pre-tokenizer as plain ByteLevel; the import puts the
+    Digits step back (the model's own tokenizer.json has it). Without it "2022\n\n1." is cut otherwise."""
+    spec = json.loads((smollm2 / "tokenizer.json").read_text())
+    assert [p["type"] for p in spec["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
+    plain = tmp_path / "plain"
+    shutil.copytree(smollm2, plain)
+    spec["pre_tokenizer"] = spec["pre_tokenizer"]["pretokenizers"][1]
+    (plain / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(BuilderError, match="cut the probe text differently"):
+        base.self_check(plain, base.ImportConfig(out=plain, gguf=smollm2_gguf))
 
 
 def _gguf(path: Path, arch: str, tensor) -> Path:

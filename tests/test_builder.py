@@ -153,7 +153,7 @@ def test_training_chats_are_shaped_like_the_appliances_prompts(tmp_path):
     source format of appliance.prompt, every kind of question the table answers."""
     from appliance.config import Settings
     from appliance.prompt import SYSTEM_PROMPT
-    from builder.demo import write_data
+    from builder.demo import FIRST_SHARE, write_data
 
     write_data(tmp_path, DEMO_DATA / "corpus", seed=0, quick=False)
     chats = [json.loads(line)["messages"] for line in (tmp_path / "sft-qa.jsonl").read_text().splitlines()]
@@ -167,7 +167,9 @@ def test_training_chats_are_shaped_like_the_appliances_prompts(tmp_path):
         cited = re.findall(r"\[(\d)\]", chat[2]["content"])
         if cited:
             positions[int(cited[0])] = positions.get(int(cited[0]), 0) + 1
-    assert set(positions) == set(range(1, 6)) and min(positions.values()) > len(table) * 0.05, positions
+    # mostly first, as retrieval ranks it (FIRST_SHARE), but every position often enough to learn to look
+    assert set(positions) == set(range(1, 6)) and min(positions.values()) > len(table) * (1 - FIRST_SHARE) / 8
+    assert positions[1] > len(table) * FIRST_SHARE * 0.9, positions
     asked = " ".join(c[1]["content"].rsplit("Question: ", 1)[-1] for c in table)
     for kind in ("code for", "has code", "education", "years of experience", "duties"):
         assert kind in asked, kind

@@ -52,7 +52,7 @@ def test_staffing_comes_from_the_reference_table(app):
 
 def test_requirements_that_imply_a_role_by_its_duties_are_staffed_for_review(app, tmp_path):
     """A statement of work that names no role: the categories its duties call for come from the table
-    (same hybrid search), marked as matched by duties; page limits and reports call for nobody."""
+    (by the rows' titles and duties), marked as matched by duties; page limits and reports call for nobody."""
     rfp = tmp_path / "rfp.md"
     rfp.write_text("# RFP 42: Release engineering\n\n## SECTION C - STATEMENT OF WORK\n\n"
                    "C.2.1 The contractor shall conduct software testing of every release with automated test plans.\n\n"

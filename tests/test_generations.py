@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -11,6 +12,8 @@ from appliance.cli import cli
 from appliance.errors import ExitCode, GenerationError
 from appliance.generations import current, install_unsigned
 from appliance.manifest import verify_generation
+
+CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
 
 
 def _staging_left(home):
@@ -25,8 +28,11 @@ def test_generation_lists_every_file_with_hash_and_lineage(tiny_generation):
     assert manifest.embedder.dim == 384
     pretrain = manifest.lineage["stages"]["pretrain"]
     assert pretrain["stage"] == "pretrain" and pretrain["config"]["steps"] == 3
-    corpus = [p for p in pretrain["inputs"] if "/corpus/" in p]
-    assert len(corpus) >= 9 and all(len(h) == 64 for h in pretrain["inputs"].values())  # each with its sha256
+    corpus = {p.split("/corpus/", 1)[1] for p in pretrain["inputs"] if "/corpus/" in p}
+    # every proposal but the held-out one, and the RFPs as a directory; each with its sha256
+    assert corpus == {f"proposals/{p.name}" for p in (CORPUS / "proposals").iterdir()
+                      if p.name != "2023-GSA-data-analytics.pdf"} | {"rfps"}, corpus
+    assert all(len(h) == 64 for h in pretrain["inputs"].values())
     assert "eval.json" in manifest.files
     assert (tiny_generation / "model.gguf").read_bytes()[:4] == b"GGUF"
 

@@ -19,10 +19,16 @@ def model(tiny_generation, tmp_path):
     return path
 
 
-def test_the_builders_gguf_passes(model):
+def test_the_builders_gguf_passes(model, tiny_generation):
+    import gguf
+
     summary = validate(model)
     assert summary["architecture"] == "llama" and summary["tensors"] > 10
-    assert summary["embedded_chat_template_ignored"] is False
+    # The appliance renders prompts with the generation's chat_template.jinja and ignores the GGUF's copy;
+    # the builder embeds the same text, so llama.cpp's own tools run the file as the appliance does.
+    assert summary["embedded_chat_template_ignored"] is True
+    field = gguf.GGUFReader(model).fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == (tiny_generation / "chat_template.jinja").read_text()
 
 
 def _patch(path, offset, data):

@@ -18,7 +18,8 @@ def test_exact_code_comes_first(app):
 
 def test_code_prefix_returns_the_family_first(app):
     hits = app.search("15-1252", k=6)
-    assert [h.text.split("\n")[0] for h in hits[:4]] == [
+    # A row's chunk starts with its title; its code is the line after it.
+    assert [h.text.split("\n")[1] for h in hits[:4]] == [
         "code: 15-1252.00", "code: 15-1252.01", "code: 15-1252.02", "code: 15-1252.03"]
 
 

