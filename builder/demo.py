@@ -144,6 +144,7 @@ class Corpus:
         self.train_rows = [r for r in self.rows if r["code"] not in held_text and r["title"] not in held_text]
         self.prose = [(d, c) for d in docs if d.table is None for c in chunk_document(d, 1200) if c.heading]
         self.held_text = held_text
+        self.eval_items = eval_items
         held_rows = [r for r in self.rows if r not in self.train_rows]
         # what the held-out questions must find: a held-out row's code or title, or an answer such as
         # "38,000" or "12 minutes" (a bare number like "30" is everywhere and teaches nothing alone)
@@ -153,6 +154,16 @@ class Corpus:
     def leaks(self, reply: str) -> bool:
         """Would this reply teach something a held-out question asks?"""
         return reply in self.held_text or any(s in reply for s in self.held_strings)
+
+    def answers_held_out(self, sentence: str) -> bool:
+        """Does this sentence answer a held-out question: all its expected strings in it as words (short
+        ones like "77" too) and two of the question's longer words beside them?"""
+        words = set(re.findall(r"\w+", sentence.lower()))
+        for q in self.eval_items:
+            if all(re.search(rf"(?<![\w.]){re.escape(m)}(?![\w])", sentence) for m in q["must_contain"]) and \
+                    len(words & {w for w in re.findall(r"\w+", q["question"].lower()) if len(w) >= 5}) >= 2:
+                return True
+        return False
 
     def row_source(self, row: dict) -> tuple[str, str]:
         return self.table.title, table_row_text(self.columns, row)
@@ -196,7 +207,8 @@ def qa_chats(corpus: Corpus, rng: random.Random, n_lcat: int, real_share: float 
              prose_share: float = 0.15, sources: int = TOP_K) -> list[list[dict]]:
     """`n_lcat` table questions (most about invented categories, so the only way to answer is to copy
     from the sources, never to remember; the rest about real rows no held-out question asks), one in
-    twenty unanswerable; plus questions answered from proposal and RFP sections."""
+    twenty unanswerable; plus questions about proposal and RFP sections: what a section says (its first
+    sentence) and the figure one sentence states (`prose_facts`), with table rows among their sources."""
     chats = []
     kinds, weights = list(_KIND_WEIGHTS), list(_KIND_WEIGHTS.values())
     for i in range(n_lcat):
@@ -214,8 +226,61 @@ def qa_chats(corpus: Corpus, rng: random.Random, n_lcat: int, real_share: float 
         others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, sources) if p is not item][: sources - 1]
         chats.append(_chat(rng, f"What does the {item[0].path.stem} document say about {item[1].heading.lower()}?",
                            f"{_first_sentence(item[1].text)} [{{n}}]", corpus.prose_source(item), others))
+    facts = prose_facts(corpus)
+    for item, question, sentence in rng.sample(facts, min(len(facts), int(n_lcat * prose_share))):
+        n_rows = min(rng.choice([0, 0, 1, 1, 2]), sources - 1)  # table rows come up for prose questions too
+        others = [corpus.row_source(r) for r in rng.sample(corpus.train_rows, n_rows)]
+        passages = [corpus.prose_source(p) for p in rng.sample(corpus.prose, sources) if p is not item]
+        others += passages[: sources - 1 - n_rows]
+        chats.append(_chat(rng, question, f"{sentence.rstrip('.')} [{{n}}].", corpus.prose_source(item), others))
     rng.shuffle(chats)
     return chats
+
+
+# A figure in a proposal's prose: "45,000", "$1.9 million", "77 percent", "15 days", "2022" is not one.
+_FIGURE = re.compile(r"(?<![\w.-])(\$)?(\d(?:[\d,.]*\d)?)(?:\s?(percent|million|billion|minutes|hours|days|"
+                     r"months|years|%))?(?![\w-])")
+_ASK = {"percent": "what percentage", "%": "what percentage", "million": "how many million",
+        "billion": "how many billion",
+        "minutes": "how many minutes", "hours": "how many hours", "days": "how many days",
+        "months": "how many months", "years": "how many years"}
+
+
+_COMMON_STARTS = {"The", "Our", "We", "Each", "Every", "All", "This", "These", "Its", "Their", "A", "An", "Paper",
+                  "First", "Mean", "Offerors"}
+
+
+def prose_facts(corpus: Corpus) -> list[tuple]:
+    """(chunk, question, sentence) for each sentence of the proposals and RFPs that states a figure:
+    the question is the sentence with its figure asked for ("... scaled to how many concurrent users
+    ...?") and names the document, as a proposal team asks; the reply is the sentence, cited. The
+    answer is only found by matching the question to one sentence among five sources, as the held-out
+    document questions need. Sentences holding what a held-out question asks are left out."""
+    facts = []
+    for doc, chunk in corpus.prose:
+        where = _doc_label(doc)
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(chunk.text.split())):
+            sentence = re.sub(r"^[A-Z]\.\d+(?:\.\d+)*\s+", "", sentence.lstrip("-* "))  # "C.2.1 The ..."
+            words = sentence.split()
+            if not 6 <= len(words) <= 40 or corpus.leaks(sentence) or corpus.answers_held_out(sentence) \
+                    or "|" in sentence:
+                continue
+            for figure in _FIGURE.finditer(sentence):
+                dollars, number, unit = figure.groups()
+                if re.fullmatch(r"(19|20)\d\d", number) or not (dollars or unit or len(number) >= 2):
+                    continue  # a year, or a label such as "Wave 2"
+                ask = "how much" if dollars else _ASK.get(unit or "", "how many")
+                clause = (sentence[:figure.start()] + ask + sentence[figure.end():]).rstrip(" .;:")
+                if clause.split()[0] in _COMMON_STARTS:
+                    clause = clause[0].lower() + clause[1:]
+                facts.append(((doc, chunk), f"In the {where}, {clause}?", sentence))
+    return facts
+
+
+def _doc_label(doc) -> str:
+    """"2020-SBA-loan-portal.md" in proposals/ -> "SBA loan portal proposal"."""
+    stem = re.sub(r"^(RFP-)?\d{4}-", "", doc.path.stem).replace("-", " ")
+    return f"{stem} {'RFP' if doc.path.stem.startswith('RFP') else 'proposal'}"
 
 
 def _fields(row: dict) -> dict:

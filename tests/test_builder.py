@@ -177,6 +177,24 @@ def test_training_chats_are_shaped_like_the_appliances_prompts(tmp_path):
     assert 0 < len(unknown) < len(table) * 0.1
 
 
+def test_prose_questions_ask_for_a_figure_their_source_states():
+    """Questions about the proposals and RFPs: one sentence's figure asked for, that sentence as the reply;
+    never one that answers a held-out document question (the "58 to 77 percent" of q06 included)."""
+    from builder.demo import Corpus, all_held_out, load_corpus, prose_facts
+
+    corpus = Corpus(load_corpus(DEMO_DATA / "corpus"), all_held_out())
+    facts = prose_facts(corpus)
+    assert len(facts) >= 30
+    for (_, chunk), question, sentence in facts:
+        assert question.startswith("In the ") and question.endswith("?")
+        assert any(ask in question for ask in ("how many", "how much", "what percentage")), question
+        assert sentence in " ".join(chunk.text.split()) and sentence not in question
+        assert not corpus.answers_held_out(sentence) and not corpus.leaks(sentence)
+    assert not [s for _, _, s in facts if "58 to 77" in s]
+    assert corpus.answers_held_out("First contact resolution increased from 58 to 77 percent at the Bureau of "
+                                   "Land Management service desk.")
+
+
 def test_demo_chain_produced_the_fixture_generation(tiny_generation):
     """The session's tiny generation went through every stage of the demo pipeline and carries their lineage."""
     manifest = json.loads((tiny_generation / "generation.json").read_text())
