@@ -69,7 +69,7 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) $(LLAMA_SRC)/.extracted
 	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) -e '.[builder,dev]'
 	@touch $@
 
-# The demo generation: the whole builder chain on SmolLM2-135M-Instruct (about 20 minutes on 2 cores,
+# The demo generation: the whole builder chain on SmolLM2-135M-Instruct (about 13 minutes on 2 cores,
 # resumable), then signed, installed and fed the demo corpus.
 $(DEMO_GEN)/generation.json: | $(VENV)/.installed $(BASE_MODEL)
 	$(BIN)/builder demo --out $(DEMO_GEN)

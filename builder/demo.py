@@ -327,7 +327,7 @@ def lookup_drills(rng: random.Random, corpus: Corpus, n: int, sources: int = TOP
     return texts
 
 
-def write_chats(corpus: Corpus, rng: random.Random, variants: int) -> list[list[dict]]:
+def write_chats(corpus: Corpus, rng: random.Random, variants: int, sources: int = DRAFT_K) -> list[list[dict]]:
     """Requirement -> a cited paragraph from a past proposal, among DRAFT_K sources (what `appliance
     draft` asks for each requirement): the requirement's topic is a proposal section's; the reply says
     how we meet it and backs that with the section's own sentences, cited."""
@@ -341,7 +341,7 @@ def write_chats(corpus: Corpus, rng: random.Random, variants: int) -> list[list[
         topic = _topic(chunk.heading)
         project = _project(doc)
         for _ in range(variants):
-            others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, DRAFT_K) if p is not item][: DRAFT_K - 1]
+            others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, sources) if p is not item][: sources - 1]
             requirement = rng.choice(["The contractor shall describe its approach to {t}.", "The contractor shall "
                                       "provide {t} for the program.", "Offerors shall explain their {t}.",
                                       "The contractor must deliver {t} that meets the Government's needs."]).format(t=topic)
@@ -421,7 +421,8 @@ def write_data(data: Path, corpus_dir: Path, *, seed: int, quick: bool) -> dict:
     rng = random.Random(seed)
     corpus = Corpus(load_corpus(corpus_dir), all_held_out())
     qa = qa_chats(corpus, rng, size["lcat"])
-    write = write_chats(corpus, rng, variants=size["write_variants"])
+    # the quick chain's model reads 1,024 positions of a 512-piece vocabulary: two sources fit there
+    write = write_chats(corpus, rng, variants=size["write_variants"], sources=2 if quick else DRAFT_K)
     pairs = preference_pairs(rng, qa, size["pairs"])
     _jsonl(data / "sft-qa.jsonl", [{"messages": c} for c in qa])
     _jsonl(data / "sft-write.jsonl", [{"messages": c} for c in write])

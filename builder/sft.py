@@ -63,13 +63,20 @@ def run(config: SFTConfig) -> Path:
         # -- data
         tok = training.Tokenizer(training.check_checkpoint(config.model), config.chat_template)
         chats = [row["messages"] for path in config.datasets for row in training.read_jsonl(path, ("messages",))]
-        rows, truncated = [], 0
+        rows, truncated, lost = [], 0, 0
         for chat in chats:
             ids, mask = training.encode_chat(tok, chat)
             if not any(mask):
                 raise BuilderError("a chat has no assistant reply to learn", "end each chat with the assistant")
             truncated += len(ids) > config.max_length
+            if not any(mask[:config.max_length]):
+                lost += 1  # the cut takes the whole reply: nothing of it is left to learn
+                continue
             rows.append({"input_ids": ids, "completion_mask": mask})
+        if not rows:
+            raise BuilderError(f"every one of the {len(chats)} chats is longer than max_length "
+                               f"({config.max_length} tokens) before its reply starts",
+                               "raise max_length (up to the model's context) or give fewer or shorter sources")
         random.Random(config.seed).shuffle(rows)
         n_eval = int(len(rows) * config.eval_fraction)
         train_rows, eval_rows = rows[n_eval:], rows[:n_eval]
@@ -77,7 +84,8 @@ def run(config: SFTConfig) -> Path:
         # -- model
         model = training.load_model(config.model)
         peft_config = config.lora.peft_config(model) if config.method == "lora" else None
-        print(f"sft: {len(train_rows)} chats ({truncated} cut at {config.max_length} tokens), {config.method}, "
+        print(f"sft: {len(train_rows)} chats ({truncated} cut at {config.max_length} tokens, {lost} of them left "
+              f"out with no reply left), {config.method}, "
               f"at most {config.steps} steps", file=sys.stderr)
 
         # -- train
@@ -95,7 +103,7 @@ def run(config: SFTConfig) -> Path:
             trainer.model.save_pretrained(out / "adapter")
         training.save_model(trainer.model, tok, out, trainer)
         training.remove_trainer_dir(out)
-        record.update(stats, chats=len(train_rows), truncated=truncated, trained_parameters=n_train,
+        record.update(stats, chats=len(train_rows), truncated=truncated, left_out=lost, trained_parameters=n_train,
                       labelled_positions_only=compact,
                       eval_loss=round(eval_loss, 4) if eval_loss is not None else None)
     return config.out

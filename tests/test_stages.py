@@ -79,6 +79,24 @@ def test_sft_learns_the_reply_and_only_the_reply(stages):
     assert tok.encode(prompt) + tok.encode(completion) == ids[: len(tok.encode(prompt) + tok.encode(completion))]
 
 
+def test_sft_leaves_out_chats_whose_reply_is_cut_and_refuses_when_none_is_left(stages, tmp_path):
+    """A chat cut before its reply starts has nothing to learn: left out and counted; when that is every
+    chat, a BuilderError says so (TRL would fail on an empty dataset with a sampler's ValueError)."""
+    from builder import sft
+
+    long = chat()
+    long["messages"][1]["content"] = "Sources: " + "the incident response plan " * 200
+    (tmp_path / "long.jsonl").write_text(json.dumps(long) + "\n")
+    (tmp_path / "mixed.jsonl").write_text(json.dumps(long) + "\n" + json.dumps(chat()) + "\n")
+    with pytest.raises(BuilderError, match="longer than max_length"):
+        sft.run(sft.SFTConfig(out=tmp_path / "none", model=stages["pretrain"], datasets=[tmp_path / "long.jsonl"],
+                              steps=1, batch_size=1, max_length=64))
+    assert not (tmp_path / "none").exists()
+    out = sft.run(sft.SFTConfig(out=tmp_path / "one", model=stages["pretrain"], datasets=[tmp_path / "mixed.jsonl"],
+                                steps=1, batch_size=1, max_length=64))
+    assert (result(out)["chats"], result(out)["left_out"]) == (1, 1)
+
+
 def test_align_samples_missing_rejected_replies_and_trains(stages):
     r = result(stages["align"])
     assert r["generated_rejected"] == 1 and r["pairs"] + r["dropped_identical"] == 2
