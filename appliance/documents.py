@@ -180,19 +180,29 @@ def table_row_text(columns: list[str], row: dict[str, str]) -> str:
 
 
 def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
-    """Files to ingest (directories recursively, supported types only) and paths that do not exist."""
+    """Files to ingest (directories recursively, supported types only) and what cannot be: paths that do
+    not exist, and links inside a folder that lead out of it (a folder hands over what is in it; a link
+    to /etc/shadow or another user's file is reported, never followed - name its target to ingest it)."""
     files: list[Path] = []
-    missing: list[dict] = []
+    refused: list[dict] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            root = path.resolve()
+            for p in sorted(path.rglob("*")):
+                if any(part.startswith(".") for part in p.relative_to(path).parts):
+                    continue
+                if p.is_symlink() and not p.resolve().is_relative_to(root):
+                    if p.is_dir() or p.suffix.lower() in SUPPORTED_SUFFIXES:
+                        refused.append({"source": str(p), "error": f"{p}: a link to {p.resolve()}, outside "
+                                        f"{path}; not followed (name the target itself to ingest it)"})
+                    continue
+                if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES:
+                    files.append(p)
         elif path.is_file():
             files.append(path)
         else:
-            missing.append({"source": str(path), "error": f"{path}: no such file or directory"})
-    return list(dict.fromkeys(files)), missing
+            refused.append({"source": str(path), "error": f"{path}: no such file or directory"})
+    return list(dict.fromkeys(files)), refused
 
 
 def read_document(path: Path, max_bytes: int) -> Document:

@@ -429,6 +429,16 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
 
     @api.post("/appliance/documents")
     async def ingest(body: IngestRequest, request: Request):
+        """Files named by path are read with the service's permissions: only for a caller who has them
+        already (the service's own user, or root). Everyone else uploads the bytes they read."""
+        peer = request.scope.get(PEER_KEY)
+        if peer is None or peer["uid"] not in (os.getuid(), 0):
+            await worker.submit(lambda: app.audit("refused", {"route": "POST /appliance/documents",
+                                                              "paths": body.paths[:20]},
+                                                  with_model=False, user=_user(request)))
+            raise ApiError(403, "ingesting by path reads files with the service's permissions, so only the "
+                           "service's user or root may; upload the files instead (POST "
+                           "/appliance/documents/upload, which `appliance ingest` and the UI use)", "forbidden")
         user = _user(request)
         report = await worker.submit(lambda: app.ingest([Path(p) for p in body.paths], body.collection, user=user))
         return report.to_json()

@@ -74,7 +74,7 @@ def read_texts(paths: list[Path]) -> list[str]:
     jsonl = [p for p in paths if p.suffix == ".jsonl"]
     files, missing = expand_paths([p for p in paths if p.suffix != ".jsonl"])
     if missing:
-        raise BuilderError(f"{missing[0]['path']}: no such file or directory", "check the paths in the config")
+        raise BuilderError(missing[0]["error"], "check the paths in the config")
     for path in jsonl:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.documents import chunk_text, clean_text, read_document
+from appliance.documents import chunk_text, clean_text, expand_paths, read_document
 from appliance.errors import IngestError
 
 CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
@@ -68,3 +68,23 @@ def test_xlsx_reference_table(tmp_path):
     doc = read_document(tmp_path / "lcats.xlsx", 10**6)
     assert doc.kind == "xlsx" and doc.table.columns == ["Code", "Title", "Years"]
     assert doc.table.rows[1] == {"Code": "13-1161.00", "Title": "Business Analyst", "Years": "3"}
+
+
+def test_a_folder_hands_over_what_is_in_it_not_what_its_links_point_to(tmp_path):
+    """A link inside an ingested folder that leads out of it (to /etc/shadow, to the appliance's key) is
+    reported and never read; a link to a file inside the folder is an ordinary file."""
+    folder, outside = tmp_path / "drop", tmp_path / "private"
+    folder.mkdir()
+    outside.mkdir()
+    (folder / "notes.md").write_text("# Notes\n\nOur own text.\n")
+    (outside / "secret.txt").write_text("not for this folder")
+    (folder / "again.md").symlink_to(folder / "notes.md")
+    (folder / "shadow.txt").symlink_to("/etc/shadow")
+    (folder / "key.txt").symlink_to(outside / "secret.txt")
+    (folder / "more").symlink_to(outside, target_is_directory=True)
+    files, refused = expand_paths([folder])
+    assert sorted(p.name for p in files) == ["again.md", "notes.md"]
+    assert {Path(r["source"]).name for r in refused} == {"shadow.txt", "key.txt", "more"}
+    assert all("outside" in r["error"] and "not followed" in r["error"] for r in refused)
+    # named on its own, a file is the caller's choice (read with the caller's permissions)
+    assert expand_paths([outside / "secret.txt"]) == ([outside / "secret.txt"], [])

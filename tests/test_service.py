@@ -119,6 +119,39 @@ def test_audit_records_the_peer_user_and_verifies(served):
         assert http.get("/appliance/audit/verify").json()["intact"] is True
 
 
+def test_another_user_cannot_make_the_service_read_files_by_path(served, tmp_path):
+    """A member of the socket's group names files the service can read and they cannot (a link to the
+    appliance's own key, a file of root's): refused with 403 and audited; nothing is ingested. Uploading
+    bytes they read themselves stays open to them."""
+    home, sock = served
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("curl"):
+        pytest.skip("needs root, setpriv and curl to connect as another user")
+    os.chmod(sock, 0o666)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "secret.md").write_text("# Root only\n\nThe launch code is 0000-ZULU.\n")
+    os.chmod(tmp_path, 0o755)
+
+    def as_nobody(*args):
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-s", "-w",
+                              "\n%{http_code}", "--unix-socket", str(sock), *args], capture_output=True, text=True,
+                             timeout=120)
+        body, _, code = out.stdout.rpartition("\n")
+        return int(code), body
+
+    code, body = as_nobody("http://appliance/appliance/documents", "-H", "content-type: application/json", "-d",
+                           json.dumps({"paths": [str(private)], "collection": "stolen"}))
+    assert code == 403 and "upload the files instead" in json.loads(body)["error"]["message"]
+    code, body = as_nobody("--data-binary", "# Mine\n\nA note nobody wrote.\n", "-H",
+                           "content-type: application/octet-stream",
+                           "http://appliance/appliance/documents/upload?name=/tmp/mine.md&collection=stolen")
+    assert code == 200, body
+    with uds_client(sock) as http:
+        assert "ZULU" not in json.dumps(http.get("/appliance/search", params={"q": "launch code ZULU"}).json())
+        refused = http.get("/appliance/audit", params={"action": "refused", "limit": 5}).json()["rows"]
+        assert refused and refused[0]["user"] == "nobody", refused
+
+
 def test_client_disconnect_stops_generation(served):
     home, sock = served
     with uds_client(sock) as http, http.stream("POST", "/v1/chat/completions", json={
