@@ -529,8 +529,9 @@ def status(ctx, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Unix socket to listen on (default $XDG_RUNTIME_DIR/appliance.sock; "
-                   "/run/appliance/api.sock under systemd).")
+              help="Unix socket to listen on (default $XDG_RUNTIME_DIR/appliance.sock, else run/appliance.sock "
+                   "under the home; /run/appliance/api.sock under systemd). Its directory must be writable by "
+                   "its owner alone.")
 @click.option("--queue", "queue_size", default=4, show_default=True, type=click.IntRange(0, 256),
               help="Requests that may wait for the model; the next one gets 503 with Retry-After.")
 @click.option("--tcp", metavar="HOST:PORT", help="Also listen on TCP (off by default); every request there needs "

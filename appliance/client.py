@@ -8,7 +8,9 @@ results of the same shape, so a caller holds either. Files are read here, as the
 the service (ingest, draft): nothing is ingested with the service's permissions that the caller
 could not read.
 
-The socket is `$APPLIANCE_SOCKET`, else `$XDG_RUNTIME_DIR/appliance.sock`, else `/run/appliance/api.sock`.
+The socket is `$APPLIANCE_SOCKET`, else `$XDG_RUNTIME_DIR/appliance.sock` (or `run/appliance.sock` under the
+home), else `/run/appliance/api.sock`; one in a directory others can write, or owned by someone other
+than the caller, root or the directory's owner, is never used (`config.untrusted_socket`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import contextlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from appliance.config import default_socket
+from appliance.config import default_socket, untrusted_socket
 from appliance.documents import expand_paths
 from appliance.errors import ApplianceError, ExitCode
 from appliance.ingest import IngestReport
@@ -35,6 +38,10 @@ def find_socket() -> Path | None:
     explicit = os.environ.get("APPLIANCE_SOCKET")
     for candidate in ([Path(explicit)] if explicit else [default_socket(), SYSTEM_SOCKET]):
         if not candidate.is_socket():
+            continue
+        why = untrusted_socket(candidate)
+        if why:  # what we would send (documents, questions) could go to whoever planted it
+            print(f"appliance: not using the service socket {candidate}: {why}", file=sys.stderr)
             continue
         probe = socket.socket(socket.AF_UNIX)
         probe.settimeout(0.5)

@@ -23,9 +23,32 @@ def default_home() -> Path:
 
 
 def default_socket() -> Path:
-    """Where `appliance serve` listens by default, and where the CLI looks for it."""
+    """Where `appliance serve` listens by default, and where the CLI looks for it: the user's runtime
+    directory, else `run/` under the home - never a directory others can write, such as /tmp, where
+    another user could plant a socket first."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "appliance.sock" if runtime else Path(f"/tmp/appliance-{os.getuid()}.sock")
+    return Path(runtime) / "appliance.sock" if runtime else default_home() / "run" / "appliance.sock"
+
+
+def untrusted_socket(path: Path) -> str | None:
+    """Why a client must not talk to (or a service listen on) this socket, or None when it may: the
+    directory holding it must be writable by its owner alone, and the socket must belong to the caller,
+    root, or that directory's owner (the service's user)."""
+    import stat
+
+    try:
+        parent = path.parent.stat()
+    except OSError as exc:
+        return f"{path.parent}: cannot stat ({exc.strerror})"
+    if parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"{path.parent} is writable by other users (mode {stat.filemode(parent.st_mode)}), so anyone "
+                "could have put a socket there")
+    if not path.exists():
+        return None
+    owner = path.lstat().st_uid
+    if owner not in (os.getuid(), 0, parent.st_uid):
+        return f"{path} belongs to uid {owner}, not to you, root or the owner of {path.parent}"
+    return None
 
 
 class Settings(BaseModel):

@@ -631,15 +631,20 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     `tcp` (off by default) also listens on HOST:PORT, where every request needs one of `tokens`."""
     import uvicorn
 
+    from appliance.config import untrusted_socket
     from appliance.errors import ConfigError
 
     if tcp and not tokens:
         raise ConfigError("TCP listening needs bearer tokens", "pass --token-file FILE (lines 'NAME TOKEN', mode 0600)")
 
+    socket_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    why = untrusted_socket(socket_path)  # checked before anything is loaded
+    if why:
+        raise ConfigError(f"will not listen on {socket_path}: {why}",
+                          "give --socket a path in a directory only the service's user can write")
     app.recover()
     app.ready_index()
     _ = app.engine  # load the model before the first request, so a broken one fails at start
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists() or socket_path.is_symlink():
         probe = socket.socket(socket.AF_UNIX)
         try:

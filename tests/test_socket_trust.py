@@ -1,0 +1,71 @@
+"""The client talks only to a service socket nobody else could have planted; the service listens only
+where nobody else could. A planted socket in /tmp once received what root ingested next."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from appliance import service
+from appliance.client import find_socket
+from appliance.config import default_socket, untrusted_socket
+from appliance.errors import ConfigError
+
+
+def _listen(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(4)
+    received = []
+
+    def accept():
+        conn, _ = sock.accept()
+        received.append(conn.recv(100))
+        conn.close()
+    threading.Thread(target=accept, daemon=True).start()
+    return sock, received
+
+
+def test_default_socket_is_never_in_a_shared_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "home"))
+    assert default_socket() == tmp_path / "home" / "run" / "appliance.sock"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_socket() == tmp_path / "appliance.sock"
+
+
+def test_a_socket_in_a_directory_others_can_write_is_not_used(monkeypatch, tmp_path, capsys):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    planted, received = _listen(shared / "appliance.sock")
+    try:
+        monkeypatch.setenv("APPLIANCE_SOCKET", str(shared / "appliance.sock"))
+        assert find_socket() is None
+        assert "writable by other users" in capsys.readouterr().err
+        assert received == []  # never even connected
+        with pytest.raises(ConfigError, match="will not listen"):
+            service.serve(None, shared / "other.sock")  # refused before anything is loaded
+    finally:
+        planted.close()
+
+
+def test_a_socket_owned_by_another_user_is_not_used(monkeypatch, tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a socket to another user")
+    private = tmp_path / "run"
+    private.mkdir(mode=0o755)
+    planted, _ = _listen(private / "appliance.sock")
+    try:
+        os.chown(private / "appliance.sock", 65534, 65534)
+        assert "belongs to uid 65534" in untrusted_socket(private / "appliance.sock")
+        monkeypatch.setenv("APPLIANCE_SOCKET", str(private / "appliance.sock"))
+        assert find_socket() is None
+        os.chown(private / "appliance.sock", 0, 0)
+        assert untrusted_socket(private / "appliance.sock") is None
+        assert find_socket() == private / "appliance.sock"  # the same socket, ours: used
+    finally:
+        planted.close()
