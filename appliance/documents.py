@@ -76,9 +76,12 @@ def _title_from(text: str, path: Path) -> str:
     return path.stem
 
 
+MAX_HEADING_DEPTH = 6  # Markdown's deepest heading
+
+
 def _read_pdf(path: Path) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import PyPdfError
 
     try:
         reader = PdfReader(str(path))
@@ -87,7 +90,7 @@ def _read_pdf(path: Path) -> str:
         pages = [page.extract_text() or "" for page in reader.pages]
     except IngestError:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:  # LimitReachedError: a stream bomb
         raise IngestError(f"{path}: unreadable PDF ({exc})", "re-export it from the source application") from exc
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     if not text.strip():
@@ -101,26 +104,28 @@ def _read_docx(path: Path) -> tuple[str, Table | None]:
 
     import docx
 
-    try:
+    try:  # python-docx parses lazily: a truncated part can fail anywhere below
         document = docx.Document(str(path))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-        raise IngestError(f"{path}: unreadable DOCX ({exc})", "re-save it from Word or LibreOffice") from exc
-    lines: list[str] = []
-    for para in document.paragraphs:
-        text = para.text.strip()
-        if not text:
-            continue
-        style = (para.style.name or "").lower() if para.style is not None else ""
-        if style.startswith("heading"):
-            level = style.removeprefix("heading").strip()
-            lines.append("#" * (int(level) if level.isdigit() else 1) + " " + text)
-        elif style == "title":
-            lines.append("# " + text)
-        else:
-            lines.append(text)
-    for table in document.tables:
-        for row in table.rows:
-            lines.append(" | ".join(cell.text.strip() for cell in row.cells))
+        lines: list[str] = []
+        for para in document.paragraphs:
+            text = para.text.strip()
+            if not text:
+                continue
+            style = (para.style.name or "").lower() if para.style is not None else ""
+            if style.startswith("heading"):
+                level = style.removeprefix("heading").strip()
+                depth = min(int(level), MAX_HEADING_DEPTH) if level.isdigit() and len(level) < 4 else 1
+                lines.append("#" * depth + " " + text)  # "Heading 3000000000" is not 3 GB of '#'
+            elif style == "title":
+                lines.append("# " + text)
+            else:
+                lines.append(text)
+        for table in document.tables:
+            for row in table.rows:
+                lines.append(" | ".join(cell.text.strip() for cell in row.cells))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, SyntaxError) as exc:  # SyntaxError: broken XML
+        raise IngestError(f"{path}: unreadable DOCX ({type(exc).__name__}: {exc})",
+                          "re-save it from Word or LibreOffice") from exc
     return "\n\n".join(lines), None
 
 
@@ -140,7 +145,12 @@ def _read_csv(path: Path) -> Table:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
     except csv.Error:
         dialect = csv.excel
-    return _rows_to_table(list(csv.reader(io.StringIO(text), dialect)), path)
+    try:
+        rows = list(csv.reader(io.StringIO(text), dialect))
+    except csv.Error as exc:  # a cell over csv.field_size_limit(), a stray NUL, ...
+        raise IngestError(f"{path}: unreadable CSV ({exc})", "check the file; one cell may hold a whole "
+                          "document, which belongs in a .txt or .md file") from exc
+    return _rows_to_table(rows, path)
 
 
 def _read_xlsx(path: Path) -> Table:
@@ -148,13 +158,16 @@ def _read_xlsx(path: Path) -> Table:
 
     import openpyxl
 
-    try:
+    try:  # read-only workbooks parse as they are read: a truncated sheet fails in the loop
         book = openpyxl.load_workbook(str(path), read_only=True, data_only=True)
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-        raise IngestError(f"{path}: unreadable XLSX ({exc})", "re-save it from the spreadsheet application") from exc
-    sheet = book.worksheets[0]
-    rows = [["" if v is None else str(v) for v in row] for row in sheet.iter_rows(values_only=True)]
-    book.close()
+        try:
+            sheet = book.worksheets[0]
+            rows = [["" if v is None else str(v) for v in row] for row in sheet.iter_rows(values_only=True)]
+        finally:
+            book.close()
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, SyntaxError) as exc:  # SyntaxError: broken XML
+        raise IngestError(f"{path}: unreadable XLSX ({type(exc).__name__}: {exc})",
+                          "re-save it from the spreadsheet application") from exc
     return _rows_to_table(rows, path)
 
 
