@@ -14,11 +14,14 @@ not hold is flagged in the text and in the summary; a requirement left without a
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from appliance import rag
 from appliance.documents import CODE_RE, clean_text, read_document
@@ -197,14 +200,14 @@ def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, 
         hits = rag.search(store, embedder, phrase, k=10)
         return next((by_chunk[h.chunk_id] for h in hits if h.chunk_id in by_chunk), None)
 
-    work: list = []  # each row's title and duties as a vector, made on first use
+    @functools.cache
+    def work() -> np.ndarray:  # each row's title and duties as a vector, made once, on first use
+        return embedder.embed([row_work(r) for r in rows])
 
     def duty_row(requirement: str) -> tuple[dict, float] | None:  # the closest row by its work, and how close
         if not rows:
             return None
-        if not work:
-            work.append(embedder.embed([row_work(r) for r in rows]))
-        sims = work[0] @ embedder.embed([requirement])[0]
+        sims = work() @ embedder.embed([requirement])[0]
         best = int(sims.argmax())
         return rows[best], float(sims[best])
 

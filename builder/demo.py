@@ -172,6 +172,10 @@ class Corpus:
         doc, chunk = item
         return f"{doc.title} - {chunk.heading}", chunk.text
 
+    def other_passages(self, rng: random.Random, item, n: int, draw: int) -> list[tuple[str, str]]:
+        """`n` prose sources other than `item`, out of `draw` drawn at random."""
+        return [self.prose_source(p) for p in rng.sample(self.prose, draw) if p is not item][:n]
+
 
 def near_rows(rng: random.Random, target: dict, pool: list[dict], n: int) -> list[dict]:
     """`n` rows of `pool` that look most like `target` (title words, code group), as keyword and
@@ -223,15 +227,14 @@ def qa_chats(corpus: Corpus, rng: random.Random, n_lcat: int, real_share: float 
         chats.append(lcat_chat(rng, corpus, target, pool, kind, answerable=i % 20 != 19, sources=sources))
     prose = [p for p in corpus.prose if not corpus.leaks(_first_sentence(p[1].text))]
     for item in rng.sample(prose, min(len(prose), int(n_lcat * prose_share))):
-        others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, sources) if p is not item][: sources - 1]
+        others = corpus.other_passages(rng, item, sources - 1, draw=sources)
         chats.append(_chat(rng, f"What does the {item[0].path.stem} document say about {item[1].heading.lower()}?",
                            f"{_first_sentence(item[1].text)} [{{n}}]", corpus.prose_source(item), others))
     facts = prose_facts(corpus)
     for item, question, sentence in rng.sample(facts, min(len(facts), int(n_lcat * prose_share))):
         n_rows = min(rng.choice([0, 0, 1, 1, 2]), sources - 1)  # table rows come up for prose questions too
         others = [corpus.row_source(r) for r in rng.sample(corpus.train_rows, n_rows)]
-        passages = [corpus.prose_source(p) for p in rng.sample(corpus.prose, sources) if p is not item]
-        others += passages[: sources - 1 - n_rows]
+        others += corpus.other_passages(rng, item, sources - 1 - n_rows, draw=sources)
         chats.append(_chat(rng, question, f"{sentence.rstrip('.')} [{{n}}].", corpus.prose_source(item), others))
     rng.shuffle(chats)
     return chats
@@ -341,7 +344,7 @@ def write_chats(corpus: Corpus, rng: random.Random, variants: int, sources: int 
         topic = _topic(chunk.heading)
         project = _project(doc)
         for _ in range(variants):
-            others = [corpus.prose_source(p) for p in rng.sample(corpus.prose, sources) if p is not item][: sources - 1]
+            others = corpus.other_passages(rng, item, sources - 1, draw=sources)
             requirement = rng.choice(["The contractor shall describe its approach to {t}.", "The contractor shall "
                                       "provide {t} for the program.", "Offerors shall explain their {t}.",
                                       "The contractor must deliver {t} that meets the Government's needs."]).format(t=topic)
