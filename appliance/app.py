@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import audit, generations, rag
@@ -19,6 +20,7 @@ from appliance.config import Settings
 from appliance.errors import ApplianceError, FeedbackError, IngestError, NotFoundError
 from appliance.ingest import IngestReport, ingest
 from appliance.manifest import sha256_file
+from appliance.protocols import Sampling
 from appliance.store import Store
 
 
@@ -33,8 +35,43 @@ def resident_mb() -> float | None:
     return None
 
 
+@dataclass
+class AskJob:
+    """A question between `prepare_ask` and `finish_ask`."""
+
+    prep: rag.Prepared
+    given: list[dict] | None  # the history as the caller sent it
+    collection: str | None
+    use_rag: bool
+    user: str | None
+    conversation: int | None
+
+
 HISTORY_MESSAGES = 4  # earlier turns sent with a question: follow-ups work, sources keep most of the context
 RECALL_MESSAGES = 12  # a conversation this process answered is sent whole, with its sources, up to this
+
+
+def _render_shapes(template_text: str) -> int:
+    """Render the chat template for every shape of prompt the appliance sends (within the render
+    budget, appliance.engine): a template that passes one canary but runs away on another is refused."""
+    from appliance.engine import compile_template, render_template
+    from appliance.prompt import build_messages, format_source
+
+    template = compile_template(template_text)
+    sources = [format_source(i, f"Source {i}", "Labor category 15-1252.00, Software Developer. " * 40)
+               for i in range(1, 6)]
+    shapes = [
+        [{"role": "user", "content": "Reply with the word OK."}],
+        build_messages("What is the code for a Software Developer?", sources),
+        build_messages("And its education?", sources[:2], history=[
+            {"role": "user", "content": "What is the code for a Software Developer?"},
+            {"role": "assistant", "content": "It is 15-1252.00 [1]."}], more=True),
+        build_messages("Say hello.", [], rag=False),
+        build_messages("x" * 30_000, []),
+    ]
+    for messages in shapes:
+        render_template(template, messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
+    return len(shapes)
 
 
 class Appliance:
@@ -47,6 +84,8 @@ class Appliance:
         self._embedder = None
         self._engine = None
         self._installed: generations.Installed | None = None
+        self._identity = None
+        self._sandbox = None
         self.turns = rag.TurnMemory()
 
     def __enter__(self) -> Appliance:
@@ -56,6 +95,9 @@ class Appliance:
         self.close()
 
     def close(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
         if self._engine is not None:
             self._engine.close()
             self._engine = None
@@ -106,11 +148,23 @@ class Appliance:
         """Re-embed every chunk if the installed embedder differs from the index's; returns how many."""
         return self.store.ensure_embedder(self.embedder.name, self.embedder.dim, self.embedder.embed, progress)
 
-    def audit(self, action: str, detail: dict, with_model: bool = True, user: str | None = None) -> dict:
-        """`user`: the OS user a request came from (the service knows it from the socket); default: ours."""
-        info = self.model_info() if with_model else {}
-        return audit.append(self.store.conn, action, detail, model_sha256=info.get("sha256"),
-                            generation=info.get("generation"), user=user)
+    def audit(self, action: str, detail: dict, with_model: bool = True, user: str | None = None,
+              model: dict | None = None) -> dict:
+        """`user`: the OS user a request came from (the service knows it from the socket); default: ours.
+        Inside a transaction (an ingest's document and its row) the row is anchored by the caller once
+        the transaction commits (`anchor`); otherwise at once."""
+        info = model or (self.model_info() if with_model else {})  # `model`: the one that did the work
+        signer = self.identity()  # first: a key made now is audited before the row it anchors
+        row = audit.append(self.store.conn, action, detail, model_sha256=info.get("sha256"),
+                           generation=info.get("generation"), user=user)
+        if not self.store.conn.in_transaction:
+            audit.checkpoint(self.settings.home, signer, row["id"], row["row_hash"])
+        return row
+
+    def anchor(self) -> None:
+        """A signed checkpoint of the audit log's head (after rows written inside transactions)."""
+        if last := audit.head(self.store.conn):
+            audit.checkpoint(self.settings.home, self.identity(), last[0], last[1])
 
     def _let_go(self) -> None:
         """Forget the loaded generation (after an install or rollback switched `current`)."""
@@ -133,12 +187,29 @@ class Appliance:
         except ApplianceError:
             return False
 
-    def install_generation(self, directory: Path) -> generations.Installed:
-        """The unsigned development install; the model and embedder of the old generation are let go."""
-        installed = generations.install_unsigned(directory, self.settings.home)
+    def install_generation(self, directory: Path, force: bool = False, user: str | None = None) -> generations.Installed:
+        """The unsigned development install, with the signed install's health check; the model and
+        embedder of the old generation are let go. Once a root of trust is provisioned, only signed
+        bundles install unless `force` (audited)."""
+        from appliance import bundle
+        from appliance.errors import BundleError
+
+        if bundle.has_trusted_root(self.settings.home):
+            if not force:
+                self.audit("install_refused", {"source": str(directory.resolve()), "signed": False,
+                                               "error": "unsigned install on an appliance with a trusted root"},
+                           with_model=self._has_generation(), user=user)
+                raise BundleError("this appliance has a trusted root: it installs signed bundles only",
+                                  "install the bundle with `appliance bundle install`, or pass --force-unsigned "
+                                  "(audited) for a development build")
+        health: dict = {}
+        installed = generations.install_unsigned(
+            directory, self.settings.home,
+            check=lambda staged, manifest: health.update(self._prepare(staged, manifest, None)))
         self._let_go()
         self.audit("install", {"source": str(directory.resolve()), "generation": installed.number,
-                               "signed": False, "name": installed.manifest.name})
+                               "signed": False, "forced": force, "name": installed.manifest.name,
+                               "health": health}, user=user)
         return installed
 
     # -- signed bundles (appliance.bundle) ------------------------------------------------------
@@ -165,11 +236,12 @@ class Appliance:
         """The appliance's signing key (appliance.identity), created and audited on first need."""
         from appliance import identity
 
-        ident, created = identity.ensure(self.settings.home)
-        if created:
-            self.audit("identity", {"key_id": ident.key_id, "public_key": ident.public_pem},
-                       with_model=self._has_generation())
-        return ident
+        if self._identity is None:
+            self._identity, created = identity.ensure(self.settings.home)
+            if created:
+                self.audit("identity", {"key_id": self._identity.key_id, "public_key": self._identity.public_pem},
+                           with_model=self._has_generation())
+        return self._identity
 
     def verify_bundle(self, directory: Path, progress=None):
         from appliance import bundle
@@ -182,15 +254,20 @@ class Appliance:
         dimension, and the index ends up with that dimension."""
         from appliance.embed import OnnxEmbedder
         from appliance.engine import LlamaEngine
-        from appliance.errors import BundleError
+        from appliance.errors import BundleError, ModelError
 
         start = time.perf_counter()
-        self._let_go()  # the running model's memory goes to the health check (reloaded on next use if refused)
-        n_ctx = min(512, manifest.model.context_length)
-        with LlamaEngine(staged / manifest.model.file, (staged / manifest.chat_template).read_text(), n_ctx=n_ctx,
-                         threads=self.settings.threads, name=manifest.model.name, mmap=self.settings.mmap) as engine:
-            pieces = list(engine.stream([{"role": "user", "content": "Reply with the word OK."}], max_tokens=8,
-                                        temperature=0.0))
+        template_text = (staged / manifest.chat_template).read_text()
+        try:
+            shapes = _render_shapes(template_text)  # before the model: a hostile template costs nothing to refuse
+            self._let_go()  # the running model's memory goes to the health check (reloaded on next use if refused)
+            n_ctx = min(512, manifest.model.context_length)
+            with LlamaEngine(staged / manifest.model.file, template_text, n_ctx=n_ctx, threads=self.settings.threads,
+                             name=manifest.model.name, mmap=self.settings.mmap) as engine:
+                pieces = list(engine.stream([{"role": "user", "content": "Reply with the word OK."}], max_tokens=8,
+                                            sampling=rag.GREEDY))
+        except ModelError as exc:  # the bundle's content is what failed: a refused bundle (exit 10)
+            raise BundleError(f"health check: {exc.message}", exc.fix or "rebuild the bundle") from exc
         if not pieces:
             raise BundleError("health check: the model produced no tokens for the canary prompt",
                               "the model is broken; rebuild the bundle")
@@ -206,7 +283,7 @@ class Appliance:
             raise BundleError(f"health check: the index holds {index_dim}-d vectors after re-embedding, the "
                               f"embedder {manifest.embedder.dim}", "run the install again")
         return {"canary_tokens": len(pieces), "embedder_dim": dim, "reembedded_chunks": reembedded,
-                "seconds": round(time.perf_counter() - start, 2)}
+                "template_shapes": shapes, "seconds": round(time.perf_counter() - start, 2)}
 
     def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress=None,
                        reembed_progress=None, user: str | None = None):
@@ -239,17 +316,36 @@ class Appliance:
         self.audit("rollback", {"from": left, "to": now}, user=user)
         return left, now
 
+    @contextlib.contextmanager
+    def sandbox(self):
+        """Where files are parsed: a long-lived process (the service) keeps one child for every upload;
+        a one-shot command starts one for its batch."""
+        from appliance.sandbox import Sandbox
+
+        if self.long_lived:
+            if self._sandbox is None:
+                self._sandbox = Sandbox(self.settings.parse_memory_mb, self.settings.parse_timeout_s)
+            yield self._sandbox
+            return
+        with Sandbox(self.settings.parse_memory_mb, self.settings.parse_timeout_s) as sandbox:
+            yield sandbox
+
     def ingest(self, paths: list[Path], collection: str,
                progress: Callable[[str, int, int], None] | None = None, user: str | None = None,
-               source_name: Callable[[Path], str] | None = None) -> IngestReport:
-        report = ingest(self.store, self.embedder, paths, collection,
-                        max_bytes=int(self.settings.max_file_mb * 1_000_000),
-                        chunk_chars=self.settings.chunk_chars, progress=progress, source_name=source_name)
-        for item in report.added:
-            self.audit("ingest", {"collection": collection, "source": item["source"], "sha256": item["sha256"],
-                                  "doc_id": item["doc_id"], "chunks": item["chunks"], "replaced": item["replaced"]},
-                       user=user)
-        return report
+               source_name: Callable[[Path], str] | None = None, admin: bool = True) -> IngestReport:
+        """`user`'s documents (default: ours); `admin`: may also replace documents from before owners
+        were recorded. Each document commits with its audit row, and the head is anchored after it."""
+        owner = user or audit.os_user()
+        audit.ready(self.store.conn)
+        try:
+            with self.sandbox() as sandbox:
+                return ingest(self.store, self.embedder, paths, collection,
+                              max_bytes=int(self.settings.max_file_mb * 1_000_000),
+                              chunk_chars=self.settings.chunk_chars, progress=progress, source_name=source_name,
+                              owner=owner, legacy=admin, sandbox=sandbox, committed=self.anchor,
+                              record=lambda action, detail: self.audit(action, detail, user=owner))
+        finally:
+            self.anchor()
 
     @contextlib.contextmanager
     def _uploaded(self, name: str, data: bytes):
@@ -264,15 +360,19 @@ class Appliance:
             yield path
 
     def ingest_upload(self, name: str, data: bytes, collection: str, user: str | None = None,
-                      progress: Callable[[str, int, int], None] | None = None) -> IngestReport:
-        """Ingest a file the caller read and sent (the service's upload route), recorded as `name`."""
+                      progress: Callable[[str, int, int], None] | None = None, admin: bool = False) -> IngestReport:
+        """Ingest a file the caller read and sent (the service's upload route), recorded as `name` and
+        keyed by its user: one user's upload never replaces another's."""
         with self._uploaded(name, data) as path:
-            return self.ingest([path], collection, progress=progress, user=user, source_name=lambda _: name)
+            return self.ingest([path], collection, progress=progress, user=user, source_name=lambda _: name,
+                               admin=admin)
 
     def draft_upload(self, name: str, data: bytes, collections: list[str] | None = None,
-                     max_tokens: int | None = None, progress=None, user: str | None = None):
+                     max_tokens: int | None = None, progress=None, user: str | None = None, generator=None,
+                     model_info: dict | None = None):
         with self._uploaded(name, data) as path:
-            return self.draft(path, collections, max_tokens, progress=progress, user=user, source=name)
+            return self.draft(path, collections, max_tokens, progress=progress, user=user, source=name,
+                              generator=generator, model_info=model_info)
 
     # -- feedback (appliance.feedback) ---------------------------------------------------------------
     def feedback(self, answer_audit_id: int, kind: str, *, correction: str | None = None, source: int | None = None,
@@ -289,13 +389,12 @@ class Appliance:
             if text is not None and len(text) > feedback.MAX_TEXT:
                 raise FeedbackError(f"the {name} is {len(text)} characters; at most {feedback.MAX_TEXT}",
                                     "shorten it")
-        row = self.store.conn.execute("SELECT action, detail, model_sha256, generation FROM audit WHERE id = ?",
-                                      (answer_audit_id,)).fetchone()
+        row = audit.entry(self.store.conn, answer_audit_id)
         if row is None or row[0] != "ask":
             raise NotFoundError(f"audit row {answer_audit_id} is not an answer",
                                 "give the audit_id an answer returned (`appliance audit list --action ask`)")
-        detail = json.loads(row[1])
-        asked, answered = feedback.answer_texts(self.store.conn, answer_audit_id, detail, question, answer)
+        detail = row[1]
+        asked, answered = feedback.answer_texts(self.store, answer_audit_id, detail, question, answer)
         sources = feedback.answer_sources(self.store, detail)
         chunk = None
         if kind == "correction" and not (correction or "").strip():
@@ -354,9 +453,11 @@ class Appliance:
         return self.feedback_export_done(export, str(out.resolve()), user)
 
     def remove_document(self, doc_id: int, user: str | None = None):
-        row = self.store.remove_document(doc_id)
-        self.audit("remove", {"doc_id": row.id, "source": row.source, "sha256": row.sha256,
-                              "collection": row.collection}, user=user)
+        """Removed with its audit row in one transaction."""
+        row = self.store.remove_document(doc_id, lambda row: self.audit(
+            "remove", {"doc_id": row.id, "source": row.source, "sha256": row.sha256, "collection": row.collection,
+                       "owner": row.owner}, user=user))
+        self.anchor()
         return row
 
     def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[rag.Hit]:
@@ -370,78 +471,110 @@ class Appliance:
 
     def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
               progress: Callable[[str, int, int], None] | None = None, generator=None, user: str | None = None,
-              source: str | None = None):
+              source: str | None = None, model_info: dict | None = None):
         """A proposal draft for an RFP file (see appliance.draft); `generator` replaces the model in tests;
         `source`: what the RFP is recorded as (an upload's name on the caller's side)."""
         from appliance import draft
 
+        audit.ready(self.store.conn)
         self.ready_index()
         generator = generator or self.engine
-        result = draft.draft(self.store, self.embedder, generator, rfp, collections=collections,
-                             model_info=self.model_info(), max_bytes=int(self.settings.max_file_mb * 1_000_000),
-                             n_ctx=getattr(generator, "n_ctx", self.settings.n_ctx),
-                             max_tokens=max_tokens or self.settings.max_tokens,
-                             temperature=self.settings.temperature, progress=progress, source=source)
+        model_info = model_info or self.model_info()
+        with self.sandbox() as sandbox:  # an RFP is as untrusted as any upload
+            result = draft.draft(self.store, self.embedder, generator, rfp, collections=collections,
+                                 model_info=model_info, max_bytes=int(self.settings.max_file_mb * 1_000_000),
+                                 n_ctx=getattr(generator, "n_ctx", self.settings.n_ctx),
+                                 max_tokens=max_tokens or self.settings.max_tokens,
+                                 sampling=self.sampling(), progress=progress, source=source,
+                                 sandbox=sandbox)
         self.audit("draft", {"rfp": result.rfp, "rfp_sha256": sha256_file(rfp),
                              "requirements": len(result.requirements), "gaps": result.gaps,
                              "unknown_codes": result.unknown_codes,
                              "chunks": [{"chunk_id": s["chunk_id"], "doc_sha256": s["doc_sha256"]}
-                                        for s in result.sources]}, user=user)
+                                        for s in result.sources]}, user=user, model=model_info)
         return result
 
-    def ask(self, question: str, collection: str | None = None, use_rag: bool = True,
+    def ask(self, question: str, *, collection: str | None = None, use_rag: bool = True,
             max_tokens: int | None = None, temperature: float | None = None,
             on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
             should_stop: Callable[[], bool] | None = None, user: str | None = None,
-            conversation: int | None = None) -> rag.Answer:
+            conversation: int | None = None, sampling: Sampling | None = None) -> rag.Answer:
         """`conversation`: a stored conversation (the operator UI's); its last turns are the history and
-        the question and answer are added to it."""
+        the question and answer are added to it. `sampling`: all of how the answer is decoded (the API's
+        top_p, logit_bias, seed and stop), in place of `temperature`. In one call: `prepare_ask`, the model in this process,
+        `finish_ask` (the service runs them apart around its engine server)."""
+        job = self.prepare_ask(question, collection, use_rag, max_tokens, sampling or self.sampling(temperature),
+                               history=history, user=user, conversation=conversation)
+        return self.finish_ask(job, *rag.generate(self.engine, job.prep, on_text, should_stop))
+
+    def sampling(self, temperature: float | None = None) -> Sampling:
+        """The settings' sampling, at `temperature` when given."""
+        return Sampling(self.settings.temperature if temperature is None else temperature)
+
+    def prepare_ask(self, question: str, collection: str | None = None, use_rag: bool = True,
+                    max_tokens: int | None = None, sampling: Sampling | None = None,
+                    history: list[dict] | None = None, user: str | None = None, conversation: int | None = None,
+                    tokenizer=None, model_info: dict | None = None) -> AskJob:
+        """Everything before the model: history, retrieval, the prompt. `sampling`: default the settings'
+        temperature; `tokenizer`: what counts tokens and knows the context (default: the loaded engine);
+        `model_info`: the model that will answer."""
+        audit.ready(self.store.conn)  # nothing is answered that cannot be audited
+        tokenizer = tokenizer or self.engine
         if conversation is not None and history is None:
             history = [{"role": m["role"], "content": m["content"]}
                        for m in self.store.messages(conversation, limit=RECALL_MESSAGES)]
         max_tokens = max_tokens or self.settings.max_tokens
         given = history
-        history, earlier = self._history(history, max_tokens) if history else (history, [])
+        history, earlier = self._history(history, max_tokens, tokenizer) if history else (history, [])
         # A follow-up keeps its earlier sources; follow_up_k new ones join them (searched for past those).
         follow_up = use_rag and bool(earlier)
         start = time.perf_counter()
         hits = self.search(question, k=self.settings.follow_up_k + len(earlier) if follow_up else None,
                            collection=collection) if use_rag else []
         retrieval_ms = (time.perf_counter() - start) * 1000
-        result = rag.answer(self.engine, question, hits, self.model_info(), n_ctx=self.engine.n_ctx,
-                            max_tokens=max_tokens,
-                            temperature=self.settings.temperature if temperature is None else temperature,
-                            rag=use_rag, retrieval_ms=retrieval_ms, on_text=on_text, history=history,
-                            should_stop=should_stop, earlier=earlier if use_rag else None,
-                            new_sources=self.settings.follow_up_k if follow_up else None)
+        prep = rag.prepare(tokenizer, question, hits, model_info or self.model_info(), n_ctx=tokenizer.n_ctx,
+                           max_tokens=max_tokens, sampling=sampling or self.sampling(), rag=use_rag,
+                           retrieval_ms=retrieval_ms, history=history,
+                           earlier=earlier if use_rag else None,
+                           new_sources=self.settings.follow_up_k if follow_up else None,
+                           titles=self.store.ref_titles())
+        return AskJob(prep, given, collection, use_rag, user, conversation)
+
+    def finish_ask(self, job: AskJob, pieces: list[str], timing: dict, stopped: bool = False) -> rag.Answer:
+        """Everything after the model: citations and code checks, the audit row (naming the model that
+        answered), the conversation."""
+        result = rag.complete(job.prep, pieces, timing, stopped)
+        question = job.prep.question
         if not result.stopped:
             self.turns.remember(question, result)
         detail = {"question_sha256": audit.sha256_text(question), "answer_sha256": audit.sha256_text(result.answer),
-                  "collection": collection, "rag": use_rag,
+                  "collection": job.collection, "rag": job.use_rag,
                   "chunks": [{"chunk_id": h.chunk_id, "doc_sha256": h.doc_sha256} for h in result.sources],
                   "citations": [c["n"] for c in result.citations], "unverified_codes": result.unverified_codes}
+        if result.conflicting_codes:
+            detail["conflicting_codes"] = result.conflicting_codes
         if result.stopped:
             detail["stopped"] = True  # the client went away: what it was sent is still recorded
         if result.earlier:
             detail["earlier_sources"] = result.earlier  # chunks[:n] came with the history, the rest are new
-        if given:  # the history as the caller sent it (the model may have seen it with its sources)
-            detail["history_sha256"] = audit.sha256_text(json.dumps(given, sort_keys=True))
+        if job.given:  # the history as the caller sent it (the model may have seen it with its sources)
+            detail["history_sha256"] = audit.sha256_text(json.dumps(job.given, sort_keys=True))
         if self.settings.audit_text:
             detail.update(question=question, answer=result.answer)
-        result.audit_id = self.audit("ask", detail, user=user)["id"]
-        if conversation is not None:
-            self.store.add_message(conversation, "user", question)
-            self.store.add_message(conversation, "assistant", result.raw or result.answer, result.audit_id)
+        result.audit_id = self.audit("ask", detail, user=job.user, model=job.prep.model_info)["id"]
+        if job.conversation is not None:
+            self.store.add_message(job.conversation, "user", question)
+            self.store.add_message(job.conversation, "assistant", result.raw or result.answer, result.audit_id)
         return result
 
-    def _history(self, history: list[dict], max_tokens: int) -> tuple[list[dict], list[rag.Hit]]:
+    def _history(self, history: list[dict], max_tokens: int, tokenizer) -> tuple[list[dict], list[rag.Hit]]:
         """The history to send and the sources numbered in it: the conversation as the model saw it
         (rag.TurnMemory) when this process answered all of it and it takes at most two thirds of the
         room left for the prompt, so the new question still gets sources; else its last turns as typed."""
         recalled = self.turns.recall(history)
         if recalled is not None:
-            room = (self.engine.n_ctx - max_tokens) * 2 // 3
-            if sum(self.engine.count_tokens(m["content"]) + 8 for m in recalled[0]) <= room:
+            room = (tokenizer.n_ctx - max_tokens) * 2 // 3
+            if sum(tokenizer.count_tokens(m["content"]) + 8 for m in recalled[0]) <= room:
                 return recalled
         return history[-HISTORY_MESSAGES:], []
 
@@ -459,9 +592,28 @@ class Appliance:
         """Newest first; `detail` parsed."""
         return [dict(e, detail=json.loads(e["detail"])) for e in audit.rows(self.store.conn, action, user, limit)]
 
-    def audit_verify(self) -> tuple[int, int | None]:
-        """(rows checked, first bad row or None)."""
-        return audit.verify_rows(audit.rows(self.store.conn))
+    def checkpoint_lines(self) -> list[str] | None:
+        path = self.settings.home / audit.CHECKPOINTS
+        try:
+            return path.read_text().splitlines()
+        except FileNotFoundError:
+            return None
+
+    def audit_verify(self, against: list[str] | None = None) -> dict:
+        """The chain and every signed checkpoint (audit.verify); `against`: an earlier export's lines,
+        whose rows must still be the database's first rows, ending at the head the export names."""
+        from appliance import identity
+
+        ident = identity.load(self.settings.home)
+        public = identity.load_public(ident.public_pem) if ident else None
+        entries = list(audit.rows(self.store.conn))
+        verdict = audit.verify(entries, self.checkpoint_lines(), public)
+        result = verdict.to_json()
+        if against is not None:
+            result["against"] = audit.compare_export(entries, against, public)
+            if result["against"]["problems"]:
+                result["intact"] = False
+        return result
 
     def new_conversation(self, user: str | None = None) -> int:
         return self.store.new_conversation(user or audit.os_user())

@@ -46,6 +46,7 @@ from appliance.manifest import (
     GenerationManifest,
     read_bundle,
     read_manifest,
+    utc_stamp,
 )
 
 STATE = "install-state.json"
@@ -84,6 +85,11 @@ class Verified:
 
 def trust_dir(home: Path) -> Path:
     return home / "trust"
+
+
+def has_trusted_root(home: Path) -> bool:
+    trust = trust_dir(home)
+    return (trust / "metadata" / "root.json").is_file() or (trust / "root.json").is_file()
 
 
 def _trusted_root_bytes(home: Path) -> bytes:
@@ -157,6 +163,11 @@ def _open_regular(path: Path) -> io.BufferedReader:
     return os.fdopen(fd, "rb")
 
 
+# Signed metadata is still capped: a compromised builder's key signs whatever length it likes, and
+# TUF trusts the length snapshot.json gives for targets.json over its own default.
+MAX_METADATA_BYTES = {"root": 1_000_000, "timestamp": 100_000, "snapshot": 1_000_000, "targets": 10_000_000}
+
+
 def _fetcher(root: Path, seen: list[str]):
     from tuf.api.exceptions import DownloadHTTPError
     from tuf.ngclient import FetcherInterface
@@ -173,6 +184,12 @@ def _fetcher(root: Path, seen: list[str]):
                 fh = _open_regular(root / "metadata" / name)
             except FileNotFoundError:
                 raise DownloadHTTPError(f"metadata/{name} is not in the bundle", 404) from None
+            role = name.removesuffix(".json").rpartition(".")[2]
+            size, cap = os.fstat(fh.fileno()).st_size, MAX_METADATA_BYTES.get(role, 1_000_000)
+            if size > cap:
+                fh.close()
+                raise BundleError(f"metadata/{name} is {size / 1e6:.1f} MB; at most {cap / 1e6:.1f} MB is read, "
+                                  "signed or not", "this is not metadata the builder writes; do not install it")
 
             def chunks() -> Iterator[bytes]:
                 with fh:
@@ -279,6 +296,11 @@ def _translate(exc: Exception, seen: list[str]) -> BundleError:
     from tuf.api.serialization import DeserializationError
 
     where = f"metadata/{seen[-1]}" if seen else "the bundle's metadata"
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:  # our own refusal from the fetcher (a size cap), wrapped by TUF's download
+        if isinstance(cause, BundleError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
     if isinstance(exc, tx.ExpiredMetadataError):
         return BundleError(f"{where}: the signed metadata has expired ({exc}); now is {time.strftime('%Y-%m-%d')}",
                            "ask for a freshly signed bundle (`builder bundle create`), or correct this machine's clock")
@@ -473,8 +495,14 @@ def _commit(home: Path, state: dict) -> None:
     number = state["number"]
     final = gens / str(number)
     if (staging / "generation").is_dir() and not final.exists():
-        os.rename(staging / "generation", final)
+        # moving a directory to another parent rewrites its "..": the service's user (not root) needs
+        # write permission on it for that moment, then it is read-only again
+        moved = staging / "generation"
+        moved.chmod(moved.stat().st_mode | stat.S_IWUSR)
+        os.rename(moved, final)
         generations.fsync_dir(gens)
+    if final.is_dir() and final.stat().st_mode & stat.S_IWUSR:  # also after a kill between the two
+        final.chmod(final.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     _step(home, state, "renamed")
     if state.get("trust"):
         trust = trust_dir(home)
@@ -766,7 +794,7 @@ def history(home: Path) -> list[dict]:
     for number in reversed(generations.list_generations(home / "generations")):
         path = home / "generations" / str(number)
         row = {"generation": number, "current": number == current, "previous": number == previous,
-               "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime)),
+               "installed": utc_stamp(path.stat().st_mtime),
                "signed": (path / BUNDLE_NAME).is_file(), "version": None, "name": None}
         with contextlib.suppress(ApplianceError, ValueError, OSError):
             m = read_manifest(path)

@@ -23,23 +23,51 @@ def _err(message: str) -> None:
     click.echo(message, err=True)
 
 
-class _Progress:
-    """A one-line progress display on stderr when it is a terminal; one line per step otherwise."""
+def _line(text) -> str:
+    """A document-derived string (a file name, a title, an error naming a file) made safe to print on
+    one line: no escape sequences or control characters, newlines shown as \\n (a name cannot clear
+    the screen or forge a line of its own)."""
+    return clean_text(str(text)).replace("\n", "\\n").replace("\t", " ")
 
-    def __init__(self, label: str):
-        self.label = label
-        self.tty = sys.stderr.isatty()
+
+def json_option(help: str = "Print JSON."):
+    """`--json` (into the `as_json` argument): data on stdout as JSON, for scripts."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+class _Progress:
+    """Progress of long work on stderr: a rich progress bar when stderr is a terminal; one line per step
+    otherwise, so a log (journald, CI) still shows where the work stands. `in_bytes`: done and total
+    are bytes, shown in MB."""
+
+    def __init__(self, label: str, in_bytes: bool = False):
+        self.label, self.in_bytes = label, in_bytes
+        self.bar = self.task = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.bar = Progress(TextColumn(label), BarColumn(), DownloadColumn() if in_bytes else MofNCompleteColumn(),
+                                TextColumn("{task.description}"), console=Console(stderr=True))
 
     def __call__(self, item, done: int, total: int | None = None) -> None:
         if total is None:  # (done, total) form
             item, done, total = "", item, done
         if total == 0:
             return
-        line = f"{self.label} {done}/{total} {Path(item).name if item else ''}"
-        if self.tty:
-            click.echo(f"\r\x1b[K{line[:100]}", err=True, nl=done >= total)
+        name = _line(Path(item).name) if item else ""
+        if self.bar is not None:
+            if self.task is None:
+                self.bar.start()
+                self.task = self.bar.add_task("", total=total)
+            self.bar.update(self.task, completed=done, total=total, description=name[:60])
+            if done >= total:
+                self.bar.stop()
+                self.task = None
+        elif self.in_bytes:
+            _err(f"{self.label} {done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / max(total, 1):.0f}%) {name}")
         elif item:
-            _err(line)
+            _err(f"{self.label} {done}/{total} {name}")
 
 
 def _app(ctx: click.Context):
@@ -58,16 +86,11 @@ def _service(ctx: click.Context):
     """A client of the running service for this home, or None (then the command works in-process)."""
     if ctx.obj.get("local"):
         return None
-    from appliance.client import ServiceClient, find_socket
-    from appliance.config import default_home
+    from appliance.client import running_service
 
-    path = find_socket()
-    if path is None:
-        return None
-    client = ServiceClient(path)
-    ctx.call_on_close(client.close)
-    if Path(ctx.obj.get("home") or default_home()).resolve() != client.home().resolve():
-        return None  # the service serves another home
+    client = running_service(ctx.obj.get("home"))
+    if client is not None:
+        ctx.call_on_close(client.close)
     return client
 
 
@@ -117,12 +140,18 @@ def cli(ctx: click.Context, home: Path | None, local: bool) -> None:
 @cli.command("install-generation")
 @click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--unsigned", is_flag=True, help="Required: acknowledges that no signature is checked.")
+@click.option("--force-unsigned", is_flag=True,
+              help="On an appliance with a trusted root (which otherwise installs signed bundles only): install "
+                   "anyway (audited).")
 @click.pass_context
-def install_generation(ctx, directory: Path, unsigned: bool) -> None:
+def install_generation(ctx, directory: Path, unsigned: bool, force_unsigned: bool) -> None:
     """Install a generation directory written by the builder (development path, no signature).
 
     The directory is checked against its own generation.json (every file's sha256), copied into
-    $APPLIANCE_HOME/generations/<n>/ and made current with one atomic switch.
+    $APPLIANCE_HOME/generations/<n>/, health-checked like a signed bundle (the model answers a canary,
+    the chat template renders every prompt shape within its budget, the embedder's dimension) and made
+    current with one atomic switch. Refused once `appliance trust init` has provisioned a root, unless
+    --force-unsigned.
 
     \b
     Example:
@@ -131,7 +160,7 @@ def install_generation(ctx, directory: Path, unsigned: bool) -> None:
     if not unsigned:
         raise click.UsageError("this path checks no signature; pass --unsigned to confirm that you mean it")
     app = _app(ctx)
-    installed = app.install_generation(directory)
+    installed = app.install_generation(directory, force=force_unsigned)
     _err(f"installed generation {installed.number} ({installed.manifest.model.name}, "
          f"{installed.manifest.model.quant}) into {app.settings.home}")
 
@@ -144,7 +173,7 @@ def trust() -> None:
 @trust.command("init")
 @click.argument("root_json", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--force", is_flag=True, help="Replace an existing trusted root (audited).")
-@click.option("--json", "as_json", is_flag=True, help="Print what is now trusted as JSON.")
+@json_option("Print what is now trusted as JSON.")
 @click.pass_context
 def trust_init(ctx, root_json: Path, force: bool, as_json: bool) -> None:
     """Provision the trusted root (root.json from `builder keys init`), once per appliance.
@@ -170,21 +199,9 @@ def bundle_group() -> None:
     """Verify, install, list and roll back signed update bundles (USB sticks)."""
 
 
-def _byte_progress(label: str):
-    tty = sys.stderr.isatty()
-
-    def report(name: str, done: int, total: int) -> None:
-        line = f"{label} {done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / max(total, 1):.0f}%) {name}"
-        if tty:
-            click.echo(f"\r\x1b[K{line[:100]}", err=True, nl=done >= total)
-        else:
-            _err(line)
-    return report
-
-
 @bundle_group.command("verify")
 @click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the bundle's description as JSON.")
+@json_option("Print the bundle's description as JSON.")
 @click.pass_context
 def bundle_verify(ctx, directory: Path, as_json: bool) -> None:
     """Check a bundle completely without installing it: signatures against the trusted root, expiry,
@@ -194,7 +211,7 @@ def bundle_verify(ctx, directory: Path, as_json: bool) -> None:
     Example:
       appliance bundle verify /media/usb
     """
-    verified = _backend(ctx).verify_bundle(directory, _byte_progress("verifying"))
+    verified = _backend(ctx).verify_bundle(directory, _Progress("verifying", in_bytes=True))
     info = verified.info
     if as_json:
         _echo_json({"version": verified.version, "files": len(verified.targets), "bytes": verified.total_bytes,
@@ -212,7 +229,7 @@ def bundle_verify(ctx, directory: Path, as_json: bool) -> None:
 @click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--allow-downgrade", is_flag=True,
               help="Install an older version than the one trusted (audited; never below security_floor).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON.")
 @click.pass_context
 def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -> None:
     """Verify a signed bundle and install it as the new current generation.
@@ -228,7 +245,7 @@ def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -
     Example:
       appliance bundle install /media/usb
     """
-    result = _backend(ctx).install_bundle(directory, allow_downgrade, progress=_byte_progress("installing"),
+    result = _backend(ctx).install_bundle(directory, allow_downgrade, progress=_Progress("installing", in_bytes=True),
                                           reembed_progress=_Progress("re-embedding"))
     if as_json:
         _echo_json({"version": result.version, "generation": result.number, "message": result.message,
@@ -252,7 +269,7 @@ def bundle_rollback(ctx) -> None:
 
 
 @bundle_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 @click.pass_context
 def bundle_list(ctx, as_json: bool) -> None:
     """Installed generations, newest first: version, model, which is current and which is kept for rollback."""
@@ -273,7 +290,7 @@ def bundle_list(ctx, as_json: bool) -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--collection", "-c", default="default", show_default=True, help="Collection to add to.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 @click.pass_context
 def ingest(ctx, paths: tuple[Path, ...], collection: str, as_json: bool) -> None:
     """Add files or directories (recursively): txt, md, pdf, docx, csv, xlsx.
@@ -297,12 +314,16 @@ def ingest(ctx, paths: tuple[Path, ...], collection: str, as_json: bool) -> None
         _echo_json(report.to_json())
     else:
         for item in report.added:
-            click.echo(f"added     {item['source']}  ({item['chunks']} chunks)")
+            click.echo(f"added     {_line(item['source'])}  ({item['chunks']} chunks)")
         for source in report.unchanged:
-            click.echo(f"unchanged {source}")
+            click.echo(f"unchanged {_line(source)}")
+        for item in report.duplicates:
+            click.echo(f"duplicate {_line(item['source'])}: the same text as {_line(item['same_as'])}, kept once"
+                       + (" (its earlier version removed)" if item["removed"] else ""))
         for item in report.failed:
-            click.echo(f"FAILED    {item['error']}")
-    _err(f"{len(report.added)} added, {len(report.unchanged)} unchanged, {len(report.failed)} failed "
+            click.echo(f"FAILED    {_line(item['error'])}")
+    _err(f"{len(report.added)} added, {len(report.unchanged)} unchanged, {len(report.duplicates)} duplicates, "
+         f"{len(report.failed)} failed "
          f"(collection '{collection}')")
     if report.failed:
         ctx.exit(int(ExitCode.INGEST))
@@ -315,7 +336,7 @@ def docs() -> None:
 
 @docs.command("list")
 @click.option("--collection", "-c", help="Only this collection.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 @click.pass_context
 def docs_list(ctx, collection: str | None, as_json: bool) -> None:
     """List documents with their collection, chunk count and sha256."""
@@ -324,7 +345,7 @@ def docs_list(ctx, collection: str | None, as_json: bool) -> None:
         _echo_json({"documents": [vars(r) for r in rows]})
         return
     for r in rows:
-        click.echo(f"{r.id:>5}  {r.collection:<12} {r.chunks:>5} chunks  {r.sha256[:12]}  {r.source}")
+        click.echo(f"{r.id:>5}  {_line(r.collection):<12} {r.chunks:>5} chunks  {r.sha256[:12]}  {_line(r.source)}")
 
 
 @docs.command("remove")
@@ -333,14 +354,14 @@ def docs_list(ctx, collection: str | None, as_json: bool) -> None:
 def docs_remove(ctx, doc_id: int) -> None:
     """Remove a document, its chunks and vectors (ids from `appliance docs list`)."""
     row = _backend(ctx).remove_document(doc_id)
-    _err(f"removed document {row.id}: {row.source}")
+    _err(f"removed document {row.id}: {_line(row.source)}")
 
 
 @cli.command()
 @click.argument("query")
 @click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 100), help="How many results.")
 @click.option("--collection", "-c", help="Only this collection.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 @click.pass_context
 def search(ctx, query: str, k: int, collection: str | None, as_json: bool) -> None:
     """Hybrid keyword + vector search; exact codes come first.
@@ -357,16 +378,16 @@ def search(ctx, query: str, k: int, collection: str | None, as_json: bool) -> No
     if not hits:
         _err("no results")
     for i, h in enumerate(hits, start=1):
-        snippet = " ".join(h.text.split())[:160]
-        click.echo(f"[{i}] {h.title} ({Path(h.source).name}, chunk {h.position}){' exact' if h.exact else ''}\n"
-                   f"    {snippet}")
+        snippet = _line(" ".join(h.text.split())[:160])
+        click.echo(f"[{i}] {_line(h.title)} ({_line(Path(h.source).name)}, chunk {h.position})"
+                   f"{' exact' if h.exact else ''}\n    {snippet}")
 
 
 @cli.command()
 @click.argument("query")
 @click.option("--collection", "-c", help="Only tables in this collection.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="Rows at most.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 @click.pass_context
 def lookup(ctx, query: str, collection: str | None, limit: int, as_json: bool) -> None:
     """Look up reference-table rows by exact code, code prefix or title words (no model).
@@ -385,7 +406,8 @@ def lookup(ctx, query: str, collection: str | None, limit: int, as_json: bool) -
         _err(f"no reference row matches '{query}'")
         ctx.exit(int(ExitCode.NOT_FOUND))
     for r in rows:
-        click.echo(f"{r['code'] or '-':<12} {r['title'] or '-':<40} {r['match']:<18} {Path(r['source']).name}")
+        click.echo(f"{_line(r['code'] or '-'):<12} {_line(r['title'] or '-'):<40} {r['match']:<18} "
+                   f"{_line(Path(r['source']).name)}")
 
 
 @cli.command()
@@ -394,7 +416,7 @@ def lookup(ctx, query: str, collection: str | None, limit: int, as_json: bool) -
 @click.option("--collection", "-c", "collections", multiple=True, help="Retrieve from this collection (repeatable).")
 @click.option("--docx", "as_docx", is_flag=True, help="Also write a Word document next to --out.")
 @click.option("--max-tokens", type=click.IntRange(1, 4096), help="Cap on each response paragraph.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 @click.pass_context
 def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx: bool, max_tokens: int | None,
           as_json: bool) -> None:
@@ -430,19 +452,22 @@ def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx:
 
 def _print_answer(result, streamed: bool) -> None:
     if not streamed:
-        click.echo(result.answer)
+        click.echo(clean_text(result.answer))
     if result.sources:
         click.echo("\nSources:")
         cited = {c["n"] for c in result.citations}
         for i, h in enumerate(result.sources, start=1):
             mark = "*" if i in cited else " "
-            snippet = " ".join(h.text.split())[:90]
-            click.echo(f" {mark}[{i}] {Path(h.source).name}, chunk {h.position}: {snippet}")
+            snippet = _line(" ".join(h.text.split())[:90])
+            click.echo(f" {mark}[{i}] {_line(Path(h.source).name)}, chunk {h.position}: {snippet}")
     if result.unknown_citations:
         _err(f"warning: the answer cites sources that do not exist: {result.unknown_citations}")
     if result.unverified_codes:
         _err(f"warning: codes in the answer that no source contains (do not rely on them): "
              f"{', '.join(result.unverified_codes)}; check with `appliance search CODE`")
+    for c in result.conflicting_codes:
+        _err(f"warning: {c['code']} contradicts the reference table, which gives {_line(c['title'])} the code "
+             f"{c['table_code']} ({_line(Path(c['table_source']).name)})")
     for m in result.miscited_codes:
         _err(f"warning: {m['code']} is not in the cited source{'s' if len(m['cited']) > 1 else ''} "
              f"{', '.join(f'[{n}]' for n in m['cited'])}; it is in {', '.join(f'[{n}]' for n in m['found_in'])}")
@@ -458,7 +483,7 @@ def _print_answer(result, streamed: bool) -> None:
 @click.option("--no-rag", is_flag=True, help="Answer without retrieval.")
 @click.option("--max-tokens", type=click.IntRange(1, 4096), help="Cap on generated tokens.")
 @click.option("--temperature", type=click.FloatRange(0.0, 2.0), help="Sampling temperature.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (no streaming).")
+@json_option("Print JSON (no streaming).")
 @click.pass_context
 def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tokens: int | None,
         temperature: float | None, as_json: bool) -> None:
@@ -480,10 +505,12 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
 
     def one(q: str) -> None:
         if as_json:
-            _echo_json(app.ask(q, collection, not no_rag, max_tokens, temperature, conversation=conversation).to_json())
+            _echo_json(app.ask(q, collection=collection, use_rag=not no_rag, max_tokens=max_tokens,
+                               temperature=temperature, conversation=conversation).to_json())
             return
         # Model output is text for a terminal: escape sequences and control characters never pass.
-        result = app.ask(q, collection, not no_rag, max_tokens, temperature, conversation=conversation,
+        result = app.ask(q, collection=collection, use_rag=not no_rag, max_tokens=max_tokens, temperature=temperature,
+                         conversation=conversation,
                          on_text=lambda piece: click.echo(clean_text(piece), nl=False))
         click.echo()
         _print_answer(result, streamed=True)
@@ -506,7 +533,7 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 @click.pass_context
 def status(ctx, as_json: bool) -> None:
     """The installed generation, model, embedder and collections."""
@@ -532,18 +559,27 @@ def status(ctx, as_json: bool) -> None:
               help="Unix socket to listen on (default $XDG_RUNTIME_DIR/appliance.sock, else run/appliance.sock "
                    "under the home; /run/appliance/api.sock under systemd). Its directory must be writable by "
                    "its owner alone.")
-@click.option("--queue", "queue_size", default=4, show_default=True, type=click.IntRange(0, 256),
-              help="Requests that may wait for the model; the next one gets 503 with Retry-After.")
+@click.option("--queue", "queue_size", type=click.IntRange(0, 256),
+              help="Requests that may wait for the worker; the next one gets 503 with Retry-After "
+                   "[setting queue, default 4].")
 @click.option("--tcp", metavar="HOST:PORT", help="Also listen on TCP (off by default); every request there needs "
-                                                 "a bearer token from --token-file.")
+                                                 "a bearer token from --token-file [setting tcp].")
 @click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Lines 'NAME TOKEN' (mode 0600); NAME is recorded as the user in the audit log.")
+              help="Lines 'NAME TOKEN [admin]' (mode 0600); NAME is recorded as the user in the audit log "
+                   "[setting token_file].")
+@click.option("--slots", type=click.IntRange(1, 64),
+              help="Answers decoded together by the engine server [setting slots, default 4].")
 @click.pass_context
-def serve(ctx, socket_path: Path | None, queue_size: int, tcp: str | None, token_file: Path | None) -> None:
+def serve(ctx, socket_path: Path | None, queue_size: int | None, tcp: str | None, token_file: Path | None,
+          slots: int | None) -> None:
     """Serve the OpenAI-compatible API and the appliance routes on a Unix socket.
 
-    The one process that loads the model and writes the database while it runs. The caller's OS
-    user (from the socket's peer credentials) is recorded in the audit log.
+    The one process that writes the database while it runs; llama.cpp's server, its child, decodes up
+    to `slots` answers together (setting engine: auto, server or inprocess), so searches, document
+    lists and the audit view never wait behind an answer. Every flag is also a setting (config.yaml,
+    APPLIANCE_QUEUE, APPLIANCE_TCP, APPLIANCE_TOKEN_FILE, APPLIANCE_SLOTS) for systemd's
+    EnvironmentFile. The caller's OS user (from the socket's peer credentials) is recorded in the
+    audit log.
 
     \b
     Examples:
@@ -556,6 +592,13 @@ def serve(ctx, socket_path: Path | None, queue_size: int, tcp: str | None, token
     from appliance.config import default_socket
 
     path = socket_path or Path(os.environ.get("APPLIANCE_SOCKET") or default_socket())
+    app = _app(ctx)
+    app.long_lived = True
+    if slots:
+        app.settings.slots = slots
+    queue_size = app.settings.queue if queue_size is None else queue_size
+    tcp = tcp or app.settings.tcp
+    token_file = token_file or app.settings.token_file
     address = None
     if tcp:
         host, _, port = tcp.rpartition(":")
@@ -563,8 +606,6 @@ def serve(ctx, socket_path: Path | None, queue_size: int, tcp: str | None, token
             raise click.UsageError(f"--tcp {tcp!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
         address = (host.strip("[]"), int(port))
     tokens = service.load_tokens(token_file) if token_file else None
-    app = _app(ctx)
-    app.long_lived = True
     service.serve(app, path, queue_size, tcp=address, tokens=tokens,
                   on_ready=lambda: _err(f"appliance: serving on {path}" + (f" and tcp {tcp} (bearer tokens)" if tcp else "")
                                         + f" (generation {app.installed.number})"))
@@ -574,14 +615,16 @@ def serve(ctx, socket_path: Path | None, queue_size: int, tcp: str | None, token
 @click.pass_context
 def tui(ctx) -> None:
     """The operator UI: chat with cited sources, documents, lookup and drafting, model and bundles,
-    audit log (F1: help). Works through the running service when there is one, in-process otherwise."""
-    from tui.app import run
-
-    backend = _service(ctx)
-    if backend is None:
-        backend = _app(ctx)
-        backend.long_lived = True
-    run(backend)
+    audit log (F1: help). Works through the running service when there is one, in-process otherwise.
+    The same as `appliance-tui` (or `python -m tui`): the UI is its own program, with the [tui] extra."""
+    args = [sys.executable, "-m", "tui"]
+    if ctx.obj.get("home"):
+        args += ["--home", str(ctx.obj["home"])]
+    if ctx.obj.get("local"):
+        args.append("--local")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, args)
 
 
 @cli.group("audit")
@@ -594,7 +637,7 @@ def audit_group() -> None:
                                 "rollback, trust, recover, export).")
 @click.option("--user", help="Only this OS user.")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Newest rows at most.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 @click.pass_context
 def audit_list(ctx, action: str | None, user: str | None, limit: int, as_json: bool) -> None:
     """The newest audit rows, newest first."""
@@ -609,28 +652,49 @@ def audit_list(ctx, action: str | None, user: str | None, limit: int, as_json: b
 
 
 @audit_group.command("verify")
+@click.option("--against", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="An earlier `audit export`: its rows must still be the log's first rows, ending at its head.")
+@json_option()
 @click.pass_context
-def audit_verify(ctx) -> None:
-    """Recompute the hash chain; exit 1 naming the first row that does not match."""
-    count, bad = _backend(ctx).audit_verify()
-    if bad is not None:
-        _err(f"audit chain broken at row {bad} (of {count} checked): that row or the one before it was "
-             "altered, inserted or deleted - compare with the last export")
+def audit_verify(ctx, against: Path | None, as_json: bool) -> None:
+    """Recompute the hash chain and check it against the signed checkpoints kept outside the database
+    (`<home>/audit/checkpoints`): rows cut from the end, a chain rebuilt after an edit and an older copy
+    of the database put back are each named. Exit 1 when anything is wrong."""
+    lines = against.read_text().splitlines() if against else None
+    result = _backend(ctx).audit_verify(lines)
+    if as_json:
+        _echo_json(result)
+    else:
+        if result["first_bad_row"] is not None:
+            _err(f"audit chain broken at row {result['first_bad_row']} (of {result['rows']} checked): that row or "
+                 "the one before it was altered, inserted or deleted - compare with the last export")
+        for problem in result["problems"] + (result.get("against") or {}).get("problems", []):
+            _err(f"audit: {problem}")
+        if result["intact"]:
+            unanchored = result["rows"] - result["anchored_rows"]
+            click.echo(f"audit chain intact: {result['rows']} rows, {result['checkpoints']} signed checkpoints, "
+                       f"head {(result['head'] or '-')[:16]}" + (f"; {unanchored} rows after the last checkpoint"
+                                                                 if unanchored > 0 else ""))
+            if against:
+                click.echo(f"matches the export {against} ({result['against']['rows']} rows, head "
+                           f"{(result['against']['head'] or '-')[:16]})")
+    if not result["intact"]:
         ctx.exit(int(ExitCode.FAILURE))
-    click.echo(f"audit chain intact: {count} rows")
 
 
 @audit_group.command("export")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="JSON lines file.")
 @click.pass_context
 def audit_export(ctx, out: Path) -> None:
-    """Write every row with its chain as JSON lines (checkable by the README's short script)."""
+    """Write every row with its chain, then the signed checkpoints, as JSON lines (checkable by the
+    README's short script; `audit verify --against FILE` checks the log against it later)."""
     from appliance import audit
 
     app = _app(ctx)
-    n = audit.export(app.store.conn, out)
+    n = audit.export(app.store.conn, out, app.checkpoint_lines() or [])
     app.audit("export", {"out": str(out.resolve()), "rows": n}, with_model=False)
-    _err(f"exported {n} audit rows to {out}")
+    _err(f"exported {n} audit rows to {out}; its head: {json.loads(out.read_text().splitlines()[n - 1])['row_hash']}"
+         if n else f"exported 0 audit rows to {out}")
 
 
 @cli.group("feedback")
@@ -649,7 +713,7 @@ def feedback_group() -> None:
 @click.option("--note", help="A remark kept with the feedback.")
 @click.option("--question", help="Only for answers kept nowhere else: the question, exactly as asked.")
 @click.option("--answer", help="Only for answers kept nowhere else: the answer, exactly as returned.")
-@click.option("--json", "as_json", is_flag=True, help="Print the stored feedback as JSON.")
+@json_option("Print the stored feedback as JSON.")
 @click.pass_context
 def feedback_add(ctx, audit_id: int, good: bool, bad: bool, correction: str | None, source: int | None,
                  chunk_id: int | None, note: str | None, question: str | None, answer: str | None,
@@ -680,7 +744,7 @@ def feedback_add(ctx, audit_id: int, good: bool, bad: bool, correction: str | No
 @feedback_group.command("list")
 @click.option("--pending", is_flag=True, help="Only feedback not exported yet.")
 @click.option("--since", metavar="DATE", help="Only feedback from this date (YYYY-MM-DD) on.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 @click.pass_context
 def feedback_list(ctx, pending: bool, since: str | None, as_json: bool) -> None:
     """Feedback recorded on this appliance, oldest first, with whether it was exported."""
@@ -703,7 +767,7 @@ def feedback_list(ctx, pending: bool, since: str | None, as_json: bool) -> None:
               help="New (or empty) directory to write the export to, e.g. on a USB stick.")
 @click.option("--since", metavar="DATE", help="Everything from this date (YYYY-MM-DD) on, exported before or "
                                               "not (default: only what is pending).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON.")
 @click.pass_context
 def feedback_export(ctx, out: Path, since: str | None, as_json: bool) -> None:
     """Write the feedback as datasets for the builder, signed with this appliance's key (audited).

@@ -29,6 +29,25 @@ from appliance.config import default_socket, untrusted_socket
 from appliance.documents import expand_paths
 from appliance.errors import ApplianceError, ExitCode
 from appliance.ingest import IngestReport
+from appliance.schemas import (
+    AuditRows,
+    BundleRequest,
+    Conversation,
+    Documents,
+    Drafted,
+    ExportRequest,
+    FeedbackExport,
+    FeedbackItems,
+    Home,
+    Installed,
+    LookupRows,
+    Removed,
+    RolledBack,
+    SearchResults,
+    Source,
+    VerifiedBundle,
+    WrittenRequest,
+)
 
 SYSTEM_SOCKET = Path("/run/appliance/api.sock")
 
@@ -69,6 +88,7 @@ class RemoteAnswer:
     unknown_citations: list = field(default_factory=list)
     unverified_codes: list = field(default_factory=list)
     miscited_codes: list = field(default_factory=list)
+    conflicting_codes: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     audit_id: int | None = None
@@ -77,15 +97,9 @@ class RemoteAnswer:
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "citations": self.citations,
                 "unknown_citations": self.unknown_citations, "unverified_codes": self.unverified_codes,
-                "miscited_codes": self.miscited_codes,
+                "miscited_codes": self.miscited_codes, "conflicting_codes": self.conflicting_codes,
                 "sources": [{"n": i, **s.to_json()} for i, s in enumerate(self.sources, start=1)],
                 "model": self.model, "timing": self.timing, "audit_id": self.audit_id}
-
-
-def _hit(data: dict) -> SimpleNamespace:
-    hit = SimpleNamespace(**data)
-    hit.to_json = lambda: {k: v for k, v in data.items() if k != "n"}
-    return hit
 
 
 @dataclass
@@ -106,10 +120,13 @@ class RemoteDraft:
 
 
 def _sse(response):
-    """The JSON events of a server-sent event stream; an error event is raised as ServiceError."""
-    for line in response.iter_lines():
-        if line.startswith("data: {"):
-            event = json.loads(line[6:])
+    """The JSON events of a server-sent event stream (parsed by httpx-sse: comments, multi-line data
+    and the final [DONE] handled as the standard says); an error event is raised as ServiceError."""
+    from httpx_sse import EventSource
+
+    for sse in EventSource(response).iter_sse():
+        if sse.data.startswith("{"):
+            event = json.loads(sse.data)
             if "error" in event:
                 raise ServiceError(event["error"]["message"], "see the service's log")
             yield event
@@ -123,6 +140,21 @@ def _events(response, progress: Callable | None):
         if progress:
             progress(event["item"], event["done"], event["total"])
     raise ServiceError("the service closed the stream before the result", "try again; see the service's log")
+
+
+def running_service(home: Path | None = None) -> ServiceClient | None:
+    """A client of the running service that serves `home` (the default home when None), or None: no
+    service is listening on a trusted socket, or it serves another home (then work in process)."""
+    from appliance.config import default_home
+
+    path = find_socket()
+    if path is None:
+        return None
+    client = ServiceClient(path)
+    if Path(home or default_home()).resolve() != client.home().resolve():
+        client.close()
+        return None
+    return client
 
 
 class ServiceClient:
@@ -160,34 +192,34 @@ class ServiceClient:
             return _events(r, progress)
 
     def home(self) -> Path:
-        return Path(self._check(self.http.get("/appliance/home"))["home"])
+        return Path(Home.model_validate(self._check(self.http.get("/appliance/home"))).home)
 
     def status(self) -> dict:
         return self._check(self.http.get("/appliance/status"))
 
     def documents(self, collection: str | None = None) -> list:
         params = {"collection": collection} if collection else {}
-        return [SimpleNamespace(**d) for d in self._check(self.http.get("/appliance/documents", params=params))
-                ["documents"]]
+        return Documents.model_validate(self._check(self.http.get("/appliance/documents", params=params))).documents
 
     def generations(self) -> dict:
         return self._check(self.http.get("/appliance/bundles"))
 
     def audit_rows(self, action: str | None = None, user: str | None = None, limit: int = 50) -> list[dict]:
         params = {k: v for k, v in (("action", action), ("user", user)) if v} | {"limit": limit}
-        return self._check(self.http.get("/appliance/audit", params=params))["rows"]
+        return AuditRows.model_validate(self._check(self.http.get("/appliance/audit", params=params))).rows
 
-    def audit_verify(self) -> tuple[int, int | None]:
-        data = self._check(self.http.get("/appliance/audit/verify"))
-        return data["rows"], data["first_bad_row"]
+    def audit_verify(self, against: list[str] | None = None) -> dict:
+        if against is not None:
+            return self._check(self.http.post("/appliance/audit/verify", json={"export": against}))
+        return self._check(self.http.get("/appliance/audit/verify"))
 
     def new_conversation(self, user: str | None = None) -> int:
         """The service records the socket's user, whoever `user` says."""
-        return self._check(self.http.post("/appliance/conversations"))["id"]
+        return Conversation.model_validate(self._check(self.http.post("/appliance/conversations"))).id
 
     def lookup(self, query: str, collection: str | None = None, limit: int = 20) -> list[dict]:
         params = {"q": query, "limit": limit, **({"collection": collection} if collection else {})}
-        return self._check(self.http.get("/appliance/lookup", params=params))["rows"]
+        return LookupRows.model_validate(self._check(self.http.get("/appliance/lookup", params=params))).rows
 
     def ingest(self, paths: list[Path], collection: str, progress: Callable | None = None) -> IngestReport:
         """Each file is read here and uploaded; unreadable ones are reported like an in-process ingest."""
@@ -207,30 +239,30 @@ class ServiceClient:
             if response.status_code in (413, 422):  # this file refused; the rest go on
                 report.failed.append({"source": source, "error": response.json()["error"]["message"]})
                 continue
-            part = self._check(response)
-            report.added += part["added"]
-            report.unchanged += part["unchanged"]
-            report.failed += part["failed"]
+            report.extend(self._check(response))
         if progress:
             progress("", len(files), len(files))
         return report
 
     def remove_document(self, doc_id: int):
-        return SimpleNamespace(**self._check(self.http.delete(f"/appliance/documents/{doc_id}"))["removed"])
+        return Removed.model_validate(self._check(self.http.delete(f"/appliance/documents/{doc_id}"))).removed
 
     def verify_bundle(self, directory: Path, progress: Callable | None = None):
-        data = self._check(self.http.post("/appliance/bundles/verify", json={"path": str(directory.resolve())}))
-        return SimpleNamespace(version=data["version"], targets=data["targets"], total_bytes=data["bytes"],
-                               notes=data["notes"], info=SimpleNamespace(**data["bundle"]))
+        data = VerifiedBundle.model_validate(self._check(self.http.post(
+            "/appliance/bundles/verify", json=BundleRequest(path=str(directory.resolve())).model_dump())))
+        return SimpleNamespace(version=data.version, targets=data.targets, total_bytes=data.bytes,
+                               notes=data.notes, info=SimpleNamespace(**data.bundle))
 
     def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress: Callable | None = None,
                        reembed_progress: Callable | None = None):
         """The service reads the bundle (it needs the path, not the caller's bytes: the signatures are
         checked where the files are)."""
-        result = self._stream("POST", "/appliance/bundles/install", progress,
-                              json={"path": str(directory.resolve()), "allow_downgrade": allow_downgrade})
-        info, number = result.pop("bundle", None), result.pop("generation")
-        return SimpleNamespace(**result, number=number, info=SimpleNamespace(**info) if info else None)
+        result = Installed.model_validate(self._stream(
+            "POST", "/appliance/bundles/install", progress,
+            json=BundleRequest(path=str(directory.resolve()), allow_downgrade=allow_downgrade).model_dump()))
+        return SimpleNamespace(version=result.version, number=result.generation, message=result.message,
+                               downgrade=result.downgrade, health=result.health,
+                               info=SimpleNamespace(**result.bundle) if result.bundle else None)
 
     def feedback(self, answer_audit_id: int, kind: str, **fields) -> dict:
         body = {"audit_id": answer_audit_id, "kind": kind, **{k: v for k, v in fields.items() if v is not None}}
@@ -238,36 +270,38 @@ class ServiceClient:
 
     def feedback_items(self, pending_only: bool = False, since: str | None = None, limit: int | None = None) -> list:
         params = {"pending": pending_only, **({"since": since} if since else {}), **({"limit": limit} if limit else {})}
-        return self._check(self.http.get("/appliance/feedback", params=params))["items"]
+        return FeedbackItems.model_validate(self._check(self.http.get("/appliance/feedback", params=params))).items
 
     def feedback_export(self, out: Path, since: str | None = None) -> dict:
         """The service signs; the files are written here, as the caller (a USB stick the service may
         not see), and only then does the service mark the items exported."""
         from appliance.feedback import Export
 
-        data = self._check(self.http.post("/appliance/feedback/export", json={"since": since}))
-        export = Export(data["export_id"], {k: v.encode() for k, v in data["files"].items()}, data["manifest"].encode(),
-                        data["signature"], [], data["counts"])
+        data = FeedbackExport.model_validate(self._check(self.http.post(
+            "/appliance/feedback/export", json=ExportRequest(since=since).model_dump())))
+        export = Export(data.export_id, {k: v.encode() for k, v in data.files.items()}, data.manifest.encode(),
+                        data.signature, [], data.counts)
         export.write(out)
-        return self._check(self.http.post(f"/appliance/feedback/export/{data['export_id']}/written",
-                                          json={"out": str(out.resolve())}))
+        return self._check(self.http.post(f"/appliance/feedback/export/{data.export_id}/written",
+                                          json=WrittenRequest(out=str(out.resolve())).model_dump()))
 
     def rollback(self) -> tuple[int, int]:
-        data = self._check(self.http.post("/appliance/bundles/rollback"))
-        return data["from"], data["to"]
+        data = RolledBack.model_validate(self._check(self.http.post("/appliance/bundles/rollback")))
+        return data.left, data.to
 
     def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
               progress: Callable | None = None) -> RemoteDraft:
         params = {"name": str(rfp.resolve()), **({"collection": collections} if collections else {}),
                   **({"max_tokens": max_tokens} if max_tokens else {})}
-        result = self._stream("POST", "/appliance/draft", progress, content=rfp.read_bytes(), params=params)
-        return RemoteDraft(result["markdown"], result["summary"])
+        result = Drafted.model_validate(self._stream("POST", "/appliance/draft", progress, content=rfp.read_bytes(),
+                                                     params=params))
+        return RemoteDraft(result.markdown, result.summary)
 
-    def search(self, query: str, k: int, collection: str | None) -> list:
-        params = {"q": query, "k": k, **({"collection": collection} if collection else {})}
-        return [_hit(h) for h in self._check(self.http.get("/appliance/search", params=params))["results"]]
+    def search(self, query: str, k: int | None = None, collection: str | None = None) -> list:
+        params = {"q": query, **({"k": k} if k else {}), **({"collection": collection} if collection else {})}
+        return SearchResults.model_validate(self._check(self.http.get("/appliance/search", params=params))).results
 
-    def ask(self, question: str, collection: str | None = None, use_rag: bool = True, max_tokens: int | None = None,
+    def ask(self, question: str, *, collection: str | None = None, use_rag: bool = True, max_tokens: int | None = None,
             temperature: float | None = None, on_text: Callable[[str], None] | None = None,
             conversation: int | None = None) -> RemoteAnswer:
         body = {"messages": [{"role": "user", "content": question}], "stream": True, "rag": use_rag,
@@ -289,10 +323,11 @@ class ServiceClient:
             raise ServiceError("the service closed the answer early", "try again; see the service's log")
         appliance = final.get("appliance", {})
         return RemoteAnswer(answer="".join(pieces).strip(), question=question,
-                            sources=[_hit(s) for s in final.get("sources", [])],
+                            sources=[Source.model_validate(s) for s in final.get("sources", [])],
                             citations=final.get("citations", []),
                             unknown_citations=final.get("unknown_citations", []),
                             unverified_codes=final.get("unverified_codes", []),
                             miscited_codes=final.get("miscited_codes", []),
+                            conflicting_codes=final.get("conflicting_codes", []),
                             timing=appliance.get("timing", {}), audit_id=final.get("audit_id"),
                             model=appliance.get("model", {}))

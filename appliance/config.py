@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.errors import ConfigError
+from appliance.manifest import DEFAULT_N_CTX
 
 
 def default_home() -> Path:
@@ -59,7 +61,7 @@ class Settings(BaseModel):
     embed_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
     embed_batch: int = Field(default=8, ge=1, le=1024,
                              description="Chunks per ONNX call (small batches stay in cache: fastest on CPU)")
-    n_ctx: int = Field(default=4096, ge=256, le=131072,
+    n_ctx: int = Field(default=DEFAULT_N_CTX, ge=256, le=131072,
                        description="Context window given to llama.cpp (at most the model's): room for a "
                                    "follow-up to keep the earlier turn's sources")
     max_tokens: int = Field(default=256, ge=1, le=8192, description="Default cap on generated tokens")
@@ -73,6 +75,28 @@ class Settings(BaseModel):
     chunk_chars: int = Field(default=1200, ge=200, le=20000, description="Target chunk size in characters")
     security_floor: int = Field(default=0, ge=0, description="Never install a bundle version below this, "
                                                              "not even with --allow-downgrade")
+    admin_group: str = Field(default="appliance-admin",
+                             description="Members of this group (name or number) may install and roll back bundles, "
+                                         "export feedback, read everyone's audit rows and remove anyone's "
+                                         "documents over the socket; the service's user and root always may")
+    parse_memory_mb: int = Field(default=1536, ge=256, le=65536,
+                                 description="Address space of the child process that parses PDF, DOCX, XLSX "
+                                             "and CSV files (a file needing more is refused)")
+    parse_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Longest one file may take to parse")
+    engine: Literal["auto", "server", "inprocess"] = Field(
+        default="auto", description="What generates for `appliance serve`: llama.cpp's server on `slots` slots "
+                                    "(continuous batching), or the service's own process; auto: the server when "
+                                    "its binary is there")
+    slots: int = Field(default=4, ge=1, le=64, description="Answers the engine server decodes together (each gets "
+                                                           "n_ctx tokens of KV cache)")
+    engine_binary: str | None = Field(default=None, description="Path of llama-server (default: beside the "
+                                                                "appliance's Python, then PATH)")
+    queue: int = Field(default=4, ge=0, le=256, description="Requests that may wait for the service's worker; "
+                                                           "the next one gets 503 with Retry-After")
+    tcp: str | None = Field(default=None, description="HOST:PORT to listen on besides the socket (off by default; "
+                                                      "needs token_file)")
+    token_file: Path | None = Field(default=None, description="Bearer tokens for TCP: lines 'NAME TOKEN [admin]', "
+                                                              "mode 0600")
     audit_text: bool = Field(default=False, description="Keep questions and answers in full in the audit log "
                                                          "(hashes only by default)")
 

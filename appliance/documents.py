@@ -2,7 +2,15 @@
 
 `read_document(path)` returns the text of a txt, md, pdf, docx, csv or xlsx file (tables also as
 rows), or raises `IngestError` naming what is wrong with the file: empty, binary, no extractable text
-(a scanned PDF), unreadable, too large. `chunk_text` cuts text along headings and paragraphs.
+(a scanned PDF), unreadable, too large. `parse_document(path, data)` does the same for bytes already
+read (the bytes that were hashed are the bytes that are parsed). `chunk_text` cuts text along
+headings and paragraphs.
+
+Every file may be hostile, so nothing here grows without a bound: a zip's members are measured
+before anything is inflated (MAX_UNZIPPED), DOCX and XLSX XML is read as a stream with entities off,
+and paragraphs, table rows, cells, heading depth and extracted text are capped. What no cap can
+foresee (a parser's own runaway) is for `appliance.sandbox`, which runs these functions in a child
+process with memory and time limits.
 """
 
 from __future__ import annotations
@@ -51,15 +59,30 @@ class Document:
     table: Table | None = None
 
 
+MAX_UNZIPPED = 256_000_000  # all members of a DOCX/XLSX, as their headers declare, before any is read
+MAX_XML_PART = 64_000_000  # one XML part (document.xml, a sheet)
+MAX_ZIP_MEMBERS = 10_000
+MAX_PARAGRAPHS = 500_000  # a 2,000-page document has about 40,000
+MAX_TABLE_ROWS = 200_000
+MAX_COLUMNS = 512
+MAX_CELLS = 5_000_000  # rows x columns a sheet's cells span
+MAX_TEXT_CHARS = 64_000_000  # text extracted from one file
+
+
 def _decode(data: bytes, path: Path) -> str:
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with its byte-order mark: NULs are expected
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise IngestError(f"{path}: starts like UTF-16 but does not decode ({exc.reason})",
+                              "save it as UTF-8 text") from exc
     if b"\x00" in data[:65536]:
         raise IngestError(f"{path}: binary content (NUL bytes) in a text file",
                           "convert it to text, or give the file its real extension")
-    for encoding in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            pass
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
     text = data.decode("cp1252", errors="replace")
     # Mostly undecodable bytes is a binary file in disguise, not an odd encoding.
     if text.count("\ufffd") > max(8, len(text) // 100):
@@ -79,12 +102,12 @@ def _title_from(text: str, path: Path) -> str:
 MAX_HEADING_DEPTH = 6  # Markdown's deepest heading
 
 
-def _read_pdf(path: Path) -> str:
+def _read_pdf(path: Path, data: bytes) -> str:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
     try:
-        reader = PdfReader(str(path))
+        reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise IngestError(f"{path}: the PDF is encrypted", "save an unencrypted copy")
         pages = [page.extract_text() or "" for page in reader.pages]
@@ -93,44 +116,134 @@ def _read_pdf(path: Path) -> str:
     except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:  # LimitReachedError: a stream bomb
         raise IngestError(f"{path}: unreadable PDF ({exc})", "re-export it from the source application") from exc
     text = "\n\n".join(p.strip() for p in pages if p.strip())
+    _check_text_size(len(text), path)
     if not text.strip():
         raise IngestError(f"{path}: the PDF has no extractable text (a scanned image?)",
                           "run OCR on it first and ingest the result")
     return text
 
 
-def _read_docx(path: Path) -> tuple[str, Table | None]:
+def _check_text_size(chars: int, path: Path) -> None:
+    if chars > MAX_TEXT_CHARS:
+        raise IngestError(f"{path}: more than {MAX_TEXT_CHARS // 1_000_000} million characters of text",
+                          "split the document; a file that inflates this far may be a decompression bomb")
+
+
+def _open_zip(path: Path, data: bytes, what: str):
+    """The zip, once its members' declared sizes are known to be bounded (a few KB can declare GBs)."""
     import zipfile
 
-    import docx
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        members = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise IngestError(f"{path}: unreadable {what} (not a zip package: {exc})",
+                          "re-save it from the application that made it") from exc
+    total = sum(m.file_size for m in members)
+    if len(members) > MAX_ZIP_MEMBERS or total > MAX_UNZIPPED:
+        raise IngestError(f"{path}: the {what} would inflate to {total / 1e6:.0f} MB in {len(members)} parts "
+                          f"(at most {MAX_UNZIPPED / 1e6:.0f} MB, {MAX_ZIP_MEMBERS} parts)",
+                          "a file this small inflating this far is a decompression bomb; re-save the real one")
+    return zf
 
-    try:  # python-docx parses lazily: a truncated part can fail anywhere below
-        document = docx.Document(str(path))
-        lines: list[str] = []
-        for para in document.paragraphs:
-            text = para.text.strip()
-            if not text:
-                continue
-            style = (para.style.name or "").lower() if para.style is not None else ""
-            if style.startswith("heading"):
-                level = style.removeprefix("heading").strip()
-                depth = min(int(level), MAX_HEADING_DEPTH) if level.isdigit() and len(level) < 4 else 1
-                lines.append("#" * depth + " " + text)  # "Heading 3000000000" is not 3 GB of '#'
-            elif style == "title":
-                lines.append("# " + text)
-            else:
-                lines.append(text)
-        for table in document.tables:
-            for row in table.rows:
-                lines.append(" | ".join(cell.text.strip() for cell in row.cells))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, SyntaxError) as exc:  # SyntaxError: broken XML
+
+def _xml_events(zf, name: str, path: Path, what: str, tag: str | None = None):
+    """Stream (event, element) over one XML part: entities and network off, its inflated size bounded."""
+    from lxml import etree
+
+    try:
+        info = zf.getinfo(name)
+    except KeyError as exc:
+        raise IngestError(f"{path}: the {what} has no {name}", "re-save it from the application that made it") \
+            from exc
+    if info.file_size > MAX_XML_PART:
+        raise IngestError(f"{path}: {name} would inflate to {info.file_size / 1e6:.0f} MB (at most "
+                          f"{MAX_XML_PART / 1e6:.0f} MB)", "split the document")
+    return etree.iterparse(zf.open(info), events=("end",), tag=tag, resolve_entities=False, no_network=True,
+                           huge_tree=False, load_dtd=False)
+
+
+_W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+
+
+def _docx_styles(zf, path: Path) -> dict[str, str]:
+    """Paragraph style id -> lower-case name ("Heading2" -> "heading 2")."""
+    if "word/styles.xml" not in zf.namelist():
+        return {}
+    names = {}
+    for _, style in _xml_events(zf, "word/styles.xml", path, "DOCX", f"{_W}style"):
+        name = style.find(f"{_W}name")
+        if name is not None and len(names) < 10_000:
+            names[style.get(f"{_W}styleId", "")] = (name.get(f"{_W}val") or "").lower()
+        style.clear()
+    return names
+
+
+def _docx_text(element) -> str:
+    parts = []
+    for node in element.iter(f"{_W}t", f"{_W}tab", f"{_W}br", f"{_W}cr"):
+        parts.append(node.text or "" if node.tag == f"{_W}t" else "\t" if node.tag == f"{_W}tab" else "\n")
+    return "".join(parts)
+
+
+def _heading_depth(style: str) -> int | None:
+    if style == "title":
+        return 1
+    if not style.startswith("heading"):
+        return None
+    level = style.removeprefix("heading").strip()
+    return min(int(level), MAX_HEADING_DEPTH) if level.isdigit() and len(level) < 4 else 1
+
+
+def _read_docx(path: Path, data: bytes) -> tuple[str, Table | None]:
+    """Body paragraphs (headings as Markdown) and tables as `a | b` rows, in document order, read as a
+    stream: memory follows the largest table, not the file."""
+    from lxml import etree
+
+    zf = _open_zip(path, data, "DOCX")
+    lines: list[str] = []
+    chars = paragraphs = rows = 0
+    try:
+        styles = _docx_styles(zf, path)
+        for _, element in _xml_events(zf, "word/document.xml", path, "DOCX"):
+            if element.tag == f"{_W}p":
+                paragraphs += 1
+                if paragraphs > MAX_PARAGRAPHS:
+                    raise IngestError(f"{path}: more than {MAX_PARAGRAPHS} paragraphs", "split the document")
+            parent = element.getparent()
+            if parent is None or parent.tag != f"{_W}body":
+                continue  # inside a table or a content control: read with its top-level element
+            if element.tag == f"{_W}p":
+                text = _docx_text(element).strip()
+                if text:
+                    style_el = element.find(f"{_W}pPr/{_W}pStyle")
+                    style = styles.get(style_el.get(f"{_W}val", ""), "") if style_el is not None else ""
+                    depth = _heading_depth(style)  # "Heading 3000000000" is not 3 GB of '#'
+                    lines.append("#" * depth + " " + text if depth else text)
+            elif element.tag == f"{_W}tbl":
+                for tr in element.iter(f"{_W}tr"):
+                    rows += 1
+                    if rows > MAX_TABLE_ROWS:
+                        raise IngestError(f"{path}: more than {MAX_TABLE_ROWS} table rows", "split the document")
+                    cells = [" ".join(_docx_text(p).strip() for p in tc.iter(f"{_W}p")).strip()
+                             for tc in tr.iterchildren(f"{_W}tc")]
+                    lines.append(" | ".join(cells[:MAX_COLUMNS]))
+            chars += len(lines[-1]) if lines else 0
+            _check_text_size(chars, path)
+            element.clear()
+            while element.getprevious() is not None:  # what was read is let go
+                del parent[0]
+    except etree.XMLSyntaxError as exc:
+        raise IngestError(f"{path}: unreadable DOCX (broken XML: {exc})", "re-save it from Word or LibreOffice") \
+            from exc
+    except (OSError, EOFError, ValueError) as exc:  # a damaged deflate stream, a bad CRC
         raise IngestError(f"{path}: unreadable DOCX ({type(exc).__name__}: {exc})",
                           "re-save it from Word or LibreOffice") from exc
     return "\n\n".join(lines), None
 
 
 def _rows_to_table(rows: list[list[str]], path: Path) -> Table:
-    rows = [[(c or "").strip() for c in r] for r in rows if any((c or "").strip() for c in r)]
+    rows = [[(c or "").strip() for c in r[:MAX_COLUMNS]] for r in rows if any((c or "").strip() for c in r)]
     if len(rows) < 2:
         raise IngestError(f"{path}: a table needs a header row and at least one data row",
                           "check the file's contents")
@@ -139,33 +252,86 @@ def _rows_to_table(rows: list[list[str]], path: Path) -> Table:
     return Table(columns=header, rows=records)
 
 
-def _read_csv(path: Path) -> Table:
-    text = _decode(path.read_bytes(), path)
+def _read_csv(path: Path, data: bytes) -> Table:
+    text = _decode(data, path)
     try:
         dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|")
     except csv.Error:
         dialect = csv.excel
     try:
-        rows = list(csv.reader(io.StringIO(text), dialect))
+        rows = []
+        for row in csv.reader(io.StringIO(text), dialect):
+            rows.append(row)
+            if len(rows) > MAX_TABLE_ROWS + 1:
+                raise IngestError(f"{path}: more than {MAX_TABLE_ROWS} rows", "split the table")
     except csv.Error as exc:  # a cell over csv.field_size_limit(), a stray NUL, ...
         raise IngestError(f"{path}: unreadable CSV ({exc})", "check the file; one cell may hold a whole "
                           "document, which belongs in a .txt or .md file") from exc
     return _rows_to_table(rows, path)
 
 
-def _read_xlsx(path: Path) -> Table:
+_CELL_REF_RE = re.compile(r"^([A-Z]{1,3})(\d{1,7})$")
+_S = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+
+
+def _column_number(letters: str) -> int:
+    n = 0
+    for ch in letters:
+        n = n * 26 + ord(ch) - 64
+    return n
+
+
+def _xlsx_extent(zf, path: Path) -> tuple[int, int, int]:
+    """(rows, columns, cells) the first sheet's cells span, counted from its XML before openpyxl reads it:
+    openpyxl fills every gap, so one cell at XFD1048576 would be 17 billion empty cells."""
+    sheets = [n for n in zf.namelist() if n.startswith("xl/worksheets/") and n.endswith(".xml")]
+    if not sheets:
+        raise IngestError(f"{path}: the XLSX has no worksheet", "re-save it from the spreadsheet application")
+    max_row = max_col = cells = 0
+    row = 0
+    for _, element in _xml_events(zf, sorted(sheets)[0], path, "XLSX"):
+        if element.tag == f"{_S}row":
+            row = int(element.get("r") or row + 1) if (element.get("r") or "1").isdigit() else row + 1
+            col = 0
+            for cell in element.iterchildren(f"{_S}c"):
+                cells += 1
+                match = _CELL_REF_RE.match(cell.get("r") or "")
+                col = _column_number(match.group(1)) if match else col + 1
+                max_col = max(max_col, col)
+            max_row = max(max_row, row)
+            if max_row > MAX_TABLE_ROWS or max_col > MAX_COLUMNS or cells > MAX_CELLS:
+                break
+            element.clear()
+            while element.getprevious() is not None:
+                del element.getparent()[0]
+    return max_row, max_col, cells
+
+
+def _read_xlsx(path: Path, data: bytes) -> Table:
     import zipfile
 
     import openpyxl
+    from lxml import etree
 
+    zf = _open_zip(path, data, "XLSX")
+    try:
+        rows_n, cols_n, cells = _xlsx_extent(zf, path)
+    except etree.XMLSyntaxError as exc:
+        raise IngestError(f"{path}: unreadable XLSX (broken XML: {exc})",
+                          "re-save it from the spreadsheet application") from exc
+    if rows_n > MAX_TABLE_ROWS or cols_n > MAX_COLUMNS or rows_n * cols_n > MAX_CELLS:
+        raise IngestError(f"{path}: the first sheet spans {rows_n} rows x {cols_n} columns (at most "
+                          f"{MAX_TABLE_ROWS} rows, {MAX_COLUMNS} columns, {MAX_CELLS} cells)",
+                          "delete stray cells far from the table (Ctrl+End shows the last one), or split it")
     try:  # read-only workbooks parse as they are read: a truncated sheet fails in the loop
-        book = openpyxl.load_workbook(str(path), read_only=True, data_only=True)
+        book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
         try:
             sheet = book.worksheets[0]
-            rows = [["" if v is None else str(v) for v in row] for row in sheet.iter_rows(values_only=True)]
+            rows = [["" if v is None else str(v) for v in row]
+                    for row in sheet.iter_rows(max_row=max(rows_n, 1), max_col=max(cols_n, 1), values_only=True)]
         finally:
             book.close()
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, SyntaxError) as exc:  # SyntaxError: broken XML
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, SyntaxError, EOFError) as exc:  # SyntaxError: XML
         raise IngestError(f"{path}: unreadable XLSX ({type(exc).__name__}: {exc})",
                           "re-save it from the spreadsheet application") from exc
     return _rows_to_table(rows, path)
@@ -194,23 +360,35 @@ def table_row_text(columns: list[str], row: dict[str, str]) -> str:
 
 def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
     """Files to ingest (directories recursively, supported types only) and what cannot be: paths that do
-    not exist, and links inside a folder that lead out of it (a folder hands over what is in it; a link
-    to /etc/shadow or another user's file is reported, never followed - name its target to ingest it)."""
+    not exist, folders that cannot be read, and links inside a folder that lead out of it (a folder
+    hands over what is in it; a link to /etc/shadow or another user's file is reported, never followed -
+    name its target to ingest it)."""
+    import os
+
     files: list[Path] = []
     refused: list[dict] = []
+
+    def unreadable(exc: OSError) -> None:
+        where = exc.filename or "?"
+        refused.append({"source": str(where), "error": f"{where}: folder not read ({exc.strerror}); "
+                        "its files were skipped"})
+
     for path in paths:
         if path.is_dir():
             root = path.resolve()
-            for p in sorted(path.rglob("*")):
-                if any(part.startswith(".") for part in p.relative_to(path).parts):
-                    continue
-                if p.is_symlink() and not p.resolve().is_relative_to(root):
-                    if p.is_dir() or p.suffix.lower() in SUPPORTED_SUFFIXES:
-                        refused.append({"source": str(p), "error": f"{p}: a link to {p.resolve()}, outside "
-                                        f"{path}; not followed (name the target itself to ingest it)"})
-                    continue
-                if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES:
-                    files.append(p)
+            for here, dirs, names in os.walk(path, onerror=unreadable):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names) + [d for d in dirs if Path(here, d).is_symlink()]:
+                    p = Path(here) / name
+                    if name.startswith("."):
+                        continue
+                    if p.is_symlink() and not p.resolve().is_relative_to(root):
+                        if p.is_dir() or p.suffix.lower() in SUPPORTED_SUFFIXES:
+                            refused.append({"source": str(p), "error": f"{p}: a link to {p.resolve()}, outside "
+                                            f"{path}; not followed (name the target itself to ingest it)"})
+                        continue
+                    if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES:
+                        files.append(p)
         elif path.is_file():
             files.append(path)
         else:
@@ -218,33 +396,55 @@ def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
     return list(dict.fromkeys(files)), refused
 
 
-def read_document(path: Path, max_bytes: int) -> Document:
+def read_bytes(path: Path, max_bytes: int) -> bytes:
+    """A file's bytes, refused when empty or over `max_bytes` (read once: what is hashed is what is parsed)."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise IngestError(f"{path}: unsupported file type '{suffix or '(none)'}'",
                           f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise IngestError(f"{path}: cannot read ({exc.strerror})", "check the path and permissions") from exc
-    if size == 0:
-        raise IngestError(f"{path}: empty file", "nothing to ingest; remove it or fill it")
-    if size > max_bytes:
-        raise IngestError(f"{path}: {size / 1e6:.1f} MB is over the {max_bytes / 1e6:.0f} MB limit",
-                          "split the file, or raise APPLIANCE_MAX_FILE_MB")
-    table = None
-    try:
-        if suffix in TEXT_SUFFIXES:
-            text = _decode(path.read_bytes(), path)
-        elif suffix == ".pdf":
-            text = _read_pdf(path)
-        elif suffix == ".docx":
-            text, table = _read_docx(path)
-        else:
-            table = _read_csv(path) if suffix == ".csv" else _read_xlsx(path)
-            text = "\n\n".join(table_row_text(table.columns, r) for r in table.rows)
+        with open(path, "rb") as fh:  # read(n) allocates n first: ask for what the file holds, not the cap
+            import os
+
+            data = fh.read(min(os.fstat(fh.fileno()).st_size, max_bytes) + 1)
     except PermissionError as exc:
         raise IngestError(f"{path}: permission denied", "make the file readable by this user") from exc
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot read ({exc.strerror})", "check the path and permissions") from exc
+    if not data:
+        raise IngestError(f"{path}: empty file", "nothing to ingest; remove it or fill it")
+    if len(data) > max_bytes:
+        raise IngestError(f"{path}: over the {max_bytes / 1e6:.0f} MB limit",
+                          "split the file, or raise APPLIANCE_MAX_FILE_MB")
+    return data
+
+
+def read_document(path: Path, max_bytes: int, sandbox=None) -> Document:
+    """`sandbox` (an appliance.sandbox.Sandbox): parse there; None parses here (trusted files only:
+    the builder's own corpus)."""
+    data = read_bytes(path, max_bytes)
+    return sandbox.parse(path, data) if sandbox is not None else parse_document(path, data)
+
+
+def parse_document(path: Path, data: bytes) -> Document:
+    """The document in `data`; `path` gives its type and is named in errors."""
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise IngestError(f"{path}: unsupported file type '{suffix or '(none)'}'",
+                          f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+    if not data:
+        raise IngestError(f"{path}: empty file", "nothing to ingest; remove it or fill it")
+    table = None
+    if suffix in TEXT_SUFFIXES:
+        text = _decode(data, path)
+    elif suffix == ".pdf":
+        text = _read_pdf(path, data)
+    elif suffix == ".docx":
+        text, table = _read_docx(path, data)
+    else:
+        table = _read_csv(path, data) if suffix == ".csv" else _read_xlsx(path, data)
+        text = "\n\n".join(table_row_text(table.columns, r) for r in table.rows)
+    _check_text_size(len(text), path)
     text = clean_text(text)
     if not text.strip():
         raise IngestError(f"{path}: no text in the file", "nothing to ingest")

@@ -27,7 +27,7 @@ from appliance import rag
 from appliance.documents import CODE_RE, clean_text, read_document
 from appliance.errors import IngestError
 from appliance.prompt import CITATION_RE
-from appliance.protocols import Embedder, Generator
+from appliance.protocols import Embedder, Generator, Sampling
 from appliance.store import Store
 
 _REQ_RE = re.compile(r"\b(shall|must|will (?:provide|deliver|submit|ensure|perform|maintain|support)|is required to)\b",
@@ -75,9 +75,10 @@ class Draft:
                 "sources": self.sources, "staffing": [vars(r) for r in self.staffing], "timing": self.timing}
 
 
-def parse_rfp(path: Path, max_bytes: int) -> tuple[str, list[Requirement], str]:
-    """(title, requirements, full text); IngestError for an empty, unreadable or image-only file."""
-    doc = read_document(path, max_bytes)
+def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[str, list[Requirement], str]:
+    """(title, requirements, full text); IngestError for an empty, unreadable or image-only file.
+    `sandbox` (appliance.sandbox.Sandbox): where an uploaded file is parsed."""
+    doc = read_document(path, max_bytes, sandbox)
     requirements: list[Requirement] = []
     section = ""
     for block in _units(doc.text):
@@ -189,10 +190,11 @@ def flag_unknown_codes(text: str, known: set[str]) -> tuple[str, list[str]]:
 
 
 def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, model_info: dict,
-          collections: list[str] | None, max_bytes: int, n_ctx: int, max_tokens: int, temperature: float,
-          progress: Callable[[str, int, int], None] | None = None, source: str | None = None) -> Draft:
+          collections: list[str] | None, max_bytes: int, n_ctx: int, max_tokens: int, sampling: Sampling,
+          progress: Callable[[str, int, int], None] | None = None, source: str | None = None,
+          sandbox=None) -> Draft:
     start = time.perf_counter()
-    title, requirements, text = parse_rfp(rfp, max_bytes)
+    title, requirements, text = parse_rfp(rfp, max_bytes, sandbox)
     rows = store.ref_rows()
     by_chunk = {r["chunk_id"]: r for r in rows}
 
@@ -224,7 +226,7 @@ def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, 
                 for h in rag.search(store, embedder, req.text, k=4, collection=coll) if h.source != rfp_source]
         hits = sorted(hits, key=lambda h: -h.score)[:4]
         result = rag.answer(generator, f"Write our proposal's response to requirement {req.id}: {req.text}",
-                            hits, model_info, n_ctx=n_ctx, max_tokens=max_tokens, temperature=temperature)
+                            hits, model_info, n_ctx=n_ctx, max_tokens=max_tokens, sampling=sampling)
 
         def renumber(match, used=result.sources):
             n = int(match.group(1))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 from appliance import identity
 from appliance.audit import sha256_text
 from appliance.errors import FeedbackError
+from appliance.manifest import utc_stamp
 from appliance.prompt import build_messages, format_source, source_title
 
 FORMAT = "appliance-feedback/1"
@@ -91,15 +91,13 @@ def _item(values) -> Item:
     return Item(**row)
 
 
-def answer_texts(conn, audit_id: int, detail: dict, question: str | None, answer: str | None) -> tuple[str, str]:
-    """The question and answer of an `ask` audit row, proven against its sha256s."""
+def answer_texts(store, audit_id: int, detail: dict, question: str | None, answer: str | None) -> tuple[str, str]:
+    """The question and answer of an `ask` audit row (`store`: appliance.store.Store, which keeps the
+    conversations), proven against its sha256s."""
     if question is None or answer is None:
-        stored = conn.execute("SELECT conversation_id, id, content FROM messages WHERE audit_id = ? AND "
-                              "role = 'assistant'", (audit_id,)).fetchone()
-        if stored:
-            asked = conn.execute("SELECT content FROM messages WHERE conversation_id = ? AND id < ? AND role = 'user' "
-                                 "ORDER BY id DESC LIMIT 1", (stored[0], stored[1])).fetchone()
-            question, answer = (asked[0] if asked else None), stored[2]
+        turn = store.answered_turn(audit_id)
+        if turn:
+            question, answer = turn
         elif "question" in detail and "answer" in detail:  # kept in full (audit_text)
             question, answer = detail["question"], detail["answer"]
         else:
@@ -144,7 +142,7 @@ def add(conn, *, user: str, answer_audit_id: int, kind: str, question: str, answ
         conn.execute(
             "INSERT INTO feedback(time, user, answer_audit_id, kind, question, answer, sources, correction, source_n, "
             "chunk, note, model_sha256, generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), user, answer_audit_id, kind, question, answer,
+            (utc_stamp(), user, answer_audit_id, kind, question, answer,
              json.dumps(sources), correction, source_n, json.dumps(chunk) if chunk else None, note, model_sha256,
              generation))
         return conn.last_insert_rowid()
@@ -236,7 +234,7 @@ def build(chosen: list[Item], ident: identity.Identity, since: str | None = None
     files = {name: _jsonl(rows) for name, rows in records.items()}
     export_id = str(uuid.uuid4())
     manifest = {
-        "format": FORMAT, "export_id": export_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "format": FORMAT, "export_id": export_id, "created": utc_stamp(),
         "since": since, "appliance": {"key_id": ident.key_id, "public_key": ident.public_pem},
         "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                          "records": len(records[name])} for name, data in files.items()},

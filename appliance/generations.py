@@ -110,8 +110,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def install_unsigned(source: Path, home: Path) -> Installed:
-    """Copy a verified generation directory into the home and make it current."""
+def install_unsigned(source: Path, home: Path, check=None) -> Installed:
+    """Copy a verified generation directory into the home and make it current; `check(staged, manifest)`
+    runs on the copy before it becomes current (the health check) and refuses it by raising."""
     source = source.resolve()
     if not source.is_dir():
         raise NotFoundError(f"{source}: not a directory", "give the path of a generation directory")
@@ -127,6 +128,8 @@ def install_unsigned(source: Path, home: Path) -> Installed:
         shutil.copytree(source, staging, symlinks=False)
         verify_generation(staging)  # what was copied, not what we were shown
         modelfile.validate(staging / manifest.model.file)  # before llama.cpp ever parses it
+        if check:
+            check(staging, manifest)
         make_read_only(staging)
         os.rename(staging, generations / str(number))
         fsync_dir(generations)

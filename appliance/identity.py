@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -49,11 +49,13 @@ class Identity:
     key_id: str
     public_pem: str
     path: Path
+    _private: Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
 
     def sign(self, data: bytes) -> str:
-        """A base64 ed25519 signature of `data`."""
-        private = serialization.load_pem_private_key((self.path / PRIVATE).read_bytes(), password=None)
-        return base64.b64encode(private.sign(data)).decode()
+        """A base64 ed25519 signature of `data` (the key is read on first use: every audit row is signed)."""
+        if self._private is None:
+            self._private = serialization.load_pem_private_key((self.path / PRIVATE).read_bytes(), password=None)
+        return base64.b64encode(self._private.sign(data)).decode()
 
 
 def verify(public: Ed25519PublicKey, data: bytes, signature_b64: str) -> bool:
@@ -74,11 +76,22 @@ def load(home: Path) -> Identity | None:
 
 def ensure(home: Path) -> tuple[Identity, bool]:
     """(the identity, whether it was created now)."""
+    import fcntl
+
     existing = load(home)
     if existing is not None:
         return existing, False
     directory = home / "identity"
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:  # two processes needing a key at once make one
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = load(home)
+        if existing is not None:
+            return existing, False
+        return _create(home, directory), True
+
+
+def _create(home: Path, directory: Path) -> Identity:
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -92,4 +105,4 @@ def ensure(home: Path) -> tuple[Identity, bool]:
     os.replace(tmp, directory / PRIVATE)  # last: a half-made identity is never loaded
     identity = load(home)
     assert identity is not None
-    return identity, True
+    return identity

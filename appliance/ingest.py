@@ -1,22 +1,26 @@
 """Ingest: files and directories into a collection.
 
-Each file is read, chunked, embedded and stored in one transaction. An unchanged file (same sha256 in
-the same collection) is skipped; an edited file replaces its previous version; a file that cannot be
-read is reported with the reason and the rest of the batch goes on.
+Each file is read once (the bytes hashed are the bytes parsed), parsed in the sandbox, chunked,
+embedded and stored with its audit row in one transaction: a batch stopped anywhere leaves no document
+without its row. An unchanged file (same sha256 under the same name and owner) is skipped; an edited
+file replaces the owner's previous version (never another user's); a file whose new content equals
+another document's drops its own old version and is reported as a duplicate (content is stored once
+per collection); a file that cannot be read is reported with the reason and the rest goes on.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from appliance.documents import CODE_RE, Document, chunk_document, expand_paths, key_columns, read_document
+from appliance.documents import CODE_RE, Document, chunk_document, expand_paths, key_columns, read_bytes
 from appliance.errors import IngestError
-from appliance.manifest import sha256_file
 from appliance.protocols import Embedder
+from appliance.sandbox import Sandbox
 from appliance.store import NewChunk, Store, embedding_text
 
 
@@ -25,9 +29,16 @@ class IngestReport:
     added: list[dict] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)  # {"source", "same_as", "removed"}
 
     def to_json(self) -> dict:
-        return {"added": self.added, "unchanged": self.unchanged, "failed": self.failed}
+        return {"added": self.added, "unchanged": self.unchanged, "failed": self.failed,
+                "duplicates": self.duplicates}
+
+    def extend(self, other: dict) -> None:
+        """Add a report's JSON (one upload's) to this one."""
+        for name in ("added", "unchanged", "failed", "duplicates"):
+            getattr(self, name).extend(other.get(name, []))
 
 
 def _table_row(columns: list[str], row: dict[str, str]) -> dict:
@@ -63,33 +74,69 @@ def _embed_with_progress(embedder: Embedder, chunks: list[NewChunk], report: Cal
 
 def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: str, *, max_bytes: int,
            chunk_chars: int, progress: Callable[[str, int, int], None] | None = None,
-           source_name: Callable[[Path], str] | None = None) -> IngestReport:
+           source_name: Callable[[Path], str] | None = None, owner: str | None = None, legacy: bool = False,
+           record: Callable[[str, dict], object] | None = None, sandbox: Sandbox | None = None,
+           committed: Callable[[], object] | None = None) -> IngestReport:
     """`source_name`: what a file is recorded as (an upload: the path on the caller's side); default its
-    absolute path."""
+    absolute path. `owner`: whose documents these are (`legacy`: also owner of documents from before
+    owners were kept). `record(action, detail)` writes the audit row inside each document's
+    transaction; `committed()` runs after each file (the audit head's checkpoint). `sandbox`: where files are parsed (one is started for the batch when None)."""
     store.ensure_embedder(embedder.name, embedder.dim, embedder.embed)
     files, missing = expand_paths(paths)
     report = IngestReport(failed=missing)
-    for i, path in enumerate(files):
-        source = source_name(path) if source_name else str(path.resolve())
-        if progress:
-            progress(source, i, len(files))
-        try:
-            digest = sha256_file(path)
-            if store.find_document(collection, digest) is not None:
-                report.unchanged.append(source)
-                continue
-            doc = read_document(path, max_bytes)
-            chunks = _chunks(doc, chunk_chars)
-            vectors = _embed_with_progress(embedder, chunks, lambda done, src=source, n=len(chunks), i=i: (
-                progress and progress(f"{src} ({done}/{n} chunks)", i, len(files))))
-            doc_id, replaced = store.add_document(collection, source, doc.title, doc.kind, digest,
-                                                  path.stat().st_size, chunks, vectors)
-            report.added.append({"doc_id": doc_id, "source": source, "title": doc.title, "kind": doc.kind,
-                                 "chunks": len(chunks), "sha256": digest, "replaced": replaced})
-        except IngestError as exc:  # named as the caller knows the file
-            report.failed.append({"source": source, "error": str(exc).replace(str(path), source)})
-        except OSError as exc:
-            report.failed.append({"source": source, "error": f"{source}: cannot read ({exc.strerror})"})
+    own_sandbox = sandbox is None
+    sandbox = sandbox or Sandbox()
+    try:
+        for i, path in enumerate(files):
+            source = source_name(path) if source_name else str(path.resolve())
+            if progress:
+                progress(source, i, len(files))
+            try:
+                _one(store, embedder, path, source, collection, report, max_bytes=max_bytes, chunk_chars=chunk_chars,
+                     owner=owner, legacy=legacy, record=record, sandbox=sandbox,
+                     progress=lambda done, n, src=source, i=i: progress and progress(f"{src} (chunk {done} of {n})",
+                                                                                      i, len(files)))
+            except IngestError as exc:  # named as the caller knows the file
+                report.failed.append({"source": source, "error": str(exc).replace(str(path), source)})
+            else:
+                if committed:
+                    committed()
+    finally:
+        if own_sandbox:
+            sandbox.close()
     if progress:
         progress("", len(files), len(files))
     return report
+
+
+def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: str, report: IngestReport, *,
+         max_bytes: int, chunk_chars: int, owner: str | None, legacy: bool, record, sandbox: Sandbox,
+         progress: Callable[[int, int], object]) -> None:
+    data = read_bytes(path, max_bytes)
+    digest = hashlib.sha256(data).hexdigest()
+    same = store.find_document(collection, digest)
+    if same is not None:
+        if same.source == source and (same.owner == owner or (legacy and same.owner is None)):
+            report.unchanged.append(source)
+            return
+        # The same text is already here under another name: this name's old text must not stay.
+        old = store.earlier_versions(collection, source, owner, legacy, digest)
+        if old:
+            store.remove_versions(old, record and (lambda: record("remove", {
+                "collection": collection, "source": source, "doc_ids": old, "reason": "duplicate",
+                "same_as": same.id, "sha256": digest})))
+        report.duplicates.append({"source": source, "same_as": same.source, "doc_id": same.id, "removed": old})
+        return
+    doc = sandbox.parse(path, data)
+    chunks = _chunks(doc, chunk_chars)
+    vectors = _embed_with_progress(embedder, chunks, lambda done: progress(done, len(chunks)))
+    item = {"source": source, "title": doc.title, "kind": doc.kind, "chunks": len(chunks), "sha256": digest}
+
+    def audited(doc_id: int, replaced: list[int]) -> None:
+        item.update(doc_id=doc_id, replaced=replaced)
+        if record:
+            record("ingest", {"collection": collection, "source": source, "sha256": digest, "doc_id": doc_id,
+                              "chunks": len(chunks), "replaced": replaced})
+    store.add_document(collection, source, doc.title, doc.kind, digest, len(data), chunks, vectors, owner=owner,
+                       legacy=legacy, record=audited)
+    report.added.append({"doc_id": item.pop("doc_id"), **item})

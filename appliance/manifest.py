@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -20,15 +21,18 @@ BUNDLE_NAME = "bundle.json"
 REFERENCE_DB = "reference.db"
 BUNDLE_FORMAT = 1
 FORMAT_VERSION = 1
-_HASH_BLOCK = 1 << 20
+DEFAULT_N_CTX = 4096  # the context the appliance gives a model by default; the builder sizes min_ram_mb with it
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def utc_stamp(when: float | None = None) -> str:
+    """A UTC time (now, or `when` in seconds since the epoch) as every record here writes it:
+    2026-12-02T09:56:49Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 class FileEntry(BaseModel):

@@ -24,10 +24,15 @@ def source_title(title: str, heading: str | None) -> str:
     return f"{title} - {heading}" if heading and heading != title else title
 
 
+_TAG_RE = re.compile(r"<(\s*/?\s*source)", re.IGNORECASE)
+
+
 def format_source(n: int, title: str, text: str) -> str:
-    # A document cannot close the delimiter early and speak as the user.
-    text = text.replace("</source>", "</ source>")
-    return f'<source n="{n}" title="{title.replace(chr(34), chr(39))}">\n{text}\n</source>'
+    # A document cannot close the delimiter early (`</source>`, `</SOURCE>`, `</source >`) or open a
+    # source of its own and speak as the user; nor can its title leave the attribute.
+    text = _TAG_RE.sub(r"&lt;\1", text)
+    title = title.replace('"', "'").replace("<", "&lt;").replace(">", "&gt;")
+    return f'<source n="{n}" title="{title}">\n{text}\n</source>'
 
 
 def user_message(question: str, sources: list[str], more: bool = False) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from appliance.documents import CODE_RE
 from appliance.prompt import build_messages, cited_numbers, format_source, source_title
-from appliance.protocols import Embedder, Generator
+from appliance.protocols import Embedder, Generator, Sampling
 from appliance.store import ChunkRow, Store
 
 RRF_K = 60
@@ -40,6 +40,46 @@ class Hit(ChunkRow):
         return {"chunk_id": self.chunk_id, "doc_id": self.doc_id, "source": self.source, "title": self.title,
                 "collection": self.collection, "position": self.position, "score": round(self.score, 6),
                 "exact": self.exact, "text": self.text}
+
+
+_CODE_QUESTION_RE = re.compile(r"\b(codes?|soc|o\*net|lcat)\b", re.IGNORECASE)
+
+
+def mentioned_titles(text: str, titles: dict[str, list[dict]]) -> list[tuple[int, int, str]]:
+    """(start, end, title) of reference-table titles named in `text`, whole words, a longer title
+    winning over one inside it ("Cloud Architect" over "Architect"), in order of position."""
+    lowered = text.lower()
+    found: list[tuple[int, int, str]] = []
+    for title in sorted((t for t in titles if t in lowered), key=len, reverse=True):  # a substring test first:
+        # a table of thousands of titles costs one scan each, not a regex each
+        for m in re.finditer(r"(?<!\w)" + re.escape(title) + r"(?!\w)", lowered):
+            if not any(a < m.end() and m.start() < b for a, b, _ in found):
+                found.append((m.start(), m.end(), title))
+    return sorted(found)
+
+
+def conflicting_codes(answer: str, question: str, titles: dict[str, list[dict]]) -> list[dict]:
+    """Codes in an answer that the reference table contradicts: the title written nearest the code (or
+    the one title the question names) is in the table under another code."""
+    if not titles:
+        return []
+    named = mentioned_titles(answer, titles)
+    asked = mentioned_titles(question, titles)
+    conflicts: dict[str, dict] = {}
+    for m in CODE_RE.finditer(answer):
+        code = m.group(0)
+        if named:
+            title = min(named, key=lambda t: abs((t[0] + t[1]) / 2 - m.start()))[2]
+        elif len({t for _, _, t in asked}) == 1:
+            title = asked[0][2]
+        else:
+            continue
+        rows = titles[title]
+        table = [r["code"] for r in rows if r["code"]]
+        if table and code not in table and code not in conflicts:
+            conflicts[code] = {"code": code, "title": rows[0]["title"], "table_code": table[0],
+                               "table_source": rows[0]["source"]}
+    return list(conflicts.values())
 
 
 def query_codes(query: str) -> list[str]:
@@ -95,6 +135,11 @@ def search(store: Store, embedder: Embedder, query: str, k: int = 5, collection:
     for code in query_codes(query):
         exact += store.ref_chunks_for_code(code, coll_id)
         exact += [cid for cid, _ in store.keyword_search(f'"{code}"', fetch, coll_id)]
+    # A question for a title's code: the reference table's row answers it, above any prose that claims one.
+    if not exact and _CODE_QUESTION_RE.search(query):
+        titles = store.ref_titles()
+        for _, _, title in mentioned_titles(query, titles):
+            exact += [r["chunk_id"] for r in titles[title] if coll_id is None or r["collection_id"] == coll_id]
     exact = list(dict.fromkeys(exact))
     exact_set = set(exact)
     ordered = exact + sorted((c for c in scores if c not in exact_set), key=lambda c: -scores[c])
@@ -112,6 +157,7 @@ class Answer:
     unverified_codes: list[str]
     miscited_codes: list[dict]
     model: dict
+    conflicting_codes: list[dict] = field(default_factory=list)  # codes the reference table contradicts
     timing: dict = field(default_factory=dict)
     audit_id: int | None = None
     stopped: bool = False  # the caller stopped generation early (a client went away)
@@ -123,7 +169,7 @@ class Answer:
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.answer, "citations": self.citations,
                 "unknown_citations": self.unknown_citations, "unverified_codes": self.unverified_codes,
-                "miscited_codes": self.miscited_codes,
+                "miscited_codes": self.miscited_codes, "conflicting_codes": self.conflicting_codes,
                 "sources": [{"n": i + 1, **h.to_json()} for i, h in enumerate(self.sources)],
                 "model": self.model, "timing": self.timing, "audit_id": self.audit_id}
 
@@ -147,14 +193,30 @@ def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: in
     return sources
 
 
-def answer(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
-           max_tokens: int, temperature: float, rag: bool = True, retrieval_ms: float = 0.0,
-           on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
-           should_stop: Callable[[], bool] | None = None, earlier: list[Hit] | None = None,
-           new_sources: int | None = None) -> Answer:
-    """`earlier`: the sources numbered in the history's questions (see TurnMemory); they keep their
-    numbers, only hits not among them are added to the prompt (at most `new_sources`), numbered after
-    them, and [n] maps over all."""
+GREEDY = Sampling(temperature=0.0)  # the same answer every time: evaluation, health checks, tests
+
+
+@dataclass
+class Prepared:
+    """A question made ready for the model: the messages, what they show, and how to judge the reply."""
+
+    question: str
+    messages: list[dict]
+    hits: list[Hit]  # every source numbered, earlier turns' first
+    texts: list[str]  # what the model was shown of each
+    earlier: int
+    model_info: dict
+    max_tokens: int
+    sampling: Sampling
+    retrieval_ms: float
+    titles: dict[str, list[dict]] | None = None
+
+
+def prepare(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
+            max_tokens: int, sampling: Sampling, rag: bool = True, retrieval_ms: float = 0.0,
+            history: list[dict] | None = None, earlier: list[Hit] | None = None, new_sources: int | None = None,
+            titles: dict[str, list[dict]] | None = None) -> Prepared:
+    """The prompt: as many sources as fit the context (see `answer` for the arguments)."""
     earlier = earlier or []
     budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], rag)[0]["content"]) - 32
     budget -= sum(generator.count_tokens(m["content"]) + 8 for m in history or [])
@@ -164,24 +226,14 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
     hits = earlier + hits[: len(sources)]
     messages = build_messages(question, sources, rag, history, more=bool(earlier))
     texts = [h.text for h in earlier] + sources  # what the model was shown, earlier turns included
-    start = time.perf_counter()
-    first = None
-    pieces: list[str] = []
-    stopped = False
-    stream = generator.stream(messages, max_tokens=max_tokens, temperature=temperature)
-    for piece in stream:
-        if first is None:
-            first = time.perf_counter()
-        pieces.append(piece)
-        if on_text and piece:
-            on_text(piece)
-        if should_stop and should_stop():
-            stopped = True
-            if hasattr(stream, "close"):
-                stream.close()  # llama.cpp stops decoding here
-            break
-    end = time.perf_counter()
+    return Prepared(question, messages, hits, texts, len(earlier), model_info, max_tokens, sampling,
+                    retrieval_ms, titles)
+
+
+def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = False) -> Answer:
+    """The answer from the model's pieces: citations mapped to documents, codes checked."""
     text = "".join(pieces).strip()
+    hits, texts = prep.hits, prep.texts
     citations, unknown = [], []
     for n in cited_numbers(text):
         if 1 <= n <= len(hits):
@@ -197,18 +249,58 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
     cited = {c["n"] for c in citations}
     miscited = [{"code": c, "cited": sorted(cited), "found_in": [i for i, b in enumerate(texts, 1) if c in b]}
                 for c in codes if c not in unverified and cited and not any(c in texts[n - 1] for n in cited)]
-    n_tokens = len(pieces)
-    decode_s = end - (first or end)
-    timing = {"retrieval_ms": round(retrieval_ms, 2),
-              "prompt_tokens": getattr(generator, "prompt_tokens", 0),
-              "max_tokens": max_tokens,
-              "ttft_ms": round(((first or end) - start) * 1000, 2),
-              "tokens": n_tokens,
-              "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
-    return Answer(question=question, answer=text, sources=hits, citations=citations,
+    return Answer(question=prep.question, answer=text, sources=hits, citations=citations,
                   unknown_citations=unknown, unverified_codes=unverified, miscited_codes=miscited,
-                  model=model_info, timing=timing, stopped=stopped, raw="".join(pieces),
-                  prompt=messages[-1]["content"], earlier=len(earlier))
+                  conflicting_codes=conflicting_codes(text, prep.question, prep.titles or {}),
+                  model=prep.model_info, timing=timing, stopped=stopped, raw="".join(pieces),
+                  prompt=prep.messages[-1]["content"], earlier=prep.earlier)
+
+
+def timing_of(prep: Prepared, start: float, first: float | None, end: float, n_tokens: int,
+              prompt_tokens: int) -> dict:
+    decode_s = end - (first or end)
+    return {"retrieval_ms": round(prep.retrieval_ms, 2), "prompt_tokens": prompt_tokens,
+            "max_tokens": prep.max_tokens, "ttft_ms": round(((first or end) - start) * 1000, 2), "tokens": n_tokens,
+            "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
+
+
+def answer(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
+           max_tokens: int, sampling: Sampling, rag: bool = True, retrieval_ms: float = 0.0,
+           on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
+           should_stop: Callable[[], bool] | None = None, earlier: list[Hit] | None = None,
+           new_sources: int | None = None, titles: dict[str, list[dict]] | None = None) -> Answer:
+    """`earlier`: the sources numbered in the history's questions (see TurnMemory); they keep their
+    numbers, only hits not among them are added to the prompt (at most `new_sources`), numbered after
+    them, and [n] maps over all. `titles`: the reference table's rows by title (Store.ref_titles), to
+    flag codes it contradicts. In one call: `prepare`, the model's stream, `complete` (the service runs
+    the three apart, so the stream does not hold the database's worker)."""
+    prep = prepare(generator, question, hits, model_info, n_ctx=n_ctx, max_tokens=max_tokens,
+                   sampling=sampling, rag=rag, retrieval_ms=retrieval_ms, history=history, earlier=earlier,
+                   new_sources=new_sources, titles=titles)
+    return complete(prep, *generate(generator, prep, on_text, should_stop))
+
+
+def generate(generator: Generator, prep: Prepared, on_text: Callable[[str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> tuple[list[str], dict, bool]:
+    """The model's reply to a prepared prompt, in this thread: (pieces, timing, stopped early)."""
+    start = time.perf_counter()
+    first = None
+    pieces: list[str] = []
+    stopped = False
+    stream = generator.stream(prep.messages, max_tokens=prep.max_tokens, sampling=prep.sampling)
+    for piece in stream:
+        if first is None:
+            first = time.perf_counter()
+        pieces.append(piece)
+        if on_text and piece:
+            on_text(piece)
+        if should_stop and should_stop():
+            stopped = True
+            if hasattr(stream, "close"):
+                stream.close()  # llama.cpp stops decoding here
+            break
+    timing = timing_of(prep, start, first, time.perf_counter(), len(pieces), getattr(generator, "prompt_tokens", 0))
+    return pieces, timing, stopped
 
 
 @dataclass

@@ -17,111 +17,13 @@ from pathlib import Path
 import apsw
 import numpy as np
 
+from appliance import migrations
 from appliance.errors import NotFoundError, StoreError
-
-MIGRATIONS: list[tuple[str, str]] = [
-    ("001_initial", """
-        CREATE TABLE collections (
-            id INTEGER PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            created TEXT NOT NULL
-        );
-        CREATE TABLE documents (
-            id INTEGER PRIMARY KEY,
-            collection_id INTEGER NOT NULL REFERENCES collections(id),
-            source TEXT NOT NULL,
-            title TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            ingested TEXT NOT NULL,
-            UNIQUE (collection_id, sha256)
-        );
-        CREATE INDEX documents_source ON documents(collection_id, source);
-        CREATE TABLE chunks (
-            id INTEGER PRIMARY KEY,
-            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-            position INTEGER NOT NULL,
-            heading TEXT NOT NULL,
-            text TEXT NOT NULL
-        );
-        CREATE INDEX chunks_document ON chunks(document_id, position);
-        CREATE VIRTUAL TABLE chunk_fts USING fts5(
-            heading, text, content='', contentless_delete=1, tokenize='unicode61 remove_diacritics 2'
-        );
-        CREATE TABLE ref_rows (
-            id INTEGER PRIMARY KEY,
-            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-            chunk_id INTEGER NOT NULL REFERENCES chunks(id) ON DELETE CASCADE,
-            row_index INTEGER NOT NULL,
-            code TEXT,
-            title TEXT,
-            data TEXT NOT NULL
-        );
-        CREATE INDEX ref_rows_code ON ref_rows(code);
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """),
-    ("002_fts_vocabulary", """
-        CREATE VIRTUAL TABLE chunk_fts_terms USING fts5vocab(chunk_fts, 'row');
-    """),
-    ("003_audit", """
-        CREATE TABLE audit (
-            id INTEGER PRIMARY KEY,
-            time TEXT NOT NULL,
-            user TEXT NOT NULL,
-            action TEXT NOT NULL,
-            model_sha256 TEXT,
-            generation INTEGER,
-            detail TEXT NOT NULL,
-            prev_hash TEXT NOT NULL,
-            row_hash TEXT NOT NULL
-        );
-        CREATE INDEX audit_action ON audit(action, user);
-    """),
-    ("004_conversations", """
-        CREATE TABLE conversations (
-            id INTEGER PRIMARY KEY,
-            started TEXT NOT NULL,
-            user TEXT NOT NULL
-        );
-        CREATE TABLE messages (
-            id INTEGER PRIMARY KEY,
-            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-            content TEXT NOT NULL,
-            audit_id INTEGER,
-            time TEXT NOT NULL
-        );
-        CREATE INDEX messages_conversation ON messages(conversation_id, id);
-    """),
-    ("005_feedback", """
-        CREATE TABLE feedback (
-            id INTEGER PRIMARY KEY,
-            time TEXT NOT NULL,
-            user TEXT NOT NULL,
-            answer_audit_id INTEGER NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN ('good', 'bad', 'correction', 'irrelevant_source',
-                                               'missing_source')),
-            question TEXT NOT NULL,
-            answer TEXT NOT NULL,
-            sources TEXT NOT NULL,
-            correction TEXT,
-            source_n INTEGER,
-            chunk TEXT,
-            note TEXT,
-            model_sha256 TEXT,
-            generation INTEGER,
-            audit_id INTEGER,
-            export_id TEXT
-        );
-        CREATE INDEX feedback_answer ON feedback(answer_audit_id);
-        CREATE INDEX feedback_pending ON feedback(export_id, id);
-    """),
-]
+from appliance.manifest import utc_stamp
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return utc_stamp()
 
 
 @dataclass
@@ -135,6 +37,7 @@ class DocumentRow:
     size: int
     ingested: str
     chunks: int
+    owner: str | None = None  # the user who ingested it; None: ingested before owners were recorded
 
 
 @dataclass
@@ -201,6 +104,7 @@ class Store:
         self.cache_vectors = cache_vectors
         self._cache: _VectorCache | None = None
         self._term_counts: dict[str, int] = {}
+        self._titles: dict[str, list[dict]] | None = None
         self._seen_version: int | None = None
 
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +154,7 @@ class Store:
         try:
             self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)")
             done = {row[0] for row in self.conn.execute("SELECT name FROM _migrations")}
-            for name, sql in MIGRATIONS:
+            for name, sql in migrations.MIGRATIONS:
                 if name not in done:
                     self.conn.execute(sql)
                     self.conn.execute("INSERT INTO _migrations VALUES (?, ?)", (name, _now()))
@@ -274,6 +178,17 @@ class Store:
         with self.conn:
             self.conn.execute("INSERT INTO messages(conversation_id, role, content, audit_id, time) "
                               "VALUES (?, ?, ?, ?, ?)", (conversation_id, role, content, audit_id, _now()))
+
+    def answered_turn(self, audit_id: int) -> tuple[str | None, str] | None:
+        """(question, answer) of the stored turn whose answer is audit row `audit_id`; None when that
+        answer was not kept in a conversation."""
+        stored = self.conn.execute("SELECT conversation_id, id, content FROM messages WHERE audit_id = ? AND "
+                                   "role = 'assistant'", (audit_id,)).fetchone()
+        if stored is None:
+            return None
+        asked = self.conn.execute("SELECT content FROM messages WHERE conversation_id = ? AND id < ? AND "
+                                  "role = 'user' ORDER BY id DESC LIMIT 1", (stored[0], stored[1])).fetchone()
+        return (asked[0] if asked else None), stored[2]
 
     def messages(self, conversation_id: int, limit: int = 1000) -> list[dict]:
         """The newest `limit` messages of a conversation, oldest first."""
@@ -348,41 +263,70 @@ class Store:
         self.conn.execute("INSERT INTO collections(name, created) VALUES (?, ?)", (name, _now()))
         return self.conn.last_insert_rowid()
 
-    def find_document(self, collection: str, sha256: str) -> int | None:
-        """The id of a document with this content in this collection, if there is one."""
+    def find_document(self, collection: str, sha256: str) -> DocumentRow | None:
+        """The document with this content in this collection, if there is one (content is stored once
+        per collection)."""
         row = self.conn.execute("SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id "
                                 "WHERE c.name = ? AND d.sha256 = ?", (collection, sha256)).fetchone()
-        return row[0] if row else None
+        return self.list_documents(doc_id=row[0])[0] if row else None
+
+    @staticmethod
+    def _owned(owner: str | None, legacy: bool) -> tuple[str, tuple]:
+        """SQL (and its arguments) for documents that are `owner`'s; `legacy`: also those ingested
+        before owners were recorded (an administrator's)."""
+        return ("(owner = ?" + (" OR owner IS NULL)" if legacy else ")"), (owner,))
+
+    def earlier_versions(self, collection: str, source: str, owner: str | None, legacy: bool = False,
+                         sha256: str | None = None) -> list[int]:
+        """Ids of `owner`'s documents recorded under `source` in `collection` (other than `sha256`)."""
+        owned, args = self._owned(owner, legacy)
+        return [r[0] for r in self.conn.execute(
+            "SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id "
+            f"WHERE c.name = ? AND d.source = ? AND d.sha256 IS NOT ? AND {owned}",
+            (collection, source, sha256, *args))]
 
     def add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
-                     chunks: Sequence[NewChunk], vectors: np.ndarray) -> tuple[int, list[int]]:
+                     chunks: Sequence[NewChunk], vectors: np.ndarray, owner: str | None = None,
+                     legacy: bool = False, record: Callable[[int, list[int]], object] | None = None,
+                     ) -> tuple[int, list[int]]:
         """Insert a document, its chunks, FTS rows, vectors and table rows in one transaction.
 
-        A document already in the collection under the same source path with different content is
-        replaced (the file was edited). Returns (document id, ids of documents it replaced).
+        The owner's document already in the collection under the same source path with different
+        content is replaced (the file was edited); another user's never is. `record(doc_id, replaced)`
+        runs inside the transaction (the audit row: the document and its row commit together).
+        Returns (document id, ids of documents it replaced).
         """
         if self.embedder_id()[1] is None:
             raise StoreError("the vector index has not been set up", "call ensure_embedder first")
         if len(chunks) != len(vectors):
             raise StoreError("chunk and vector counts differ", "this is a bug; please report it")
         try:
-            return self._add_document(collection, source, title, kind, sha256, size, chunks, vectors)
+            return self._add_document(collection, source, title, kind, sha256, size, chunks, vectors, owner,
+                                      legacy, record)
         except apsw.Error as exc:  # SQLite has rolled the transaction back (disk full, I/O, read-only)
             raise StoreError(f"{self.path}: the database could not be written ({exc}); nothing of "
                              f"{source} was kept", "free disk space or fix permissions, then ingest again") from exc
 
+    def remove_versions(self, doc_ids: Iterable[int], record: Callable[[], object] | None = None) -> None:
+        """Delete documents (an edited file's old version) in one transaction with `record`."""
+        with self.conn:
+            for doc_id in doc_ids:
+                self._delete_document(doc_id)
+            if record:
+                record()
+        self._forget()
+
     def _add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
-                      chunks: Sequence[NewChunk], vectors: np.ndarray) -> tuple[int, list[int]]:
+                      chunks: Sequence[NewChunk], vectors: np.ndarray, owner: str | None, legacy: bool,
+                      record: Callable[[int, list[int]], object] | None) -> tuple[int, list[int]]:
         with self.conn:
             coll = self.collection_id(collection, create=True)
-            replaced = [r[0] for r in self.conn.execute(
-                "SELECT id FROM documents WHERE collection_id = ? AND source = ? AND sha256 != ?",
-                (coll, source, sha256))]
+            replaced = self.earlier_versions(collection, source, owner, legacy, sha256)
             for doc_id in replaced:
                 self._delete_document(doc_id)
             self.conn.execute(
-                "INSERT INTO documents(collection_id, source, title, kind, sha256, size, ingested) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", (coll, source, title, kind, sha256, size, _now()))
+                "INSERT INTO documents(collection_id, source, title, kind, sha256, size, ingested, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (coll, source, title, kind, sha256, size, _now(), owner))
             doc_id = self.conn.last_insert_rowid()
             for chunk, vector in zip(chunks, vectors, strict=True):
                 self.conn.execute("INSERT INTO chunks(document_id, position, heading, text) VALUES (?, ?, ?, ?)",
@@ -398,6 +342,8 @@ class Store:
                         "VALUES (?, ?, ?, ?, ?, ?)",
                         (doc_id, chunk_id, chunk.position, chunk.row.get("code"), chunk.row.get("title"),
                          json.dumps(chunk.row["data"])))
+            if record:
+                record(doc_id, replaced)
         self._forget()
         return doc_id, replaced
 
@@ -405,6 +351,7 @@ class Store:
         """Drop what was derived from the old contents (our own commits call this directly)."""
         self._cache = None
         self._term_counts = {}
+        self._titles = None
 
     def _follow_other_writers(self) -> None:
         """Another connection's commit bumps PRAGMA data_version: then forget what we derived."""
@@ -422,18 +369,25 @@ class Store:
         self.conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
         self.conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
 
-    def remove_document(self, doc_id: int) -> DocumentRow:
-        docs = self.list_documents(doc_id=doc_id)
+    def document(self, doc_id: int) -> DocumentRow:
+        docs = self.list_documents(doc_id=doc_id) if 0 < doc_id < 1 << 63 else []
         if not docs:
             raise NotFoundError(f"no document with id {doc_id}", "see `appliance docs list` for ids")
+        return docs[0]
+
+    def remove_document(self, doc_id: int, record: Callable[[DocumentRow], object] | None = None) -> DocumentRow:
+        """Delete a document; `record(row)` runs in the same transaction (its audit row)."""
+        row = self.document(doc_id)
         with self.conn:
             self._delete_document(doc_id)
+            if record:
+                record(row)
         self._forget()
-        return docs[0]
+        return row
 
     def list_documents(self, collection: str | None = None, doc_id: int | None = None) -> list[DocumentRow]:
         sql = ("SELECT d.id, c.name, d.source, d.title, d.kind, d.sha256, d.size, d.ingested, "
-               "(SELECT count(*) FROM chunks WHERE document_id = d.id) "
+               "(SELECT count(*) FROM chunks WHERE document_id = d.id), d.owner "
                "FROM documents d JOIN collections c ON c.id = d.collection_id")
         where = [(clause, value) for clause, value in (("c.name = ?", collection), ("d.id = ?", doc_id))
                  if value is not None]
@@ -517,6 +471,21 @@ class Store:
             args = (collection_id,)
         return [{"code": code, "title": title, "data": json.loads(data), "source": source, "collection": coll,
                  "chunk_id": chunk_id} for code, title, data, source, coll, chunk_id in self.conn.execute(sql, args)]
+
+    def ref_titles(self) -> dict[str, list[dict]]:
+        """Reference-table rows by lower-case title: {"code", "title", "source", "chunk_id", "collection"};
+        remembered until the database changes."""
+        self._follow_other_writers()
+        if self._titles is None:
+            titles: dict[str, list[dict]] = {}
+            for row in self.conn.execute(
+                    "SELECT r.code, r.title, d.source, r.chunk_id, d.collection_id FROM ref_rows r "
+                    "JOIN documents d ON d.id = r.document_id WHERE r.title IS NOT NULL AND r.title != ''"):
+                code, title, source, chunk_id, coll = row
+                titles.setdefault(title.lower(), []).append({"code": code, "title": title, "source": source,
+                                                             "chunk_id": chunk_id, "collection_id": coll})
+            self._titles = titles
+        return self._titles
 
     def ref_chunks_for_code(self, code: str, collection_id: int | None = None) -> list[int]:
         """Chunk ids of reference rows whose code is this code or starts with it."""

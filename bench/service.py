@@ -94,6 +94,7 @@ def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, floa
     from appliance.app import Appliance
     from appliance.config import load_settings
     from appliance.prompt import build_messages
+    from appliance.rag import GREEDY
 
     with Appliance(load_settings(home=home, threads=threads, max_tokens=N_TOKENS, temperature=0.0)) as app:
         app.ask(QUESTION, use_rag=use_rag, max_tokens=4)  # load and warm
@@ -108,7 +109,7 @@ def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, floa
                 app.turns.remember(QUESTION, first)
                 seen = [build_messages("", [], use_rag)[0], {"role": "user", "content": first.prompt},
                         {"role": "assistant", "content": CANNED}]
-                list(app.engine.stream(seen, max_tokens=1, temperature=0.0))
+                list(app.engine.stream(seen, max_tokens=1, sampling=GREEDY))
                 if clear:
                     app.engine.llm.reset()  # llama.cpp starts from an empty KV cache
                 out.append(app.ask(FOLLOW_UP, use_rag=use_rag, conversation=conversation).timing["ttft_ms"])

@@ -20,24 +20,24 @@ import json
 import os
 import shutil
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from appliance.manifest import (
     BUNDLE_NAME,
+    DEFAULT_N_CTX,
     MANIFEST_NAME,
     REFERENCE_DB,
     BundleManifest,
     sha256_file,
+    utc_stamp,
     verify_generation,
 )
 from builder import keys as keyring
 from builder.errors import BuilderError
 
 _BLOCK = 1 << 20
-OVERHEAD_MB = 400  # DESIGN section 8: resident size <= model + KV cache + 400 MB
-DEFAULT_CONTEXT = 2048  # the appliance's default n_ctx
+OVERHEAD_MB = 400  # docs/architecture.md section 9: resident size <= model + KV cache + 400 MB
 
 
 def _copy_hashed(src: Path, dst: Path) -> tuple[int, str]:
@@ -74,7 +74,7 @@ def min_ram_mb(model: Path, embedder_bytes: int) -> int:
     heads = int(value(f"{arch}.attention.head_count", 1)) or 1
     kv_heads = int(value(f"{arch}.attention.head_count_kv", heads))
     head_dim = int(value(f"{arch}.attention.key_length", 0)) or int(value(f"{arch}.embedding_length")) // heads
-    context = min(int(value(f"{arch}.context_length", DEFAULT_CONTEXT)), DEFAULT_CONTEXT)
+    context = min(int(value(f"{arch}.context_length", DEFAULT_N_CTX)), DEFAULT_N_CTX)
     kv_bytes = 2 * layers * context * kv_heads * head_dim * 2
     total = model.stat().st_size + kv_bytes + embedder_bytes
     return -(-total // 1_000_000) + OVERHEAD_MB
@@ -118,45 +118,25 @@ def _targets_dir_clear(out: Path, force: bool) -> None:
 def create(generation: Path, keys_dir: Path, version: int | str, out: Path, *, reference_db: Path | None = None,
            expires_days: int = 365, expires: datetime | None = None, passphrase: keyring.Passphrase | None = None,
            force: bool = False, signers: dict[str, list] | None = None) -> BundleManifest:
-    """Write the signed bundle for `generation` into `out` and return its bundle.json.
+    """Write the signed bundle for `generation` into `out` and return its bundle.json. The steps:
+    check the generation and the keys, describe it (bundle.json), copy the targets content-addressed
+    into a staging directory, sign targets -> snapshot -> timestamp, and publish (targets first,
+    the timestamp last, so a stick pulled early is refused cleanly).
 
     `expires` overrides `expires_days`; `signers` replaces the keys directory's signers per role (tests
     build refused bundles with it: wrong keys, too few signatures)."""
-    from importlib.metadata import version as package_version
-
-    from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
-    from tuf.api.serialization.json import JSONSerializer
-
     generation = generation.resolve()
     manifest = verify_generation(generation)  # sign only what its own manifest vouches for
-    root = keyring.load_root(keys_dir)
-    signers = dict(signers or {})
-    for role in ("targets", "snapshot", "timestamp"):
-        if role not in signers:
-            signers[role] = keyring.signers_for(keys_dir, role, root, passphrase)
+    signers = _signers(keys_dir, signers, passphrase)
     generation_sha = sha256_file(generation / MANIFEST_NAME)
     version, created = _resolve_version(keys_dir, version, generation_sha)
     if reference_db is not None and not reference_db.is_file():
         raise BuilderError(f"{reference_db}: not a file", "give the path of a reference.db to include")
     expiry = (expires or datetime.now(UTC) + timedelta(days=expires_days)).replace(microsecond=0)
-    created = created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    info = describe(generation, manifest, version, created or utc_stamp(), generation_sha, reference_db is not None)
 
     out.mkdir(parents=True, exist_ok=True)
     _targets_dir_clear(out, force)
-    model_entry = manifest.files[manifest.model.file]
-    embedder_bytes = sum(e.size for name, e in manifest.files.items()
-                         if name.startswith(manifest.embedder.dir + "/"))
-    evaluation = None
-    if (generation / "eval.json").is_file():
-        evaluation = json.loads((generation / "eval.json").read_text())
-    info = BundleManifest(
-        name=manifest.name, version=version, created=created, generation=generation_sha,
-        model={"name": manifest.model.name, "quant": manifest.model.quant, "sha256": model_entry.sha256,
-               "bytes": model_entry.size},
-        embedder={"name": manifest.embedder.name, "dim": manifest.embedder.dim},
-        lineage=manifest.lineage, evaluation=evaluation,
-        min_ram_mb=min_ram_mb(generation / manifest.model.file, embedder_bytes),
-        reference_db=reference_db is not None, builder=package_version("slm-appliance"))
     staging = out / ".bundle-staging"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "targets").mkdir(parents=True)
@@ -166,61 +146,113 @@ def create(generation: Path, keys_dir: Path, version: int | str, out: Path, *, r
         sources[BUNDLE_NAME] = staging / BUNDLE_NAME
         if reference_db is not None:
             sources[REFERENCE_DB] = reference_db
-        targets = Targets(version=version, expires=expiry)
-        total = sum(p.stat().st_size for p in sources.values())
-        done = 0
-        for name, src in sorted(sources.items()):
-            parent, _, base = name.rpartition("/")
-            tmp = staging / "targets" / "incoming"
-            length, digest = _copy_hashed(src, tmp)
-            dest = staging / "targets" / parent / f"{digest}.{base}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
-            targets.targets[name] = TargetFile(length=length, hashes={"sha256": digest}, path=name)
-            done += length
-            print(f"bundle: {done / 1e6:.1f}/{total / 1e6:.1f} MB  {name}", file=sys.stderr)
-
-        serializer = JSONSerializer(compact=False)
-        metadata = staging / "metadata"
-        metadata.mkdir()
-        for path in sorted((keys_dir / "metadata").glob("*.root.json")):
-            shutil.copyfile(path, metadata / path.name)
-        shutil.copyfile(keys_dir / "root.json", metadata / "root.json")
-
-        def signed_bytes(signed, role: str) -> bytes:
-            md = Metadata(signed)
-            for signer in signers[role]:
-                md.sign(signer, append=True)
-            return md.to_bytes(serializer)
-
-        def meta(data: bytes) -> MetaFile:
-            return MetaFile(version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()})
-
-        targets_bytes = signed_bytes(targets, "targets")
-        (metadata / f"{version}.targets.json").write_bytes(targets_bytes)
-        snapshot_bytes = signed_bytes(Snapshot(version=version, expires=expiry,
-                                               meta={"targets.json": meta(targets_bytes)}), "snapshot")
-        (metadata / f"{version}.snapshot.json").write_bytes(snapshot_bytes)
-        timestamp_bytes = signed_bytes(Timestamp(version=version, expires=expiry,
-                                                 snapshot_meta=meta(snapshot_bytes)), "timestamp")
-        # Targets first, timestamp last: a stick pulled early holds no timestamp and is refused cleanly.
-        os.replace(staging / "targets", out / "targets")
-        os.replace(metadata, out / "metadata")
-        tmp = out / "metadata" / ".timestamp.json"
-        tmp.write_bytes(timestamp_bytes)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / "metadata" / "timestamp.json")
-        shutil.rmtree(staging)
-        os.sync()
+        files, total = _stage_targets(sources, staging / "targets")
+        metadata = _sign_metadata(keys_dir, staging / "metadata", files, version, expiry, signers)
+        _publish(staging, metadata, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for name in ("targets", "metadata"):
             if (out / name).exists() and not (out / "metadata" / "timestamp.json").exists():
                 shutil.rmtree(out / name, ignore_errors=True)
         raise
-    keyring.record_signed(keys_dir, version, {"generation": generation_sha, "created": created,
+    keyring.record_signed(keys_dir, version, {"generation": generation_sha, "created": info.created,
                                               "name": manifest.name})
     print(f"bundle {manifest.name} version {version} written to {out} ({total / 1e6:.1f} MB, "
-          f"{len(targets.targets)} files, metadata expires {expiry:%Y-%m-%d})", file=sys.stderr)
+          f"{len(files)} files, metadata expires {expiry:%Y-%m-%d})", file=sys.stderr)
     return info
+
+
+def _signers(keys_dir: Path, given: dict[str, list] | None, passphrase) -> dict[str, list]:
+    """The signers of each online role: `given` where named, else the keys directory's."""
+    root = keyring.load_root(keys_dir)
+    signers = dict(given or {})
+    for role in ("targets", "snapshot", "timestamp"):
+        if role not in signers:
+            signers[role] = keyring.signers_for(keys_dir, role, root, passphrase)
+    return signers
+
+
+def describe(generation: Path, manifest, version: int, created: str, generation_sha: str,
+             reference_db: bool) -> BundleManifest:
+    """bundle.json: what the appliance shows and checks before installing (name, version, model,
+    embedder, lineage, evaluation, the RAM it needs)."""
+    from importlib.metadata import version as package_version
+
+    model_entry = manifest.files[manifest.model.file]
+    embedder_bytes = sum(e.size for name, e in manifest.files.items() if name.startswith(manifest.embedder.dir + "/"))
+    evaluation = None
+    if (generation / "eval.json").is_file():
+        evaluation = json.loads((generation / "eval.json").read_text())
+    return BundleManifest(
+        name=manifest.name, version=version, created=created, generation=generation_sha,
+        model={"name": manifest.model.name, "quant": manifest.model.quant, "sha256": model_entry.sha256,
+               "bytes": model_entry.size},
+        embedder={"name": manifest.embedder.name, "dim": manifest.embedder.dim},
+        lineage=manifest.lineage, evaluation=evaluation,
+        min_ram_mb=min_ram_mb(generation / manifest.model.file, embedder_bytes),
+        reference_db=reference_db, builder=package_version("slm-appliance"))
+
+
+def _stage_targets(sources: dict[str, Path], targets_dir: Path) -> tuple[dict[str, tuple[int, str]], int]:
+    """Copy each source to `targets_dir` under its content address (<sha256>.<name>), hashing what was
+    written; returns {name: (length, sha256)} and the total bytes."""
+    total = sum(p.stat().st_size for p in sources.values())
+    files: dict[str, tuple[int, str]] = {}
+    done = 0
+    for name, src in sorted(sources.items()):
+        parent, _, base = name.rpartition("/")
+        tmp = targets_dir / "incoming"
+        length, digest = _copy_hashed(src, tmp)
+        dest = targets_dir / parent / f"{digest}.{base}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        files[name] = (length, digest)
+        done += length
+        print(f"bundle: {done / 1e6:.1f}/{total / 1e6:.1f} MB  {name}", file=sys.stderr)
+    return files, total
+
+
+def _sign_metadata(keys_dir: Path, metadata: Path, files: dict[str, tuple[int, str]], version: int,
+                   expiry: datetime, signers: dict[str, list]) -> bytes:
+    """The root history, targets and snapshot written into `metadata`; returns the signed timestamp,
+    which `_publish` writes last."""
+    from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
+    from tuf.api.serialization.json import JSONSerializer
+
+    serializer = JSONSerializer(compact=False)
+    metadata.mkdir()
+    for path in sorted((keys_dir / "metadata").glob("*.root.json")):
+        shutil.copyfile(path, metadata / path.name)
+    shutil.copyfile(keys_dir / "root.json", metadata / "root.json")
+
+    def signed_bytes(signed, role: str) -> bytes:
+        md = Metadata(signed)
+        for signer in signers[role]:
+            md.sign(signer, append=True)
+        return md.to_bytes(serializer)
+
+    def meta(data: bytes) -> MetaFile:
+        return MetaFile(version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()})
+
+    targets = Targets(version=version, expires=expiry)
+    for name, (length, digest) in files.items():
+        targets.targets[name] = TargetFile(length=length, hashes={"sha256": digest}, path=name)
+    targets_bytes = signed_bytes(targets, "targets")
+    (metadata / f"{version}.targets.json").write_bytes(targets_bytes)
+    snapshot_bytes = signed_bytes(Snapshot(version=version, expires=expiry,
+                                           meta={"targets.json": meta(targets_bytes)}), "snapshot")
+    (metadata / f"{version}.snapshot.json").write_bytes(snapshot_bytes)
+    return signed_bytes(Timestamp(version=version, expires=expiry, snapshot_meta=meta(snapshot_bytes)), "timestamp")
+
+
+def _publish(staging: Path, timestamp: bytes, out: Path) -> None:
+    """Targets first, timestamp last: a stick pulled early holds no timestamp and is refused cleanly."""
+    os.replace(staging / "targets", out / "targets")
+    os.replace(staging / "metadata", out / "metadata")
+    tmp = out / "metadata" / ".timestamp.json"
+    tmp.write_bytes(timestamp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / "metadata" / "timestamp.json")
+    shutil.rmtree(staging)
+    os.sync()

@@ -12,6 +12,11 @@ from pydantic import BaseModel
 from appliance.errors import ApplianceError
 
 
+def json_option(help: str):
+    """`--json` (into the `as_json` argument): data on stdout as JSON, for scripts."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -129,7 +134,7 @@ def base_group() -> None:
 
 
 @base_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
+@json_option("Print the manifests as JSON.")
 def base_list(as_json: bool) -> None:
     """The base models in models/, and whether each is in the cache with the right sha256.
 
@@ -486,7 +491,7 @@ def feedback_group() -> None:
               help="Dataset directory to add to (created if absent).")
 @click.option("--heldout", "heldout_fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1),
               help="Share of questions kept in heldout/ (chosen by a hash of the question: stable across imports).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 def feedback_import(exports: tuple[Path, ...], trust: tuple[Path, ...], out: Path, heldout_fraction: float,
                     as_json: bool) -> None:
     """Verify feedback exports and add them to a dataset for `builder sft`, `align` and `eval`.

@@ -91,7 +91,7 @@ def correct(answer: str, must_contain: list[str]) -> bool:
 def ask_all(model: Path, template: str, questions: list[dict], store, embedder, config: EvalConfig) -> list[dict]:
     """Each question with retrieval and without; the answers, whether exact, and what was retrieved."""
     from appliance.engine import LlamaEngine
-    from appliance.rag import answer, search
+    from appliance.rag import GREEDY, answer, search
     from builder.llamacpp import model_metadata
 
     results = []
@@ -102,9 +102,9 @@ def ask_all(model: Path, template: str, questions: list[dict], store, embedder, 
         for q in questions:
             hits = search(store, embedder, q["question"], config.top_k)
             with_rag = answer(engine, q["question"], hits, info, n_ctx=n_ctx,
-                                  max_tokens=config.max_tokens, temperature=0.0)
+                                  max_tokens=config.max_tokens, sampling=GREEDY)
             without = answer(engine, q["question"], [], info, n_ctx=n_ctx,
-                                 max_tokens=config.max_tokens, temperature=0.0, rag=False)
+                                 max_tokens=config.max_tokens, sampling=GREEDY, rag=False)
             results.append({
                 "id": q.get("id"), "kind": q.get("kind"), "question": q["question"],
                 "must_contain": q["must_contain"],

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from appliance.documents import CODE_RE
 from appliance.errors import FeedbackError
 from appliance.feedback import FILES, verify_export
 from appliance.identity import key_id, load_public
+from appliance.manifest import utc_stamp
 
 IMPORTS = "imports.json"
 QUESTIONS = "questions.jsonl"
@@ -117,7 +117,7 @@ def import_exports(directories: list[Path], trust: list[Path], out: Path, heldou
         entry = {"export_id": export_id, "directory": str(export.directory.resolve()),
                  "appliance_key_id": export.manifest["appliance"]["key_id"],
                  "manifest_sha256": export.manifest_sha256, "created": export.manifest["created"],
-                 "imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "imported": utc_stamp(),
                  "counts": {n: m["records"] for n, m in export.manifest["files"].items()}}
         history.append(entry)
         seen_exports[export_id] = entry

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from appliance.manifest import write_manifest
+from appliance.manifest import utc_stamp, write_manifest
 from builder.errors import BuilderError
 
 
@@ -41,7 +40,7 @@ def write(out: Path, *, name: str, model: Path, embedder_dir: Path, template: Pa
         meta = llamacpp.model_metadata(model)
         write_manifest(partial, {
             "name": name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": utc_stamp(),
             "model": {"name": name, "architecture": meta["architecture"], "quant": quant,
                       "context_length": meta["context_length"], "parameters": meta["parameters"]},
             "embedder": {"name": emb["name"], "dim": emb["dim"]},

@@ -26,7 +26,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from appliance.manifest import sha256_file
+from appliance.manifest import sha256_file, utc_stamp
 from builder.errors import BuilderConfigError, BuilderError
 
 C = TypeVar("C", bound=BaseModel)
@@ -201,7 +201,7 @@ def staged_output(stage: str, config: BaseModel, inputs: list[Path]) -> Iterator
         raise
     lineage = {
         "stage": stage, "key": key, "config": config.model_dump(mode="json"), "inputs": hashes,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "started": utc_stamp(started),
         "seconds": round(time.time() - started, 1), "versions": versions(), "git_commit": git_commit(),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()}, "result": record,
     }

@@ -15,20 +15,34 @@ import sys
 import time
 from pathlib import Path
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
 from builder.errors import BuilderError
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 
-# llama.cpp file types (enum llama_ftype) by the names llama-quantize uses.
-FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
-          "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-          "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25,
-          "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32}
+# The file types llama-quantize offers, by its names; their llama_ftype numbers come from gguf-py's
+# LlamaFileType and each type's block width from GGML_QUANT_SIZES, not from a copy kept here.
+QUANT_NAMES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M",
+               "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS",
+               "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS")
+FTYPES = {name: int(LlamaFileType.ALL_F32 if name == "F32" else LlamaFileType[f"MOSTLY_{name}"])
+          for name in QUANT_NAMES}
 # Types llama.cpp refuses to make without an importance matrix (llama-quantize's own list).
 NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S"}
+
+
+def _block_width(name: str) -> int:
+    """The row length a file type's main tensor type packs in one block (Q4_K_M: Q4_K's 256); the
+    IQ mixes without a tensor type of their own (IQ3_M, IQ2_M, IQ3_XS) are built of 256-wide types."""
+    for candidate in (name, name.rsplit("_", 1)[0]):
+        if candidate in GGMLQuantizationType.__members__:
+            return GGML_QUANT_SIZES[GGMLQuantizationType[candidate]][0]
+    return 256
+
+
 # Row length each type's blocks need; K and IQ types fall back to a 32-wide type on other rows.
-BLOCK = {name: (32 if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL") else
-                1 if name in ("F32", "F16", "BF16") else 256) for name in FTYPES}
+BLOCK = {name: _block_width(name) for name in FTYPES}
 TOOLS = ("llama-imatrix", "llama-quantize")
 
 

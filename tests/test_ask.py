@@ -9,7 +9,7 @@ from appliance.cli import cli
 from appliance.config import load_settings
 from appliance.errors import ExitCode
 from appliance.prompt import SYSTEM_PROMPT, format_source
-from appliance.rag import TurnMemory, answer
+from appliance.rag import GREEDY, TurnMemory, answer
 
 
 def test_ask_json_contract_with_the_real_model(demo_home):
@@ -52,7 +52,7 @@ class ScriptedGenerator:
     def count_tokens(self, text):
         return len(text.split())
 
-    def stream(self, messages, max_tokens, temperature):
+    def stream(self, messages, max_tokens, sampling):
         self.messages = messages
         for word in self.reply.split(" "):
             yield word + " "
@@ -61,7 +61,7 @@ class ScriptedGenerator:
 def test_citations_map_to_documents_and_unknown_numbers_are_flagged(app):
     hits = app.search("15-1242.00 database administrator", k=3)
     gen = ScriptedGenerator("It is 15-1242.00 [1] , not 15-9999.00 , see also [3] and [9] .")
-    result = answer(gen, "code?", hits, {"name": "x"}, n_ctx=4096, max_tokens=64, temperature=0)
+    result = answer(gen, "code?", hits, {"name": "x"}, n_ctx=4096, max_tokens=64, sampling=GREEDY)
     assert [c["n"] for c in result.citations] == [1, 3]
     assert result.citations[0]["doc_id"] == hits[0].doc_id
     assert result.citations[0]["doc_sha256"] == hits[0].doc_sha256
@@ -75,7 +75,7 @@ def test_code_cited_to_the_wrong_source_is_pointed_at_the_right_one(app):
     hits = app.search("15-1242.00 database administrator", k=3)
     wrong = next(i for i, h in enumerate(hits, 1) if "15-1242.00" not in h.text)
     gen = ScriptedGenerator(f"The code is 15-1242.00 [{wrong}] .")
-    result = answer(gen, "code?", hits, {"name": "x"}, n_ctx=4096, max_tokens=64, temperature=0)
+    result = answer(gen, "code?", hits, {"name": "x"}, n_ctx=4096, max_tokens=64, sampling=GREEDY)
     found = [i for i, h in enumerate(hits, 1) if "15-1242.00" in h.text]
     assert result.miscited_codes == [{"code": "15-1242.00", "cited": [wrong], "found_in": found}]
     system, user = gen.messages
@@ -86,7 +86,7 @@ def test_code_cited_to_the_wrong_source_is_pointed_at_the_right_one(app):
 def test_sources_are_trimmed_to_the_context_budget(app):
     hits = app.search("service desk", k=10)
     gen = ScriptedGenerator("ok")
-    result = answer(gen, "q", hits, {}, n_ctx=400, max_tokens=100, temperature=0)
+    result = answer(gen, "q", hits, {}, n_ctx=400, max_tokens=100, sampling=GREEDY)
     sent = gen.messages[1]["content"]
     assert 1 <= len(result.sources) < 10
     assert gen.count_tokens(sent) <= 400 - 100
@@ -108,7 +108,7 @@ def test_oversize_question_is_refused_with_a_reason(demo_home):
 def test_follow_up_keeps_earlier_sources_numbered_and_adds_only_new_ones(app):
     first_hits = app.search("15-1242.00 database administrator", k=3)
     gen = ScriptedGenerator("The DBA code is 15-1242.00 [1] .")
-    first = answer(gen, "DBA code?", first_hits, {}, n_ctx=4096, max_tokens=64, temperature=0)
+    first = answer(gen, "DBA code?", first_hits, {}, n_ctx=4096, max_tokens=64, sampling=GREEDY)
     memory = TurnMemory()
     memory.remember("DBA code?", first)
     history = [{"role": "user", "content": "DBA code?"}, {"role": "assistant", "content": first.answer}]
@@ -119,7 +119,7 @@ def test_follow_up_keeps_earlier_sources_numbered_and_adds_only_new_ones(app):
     second_hits = app.search("service desk 15-1242.00", k=4)
     new = [h for h in second_hits if h.chunk_id not in {e.chunk_id for e in earlier}]
     gen = ScriptedGenerator("Still 15-1242.00 [1] , desk in [4] .")
-    second = answer(gen, "And the service desk?", second_hits, {}, n_ctx=4096, max_tokens=64, temperature=0,
+    second = answer(gen, "And the service desk?", second_hits, {}, n_ctx=4096, max_tokens=64, sampling=GREEDY,
                     history=rebuilt, earlier=earlier)
     sent = gen.messages[-1]["content"]
     assert sent.startswith("More sources:") and sent.count("<source n=") == len(new)
@@ -148,14 +148,20 @@ def test_follow_up_prompt_extends_the_cached_one(demo_home, monkeypatch):
 
 
 def _follow_up(app, monkeypatch):
-    rendered = []
-    render = app.engine.render
-    monkeypatch.setattr(app.engine, "render", lambda messages: rendered.append(render(messages)) or rendered[-1])
+    rendered, tokens = [], []
+    encode = app.engine.encode_prompt
+
+    def capture(messages):
+        rendered.append(app.engine.render(messages))
+        tokens.append(encode(messages))
+        return tokens[-1]
+    monkeypatch.setattr(app.engine, "encode_prompt", capture)
     conversation = app.store.new_conversation("test")
     first = app.ask("What is the code for a Database Administrator?", conversation=conversation, max_tokens=8,
                     temperature=0)
     second = app.ask("And for a Cloud Architect?", conversation=conversation, max_tokens=8, temperature=0)
     assert rendered[1].startswith(rendered[0] + first.raw)
+    assert tokens[1][:len(tokens[0])] == tokens[0]  # what llama.cpp compares to keep its cache
     assert second.earlier == len(first.sources) > 0
     assert len(second.sources) == second.earlier + 1  # follow_up_k new ones, none repeated
     assert rendered[1][len(rendered[0]):].count("<source n=") == 1

@@ -18,3 +18,17 @@ def test_bundle_benchmark_prints_its_table():
     assert lines[0].startswith("| what | seconds | MB/s | vs sha256sum |")
     install = next(line for line in lines if "appliance bundle install" in line)
     assert float(install.split("|")[-2].strip().rstrip("x")) > 0
+
+
+def test_concurrency_benchmark_prints_its_table(tiny_generation):
+    from appliance.engine_server import find_binary
+    from bench import concurrency
+
+    if find_binary() is None:
+        import pytest
+        pytest.skip("needs llama-server (`make deps` builds it)")
+    lines = concurrency.run(tiny_generation / "model.gguf", clients=(1, 2))
+    assert lines[0].startswith("| clients | aggregate decode tok/s")
+    assert [line.split("|")[1].strip() for line in lines[2:4]] == ["1", "2"]
+    assert any(line.startswith("search while 4 answers stream: p95") for line in lines)
+    assert any(line.startswith("resident: service") for line in lines)

@@ -576,6 +576,29 @@ def test_new_embedder_reembeds_local_documents(tmp_path, keys, tiny_generation, 
 
 # -- builder side ------------------------------------------------------------------------------------
 
+def test_min_ram_sizes_the_kv_cache_at_the_appliances_default_context(tiny_generation, monkeypatch, tmp_path):
+    """The bundle's min_ram_mb holds the KV cache the appliance will really allocate: its default n_ctx
+    (capped by the model's own context), not a builder-side guess."""
+    from gguf import GGUFReader
+
+    from appliance.config import Settings
+
+    model = tiny_generation / read_manifest(tiny_generation).model.file
+    fields = GGUFReader(str(model)).fields
+    trained = int(fields["llama.context_length"].contents())
+    assert builder_bundle.DEFAULT_N_CTX == Settings(home=tmp_path).n_ctx
+    full = builder_bundle.min_ram_mb(model, 0)
+    monkeypatch.setattr(builder_bundle, "DEFAULT_N_CTX", builder_bundle.DEFAULT_N_CTX // 2)
+    half = builder_bundle.min_ram_mb(model, 0)
+    layers = int(fields["llama.block_count"].contents())
+    kv_heads = int(fields["llama.attention.head_count_kv"].contents())
+    head_dim = int(fields["llama.embedding_length"].contents()) // int(fields["llama.attention.head_count"].contents())
+    per_token = 2 * layers * kv_heads * head_dim * 2  # K and V, f16
+    context = min(trained, Settings(home=tmp_path).n_ctx)
+    expected = (context - min(trained, context // 2)) * per_token / 1e6
+    assert expected > 0 and abs((full - half) - expected) <= 1, (full, half, expected)
+
+
 def test_builder_versions_never_go_back_and_bundle_is_content_addressed(tmp_path, keys, tiny_generation,
                                                                         variant_generation):
     v1 = make_bundle(tmp_path, tiny_generation, keys, 1)
@@ -673,3 +696,109 @@ def test_an_install_finds_and_records_the_interrupted_one(tmp_path, installed, k
         recovered = list(audit.rows(app.store.conn, "recover"))
     assert len(recovered) == 1 and "interrupted" in json.loads(recovered[0]["detail"])["message"]
     assert_untouched(installed, 2, trusted=2)
+
+
+# -- signed, but hostile or broken content (a compromised or buggy builder) -------------------------
+
+@pytest.mark.parametrize("template, match", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "looped more than"),
+    ("{% if messages|length > 1 %}{{ 'x' * 2000000000 }}{% endif %}{% for m in messages %}{{ m['content'] }}"
+     "{% endfor %}", "past the render budget"),  # passes the one-message canary, not the others
+    ("{% for m in messages %}{% for a in m['content'] %}{% for b in m['content'] %}{% endfor %}{% endfor %}"
+     "{% endfor %}", "longer than"),  # only the long question's shape runs away
+    ("{{ ''.__class__.__mro__ }}", "health check: chat template failed to render"),
+])
+def test_a_signed_template_that_runs_away_is_refused_within_its_budget(tmp_path, installed, keys, tiny_generation,
+                                                                       template, match):
+    def change(d, fields):
+        (d / fields["chat_template"]).write_text(template)
+    bad = _regenerate(tiny_generation, tmp_path / "bad-template", change)
+    stick = make_bundle(tmp_path, bad, keys, 2)
+    start = time.monotonic()
+    result = CliRunner().invoke(appliance_cli, ["--home", str(installed), "bundle", "install", str(stick)])
+    assert result.exit_code == ExitCode.BUNDLE and match in result.output, result.output  # a refused bundle: 10
+    assert time.monotonic() - start < 60
+    assert_untouched(installed, 1, trusted=1)
+    with new_app(installed) as app:  # the lock was let go and the running generation still answers
+        assert app.ask("Say OK.", use_rag=False, max_tokens=2).timing["tokens"] >= 1
+
+
+def test_signed_metadata_past_its_size_cap_is_refused_before_it_is_read(tmp_path, installed, keys, variant_generation):
+    stick = make_bundle(tmp_path, variant_generation, keys, 2)
+    resign(stick, keys, lambda signed: signed.unrecognized_fields.update(padding="x" * 12_000_000))
+    assert (stick / "metadata" / "2.targets.json").stat().st_size > 12_000_000
+    error = refused(installed, stick, "2.targets.json is 12.")
+    assert "signed or not" in error.message
+    assert_untouched(installed, 1, trusted=1)
+
+
+def test_a_gguf_with_a_million_string_metadata_array_is_refused_cheaply(tmp_path):
+    import struct
+    import tracemalloc
+
+    from appliance.modelfile import MAX_ARRAY, validate
+
+    path = tmp_path / "arrays.gguf"
+    key = b"tokenizer.ggml.tokens"
+    items = b"".join(struct.pack("<Q", 1) + b"a" for _ in range(1_000_000))
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                     + struct.pack("<IIQ", 9, 8, 1_000_000) + items)
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=f"an array of 1000000 items \\(at most {MAX_ARRAY}\\)"):
+        validate(path)
+    assert time.perf_counter() - start < 1 and tracemalloc.get_traced_memory()[1] < 5_000_000
+    tracemalloc.stop()
+
+
+def test_an_unsigned_install_is_refused_once_a_root_is_trusted(tmp_path, installed, variant_generation):
+    run = CliRunner().invoke(appliance_cli, ["--home", str(installed), "install-generation", "--unsigned",
+                                             str(variant_generation)])
+    assert run.exit_code == ExitCode.BUNDLE and "installs signed bundles only" in run.output
+    assert_untouched(installed, 1, trusted=1)
+    forced = CliRunner().invoke(appliance_cli, ["--home", str(installed), "install-generation", "--unsigned",
+                                                "--force-unsigned", str(variant_generation)])
+    assert forced.exit_code == 0, forced.output
+    with new_app(installed) as app:
+        actions = [r for r in app.audit_rows(limit=5) if r["action"] in ("install", "install_refused")]
+        assert actions[0]["detail"]["forced"] is True and actions[0]["detail"]["health"]["canary_tokens"] >= 1
+        assert actions[1]["action"] == "install_refused" and actions[1]["detail"]["signed"] is False
+
+
+def test_the_services_own_user_installs_a_bundle_not_only_root(tmp_path, keys, tiny_generation):
+    """systemd and the container run the appliance as its own user, not root: install and a second
+    install (keeping the first) as uid 65534 on a home that user owns. Found by running the image: a
+    read-only generation could not be moved out of staging without root."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as another user")
+    top = Path(tempfile.mkdtemp(prefix="appliance-owner-"))
+    try:
+        top.chmod(0o755)
+        home = top / "home"
+        home.mkdir()
+        os.chown(home, 65534, 65534)
+        sticks = [make_bundle(top, tiny_generation, keys, v) for v in (1, 2)]
+        for p in [top, *top.rglob("*")]:
+            if p != home:
+                p.chmod(p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0))
+        shutil.copy(keys / "root.json", top / "root.json")
+        (top / "root.json").chmod(0o644)
+
+        def run(*args):
+            return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                                   "appliance.cli", "--local", "--home", str(home), *args],
+                                  capture_output=True, text=True, timeout=300, cwd="/")
+        assert (out := run("trust", "init", str(top / "root.json"))).returncode == 0, out.stderr
+        for n, stick in enumerate(sticks, start=1):
+            out = run("bundle", "install", str(stick))
+            assert out.returncode == 0 and f"as generation {n}" in out.stderr, out.stderr[-2000:]
+        final = home / "generations" / "2"
+        assert final.is_dir() and not final.stat().st_mode & 0o222  # read-only again after the move
+        assert run("bundle", "rollback").returncode == 0
+    finally:
+        for p in [top, *top.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(p.stat().st_mode | 0o700)
+        shutil.rmtree(top)

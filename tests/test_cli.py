@@ -7,15 +7,33 @@ from click.testing import CliRunner
 from appliance.cli import cli
 from appliance.errors import ExitCode
 
-COMMANDS = [[], ["install-generation"], ["ingest"], ["docs", "list"], ["docs", "remove"], ["search"], ["ask"],
-            ["status"], ["lookup"], ["draft"]]
+
+def command_paths(group, prefix=()):
+    """Every command under `group`, as the words that invoke it, walked from the click tree (so a new
+    command cannot be left out)."""
+    import click
+
+    yield list(prefix)
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from command_paths(command, (*prefix, name))
+        else:
+            yield [*prefix, name]
 
 
 def test_every_command_has_help():
-    for cmd in COMMANDS:
-        result = CliRunner().invoke(cli, [*cmd, "--help"])
-        assert result.exit_code == 0, cmd
-        assert "Usage:" in result.output
+    from builder.cli import cli as builder_cli
+    from tui.__main__ import main as tui_main
+
+    commands = list(command_paths(cli))
+    assert {"bundle", "trust", "serve", "tui", "audit", "feedback"} <= {p[0] for p in commands if p}
+    for top, paths in ((cli, commands), (builder_cli, list(command_paths(builder_cli))), (tui_main, [[]])):
+        for cmd in paths:
+            result = CliRunner().invoke(top, [*cmd, "--help"])
+            assert result.exit_code == 0, (cmd, result.output)
+            assert "Usage:" in result.output, cmd
+            summary = result.output.split("\n\n", 2)[1].strip() if "\n\n" in result.output else ""
+            assert summary and not summary.startswith("Options:"), (cmd, "no description")  # it says what it does
     assert "Example" in CliRunner().invoke(cli, ["ask", "-h"]).output
     assert CliRunner().invoke(cli, ["--version"]).output.startswith("appliance, version")
 

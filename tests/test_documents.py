@@ -88,3 +88,36 @@ def test_a_folder_hands_over_what_is_in_it_not_what_its_links_point_to(tmp_path)
     assert all("outside" in r["error"] and "not followed" in r["error"] for r in refused)
     # named on its own, a file is the caller's choice (read with the caller's permissions)
     assert expand_paths([outside / "secret.txt"]) == ([outside / "secret.txt"], [])
+
+
+def test_an_rfp_docx_keeps_its_requirement_table_under_its_heading(tmp_path):
+    """Word RFPs put requirements in tables: read in document order, a table's rows sit under the
+    heading above them, so each requirement keeps its section."""
+    import docx
+
+    from appliance.draft import parse_rfp
+
+    d = docx.Document()
+    d.add_heading("C.3 Technical Requirements", 1)
+    d.add_paragraph("The requirements below apply to every phase of the task order.")
+    table = d.add_table(rows=3, cols=2)
+    for row, (ident, text) in zip(table.rows, [("ID", "Requirement"),
+                                               ("C.3.1", "The contractor shall migrate all case records."),
+                                               ("C.3.2", "The contractor shall deliver monthly status reports.")],
+                                  strict=True):
+        row.cells[0].text, row.cells[1].text = ident, text
+    d.add_heading("C.4 Staffing", 1)
+    d.add_paragraph("The contractor shall provide a Cloud Architect for the migration.")
+    path = tmp_path / "rfp.docx"
+    d.save(path)
+
+    text = read_document(path, 10**8).text
+    order = [text.index(s) for s in ("# C.3 Technical Requirements", "apply to every phase", "C.3.1",
+                                     "C.3.2", "# C.4 Staffing", "Cloud Architect")]
+    assert order == sorted(order), text
+    _, requirements, _ = parse_rfp(path, 10**8)
+    sections = {r.text: r.section for r in requirements}
+    assert any("migrate all case records" in t and s == "C.3 Technical Requirements" for t, s in sections.items()), \
+        sections
+    assert any("monthly status reports" in t and s == "C.3 Technical Requirements" for t, s in sections.items())
+    assert any("Cloud Architect" in t and s == "C.4 Staffing" for t, s in sections.items())

@@ -80,7 +80,7 @@ class InventingGenerator:
     def count_tokens(self, text):
         return len(text.split())
 
-    def stream(self, messages, max_tokens, temperature):
+    def stream(self, messages, max_tokens, sampling):
         yield "Our Quantum Engineer (99-9999.99) leads this [1] ; see also [42] ."
 
     @classmethod

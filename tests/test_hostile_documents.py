@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -99,3 +100,215 @@ def test_one_hostile_file_in_a_batch_is_one_failure_and_the_rest_is_ingested(hom
         report = app.ingest([batch], "batch")
     assert sorted(Path(a["source"]).name for a in report.added) == ["good.md", "later.txt"]
     assert sorted(Path(f["source"]).name for f in report.failed) == ["cut.docx", "huge.csv"]
+
+
+def _docx_with_body(path: Path, body_xml: bytes) -> Path:
+    """A real DOCX (python-docx's own package) whose word/document.xml body is replaced."""
+    import docx
+
+    docx.Document().save(path.with_suffix(".tmp.docx"))
+    with zipfile.ZipFile(path.with_suffix(".tmp.docx")) as zin, \
+            zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "word/document.xml":
+                head = data[: data.index(b"<w:body>") + len(b"<w:body>")]
+                data = head + body_xml + b"</w:body></w:document>"
+            zout.writestr(item, data)
+    path.with_suffix(".tmp.docx").unlink()
+    return path
+
+
+def test_a_docx_that_inflates_to_400_mb_is_refused_before_it_is_inflated(tmp_path):
+    import tracemalloc
+
+    text = b"<w:p><w:r><w:t>" + b"A" * 1_000_000 + b"</w:t></w:r></w:p>"
+    bomb = _docx_with_body(tmp_path / "bomb.docx", text * 400)
+    assert bomb.stat().st_size < 2_000_000
+    tracemalloc.start()
+    with pytest.raises(IngestError, match="bomb.docx: the DOCX would inflate to 401 MB"):
+        read_document(bomb, LIMIT)
+    assert tracemalloc.get_traced_memory()[1] < 20_000_000  # the peak: nothing inflated, no cap-sized buffer
+    tracemalloc.stop()
+
+
+def test_five_million_empty_paragraphs_are_counted_not_built(tmp_path):
+    import time
+
+    many = _docx_with_body(tmp_path / "many.docx", b"<w:p/>" * 5_000_000)
+    start = time.perf_counter()
+    with pytest.raises(IngestError, match="many.docx: more than 500000 paragraphs"):
+        read_document(many, LIMIT)
+    assert time.perf_counter() - start < 20
+
+
+def test_one_xlsx_cell_at_xfd1048576_is_refused_from_the_sheet_xml(tmp_path):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    book.active.append(["Code", "Title"])
+    book.active.append(["15-1252.00", "Software Developer"])
+    book.active["XFD1048576"] = "far away"
+    book.save(tmp_path / "far.xlsx")
+    with pytest.raises(IngestError, match=r"far.xlsx: the first sheet spans 1048576 rows x 16384 columns"):
+        read_document(far := tmp_path / "far.xlsx", LIMIT)
+    assert far.stat().st_size < 10_000
+
+
+def test_utf16_with_a_byte_order_mark_is_text(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes("\ufeffStaffing note: the Program Manager is 11-9021.00.".encode("utf-16-le"))
+    assert "11-9021.00" in read_document(path, LIMIT).text
+    path.write_bytes(b"\xff\xfe" + b"\x00\xd8")  # a lone surrogate after the mark
+    with pytest.raises(IngestError, match="starts like UTF-16 but does not decode"):
+        read_document(path, LIMIT)
+
+
+def test_the_sandbox_bounds_what_a_parser_may_take(tmp_path):
+    """What no reader-level cap foresees still ends as this file's error: a parse over the child's
+    memory, one over its time; the next file parses in a fresh child."""
+    from appliance.sandbox import Sandbox
+
+    good = CORPUS / "proposals" / "2023-NOAA-cloud-migration.docx"
+    rows = "code,title,duties\n" + "".join(f"15-{i:04d}.00,Title {i},{'word ' * 200}\n" for i in range(40_000))
+    (tmp_path / "wide.csv").write_text(rows)
+    with Sandbox(memory_mb=256) as sandbox:
+        with pytest.raises(IngestError, match="wide.csv: .*(256 MB|needs more than)"):
+            sandbox.parse(tmp_path / "wide.csv", (tmp_path / "wide.csv").read_bytes())
+        assert "Wave Plan" in sandbox.parse(good, good.read_bytes()).text
+    slow = _docx_with_body(tmp_path / "slow.docx", b"<w:p><w:r><w:t>x</w:t></w:r></w:p>" * 400_000)
+    with Sandbox(timeout_s=0.05) as sandbox:
+        with pytest.raises(IngestError, match="slow.docx: parsing took longer than"):
+            sandbox.parse(slow, slow.read_bytes())
+        sandbox.timeout_s = 60
+        assert "Wave Plan" in sandbox.parse(good, good.read_bytes()).text
+
+
+def test_the_bytes_hashed_are_the_bytes_parsed(home, tmp_path):
+    """A file rewritten in place while it is ingested: the sha256 recorded is always that of the text
+    stored (hashing one read and parsing another mixed them in 8 of 63 ingests)."""
+    import hashlib
+    import threading
+
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+    from appliance.documents import chunk_text
+
+    path = tmp_path / "flip.md"
+    versions = [(f"# Version {v}\n\n" + f"Version {v} text. " * 1500).encode() for v in "AB"]
+    path.write_bytes(versions[0])
+    expected = {hashlib.sha256(v).hexdigest(): [c.text for c in chunk_text(v.decode(), 1200)] for v in versions}
+    stop = threading.Event()
+
+    def flip():
+        fd = os.open(path, os.O_WRONLY)
+        n = 0
+        while not stop.is_set():
+            os.pwrite(fd, versions[n % 2], 0)  # same length, in place: a read may see either, or both
+            n += 1
+        os.close(fd)
+    writer = threading.Thread(target=flip)
+    writer.start()
+    try:
+        with Appliance(load_settings(home=home)) as app:
+            for i in range(15):
+                app.ingest([path], f"flip{i}")
+            checked = 0
+            for doc in app.documents():
+                stored = [r[0] for r in app.store.conn.execute(
+                    "SELECT text FROM chunks WHERE document_id = ? ORDER BY position", (doc.id,))]
+                if doc.sha256 in expected:
+                    assert stored == expected[doc.sha256], doc
+                    checked += 1
+                else:  # a torn read: its own hash, its own text, so neither version's text under a known hash
+                    assert not any(stored == e for e in expected.values())
+    finally:
+        stop.set()
+        writer.join()
+    assert checked >= 3
+
+
+def test_an_unreadable_folder_is_reported(tmp_path):
+    """Run as another user (root reads every folder): a subfolder they cannot open is named, not skipped
+    without a word."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as another user")
+    top = Path(tempfile.mkdtemp(prefix="appliance-walk-"))
+    try:
+        top.chmod(0o755)
+        (top / "open.md").write_text("# Open\n\nx")
+        (top / "locked").mkdir(mode=0o700)
+        (top / "locked" / "a.md").write_text("# A\n\nx")
+        script = ("import json, sys\nfrom pathlib import Path\nfrom appliance.documents import expand_paths\n"
+                  "files, refused = expand_paths([Path(sys.argv[1])])\n"
+                  "print(json.dumps([[str(f) for f in files], refused]))")
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                              script, str(top)], capture_output=True, text=True, timeout=60, cwd="/")
+        files, refused = json.loads(out.stdout)
+    finally:
+        shutil.rmtree(top)
+    assert files == [str(top / "open.md")]
+    assert refused and "locked: folder not read (Permission denied)" in refused[0]["error"]
+
+
+def test_file_names_cannot_drive_the_terminal_or_forge_lines(home, tmp_path):
+    """A name holding an escape sequence (clear screen) and a newline with a fake FAILED line: every
+    CLI command that prints it shows it inert, on its own line."""
+    from click.testing import CliRunner
+
+    from appliance.cli import cli
+
+    evil = tmp_path / "q3\x1b[2J\x1b]0;owned\x07\nFAILED    everything else.md"
+    evil.write_text("# Quarterly report\n\nThe quarterly staffing report is due on the fifth.")
+    runner = CliRunner()
+    outputs = [runner.invoke(cli, ["--home", str(home), *args]) for args in (
+        ["ingest", str(evil)], ["docs", "list"], ["search", "quarterly staffing report"], ["lookup", "q3"])]
+    assert outputs[0].exit_code == 0, outputs[0].output
+    for result in outputs:
+        text = result.output
+        assert "\x1b" not in text and "\x07" not in text
+        assert not any(line.startswith("FAILED") for line in text.splitlines()), text
+    assert "\\nFAILED" in outputs[1].output  # the newline shown, not obeyed
+
+
+def test_a_pdf_whose_stream_inflates_to_84_mb_is_one_error(tmp_path):
+    """120 KB on disk, 84 MB of content stream: pypdf's LimitReachedError (not a PdfReadError) is this
+    file's error."""
+    import zlib
+
+    content = zlib.compress(b"BT /F1 12 Tf 72 720 Td " + b"(A) Tj " * 12_000_000 + b"ET", 9)
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(content) + content + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    pdf, offsets = bytearray(b"%PDF-1.4\n"), []
+    for n, body in enumerate(objects, 1):
+        offsets.append(len(pdf))
+        pdf += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+    xref = len(pdf)
+    pdf += b"xref\n0 6\n0000000000 65535 f \n" + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    pdf += b"trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % xref
+    (tmp_path / "bomb.pdf").write_bytes(bytes(pdf))
+    assert len(pdf) < 200_000
+    with pytest.raises(IngestError, match="bomb.pdf: unreadable PDF \\(Limit reached while decompressing"):
+        read_document(tmp_path / "bomb.pdf", LIMIT)
+
+
+def test_an_rfp_to_draft_is_parsed_in_the_sandbox_too(home, tmp_path):
+    """A drafted RFP is an upload like any other: parsed in the child under parse_memory_mb, so one that
+    needs more is that RFP's error, not the service's memory."""
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+
+    rfp = tmp_path / "rfp.csv"
+    rfp.write_text("code,title,duties\n" + "".join(f"15-{i:04d}.00,Title {i},{'word ' * 200}\n" for i in range(40_000)))
+    with Appliance(load_settings(home=home, parse_memory_mb=256, max_file_mb=60)) as app, \
+            pytest.raises(IngestError, match="rfp.csv: parsing needs more than 256 MB"):
+        app.draft(rfp, generator=object())  # refused before any generation

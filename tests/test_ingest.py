@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -138,4 +139,40 @@ def test_a_batch_that_adds_nothing_creates_no_collection_and_duplicates_are_skip
         assert report.added == [] and len(report.failed) == 1
         assert "ghost" not in {c["name"] for c in app.store.collection_stats()}
         report = app.ingest([tmp_path / "a.md", tmp_path / "b.md"], "dups")
-        assert len(report.added) == 1 and report.unchanged == [str((tmp_path / "b.md").resolve())]
+        assert len(report.added) == 1 and report.unchanged == []
+        assert [(d["source"], d["same_as"]) for d in report.duplicates] == [
+            (str((tmp_path / "b.md").resolve()), str((tmp_path / "a.md").resolve()))]
+
+
+def test_a_file_edited_to_equal_another_drops_its_old_text(home, tmp_path):
+    """b.md edited so that its text is a.md's: its old text must not go on being served under its name."""
+    (tmp_path / "a.md").write_text("# Alpha\n\nThe original alpha text.")
+    (tmp_path / "b.md").write_text("# Beta\n\nThe beta text says the code is 11-1111.11.")
+    with Appliance(load_settings(home=home)) as app:
+        assert len(app.ingest([tmp_path], "edits").added) == 2
+        (tmp_path / "b.md").write_text((tmp_path / "a.md").read_text())
+        report = app.ingest([tmp_path / "b.md"], "edits")
+        assert report.unchanged == [] and report.duplicates[0]["removed"]
+        docs = app.store.list_documents("edits")
+        assert [Path(d.source).name for d in docs] == ["a.md"]
+        assert not any("11-1111.11" in h.text for h in app.search("beta text code", collection="edits"))
+        removed = app.audit_rows("remove", limit=1)[0]["detail"]
+        assert removed["reason"] == "duplicate" and removed["source"].endswith("b.md")
+        assert app.ingest([tmp_path / "b.md"], "edits").duplicates  # still a duplicate, nothing removed twice
+
+
+def test_a_long_table_shows_its_progress_moving(home, tmp_path, capsys):
+    """A table's embedding is reported per batch, and the CLI's line shows the count move (it once
+    printed "1100 chunks)" for every batch: the item held a '/', and only the name after it was shown)."""
+    from appliance.cli import _Progress
+
+    rows = "code,title\n" + "".join(f"15-{i:04d}.00,Role {i}\n" for i in range(1100))
+    (tmp_path / "big.csv").write_text(rows)
+    seen = []
+    show = _Progress("ingesting")
+    with Appliance(load_settings(home=home)) as app:
+        app.ingest([tmp_path / "big.csv"], "big", progress=lambda item, done, total: (seen.append(item),
+                                                                                        show(item, done, total)))
+    assert any(item.endswith("big.csv (chunk 512 of 1100)") for item in seen)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "chunk" in line]
+    assert lines == [f"ingesting 0/1 big.csv (chunk {n} of 1100)" for n in (512, 1024, 1100)]

@@ -9,30 +9,23 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from running import sqlite_rows, start_service, stop_service, uds_client
+from running import a_word_token, no_end, serving_copy, sqlite_rows, start_service, stop_service, uds_client
 
 from appliance import audit
+from appliance.engine_server import _completion
 from appliance.errors import ExitCode
+from appliance.protocols import Sampling
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, demo_home):
-    home = tmp_path_factory.mktemp("served") / "home"
-    shutil.copytree(demo_home, home, symlinks=True)
-    # Outside pytest's private tmp tree, so another OS user can reach the socket (the peer test).
-    sockdir = Path(tempfile.mkdtemp(prefix="appliance-test-"))
-    sockdir.chmod(0o711)
-    sock = sockdir / "api.sock"
-    proc = start_service(home, sock)
-    yield home, sock
-    stop_service(proc, sock)
-    sockdir.rmdir()
+    with serving_copy(demo_home, tmp_path_factory.mktemp("served") / "home") as (home, sock, _):
+        yield home, sock
 
 
 @pytest.fixture
@@ -89,6 +82,18 @@ def test_follow_up_turns_and_no_rag(openai_client, served):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "greater than or equal to 0"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "greater than or equal to 1"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 7}, 400, "less than or equal to 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "greater than or equal to 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ""}, 400, "of 1 to 200 characters"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 201]}, 400, "of 1 to 200 characters"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"-1": 5}}, 400, "greater than or equal to 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}}, 400, "less than or equal to 100"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": "NaN"}}, 400, "finite number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"hello": 1}}, 400, "valid integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {str(i): 1 for i in range(1025)}}, 400,
+     "at most 1024"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": -100}, "max_tokens": 2}, 400,
+     "outside this model's vocabulary of"),
     ({"messages": []}, 400, "at least 1 item"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message must be a non-empty user message"),
 ])
@@ -99,6 +104,49 @@ def test_out_of_range_requests_get_4xx_and_the_server_lives(served, body, status
         assert r.status_code == status, r.text
         assert message in r.json()["error"]["message"]
         assert http.get("/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("config", ["", "engine: inprocess\n"], ids=["engine-server", "inprocess"])
+def test_logit_bias_seed_and_stop_reach_the_engine(tmp_path, demo_home, config):
+    """+100 on one token: greedy decoding writes nothing else, and a stop string ends it; a seed makes a
+    sampled answer repeat, and other seeds give other answers, unless a tiny top_p leaves only the most
+    likely token; on llama-server and in process alike."""
+    token, text = a_word_token(demo_home)
+    with serving_copy(demo_home, tmp_path / "home", config=config) as (_, sock, _), uds_client(sock) as http:
+        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "rag": False,
+                "temperature": 0.0, "top_p": 0.5}
+        plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        biased = http.post("/v1/chat/completions", json={**body, "logit_bias": {str(token): 100}})
+        assert biased.status_code == 200, biased.text
+        assert biased.json()["choices"][0]["message"]["content"] == text * 4 != plain
+        stopped = http.post("/v1/chat/completions", json={**body, "logit_bias": {str(token): 100},
+                                                          "stop": ["zzz", text[1:]]}).json()
+        assert stopped["choices"][0]["message"]["content"] == text[0]  # cut inside the first token
+        assert stopped["choices"][0]["finish_reason"] == "stop"
+        far = http.post("/v1/chat/completions", json={**body, "logit_bias": {"49152": 1}})
+        assert far.status_code == 400 and "outside this model's vocabulary" in far.json()["error"]["message"]
+
+        sampled = {**body, "temperature": 1.5, "top_p": 1.0, "max_tokens": 12, "logit_bias": no_end(demo_home)}
+
+        def seeded(seed: int) -> str:
+            r = http.post("/v1/chat/completions", json={**sampled, "seed": seed})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+        seeded(7)  # the prompt now sits in the engine's cache, as it will for the two compared
+        assert seeded(7) == seeded(7)
+        assert len({seeded(s) for s in range(1, 5)}) > 1
+        greedy = http.post("/v1/chat/completions", json={**sampled, "temperature": 0.0}).json()
+        sampled["top_p"] = 1e-6
+        assert {seeded(s) for s in range(1, 5)} == {greedy["choices"][0]["message"]["content"]}
+
+
+def test_the_engine_server_is_sent_the_requests_sampling():
+    body = _completion([1, 2], 8, Sampling(temperature=0.5, top_p=0.3, logit_bias=((7, -100.0),), seed=11,
+                                           stop=("\n\n",)))
+    assert (body["temperature"], body["top_p"], body["logit_bias"], body["seed"], body["stop"], body["n_predict"]) == \
+        (0.5, 0.3, [[7, -100.0]], 11, ["\n\n"], 8)
+    default = _completion([1], 8, Sampling(temperature=0.2))
+    assert default["logit_bias"] == [] and "seed" not in default  # the server's own: random
 
 
 def test_audit_records_the_peer_user_and_verifies(served):
@@ -156,7 +204,7 @@ def test_client_disconnect_stops_generation(served):
     home, sock = served
     with uds_client(sock) as http, http.stream("POST", "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "Write a long staffing plan."}], "max_tokens": 100,
-            "stream": True, "rag": False, "temperature": 1.0}) as r:
+            "stream": True, "rag": False, "temperature": 1.0, "logit_bias": no_end(home)}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         next(lines)
@@ -172,13 +220,16 @@ def test_client_disconnect_stops_generation(served):
 
 
 def test_queue_full_gets_503_with_retry_after(tmp_path, demo_home):
+    """The worker's queue, where it generates itself (engine: inprocess; with the engine server a
+    generation does not hold the worker, tests/test_engine_server.py)."""
     home = tmp_path / "home"
     shutil.copytree(demo_home, home, symlinks=True)
+    (home / "config.yaml").write_text("engine: inprocess\n")
     sock = tmp_path / "q.sock"
     proc = start_service(home, sock, "--queue", "0")
     try:
         body = {"messages": [{"role": "user", "content": "Write a long staffing plan."}], "max_tokens": 100,
-                "rag": False, "temperature": 1.0}
+                "rag": False, "temperature": 1.0, "logit_bias": no_end(home)}
 
         def post():
             with uds_client(sock) as http:

@@ -126,6 +126,7 @@ def test_merge_refuses_mismatched_models_before_reading_tensors(stages, tmp_path
 
 def test_ties_merge_loads_and_generates(stages):
     import llama_cpp
+    import torch
 
     from builder import llamacpp, merge
 
@@ -133,6 +134,18 @@ def test_ties_merge_loads_and_generates(stages):
                                       models=[{"model": stages["align"], "density": 0.7, "weight": 0.5},
                                               {"model": stages["sft-b"], "density": 0.7, "weight": 0.5}]))
     assert result(out)["recipe"]["merge_method"] == "ties"
+    # the merge combined the two models' changes to the base: not a copy of the base or of either model
+    from transformers import LlamaForCausalLM
+
+    def weights(path):
+        return {k: v.float() for k, v in LlamaForCausalLM.from_pretrained(path).state_dict().items()}
+    base, a, b, merged = (weights(p) for p in (stages["pretrain"], stages["align"], stages["sft-b"], out))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    da, db, dm = a[name] - base[name], b[name] - base[name], merged[name] - base[name]
+    assert da.abs().max() > 0 and db.abs().max() > 0, "the inputs must differ from the base for this to mean anything"
+    assert dm.abs().max() > 0 and not torch.equal(merged[name], a[name]) and not torch.equal(merged[name], b[name])
+    assert (dm.abs() <= torch.maximum(da.abs(), db.abs()) + 1e-4).all()  # TIES never goes past the inputs' changes
+    assert torch.nn.functional.cosine_similarity(dm.flatten(), (da + db).flatten(), dim=0) > 0.5
     gguf = llamacpp.convert_hf(out, stages["root"] / "merged.gguf", "f16")
     llm = llama_cpp.Llama(str(gguf), n_ctx=256, verbose=False, n_threads=2)
     try:

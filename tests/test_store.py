@@ -8,12 +8,12 @@ from appliance.store import NewChunk, Store
 def test_migrations_and_durability_pragmas(tmp_path):
     with Store(tmp_path / "a.db") as store:
         assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations",
-                                      "005_feedback"]
+                                      "005_feedback", "006_document_owner"]
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with Store(tmp_path / "a.db") as store:  # reopening applies nothing twice
         assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations",
-                                      "005_feedback"]
+                                      "005_feedback", "006_document_owner"]
 
 
 def test_changed_embedder_re_embeds_everything(home):
@@ -112,11 +112,11 @@ def test_two_connections_opening_a_new_database_at_once_migrate_it_once(tmp_path
     import threading
     import time
 
-    import appliance.store as store_module
+    from appliance import migrations
 
     slow = ("999_slow", "CREATE TABLE slow(x); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
                         "WHERE x < 2000000) INSERT INTO slow SELECT x FROM c;")
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, slow])
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, slow])
     db, errors = tmp_path / "new.db", []
 
     def open_store():

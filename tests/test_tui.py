@@ -95,7 +95,7 @@ class HostileEngine:
     def count_tokens(self, text: str) -> int:
         return len(text.split()) + 1
 
-    def stream(self, messages, max_tokens, temperature):
+    def stream(self, messages, max_tokens, sampling):
         yield from self.OUTPUT
 
     def close(self) -> None:
@@ -186,8 +186,10 @@ async def test_rollback_asks_first_and_audit_verifies(ui_home):
                          ids=["chat", "documents", "lookup", "model", "audit", "feedback", "help"])
 def test_snapshot_each_screen(snap_compare, size, keys):
     """Each screen at 80x24 and 120x40, over fixed data (tests/tui_snapshot_app.py) so the SVG is stable."""
+    from tui_snapshot_app import prepare
+
     app_path = Path(__file__).parent / "tui_snapshot_app.py"
-    assert snap_compare(str(app_path), terminal_size=size, press=keys)
+    assert snap_compare(str(app_path), terminal_size=size, press=keys, run_before=prepare)
 
 
 async def test_feedback_from_the_chat_then_export(ui_home, tmp_path):
@@ -294,4 +296,41 @@ async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monke
     finally:
         client.close()
         stop_service(proc, sock)
+        sockdir.rmdir()
+
+
+async def test_the_ui_survives_the_service_stopping_and_recovers_when_it_is_back(ui_home):
+    """The service stops under a running UI: a lookup says the service is not answering (the UI stays
+    up); once the service is back on its socket the same lookup is answered."""
+    import tempfile
+
+    from running import start_service, stop_service
+
+    from appliance.client import ServiceClient
+
+    sockdir = Path(tempfile.mkdtemp(prefix="appliance-tui-"))
+    sock = sockdir / "api.sock"
+    proc = start_service(ui_home, sock)
+    client = ServiceClient(sock)
+    try:
+        app = make_app(client)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _settle(pilot, app)
+            stop_service(proc, sock)
+            await pilot.press("f4")
+            await pilot.press(*"15-12", "enter")
+            await _settle(pilot, app)
+            errors = [n for n in app._notifications if n.severity == "error"]
+            assert errors and "not answering" in errors[-1].message, [n.message for n in app._notifications]
+            assert app.is_running and app.query_one("#lookup-table", DataTable).row_count == 0
+            proc = start_service(ui_home, sock)
+            app.query_one("#lookup-query", Input).focus()
+            await pilot.press("enter")
+            lookup = app.query_one("#lookup-table", DataTable)
+            await _settle(pilot, app, until=lambda: lookup.row_count > 1)
+            assert str(lookup.get_row_at(0)[0]).startswith("15-12")
+    finally:
+        client.close()
+        if proc.poll() is None:
+            stop_service(proc, sock)
         sockdir.rmdir()

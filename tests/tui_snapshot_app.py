@@ -1,14 +1,11 @@
-"""The operator UI for SVG snapshots: fixed data instead of a live home, so every run renders the same
-screens (no clock times, temporary paths or memory figures), through the UI's own message handlers."""
+"""The operator UI for SVG snapshots: the real `make_app`, its panes and workers, over a backend that
+answers with fixed data instead of a live home (no clock times, temporary paths or memory figures),
+so every run renders the same screens. `prepare` drives it as an operator would (a question asked,
+a code looked up) before the screenshot."""
 
-import tempfile
-from pathlib import Path
-
-from appliance.app import Appliance
-from appliance.config import load_settings
 from appliance.rag import Answer, Hit
 from appliance.store import DocumentRow
-from tui.app import Answered, Loaded, OperatorApp
+from tui.app import make_app
 
 SHA = "a000d32a30c1f7160c10fc3357344057902d8267d83e21d70d90bf5f11b42fc5"
 STATUS = {"generation": 2, "version": 2, "resident_mb": 512.0,
@@ -46,29 +43,67 @@ ANSWER = Answer(question="What is the code for a Database Administrator?",
                 timing={"retrieval_ms": 12.0, "ttft_ms": 150.0, "tokens_per_s": 40.0})
 
 
-class SnapshotApp(OperatorApp):
-    def refresh_all(self) -> None:
-        for what, data in (("status", STATUS), ("documents", DOCS), ("generations", GENERATIONS), ("audit", AUDIT),
-                           ("lookup", LOOKUP), ("feedback", FEEDBACK)):
-            self.post_message(Loaded(what, data))
+class FixedBackend:
+    """The Backend methods the UI calls, answering with the data above (appliance.protocols.Backend)."""
 
-    def _load_audit_async(self) -> None:
-        pass
+    def status(self) -> dict:
+        return STATUS
 
-    def on_mount(self) -> None:  # runs after OperatorApp.on_mount (Textual calls each class's handler)
-        self.busy = True
-        from textual.widgets import Input, Static
+    def generations(self) -> dict:
+        return {"generations": GENERATIONS}
 
-        for field in self.query(Input):  # a blinking cursor would be caught on or off by chance
-            field.cursor_blink = False
+    def documents(self, collection=None) -> list:
+        return DOCS
 
-        from tui.app import inert
+    def audit_rows(self, action=None, user=None, limit=50) -> list[dict]:
+        return AUDIT
 
-        transcript = self.query_one("#transcript")
-        transcript.mount(Static(inert(f"you: {ANSWER.question}"), classes="user"))
-        self._answer_widget = Static("", classes="assistant")
-        transcript.mount(self._answer_widget)
-        self.post_message(Answered(ANSWER))
+    def feedback_items(self, pending_only=False, since=None, limit=None) -> list[dict]:
+        return FEEDBACK
+
+    def lookup(self, query, collection=None, limit=20) -> list[dict]:
+        return LOOKUP
+
+    def new_conversation(self, user=None) -> int:
+        return 1
+
+    def ask(self, question, *, on_text=None, **kwargs) -> Answer:
+        for piece in ANSWER.answer.split(" "):
+            if on_text:
+                on_text(piece + " ")
+        return ANSWER
 
 
-app = SnapshotApp(Appliance(load_settings(home=Path(tempfile.mkdtemp(prefix="tui-snapshot-")))))
+async def settle(pilot) -> None:
+    """Until no worker has run through three pauses in a row: one worker's result starts others (an
+    answer refreshes the audit and feedback panes), and a screen captured while they land differs."""
+    app, quiet = pilot.app, 0
+    for _ in range(1000):
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.02)
+        quiet = 0 if app.busy or any(not w.is_finished for w in app.workers) else quiet + 1
+        if quiet == 3:
+            return
+    raise AssertionError("the snapshot app did not settle in 20 s")
+
+
+async def prepare(pilot) -> None:
+    """Ask the question and look up a code through the panes' own workers, then settle."""
+    from textual.widgets import Input
+
+    app = pilot.app
+    for field in app.query(Input):  # a blinking cursor would be caught on or off by chance
+        field.cursor_blink = False
+    await settle(pilot)
+    lookup = app.query_one("#lookup-query", Input)
+    lookup.value = "15-125"
+    app.query_one("LookupPane").lookup()
+    await settle(pilot)
+    lookup.value = ""
+    question = app.query_one("#question", Input)
+    question.value = ANSWER.question
+    await question.action_submit()
+    await settle(pilot)
+
+
+app = make_app(FixedBackend())

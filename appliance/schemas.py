@@ -1,0 +1,206 @@
+"""The service's request bodies and responses (pydantic): the routes declare them, `appliance.client`
+builds requests and reads answers with the same classes, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from appliance.store import DocumentRow
+
+MAX_PROMPT_CHARS = 32_000  # one message's content; the service's other bounds are in appliance.service.limits
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+MAX_STOP, MAX_STOP_CHARS = 4, 200  # OpenAI's count; each engine checks every stop string at every token
+TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]  # below the model's vocabulary size: checked by the engine
+Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, content):
+        size = len(content) if isinstance(content, str) else len(json.dumps(content or []))
+        if size > MAX_PROMPT_CHARS:
+            raise ValueError(f"{size} characters; at most {MAX_PROMPT_CHARS} allowed per message")
+        return content
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields this server ignores
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1, max_length=64)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    logit_bias: dict[TokenId, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS,
+                                                   description="Token id -> bias added to its logit (-100 bans it)")
+    seed: int | None = Field(default=None, ge=0, lt=1 << 31, description="The same seed gives the same answer")
+    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the answer")
+    n: int = Field(default=1, ge=1, le=1)
+    collection: str | None = Field(default=None, description="Extension: retrieve only from this collection")
+    rag: bool = Field(default=True, description="Extension: false answers without retrieval")
+    conversation: int | None = Field(default=None, description="Extension: a stored conversation (POST "
+                                     "/appliance/conversations); its turns are the history, the answer is added")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOP} stop strings of 1 to {MAX_STOP_CHARS} characters each")
+        return stops
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str | list[str] = Field(min_length=1)
+
+
+class IngestRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    paths: list[str] = Field(min_length=1, max_length=1000)
+    collection: str = Field(default="default", min_length=1, max_length=100)
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    audit_id: int = Field(description="The audit id of the answer (in every chat completion's response)")
+    kind: Literal["good", "bad", "correction", "irrelevant_source", "missing_source"]
+    correction: str | None = Field(default=None, max_length=16_000)
+    source: int | None = Field(default=None, ge=1, description="irrelevant_source: the answer's [n]")
+    chunk_id: int | None = Field(default=None, ge=1, description="missing_source: the chunk that should have been found")
+    note: str | None = Field(default=None, max_length=16_000)
+    question: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
+                                 description="For answers outside a stored conversation: checked against the audit row")
+    answer: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    since: str | None = Field(default=None, description="Everything since this date (YYYY-MM-DD), exported or not")
+
+
+class WrittenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out: str
+
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    export: list[str] = Field(max_length=1_000_000)
+
+
+class BundleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    allow_downgrade: bool = False
+
+
+
+
+# -- responses --------------------------------------------------------------------------------------
+class Answered(BaseModel):
+    """A response; fields this side does not know are kept (a newer service adds some)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Home(Answered):
+    home: str
+
+
+class Source(Answered):
+    """A retrieved chunk: a search result, or an answer's source (with its `n`)."""
+
+    chunk_id: int
+    doc_id: int
+    source: str
+    title: str
+    collection: str
+    position: int
+    score: float
+    exact: bool
+    text: str
+    n: int | None = None
+
+    def to_json(self) -> dict:
+        return self.model_dump(exclude={"n"})
+
+
+class SearchResults(Answered):
+    results: list[Source]
+
+
+class Documents(Answered):
+    documents: list[DocumentRow]
+
+
+class Removed(Answered):
+    removed: DocumentRow
+
+
+class Conversation(Answered):
+    id: int
+
+
+class LookupRows(Answered):
+    query: str
+    rows: list[dict]
+
+
+class AuditRows(Answered):
+    rows: list[dict]
+
+
+class FeedbackItems(Answered):
+    items: list[dict]
+
+
+class VerifiedBundle(Answered):
+    version: int
+    files: int
+    targets: list[str]
+    bytes: int
+    notes: list[str]
+    bundle: dict
+
+
+class Installed(Answered):
+    """The result event of a bundle install."""
+
+    version: int
+    generation: int | None  # None: that version was installed already
+    message: str
+    downgrade: bool
+    health: dict | None = None
+    bundle: dict | None = None
+
+
+class RolledBack(Answered):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    left: int = Field(alias="from")
+    to: int
+
+
+class Drafted(Answered):
+    """The result event of a draft."""
+
+    markdown: str
+    summary: dict
+
+
+class FeedbackExport(Answered):
+    export_id: str
+    counts: dict
+    files: dict[str, str]
+    manifest: str
+    signature: str

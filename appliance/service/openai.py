@@ -1,0 +1,237 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions (streamed over SSE or not; retrieval on
+by default; extension fields `collection`, `rag`, `conversation`; `citations`, `sources` and the code
+checks in the response and in the final stream chunk) and /v1/embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from appliance import rag
+from appliance.app import Appliance
+from appliance.errors import ApplianceError
+from appliance.protocols import Sampling
+from appliance.schemas import ChatRequest, EmbeddingRequest, Message
+from appliance.service.deps import get_appliance, get_worker, user_of
+from appliance.service.errors import ApiError
+from appliance.service.limits import HEARTBEAT_S, MAX_EMBED_INPUTS, MAX_PROMPT_CHARS
+from appliance.service.worker import Worker
+
+router = APIRouter()
+
+
+def _question(messages: list[Message]) -> tuple[str, list[dict]]:
+    """The last user message is the question; earlier user/assistant turns are history."""
+    def text(m: Message) -> str:
+        if isinstance(m.content, list):
+            return "".join(p.get("text", "") for p in m.content if p.get("type") == "text")
+        return m.content or ""
+
+    turns = [m for m in messages if m.role in ("user", "assistant")]
+    if not turns or turns[-1].role != "user" or not text(turns[-1]).strip():
+        raise ApiError(400, "the last message must be a non-empty user message")
+    return text(turns[-1]), [{"role": m.role, "content": text(m)} for m in turns[:-1]]
+
+
+
+def model_id(app: Appliance) -> str:
+    return app.installed.manifest.model.name
+
+@router.get("/v1/models")
+async def models(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker)):
+    return await worker.submit(lambda: model_list(app))
+
+def model_list(app: Appliance) -> dict:
+    m = app.installed.manifest
+    created = int(app.installed.path.stat().st_mtime)
+    return {"object": "list", "data": [
+        {"id": m.model.name, "object": "model", "created": created, "owned_by": "appliance",
+         "generation": app.installed.number, "quant": m.model.quant},
+        {"id": m.embedder.name, "object": "model", "created": created, "owned_by": "appliance",
+         "dimensions": m.embedder.dim}]}
+
+def limits(app: Appliance, body: ChatRequest) -> tuple[int, Sampling]:
+    max_tokens = body.max_completion_tokens or body.max_tokens or app.settings.max_tokens
+    context = min(app.settings.n_ctx, app.installed.manifest.model.context_length)
+    if max_tokens > context // 2:
+        raise ApiError(400, f"max_tokens {max_tokens} is more than half the {context}-token context; "
+                            f"allowed: 1 to {context // 2}")
+    given = {} if body.top_p is None else {"top_p": body.top_p}
+    return max_tokens, replace(app.sampling(body.temperature), logit_bias=tuple(sorted((body.logit_bias or {}).items())),
+                               seed=body.seed, stop=tuple(body.stop or ()), **given)
+
+def finish(answer) -> str:
+    return "length" if answer.stopped or answer.timing.get("tokens", 0) >= answer.timing.get("max_tokens", 1 << 30) \
+        else "stop"
+
+def completion_json(app: Appliance, answer, created: int, cid: str) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model_id(app),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
+                         "finish_reason": finish(answer)}],
+            "usage": {"prompt_tokens": answer.timing.get("prompt_tokens", 0),
+                      "completion_tokens": answer.timing.get("tokens", 0),
+                      "total_tokens": answer.timing.get("prompt_tokens", 0) + answer.timing.get("tokens", 0)},
+            "citations": answer.citations, "sources": answer.to_json()["sources"],
+            "unverified_codes": answer.unverified_codes, "unknown_citations": answer.unknown_citations,
+            "miscited_codes": answer.miscited_codes, "conflicting_codes": answer.conflicting_codes,
+            "audit_id": answer.audit_id,
+            "appliance": {"generation": answer.model.get("generation"), "model": answer.model,
+                          "timing": answer.timing}}
+
+@router.post("/v1/chat/completions")
+async def chat(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
+               body: ChatRequest, request: Request):
+    question, history = _question(body.messages)
+    max_tokens, sampling = limits(app, body)
+    user = user_of(request)
+    stop = threading.Event()
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if body.conversation is not None:
+        owner = await worker.submit(lambda: app.store.conversation_user(body.conversation))
+        if owner is None:
+            raise ApiError(404, f"no conversation {body.conversation}; create one with POST "
+                                "/appliance/conversations", "not_found")
+        if owner != (user or "unknown"):  # its turns would come back in the answer's context
+            raise ApiError(403, f"conversation {body.conversation} belongs to another user", "forbidden")
+        history = None  # the stored turns are the history
+
+    engines = request.app.state.engines
+    if engines is not None:  # llama-server generates; the worker only prepares and records
+        queue: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(_engine_answer(app, worker, engines, body, question, history, max_tokens,
+                                                  sampling, user, stop, queue))
+        if body.stream:
+            return _sse(app, queue, created, cid, stop, task)
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(queue.get(), 0.1)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    stop.set()
+                continue
+            if kind == "done":
+                return completion_json(app, value, created, cid)
+            if kind == "error":
+                raise value
+
+    def ask(**streaming):
+        return app.ask(question, collection=body.collection, use_rag=body.rag, max_tokens=max_tokens,
+                       sampling=sampling, history=history,
+                       should_stop=stop.is_set, user=user, conversation=body.conversation, **streaming)
+
+    if not body.stream:
+        def run():
+            return ask()
+        future = worker.submit(run)
+        while not future.done():
+            if await request.is_disconnected():
+                stop.set()
+                break
+            await asyncio.wait({future}, timeout=0.1)
+        return completion_json(app, await future, created, cid)
+
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+
+    def run_streaming():
+        try:
+            answer = ask(on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, ("text", piece)))
+            loop.call_soon_threadsafe(pieces.put_nowait, ("done", answer))
+        except BaseException as exc:  # reported to the client as the stream's last event
+            loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
+    future = worker.submit(run_streaming)
+
+    return _sse(app, pieces, created, cid, stop, future)
+
+
+def _sse(app: Appliance, pieces: asyncio.Queue, created: int, cid: str, stop: threading.Event,
+         running) -> StreamingResponse:
+    """The answer as OpenAI's chunks from ("text", piece), ("done", answer) or ("error", exc) items on
+    `pieces`; `running`: the work producing them, awaited when the stream ends."""
+
+    def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
+        data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id(app),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def events():
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(pieces.get(), HEARTBEAT_S)
+                except TimeoutError:
+                    # Nothing to send (reading the prompt; tokens that are not yet text): an SSE
+                    # comment, which clients skip, so a client that went away is noticed now.
+                    yield ": generating\n\n"
+                    continue
+                if kind == "text":
+                    if value:
+                        yield chunk({"content": value})
+                elif kind == "done":
+                    final = completion_json(app, value, created, cid)
+                    yield chunk({}, finish(value),
+                                **{k: final[k] for k in ("citations", "sources", "unverified_codes",
+                                                         "unknown_citations", "miscited_codes",
+                                                         "conflicting_codes", "audit_id", "appliance",
+                                                         "usage")})
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    message = str(value) if isinstance(value, ApplianceError) else f"internal error: {value!r}"
+                    yield f"data: {json.dumps({'error': {'message': message, 'type': type(value).__name__}})}\n\n"
+                    return
+        finally:
+            stop.set()  # a client that went away stops the generation at its next token
+            await asyncio.shield(running)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _engine_answer(app: Appliance, worker: Worker, engines, body: ChatRequest, question: str,
+                         history: list[dict] | None, max_tokens: int, sampling: Sampling, user: str | None,
+                         stop: threading.Event, pieces: asyncio.Queue) -> None:
+    """Prepare on the worker, generate on the engine server (other requests' work goes on meanwhile),
+    record on the worker; items onto `pieces` as `_sse` reads them."""
+    try:
+        async with engines.lease(app, worker) as lease:
+            job = await worker.submit(lambda: app.prepare_ask(
+                question, body.collection, body.rag, max_tokens, sampling, history=history, user=user,
+                conversation=body.conversation, tokenizer=lease.tokenizer, model_info=lease.model_info))
+            tokens = lease.tokenizer.prompt_for(job.prep.messages, max_tokens, sampling)
+            start, first, texts, stopped = time.perf_counter(), None, [], False
+            async for piece in lease.stream(tokens, max_tokens, sampling):
+                first = first or time.perf_counter()
+                texts.append(piece)
+                await pieces.put(("text", piece))
+                if stop.is_set():
+                    stopped = True
+                    break
+            timing = rag.timing_of(job.prep, start, first, time.perf_counter(), len(texts), len(tokens))
+        answer = await worker.submit(lambda: app.finish_ask(job, texts, timing, stopped))
+        await pieces.put(("done", answer))
+    except BaseException as exc:  # the stream's last event, or the non-streamed answer's error
+        await pieces.put(("error", exc))
+        if not isinstance(exc, Exception):
+            raise
+
+@router.post("/v1/embeddings")
+async def embeddings(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
+                     body: EmbeddingRequest):
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if len(texts) > MAX_EMBED_INPUTS or any(len(t) > MAX_PROMPT_CHARS for t in texts):
+        raise ApiError(400, f"at most {MAX_EMBED_INPUTS} inputs of at most {MAX_PROMPT_CHARS} characters each")
+    vectors = await worker.submit(lambda: app.embedder.embed(texts))
+    return {"object": "list", "model": app.embedder.name,
+            "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": sum(len(t.split()) for t in texts),
+                      "total_tokens": sum(len(t.split()) for t in texts)}}
+

@@ -1,0 +1,129 @@
+"""The worker that runs what touches the model, embedder or database, and the helpers that stream its
+progress: one task at a time (the turn), with a bounded queue (503 with Retry-After past it). A task
+that waits on the engine server (the draft's generation) gives up the turn while it waits, so other
+requests run in between."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from appliance.errors import ApplianceError
+from appliance.service.errors import ApiError
+from appliance.service.limits import UPLOAD_TIMEOUT_S
+
+
+class Worker:
+    """Everything that touches the model, embedder or database runs here, one task at a time, with a
+    bounded queue. Threads are many so that a task that stepped `aside` does not hold the others up;
+    the turn (a lock) is what keeps the Appliance single-threaded."""
+
+    def __init__(self, queue_size: int, before: Callable[[], None] | None = None):
+        self.pool = ThreadPoolExecutor(max_workers=queue_size + 2, thread_name_prefix="appliance")
+        self.before = before
+        self.queue_size = queue_size
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.turn = threading.Lock()
+        self._holder = threading.local()
+
+    def submit(self, fn: Callable, *args):
+        with self.lock:
+            if self.pending >= self.queue_size + 1:  # one running, queue_size waiting
+                raise ApiError(503, f"the appliance is busy ({self.pending} requests ahead); retry shortly",
+                               "server_busy", {"Retry-After": "2"})
+            self.pending += 1
+        future = self.pool.submit(self._run, fn, *args)
+
+        def done(_):
+            with self.lock:
+                self.pending -= 1
+        future.add_done_callback(done)
+        return asyncio.wrap_future(future)
+
+    def _run(self, fn: Callable, *args):
+        with self.turn:
+            self._holder.held = True
+            try:
+                if self.before:
+                    self.before()
+                return fn(*args)
+            finally:
+                self._holder.held = False
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Give up the turn while the body waits on something that is not the Appliance's (the engine
+        server decoding); taken back before the task goes on. Outside a task, nothing to give up."""
+        if not getattr(self._holder, "held", False):
+            yield
+            return
+        self._holder.held = False
+        self.turn.release()
+        try:
+            yield
+        finally:
+            self.turn.acquire()
+            self._holder.held = True
+
+
+class Stopped(Exception):
+    """The client went away; generation stops at the next token."""
+
+
+def progress_events(worker: Worker, work: Callable[[Callable[..., None]], dict],
+                    finished: Callable[[], object] | None = None) -> StreamingResponse:
+    """Run `work(report)` on the worker; each `report(item, done, total)` is an event, then the result
+    or the error. The queue is checked before the response starts, so a busy service still says 503."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def put(event: dict) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def run():
+        try:
+            put({"result": work(lambda item, done, total: put({"item": str(item or ""), "done": done,
+                                                                "total": total}))})
+        except ApplianceError as exc:
+            put({"error": {"message": str(exc), "type": type(exc).__name__}})
+        except Exception as exc:  # reported, never a stream that just stops
+            put({"error": {"message": f"internal error: {exc!r}", "type": type(exc).__name__}})
+    worker.submit(run)
+
+    async def stream():
+        try:
+            while True:
+                event = await events.get()
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                if "result" in event or "error" in event:
+                    return
+        finally:
+            if finished:  # `finished()`: an awaitable, run once the stream ends (an engine lease let go)
+                await finished()
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def read_body(request: Request, limit: int, timeout_s: float = UPLOAD_TIMEOUT_S) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes, 408 when it takes too long."""
+    body = bytearray()
+
+    async def read():
+        async for part in request.stream():
+            body.extend(part)
+            if len(body) > limit:
+                raise ApiError(413, f"the upload is larger than {limit / 1e6:.1f} MB (max_file_mb)", "too_large")
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError as exc:
+        raise ApiError(408, f"the upload did not arrive within {timeout_s:.0f} s", "timeout") from exc
+    return bytes(body)
+
+

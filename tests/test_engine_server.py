@@ -1,0 +1,199 @@
+"""The service's engine: llama.cpp's own server as a supervised child, decoding several answers at once
+while searches, document lists and audit reads go on; killed, it is noticed and restarted; a new
+generation drains it and starts it on the new model. A real `appliance serve`, a real llama-server
+built from the pinned sources (`make deps`), real HTTP clients."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from running import no_end, serving_copy, uds_client
+
+from appliance.engine_server import find_binary
+
+pytestmark = pytest.mark.skipif(find_binary() is None, reason="needs llama-server (`make deps` builds it)")
+
+LONG = {"messages": [{"role": "user", "content": "Write a long staffing plan."}], "max_tokens": 500,
+        "stream": True, "rag": False, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def endless(demo_home) -> dict:
+    """LONG with every control token banned: each answer runs to max_tokens, so the timing below does not
+    hang on where this build's tiny model happens to stop (machines that train it differently differ)."""
+    return dict(LONG, logit_bias=no_end(demo_home))
+
+
+@pytest.fixture
+def served(tmp_path, demo_home):
+    with serving_copy(demo_home, tmp_path / "home", "--slots", "4") as served:
+        yield served
+
+
+def _engine_pid(service_pid: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"PPid:\t{service_pid}\n" in status and b"llama-server" in cmdline:
+                return int(entry.name)
+    raise AssertionError("no llama-server child")
+
+
+class Streams:
+    """n streamed answers in threads; `started` once each has sent text, `ended` once each is done."""
+
+    def __init__(self, sock: Path, n: int, body: dict):
+        self.sock, self.body = sock, body
+        self.started = [threading.Event() for _ in range(n)]
+        self.ended = [threading.Event() for _ in range(n)]
+        self.results: list[dict] = [{} for _ in range(n)]
+        self.pool = concurrent.futures.ThreadPoolExecutor(n)
+        self.futures = [self.pool.submit(self._one, i) for i in range(n)]
+
+    def _one(self, i: int) -> None:
+        text, final, error = [], None, None
+        with uds_client(self.sock) as http, http.stream("POST", "/v1/chat/completions", json=self.body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"]
+                    break
+                piece = event["choices"][0]["delta"].get("content")
+                if piece:
+                    text.append(piece)
+                    self.started[i].set()
+                if event["choices"][0]["finish_reason"]:
+                    final = event
+        self.results[i] = {"text": "".join(text), "final": final, "error": error}
+        self.started[i].set()
+        self.ended[i].set()
+
+    def wait(self, timeout: float = 300) -> list[dict]:
+        for f in self.futures:
+            f.result(timeout=timeout)
+        self.pool.shutdown()
+        return self.results
+
+
+def test_four_answers_decode_together_and_nothing_waits_behind_them(served, endless):
+    _, sock, _ = served
+    with uds_client(sock) as http:  # the index and embedder loaded first, so what is timed below is waiting
+        assert http.get("/appliance/search", params={"q": "warm up"}).status_code == 200
+    streams = Streams(sock, 4, endless)
+    assert all(e.wait(120) for e in streams.started), "each of the four got text before any finished"
+    reads = []  # (seconds, answers still streaming when the read came back)
+    with uds_client(sock) as http:  # while they stream
+        while not all(e.is_set() for e in streams.ended):
+            for path, params in (("/appliance/search", {"q": "cloud architect code"}), ("/appliance/documents", {}),
+                                 ("/appliance/audit", {"limit": 5})):
+                start = time.perf_counter()
+                assert http.get(path, params=params).status_code == 200
+                reads.append((time.perf_counter() - start, sum(not e.is_set() for e in streams.ended)))
+    results = streams.wait()
+    during = [t for t, streaming in reads if streaming >= 1]
+    assert len(during) >= 3 and max(during) < 2.0, reads  # answered while answers were being decoded
+    assert all(r["error"] is None and r["final"] and r["text"] for r in results)
+    assert [r["final"]["usage"]["completion_tokens"] for r in results] == [500] * 4  # the bias held on the server
+    ids = [r["final"]["audit_id"] for r in results]
+    with uds_client(sock) as http:
+        rows = {r["id"]: r for r in http.get("/appliance/audit", params={"action": "ask", "limit": 10}).json()["rows"]}
+        assert set(ids) <= set(rows) and http.get("/appliance/audit/verify").json()["intact"]  # no fork
+
+
+def test_the_engine_killed_mid_answer_is_a_clear_error_then_it_answers_again(served, endless):
+    _, sock, proc = served
+    streams = Streams(sock, 1, endless)
+    assert streams.started[0].wait(120)
+    os.kill(_engine_pid(proc.pid), signal.SIGKILL)
+    result = streams.wait()[0]
+    assert result["error"] and "engine server stopped" in result["error"]["message"]
+    with uds_client(sock) as http:
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say OK."}],
+                                                    "max_tokens": 4, "rag": False})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert _engine_pid(proc.pid)  # a new one
+
+
+def test_a_new_generation_drains_the_engine_and_restarts_it_on_the_new_model(served, tiny_generation, endless):
+    home, sock, proc = served
+    with uds_client(sock) as http:
+        before = http.get("/appliance/status").json()["generation"]
+    old_engine = _engine_pid(proc.pid)
+    streams = Streams(sock, 2, endless)
+    assert all(e.wait(120) for e in streams.started)
+    os.kill(old_engine, signal.SIGSTOP)  # the two stay mid-answer, however fast this machine is, until SIGCONT
+    try:
+        env = dict(os.environ, APPLIANCE_HOME=str(home))  # another process switches `current`, as the USB import does
+        out = subprocess.run([sys.executable, "-m", "appliance.cli", "--local", "install-generation", "--unsigned",
+                              str(tiny_generation)], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+
+        def ask():  # asked while the two are mid-answer: waits for them, then the new model answers
+            with uds_client(sock) as http:
+                return http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say OK."}],
+                                                               "max_tokens": 4, "rag": False})
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        asked = pool.submit(ask)
+        time.sleep(1.0)  # it has reached the engine's lease and is waiting there for the drain
+        assert not asked.done() and not any(e.is_set() for e in streams.ended)
+    finally:
+        os.kill(old_engine, signal.SIGCONT)
+    r = asked.result(120)
+    pool.shutdown()
+    assert r.status_code == 200 and r.json()["appliance"]["generation"] == before + 1
+    results = streams.wait()
+    assert all(x["error"] is None and x["final"] for x in results)  # none lost
+    assert {x["final"]["appliance"]["generation"] for x in results} == {before}  # answered by the old model
+    with uds_client(sock) as http:
+        rows = {row["id"]: row for row in http.get("/appliance/audit", params={"action": "ask"}).json()["rows"]}
+    for x in results:
+        assert rows[x["final"]["audit_id"]]["generation"] == before
+    assert rows[r.json()["audit_id"]]["generation"] == before + 1
+    assert _engine_pid(proc.pid) != old_engine
+
+
+def test_a_draft_gives_up_the_worker_while_the_engine_writes(served):
+    """A draft is many generations; between its requirements' retrievals the worker serves others, so a
+    search during a draft is answered in well under one requirement's generation."""
+    _, sock, _ = served
+    rfp = next((Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus" / "rfps").glob("*.md"))
+    with uds_client(sock) as http:
+        assert http.get("/appliance/search", params={"q": "warm up"}).status_code == 200
+    events, drafting = [], threading.Event()
+
+    def draft():
+        with uds_client(sock) as http, http.stream("POST", "/appliance/draft", content=rfp.read_bytes(),
+                                                   params={"name": "rfp.md", "max_tokens": 120}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    drafting.set()
+    thread = threading.Thread(target=draft)
+    thread.start()
+    assert drafting.wait(120)
+    reads = []
+    with uds_client(sock) as http:
+        while thread.is_alive() and len(reads) < 20:
+            start = time.perf_counter()
+            assert http.get("/appliance/search", params={"q": "cloud architect code"}).status_code == 200
+            reads.append((time.perf_counter() - start, thread.is_alive()))
+    thread.join(600)
+    assert "result" in events[-1], events[-1]
+    during = [t for t, alive in reads if alive]
+    assert len(during) >= 3 and sorted(during)[len(during) // 2] < 1.0, reads  # not behind the draft's generations
+    assert events[-1]["result"]["summary"]["requirements_found"] >= 5
