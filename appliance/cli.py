@@ -547,6 +547,10 @@ def status(ctx, as_json: bool) -> None:
     click.echo(f"generation  {data['generation']}, {version} (installed: {', '.join(map(str, data['generations']))})")
     click.echo(f"model       {m['name']} {m['quant']} {m['parameters']:,} parameters, sha256 {m['sha256'][:16]}")
     click.echo(f"embedder    {e['name']} ({e['dim']}-d)")
+    if engine := data.get("engine"):  # only through a service whose llama-server generates
+        click.echo(f"engine      llama-server on {engine['slots']} slots, {engine['busy']} request(s) generating"
+                   f"{'' if engine['running'] else ', not running (the next answer starts it)'}, "
+                   f"started {engine['starts']} time(s)")
     key = data.get("appliance_key")
     click.echo(f"signing key {key['key_id']} (ed25519; public key: {data['home']}/identity/appliance.pub)" if key
                else "signing key none yet (made by `appliance trust init` or the first feedback export)")

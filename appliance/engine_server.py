@@ -138,7 +138,7 @@ class EngineServer:
         self.tokenizer = None
         self.model_info: dict = {}
         self.active = 0
-        self.restarts = 0
+        self.starts = 0
         self._changing = False
         self._cond: asyncio.Condition | None = None
         self._client = None
@@ -163,6 +163,7 @@ class EngineServer:
                "-cram", "0"]
         logfile = open(self.run_dir / "engine.log", "ab")
         start = time.perf_counter()
+        self.starts += 1
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
                                      cwd=self.run_dir, start_new_session=True)
         logfile.close()
@@ -202,6 +203,12 @@ class EngineServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def state(self) -> dict:
+        """For `appliance status`: the slots, how many requests hold the engine now (answers being
+        written, drafts), the generation it serves and how often it was (re)started."""
+        return {"slots": self.slots, "busy": self.active, "running": self.alive(), "generation": self.generation,
+                "starts": self.starts}
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
@@ -236,10 +243,9 @@ class EngineServer:
                             "sha256": installed.manifest.files[installed.manifest.model.file].sha256,
                             "generation": installed.number}
                     template = (installed.path / installed.manifest.chat_template).read_text()
-                    if self.generation is not None or self.restarts:
+                    if self.starts:
                         log.warning("engine: restarting on generation %s (was %s, %s)", installed.number,
                                     self.generation, "running" if self.alive() else "stopped")
-                    self.restarts += 1
                     await asyncio.to_thread(self.start, installed, template, info)
                 finally:
                     self._changing = False

@@ -7,6 +7,9 @@
   ids the service sends for the same questions (built by the appliance's own prepare_ask), so the
   service's own cost shows as a ratio; and bare again with the clients starting 100 ms apart (the
   service's requests reach its engine one after another, each prepared first);
+- decode alone: 1 and 4 clients asking without retrieval (a prompt of a few dozen tokens) for
+  DECODE_TOKENS each, so the ratio is what decoding four answers in one batch gives on this machine
+  rather than when each client's 700-token prompt happened to be read between the others' steps;
 - searches (p95) sent every 50 ms while 4 answers stream, against searches on an idle service;
 - the service's and its engine's resident memory against model file + KV cache of all slots + 400 MB.
 Every client asks for the same number of tokens (a random-weight model over 128k tokens almost never
@@ -33,6 +36,7 @@ from bench.decode import QUESTION, bench_home, model_path
 
 SLOTS = 4
 TOKENS = 48
+DECODE_TOKENS = 128
 CLIENTS = (1, 2, 4, 8)
 
 
@@ -96,8 +100,14 @@ def _wait(sock: Path, proc: subprocess.Popen, path: str) -> None:
         time.sleep(0.2)
 
 
+def _ask(i: int, rag: bool = True) -> dict:
+    """Client i's streamed question to the service (with retrieval: TOKENS; without: DECODE_TOKENS)."""
+    return {"messages": [{"role": "user", "content": f"{QUESTION} (operator {i})"}], "stream": True,
+            "temperature": 0.0, "rag": rag, "max_tokens": TOKENS if rag else DECODE_TOKENS}
+
+
 def through_service(home: Path, threads: int, clients: tuple[int, ...]) -> tuple[dict, dict]:
-    """(results by client count, search and memory figures)."""
+    """(results by client count, search, decode-alone and memory figures)."""
     sock = home.parent / "api.sock"
     env = dict(os.environ, APPLIANCE_HOME=str(home), APPLIANCE_THREADS=str(threads), APPLIANCE_ENGINE="server",
                APPLIANCE_SLOTS=str(SLOTS), APPLIANCE_N_CTX="2048")
@@ -106,19 +116,17 @@ def through_service(home: Path, threads: int, clients: tuple[int, ...]) -> tuple
     try:
         _wait(sock, proc, "/v1/models")
 
-        def body(i: int) -> dict:
-            return {"messages": [{"role": "user", "content": f"{QUESTION} (operator {i})"}], "max_tokens": TOKENS,
-                    "stream": True, "temperature": 0.0}
-
         def content(event: dict) -> tuple[int, float]:
             timing = event["appliance"]["timing"]
             n = event["usage"]["completion_tokens"]
             return n, (n - 1) / timing["tokens_per_s"] if timing["tokens_per_s"] else 0.0
-        results = {n: _round(sock, n, "/v1/chat/completions", body, content) for n in clients}
+        results = {n: _round(sock, n, "/v1/chat/completions", _ask, content) for n in clients}
+        alone = {n: _round(sock, n, "/v1/chat/completions", lambda i: _ask(i, rag=False), content)
+                 for n in (1, SLOTS)}
         with _client(sock) as http:
             idle = [_timed(http.get, "/appliance/search", params={"q": "cloud architect code"}) for _ in range(20)]
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                busy_run = pool.submit(_round, sock, 4, "/v1/chat/completions", body, content)
+                busy_run = pool.submit(_round, sock, 4, "/v1/chat/completions", _ask, content)
                 busy = []
                 while not busy_run.done():
                     busy.append(_timed(http.get, "/appliance/search", params={"q": "cloud architect code"}))
@@ -126,7 +134,7 @@ def through_service(home: Path, threads: int, clients: tuple[int, ...]) -> tuple
         engine_pid = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
                           f"PPid:\t{proc.pid}\n" in _read(p / "status") and b"llama-server" in _readb(p / "cmdline"))
         memory = {"service": _rss_mb(proc.pid), "engine": _rss_mb(engine_pid)}
-        return results, {"idle": idle, "busy": busy, "memory": memory}
+        return results, {"idle": idle, "busy": busy, "memory": memory, "alone": alone}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -160,8 +168,8 @@ def trained_context(gguf_path: Path) -> int:
     return int(reader.fields[f"{arch}.context_length"].parts[-1][0])
 
 
-def service_prompts(home: Path, template: Path, n: int) -> list[list[int]]:
-    """The token ids the service sends its engine for each client's question (retrieval included), with
+def service_prompts(home: Path, template: Path, n: int, rag: bool = True) -> list[list[int]]:
+    """The token ids the service sends its engine for each client's question (with retrieval or not), with
     the context its slots have (2048, or the model's own when that is less, as the engine caps it)."""
     from appliance.app import Appliance
     from appliance.config import load_settings
@@ -170,19 +178,20 @@ def service_prompts(home: Path, template: Path, n: int) -> list[list[int]]:
     with Appliance(load_settings(home=home, n_ctx=2048)) as app:
         n_ctx = min(2048, trained_context(app.installed.model_path))
         tok = LlamaEngine(app.installed.model_path, template.read_text(), n_ctx=n_ctx, vocab_only=True)
-        prompts = [tok.encode_prompt(app.prepare_ask(f"{QUESTION} (operator {i})", max_tokens=TOKENS,
+        prompts = [tok.encode_prompt(app.prepare_ask(f"{QUESTION} (operator {i})", use_rag=rag,
+                                                     max_tokens=TOKENS if rag else DECODE_TOKENS,
                                                      tokenizer=tok).prep.messages) for i in range(n)]
         tok.close()
     return prompts
 
 
 def bare_server(gguf: Path, prompts: list[list[int]], threads: int, tmp: Path, clients: tuple[int, ...],
-                stagger: float = 0.0) -> dict:
+                stagger: float = 0.0, tokens: int = TOKENS) -> dict:
     """The same clients against llama-server itself, sent the service's own prompt tokens; `stagger`:
     seconds between the clients' starts (operators do not press enter in the same millisecond)."""
     from appliance.engine_server import find_binary
 
-    sock = tmp / f"bare-{stagger}" / "engine.sock"
+    sock = tmp / f"bare-{stagger}-{tokens}" / "engine.sock"
     sock.parent.mkdir(mode=0o700)
     cmd = [str(find_binary()), "-m", str(gguf), "--host", str(sock), "-np", str(SLOTS), "-c", str(2048 * SLOTS),
            "-t", str(threads), "--no-webui", "--no-slots", "-lm", "none"]
@@ -191,7 +200,7 @@ def bare_server(gguf: Path, prompts: list[list[int]], threads: int, tmp: Path, c
         _wait(sock, proc, "/health")
 
         def body(i: int) -> dict:
-            return {"prompt": prompts[i], "n_predict": TOKENS, "temperature": 0.0, "stream": True,
+            return {"prompt": prompts[i], "n_predict": tokens, "temperature": 0.0, "stream": True,
                     "cache_prompt": True, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1}
 
         def final(event: dict) -> tuple[int, float]:
@@ -214,6 +223,8 @@ def run(gguf: Path | None = None, clients: tuple[int, ...] = CLIENTS) -> list[st
         prompts = service_prompts(home, template, max(clients))
         bare = bare_server(gguf, prompts, threads, Path(tmp), clients)
         apart = bare_server(gguf, prompts, threads, Path(tmp), clients, stagger=0.1)
+        short = service_prompts(home, template, SLOTS, rag=False)
+        bare_alone = bare_server(gguf, short, threads, Path(tmp), (1, SLOTS), tokens=DECODE_TOKENS)
     one = service[1]["agg"]
     lines = [row("clients", "aggregate decode tok/s", "vs one client", "vs bare llama-server", "TTFT p50 / p95 s",
                  "total p95 s", "every first token before any answer ended"),
@@ -229,6 +240,12 @@ def run(gguf: Path | None = None, clients: tuple[int, ...] = CLIENTS) -> list[st
                                                                       for n in clients))
     lines.append("bare llama-server, clients 100 ms apart: " + ", ".join(f"{n} clients {apart[n]['agg']:.1f} tok/s"
                                                                       for n in clients))
+    alone = extra["alone"]
+    lines.append(f"decode alone ({min(map(len, short))}-{max(map(len, short))}-token prompts, {DECODE_TOKENS} tokens each): "
+                 f"1 client {alone[1]['agg']:.1f} tok/s, {SLOTS} clients {alone[SLOTS]['agg']:.1f} tok/s = "
+                 f"{alone[SLOTS]['agg'] / alone[1]['agg']:.2f}x one client; bare llama-server "
+                 f"{bare_alone[1]['agg']:.1f} and {bare_alone[SLOTS]['agg']:.1f} tok/s "
+                 f"(service {alone[SLOTS]['agg'] / bare_alone[SLOTS]['agg']:.2f}x bare at {SLOTS})")
     lines.append(f"search while 4 answers stream: p95 {pct(extra['busy'], 95):.1f} ms ({len(extra['busy'])} searches); "
                  f"idle p95 {pct(extra['idle'], 95):.1f} ms")
     size = gguf.stat().st_size / 2**20

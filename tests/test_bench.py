@@ -31,4 +31,6 @@ def test_concurrency_benchmark_prints_its_table(tiny_generation):
     assert lines[0].startswith("| clients | aggregate decode tok/s")
     assert [line.split("|")[1].strip() for line in lines[2:4]] == ["1", "2"]
     assert any(line.startswith("search while 4 answers stream: p95") for line in lines)
+    alone = next(line for line in lines if line.startswith("decode alone ("))
+    assert float(alone.split(" = ")[1].split("x")[0]) > 0 and "bare llama-server" in alone
     assert any(line.startswith("resident: service") for line in lines)

@@ -6,6 +6,7 @@ built from the pinned sources (`make deps`), real HTTP clients."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from running import no_end, serving_copy, uds_client
 
@@ -52,13 +54,56 @@ def _engine_pid(service_pid: int) -> int:
     raise AssertionError("no llama-server child")
 
 
+@contextlib.contextmanager
+def paused(pid: int):
+    """The engine stopped (SIGSTOP) for the body: requests sent to it wait there, mid-answer, however fast
+    this machine decodes, so what is measured meanwhile cannot depend on the answers' speed."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def wait_busy(sock: Path, n: int, timeout: float = 60) -> None:
+    """Until `n` requests hold the engine (the service's status counts them)."""
+    deadline = time.monotonic() + timeout
+    with uds_client(sock) as http:
+        while (busy := http.get("/appliance/status").json()["engine"]["busy"]) < n:
+            assert time.monotonic() < deadline, f"{busy} of {n} requests reached the engine"
+            time.sleep(0.05)
+
+
+def timed_reads(sock: Path, rounds: int, alive=lambda: True) -> list[float]:
+    """Seconds for each of a search, a document list and an audit read, `rounds` times (while `alive()`);
+    a read that has not come back in 10 s fails the test (it waited behind something)."""
+    seconds = []
+    with uds_client(sock) as http:
+        http.timeout = httpx.Timeout(10)
+        for _ in range(rounds):
+            for path, params in (("/appliance/search", {"q": "cloud architect code"}), ("/appliance/documents", {}),
+                                 ("/appliance/audit", {"limit": 5})):
+                if not alive():
+                    return seconds
+                start = time.perf_counter()
+                try:
+                    assert http.get(path, params=params).status_code == 200
+                except httpx.ReadTimeout:
+                    raise AssertionError(f"{path} waited more than 10 s behind a generation") from None
+                seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 class Streams:
-    """n streamed answers in threads; `started` once each has sent text, `ended` once each is done."""
+    """n streamed answers in threads; `started` once each has sent text, `ended` once each is done, with
+    the moment of each one's first text and of its end."""
 
     def __init__(self, sock: Path, n: int, body: dict):
         self.sock, self.body = sock, body
         self.started = [threading.Event() for _ in range(n)]
         self.ended = [threading.Event() for _ in range(n)]
+        self.first = [0.0] * n
+        self.last = [0.0] * n
         self.results: list[dict] = [{} for _ in range(n)]
         self.pool = concurrent.futures.ThreadPoolExecutor(n)
         self.futures = [self.pool.submit(self._one, i) for i in range(n)]
@@ -76,10 +121,13 @@ class Streams:
                 piece = event["choices"][0]["delta"].get("content")
                 if piece:
                     text.append(piece)
-                    self.started[i].set()
+                    if not self.started[i].is_set():
+                        self.first[i] = time.monotonic()
+                        self.started[i].set()
                 if event["choices"][0]["finish_reason"]:
                     final = event
         self.results[i] = {"text": "".join(text), "final": final, "error": error}
+        self.last[i] = time.monotonic()
         self.started[i].set()
         self.ended[i].set()
 
@@ -91,28 +139,42 @@ class Streams:
 
 
 def test_four_answers_decode_together_and_nothing_waits_behind_them(served, endless):
-    _, sock, _ = served
+    _, sock, proc = served
     with uds_client(sock) as http:  # the index and embedder loaded first, so what is timed below is waiting
         assert http.get("/appliance/search", params={"q": "warm up"}).status_code == 200
-    streams = Streams(sock, 4, endless)
-    assert all(e.wait(120) for e in streams.started), "each of the four got text before any finished"
-    reads = []  # (seconds, answers still streaming when the read came back)
-    with uds_client(sock) as http:  # while they stream
-        while not all(e.is_set() for e in streams.ended):
-            for path, params in (("/appliance/search", {"q": "cloud architect code"}), ("/appliance/documents", {}),
-                                 ("/appliance/audit", {"limit": 5})):
-                start = time.perf_counter()
-                assert http.get(path, params=params).status_code == 200
-                reads.append((time.perf_counter() - start, sum(not e.is_set() for e in streams.ended)))
+    with paused(_engine_pid(proc.pid)):  # the four are mid-answer for as long as the reads take
+        streams = Streams(sock, 4, endless)
+        wait_busy(sock, 4)
+        reads = timed_reads(sock, 3)
+        assert not any(e.is_set() for e in streams.ended)
     results = streams.wait()
-    during = [t for t, streaming in reads if streaming >= 1]
-    assert len(during) >= 3 and max(during) < 2.0, reads  # answered while answers were being decoded
+    assert len(reads) == 9 and max(reads) < 2.0, reads  # answered while four answers were being generated
     assert all(r["error"] is None and r["final"] and r["text"] for r in results)
     assert [r["final"]["usage"]["completion_tokens"] for r in results] == [500] * 4  # the bias held on the server
+    # decoded together: each of the four had text before any of them had finished
+    assert max(streams.first) < min(streams.last), (streams.first, streams.last)
     ids = [r["final"]["audit_id"] for r in results]
     with uds_client(sock) as http:
         rows = {r["id"]: r for r in http.get("/appliance/audit", params={"action": "ask", "limit": 10}).json()["rows"]}
         assert set(ids) <= set(rows) and http.get("/appliance/audit/verify").json()["intact"]  # no fork
+
+
+def test_the_status_names_the_engine_and_what_holds_it(served, endless):
+    _, sock, proc = served
+    with uds_client(sock) as http:
+        idle = http.get("/appliance/status").json()["engine"]
+    assert idle == {"slots": 4, "busy": 0, "running": True, "generation": idle["generation"], "starts": 1}
+    with paused(_engine_pid(proc.pid)):
+        streams = Streams(sock, 2, endless)
+        wait_busy(sock, 2)
+    streams.wait()
+    with uds_client(sock) as http:
+        assert http.get("/appliance/status").json()["engine"]["busy"] == 0  # each let go once answered
+    env = dict(os.environ, APPLIANCE_HOME=str(served[0]), APPLIANCE_SOCKET=str(sock))
+    out = subprocess.run([sys.executable, "-m", "appliance.cli", "status"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "engine      llama-server on 4 slots, 0 request(s) generating, started 1 time(s)" in out.stdout
 
 
 def test_the_engine_killed_mid_answer_is_a_clear_error_then_it_answers_again(served, endless):
@@ -126,6 +188,7 @@ def test_the_engine_killed_mid_answer_is_a_clear_error_then_it_answers_again(ser
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say OK."}],
                                                     "max_tokens": 4, "rag": False})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert http.get("/appliance/status").json()["engine"]["starts"] == 2  # operators can see it happened
     assert _engine_pid(proc.pid)  # a new one
 
 
@@ -168,13 +231,13 @@ def test_a_new_generation_drains_the_engine_and_restarts_it_on_the_new_model(ser
 
 
 def test_a_draft_gives_up_the_worker_while_the_engine_writes(served):
-    """A draft is many generations; between its requirements' retrievals the worker serves others, so a
-    search during a draft is answered in well under one requirement's generation."""
-    _, sock, _ = served
+    """A draft is many generations; while the engine writes one, the worker serves others, so searches
+    during a draft are not answered behind its generations."""
+    _, sock, proc = served
     rfp = next((Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus" / "rfps").glob("*.md"))
     with uds_client(sock) as http:
         assert http.get("/appliance/search", params={"q": "warm up"}).status_code == 200
-    events, drafting = [], threading.Event()
+    events = []
 
     def draft():
         with uds_client(sock) as http, http.stream("POST", "/appliance/draft", content=rfp.read_bytes(),
@@ -182,18 +245,13 @@ def test_a_draft_gives_up_the_worker_while_the_engine_writes(served):
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(json.loads(line[6:]))
-                    drafting.set()
     thread = threading.Thread(target=draft)
-    thread.start()
-    assert drafting.wait(120)
-    reads = []
-    with uds_client(sock) as http:
-        while thread.is_alive() and len(reads) < 20:
-            start = time.perf_counter()
-            assert http.get("/appliance/search", params={"q": "cloud architect code"}).status_code == 200
-            reads.append((time.perf_counter() - start, thread.is_alive()))
+    with paused(_engine_pid(proc.pid)):  # the draft's first generation waits in the engine
+        thread.start()
+        wait_busy(sock, 1)
+        reads = timed_reads(sock, 2, alive=thread.is_alive)
+        assert thread.is_alive() and not any("result" in e for e in events)
     thread.join(600)
     assert "result" in events[-1], events[-1]
-    during = [t for t, alive in reads if alive]
-    assert len(during) >= 3 and sorted(during)[len(during) // 2] < 1.0, reads  # not behind the draft's generations
+    assert len(reads) == 6 and sorted(reads)[len(reads) // 2] < 1.0, reads  # not behind the draft's generation
     assert events[-1]["result"]["summary"]["requirements_found"] >= 5

@@ -43,8 +43,10 @@ async def home(*, app: Appliance = Depends(get_appliance), worker: Worker = Depe
     return {"home": str(app.settings.home)}
 
 @router.get("/appliance/status")
-async def status(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker)):
-    return await worker.submit(app.status)
+async def status(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
+                 request: Request):
+    engines = request.app.state.engines
+    return {**await worker.submit(app.status), **({"engine": engines.state()} if engines is not None else {})}
 
 @router.get("/appliance/search", response_model=SearchResults)
 async def search(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
