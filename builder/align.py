@@ -43,8 +43,9 @@ class AlignConfig(BaseModel):
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
                                    "command resumes from the last one")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (cosine decay)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, "
-                                                       "fp32 on CPU; bf16 on CPU autocasts matrix products")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it and "
+                                                       "on a CPU with bf16 instructions (matrix products under "
+                                                       "autocast), fp32 elsewhere")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up updates")
     seed: int = Field(0, description="Seed for sampling and data order")
 

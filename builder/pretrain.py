@@ -50,8 +50,9 @@ class PretrainConfig(BaseModel):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of domain blocks held out for eval loss")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, "
-                                                       "fp32 on CPU; bf16 on CPU autocasts matrix products")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it and "
+                                                       "on a CPU with bf16 instructions (matrix products under "
+                                                       "autocast), fp32 elsewhere")
     seed: int = Field(0, description="Seed for initial weights, data order and the split")
 
     @model_validator(mode="after")

@@ -207,7 +207,7 @@ def tuned(smollm2, tmp_path_factory) -> Path:
     chats = demo.qa_chats(corpus, random.Random(0), 120, prose_share=0.0, sources=3)
     (root / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     out = sft.run(sft.SFTConfig(out=root / "sft", model=smollm2, datasets=[root / "chats.jsonl"], steps=24,
-                                batch_size=4, learning_rate=1e-3, warmup_steps=2, precision="bf16",
+                                batch_size=4, learning_rate=1e-3, warmup_steps=2, precision="auto",
                                 lora=training.LoraSettings(r=16, alpha=32)))
     return export.run(export.ExportConfig(out=root / "export", model=out, quants=["Q8_0"]))
 
