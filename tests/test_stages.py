@@ -499,8 +499,6 @@ def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatc
     def bf16_of(precision: str) -> bool:
         return training.training_arguments(tmp_path, steps=1, batch_size=1, grad_accum=1, learning_rate=1e-4,
                                            warmup_steps=0, seed=0, precision=precision).bf16
-    flags = Path("/proc/cpuinfo").read_text()
-    assert training.cpu_has_bf16() == (" avx512_bf16" in flags or " amx_bf16" in flags)
     for native in (False, True):
         monkeypatch.setattr(training, "cpu_has_bf16", lambda native=native: native)
         assert bf16_of("auto") is native and bf16_of("fp32") is False
