@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -21,7 +22,7 @@ from appliance.errors import ApplianceError, FeedbackError, IngestError, NotFoun
 from appliance.ingest import IngestReport, ingest
 from appliance.manifest import sha256_file
 from appliance.protocols import Sampling
-from appliance.store import Store
+from appliance.store import Store, make_private
 
 
 def resident_mb() -> float | None:
@@ -68,6 +69,11 @@ def _render_shapes(template_text: str) -> int:
             {"role": "assistant", "content": "It is 15-1252.00 [1]."}], more=True),
         build_messages("Say hello.", [], rag=False),
         build_messages("x" * 30_000, []),
+        # the longest history the service sends (a recalled conversation): a template whose cost grows
+        # with the turns is refused here, not on an operator's third follow-up
+        build_messages("And the next one?", sources[:2], history=[
+            {"role": ("user", "assistant")[i % 2], "content": f"Turn {i}: the code is 15-1252.00 [1]. " * 20}
+            for i in range(RECALL_MESSAGES)], more=True),
     ]
     for messages in shapes:
         render_template(template, messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
@@ -114,7 +120,13 @@ class Appliance:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.settings.db_path, cache_vectors=self.long_lived)
+            # The home holds the database, the identity key, uploads and the engine's socket: its owner's alone.
+            self.settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            repaired = [done for done in [make_private(self.settings.home, 0o700)] if done]
+            self._store = Store(self.settings.db_path, cache_vectors=self.long_lived,
+                                reference=self.settings.reference_collections)
+            for what in repaired + self._store.repaired:  # said once a process, on stderr (journald)
+                logging.getLogger("appliance").warning("made private: %s", what)
         return self._store
 
     @property
@@ -156,10 +168,14 @@ class Appliance:
         info = model or (self.model_info() if with_model else {})  # `model`: the one that did the work
         signer = self.identity()  # first: a key made now is audited before the row it anchors
         row = audit.append(self.store.conn, action, detail, model_sha256=info.get("sha256"),
-                           generation=info.get("generation"), user=user)
+                           generation=info.get("generation"), user=user, signer=signer, home=self.settings.home)
         if not self.store.conn.in_transaction:
             audit.checkpoint(self.settings.home, signer, row["id"], row["row_hash"])
         return row
+
+    def audit_ready(self) -> None:
+        """StoreError unless work can be audited: the table is there and its head is ours (audit.ready)."""
+        audit.ready(self.store.conn, self.identity(), self.settings.home)
 
     def anchor(self) -> None:
         """A signed checkpoint of the audit log's head (after rows written inside transactions)."""
@@ -332,20 +348,38 @@ class Appliance:
 
     def ingest(self, paths: list[Path], collection: str,
                progress: Callable[[str, int, int], None] | None = None, user: str | None = None,
-               source_name: Callable[[Path], str] | None = None, admin: bool = True) -> IngestReport:
+               source_name: Callable[[Path], str] | None = None, admin: bool = True,
+               aside: Callable[[], contextlib.AbstractContextManager] | None = None) -> IngestReport:
         """`user`'s documents (default: ours); `admin`: may also replace documents from before owners
-        were recorded. Each document commits with its audit row, and the head is anchored after it."""
+        were recorded. Each document commits with its audit row, and the head is anchored after it.
+        `aside`: held while a file is parsed and embedded (appliance.ingest)."""
         owner = user or audit.os_user()
-        audit.ready(self.store.conn)
+        self.audit_ready()
         try:
             with self.sandbox() as sandbox:
-                return ingest(self.store, self.embedder, paths, collection,
-                              max_bytes=int(self.settings.max_file_mb * 1_000_000),
-                              chunk_chars=self.settings.chunk_chars, progress=progress, source_name=source_name,
-                              owner=owner, legacy=admin, sandbox=sandbox, committed=self.anchor,
-                              record=lambda action, detail: self.audit(action, detail, user=owner))
+                report = ingest(self.store, self.embedder, paths, collection,
+                                max_bytes=int(self.settings.max_file_mb * 1_000_000),
+                                chunk_chars=self.settings.chunk_chars, progress=progress, source_name=source_name,
+                                owner=owner, legacy=admin, sandbox=sandbox, committed=self.anchor, aside=aside,
+                                record=lambda action, detail: self.audit(action, detail, user=owner))
         finally:
             self.anchor()
+        if report.failed:  # what was refused is on record too, one row a batch
+            self.audit("ingest_refused", {"collection": collection, "files": len(report.failed),
+                                          "failed": [{"source": f["source"][:300], "error": f["error"][:300]}
+                                                     for f in report.failed[:50]]}, with_model=False, user=owner)
+        return report
+
+    def clean_uploads(self) -> list[str]:
+        """Remove upload directories a killed service left in the home (the service calls this at start,
+        when no upload of its own can be under way); what was removed."""
+        import shutil
+
+        gone = []
+        for stale in self.settings.home.glob(".upload-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+            gone.append(f"removed {stale}")
+        return gone
 
     @contextlib.contextmanager
     def _uploaded(self, name: str, data: bytes):
@@ -360,27 +394,36 @@ class Appliance:
             yield path
 
     def ingest_upload(self, name: str, data: bytes, collection: str, user: str | None = None,
-                      progress: Callable[[str, int, int], None] | None = None, admin: bool = False) -> IngestReport:
+                      progress: Callable[[str, int, int], None] | None = None, admin: bool = False,
+                      aside: Callable[[], contextlib.AbstractContextManager] | None = None) -> IngestReport:
         """Ingest a file the caller read and sent (the service's upload route), recorded as `name` and
         keyed by its user: one user's upload never replaces another's."""
         with self._uploaded(name, data) as path:
             return self.ingest([path], collection, progress=progress, user=user, source_name=lambda _: name,
-                               admin=admin)
+                               admin=admin, aside=aside)
 
     def draft_upload(self, name: str, data: bytes, collections: list[str] | None = None,
                      max_tokens: int | None = None, progress=None, user: str | None = None, generator=None,
                      model_info: dict | None = None):
         with self._uploaded(name, data) as path:
-            return self.draft(path, collections, max_tokens, progress=progress, user=user, source=name,
-                              generator=generator, model_info=model_info)
+            try:
+                return self.draft(path, collections, max_tokens, progress=progress, user=user, source=name,
+                                  generator=generator, model_info=model_info)
+            except ApplianceError as exc:  # named as the caller knows the file, not by the service's private path
+                for private, public in ((str(path), name), (str(path.parent), "(upload)")):
+                    exc.message = exc.message.replace(private, public)
+                    exc.fix = exc.fix and exc.fix.replace(private, public)
+                raise
 
     # -- feedback (appliance.feedback) ---------------------------------------------------------------
     def feedback(self, answer_audit_id: int, kind: str, *, correction: str | None = None, source: int | None = None,
                  chunk_id: int | None = None, note: str | None = None, question: str | None = None,
-                 answer: str | None = None, user: str | None = None) -> dict:
+                 answer: str | None = None, user: str | None = None, admin: bool = True) -> dict:
         """Record feedback on the answer of audit row `answer_audit_id` (audited). `source`: the [n] a
         `irrelevant_source` names; `chunk_id`: the chunk a `missing_source` adds; `question`/`answer`:
-        only for answers kept nowhere else, checked against the row's sha256s."""
+        only for answers kept nowhere else, checked against the row's sha256s. Not `admin` (an operator
+        over the socket): only on `user`'s own answers; another user's answer gets the same NotFoundError
+        as one that does not exist, so ids tell nothing (the service audits the refusal)."""
         from appliance import feedback
 
         if kind not in feedback.KINDS:
@@ -390,8 +433,8 @@ class Appliance:
                 raise FeedbackError(f"the {name} is {len(text)} characters; at most {feedback.MAX_TEXT}",
                                     "shorten it")
         row = audit.entry(self.store.conn, answer_audit_id)
-        if row is None or row[0] != "ask":
-            raise NotFoundError(f"audit row {answer_audit_id} is not an answer",
+        if row is None or row[0] != "ask" or not (admin or row[4] == user):
+            raise NotFoundError(f"audit row {answer_audit_id} is not an answer" + ("" if admin else " of yours"),
                                 "give the audit_id an answer returned (`appliance audit list --action ask`)")
         detail = row[1]
         asked, answered = feedback.answer_texts(self.store, answer_audit_id, detail, question, answer)
@@ -476,7 +519,7 @@ class Appliance:
         `source`: what the RFP is recorded as (an upload's name on the caller's side)."""
         from appliance import draft
 
-        audit.ready(self.store.conn)
+        self.audit_ready()
         self.ready_index()
         generator = generator or self.engine
         model_info = model_info or self.model_info()
@@ -518,7 +561,7 @@ class Appliance:
         """Everything before the model: history, retrieval, the prompt. `sampling`: default the settings'
         temperature; `tokenizer`: what counts tokens and knows the context (default: the loaded engine);
         `model_info`: the model that will answer."""
-        audit.ready(self.store.conn)  # nothing is answered that cannot be audited
+        self.audit_ready()  # nothing is answered that cannot be audited
         tokenizer = tokenizer or self.engine
         if conversation is not None and history is None:
             history = [{"role": m["role"], "content": m["content"]}
@@ -605,9 +648,15 @@ class Appliance:
         from appliance import identity
 
         ident = identity.load(self.settings.home)
-        public = identity.load_public(ident.public_pem) if ident else None
+        public = ident.public if ident else None
         entries = list(audit.rows(self.store.conn))
         verdict = audit.verify(entries, self.checkpoint_lines(), public)
+        try:
+            if ident and not ident.matches_private():
+                verdict.problems.insert(0, "identity/appliance.pub is not the public half of identity/appliance.key: "
+                                           "it was replaced, so nothing it vouches for is proven")
+        except (OSError, ValueError, TypeError):  # the key is not ours to read: the log's record still checks it
+            pass
         result = verdict.to_json()
         if against is not None:
             result["against"] = audit.compare_export(entries, against, public)

@@ -55,33 +55,44 @@ def _missing_table(exc: apsw.Error) -> StoreError:
                       "`appliance audit verify`")
 
 
-def ready(conn: apsw.Connection) -> None:
-    """Raise StoreError unless the audit table is there (checked before work that must be audited)."""
+def ready(conn: apsw.Connection, signer=None, home: Path | None = None) -> None:
+    """Raise StoreError unless the audit table is there and (with `signer`) its head is one this
+    appliance wrote: checked before work that must be audited, so none is done in vain."""
     try:
-        conn.execute("SELECT id FROM audit LIMIT 0").fetchall()
+        last = conn.execute("SELECT id, row_hash, signature FROM audit ORDER BY id DESC LIMIT 1").fetchone()
     except apsw.SQLError as exc:
         raise _missing_table(exc) from exc
+    if signer is not None and last is not None:
+        _check_head(last, signer, home)
 
 
 def append(conn: apsw.Connection, action: str, detail: dict, *, user: str | None = None,
-           model_sha256: str | None = None, generation: int | None = None) -> dict:
+           model_sha256: str | None = None, generation: int | None = None, signer=None,
+           home: Path | None = None) -> dict:
     """Append one row. Outside a transaction, the read of the last hash and the insert are one
     immediate transaction, so two processes appending at once still form one chain. Inside one (an
-    ingest writes each document and its row together), the caller's writes already hold the lock."""
+    ingest writes each document and its row together), the caller's writes already hold the lock.
+
+    `signer` (appliance.identity.Identity): the row is signed, and the head it extends must be one this
+    appliance wrote (signed by it, or anchored by the newest checkpoint under `home`); StoreError
+    otherwise, so rows someone else added are never extended or anchored."""
     own = not conn.in_transaction
     try:
         if own:
             conn.execute("BEGIN IMMEDIATE")
         try:
-            last = head(conn)
+            last = conn.execute("SELECT id, row_hash, signature FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+            if signer is not None and last is not None:
+                _check_head(last, signer, home)
             row = {"id": (last[0] + 1) if last else 1, "time": utc_stamp(),
                    "user": user or os_user(), "action": action, "model_sha256": model_sha256,
                    "generation": generation, "detail": json.dumps(detail, sort_keys=True, separators=(",", ":"))}
             row["prev_hash"] = last[1] if last else GENESIS
             row["row_hash"] = _row_hash(row["prev_hash"], row)
+            row["signature"] = signer.sign(row["row_hash"].encode()) if signer is not None else None
             conn.execute("INSERT INTO audit(id, time, user, action, model_sha256, generation, detail, prev_hash, "
-                         "row_hash) VALUES (:id, :time, :user, :action, :model_sha256, :generation, :detail, "
-                         ":prev_hash, :row_hash)", row)
+                         "row_hash, signature) VALUES (:id, :time, :user, :action, :model_sha256, :generation, "
+                         ":detail, :prev_hash, :row_hash, :signature)", row)
             if own:
                 conn.execute("COMMIT")
         except BaseException:
@@ -95,7 +106,31 @@ def append(conn: apsw.Connection, action: str, detail: dict, *, user: str | None
     return row
 
 
-_COLUMNS = ("id", "time", "user", "action", "model_sha256", "generation", "detail", "prev_hash", "row_hash")
+_HASHED = ("id", "time", "user", "action", "model_sha256", "generation", "detail", "prev_hash", "row_hash")
+_COLUMNS = (*_HASHED, "signature")
+
+
+def signed_by(row: dict, public) -> bool:
+    """Whether `row` carries this appliance's signature of its row_hash."""
+    from appliance import identity
+
+    sig = row.get("signature")
+    return isinstance(sig, str) and identity.verify(public, str(row["row_hash"]).encode(), sig)
+
+
+def _check_head(last: tuple, signer, home: Path | None) -> None:
+    """The head (id, row_hash, signature) must be one this appliance wrote."""
+    row_id, row_hash, signature = last
+    if signed_by({"row_hash": row_hash, "signature": signature}, signer.public):
+        return
+    newest = newest_checkpoint(home, signer.public) if home is not None else None
+    if newest is not None and newest["rows"] == row_id and newest["head"] == row_hash:
+        return  # a row from before rows were signed, anchored when it was written
+    raise StoreError(f"the audit log's newest row ({row_id}) was not written by this appliance: it carries no "
+                     "signature of its key and no checkpoint anchors it, so something else wrote to the "
+                     "database; nothing more is recorded or answered until that is resolved",
+                     "run `appliance audit verify`: an administrator removes the rows it names or restores "
+                     "appliance.db from a backup")
 
 
 def head(conn) -> tuple[int, str] | None:
@@ -104,11 +139,11 @@ def head(conn) -> tuple[int, str] | None:
     return (last[0], last[1]) if last else None
 
 
-def entry(conn, audit_id: int) -> tuple[str, dict, str | None, int | None] | None:
-    """(action, detail, model_sha256, generation) of row `audit_id`, or None."""
-    row = conn.execute("SELECT action, detail, model_sha256, generation FROM audit WHERE id = ?",
+def entry(conn, audit_id: int) -> tuple[str, dict, str | None, int | None, str] | None:
+    """(action, detail, model_sha256, generation, user) of row `audit_id`, or None."""
+    row = conn.execute("SELECT action, detail, model_sha256, generation, user FROM audit WHERE id = ?",
                        (audit_id,)).fetchone()
-    return (row[0], json.loads(row[1]), row[2], row[3]) if row else None
+    return (row[0], json.loads(row[1]), row[2], row[3], row[4]) if row else None
 
 
 def rows(conn: apsw.Connection, action: str | None = None, user: str | None = None,
@@ -163,6 +198,19 @@ def checkpoint(home: Path, identity, rows_count: int, head: str) -> dict:
     return line
 
 
+def newest_checkpoint(home: Path, public) -> dict | None:
+    """The last line of the checkpoint file, if its signature holds (read from the file's end)."""
+    try:
+        with open(home / CHECKPOINTS, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 2 * MAX_CHECKPOINT_LINE))
+            tail = fh.read().decode("utf-8", "replace").splitlines()
+    except FileNotFoundError:
+        return None
+    good, _ = read_checkpoints([line for line in tail[-1:] if line.strip()], public)
+    return good[0] if good else None
+
+
 def read_checkpoints(lines: Iterable[str], public) -> tuple[list[dict], list[str]]:
     """(checkpoints whose signature holds, problems) from checkpoint lines."""
     from appliance import identity
@@ -213,6 +261,12 @@ def verify(entries: Iterable[dict], checkpoint_lines: Iterable[str] | None, publ
     _, bad = verify_rows(entries)
     hashes = [row["row_hash"] for row in entries]
     verdict = Verdict(rows=len(hashes), first_bad_row=bad, head=hashes[-1] if hashes else None)
+    if checkpoint_lines is not None:
+        checkpoint_lines = [line for line in checkpoint_lines if line.strip()]
+        if not checkpoint_lines:
+            checkpoint_lines = None  # emptied: no better than removed
+    if public is not None:
+        verdict.problems += _identity_problems(entries, public)
     if checkpoint_lines is None:
         if hashes and public is not None:
             verdict.problems.append(f"no checkpoint file ({CHECKPOINTS}) although the log has {len(hashes)} rows: "
@@ -221,7 +275,8 @@ def verify(entries: Iterable[dict], checkpoint_lines: Iterable[str] | None, publ
     if public is None:
         verdict.problems.append("checkpoints exist but this appliance has no identity key to check them")
         return verdict
-    good, verdict.problems = read_checkpoints(checkpoint_lines, public)
+    good, bad_lines = read_checkpoints(checkpoint_lines, public)
+    verdict.problems += bad_lines
     verdict.checkpoints = len(good)
     newest = max(good, key=lambda c: c["rows"], default=None)
     if newest and newest["rows"] > len(hashes):
@@ -234,7 +289,30 @@ def verify(entries: Iterable[dict], checkpoint_lines: Iterable[str] | None, publ
                                     f"found {hashes[n - 1][:12]}): the log was rewritten or replaced by another copy")
             break
     verdict.anchored_rows = max((c["rows"] for c in good), default=0)
+    unsigned = [row["id"] for row in entries[verdict.anchored_rows:] if not signed_by(row, public)]
+    if unsigned:
+        verdict.problems.append(f"{len(unsigned)} row(s) after the newest checkpoint (row {verdict.anchored_rows}) "
+                                f"carry no signature of this appliance's key, from row {unsigned[0]}: something "
+                                "other than the appliance wrote them")
     return verdict
+
+
+def _identity_problems(entries: list[dict], public) -> list[str]:
+    """The key checked against the one the log recorded when the identity was made (its first
+    `identity` row): a replaced appliance.pub would otherwise vouch for checkpoints it signed itself."""
+    from appliance import identity
+
+    first = next((row for row in entries if row["action"] == "identity"), None)
+    if first is None:
+        return []
+    try:
+        recorded = json.loads(first["detail"]).get("public_key")
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded != identity.public_pem(public):
+        return [f"the appliance's public key is not the one audit row {first['id']} recorded when the identity "
+                "was made: identity/appliance.pub was replaced"]
+    return []
 
 
 def export(conn: apsw.Connection, out: Path, checkpoint_lines: Iterable[str] = ()) -> int:
@@ -270,7 +348,13 @@ def compare_export(entries: list[dict], export_lines: Iterable[str], public) -> 
     head it names (its last row, and its newest checkpoint) must still be in the chain."""
     try:
         exported, checkpoints = split_export(export_lines)
-    except (ValueError, TypeError) as exc:
+        for n, row in enumerate(exported, start=1):
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prev_hash", "row_hash")):
+                raise ValueError(f"row {n} is not an audit row with prev_hash and row_hash")
+            missing = [k for k in _HASHED if k not in row]
+            if missing:
+                raise ValueError(f"row {n} has no {', '.join(missing)}")
+    except (ValueError, TypeError, AttributeError) as exc:
         return {"rows": 0, "head": None, "problems": [f"the export is not audit JSON lines ({exc})"]}
     problems = []
     count, bad = verify_rows(exported)

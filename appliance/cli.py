@@ -23,6 +23,13 @@ def _err(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _named(hit) -> str:
+    """A source as an operator should read it: its file name and who added it (an upload's name is only
+    what its sender called it: another user's path proves nothing)."""
+    owner = getattr(hit, "owner", None)
+    return _line(Path(hit.source).name) + (f", added by {_line(owner)}" if owner else "")
+
+
 def _line(text) -> str:
     """A document-derived string (a file name, a title, an error naming a file) made safe to print on
     one line: no escape sequences or control characters, newlines shown as \\n (a name cannot clear
@@ -111,6 +118,11 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             _err("\ninterrupted; nothing half-written is kept (each file is ingested in one transaction)")
             ctx.exit(130)
+        except PermissionError as exc:  # in-process on a home this user may not read or write
+            _err(f"error: {_line(exc.filename or 'the appliance home')}: permission denied")
+            _err("  fix: run it as the appliance's user, or through the running service (`appliance serve`), "
+                 "which needs no access to its home")
+            ctx.exit(int(ExitCode.CONFIG))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -315,6 +327,9 @@ def ingest(ctx, paths: tuple[Path, ...], collection: str, as_json: bool) -> None
     else:
         for item in report.added:
             click.echo(f"added     {_line(item['source'])}  ({item['chunks']} chunks)")
+            if item.get("note"):
+                _err(f"note: {_line(item['source'])}: {item['note']} (--collection "
+                     "reference makes it one; administrators only)")
         for source in report.unchanged:
             click.echo(f"unchanged {_line(source)}")
         for item in report.duplicates:
@@ -379,7 +394,7 @@ def search(ctx, query: str, k: int, collection: str | None, as_json: bool) -> No
         _err("no results")
     for i, h in enumerate(hits, start=1):
         snippet = _line(" ".join(h.text.split())[:160])
-        click.echo(f"[{i}] {_line(h.title)} ({_line(Path(h.source).name)}, chunk {h.position})"
+        click.echo(f"[{i}] {_line(h.title)} ({_named(h)}, chunk {h.position})"
                    f"{' exact' if h.exact else ''}\n    {snippet}")
 
 
@@ -459,7 +474,7 @@ def _print_answer(result, streamed: bool) -> None:
         for i, h in enumerate(result.sources, start=1):
             mark = "*" if i in cited else " "
             snippet = _line(" ".join(h.text.split())[:90])
-            click.echo(f" {mark}[{i}] {_line(Path(h.source).name)}, chunk {h.position}: {snippet}")
+            click.echo(f" {mark}[{i}] {_named(h)}, chunk {h.position}: {snippet}")
     if result.unknown_citations:
         _err(f"warning: the answer cites sources that do not exist: {result.unknown_citations}")
     if result.unverified_codes:

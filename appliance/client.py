@@ -9,8 +9,9 @@ the service (ingest, draft): nothing is ingested with the service's permissions 
 could not read.
 
 The socket is `$APPLIANCE_SOCKET`, else `$XDG_RUNTIME_DIR/appliance.sock` (or `run/appliance.sock` under the
-home), else `/run/appliance/api.sock`; one in a directory others can write, or owned by someone other
-than the caller, root or the directory's owner, is never used (`config.untrusted_socket`).
+home), else `/run/appliance/api.sock`; one in a directory others can write, or where the socket or its
+directory (after following links) belongs to someone other than the caller, root or the service's user
+(`$APPLIANCE_SERVICE_USER`, default `appliance`), is never used (`config.untrusted_socket`).
 """
 
 from __future__ import annotations

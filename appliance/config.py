@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from appliance.errors import ConfigError
 from appliance.manifest import DEFAULT_N_CTX
@@ -32,24 +32,54 @@ def default_socket() -> Path:
     return Path(runtime) / "appliance.sock" if runtime else default_home() / "run" / "appliance.sock"
 
 
-def untrusted_socket(path: Path) -> str | None:
-    """Why a client must not talk to (or a service listen on) this socket, or None when it may: the
-    directory holding it must be writable by its owner alone, and the socket must belong to the caller,
-    root, or that directory's owner (the service's user)."""
+def _trusted_uids(service_user: str | None) -> set[int]:
+    """The caller, root and the service's user (`service_user`, else $APPLIANCE_SERVICE_USER, else
+    'appliance'; a name or a number)."""
+    import pwd
+
+    name = service_user or os.environ.get("APPLIANCE_SERVICE_USER") or "appliance"
+    uids = {os.getuid(), 0}
+    if name.isdigit():
+        uids.add(int(name))
+    else:
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            pass
+    return uids
+
+
+def untrusted_socket(path: Path, service_user: str | None = None) -> str | None:
+    """Why a client must not talk to (or a service listen on) this socket, or None when it may. A link is
+    followed and judged by where it leads: the directory of the link and that of the socket it names must
+    each be writable by their owner alone, and both directories and the socket must belong to the caller,
+    root or the service's user (a directory merely owned by whoever made the socket proves nothing)."""
     import stat
 
+    trusted = _trusted_uids(service_user)
     try:
-        parent = path.parent.stat()
-    except OSError as exc:
-        return f"{path.parent}: cannot stat ({exc.strerror})"
-    if parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (f"{path.parent} is writable by other users (mode {stat.filemode(parent.st_mode)}), so anyone "
-                "could have put a socket there")
-    if not path.exists():
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        return f"{path}: cannot be resolved ({exc})"
+    for where in dict.fromkeys((path.parent, real.parent)):
+        try:
+            info = where.stat()
+        except OSError as exc:
+            return f"{where}: cannot stat ({exc.strerror})"
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f"{where} is writable by other users (mode {stat.filemode(info.st_mode)}), so anyone "
+                    "could have put a socket there")
+        if info.st_uid not in trusted:
+            return (f"{where} belongs to uid {info.st_uid}, not to you, root or the service's user, so its "
+                    "owner could have put a socket there")
+    try:
+        owner = real.lstat().st_uid
+    except FileNotFoundError:
         return None
-    owner = path.lstat().st_uid
-    if owner not in (os.getuid(), 0, parent.st_uid):
-        return f"{path} belongs to uid {owner}, not to you, root or the owner of {path.parent}"
+    except OSError as exc:
+        return f"{real}: cannot stat ({exc.strerror})"
+    if owner not in trusted:
+        return f"{real} belongs to uid {owner}, not to you, root or the service's user"
     return None
 
 
@@ -75,6 +105,8 @@ class Settings(BaseModel):
     chunk_chars: int = Field(default=1200, ge=200, le=20000, description="Target chunk size in characters")
     security_floor: int = Field(default=0, ge=0, description="Never install a bundle version below this, "
                                                              "not even with --allow-downgrade")
+    service_user: str = Field(default="appliance", description="The OS user the service runs as (name or "
+                              "number): clients trust a socket it owns, besides their own and root's")
     admin_group: str = Field(default="appliance-admin",
                              description="Members of this group (name or number) may install and roll back bundles, "
                                          "export feedback, read everyone's audit rows and remove anyone's "
@@ -97,8 +129,18 @@ class Settings(BaseModel):
                                                       "needs token_file)")
     token_file: Path | None = Field(default=None, description="Bearer tokens for TCP: lines 'NAME TOKEN [admin]', "
                                                               "mode 0600")
+    reference_collections: list[str] = Field(
+        default=["reference"], min_length=1,
+        description="The collections whose tables are the reference (codes, titles, qualifications): only their "
+                    "rows feed lookups, code checks and staffing, and only administrators add to them; a table "
+                    "elsewhere is searched as text. Comma-separated in APPLIANCE_REFERENCE_COLLECTIONS")
     audit_text: bool = Field(default=False, description="Keep questions and answers in full in the audit log "
                                                          "(hashes only by default)")
+
+    @field_validator("reference_collections", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
     @property
     def db_path(self) -> Path:

@@ -66,6 +66,9 @@ MAX_PARAGRAPHS = 500_000  # a 2,000-page document has about 40,000
 MAX_TABLE_ROWS = 200_000
 MAX_COLUMNS = 512
 MAX_CELLS = 5_000_000  # rows x columns a sheet's cells span
+MAX_HEADER_CHARS = 200  # a column name; a longer one is a paragraph in the header row
+MAX_ROW_CHARS = 32_000  # one table row as stored (its cells and their column names)
+TABLE_GROWTH = 16  # a table's stored text may be this many times its file (column names repeat per row)
 MAX_TEXT_CHARS = 64_000_000  # text extracted from one file
 
 
@@ -248,7 +251,18 @@ def _rows_to_table(rows: list[list[str]], path: Path) -> Table:
         raise IngestError(f"{path}: a table needs a header row and at least one data row",
                           "check the file's contents")
     header = [h or f"column_{i + 1}" for i, h in enumerate(rows[0])]
-    records = [dict(zip(header, r + [""] * (len(header) - len(r)), strict=False)) for r in rows[1:]]
+    long = next((i for i, h in enumerate(header) if len(h) > MAX_HEADER_CHARS), None)
+    if long is not None:
+        raise IngestError(f"{path}: column {long + 1}'s name is {len(header[long])} characters (at most "
+                          f"{MAX_HEADER_CHARS}): the first row must hold column names",
+                          "put a header row of short column names first")
+    # Empty cells are not kept: a sparse row costs what it holds, not the width of the table.
+    records = [{h: v for h, v in zip(header, r, strict=False) if v} for r in rows[1:]]
+    for n, record in enumerate(records, start=2):
+        size = sum(len(h) + len(v) for h, v in record.items())
+        if size > MAX_ROW_CHARS:
+            raise IngestError(f"{path}: row {n} holds {size} characters with its column names (at most "
+                              f"{MAX_ROW_CHARS})", "a cell that holds a whole document belongs in a .txt or .md file")
     return Table(columns=header, rows=records)
 
 
@@ -281,15 +295,29 @@ def _column_number(letters: str) -> int:
     return n
 
 
+_REL = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}id"
+
+
+def _first_sheet(zf, path: Path) -> str:
+    """The part of the workbook's first sheet, the one openpyxl reads (`worksheets[0]`): the first
+    <sheet> of xl/workbook.xml through its relationship, not the first file name (sheet2.xml may come
+    first in the workbook, and a sheet measured must be the sheet parsed)."""
+    first = next((el.get(_REL) for _, el in _xml_events(zf, "xl/workbook.xml", path, "XLSX", f"{_S}sheet")), None)
+    rels = "xl/_rels/workbook.xml.rels"
+    if first and rels in zf.namelist():
+        for _, rel in _xml_events(zf, rels, path, "XLSX"):
+            if rel.get("Id") == first and rel.get("Target"):
+                target = rel.get("Target")
+                return target.lstrip("/") if target.startswith("/") else f"xl/{target}"
+    raise IngestError(f"{path}: the XLSX has no worksheet", "re-save it from the spreadsheet application")
+
+
 def _xlsx_extent(zf, path: Path) -> tuple[int, int, int]:
     """(rows, columns, cells) the first sheet's cells span, counted from its XML before openpyxl reads it:
     openpyxl fills every gap, so one cell at XFD1048576 would be 17 billion empty cells."""
-    sheets = [n for n in zf.namelist() if n.startswith("xl/worksheets/") and n.endswith(".xml")]
-    if not sheets:
-        raise IngestError(f"{path}: the XLSX has no worksheet", "re-save it from the spreadsheet application")
     max_row = max_col = cells = 0
     row = 0
-    for _, element in _xml_events(zf, sorted(sheets)[0], path, "XLSX"):
+    for _, element in _xml_events(zf, _first_sheet(zf, path), path, "XLSX"):
         if element.tag == f"{_S}row":
             row = int(element.get("r") or row + 1) if (element.get("r") or "1").isdigit() else row + 1
             col = 0
@@ -382,11 +410,19 @@ def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
                     p = Path(here) / name
                     if name.startswith("."):
                         continue
-                    if p.is_symlink() and not p.resolve().is_relative_to(root):
-                        if p.is_dir() or p.suffix.lower() in SUPPORTED_SUFFIXES:
-                            refused.append({"source": str(p), "error": f"{p}: a link to {p.resolve()}, outside "
-                                            f"{path}; not followed (name the target itself to ingest it)"})
-                        continue
+                    if p.is_symlink():
+                        try:
+                            target = p.resolve(strict=True)
+                        except (OSError, RuntimeError):  # a loop (RuntimeError before Python 3.13), or dangling
+                            if p.suffix.lower() in SUPPORTED_SUFFIXES or not p.suffix:
+                                refused.append({"source": str(p), "error": f"{p}: a link that leads nowhere (a "
+                                                "loop, or its target is gone); not followed"})
+                            continue
+                        if not target.is_relative_to(root):
+                            if target.is_dir() or p.suffix.lower() in SUPPORTED_SUFFIXES:
+                                refused.append({"source": str(p), "error": f"{p}: a link to {target}, outside "
+                                                f"{path}; not followed (name the target itself to ingest it)"})
+                            continue
                     if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES:
                         files.append(p)
         elif path.is_file():
@@ -444,6 +480,10 @@ def parse_document(path: Path, data: bytes) -> Document:
     else:
         table = _read_csv(path, data) if suffix == ".csv" else _read_xlsx(path, data)
         text = "\n\n".join(table_row_text(table.columns, r) for r in table.rows)
+        if len(text) > TABLE_GROWTH * len(data) + 1_000_000:
+            raise IngestError(f"{path}: the table's {len(data)} bytes make {len(text)} characters of rows with "
+                              f"their column names (at most {TABLE_GROWTH} times the file)",
+                              "shorten the column names, or remove empty columns")
     _check_text_size(len(text), path)
     text = clean_text(text)
     if not text.strip():

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +40,12 @@ from appliance.protocols import Sampling
 log = logging.getLogger("appliance.engine")
 START_TIMEOUT_S = 180.0
 BINARY = "llama-server"
+
+
+class EngineBusy(ApplianceError):
+    """Every slot is taken and the queue behind them is full: 503 with Retry-After."""
+
+    exit_code = ExitCode.GENERATION
 
 
 class EngineDown(ApplianceError):
@@ -127,11 +134,27 @@ def _completion(tokens: list[int], max_tokens: int, sampling: Sampling) -> dict:
             **({} if sampling.seed is None else {"seed": sampling.seed})}
 
 
+PIDFILE = "engine.pid"
+
+
+def _die_with_parent():
+    """For Popen's preexec_fn: the child is killed when the service dies, kill -9 included
+    (PR_SET_PDEATHSIG); libc is looked up here, before the fork."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return arm
+
+
 class EngineServer:
     def __init__(self, binary: Path, run_dir: Path, *, slots: int, n_ctx: int, threads: int = 0,
-                 mmap: bool = False):
+                 mmap: bool = False, queue: int = 4):
+        """`queue`: requests that may wait for a slot; past slots + queue, a lease is refused (EngineBusy)."""
         self.binary, self.run_dir = binary, run_dir
-        self.slots, self.n_ctx, self.threads, self.mmap = slots, n_ctx, threads, mmap
+        self.slots, self.n_ctx, self.threads, self.mmap, self.queue = slots, n_ctx, threads, mmap, queue
         self.socket = run_dir / "engine.sock"
         self.proc: subprocess.Popen | None = None
         self.generation: int | None = None
@@ -142,6 +165,27 @@ class EngineServer:
         self._changing = False
         self._cond: asyncio.Condition | None = None
         self._client = None
+
+    @staticmethod
+    def clean_stale(run_root: Path) -> list[str]:
+        """Remove what a killed service left under `run_root` (its `engine-<pid>` directories, and the
+        engine server still running from one, if kill -9 reached the service before the engine could
+        follow); what was done, for the log."""
+        done = []
+        for directory in sorted(run_root.glob("engine-*")):
+            owner = directory.name.removeprefix("engine-")
+            if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+                continue  # a service that still runs
+            try:
+                engine = int((directory / PIDFILE).read_text().strip())
+                if b"llama-server" in Path(f"/proc/{engine}/cmdline").read_bytes():
+                    os.kill(engine, signal.SIGKILL)
+                    done.append(f"stopped the engine server ({engine}) of a service that is gone")
+            except (OSError, ValueError):
+                pass
+            shutil.rmtree(directory, ignore_errors=True)
+            done.append(f"removed {directory}")
+        return done
 
     # -- the process -------------------------------------------------------------------------------
     def start(self, installed, template_text: str, model_info: dict) -> None:
@@ -165,8 +209,9 @@ class EngineServer:
         start = time.perf_counter()
         self.starts += 1
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                                     cwd=self.run_dir, start_new_session=True)
+                                     cwd=self.run_dir, start_new_session=True, preexec_fn=_die_with_parent())
         logfile.close()
+        (self.run_dir / PIDFILE).write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + START_TIMEOUT_S
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://engine",
                           timeout=5) as http:
@@ -230,6 +275,9 @@ class EngineServer:
         the service's worker, where the Appliance is read."""
         if self._cond is None:
             self._cond = asyncio.Condition()
+        if self.active >= self.slots + self.queue:
+            raise EngineBusy(f"the engine is busy: {self.active} answers are being written or waiting for its "
+                             f"{self.slots} slots", "retry in a moment")
         async with self._cond:
             while True:
                 await self._cond.wait_for(lambda: not self._changing)

@@ -9,6 +9,7 @@ is the first 16 hex digits of the sha256 of the raw public key; `appliance statu
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -50,6 +51,17 @@ class Identity:
     public_pem: str
     path: Path
     _private: Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def public(self) -> Ed25519PublicKey:
+        return load_public(self.public_pem, str(self.path / PUBLIC))
+
+    def matches_private(self) -> bool:
+        """Whether appliance.pub is the public half of appliance.key (a replaced .pub would let
+        checkpoints signed by another key pass)."""
+        if self._private is None:
+            self._private = serialization.load_pem_private_key((self.path / PRIVATE).read_bytes(), password=None)
+        return public_pem(self._private.public_key()) == self.public_pem
 
     def sign(self, data: bytes) -> str:
         """A base64 ed25519 signature of `data` (the key is read on first use: every audit row is signed)."""

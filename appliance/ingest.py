@@ -10,8 +10,10 @@ per collection); a file that cannot be read is reported with the reason and the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,11 +78,14 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
            chunk_chars: int, progress: Callable[[str, int, int], None] | None = None,
            source_name: Callable[[Path], str] | None = None, owner: str | None = None, legacy: bool = False,
            record: Callable[[str, dict], object] | None = None, sandbox: Sandbox | None = None,
-           committed: Callable[[], object] | None = None) -> IngestReport:
+           committed: Callable[[], object] | None = None,
+           aside: Callable[[], ContextManager] | None = None) -> IngestReport:
     """`source_name`: what a file is recorded as (an upload: the path on the caller's side); default its
     absolute path. `owner`: whose documents these are (`legacy`: also owner of documents from before
     owners were kept). `record(action, detail)` writes the audit row inside each document's
-    transaction; `committed()` runs after each file (the audit head's checkpoint). `sandbox`: where files are parsed (one is started for the batch when None)."""
+    transaction; `committed()` runs after each file (the audit head's checkpoint). `sandbox`: where files are parsed (one is started for the batch when None).
+    `aside()`: held while a file is parsed and embedded, the long part that touches neither the store
+    nor the audit log (the service gives up its worker's turn there, so searches and answers go on)."""
     store.ensure_embedder(embedder.name, embedder.dim, embedder.embed)
     files, missing = expand_paths(paths)
     report = IngestReport(failed=missing)
@@ -93,7 +98,7 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
                 progress(source, i, len(files))
             try:
                 _one(store, embedder, path, source, collection, report, max_bytes=max_bytes, chunk_chars=chunk_chars,
-                     owner=owner, legacy=legacy, record=record, sandbox=sandbox,
+                     owner=owner, legacy=legacy, record=record, sandbox=sandbox, aside=aside or contextlib.nullcontext,
                      progress=lambda done, n, src=source, i=i: progress and progress(f"{src} (chunk {done} of {n})",
                                                                                       i, len(files)))
             except IngestError as exc:  # named as the caller knows the file
@@ -111,7 +116,7 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
 
 def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: str, report: IngestReport, *,
          max_bytes: int, chunk_chars: int, owner: str | None, legacy: bool, record, sandbox: Sandbox,
-         progress: Callable[[int, int], object]) -> None:
+         aside: Callable[[], ContextManager], progress: Callable[[int, int], object]) -> None:
     data = read_bytes(path, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
     same = store.find_document(collection, digest)
@@ -127,10 +132,17 @@ def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: 
                 "same_as": same.id, "sha256": digest})))
         report.duplicates.append({"source": source, "same_as": same.source, "doc_id": same.id, "removed": old})
         return
-    doc = sandbox.parse(path, data)
-    chunks = _chunks(doc, chunk_chars)
-    vectors = _embed_with_progress(embedder, chunks, lambda done: progress(done, len(chunks)))
+    with aside():
+        doc = sandbox.parse(path, data)
+        chunks = _chunks(doc, chunk_chars)
+        vectors = _embed_with_progress(embedder, chunks, lambda done: progress(done, len(chunks)))
+    if store.find_document(collection, digest) is not None:  # the same text arrived meanwhile (another upload)
+        report.unchanged.append(source)
+        return
     item = {"source": source, "title": doc.title, "kind": doc.kind, "chunks": len(chunks), "sha256": digest}
+    if doc.table is not None and collection not in store.reference:
+        item["note"] = (f"a table outside the reference collections ({', '.join(store.reference)}): searched as "
+                        "text, never used for lookups, code checks or staffing")
 
     def audited(doc_id: int, replaced: list[int]) -> None:
         item.update(doc_id=doc_id, replaced=replaced)

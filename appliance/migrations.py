@@ -104,4 +104,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE documents ADD COLUMN owner TEXT;  -- who ingested it; NULL: before owners were kept
         CREATE INDEX documents_owner ON documents(collection_id, source, owner);
     """),
+    ("007_audit_signature", """
+        -- ed25519 signature of row_hash by the appliance's identity key: a row the appliance did not
+        -- write (someone with the database but not the key) cannot carry one. NULL in rows before 007.
+        ALTER TABLE audit ADD COLUMN signature TEXT;
+    """),
 ]

@@ -8,6 +8,7 @@ Sources are delimited and marked as data, so instructions inside a document are 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 SYSTEM_PROMPT = (
     "You answer questions for a government contractor's proposal team. Use only the numbered sources. "
@@ -27,11 +28,21 @@ def source_title(title: str, heading: str | None) -> str:
 _TAG_RE = re.compile(r"<(\s*/?\s*source)", re.IGNORECASE)
 
 
+_INVISIBLE_RE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+
+
+def _plain(text: str) -> str:
+    """Compatibility forms folded (fullwidth `＜／ｓｏｕｒｃｅ＞` is `</source>` to a reader) and invisible
+    format characters dropped (`<\ufeff/source>`), so the delimiter check sees what the model sees."""
+    return _INVISIBLE_RE.sub("", unicodedata.normalize("NFKC", text))
+
+
 def format_source(n: int, title: str, text: str) -> str:
-    # A document cannot close the delimiter early (`</source>`, `</SOURCE>`, `</source >`) or open a
-    # source of its own and speak as the user; nor can its title leave the attribute.
-    text = _TAG_RE.sub(r"&lt;\1", text)
-    title = title.replace('"', "'").replace("<", "&lt;").replace(">", "&gt;")
+    # A document cannot close the delimiter early (`</source>`, `</SOURCE>`, `</source >`, in fullwidth or
+    # with invisible characters inside) or open a source of its own and speak as the user; nor can its
+    # title leave the attribute.
+    text = _TAG_RE.sub(r"&lt;\1", _plain(text))
+    title = _plain(title).replace('"', "'").replace("<", "&lt;").replace(">", "&gt;")
     return f'<source n="{n}" title="{title}">\n{text}\n</source>'
 
 

@@ -20,6 +20,7 @@ from appliance.documents import CODE_RE
 from appliance.prompt import build_messages, cited_numbers, format_source, source_title
 from appliance.protocols import Embedder, Generator, Sampling
 from appliance.store import ChunkRow, Store
+from appliance.titles import TitleIndex
 
 RRF_K = 60
 POSTINGS_BUDGET = 5_000  # about 10 ms of BM25 on the development machine (bench/search.py)
@@ -38,7 +39,8 @@ class Hit(ChunkRow):
 
     def to_json(self) -> dict:
         return {"chunk_id": self.chunk_id, "doc_id": self.doc_id, "source": self.source, "title": self.title,
-                "collection": self.collection, "position": self.position, "score": round(self.score, 6),
+                "owner": self.owner, "collection": self.collection, "position": self.position,
+                "score": round(self.score, 6),
                 "exact": self.exact, "text": self.text}
 
 
@@ -46,21 +48,14 @@ _CODE_QUESTION_RE = re.compile(r"\b(codes?|soc|o\*net|lcat)\b", re.IGNORECASE)
 
 
 def mentioned_titles(text: str, titles: dict[str, list[dict]]) -> list[tuple[int, int, str]]:
-    """(start, end, title) of reference-table titles named in `text`, whole words, a longer title
-    winning over one inside it ("Cloud Architect" over "Architect"), in order of position."""
-    lowered = text.lower()
-    found: list[tuple[int, int, str]] = []
-    for title in sorted((t for t in titles if t in lowered), key=len, reverse=True):  # a substring test first:
-        # a table of thousands of titles costs one scan each, not a regex each
-        for m in re.finditer(r"(?<!\w)" + re.escape(title) + r"(?!\w)", lowered):
-            if not any(a < m.end() and m.start() < b for a, b, _ in found):
-                found.append((m.start(), m.end(), title))
-    return sorted(found)
+    """(start, end, title) of reference-table titles named in `text` (appliance.titles)."""
+    return (titles if isinstance(titles, TitleIndex) else TitleIndex(titles)).mentioned(text)
 
 
 def conflicting_codes(answer: str, question: str, titles: dict[str, list[dict]]) -> list[dict]:
     """Codes in an answer that the reference table contradicts: the title written nearest the code (or
-    the one title the question names) is in the table under another code."""
+    the one title the question names) is in the table under another code, or the reference tables
+    disagree on that title's code (`tables_disagree`: the answer's code is in one, not in another)."""
     if not titles:
         return []
     named = mentioned_titles(answer, titles)
@@ -74,11 +69,15 @@ def conflicting_codes(answer: str, question: str, titles: dict[str, list[dict]])
             title = asked[0][2]
         else:
             continue
-        rows = titles[title]
-        table = [r["code"] for r in rows if r["code"]]
-        if table and code not in table and code not in conflicts:
-            conflicts[code] = {"code": code, "title": rows[0]["title"], "table_code": table[0],
+        rows = [r for r in titles[title] if r["code"]]
+        if not rows or code in conflicts:
+            continue
+        if code not in {r["code"] for r in rows}:
+            conflicts[code] = {"code": code, "title": rows[0]["title"], "table_code": rows[0]["code"],
                                "table_source": rows[0]["source"]}
+        elif other := next((r for r in rows if r["code"] != code), None):  # two reference rows disagree
+            conflicts[code] = {"code": code, "title": other["title"], "table_code": other["code"],
+                               "table_source": other["source"], "tables_disagree": True}
     return list(conflicts.values())
 
 
@@ -239,7 +238,7 @@ def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = Fa
         if 1 <= n <= len(hits):
             h = hits[n - 1]
             citations.append({"n": n, "chunk_id": h.chunk_id, "doc_id": h.doc_id, "source": h.source,
-                              "title": h.title, "doc_sha256": h.doc_sha256})
+                              "owner": h.owner, "title": h.title, "doc_sha256": h.doc_sha256})
         else:
             unknown.append(n)
     # A code the model wrote that none of its sources contains is flagged, never passed off as fact;

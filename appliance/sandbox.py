@@ -19,6 +19,7 @@ import select
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from appliance.errors import IngestError
 
 DEFAULT_MEMORY_MB = 1536
 DEFAULT_TIMEOUT_S = 120.0
-MAX_FRAME = 1 << 31
+MAX_REPLY = 320 << 20  # what the child answers: MAX_TEXT_CHARS of text (4 bytes each at worst) and its table
 
 
 def _frame(payload: bytes) -> bytes:
@@ -48,6 +49,7 @@ class Sandbox:
         self.memory_mb = memory_mb
         self.timeout_s = timeout_s
         self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()  # one file at a time on the pipes (an ingest parses beside a draft)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -77,6 +79,10 @@ class Sandbox:
         """The document in `data` (named `path`), or IngestError for this file alone."""
         if path.suffix.lower() in TEXT_SUFFIXES:
             return parse_document(path, data)
+        with self._lock:
+            return self._parse(path, data)
+
+    def _parse(self, path: Path, data: bytes) -> Document:
         proc = self._child()
         header = json.dumps({"name": str(path)}).encode()
         try:
@@ -123,8 +129,10 @@ class Sandbox:
                 continue
             if size is None:
                 size = struct.unpack(">Q", b"".join(chunks))[0]
-                if size > MAX_FRAME:
-                    return None
+                if size > MAX_REPLY:
+                    self.close()
+                    raise IngestError(f"{path}: the parsed document is {size >> 20} MB (at most {MAX_REPLY >> 20} MB)",
+                                      "split the file")
                 chunks, want, got = [], size, 0
                 if size == 0:
                     return None

@@ -28,6 +28,13 @@ class Message(BaseModel):
         size = len(content) if isinstance(content, str) else len(json.dumps(content or []))
         if size > MAX_PROMPT_CHARS:
             raise ValueError(f"{size} characters; at most {MAX_PROMPT_CHARS} allowed per message")
+        texts = [content] if isinstance(content, str) else [p.get("text") for p in content or []]
+        try:  # JSON may carry a lone surrogate ("\ud800"), which no tokenizer or hash can encode
+            for text in texts:
+                if isinstance(text, str):
+                    text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"not valid Unicode (a lone surrogate at character {exc.start})") from exc
         return content
 
 
@@ -47,7 +54,7 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     collection: str | None = Field(default=None, description="Extension: retrieve only from this collection")
     rag: bool = Field(default=True, description="Extension: false answers without retrieval")
-    conversation: int | None = Field(default=None, description="Extension: a stored conversation (POST "
+    conversation: int | None = Field(default=None, ge=1, le=(1 << 63) - 1, description="Extension: a stored conversation (POST "
                                      "/appliance/conversations); its turns are the history, the answer is added")
 
     @field_validator("stop")
@@ -130,6 +137,7 @@ class Source(Answered):
     score: float
     exact: bool
     text: str
+    owner: str | None = None  # who added the document (an upload's source is only the name it was sent with)
     n: int | None = None
 
     def to_json(self) -> dict:

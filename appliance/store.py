@@ -9,6 +9,8 @@ rowid, and reference-table rows (labor categories and the like) kept as structur
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import numpy as np
 from appliance import migrations
 from appliance.errors import NotFoundError, StoreError
 from appliance.manifest import utc_stamp
+from appliance.titles import TitleIndex
 
 
 def _now() -> str:
@@ -51,6 +54,7 @@ class ChunkRow:
     text: str
     doc_sha256: str
     collection: str
+    owner: str | None = None  # who added the document: an upload's name alone could be anyone's path
 
 
 @dataclass
@@ -91,23 +95,54 @@ class _VectorCache:
         return [(int(ids[i]), float(1.0 - similarity[i])) for i in top]  # cosine distance, as vec0
 
 
+def make_private(path: Path, mode: int) -> str | None:
+    """Take group and other permissions off `path` (to `mode`) if it has any; what was repaired, or None.
+    StoreError when it cannot be: a home or database others may read is not run on."""
+    try:
+        found = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_IMODE(found) & 0o077:
+        return None
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise StoreError(f"{path} is open to other users (mode {stat.filemode(found)}) and cannot be made private "
+                         f"({exc.strerror})", f"run `chmod {mode:o} {path}` as its owner") from exc
+    return f"{path}: mode {stat.filemode(found)} -> {stat.filemode(stat.S_IFMT(found) | mode)}"
+
+
+def private_files(path: Path) -> list[str]:
+    """The database and its -wal and -shm files readable by their owner only (created so when new;
+    SQLite gives -wal and -shm the database's mode); what was repaired. The database holds every
+    conversation, audit row and document: a role check is worth nothing if its file can be read."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    names = (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+    return [done for name in names if (done := make_private(name, 0o600))]
+
+
 class Store:
     """A connection to the appliance database; use as a context manager.
 
     `cache_vectors=True` keeps the vectors in memory for fast repeated searches (the service, the
-    operator UI); one-shot commands leave it off and let vec0 scan.
+    operator UI); one-shot commands leave it off and let vec0 scan. `reference`: the collections whose
+    table rows are the reference (lookups, code checks, staffing); rows of tables elsewhere are kept
+    but never consulted as the reference.
     """
 
-    def __init__(self, path: Path, cache_vectors: bool = False):
+    def __init__(self, path: Path, cache_vectors: bool = False, reference: Sequence[str] = ("reference",)):
         import sqlite_vec
 
         self.cache_vectors = cache_vectors
+        self.reference = tuple(reference)
         self._cache: _VectorCache | None = None
         self._term_counts: dict[str, int] = {}
-        self._titles: dict[str, list[dict]] | None = None
+        self._titles: TitleIndex | None = None
         self._seen_version: int | None = None
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.repaired = private_files(path)
         try:
             self.conn = apsw.Connection(str(path))
             self.conn.set_busy_timeout(10_000)
@@ -456,23 +491,27 @@ class Store:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.conn.execute(
-            "SELECT c.id, d.id, d.source, d.title, c.heading, c.position, c.text, d.sha256, col.name "
+            "SELECT c.id, d.id, d.source, d.title, c.heading, c.position, c.text, d.sha256, col.name, d.owner "
             "FROM chunks c JOIN documents d ON d.id = c.document_id JOIN collections col ON col.id = d.collection_id "
             f"WHERE c.id IN ({marks})", ids)
         return {row[0]: ChunkRow(*row) for row in rows}
 
+    def _in_reference(self, column: str) -> str:
+        return f"{column} IN ({', '.join('?' * len(self.reference))})" if self.reference else "0"
+
     def ref_rows(self, collection_id: int | None = None) -> list[dict]:
         """Every reference-table row with its document and collection."""
         sql = ("SELECT r.code, r.title, r.data, d.source, c.name, r.chunk_id FROM ref_rows r "
-               "JOIN documents d ON d.id = r.document_id JOIN collections c ON c.id = d.collection_id")
-        args: tuple = ()
+               "JOIN documents d ON d.id = r.document_id JOIN collections c ON c.id = d.collection_id "
+               f"WHERE {self._in_reference('c.name')}")
+        args: tuple = self.reference
         if collection_id is not None:
-            sql += " WHERE d.collection_id = ?"
-            args = (collection_id,)
+            sql += " AND d.collection_id = ?"
+            args = (*args, collection_id)
         return [{"code": code, "title": title, "data": json.loads(data), "source": source, "collection": coll,
                  "chunk_id": chunk_id} for code, title, data, source, coll, chunk_id in self.conn.execute(sql, args)]
 
-    def ref_titles(self) -> dict[str, list[dict]]:
+    def ref_titles(self) -> TitleIndex:
         """Reference-table rows by lower-case title: {"code", "title", "source", "chunk_id", "collection"};
         remembered until the database changes."""
         self._follow_other_writers()
@@ -480,18 +519,21 @@ class Store:
             titles: dict[str, list[dict]] = {}
             for row in self.conn.execute(
                     "SELECT r.code, r.title, d.source, r.chunk_id, d.collection_id FROM ref_rows r "
-                    "JOIN documents d ON d.id = r.document_id WHERE r.title IS NOT NULL AND r.title != ''"):
+                    "JOIN documents d ON d.id = r.document_id JOIN collections c ON c.id = d.collection_id "
+                    f"WHERE r.title IS NOT NULL AND r.title != '' AND {self._in_reference('c.name')}",
+                    self.reference):
                 code, title, source, chunk_id, coll = row
                 titles.setdefault(title.lower(), []).append({"code": code, "title": title, "source": source,
                                                              "chunk_id": chunk_id, "collection_id": coll})
-            self._titles = titles
+            self._titles = TitleIndex(titles)
         return self._titles
 
     def ref_chunks_for_code(self, code: str, collection_id: int | None = None) -> list[int]:
         """Chunk ids of reference rows whose code is this code or starts with it."""
         sql = ("SELECT r.chunk_id FROM ref_rows r JOIN documents d ON d.id = r.document_id "
-               "WHERE (r.code = ? OR r.code LIKE ? ESCAPE '\\')")
-        args: list = [code, code.replace("%", "\\%").replace("_", "\\_") + "%"]
+               "JOIN collections c ON c.id = d.collection_id "
+               f"WHERE (r.code = ? OR r.code LIKE ? ESCAPE '\\') AND {self._in_reference('c.name')}")
+        args: list = [code, code.replace("%", "\\%").replace("_", "\\_") + "%", *self.reference]
         if collection_id is not None:
             sql += " AND d.collection_id = ?"
             args.append(collection_id)

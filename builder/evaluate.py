@@ -242,7 +242,8 @@ def run(config: EvalConfig) -> Path:
             from appliance.store import Store
 
             embedder = OnnxEmbedder(config.embedder)
-            store = stack.enter_context(Store(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "index.db"))
+            store = stack.enter_context(Store(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "index.db",
+                                              reference=("eval",)))  # every table of the eval corpus
             ingest(store, embedder, config.corpus, "eval", max_bytes=200_000_000, chunk_chars=1200)
         report.update(measure(config.export, config, quants, template_for(config), text, store, embedder))
         if config.baseline is not None:

@@ -108,14 +108,14 @@ def test_cut_rebuilt_or_restored_logs_are_caught_by_the_signed_checkpoints(home,
 
     # rebuilt: row 3 edited and every hash after it recomputed, so the chain itself is valid
     prev = audit.GENESIS
-    for row in keep[:4] + [[5, "2026-01-01T00:00:00Z", "root", "test", None, None, '{"i":3}', "", ""]]:
+    for row in keep[:4] + [[5, "2026-01-01T00:00:00Z", "root", "test", None, None, '{"i":3}', "", "", None]]:
         entry = dict(zip(audit._COLUMNS, row, strict=True))
         if entry["id"] == 3:
             entry["detail"] = '{"i":"edited"}'
         entry["prev_hash"], entry["row_hash"] = prev, audit._row_hash(prev, entry)
         prev = entry["row_hash"]
         conn.execute("INSERT INTO audit VALUES (:id, :time, :user, :action, :model_sha256, :generation, :detail, "
-                     ":prev_hash, :row_hash)", entry)
+                     ":prev_hash, :row_hash, :signature)", entry)
     result = _run(home, "audit", "verify")
     assert result.exit_code == 1 and "broken" not in result.output and "was rewritten" in result.output
     conn.close()
@@ -247,3 +247,93 @@ def test_a_batch_killed_midway_leaves_no_document_without_its_audit_row(home, tm
     with Appliance(load_settings(home=home)) as app:
         assert len(app.documents()) == 60 == len(app.audit_rows("ingest", limit=1000))
         assert app.audit_verify()["intact"]
+
+
+def _forge_rows(db, count: int) -> None:
+    """What someone who can write the database but not read the key can do: rows with a valid chain."""
+    import apsw
+
+    from appliance import audit
+
+    with apsw.Connection(str(db)) as conn:
+        for _ in range(count):
+            last_id, prev = conn.execute("SELECT id, row_hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+            row = {"id": last_id + 1, "time": "2026-01-01T00:00:00Z", "user": "alice", "action": "ask",
+                   "model_sha256": None, "generation": 1, "detail": '{"forged":true}', "prev_hash": prev}
+            row["row_hash"] = audit._row_hash(prev, row)
+            conn.execute("INSERT INTO audit(id, time, user, action, model_sha256, generation, detail, prev_hash, "
+                         "row_hash) VALUES (:id, :time, :user, :action, :model_sha256, :generation, :detail, "
+                         ":prev_hash, :row_hash)", row)
+
+
+def test_rows_the_appliance_did_not_write_are_reported_and_never_extended_or_anchored(home):
+    """Forged rows with a valid chain after the last checkpoint once passed verify, and the service's next
+    real row signed a checkpoint over them."""
+    from appliance import audit
+    from appliance.errors import StoreError
+
+    db = _three_rows(home)
+    checkpoints = home / audit.CHECKPOINTS
+    _forge_rows(db, 2)
+    result = _run(home, "audit", "verify")
+    assert result.exit_code == 1, result.output
+    assert "2 row(s) after the newest checkpoint (row 4) carry no signature" in result.output
+    assert "from row 5" in result.output
+    anchored = checkpoints.read_text()
+    with Appliance(load_settings(home=home)) as app:
+        try:
+            app.audit("test", {"i": "after the forgery"})
+            raise AssertionError("a forged head was extended")
+        except StoreError as exc:
+            assert "row (6) was not written by this appliance" in exc.message
+        assert len(app.audit_rows(limit=100)) == 6  # nothing appended
+    assert checkpoints.read_text() == anchored  # nothing anchored over the forged rows
+    asked = _run(home, "ask", "When is the help desk open?", "--max-tokens", "4")
+    assert asked.exit_code == int(ExitCode.STORE) and "not written by this appliance" in asked.output
+    import apsw
+
+    with apsw.Connection(str(db)) as conn:  # the administrator removes what verify named
+        conn.execute("DELETE FROM audit WHERE id > 4")
+    assert _run(home, "audit", "verify").exit_code == 0
+    with Appliance(load_settings(home=home)) as app:
+        app.audit("test", {"i": "resumed"})
+        assert app.audit_verify()["intact"]
+
+
+def test_an_emptied_checkpoint_file_is_no_better_than_a_removed_one(home):
+    from appliance import audit
+
+    _three_rows(home)
+    (home / audit.CHECKPOINTS).write_text("\n\n")
+    result = _run(home, "audit", "verify")
+    assert result.exit_code == 1 and "no checkpoint file" in result.output
+
+
+def test_a_replaced_public_key_does_not_vouch_for_its_own_checkpoints(home):
+    """Someone without the key replaces identity/appliance.pub with their own and re-signs every
+    checkpoint: the public key is checked against the private key and the log's record of it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from appliance import audit, identity
+
+    _three_rows(home)
+    theirs = Ed25519PrivateKey.generate()
+    forger = identity.Identity(identity.key_id(theirs.public_key()), identity.public_pem(theirs.public_key()),
+                               home / "identity", theirs)
+    lines = (home / audit.CHECKPOINTS).read_text().splitlines()
+    resigned = []
+    for line in lines:
+        cp = json.loads(line)
+        resigned.append(json.dumps({**cp, "key_id": forger.key_id, "signature": forger.sign(
+            audit._signed(cp["rows"], cp["head"], cp["time"]))}, sort_keys=True))
+    (home / audit.CHECKPOINTS).write_text("\n".join(resigned) + "\n")
+    (home / "identity" / identity.PUBLIC).write_text(forger.public_pem)
+    result = _run(home, "audit", "verify")
+    assert result.exit_code == 1, result.output
+    assert "not the public half of identity/appliance.key" in result.output
+    assert "not the one audit row 1 recorded" in result.output
+    # and where the private key cannot be read (an operator's view), the log's own record still catches it
+    with Appliance(load_settings(home=home)) as app:
+        entries = list(audit.rows(app.store.conn))
+    verdict = audit.verify(entries, resigned, forger.public)
+    assert not verdict.intact and any("audit row 1 recorded" in p for p in verdict.problems)

@@ -707,6 +707,8 @@ def test_an_install_finds_and_records_the_interrupted_one(tmp_path, installed, k
     ("{% for m in messages %}{% for a in m['content'] %}{% for b in m['content'] %}{% endfor %}{% endfor %}"
      "{% endfor %}", "longer than"),  # only the long question's shape runs away
     ("{{ ''.__class__.__mro__ }}", "health check: chat template failed to render"),
+    ("{% if messages|length > 6 %}{{ 'x' * 2000000000 }}{% endif %}{% for m in messages %}{{ m['content'] }}"
+     "{% endfor %}", "past the render budget"),  # only a follow-up with two earlier turns or more runs away
 ])
 def test_a_signed_template_that_runs_away_is_refused_within_its_budget(tmp_path, installed, keys, tiny_generation,
                                                                        template, match):

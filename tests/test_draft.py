@@ -134,3 +134,14 @@ def test_unusable_rfp_gets_a_clear_message(demo_home, tmp_path, scanned_pdf, con
     assert result.exit_code == ExitCode.INGEST
     assert expected in result.output
     assert not (tmp_path / "o.md").exists()
+
+
+def test_an_uploaded_rfp_is_named_as_its_caller_knows_it_in_errors(app):
+    """A draft error once named the service's private temporary path."""
+    from appliance.errors import IngestError
+
+    with pytest.raises(IngestError) as raised:
+        app.draft_upload("/home/alice/rfp.txt", b"Thank you for your interest. We look forward to meeting you.",
+                         generator=object())
+    assert "/home/alice/rfp.txt" in str(raised.value) and ".upload-" not in str(raised.value)
+    assert str(app.settings.home) not in str(raised.value)

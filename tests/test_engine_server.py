@@ -188,6 +188,9 @@ def test_the_engine_killed_mid_answer_is_a_clear_error_then_it_answers_again(ser
                                                     "max_tokens": 4, "rag": False})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert http.get("/appliance/status").json()["engine"]["starts"] == 2  # operators can see it happened
+        failed = http.get("/appliance/audit", params={"action": "ask_failed"}).json()["rows"]
+        assert failed and failed[0]["detail"]["tokens_sent"] >= 1  # the text the operator saw is on record
+        assert "engine server stopped" in failed[0]["detail"]["error"]
     assert _engine_pid(proc.pid)  # a new one
 
 
@@ -254,3 +257,39 @@ def test_a_draft_gives_up_the_worker_while_the_engine_writes(served):
     assert "result" in events[-1], events[-1]
     assert len(reads) == 6 and sorted(reads)[len(reads) // 2] < 1.0, reads  # not behind the draft's generation
     assert events[-1]["result"]["summary"]["requirements_found"] >= 5
+
+
+def test_a_killed_service_takes_its_engine_with_it_and_the_next_start_cleans_up(tmp_path, demo_home):
+    """kill -9 of the service once left llama-server running (545 MB) and its upload files behind."""
+    import shutil
+
+    from running import start_service, stop_service
+
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home, symlinks=True)
+    (home / ".upload-x1y2").mkdir()
+    (home / ".upload-x1y2" / "proposal.md").write_text("an upload that was being ingested")
+    sock = tmp_path / "api.sock"
+    proc = start_service(home, sock, "--slots", "1")
+    engine = _engine_pid(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{engine}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{engine}").exists(), "the engine outlived its service"
+    left = home / "run" / f"engine-{proc.pid}"
+    assert left.is_dir()
+    sleeper = subprocess.Popen(["sleep", "60"])  # a pid file naming something that is not an engine: left alone
+    try:
+        (home / "run" / "engine-999999999").mkdir()
+        (home / "run" / "engine-999999999" / "engine.pid").write_text(f"{sleeper.pid}\n")
+        proc = start_service(home, sock, "--slots", "1")
+        stop_service(proc, sock)
+        err = proc.communicate()[1]
+        assert not left.exists() and not (home / "run" / "engine-999999999").exists()
+        assert not (home / ".upload-x1y2").exists() and "left by a service that was killed" in err
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -312,3 +313,70 @@ def test_an_rfp_to_draft_is_parsed_in_the_sandbox_too(home, tmp_path):
     with Appliance(load_settings(home=home, parse_memory_mb=256, max_file_mb=60)) as app, \
             pytest.raises(IngestError, match="rfp.csv: parsing needs more than 256 MB"):
         app.draft(rfp, generator=object())  # refused before any generation
+
+
+def test_a_small_csv_cannot_amplify_into_the_database(home, tmp_path):
+    """The re-probe's 1.3 MB CSV (512 column names of 2,000 characters, sparse rows) took the service
+    from 422 to 2,151 MB and the database from 72 to 693 MB. Column names are capped, empty cells are
+    not stored, and a table's stored text is bounded by its file's size."""
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+
+    names = [f"c{i:03d}" + "h" * 1996 for i in range(512)]
+    (tmp_path / "wide-names.csv").write_text(",".join(names) + "\n" + "".join(
+        "," * (i % 512) + "15-1252.00" + "," * (511 - i % 512) + "\n" for i in range(240)))
+    assert (tmp_path / "wide-names.csv").stat().st_size > 1_000_000
+    names = [f"column {i:03d} " + "n" * 140 for i in range(100)]  # each under the cap, all repeated per row
+    (tmp_path / "dense.csv").write_text(",".join(names) + "\n" + ("," .join("x" * 100) + "\n") * 2000)
+    sparse = "code,title,notes," + ",".join(f"extra{i}" for i in range(400)) + "\n" + "".join(
+        f"15-{i:04d}.00,Analyst {i},,{',' * 399}\n" for i in range(50))
+    (tmp_path / "sparse.csv").write_text(sparse)
+    db = home / "appliance.db"
+    with Appliance(load_settings(home=home)) as app:
+        report = app.ingest([tmp_path / "wide-names.csv", tmp_path / "dense.csv", tmp_path / "sparse.csv"],
+                            "reference")
+        errors = {Path(f["source"]).name: f["error"] for f in report.failed}
+        assert "column 1's name is 2000 characters (at most 200)" in errors["wide-names.csv"]
+        assert "at most 16 times the file" in errors["dense.csv"]
+        assert [Path(a["source"]).name for a in report.added] == ["sparse.csv"]
+        stored = [json.loads(d) for (d,) in app.store.conn.execute("SELECT data FROM ref_rows")]
+        assert len(stored) == 50 and all(set(d) == {"code", "title"} for d in stored)  # no empty cells kept
+        assert app.lookup("15-0007.00")[0]["title"] == "Analyst 7"
+    for suffix in ("", "-wal"):
+        if Path(f"{db}{suffix}").exists():
+            assert Path(f"{db}{suffix}").stat().st_size < 20_000_000
+
+
+def test_a_table_row_too_large_to_store_is_refused(tmp_path):
+    names = ",".join(f"column {i:03d} " + "n" * 180 for i in range(200))
+    (tmp_path / "fat.csv").write_text(names + "\n" + ",".join("y" * 200) + "\n")
+    with pytest.raises(IngestError, match="fat.csv: row 2 holds .* characters with its column names"):
+        read_document(tmp_path / "fat.csv", LIMIT)
+
+
+def test_an_xlsx_is_measured_on_the_sheet_that_is_parsed(tmp_path):
+    """The first sheet of the workbook stored as xl/worksheets/sheet2.xml: the size was once measured on
+    sheet1.xml (another sheet), and 190,000 rows were silently cut to 1."""
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    big = book.active
+    big.title = "Big"
+    big.append(["Code", "Title"])
+    for i in range(30):
+        big.append([f"15-{i:04d}.00", f"Analyst {i}"])
+    small = book.create_sheet("Small")
+    small.append(["Code", "Title"])
+    small.append(["99-0000.00", "Other"])
+    book.save(tmp_path / "plain.xlsx")
+    swap = {"xl/worksheets/sheet1.xml": "xl/worksheets/sheet2.xml", "xl/worksheets/sheet2.xml": "xl/worksheets/sheet1.xml"}
+    with zipfile.ZipFile(tmp_path / "plain.xlsx") as zin, \
+            zipfile.ZipFile(tmp_path / "swapped.xlsx", "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "xl/_rels/workbook.xml.rels":
+                data = data.replace(b"sheet1.xml", b"sheetX.xml").replace(b"sheet2.xml", b"sheet1.xml") \
+                    .replace(b"sheetX.xml", b"sheet2.xml")
+            zout.writestr(swap.get(item.filename, item.filename), data)
+    table = read_document(tmp_path / "swapped.xlsx", LIMIT).table
+    assert len(table.rows) == 30 and table.rows[-1] == {"Code": "15-0029.00", "Title": "Analyst 29"}

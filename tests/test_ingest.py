@@ -176,3 +176,24 @@ def test_a_long_table_shows_its_progress_moving(home, tmp_path, capsys):
     assert any(item.endswith("big.csv (chunk 512 of 1100)") for item in seen)
     lines = [line for line in capsys.readouterr().err.splitlines() if "chunk" in line]
     assert lines == [f"ingesting 0/1 big.csv (chunk {n} of 1100)" for n in (512, 1024, 1100)]
+
+
+def test_a_link_loop_in_a_folder_is_refused_and_the_rest_ingested(home, tmp_path):
+    """A folder holding links that lead nowhere (two files linked to each other, a folder linked to
+    itself, a dangling link) once crashed `appliance ingest` with nothing ingested."""
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    (folder / "notes.md").write_text("# Notes\n\nThe loop must not stop this note from being read.\n")
+    (folder / "a.md").symlink_to(folder / "b.md")
+    (folder / "b.md").symlink_to(folder / "a.md")
+    (folder / "self").symlink_to(folder / "self")
+    (folder / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    result = CliRunner().invoke(cli, ["--home", str(home), "ingest", str(folder), "--json"])
+    assert result.exit_code == ExitCode.INGEST, result.output
+    report = json.loads(result.stdout)
+    assert [Path(a["source"]).name for a in report["added"]] == ["notes.md"]
+    refused = {Path(f["source"]).name: f["error"] for f in report["failed"]}
+    assert set(refused) == {"a.md", "b.md", "self", "gone.txt"}
+    assert all("leads nowhere" in e and "not followed" in e for e in refused.values())
+    rows = json.loads(CliRunner().invoke(cli, ["--home", str(home), "audit", "list", "--json"]).stdout)["rows"]
+    assert rows[0]["action"] == "ingest_refused" and rows[0]["detail"]["files"] == 4  # refusals are on record

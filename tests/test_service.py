@@ -360,6 +360,31 @@ def test_tcp_listener_needs_a_bearer_token(tmp_path, demo_home):
             row = next(x for x in unix.get("/appliance/audit", params={"action": "ask"}).json()["rows"]
                        if x["id"] == audit_id)
         assert row["user"] == "token:ci-script"
+        # Someone with no token holding TCP connections open once left 1 of 30 socket users answered:
+        # TCP has its own budget, a short head deadline and a share per address.
+        import socket as sockets
+
+        from appliance.service.limits import MAX_PER_PEER, TCP_HEADER_TIMEOUT_S
+        held = []
+        for _ in range(100):
+            c = sockets.create_connection(("127.0.0.1", port))
+            c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+            held.append(c)
+        with uds_client(sock) as unix, concurrent.futures.ThreadPoolExecutor(10) as pool:  # (a route off the worker)
+            answered = list(pool.map(lambda _: unix.get("/appliance/home").status_code, range(30)))
+        assert answered == [200] * 30
+        for c in held:
+            c.settimeout(TCP_HEADER_TIMEOUT_S + 5)
+        def closed(c) -> bool:
+            try:
+                return c.recv(10) == b""
+            except ConnectionResetError:
+                return True
+        assert sum(map(closed, held[MAX_PER_PEER:])) == 100 - MAX_PER_PEER  # closed at once
+        time.sleep(TCP_HEADER_TIMEOUT_S + 1)
+        assert all(map(closed, held[:MAX_PER_PEER]))  # the head deadline closed the rest
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            assert http.get("/v1/models", headers=auth).status_code == 200
     finally:
         stop_service(proc, sock)
 
@@ -505,3 +530,75 @@ def test_a_stream_waiting_without_text_sends_heartbeats(served):
     first_text = next(i for i, line in enumerate(lines) if line.startswith("data: ") and i > 0)
     assert ": generating" in lines[1:first_text + 1], lines[:5]
     assert lines[-1] == "data: [DONE]"
+
+
+def _sandbox_of(sock: Path) -> int:
+    """The document parser child of the service listening on `sock`."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"appliance.sandbox" in (entry / "cmdline").read_bytes():
+                parent = next(line.split()[1] for line in (entry / "status").read_text().splitlines()
+                              if line.startswith("PPid:"))
+                if str(sock).encode() in Path(f"/proc/{parent}/cmdline").read_bytes():
+                    return int(entry.name)
+        except OSError:
+            continue
+    raise AssertionError("no parser child")
+
+
+def test_an_ingest_parsing_or_embedding_does_not_hold_up_searches(served):
+    """A 199k-row CSV once held the only worker for 9.5 minutes. Parsing and embedding step aside from
+    the worker; here the parser is paused (SIGSTOP) mid-upload, however fast this machine parses."""
+    import signal
+    import threading
+
+    _, sock = served
+    with uds_client(sock) as http:
+        first = http.post("/appliance/documents/upload", params={"name": "/srv/first.csv", "collection": "lane"},
+                          content=b"Title,Code\nLane Analyst,15-0001.00\n")
+        assert first.status_code == 200, first.text
+    child = _sandbox_of(sock)
+    os.kill(child, signal.SIGSTOP)
+    done: dict = {}
+
+    def upload():
+        with uds_client(sock) as http:
+            done["r"] = http.post("/appliance/documents/upload", params={"name": "/srv/second.csv",
+                                                                          "collection": "lane"},
+                                  content=b"Title,Code\n" + b"".join(b"Analyst %d,15-%04d.00\n" % (i, i)
+                                                                    for i in range(2000)))
+    thread = threading.Thread(target=upload)
+    try:
+        thread.start()
+        time.sleep(1.5)  # the upload is now waiting on the paused parser
+        assert "r" not in done
+        with uds_client(sock) as http:
+            for _ in range(3):
+                start = time.monotonic()
+                assert http.get("/appliance/search", params={"q": "database administrator"}, timeout=10).status_code == 200
+                assert http.get("/appliance/documents", timeout=10).status_code == 200
+                assert time.monotonic() - start < 5
+        assert "r" not in done  # still parsing: the reads did not wait for it
+    finally:
+        os.kill(child, signal.SIGCONT)
+        thread.join(120)
+    assert done["r"].status_code == 200 and done["r"].json()["added"][0]["chunks"] == 2000
+
+
+def test_clients_that_leave_mid_upload_are_not_logged_as_failures(tmp_path, demo_home):
+    """319 clients that disconnected mid-upload once wrote two full tracebacks each (2.8 MB of log)."""
+    import socket
+
+    with serving_copy(demo_home, tmp_path / "home") as (_, sock, proc):
+        for _ in range(5):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sock))
+            c.sendall(b"POST /appliance/documents/upload?name=/srv/cut.md&collection=cut HTTP/1.1\r\n"
+                      b"Host: appliance\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 50_000)
+            time.sleep(0.2)
+            c.close()
+        time.sleep(0.5)
+        with uds_client(sock) as http:
+            assert http.get("/v1/models").status_code == 200
+    err = proc.communicate()[1]
+    assert "Traceback" not in err and "internal error" not in err, err[-3000:]

@@ -72,3 +72,48 @@ def test_a_socket_owned_by_another_user_is_not_used(monkeypatch, tmp_path, capsy
         assert find_socket() == private / "appliance.sock"  # the same socket, ours: used
     finally:
         planted.close()
+
+
+def test_a_link_to_a_planted_socket_is_judged_by_where_it_leads(monkeypatch, tmp_path, capsys):
+    """A link in a directory only root can write, pointing at a socket planted in a world-writable one:
+    the check once looked at the link and passed it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    trusted = tmp_path / "run"
+    trusted.mkdir(mode=0o755)
+    planted, received = _listen(shared / "evil.sock")
+    try:
+        (trusted / "appliance.sock").symlink_to(shared / "evil.sock")
+        why = untrusted_socket(trusted / "appliance.sock")
+        assert why and str(shared) in why and "writable by other users" in why
+        monkeypatch.setenv("APPLIANCE_SOCKET", str(trusted / "appliance.sock"))
+        assert find_socket() is None
+        assert received == []
+        (trusted / "loop.sock").symlink_to(trusted / "loop.sock")
+        assert "cannot be resolved" in untrusted_socket(trusted / "loop.sock")
+    finally:
+        planted.close()
+
+
+def test_a_directory_owned_by_a_stranger_proves_nothing(monkeypatch, tmp_path, capsys):
+    """An attacker's own 0755 directory holding the attacker's socket once passed, because the socket's
+    owner was the directory's owner. Only the caller, root and the service's user are trusted."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give files to another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    planted, received = _listen(theirs / "appliance.sock")
+    try:
+        os.chown(theirs, 65534, 65534)
+        os.chown(theirs / "appliance.sock", 65534, 65534)
+        monkeypatch.setenv("APPLIANCE_SERVICE_USER", "appliance-no-such-user")
+        assert "belongs to uid 65534" in untrusted_socket(theirs / "appliance.sock")
+        monkeypatch.setenv("APPLIANCE_SOCKET", str(theirs / "appliance.sock"))
+        assert find_socket() is None and received == []
+        # the same directory and socket, when uid 65534 is the configured service user: trusted
+        monkeypatch.setenv("APPLIANCE_SERVICE_USER", "65534")
+        assert untrusted_socket(theirs / "appliance.sock") is None
+        assert untrusted_socket(theirs / "appliance.sock", service_user="appliance-no-such-user") is not None
+    finally:
+        planted.close()

@@ -8,12 +8,12 @@ from appliance.store import NewChunk, Store
 def test_migrations_and_durability_pragmas(tmp_path):
     with Store(tmp_path / "a.db") as store:
         assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations",
-                                      "005_feedback", "006_document_owner"]
+                                      "005_feedback", "006_document_owner", "007_audit_signature"]
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with Store(tmp_path / "a.db") as store:  # reopening applies nothing twice
         assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations",
-                                      "005_feedback", "006_document_owner"]
+                                      "005_feedback", "006_document_owner", "007_audit_signature"]
 
 
 def test_changed_embedder_re_embeds_everything(home):
@@ -134,3 +134,22 @@ def test_two_connections_opening_a_new_database_at_once_migrate_it_once(tmp_path
     with Store(db) as store:
         assert store.migrations()[-1] == "999_slow"
         assert store.conn.execute("SELECT count(*) FROM slow").fetchone()[0] == 2_000_000
+
+
+def test_the_database_is_its_owners_alone(tmp_path):
+    """Created 0600, and an existing one found readable by others (made before this check, or by a
+    umask of 0022) is made private, with what was repaired said."""
+    import stat
+
+    db = tmp_path / "new.db"
+    with Store(db) as store:
+        assert store.repaired == []
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tmp_path.glob("new.db*"))
+    old = tmp_path / "old.db"
+    with Store(old):
+        pass
+    old.chmod(0o644)
+    with Store(old) as store:
+        assert store.repaired == [f"{old}: mode -rw-r--r-- -> -rw-------"]
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600

@@ -20,8 +20,9 @@ Roles: every caller on the socket is an operator; an administrator is the servic
 a member of `admin_group` (from the peer's supplementary groups) or a bearer token marked `admin`.
 Only administrators install, verify and roll back bundles, export feedback, read other users'
 audit rows and feedback, and remove other users' documents; a refusal is 403 naming the role and is
-audited. Bodies are capped (JSON at MAX_JSON_BODY, uploads at max_file_mb: 413), a request head must
-arrive within HEADER_TIMEOUT_S, and at most MAX_CONNECTIONS are open at once.
+audited. Bodies are capped (JSON at MAX_JSON_BODY, uploads at max_file_mb: 413; a few uploads at a
+time, each at a minimum rate), a request head must arrive within HEADER_TIMEOUT_S, and connections are
+admitted per peer so that no caller holds them all (appliance.service.limits).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fastapi import FastAPI
 
 from appliance.app import Appliance
 from appliance.service import openai, routes
-from appliance.service.deps import PEER_KEY
+from appliance.service.deps import PEER_KEY, Refusals
 from appliance.service.errors import ApiError, install_handlers
 from appliance.service.limits import (
     BODY_TIMEOUT_S,
@@ -44,7 +45,7 @@ from appliance.service.limits import (
     MAX_PROMPT_CHARS,
 )
 from appliance.service.transport import load_tokens, serve
-from appliance.service.worker import Worker
+from appliance.service.worker import UploadSlots, Worker
 
 __all__ = ["ApiError", "BODY_TIMEOUT_S", "HEADER_TIMEOUT_S", "MAX_CONNECTIONS", "MAX_EMBED_INPUTS", "MAX_JSON_BODY",
            "MAX_PROMPT_CHARS", "PEER_KEY", "load_tokens", "make_api", "serve"]
@@ -66,6 +67,8 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
     api.state.appliance = app
     api.state.worker = Worker(queue_size, before=app.follow_current)
     api.state.exports = {}  # feedback exports built, not yet written by the caller
+    api.state.uploads = UploadSlots()
+    api.state.refusals = Refusals()
     api.state.engines = engines
     install_handlers(api)
     api.include_router(openai.router)

@@ -39,7 +39,8 @@ def install_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(ApplianceError)
     async def _appliance_error(_, exc: ApplianceError):
-        return _error(_STATUS.get(exc.exit_code, 400), str(exc), type(exc).__name__)
+        status = _STATUS.get(exc.exit_code, 400)
+        return _error(status, str(exc), type(exc).__name__, {"Retry-After": "2"} if status == 503 else None)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):  # unknown route, wrong method: the same shape

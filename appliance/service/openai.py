@@ -14,12 +14,12 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from appliance import rag
+from appliance import audit, rag
 from appliance.app import Appliance
 from appliance.errors import ApplianceError
 from appliance.protocols import Sampling
 from appliance.schemas import ChatRequest, EmbeddingRequest, Message
-from appliance.service.deps import get_appliance, get_worker, user_of
+from appliance.service.deps import get_appliance, get_worker, refuse, user_of
 from appliance.service.errors import ApiError
 from appliance.service.limits import HEARTBEAT_S, MAX_EMBED_INPUTS, MAX_PROMPT_CHARS
 from appliance.service.worker import Worker
@@ -99,7 +99,8 @@ async def chat(*, app: Appliance = Depends(get_appliance), worker: Worker = Depe
             raise ApiError(404, f"no conversation {body.conversation}; create one with POST "
                                 "/appliance/conversations", "not_found")
         if owner != (user or "unknown"):  # its turns would come back in the answer's context
-            raise ApiError(403, f"conversation {body.conversation} belongs to another user", "forbidden")
+            await refuse(request, 403, f"conversation {body.conversation} belongs to another user", "forbidden",
+                         {"conversation": body.conversation})
         history = None  # the stored turns are the history
 
     engines = request.app.state.engines
@@ -200,14 +201,18 @@ async def _engine_answer(app: Appliance, worker: Worker, engines, body: ChatRequ
                          history: list[dict] | None, max_tokens: int, sampling: Sampling, user: str | None,
                          stop: threading.Event, pieces: asyncio.Queue) -> None:
     """Prepare on the worker, generate on the engine server (other requests' work goes on meanwhile),
-    record on the worker; items onto `pieces` as `_sse` reads them."""
+    record on the worker; items onto `pieces` as `_sse` reads them. An answer that fails once text was
+    sent (the engine died under it) is audited as `ask_failed`: the operator saw text that no `ask` row
+    records."""
+    texts: list[str] = []
     try:
         async with engines.lease(app, worker) as lease:
             job = await worker.submit(lambda: app.prepare_ask(
                 question, body.collection, body.rag, max_tokens, sampling, history=history, user=user,
                 conversation=body.conversation, tokenizer=lease.tokenizer, model_info=lease.model_info))
-            tokens = lease.tokenizer.prompt_for(job.prep.messages, max_tokens, sampling)
-            start, first, texts, stopped = time.perf_counter(), None, [], False
+            # the signed template renders off the event loop: however long it takes, other requests go on
+            tokens = await asyncio.to_thread(lease.tokenizer.prompt_for, job.prep.messages, max_tokens, sampling)
+            start, first, stopped = time.perf_counter(), None, False
             async for piece in lease.stream(tokens, max_tokens, sampling):
                 first = first or time.perf_counter()
                 texts.append(piece)
@@ -220,6 +225,10 @@ async def _engine_answer(app: Appliance, worker: Worker, engines, body: ChatRequ
         await pieces.put(("done", answer))
     except BaseException as exc:  # the stream's last event, or the non-streamed answer's error
         await pieces.put(("error", exc))
+        if texts and isinstance(exc, ApplianceError):
+            row = {"question_sha256": audit.sha256_text(question), "sent_sha256": audit.sha256_text("".join(texts)),
+                   "tokens_sent": len(texts), "error": exc.message[:300]}
+            await worker.submit(lambda: app.audit("ask_failed", row, user=user))
         if not isinstance(exc, Exception):
             raise
 

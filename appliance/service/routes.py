@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 
 from appliance.app import Appliance
+from appliance.errors import NotFoundError
 from appliance.schemas import (
     AuditRows,
     BundleRequest,
@@ -29,8 +30,17 @@ from appliance.schemas import (
     VerifyRequest,
     WrittenRequest,
 )
-from appliance.service.deps import PEER_KEY, get_appliance, get_worker, is_admin, require_admin, user_of
+from appliance.service.deps import (
+    PEER_KEY,
+    get_appliance,
+    get_worker,
+    is_admin,
+    refuse,
+    require_admin,
+    user_of,
+)
 from appliance.service.errors import ApiError
+from appliance.service.limits import MAX_QUERY_CHARS
 from appliance.service.worker import Worker, progress_events, read_body
 
 router = APIRouter()
@@ -50,7 +60,7 @@ async def status(*, app: Appliance = Depends(get_appliance), worker: Worker = De
 
 @router.get("/appliance/search", response_model=SearchResults)
 async def search(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
-                 q: str, k: int = 5, collection: str | None = None):
+                 q: str = Query(max_length=MAX_QUERY_CHARS), k: int = 5, collection: str | None = None):
     if not 1 <= k <= 100:
         raise ApiError(400, f"k {k} out of range; allowed: 1 to 100")
     hits = await worker.submit(lambda: app.search(q, k=k, collection=collection))
@@ -64,7 +74,8 @@ async def new_conversation(*, app: Appliance = Depends(get_appliance), worker: W
 
 @router.get("/appliance/lookup", response_model=LookupRows)
 async def lookup(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
-                 q: str, collection: str | None = None, limit: int = Query(default=20, ge=1, le=1000)):
+                 q: str = Query(max_length=MAX_QUERY_CHARS), collection: str | None = None,
+                 limit: int = Query(default=20, ge=1, le=1000)):
     return {"query": q, "rows": await worker.submit(lambda: app.lookup(q, collection, limit))}
 
 @router.get("/appliance/documents", response_model=Documents)
@@ -80,12 +91,9 @@ async def ingest(*, app: Appliance = Depends(get_appliance), worker: Worker = De
     already (the service's own user, or root). Everyone else uploads the bytes they read."""
     peer = request.scope.get(PEER_KEY)
     if peer is None or peer["uid"] not in (os.getuid(), 0):
-        await worker.submit(lambda: app.audit("refused", {"route": "POST /appliance/documents",
-                                                          "paths": body.paths[:20]},
-                                              with_model=False, user=user_of(request)))
-        raise ApiError(403, "ingesting by path reads files with the service's permissions, so only the "
-                       "service's user or root may; upload the files instead (POST "
-                       "/appliance/documents/upload, which `appliance ingest` and the UI use)", "forbidden")
+        await refuse(request, 403, "ingesting by path reads files with the service's permissions, so only the "
+                     "service's user or root may; upload the files instead (POST /appliance/documents/upload, "
+                     "which `appliance ingest` and the UI use)", "forbidden", {"paths": body.paths[:20]})
     user = user_of(request)
     report = await worker.submit(lambda: app.ingest([Path(p) for p in body.paths], body.collection, user=user))
     return report.to_json()
@@ -95,14 +103,17 @@ async def upload(*, app: Appliance = Depends(get_appliance), worker: Worker = De
                  request: Request, name: str, collection: str = "default", stream: bool = False):
     """One file's bytes as the body; `name`: its path on the caller's side (recorded as the source).
     The caller read the file, so it is ingested with the caller's permissions, not the service's."""
+    if collection in app.settings.reference_collections:  # refused before a byte is read
+        await require_admin(request, f"adding to the reference collection '{collection}' (its tables are "
+                            "what codes are checked against)", {"collection": collection, "name": name[:200]})
     user = user_of(request)
     data = await read_body(request, int(app.settings.max_file_mb * 1_000_000))
     admin = is_admin(request)
-    if stream:
+    if stream:  # parsing and embedding step aside from the worker: searches and answers go on meanwhile
         return progress_events(worker, lambda report: app.ingest_upload(
-            name, data, collection, user=user, progress=report, admin=admin).to_json())
-    return (await worker.submit(lambda: app.ingest_upload(name, data, collection, user=user,
-                                                          admin=admin))).to_json()
+            name, data, collection, user=user, progress=report, admin=admin, aside=worker.aside).to_json())
+    return (await worker.submit(lambda: app.ingest_upload(name, data, collection, user=user, admin=admin,
+                                                          aside=worker.aside))).to_json()
 
 @router.post("/appliance/draft")
 async def draft(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
@@ -162,10 +173,16 @@ async def audit_verify_against(*, app: Appliance = Depends(get_appliance), worke
 @router.post("/appliance/feedback")
 async def feedback(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                    body: FeedbackRequest, request: Request):
-    user = user_of(request)
-    return await worker.submit(lambda: app.feedback(body.audit_id, body.kind, correction=body.correction,
-                                                    source=body.source, chunk_id=body.chunk_id, note=body.note,
-                                                    question=body.question, answer=body.answer, user=user))
+    user, admin = user_of(request), is_admin(request)
+    try:
+        return await worker.submit(lambda: app.feedback(body.audit_id, body.kind, correction=body.correction,
+                                                        source=body.source, chunk_id=body.chunk_id, note=body.note,
+                                                        question=body.question, answer=body.answer, user=user,
+                                                        admin=admin))
+    except NotFoundError as exc:  # another user's answer, or none: the same reply, audited
+        if admin:
+            raise
+        await refuse(request, 404, str(exc), "not_found", {"answer_audit_id": body.audit_id})
 
 @router.get("/appliance/feedback", response_model=FeedbackItems)
 async def feedback_list(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),

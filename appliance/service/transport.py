@@ -1,10 +1,11 @@
 """How callers reach the service: a Unix socket with peer credentials (SO_PEERCRED, SO_PEERGROUPS) and
 the administrator role they give, bearer tokens on the optional TCP listener, bounded bodies, a
-deadline for request heads and a cap on open connections; and `serve`, which binds it all."""
+deadline for request heads and connections admitted per peer; and `serve`, which binds it all."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -21,8 +22,14 @@ from appliance.service.limits import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
     MAX_JSON_BODY,
+    MAX_PER_PEER,
+    MAX_TCP_CONNECTIONS,
+    NEW_PEER_RESERVE,
     SO_PEERGROUPS,
+    TCP_HEADER_TIMEOUT_S,
     UPLOAD_ROUTES,
 )
 
@@ -53,24 +60,62 @@ def _peer(transport, admin_group: int | None) -> dict | None:
     return {"pid": pid, "uid": uid, "gid": gid, "groups": groups, "user": name, "admin": admin}
 
 
+class Admission:
+    """The connections open, by peer (a socket peer's uid, a TCP address) and in all: one peer never
+    holds more than MAX_PER_PEER, the last NEW_PEER_RESERVE socket connections go only to peers holding
+    none, and TCP, whose callers are unknown until their token is read, has a budget of its own."""
+
+    def __init__(self) -> None:
+        self.held: collections.Counter = collections.Counter()
+        self.unix = self.tcp = 0
+
+    def admit(self, key: tuple) -> bool:
+        held = self.held[key]
+        if held >= MAX_PER_PEER:
+            return False
+        if key[0] == "tcp":
+            if self.tcp >= MAX_TCP_CONNECTIONS:
+                return False
+            self.tcp += 1
+        else:
+            if self.unix >= MAX_CONNECTIONS or (held and self.unix >= MAX_CONNECTIONS - NEW_PEER_RESERVE):
+                return False
+            self.unix += 1
+        self.held[key] += 1
+        return True
+
+    def release(self, key: tuple) -> None:
+        self.held[key] -= 1
+        if not self.held[key]:
+            del self.held[key]
+        if key[0] == "tcp":
+            self.tcp -= 1
+        else:
+            self.unix -= 1
+
+
 def _peer_protocol(admin_group: int | None):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class PeerCredProtocol(H11Protocol):
         """h11 with the connecting process's credentials put into every request's scope, a deadline for
-        the request head, and a cap on open connections (beyond it a new one is closed at once)."""
+        the request head, and connections admitted per peer (appliance.service.transport.Admission):
+        one refused is closed at once."""
 
-        open_connections = 0
+        admission = Admission()
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            PeerCredProtocol.open_connections += 1
-            self._counted = True
-            if PeerCredProtocol.open_connections > MAX_CONNECTIONS:
+            peer = _peer(transport, admin_group)
+            address = transport.get_extra_info("peername")
+            key = ("uid", peer["uid"]) if peer else ("tcp", address[0] if isinstance(address, tuple) else address)
+            if not PeerCredProtocol.admission.admit(key):
                 transport.close()
                 return
-            self._head_deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._head_too_slow)
-            peer, inner = _peer(transport, admin_group), self.app
+            self._admitted = key
+            self._head_deadline = self.loop.call_later(TCP_HEADER_TIMEOUT_S if peer is None else HEADER_TIMEOUT_S,
+                                                       self._head_too_slow)
+            inner = self.app
 
             async def with_peer(scope, receive, send):
                 scope[PEER_KEY] = peer
@@ -82,9 +127,9 @@ def _peer_protocol(admin_group: int | None):
                 self.transport.close()  # half a request head, and nothing since
 
         def connection_lost(self, exc) -> None:
-            if getattr(self, "_counted", False):
-                PeerCredProtocol.open_connections -= 1
-                self._counted = False
+            key, self._admitted = getattr(self, "_admitted", None), None
+            if key is not None:
+                PeerCredProtocol.admission.release(key)
             deadline = getattr(self, "_head_deadline", None)
             if deadline:
                 deadline.cancel()
@@ -94,11 +139,12 @@ def _peer_protocol(admin_group: int | None):
 
 
 def _bounded_bodies(inner):
-    """JSON bodies over MAX_JSON_BODY are 413 before the application parses them, and must arrive
-    within BODY_TIMEOUT_S; uploads have their own limit (max_file_mb) in their routes."""
+    """Request heads over MAX_HEADERS or MAX_HEADER_BYTES are 431; JSON bodies over MAX_JSON_BODY are 413
+    before the application parses them, and must arrive within BODY_TIMEOUT_S; uploads have their own
+    limits (max_file_mb, upload slots, a minimum rate) in their routes."""
 
     async def app(scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in UPLOAD_ROUTES:
+        if scope["type"] != "http":
             return await inner(scope, receive, send)
 
         async def refuse(status: int, message: str, code: str):
@@ -107,7 +153,14 @@ def _bounded_bodies(inner):
                         "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
             await send({"type": "http.response.body", "body": body})
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = scope.get("headers") or []
+        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            return await refuse(431, f"the request has {len(headers)} headers of "
+                                f"{sum(len(k) + len(v) for k, v in headers)} bytes; at most {MAX_HEADERS} headers "
+                                f"of {MAX_HEADER_BYTES} bytes", "headers_too_large")
+        if scope["path"] in UPLOAD_ROUTES:
+            return await inner(scope, receive, send)
+        declared = dict(headers).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BODY:
             return await refuse(413, f"the request body is {int(declared)} bytes; at most {MAX_JSON_BODY}",
                                 "too_large")
@@ -202,20 +255,24 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     from appliance.config import untrusted_socket
     from appliance.errors import ConfigError
 
+    if tcp and not tokens:
+        raise ConfigError("TCP listening needs bearer tokens", "pass --token-file FILE (lines 'NAME TOKEN', mode 0600)")
+
+    socket_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    why = untrusted_socket(socket_path, app.settings.service_user if app else None)  # before anything is loaded
+    if why:
+        raise ConfigError(f"will not listen on {socket_path}: {why}",
+                          "give --socket a path in a directory only the service's user can write")
     if not logging.getLogger("appliance").handlers:  # stderr: journald keeps it under systemd
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logging.getLogger("appliance").addHandler(handler)
         logging.getLogger("appliance").setLevel(logging.INFO)
-    if tcp and not tokens:
-        raise ConfigError("TCP listening needs bearer tokens", "pass --token-file FILE (lines 'NAME TOKEN', mode 0600)")
-
-    socket_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    why = untrusted_socket(socket_path)  # checked before anything is loaded
-    if why:
-        raise ConfigError(f"will not listen on {socket_path}: {why}",
-                          "give --socket a path in a directory only the service's user can write")
     app.recover()
+    from appliance.engine_server import EngineServer
+
+    for what in EngineServer.clean_stale(app.settings.home / "run") + app.clean_uploads():
+        logging.getLogger("appliance").warning("left by a service that was killed: %s", what)
     app.ready_index()
     engines = _engine_server(app, socket_path)
     if engines is None:
@@ -288,7 +345,7 @@ def _engine_server(app: Appliance, socket_path: Path):
         return None
     run_dir = settings.home / "run" / f"engine-{os.getpid()}"
     engines = EngineServer(binary, run_dir, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads,
-                           mmap=settings.mmap)
+                           mmap=settings.mmap, queue=settings.queue)
     inst = app.installed
     engines.start(inst, (inst.path / inst.manifest.chat_template).read_text(), app.model_info())
     return engines

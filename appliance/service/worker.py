@@ -6,6 +6,7 @@ requests run in between."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import threading
@@ -14,10 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from appliance.errors import ApplianceError
 from appliance.service.errors import ApiError
-from appliance.service.limits import UPLOAD_TIMEOUT_S
+from appliance.service.limits import (
+    MAX_UPLOADS,
+    MAX_UPLOADS_PER_PEER,
+    MIN_UPLOAD_RATE,
+    UPLOAD_IDLE_S,
+    UPLOAD_TIMEOUT_S,
+)
 
 
 class Worker:
@@ -34,11 +42,17 @@ class Worker:
         self.turn = threading.Lock()
         self._holder = threading.local()
 
+    def full(self) -> bool:
+        return self.pending >= self.queue_size + 1  # one running, queue_size waiting
+
+    def busy(self) -> ApiError:
+        return ApiError(503, f"the appliance is busy ({self.pending} requests ahead); retry shortly",
+                        "server_busy", {"Retry-After": "2"})
+
     def submit(self, fn: Callable, *args):
         with self.lock:
-            if self.pending >= self.queue_size + 1:  # one running, queue_size waiting
-                raise ApiError(503, f"the appliance is busy ({self.pending} requests ahead); retry shortly",
-                               "server_busy", {"Retry-After": "2"})
+            if self.full():
+                raise self.busy()
             self.pending += 1
         future = self.pool.submit(self._run, fn, *args)
 
@@ -111,19 +125,61 @@ def progress_events(worker: Worker, work: Callable[[Callable[..., None]], dict],
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def read_body(request: Request, limit: int, timeout_s: float = UPLOAD_TIMEOUT_S) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes, 408 when it takes too long."""
-    body = bytearray()
+class UploadSlots:
+    """Upload bodies being received, each up to max_file_mb in memory: at most MAX_UPLOADS at once and
+    MAX_UPLOADS_PER_PEER by one caller, reserved before a byte is read (used on the event loop only)."""
 
-    async def read():
-        async for part in request.stream():
+    def __init__(self) -> None:
+        self.held: collections.Counter = collections.Counter()
+
+    @contextlib.contextmanager
+    def reserve(self, who: str) -> Iterator[None]:
+        if sum(self.held.values()) >= MAX_UPLOADS or self.held[who] >= MAX_UPLOADS_PER_PEER:
+            mine = self.held[who] >= MAX_UPLOADS_PER_PEER
+            raise ApiError(503, f"{'you are' if mine else 'the appliance is'} already sending "
+                           f"{MAX_UPLOADS_PER_PEER if mine else MAX_UPLOADS} files; send this one when one of "
+                           "those has arrived", "server_busy", {"Retry-After": "5"})
+        self.held[who] += 1
+        try:
+            yield
+        finally:
+            self.held[who] -= 1
+            if not self.held[who]:
+                del self.held[who]
+
+
+async def read_body(request: Request, limit: int, timeout_s: float = UPLOAD_TIMEOUT_S) -> bytes:
+    """An upload's body, once the worker has room for it and an upload slot is reserved (503 otherwise,
+    before anything is read); 413 as soon as it passes `limit` bytes; 408 when it stops for
+    UPLOAD_IDLE_S, averages under MIN_UPLOAD_RATE after that, or takes longer than `timeout_s`."""
+    from appliance.service.deps import refuse, user_of
+
+    worker: Worker = request.app.state.worker
+    if worker.full():
+        raise worker.busy()
+    loop = asyncio.get_running_loop()
+    with request.app.state.uploads.reserve(user_of(request) or "unknown"):
+        body, start = bytearray(), loop.time()
+        parts = request.stream().__aiter__()
+        while True:
+            try:
+                part = await asyncio.wait_for(parts.__anext__(), UPLOAD_IDLE_S)
+            except StopAsyncIteration:
+                return bytes(body)
+            except ClientDisconnect as exc:  # the sender went away: nothing to answer, nothing to log
+                raise ApiError(400, "the upload ended before its body did", "client_disconnected") from exc
+            except TimeoutError as exc:
+                raise ApiError(408, f"the upload sent nothing for {UPLOAD_IDLE_S:.0f} s", "timeout") from exc
             body.extend(part)
             if len(body) > limit:
-                raise ApiError(413, f"the upload is larger than {limit / 1e6:.1f} MB (max_file_mb)", "too_large")
-    try:
-        await asyncio.wait_for(read(), timeout_s)
-    except TimeoutError as exc:
-        raise ApiError(408, f"the upload did not arrive within {timeout_s:.0f} s", "timeout") from exc
-    return bytes(body)
+                body.clear()
+                await refuse(request, 413, f"the upload is larger than {limit / 1e6:.1f} MB (max_file_mb)",
+                             "too_large", {"name": str(request.query_params.get("name", ""))[:300]})
+            elapsed = loop.time() - start
+            if elapsed > timeout_s:
+                raise ApiError(408, f"the upload did not arrive within {timeout_s:.0f} s", "timeout")
+            if elapsed > UPLOAD_IDLE_S and len(body) < MIN_UPLOAD_RATE * elapsed:
+                raise ApiError(408, f"the upload arrives at {len(body) / elapsed:.0f} bytes/s; at least "
+                               f"{MIN_UPLOAD_RATE} are needed", "timeout")
 
 

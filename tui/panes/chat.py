@@ -108,7 +108,9 @@ class ChatPane(Pane):
         table.clear()
         cited = {c["n"] for c in answer.citations}
         for i, hit in enumerate(answer.sources, start=1):
-            table.add_row(str(i), "*" if i in cited else "", inert(Path(hit.source).name), str(hit.position),
+            owner = getattr(hit, "owner", None)  # an upload's name alone could be another user's path
+            document = Path(hit.source).name + (f" ({owner})" if owner else "")
+            table.add_row(str(i), "*" if i in cited else "", inert(document), str(hit.position),
                           inert(" ".join(hit.text.split())[:200]), key=str(i))
         transcript = self.query_one("#transcript", VerticalScroll)
         if answer.unverified_codes:
