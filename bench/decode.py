@@ -116,6 +116,7 @@ def bench_home(tmp: Path, gguf: Path, template: Path | None = None) -> Path:
                          "embedder": {"name": manifest["name"], "dim": manifest["dim"]}})
     home = tmp / "home"
     install_unsigned(gen, home)
+    (home / "config.yaml").write_text("reference_collections: [demo]\n")  # the corpus's table is the reference
     with Appliance(load_settings(home=home)) as app:
         app.ingest([ROOT / "builder" / "demo_data" / "corpus"], "demo")
     return home
