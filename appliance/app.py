@@ -91,7 +91,7 @@ class Appliance:
         self._engine = None
         self._installed: generations.Installed | None = None
         self._identity = None
-        self._sandbox = None
+        self._sandboxes: dict = {}
         self.turns = rag.TurnMemory()
 
     def __enter__(self) -> Appliance:
@@ -101,9 +101,9 @@ class Appliance:
         self.close()
 
     def close(self) -> None:
-        if self._sandbox is not None:
-            self._sandbox.close()
-            self._sandbox = None
+        for sandbox in self._sandboxes.values():
+            sandbox.close()
+        self._sandboxes.clear()
         if self._engine is not None:
             self._engine.close()
             self._engine = None
@@ -333,15 +333,16 @@ class Appliance:
         return left, now
 
     @contextlib.contextmanager
-    def sandbox(self):
-        """Where files are parsed: a long-lived process (the service) keeps one child for every upload;
-        a one-shot command starts one for its batch."""
+    def sandbox(self, lane: str = "ingest"):
+        """Where files are parsed: a long-lived process (the service) keeps a child for each lane
+        (uploads, which parse beside the worker, and drafts, which parse on it, never wait for each
+        other); a one-shot command starts one for its batch."""
         from appliance.sandbox import Sandbox
 
         if self.long_lived:
-            if self._sandbox is None:
-                self._sandbox = Sandbox(self.settings.parse_memory_mb, self.settings.parse_timeout_s)
-            yield self._sandbox
+            if lane not in self._sandboxes:
+                self._sandboxes[lane] = Sandbox(self.settings.parse_memory_mb, self.settings.parse_timeout_s)
+            yield self._sandboxes[lane]
             return
         with Sandbox(self.settings.parse_memory_mb, self.settings.parse_timeout_s) as sandbox:
             yield sandbox
@@ -523,7 +524,7 @@ class Appliance:
         self.ready_index()
         generator = generator or self.engine
         model_info = model_info or self.model_info()
-        with self.sandbox() as sandbox:  # an RFP is as untrusted as any upload
+        with self.sandbox("draft") as sandbox:  # an RFP is as untrusted as any upload
             result = draft.draft(self.store, self.embedder, generator, rfp, collections=collections,
                                  model_info=model_info, max_bytes=int(self.settings.max_file_mb * 1_000_000),
                                  n_ctx=getattr(generator, "n_ctx", self.settings.n_ctx),

@@ -59,11 +59,11 @@ def ready(conn: apsw.Connection, signer=None, home: Path | None = None) -> None:
     """Raise StoreError unless the audit table is there and (with `signer`) its head is one this
     appliance wrote: checked before work that must be audited, so none is done in vain."""
     try:
-        last = conn.execute("SELECT id, row_hash, signature FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        conn.execute("SELECT id FROM audit LIMIT 0").fetchall()
     except apsw.SQLError as exc:
         raise _missing_table(exc) from exc
-    if signer is not None and last is not None:
-        _check_head(last, signer, home)
+    if signer is not None:
+        _check_head(conn, signer, home)
 
 
 def append(conn: apsw.Connection, action: str, detail: dict, *, user: str | None = None,
@@ -81,9 +81,9 @@ def append(conn: apsw.Connection, action: str, detail: dict, *, user: str | None
         if own:
             conn.execute("BEGIN IMMEDIATE")
         try:
-            last = conn.execute("SELECT id, row_hash, signature FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-            if signer is not None and last is not None:
-                _check_head(last, signer, home)
+            if signer is not None:
+                _check_head(conn, signer, home)
+            last = head(conn)
             row = {"id": (last[0] + 1) if last else 1, "time": utc_stamp(),
                    "user": user or os_user(), "action": action, "model_sha256": model_sha256,
                    "generation": generation, "detail": json.dumps(detail, sort_keys=True, separators=(",", ":"))}
@@ -118,19 +118,34 @@ def signed_by(row: dict, public) -> bool:
     return isinstance(sig, str) and identity.verify(public, str(row["row_hash"]).encode(), sig)
 
 
-def _check_head(last: tuple, signer, home: Path | None) -> None:
-    """The head (id, row_hash, signature) must be one this appliance wrote."""
-    row_id, row_hash, signature = last
-    if signed_by({"row_hash": row_hash, "signature": signature}, signer.public):
+def _check_head(conn: apsw.Connection, signer, home: Path | None) -> None:
+    """StoreError unless the log's head is a row this appliance wrote, where it wrote it: its hash
+    recomputed from its content and its link to the row before it, signed by this appliance's key
+    (the private key's own public half, not appliance.pub), and no shorter than the newest checkpoint
+    (rows cut back to an older signed head). A log no row of which is signed (written before rows were
+    signed, or before the first checkpoint) is extended: its head is anchored by the next row."""
+    rows = [dict(zip(_COLUMNS, v, strict=True)) for v in conn.execute(
+        f"SELECT {', '.join(_COLUMNS)} FROM audit ORDER BY id DESC LIMIT 2")]
+    if not rows:
         return
-    newest = newest_checkpoint(home, signer.public) if home is not None else None
-    if newest is not None and newest["rows"] == row_id and newest["head"] == row_hash:
-        return  # a row from before rows were signed, anchored when it was written
-    raise StoreError(f"the audit log's newest row ({row_id}) was not written by this appliance: it carries no "
-                     "signature of its key and no checkpoint anchors it, so something else wrote to the "
-                     "database; nothing more is recorded or answered until that is resolved",
-                     "run `appliance audit verify`: an administrator removes the rows it names or restores "
-                     "appliance.db from a backup")
+    top, below = rows[0], (rows[1] if len(rows) > 1 else None)
+    public = signer.own_public
+    newest = newest_checkpoint(home, public) if home is not None else None
+    why = None
+    if newest is not None and newest["rows"] > top["id"]:
+        why = f"the log ends at row {top['id']} but a checkpoint counted {newest['rows']} rows: rows were cut"
+    elif _row_hash(top["prev_hash"], top) != top["row_hash"] or top["prev_hash"] != (below["row_hash"] if below
+                                                                                       else GENESIS):
+        why = f"row {top['id']}'s hash or its link to the row before it does not hold"
+    elif not signed_by(top, public) and not (
+            newest is not None and (newest["rows"], newest["head"]) == (top["id"], top["row_hash"])) and \
+            conn.execute("SELECT 1 FROM audit WHERE signature IS NOT NULL LIMIT 1").fetchone() is not None:
+        why = f"row {top['id']} carries no signature of this appliance's key and no checkpoint anchors it"
+    if why:
+        raise StoreError(f"the audit log's head was not written by this appliance ({why}): something else wrote to "
+                         "the database; nothing more is recorded or answered until that is resolved",
+                         "run `appliance audit verify`: an administrator removes the rows it names or restores "
+                         "appliance.db from a backup")
 
 
 def head(conn) -> tuple[int, str] | None:

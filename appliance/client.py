@@ -20,13 +20,14 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from appliance.config import default_socket, untrusted_socket
+from appliance.config import default_socket, trusted_uids, untrusted_socket
 from appliance.documents import expand_paths
 from appliance.errors import ApplianceError, ExitCode
 from appliance.ingest import IngestReport
@@ -67,11 +68,18 @@ def find_socket() -> Path | None:
         probe.settimeout(0.5)
         try:
             probe.connect(str(candidate))
-            return candidate
+            # Who answered, from the kernel: the path was checked, but what listens there now is what counts.
+            _, uid, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
         except OSError:
             continue
         finally:
             probe.close()
+        if uid not in trusted_uids():
+            print(f"appliance: not using the service socket {candidate}: the process listening there runs as uid "
+                  f"{uid}, not as you, root or the service's user", file=sys.stderr)
+            continue
+        return candidate
     return None
 
 

@@ -32,9 +32,9 @@ def default_socket() -> Path:
     return Path(runtime) / "appliance.sock" if runtime else default_home() / "run" / "appliance.sock"
 
 
-def _trusted_uids(service_user: str | None) -> set[int]:
-    """The caller, root and the service's user (`service_user`, else $APPLIANCE_SERVICE_USER, else
-    'appliance'; a name or a number)."""
+def trusted_uids(service_user: str | None = None) -> set[int]:
+    """Whose socket a client may talk to: the caller, root and the service's user (`service_user`, else
+    $APPLIANCE_SERVICE_USER, else 'appliance'; a name or a number)."""
     import pwd
 
     name = service_user or os.environ.get("APPLIANCE_SERVICE_USER") or "appliance"
@@ -56,7 +56,7 @@ def untrusted_socket(path: Path, service_user: str | None = None) -> str | None:
     root or the service's user (a directory merely owned by whoever made the socket proves nothing)."""
     import stat
 
-    trusted = _trusted_uids(service_user)
+    trusted = trusted_uids(service_user)
     try:
         real = path.resolve()
     except (OSError, RuntimeError) as exc:  # a link loop
@@ -105,8 +105,6 @@ class Settings(BaseModel):
     chunk_chars: int = Field(default=1200, ge=200, le=20000, description="Target chunk size in characters")
     security_floor: int = Field(default=0, ge=0, description="Never install a bundle version below this, "
                                                              "not even with --allow-downgrade")
-    service_user: str = Field(default="appliance", description="The OS user the service runs as (name or "
-                              "number): clients trust a socket it owns, besides their own and root's")
     admin_group: str = Field(default="appliance-admin",
                              description="Members of this group (name or number) may install and roll back bundles, "
                                          "export feedback, read everyone's audit rows and remove anyone's "

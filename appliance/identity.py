@@ -56,18 +56,24 @@ class Identity:
     def public(self) -> Ed25519PublicKey:
         return load_public(self.public_pem, str(self.path / PUBLIC))
 
+    def _key(self) -> Ed25519PrivateKey:
+        if self._private is None:  # read on first use: every audit row is signed
+            self._private = serialization.load_pem_private_key((self.path / PRIVATE).read_bytes(), password=None)
+        return self._private
+
+    @functools.cached_property
+    def own_public(self) -> Ed25519PublicKey:
+        """The private key's own public half: what the appliance checks its own signatures with."""
+        return self._key().public_key()
+
     def matches_private(self) -> bool:
         """Whether appliance.pub is the public half of appliance.key (a replaced .pub would let
         checkpoints signed by another key pass)."""
-        if self._private is None:
-            self._private = serialization.load_pem_private_key((self.path / PRIVATE).read_bytes(), password=None)
-        return public_pem(self._private.public_key()) == self.public_pem
+        return public_pem(self.own_public) == self.public_pem
 
     def sign(self, data: bytes) -> str:
-        """A base64 ed25519 signature of `data` (the key is read on first use: every audit row is signed)."""
-        if self._private is None:
-            self._private = serialization.load_pem_private_key((self.path / PRIVATE).read_bytes(), password=None)
-        return base64.b64encode(self._private.sign(data)).decode()
+        """A base64 ed25519 signature of `data`."""
+        return base64.b64encode(self._key().sign(data)).decode()
 
 
 def verify(public: Ed25519PublicKey, data: bytes, signature_b64: str) -> bool:

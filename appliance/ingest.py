@@ -114,30 +114,42 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
     return report
 
 
+def _known(store: Store, source: str, collection: str, digest: str, report: IngestReport, *, owner: str | None,
+           legacy: bool, record) -> bool:
+    """Whether this content is in the collection already: unchanged under this name and owner, or a
+    duplicate of another document (this name's older text is then removed). Reported either way."""
+    same = store.find_document(collection, digest)
+    if same is None:
+        return False
+    if same.source == source and (same.owner == owner or (legacy and same.owner is None)):
+        report.unchanged.append(source)
+        return True
+    # The same text is already here under another name: this name's old text must not stay.
+    old = store.earlier_versions(collection, source, owner, legacy, digest)
+    if old:
+        store.remove_versions(old, record and (lambda: record("remove", {
+            "collection": collection, "source": source, "doc_ids": old, "reason": "duplicate",
+            "same_as": same.id, "sha256": digest})))
+    report.duplicates.append({"source": source, "same_as": same.source, "doc_id": same.id, "removed": old})
+    return True
+
+
 def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: str, report: IngestReport, *,
          max_bytes: int, chunk_chars: int, owner: str | None, legacy: bool, record, sandbox: Sandbox,
          aside: Callable[[], ContextManager], progress: Callable[[int, int], object]) -> None:
     data = read_bytes(path, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
-    same = store.find_document(collection, digest)
-    if same is not None:
-        if same.source == source and (same.owner == owner or (legacy and same.owner is None)):
-            report.unchanged.append(source)
-            return
-        # The same text is already here under another name: this name's old text must not stay.
-        old = store.earlier_versions(collection, source, owner, legacy, digest)
-        if old:
-            store.remove_versions(old, record and (lambda: record("remove", {
-                "collection": collection, "source": source, "doc_ids": old, "reason": "duplicate",
-                "same_as": same.id, "sha256": digest})))
-        report.duplicates.append({"source": source, "same_as": same.source, "doc_id": same.id, "removed": old})
+    if _known(store, source, collection, digest, report, owner=owner, legacy=legacy, record=record):
         return
     with aside():
         doc = sandbox.parse(path, data)
         chunks = _chunks(doc, chunk_chars)
         vectors = _embed_with_progress(embedder, chunks, lambda done: progress(done, len(chunks)))
-    if store.find_document(collection, digest) is not None:  # the same text arrived meanwhile (another upload)
-        report.unchanged.append(source)
+    # The store may have moved on while this file was parsed and embedded aside (appliance.service).
+    if store.embedder_id()[0] not in (None, embedder.name):
+        raise IngestError(f"{path}: a new model with another embedder was installed while this file was read",
+                          "send it again")
+    if _known(store, source, collection, digest, report, owner=owner, legacy=legacy, record=record):
         return
     item = {"source": source, "title": doc.title, "kind": doc.kind, "chunks": len(chunks), "sha256": digest}
     if doc.table is not None and collection not in store.reference:

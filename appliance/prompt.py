@@ -28,7 +28,8 @@ def source_title(title: str, heading: str | None) -> str:
 _TAG_RE = re.compile(r"<(\s*/?\s*source)", re.IGNORECASE)
 
 
-_INVISIBLE_RE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_INVISIBLE_RE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufe00-\ufe0f\ufeff"
+                           "\U000e0000-\U000e007f]")  # format, variation-selector and tag characters
 
 
 def _plain(text: str) -> str:

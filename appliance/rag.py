@@ -75,7 +75,9 @@ def conflicting_codes(answer: str, question: str, titles: dict[str, list[dict]])
         if code not in {r["code"] for r in rows}:
             conflicts[code] = {"code": code, "title": rows[0]["title"], "table_code": rows[0]["code"],
                                "table_source": rows[0]["source"]}
-        elif other := next((r for r in rows if r["code"] != code), None):  # two reference rows disagree
+        elif other := next((r for r in rows if r["source"] not in {s["source"] for s in rows if s["code"] == code}
+                            and not (r["code"].startswith(code) or code.startswith(r["code"]))), None):
+            # another reference table gives this title another code: which one holds is not for the model to say
             conflicts[code] = {"code": code, "title": other["title"], "table_code": other["code"],
                                "table_source": other["source"], "tables_disagree": True}
     return list(conflicts.values())

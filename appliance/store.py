@@ -116,8 +116,7 @@ def private_files(path: Path) -> list[str]:
     """The database and its -wal and -shm files readable by their owner only (created so when new;
     SQLite gives -wal and -shm the database's mode); what was repaired. The database holds every
     conversation, audit row and document: a role check is worth nothing if its file can be read."""
-    if not path.exists():
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))  # the mode applies only where it creates the file
     names = (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
     return [done for name in names if (done := make_private(name, 0o600))]
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from appliance.app import Appliance
@@ -285,7 +286,7 @@ def test_rows_the_appliance_did_not_write_are_reported_and_never_extended_or_anc
             app.audit("test", {"i": "after the forgery"})
             raise AssertionError("a forged head was extended")
         except StoreError as exc:
-            assert "row (6) was not written by this appliance" in exc.message
+            assert "head was not written by this appliance (row 6 carries no signature" in exc.message
         assert len(app.audit_rows(limit=100)) == 6  # nothing appended
     assert checkpoints.read_text() == anchored  # nothing anchored over the forged rows
     asked = _run(home, "ask", "When is the help desk open?", "--max-tokens", "4")
@@ -298,6 +299,19 @@ def test_rows_the_appliance_did_not_write_are_reported_and_never_extended_or_anc
     with Appliance(load_settings(home=home)) as app:
         app.audit("test", {"i": "resumed"})
         assert app.audit_verify()["intact"]
+    # A forged head carrying a real row's hash and signature, and a log cut back to an older signed head:
+    # neither is extended.
+    with apsw.Connection(str(db)) as conn:
+        real = conn.execute("SELECT row_hash, signature FROM audit WHERE id = 3").fetchone()
+        prev = conn.execute("SELECT row_hash FROM audit WHERE id = 5").fetchone()[0]
+        conn.execute("INSERT INTO audit VALUES (6, '2026-01-01T00:00:00Z', 'alice', 'ask', NULL, 1, '{}', ?, ?, ?)",
+                     (prev, *real))
+    with Appliance(load_settings(home=home)) as app, pytest.raises(StoreError, match="hash or its link"):
+        app.audit("test", {"i": "after a copied signature"})
+    with apsw.Connection(str(db)) as conn:
+        conn.execute("DELETE FROM audit WHERE id >= 5")  # row 5 was checkpointed
+    with Appliance(load_settings(home=home)) as app, pytest.raises(StoreError, match="rows were cut"):
+        app.audit("test", {"i": "after a cut"})
 
 
 def test_an_emptied_checkpoint_file_is_no_better_than_a_removed_one(home):

@@ -383,6 +383,14 @@ def test_tcp_listener_needs_a_bearer_token(tmp_path, demo_home):
         assert sum(map(closed, held[MAX_PER_PEER:])) == 300 - MAX_PER_PEER  # closed at once
         time.sleep(TCP_HEADER_TIMEOUT_S + 1)
         assert all(map(closed, held[:MAX_PER_PEER]))  # the head deadline closed the rest
+        # one whole request (401), then one byte of the next head, held: the deadline holds there too
+        c = sockets.create_connection(("127.0.0.1", port))
+        c.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert c.recv(4096).startswith(b"HTTP/1.1 401")
+        c.sendall(b"G")
+        c.settimeout(TCP_HEADER_TIMEOUT_S + 8)
+        start = time.monotonic()
+        assert closed(c) and time.monotonic() - start < TCP_HEADER_TIMEOUT_S + 2
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             assert http.get("/v1/models", headers=auth).status_code == 200
     finally:

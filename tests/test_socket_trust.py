@@ -117,3 +117,40 @@ def test_a_directory_owned_by_a_stranger_proves_nothing(monkeypatch, tmp_path, c
         assert untrusted_socket(theirs / "appliance.sock", service_user="appliance-no-such-user") is not None
     finally:
         planted.close()
+
+
+def test_what_listens_is_checked_not_only_the_path(monkeypatch, tmp_path, capsys):
+    """A socket moved into a trusted directory and given to root still leads to whoever listens on it:
+    the client asks the kernel who answered (SO_PEERCRED)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to listen as another user")
+    top = Path(tempfile.mkdtemp(prefix="appliance-peer-"))
+    try:
+        top.chmod(0o755)
+        theirs, trusted = top / "theirs", top / "run"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+        trusted.mkdir(mode=0o755)
+        listener = subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+             "import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen(4)\n"
+             "print('up', flush=True)\ntime.sleep(60)", str(theirs / "s.sock")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout.readline().strip() == "up"
+            os.rename(theirs / "s.sock", trusted / "appliance.sock")
+            os.chown(trusted / "appliance.sock", 0, 0)
+            assert untrusted_socket(trusted / "appliance.sock") is None  # the path alone looks fine
+            monkeypatch.setenv("APPLIANCE_SOCKET", str(trusted / "appliance.sock"))
+            assert find_socket() is None
+            assert "runs as uid 65534" in capsys.readouterr().err
+        finally:
+            listener.kill()
+            listener.wait()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -47,6 +47,11 @@ def install_handlers(api: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
         return _error(exc.status_code, str(exc.detail), code, getattr(exc, "headers", None))
 
+    @api.exception_handler(UnicodeEncodeError)
+    async def _not_unicode(_, exc: UnicodeEncodeError):  # a lone surrogate ("\ud800") in any JSON string
+        return _error(400, f"the request holds text that is not valid Unicode (a lone surrogate, character "
+                           f"{exc.start})", "invalid_request_error")
+
     @api.exception_handler(Exception)
     async def _internal(_, exc: Exception):
         log.error("internal error", exc_info=exc)

@@ -41,7 +41,7 @@ from appliance.service.deps import (
 )
 from appliance.service.errors import ApiError
 from appliance.service.limits import MAX_QUERY_CHARS
-from appliance.service.worker import Worker, progress_events, read_body
+from appliance.service.worker import Worker, progress_events, received
 
 router = APIRouter()
 
@@ -106,14 +106,17 @@ async def upload(*, app: Appliance = Depends(get_appliance), worker: Worker = De
     if collection in app.settings.reference_collections:  # refused before a byte is read
         await require_admin(request, f"adding to the reference collection '{collection}' (its tables are "
                             "what codes are checked against)", {"collection": collection, "name": name[:200]})
-    user = user_of(request)
-    data = await read_body(request, int(app.settings.max_file_mb * 1_000_000))
-    admin = is_admin(request)
+    user, admin = user_of(request), is_admin(request)
+    data, release = await received(request, int(app.settings.max_file_mb * 1_000_000))
     if stream:  # parsing and embedding step aside from the worker: searches and answers go on meanwhile
         return progress_events(worker, lambda report: app.ingest_upload(
-            name, data, collection, user=user, progress=report, admin=admin, aside=worker.aside).to_json())
-    return (await worker.submit(lambda: app.ingest_upload(name, data, collection, user=user, admin=admin,
-                                                          aside=worker.aside))).to_json()
+            name, data, collection, user=user, progress=report, admin=admin, aside=worker.aside).to_json(),
+                               finished=release)
+    try:
+        return (await worker.submit(lambda: app.ingest_upload(name, data, collection, user=user, admin=admin,
+                                                              aside=worker.aside))).to_json()
+    finally:
+        release()
 
 @router.post("/appliance/draft")
 async def draft(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
@@ -121,19 +124,26 @@ async def draft(*, app: Appliance = Depends(get_appliance), worker: Worker = Dep
                 max_tokens: int | None = Query(default=None, ge=1, le=4096)):
     """An RFP's bytes as the body; progress events per requirement, then the draft's markdown and summary."""
     user = user_of(request)
-    data = await read_body(request, int(app.settings.max_file_mb * 1_000_000))
-
+    data, release = await received(request, int(app.settings.max_file_mb * 1_000_000))
     engines = request.app.state.engines
     lease, held = (engines.lease(app, worker), None) if engines is not None else (None, None)
     if lease is not None:  # the engine server writes the draft; the in-process model is never loaded
-        held = await lease.__aenter__()
+        try:
+            held = await lease.__aenter__()
+        except BaseException:
+            release()
+            raise
 
     def work(report):
         result = app.draft_upload(name, data, collection, max_tokens, progress=report, user=user,
                                   generator=held.generator(aside=worker.aside) if held else None,
                                   model_info=held.model_info if held else None)
         return {"markdown": result.markdown, "summary": result.summary()}
-    return progress_events(worker, work, finished=(lambda: lease.__aexit__(None, None, None)) if lease else None)
+
+    def finished():  # once the draft has ended, whatever the client did: the slot and the engine let go
+        release()
+        return lease.__aexit__(None, None, None) if lease else None
+    return progress_events(worker, work, finished=finished)
 
 @router.delete("/appliance/documents/{doc_id}", response_model=Removed)
 async def remove(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),

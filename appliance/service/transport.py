@@ -113,8 +113,8 @@ def _peer_protocol(admin_group: int | None):
                 transport.close()
                 return
             self._admitted = key
-            self._head_deadline = self.loop.call_later(TCP_HEADER_TIMEOUT_S if peer is None else HEADER_TIMEOUT_S,
-                                                       self._head_too_slow)
+            self._head_timeout = TCP_HEADER_TIMEOUT_S if peer is None else HEADER_TIMEOUT_S
+            self._arm_head_deadline()
             inner = self.app
 
             async def with_peer(scope, receive, send):
@@ -122,9 +122,22 @@ def _peer_protocol(admin_group: int | None):
                 await inner(scope, receive, send)
             self.app = with_peer
 
+        def _arm_head_deadline(self) -> None:
+            """The next request head must be whole within the deadline: after connecting, and again after
+            each response (one byte of a second head would otherwise hold a kept-alive connection)."""
+            if getattr(self, "_head_deadline", None):
+                self._head_deadline.cancel()
+            self._head_deadline = self.loop.call_later(self._head_timeout, self._head_too_slow)
+
         def _head_too_slow(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+            between = self.cycle is None or self.cycle.response_complete  # no request being answered
+            if between and not self.transport.is_closing():
                 self.transport.close()  # half a request head, and nothing since
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_deadline()
 
         def connection_lost(self, exc) -> None:
             key, self._admitted = getattr(self, "_admitted", None), None
@@ -259,10 +272,21 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
         raise ConfigError("TCP listening needs bearer tokens", "pass --token-file FILE (lines 'NAME TOKEN', mode 0600)")
 
     socket_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    why = untrusted_socket(socket_path, app.settings.service_user if app else None)  # before anything is loaded
+    why = untrusted_socket(socket_path)  # before anything is loaded
     if why:
         raise ConfigError(f"will not listen on {socket_path}: {why}",
                           "give --socket a path in a directory only the service's user can write")
+    # Before anything is touched: a second service on this socket (and home) must not clean up after the first.
+    if socket_path.exists() or socket_path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(socket_path))
+            raise ApplianceError(f"{socket_path}: another appliance service is listening",
+                                 "stop it first, or give --socket another path")
+        except (ConnectionRefusedError, FileNotFoundError):
+            socket_path.unlink()  # left by a service that was killed
+        finally:
+            probe.close()
     if not logging.getLogger("appliance").handlers:  # stderr: journald keeps it under systemd
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -277,16 +301,6 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     engines = _engine_server(app, socket_path)
     if engines is None:
         _ = app.engine  # load the model before the first request, so a broken one fails at start
-    if socket_path.exists() or socket_path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(str(socket_path))
-            raise ApplianceError(f"{socket_path}: another appliance service is listening",
-                                 "stop it first, or give --socket another path")
-        except (ConnectionRefusedError, FileNotFoundError):
-            socket_path.unlink()  # left by a service that was killed
-        finally:
-            probe.close()
     # TCP first: once the Unix socket exists, clients may rely on every listener being there.
     tcp_sock = socket.create_server(tcp, backlog=128) if tcp else None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
