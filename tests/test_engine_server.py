@@ -199,9 +199,17 @@ def test_a_new_generation_drains_the_engine_and_restarts_it_on_the_new_model(ser
     with uds_client(sock) as http:
         before = http.get("/appliance/status").json()["generation"]
     old_engine = _engine_pid(proc.pid)
-    streams = Streams(sock, 2, endless)
-    assert all(e.wait(120) for e in streams.started)
-    os.kill(old_engine, signal.SIGSTOP)  # the two stay mid-answer, however fast this machine is, until SIGCONT
+    for _ in range(5):  # two answers caught mid-stream: a fast engine may finish one before it is paused
+        streams = Streams(sock, 2, endless)
+        assert all(e.wait(120) for e in streams.started)
+        os.kill(old_engine, signal.SIGSTOP)  # the two stay mid-answer, however fast this machine is, until SIGCONT
+        time.sleep(0.3)  # what the engine wrote before the pause has reached the clients
+        if not any(e.is_set() for e in streams.ended):
+            break
+        os.kill(old_engine, signal.SIGCONT)
+        streams.wait()
+    else:
+        raise AssertionError("no two answers could be paused mid-stream")
     try:
         env = dict(os.environ, APPLIANCE_HOME=str(home))  # another process switches `current`, as the USB import does
         out = subprocess.run([sys.executable, "-m", "appliance.cli", "--local", "install-generation", "--unsigned",
