@@ -74,8 +74,8 @@ def append(conn: apsw.Connection, action: str, detail: dict, *, user: str | None
     ingest writes each document and its row together), the caller's writes already hold the lock.
 
     `signer` (appliance.identity.Identity): the row is signed, and the head it extends must be one this
-    appliance wrote (signed by it, or anchored by the newest checkpoint under `home`); StoreError
-    otherwise, so rows someone else added are never extended or anchored."""
+    appliance wrote (_check_head, with the checkpoints under `home`); StoreError otherwise, so rows
+    someone else added are never extended or anchored."""
     own = not conn.in_transaction
     try:
         if own:

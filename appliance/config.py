@@ -32,12 +32,12 @@ def default_socket() -> Path:
     return Path(runtime) / "appliance.sock" if runtime else default_home() / "run" / "appliance.sock"
 
 
-def trusted_uids(service_user: str | None = None) -> set[int]:
-    """Whose socket a client may talk to: the caller, root and the service's user (`service_user`, else
-    $APPLIANCE_SERVICE_USER, else 'appliance'; a name or a number)."""
+def trusted_uids() -> set[int]:
+    """Whose socket a client may talk to: the caller, root and the service's user ($APPLIANCE_SERVICE_USER,
+    default 'appliance'; a name or a number)."""
     import pwd
 
-    name = service_user or os.environ.get("APPLIANCE_SERVICE_USER") or "appliance"
+    name = os.environ.get("APPLIANCE_SERVICE_USER") or "appliance"
     uids = {os.getuid(), 0}
     if name.isdigit():
         uids.add(int(name))
@@ -49,14 +49,14 @@ def trusted_uids(service_user: str | None = None) -> set[int]:
     return uids
 
 
-def untrusted_socket(path: Path, service_user: str | None = None) -> str | None:
+def untrusted_socket(path: Path) -> str | None:
     """Why a client must not talk to (or a service listen on) this socket, or None when it may. A link is
     followed and judged by where it leads: the directory of the link and that of the socket it names must
     each be writable by their owner alone, and both directories and the socket must belong to the caller,
     root or the service's user (a directory merely owned by whoever made the socket proves nothing)."""
     import stat
 
-    trusted = trusted_uids(service_user)
+    trusted = trusted_uids()
     try:
         real = path.resolve()
     except (OSError, RuntimeError) as exc:  # a link loop
