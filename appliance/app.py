@@ -20,9 +20,21 @@ from appliance import audit, generations, rag
 from appliance.config import Settings
 from appliance.errors import ApplianceError, FeedbackError, IngestError, NotFoundError
 from appliance.ingest import IngestReport, ingest
-from appliance.manifest import sha256_file
+from appliance.manifest import context_tokens, sha256_file
 from appliance.protocols import Sampling
-from appliance.store import Store, make_private
+from appliance.schemas import (
+    AnswerReport,
+    AuditVerdict,
+    BundleCheck,
+    DraftReport,
+    ExportWritten,
+    FeedbackRecorded,
+    Generations,
+    Installed,
+    Source,
+    Status,
+)
+from appliance.store import DocumentRow, Store, make_private
 
 
 def resident_mb() -> float | None:
@@ -144,12 +156,14 @@ class Appliance:
             from appliance.engine import LlamaEngine
 
             inst = self.installed
-            # Never beyond what the model was trained on: llama.cpp would only warn, then degrade.
-            n_ctx = min(self.settings.n_ctx, inst.manifest.model.context_length)
-            self._engine = LlamaEngine(inst.model_path, inst.template_path.read_text(), n_ctx=n_ctx,
+            self._engine = LlamaEngine(inst.model_path, inst.template_path.read_text(), n_ctx=self.context_tokens(),
                                        threads=self.settings.threads, name=inst.manifest.model.name,
                                        mmap=self.settings.mmap)
         return self._engine
+
+    def context_tokens(self) -> int:
+        """The context the installed model runs with (manifest.context_tokens)."""
+        return context_tokens(self.settings.n_ctx, self.installed.manifest.model)
 
     def model_info(self) -> dict:
         inst = self.installed
@@ -259,10 +273,10 @@ class Appliance:
                            with_model=self._has_generation())
         return self._identity
 
-    def verify_bundle(self, directory: Path, progress=None):
+    def verify_bundle(self, directory: Path, progress: Callable | None = None) -> BundleCheck:
         from appliance import bundle
 
-        return bundle.verify(self.settings.home, directory, progress)
+        return bundle.verify(self.settings.home, directory, progress).report()
 
     def _prepare(self, staged: Path, manifest, info, progress=None) -> dict:
         """Health check of a staged generation, then re-embedding of local documents if its embedder
@@ -301,8 +315,8 @@ class Appliance:
         return {"canary_tokens": len(pieces), "embedder_dim": dim, "reembedded_chunks": reembedded,
                 "template_shapes": shapes, "seconds": round(time.perf_counter() - start, 2)}
 
-    def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress=None,
-                       reembed_progress=None, user: str | None = None):
+    def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress: Callable | None = None,
+                       reembed_progress: Callable | None = None, user: str | None = None) -> Installed:
         """Verify and install a signed bundle (see appliance.bundle.install); audited either way."""
         from appliance import bundle
 
@@ -322,7 +336,7 @@ class Appliance:
             self.audit("install", {"source": str(directory.resolve()), "generation": result.number, "signed": True,
                                    "version": result.version, "name": result.info.name,
                                    "downgrade": result.downgrade, "health": result.health}, user=user)
-        return result
+        return result.report()
 
     def rollback(self, user: str | None = None) -> tuple[int, int]:
         from appliance import bundle
@@ -405,7 +419,7 @@ class Appliance:
 
     def draft_upload(self, name: str, data: bytes, collections: list[str] | None = None,
                      max_tokens: int | None = None, progress=None, user: str | None = None, generator=None,
-                     model_info: dict | None = None):
+                     model_info: dict | None = None) -> DraftReport:
         with self._uploaded(name, data) as path:
             try:
                 return self.draft(path, collections, max_tokens, progress=progress, user=user, source=name,
@@ -419,7 +433,7 @@ class Appliance:
     # -- feedback (appliance.feedback) ---------------------------------------------------------------
     def feedback(self, answer_audit_id: int, kind: str, *, correction: str | None = None, source: int | None = None,
                  chunk_id: int | None = None, note: str | None = None, question: str | None = None,
-                 answer: str | None = None, user: str | None = None, admin: bool = True) -> dict:
+                 answer: str | None = None, user: str | None = None, admin: bool = True) -> FeedbackRecorded:
         """Record feedback on the answer of audit row `answer_audit_id` (audited). `source`: the [n] a
         `irrelevant_source` names; `chunk_id`: the chunk a `missing_source` adds; `question`/`answer`:
         only for answers kept nowhere else, checked against the row's sha256s. Not `admin` (an operator
@@ -462,9 +476,10 @@ class Appliance:
                                         **({"source": source} if kind == "irrelevant_source" else {}),
                                         **({"chunk_id": chunk_id} if chunk else {})}, user=user)
         feedback.link_audit(self.store.conn, fid, entry["id"])
-        return {"id": fid, "kind": kind, "answer_audit_id": answer_audit_id, "audit_id": entry["id"]}
+        return FeedbackRecorded(id=fid, kind=kind, answer_audit_id=answer_audit_id, audit_id=entry["id"])
 
-    def feedback_items(self, pending_only: bool = False, since: str | None = None, limit: int | None = None) -> list:
+    def feedback_items(self, pending_only: bool = False, since: str | None = None,
+                       limit: int | None = None) -> list[dict]:
         from appliance import feedback
 
         return [i.to_json() for i in feedback.items(self.store.conn, pending_only, since, limit)]
@@ -479,7 +494,7 @@ class Appliance:
                                 "give --since DATE to export earlier feedback again")
         return feedback.build(chosen, self.identity(), since)
 
-    def feedback_export_done(self, export, out: str, user: str | None = None) -> dict:
+    def feedback_export_done(self, export, out: str, user: str | None = None) -> ExportWritten:
         """After the export was written: its items are marked exported and the export is audited."""
         from appliance import feedback
 
@@ -488,15 +503,15 @@ class Appliance:
                                        "feedback_ids": export.feedback_ids,
                                        "manifest_sha256": hashlib.sha256(export.manifest).hexdigest()},
                    with_model=False, user=user)
-        return {"export_id": export.export_id, "out": out, "counts": export.counts, "items": len(export.feedback_ids)}
+        return ExportWritten(export_id=export.export_id, out=out, counts=export.counts, items=len(export.feedback_ids))
 
-    def feedback_export(self, out: Path, since: str | None = None, user: str | None = None) -> dict:
+    def feedback_export(self, out: Path, since: str | None = None, user: str | None = None) -> ExportWritten:
         """Build, write into `out`, then mark and audit: a failed write marks nothing."""
         export = self.feedback_export_build(since)
         export.write(out)
         return self.feedback_export_done(export, str(out.resolve()), user)
 
-    def remove_document(self, doc_id: int, user: str | None = None):
+    def remove_document(self, doc_id: int, user: str | None = None) -> DocumentRow:
         """Removed with its audit row in one transaction."""
         row = self.store.remove_document(doc_id, lambda row: self.audit(
             "remove", {"doc_id": row.id, "source": row.source, "sha256": row.sha256, "collection": row.collection,
@@ -504,7 +519,11 @@ class Appliance:
         self.anchor()
         return row
 
-    def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[rag.Hit]:
+    def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[Source]:
+        return [Source.model_validate(h.to_json()) for h in self.hits(query, k, collection)]
+
+    def hits(self, query: str, k: int | None = None, collection: str | None = None) -> list[rag.Hit]:
+        """What `search` finds, as retrieval holds it (with each chunk's heading and document hash)."""
         self.ready_index()
         return rag.search(self.store, self.embedder, query, k or self.settings.top_k, collection)
 
@@ -515,7 +534,7 @@ class Appliance:
 
     def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
               progress: Callable[[str, int, int], None] | None = None, generator=None, user: str | None = None,
-              source: str | None = None, model_info: dict | None = None):
+              source: str | None = None, model_info: dict | None = None) -> DraftReport:
         """A proposal draft for an RFP file (see appliance.draft); `generator` replaces the model in tests;
         `source`: what the RFP is recorded as (an upload's name on the caller's side)."""
         from appliance import draft
@@ -527,7 +546,7 @@ class Appliance:
         with self.sandbox("draft") as sandbox:  # an RFP is as untrusted as any upload
             result = draft.draft(self.store, self.embedder, generator, rfp, collections=collections,
                                  model_info=model_info, max_bytes=int(self.settings.max_file_mb * 1_000_000),
-                                 n_ctx=getattr(generator, "n_ctx", self.settings.n_ctx),
+                                 n_ctx=getattr(generator, "n_ctx", None) or self.context_tokens(),
                                  max_tokens=max_tokens or self.settings.max_tokens,
                                  sampling=self.sampling(), progress=progress, source=source,
                                  sandbox=sandbox)
@@ -536,17 +555,27 @@ class Appliance:
                              "unknown_codes": result.unknown_codes,
                              "chunks": [{"chunk_id": s["chunk_id"], "doc_sha256": s["doc_sha256"]}
                                         for s in result.sources]}, user=user, model=model_info)
-        return result
+        return result.report()
 
     def ask(self, question: str, *, collection: str | None = None, use_rag: bool = True,
             max_tokens: int | None = None, temperature: float | None = None,
             on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
             should_stop: Callable[[], bool] | None = None, user: str | None = None,
-            conversation: int | None = None, sampling: Sampling | None = None) -> rag.Answer:
+            conversation: int | None = None, sampling: Sampling | None = None) -> AnswerReport:
         """`conversation`: a stored conversation (the operator UI's); its last turns are the history and
         the question and answer are added to it. `sampling`: all of how the answer is decoded (the API's
-        top_p, logit_bias, seed and stop), in place of `temperature`. In one call: `prepare_ask`, the model in this process,
-        `finish_ask` (the service runs them apart around its engine server)."""
+        top_p, logit_bias, seed and stop), in place of `temperature`."""
+        return self.answer(question, collection=collection, use_rag=use_rag, max_tokens=max_tokens,
+                           temperature=temperature, on_text=on_text, history=history, should_stop=should_stop,
+                           user=user, conversation=conversation, sampling=sampling).report()
+
+    def answer(self, question: str, *, collection: str | None = None, use_rag: bool = True,
+               max_tokens: int | None = None, temperature: float | None = None,
+               on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
+               should_stop: Callable[[], bool] | None = None, user: str | None = None,
+               conversation: int | None = None, sampling: Sampling | None = None) -> rag.Answer:
+        """`ask` with the whole record (the raw text, whether it was stopped, the prompt): `prepare_ask`,
+        the model in this process, `finish_ask` (the service runs them apart around its engine server)."""
         job = self.prepare_ask(question, collection, use_rag, max_tokens, sampling or self.sampling(temperature),
                                history=history, user=user, conversation=conversation)
         return self.finish_ask(job, *rag.generate(self.engine, job.prep, on_text, should_stop))
@@ -573,7 +602,7 @@ class Appliance:
         # A follow-up keeps its earlier sources; follow_up_k new ones join them (searched for past those).
         follow_up = use_rag and bool(earlier)
         start = time.perf_counter()
-        hits = self.search(question, k=self.settings.follow_up_k + len(earlier) if follow_up else None,
+        hits = self.hits(question, k=self.settings.follow_up_k + len(earlier) if follow_up else None,
                            collection=collection) if use_rag else []
         retrieval_ms = (time.perf_counter() - start) * 1000
         prep = rag.prepare(tokenizer, question, hits, model_info or self.model_info(), n_ctx=tokenizer.n_ctx,
@@ -623,14 +652,14 @@ class Appliance:
         return history[-HISTORY_MESSAGES:], []
 
     # -- reads the operator UI and the CLI make (appliance.client.ServiceClient has the same methods) --
-    def documents(self, collection: str | None = None) -> list:
+    def documents(self, collection: str | None = None) -> list[DocumentRow]:
         return self.store.list_documents(collection)
 
-    def generations(self) -> dict:
+    def generations(self) -> Generations:
         from appliance import bundle
 
-        return {"generations": bundle.history(self.settings.home),
-                "trusted_version": bundle.trusted_version(self.settings.home)}
+        return Generations(generations=bundle.history(self.settings.home),
+                           trusted_version=bundle.trusted_version(self.settings.home))
 
     def audit_rows(self, action: str | None = None, user: str | None = None, limit: int = 50) -> list[dict]:
         """Newest first; `detail` parsed."""
@@ -643,7 +672,7 @@ class Appliance:
         except FileNotFoundError:
             return None
 
-    def audit_verify(self, against: list[str] | None = None) -> dict:
+    def audit_verify(self, against: list[str] | None = None) -> AuditVerdict:
         """The chain and every signed checkpoint (audit.verify); `against`: an earlier export's lines,
         whose rows must still be the database's first rows, ending at the head the export names."""
         from appliance import identity
@@ -658,11 +687,11 @@ class Appliance:
                                            "it was replaced, so nothing it vouches for is proven")
         except (OSError, ValueError, TypeError):  # the key is not ours to read: the log's record still checks it
             pass
-        result = verdict.to_json()
+        result = AuditVerdict.model_validate(verdict.to_json())
         if against is not None:
-            result["against"] = audit.compare_export(entries, against, public)
-            if result["against"]["problems"]:
-                result["intact"] = False
+            result.against = audit.compare_export(entries, against, public)
+            if result.against["problems"]:
+                result.intact = False
         return result
 
     def new_conversation(self, user: str | None = None) -> int:
@@ -674,13 +703,13 @@ class Appliance:
         ident = identity.load(self.settings.home)
         return {"key_id": ident.key_id, "public_key": ident.public_pem} if ident else None
 
-    def status(self) -> dict:
+    def status(self) -> Status:
         inst = self.installed
         m = inst.manifest
         name, dim = self.store.embedder_id()
         # An empty index (nothing ingested yet) matches any embedder.
         index_matches = name is None or (name, dim) == (m.embedder.name, m.embedder.dim)
-        return {
+        return Status.model_validate({
             "home": str(self.settings.home),
             "generation": inst.number,
             "version": inst.version,
@@ -694,4 +723,4 @@ class Appliance:
             "lineage": m.lineage,
             "resident_mb": resident_mb(),
             "appliance_key": self._key_status(),
-        }
+        })

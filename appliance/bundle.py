@@ -48,6 +48,7 @@ from appliance.manifest import (
     read_manifest,
     utc_stamp,
 )
+from appliance.schemas import BundleCheck, Installed
 
 STATE = "install-state.json"
 LOCK = ".install.lock"
@@ -79,6 +80,10 @@ class Verified:
     @property
     def total_bytes(self) -> int:
         return sum(t.length for t in self.targets.values())
+
+    def report(self) -> BundleCheck:
+        return BundleCheck(version=self.version, files=len(self.targets), targets=sorted(self.targets),
+                           bytes=self.total_bytes, notes=self.notes, bundle=self.info)
 
 
 # -- trust -----------------------------------------------------------------------------------------
@@ -710,6 +715,10 @@ class InstallResult:
     downgrade: bool = False
     health: dict = field(default_factory=dict)
     recovered: str | None = None
+
+    def report(self) -> Installed:
+        return Installed(version=self.version, generation=self.number, message=self.message, downgrade=self.downgrade,
+                         health=self.health, bundle=self.info, recovered=self.recovered)
 
 
 def install(home: Path, source: Path, prepare: Prepare | None = None, *, allow_downgrade: bool = False,

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,8 +15,14 @@ from appliance import __version__
 from appliance.documents import clean_text
 from appliance.errors import ApplianceError, ExitCode
 
+if TYPE_CHECKING:
+    from appliance.schemas import AnswerReport
+
 
 def _echo_json(data) -> None:
+    """`data`: JSON, or one of the contract's models (appliance.schemas), printed as its JSON."""
+    if hasattr(data, "model_dump"):
+        data = data.model_dump(mode="json", by_alias=True)
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
@@ -224,13 +231,12 @@ def bundle_verify(ctx, directory: Path, as_json: bool) -> None:
       appliance bundle verify /media/usb
     """
     verified = _backend(ctx).verify_bundle(directory, _Progress("verifying", in_bytes=True))
-    info = verified.info
+    info = verified.bundle
     if as_json:
-        _echo_json({"version": verified.version, "files": len(verified.targets), "bytes": verified.total_bytes,
-                    "notes": verified.notes, "bundle": info.model_dump()})
+        _echo_json(verified.model_dump(mode="json", exclude={"targets"}))
         return
-    click.echo(f"bundle {info.name} version {info.version}: {len(verified.targets)} files, "
-               f"{verified.total_bytes / 1e6:.1f} MB, signatures and hashes OK")
+    click.echo(f"bundle {info.name} version {info.version}: {verified.files} files, "
+               f"{verified.bytes / 1e6:.1f} MB, signatures and hashes OK")
     click.echo(f"model {info.model['name']} {info.model['quant']}, embedder {info.embedder['name']} "
                f"({info.embedder['dim']}-d), needs {info.min_ram_mb} MB of memory")
     for note in verified.notes:
@@ -260,13 +266,12 @@ def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -
     result = _backend(ctx).install_bundle(directory, allow_downgrade, progress=_Progress("installing", in_bytes=True),
                                           reembed_progress=_Progress("re-embedding"))
     if as_json:
-        _echo_json({"version": result.version, "generation": result.number, "message": result.message,
-                    "downgrade": result.downgrade, "health": result.health})
+        _echo_json(result.model_dump(mode="json", exclude={"bundle"}))
         return
-    if result.number is None:
+    if result.generation is None or result.bundle is None:
         _err(result.message)
         return
-    _err(f"{result.message} ({result.info.name}, {result.info.model['quant']}); "
+    _err(f"{result.message} ({result.bundle.name}, {result.bundle.model['quant']}); "
          f"health check {result.health.get('seconds', 0):.1f} s"
          + (f", re-embedded {result.health['reembedded_chunks']} chunks" if result.health.get("reembedded_chunks")
             else "") + ("; DOWNGRADE" if result.downgrade else ""))
@@ -286,7 +291,7 @@ def bundle_rollback(ctx) -> None:
 def bundle_list(ctx, as_json: bool) -> None:
     """Installed generations, newest first: version, model, which is current and which is kept for rollback."""
     data = _backend(ctx).generations()
-    rows = data["generations"]
+    rows = data.generations
     if as_json:
         _echo_json(data)
         return
@@ -453,11 +458,10 @@ def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx:
     out.write_text(result.markdown)
     if as_docx:
         write_docx(result.markdown, out.with_suffix(".docx"))
-    summary = result.summary()
     if as_json:
-        _echo_json(summary)
+        _echo_json(result.model_dump(mode="json", exclude={"markdown"}))
     _err(f"wrote {out}{' and ' + str(out.with_suffix('.docx')) if as_docx else ''}: "
-         f"{summary['requirements_found']} requirements, {summary['answered']} drafted, {len(result.gaps)} gaps, "
+         f"{result.requirements_found} requirements, {result.answered} drafted, {len(result.gaps)} gaps, "
          f"{len(result.staffing)} roles staffed, {len(result.sources)} sources cited")
     if result.unknown_codes:
         _err(f"warning: codes not in the reference tables (flagged in the draft): {', '.join(result.unknown_codes)}")
@@ -465,7 +469,7 @@ def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx:
         _err(f"warning: requirements without a response: {', '.join(result.gaps)}")
 
 
-def _print_answer(result, streamed: bool) -> None:
+def _print_answer(result: AnswerReport, streamed: bool) -> None:
     if not streamed:
         click.echo(clean_text(result.answer))
     if result.sources:
@@ -521,7 +525,7 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
     def one(q: str) -> None:
         if as_json:
             _echo_json(app.ask(q, collection=collection, use_rag=not no_rag, max_tokens=max_tokens,
-                               temperature=temperature, conversation=conversation).to_json())
+                               temperature=temperature, conversation=conversation))
             return
         # Model output is text for a terminal: escape sequences and control characters never pass.
         result = app.ask(q, collection=collection, use_rag=not no_rag, max_tokens=max_tokens, temperature=temperature,
@@ -534,9 +538,9 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
         one(question)
         return
     status = app.status()
-    _err(f"appliance: generation {status['generation']}, model {status['model']['name']}, "
-         f"{sum(c['chunks'] for c in status['collections'])} chunks in "
-         f"{len(status['collections'])} collections. Empty line or Ctrl-D to quit.")
+    _err(f"appliance: generation {status.generation}, model {status.model['name']}, "
+         f"{sum(c['chunks'] for c in status.collections)} chunks in "
+         f"{len(status.collections)} collections. Empty line or Ctrl-D to quit.")
     while True:
         try:
             q = click.prompt("\nquestion", default="", show_default=False, err=True)
@@ -552,7 +556,7 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
 @click.pass_context
 def status(ctx, as_json: bool) -> None:
     """The installed generation, model, embedder and collections."""
-    data = _backend(ctx).status()
+    data = _backend(ctx).status().model_dump(mode="json")
     if as_json:
         _echo_json(data)
         return
@@ -680,7 +684,7 @@ def audit_verify(ctx, against: Path | None, as_json: bool) -> None:
     (`<home>/audit/checkpoints`): rows cut from the end, a chain rebuilt after an edit and an older copy
     of the database put back are each named. Exit 1 when anything is wrong."""
     lines = against.read_text().splitlines() if against else None
-    result = _backend(ctx).audit_verify(lines)
+    result = _backend(ctx).audit_verify(lines).model_dump(mode="json")
     if as_json:
         _echo_json(result)
     else:
@@ -757,7 +761,7 @@ def feedback_add(ctx, audit_id: int, good: bool, bad: bool, correction: str | No
     if as_json:
         _echo_json(result)
         return
-    _err(f"feedback {result['id']} ({result['kind']}) on answer {audit_id} recorded; audit row {result['audit_id']}")
+    _err(f"feedback {result.id} ({result.kind}) on answer {audit_id} recorded; audit row {result.audit_id}")
 
 
 @feedback_group.command("list")
@@ -805,8 +809,8 @@ def feedback_export(ctx, out: Path, since: str | None, as_json: bool) -> None:
     if as_json:
         _echo_json(result)
         return
-    counts = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in result["counts"].items())
-    _err(f"exported {result['items']} feedback items to {out} ({counts}); export {result['export_id']}")
+    counts = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in result.counts.items())
+    _err(f"exported {result.items} feedback items to {out} ({counts}); export {result.export_id}")
 
 
 def main() -> None:

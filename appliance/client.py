@@ -3,8 +3,10 @@ whatever loads the model or writes the database goes through it, so the model is
 service), one process writes, and the service records the caller from the socket. With no service
 listening, the CLI and the UI work in-process on an `Appliance`.
 
-`ServiceClient` has the methods of `Appliance` that those callers use, with the same arguments and
-results of the same shape, so a caller holds either. Files are read here, as the caller, and sent to
+`ServiceClient` has the methods of `Appliance` that those callers use (appliance.protocols.Backend),
+with the same arguments, returning the same models (appliance.schemas), so a caller holds either; a
+service that cannot be reached is an `ApplianceError` (ServiceError) like any other, never a bare
+transport error. Files are read here, as the caller, and sent to
 the service (ingest, draft): nothing is ingested with the service's permissions that the caller
 could not read.
 
@@ -23,23 +25,27 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from appliance.config import default_socket, trusted_uids, untrusted_socket
 from appliance.documents import expand_paths
 from appliance.errors import ApplianceError, ExitCode
 from appliance.ingest import IngestReport
 from appliance.schemas import (
+    AnswerReport,
     AuditRows,
+    AuditVerdict,
+    BundleCheck,
     BundleRequest,
     Conversation,
     Documents,
-    Drafted,
+    DraftReport,
     ExportRequest,
+    ExportWritten,
     FeedbackExport,
     FeedbackItems,
+    FeedbackRecorded,
+    Generations,
     Home,
     Installed,
     LookupRows,
@@ -47,9 +53,10 @@ from appliance.schemas import (
     RolledBack,
     SearchResults,
     Source,
-    VerifiedBundle,
+    Status,
     WrittenRequest,
 )
+from appliance.store import DocumentRow
 
 SYSTEM_SOCKET = Path("/run/appliance/api.sock")
 
@@ -85,47 +92,6 @@ def find_socket() -> Path | None:
 
 class ServiceError(ApplianceError):
     exit_code = ExitCode.FAILURE
-
-
-@dataclass
-class RemoteAnswer:
-    """What `appliance ask` prints, as the service returned it."""
-
-    answer: str
-    sources: list = field(default_factory=list)
-    citations: list = field(default_factory=list)
-    unknown_citations: list = field(default_factory=list)
-    unverified_codes: list = field(default_factory=list)
-    miscited_codes: list = field(default_factory=list)
-    conflicting_codes: list = field(default_factory=list)
-    timing: dict = field(default_factory=dict)
-    model: dict = field(default_factory=dict)
-    audit_id: int | None = None
-    question: str = ""
-
-    def to_json(self) -> dict:
-        return {"question": self.question, "answer": self.answer, "citations": self.citations,
-                "unknown_citations": self.unknown_citations, "unverified_codes": self.unverified_codes,
-                "miscited_codes": self.miscited_codes, "conflicting_codes": self.conflicting_codes,
-                "sources": [{"n": i, **s.to_json()} for i, s in enumerate(self.sources, start=1)],
-                "model": self.model, "timing": self.timing, "audit_id": self.audit_id}
-
-
-@dataclass
-class RemoteDraft:
-    """What `appliance draft` writes and prints, as the service returned it: the markdown and the
-    summary, which holds the rest."""
-
-    markdown: str
-    summary_json: dict
-
-    def summary(self) -> dict:
-        return self.summary_json
-
-    def __getattr__(self, name: str):  # gaps, unknown_codes, staffing, sources
-        if name in ("gaps", "unknown_codes", "staffing", "sources"):
-            return self.summary_json[name]
-        raise AttributeError(name)
 
 
 def _sse(response):
@@ -166,13 +132,26 @@ def running_service(home: Path | None = None) -> ServiceClient | None:
     return client
 
 
+def _unreachable(path: Path, exc: Exception) -> ServiceError:
+    """The service stopped, restarts or timed out: the caller says so and stays up (the next call connects again)."""
+    return ServiceError(f"the appliance service at {path} is not answering ({type(exc).__name__})",
+                        "start it again (`systemctl start appliance` or `appliance serve`) and retry")
+
+
 class ServiceClient:
     def __init__(self, path: Path):
         import httpx
 
         self.path = path
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://appliance",
-                                 timeout=httpx.Timeout(10.0, read=600.0))
+        class Client(httpx.Client):
+            def send(self, *args, **kwargs):  # every request goes through here, streamed or not
+                try:
+                    return super().send(*args, **kwargs)
+                except httpx.TransportError as exc:
+                    raise _unreachable(path, exc) from exc
+
+        self.http = Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://appliance",
+                           timeout=httpx.Timeout(10.0, read=600.0))
 
     def close(self) -> None:
         self.http.close()
@@ -189,12 +168,18 @@ class ServiceClient:
 
     @contextlib.contextmanager
     def _open(self, method: str, url: str, **kwargs):
-        """A streamed response, its error (if any) raised as the service worded it."""
+        """A streamed response, its error (if any) raised as the service worded it; the connection lost
+        while reading it is a ServiceError too."""
+        import httpx
+
         with self.http.stream(method, url, **kwargs) as r:
             if r.status_code >= 400:
                 r.read()
                 self._check(r)
-            yield r
+            try:
+                yield r
+            except httpx.TransportError as exc:
+                raise _unreachable(self.path, exc) from exc
 
     def _stream(self, method: str, url: str, progress: Callable | None = None, **kwargs):
         with self._open(method, url, **kwargs) as r:
@@ -203,24 +188,25 @@ class ServiceClient:
     def home(self) -> Path:
         return Path(Home.model_validate(self._check(self.http.get("/appliance/home"))).home)
 
-    def status(self) -> dict:
-        return self._check(self.http.get("/appliance/status"))
+    def status(self) -> Status:
+        return Status.model_validate(self._check(self.http.get("/appliance/status")))
 
-    def documents(self, collection: str | None = None) -> list:
+    def documents(self, collection: str | None = None) -> list[DocumentRow]:
         params = {"collection": collection} if collection else {}
         return Documents.model_validate(self._check(self.http.get("/appliance/documents", params=params))).documents
 
-    def generations(self) -> dict:
-        return self._check(self.http.get("/appliance/bundles"))
+    def generations(self) -> Generations:
+        return Generations.model_validate(self._check(self.http.get("/appliance/bundles")))
 
     def audit_rows(self, action: str | None = None, user: str | None = None, limit: int = 50) -> list[dict]:
         params = {k: v for k, v in (("action", action), ("user", user)) if v} | {"limit": limit}
         return AuditRows.model_validate(self._check(self.http.get("/appliance/audit", params=params))).rows
 
-    def audit_verify(self, against: list[str] | None = None) -> dict:
+    def audit_verify(self, against: list[str] | None = None) -> AuditVerdict:
         if against is not None:
-            return self._check(self.http.post("/appliance/audit/verify", json={"export": against}))
-        return self._check(self.http.get("/appliance/audit/verify"))
+            return AuditVerdict.model_validate(self._check(self.http.post("/appliance/audit/verify",
+                                                                          json={"export": against})))
+        return AuditVerdict.model_validate(self._check(self.http.get("/appliance/audit/verify")))
 
     def new_conversation(self, user: str | None = None) -> int:
         """The service records the socket's user, whoever `user` says."""
@@ -253,35 +239,31 @@ class ServiceClient:
             progress("", len(files), len(files))
         return report
 
-    def remove_document(self, doc_id: int):
+    def remove_document(self, doc_id: int) -> DocumentRow:
         return Removed.model_validate(self._check(self.http.delete(f"/appliance/documents/{doc_id}"))).removed
 
-    def verify_bundle(self, directory: Path, progress: Callable | None = None):
-        data = VerifiedBundle.model_validate(self._check(self.http.post(
+    def verify_bundle(self, directory: Path, progress: Callable | None = None) -> BundleCheck:
+        return BundleCheck.model_validate(self._check(self.http.post(
             "/appliance/bundles/verify", json=BundleRequest(path=str(directory.resolve())).model_dump())))
-        return SimpleNamespace(version=data.version, targets=data.targets, total_bytes=data.bytes,
-                               notes=data.notes, info=SimpleNamespace(**data.bundle))
 
     def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress: Callable | None = None,
-                       reembed_progress: Callable | None = None):
+                       reembed_progress: Callable | None = None) -> Installed:
         """The service reads the bundle (it needs the path, not the caller's bytes: the signatures are
         checked where the files are)."""
-        result = Installed.model_validate(self._stream(
+        return Installed.model_validate(self._stream(
             "POST", "/appliance/bundles/install", progress,
             json=BundleRequest(path=str(directory.resolve()), allow_downgrade=allow_downgrade).model_dump()))
-        return SimpleNamespace(version=result.version, number=result.generation, message=result.message,
-                               downgrade=result.downgrade, health=result.health,
-                               info=SimpleNamespace(**result.bundle) if result.bundle else None)
 
-    def feedback(self, answer_audit_id: int, kind: str, **fields) -> dict:
+    def feedback(self, answer_audit_id: int, kind: str, **fields) -> FeedbackRecorded:
         body = {"audit_id": answer_audit_id, "kind": kind, **{k: v for k, v in fields.items() if v is not None}}
-        return self._check(self.http.post("/appliance/feedback", json=body))
+        return FeedbackRecorded.model_validate(self._check(self.http.post("/appliance/feedback", json=body)))
 
-    def feedback_items(self, pending_only: bool = False, since: str | None = None, limit: int | None = None) -> list:
+    def feedback_items(self, pending_only: bool = False, since: str | None = None,
+                       limit: int | None = None) -> list[dict]:
         params = {"pending": pending_only, **({"since": since} if since else {}), **({"limit": limit} if limit else {})}
         return FeedbackItems.model_validate(self._check(self.http.get("/appliance/feedback", params=params))).items
 
-    def feedback_export(self, out: Path, since: str | None = None) -> dict:
+    def feedback_export(self, out: Path, since: str | None = None) -> ExportWritten:
         """The service signs; the files are written here, as the caller (a USB stick the service may
         not see), and only then does the service mark the items exported."""
         from appliance.feedback import Export
@@ -291,28 +273,27 @@ class ServiceClient:
         export = Export(data.export_id, {k: v.encode() for k, v in data.files.items()}, data.manifest.encode(),
                         data.signature, [], data.counts)
         export.write(out)
-        return self._check(self.http.post(f"/appliance/feedback/export/{data.export_id}/written",
-                                          json=WrittenRequest(out=str(out.resolve())).model_dump()))
+        return ExportWritten.model_validate(self._check(self.http.post(
+            f"/appliance/feedback/export/{data.export_id}/written", json=WrittenRequest(out=str(out.resolve())).model_dump())))
 
     def rollback(self) -> tuple[int, int]:
         data = RolledBack.model_validate(self._check(self.http.post("/appliance/bundles/rollback")))
         return data.left, data.to
 
     def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
-              progress: Callable | None = None) -> RemoteDraft:
+              progress: Callable | None = None) -> DraftReport:
         params = {"name": str(rfp.resolve()), **({"collection": collections} if collections else {}),
                   **({"max_tokens": max_tokens} if max_tokens else {})}
-        result = Drafted.model_validate(self._stream("POST", "/appliance/draft", progress, content=rfp.read_bytes(),
-                                                     params=params))
-        return RemoteDraft(result.markdown, result.summary)
+        return DraftReport.model_validate(self._stream("POST", "/appliance/draft", progress, content=rfp.read_bytes(),
+                                                       params=params))
 
-    def search(self, query: str, k: int | None = None, collection: str | None = None) -> list:
+    def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[Source]:
         params = {"q": query, **({"k": k} if k else {}), **({"collection": collection} if collection else {})}
         return SearchResults.model_validate(self._check(self.http.get("/appliance/search", params=params))).results
 
     def ask(self, question: str, *, collection: str | None = None, use_rag: bool = True, max_tokens: int | None = None,
             temperature: float | None = None, on_text: Callable[[str], None] | None = None,
-            conversation: int | None = None) -> RemoteAnswer:
+            conversation: int | None = None) -> AnswerReport:
         body = {"messages": [{"role": "user", "content": question}], "stream": True, "rag": use_rag,
                 **({"collection": collection} if collection else {}),
                 **({"conversation": conversation} if conversation is not None else {}),
@@ -330,13 +311,4 @@ class ServiceClient:
                     final = event
         if final is None:
             raise ServiceError("the service closed the answer early", "try again; see the service's log")
-        appliance = final.get("appliance", {})
-        return RemoteAnswer(answer="".join(pieces).strip(), question=question,
-                            sources=[Source.model_validate(s) for s in final.get("sources", [])],
-                            citations=final.get("citations", []),
-                            unknown_citations=final.get("unknown_citations", []),
-                            unverified_codes=final.get("unverified_codes", []),
-                            miscited_codes=final.get("miscited_codes", []),
-                            conflicting_codes=final.get("conflicting_codes", []),
-                            timing=appliance.get("timing", {}), audit_id=final.get("audit_id"),
-                            model=appliance.get("model", {}))
+        return AnswerReport.from_completion(final, "".join(pieces).strip(), question)

@@ -28,28 +28,12 @@ from appliance.documents import CODE_RE, clean_text, read_document
 from appliance.errors import IngestError
 from appliance.prompt import CITATION_RE
 from appliance.protocols import Embedder, Generator, Sampling
+from appliance.schemas import DraftReport, Requirement, Role
 from appliance.store import Store
 
 _REQ_RE = re.compile(r"\b(shall|must|will (?:provide|deliver|submit|ensure|perform|maintain|support)|is required to)\b",
                      re.IGNORECASE)
 _ID_RE = re.compile(r"^([A-Z]\.\d+(?:\.\d+)*)\.?\s+(.+)$", re.DOTALL)
-
-
-@dataclass
-class Requirement:
-    id: str
-    text: str
-    section: str
-
-
-@dataclass
-class Role:
-    name: str  # as the RFP words it
-    code: str
-    title: str
-    education: str
-    years: str
-    how: str  # "exact title", "retrieval", or "duties of C.2.3" (matched by what the requirement asks)
 
 
 @dataclass
@@ -65,14 +49,14 @@ class Draft:
     markdown: str = ""
     timing: dict = field(default_factory=dict)
 
-    def summary(self) -> dict:
+    def report(self) -> DraftReport:
         cited = sorted({int(n) for text in self.responses.values() for n in CITATION_RE.findall(text)})
         codes = sorted({c for text in self.responses.values() for c in CODE_RE.findall(text)}
                        | {r.code for r in self.staffing})
-        return {"rfp": self.rfp, "requirements_found": len(self.requirements),
-                "answered": len(self.requirements) - len(self.gaps), "gaps": self.gaps,
-                "codes_used": codes, "unknown_codes": self.unknown_codes, "citations": cited,
-                "sources": self.sources, "staffing": [vars(r) for r in self.staffing], "timing": self.timing}
+        return DraftReport(rfp=self.rfp, markdown=self.markdown, requirements_found=len(self.requirements),
+                           answered=len(self.requirements) - len(self.gaps), gaps=self.gaps, codes_used=codes,
+                           unknown_codes=self.unknown_codes, citations=cited, sources=self.sources,
+                           requirements=self.requirements, staffing=self.staffing, timing=self.timing)
 
 
 def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[str, list[Requirement], str]:
@@ -89,13 +73,13 @@ def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[str, list[Requi
             continue
         match = _ID_RE.match(block)
         if match and _REQ_RE.search(match.group(2)):
-            requirements.append(Requirement(match.group(1), match.group(2), section))
+            requirements.append(Requirement(id=match.group(1), text=match.group(2), section=section))
         elif match and len(block) < 80:
             section = block  # "C.2 Requirements"
         elif _REQ_RE.search(block):
             for sentence in re.split(r"(?<=[.;])\s+", block):
                 if _REQ_RE.search(sentence):
-                    requirements.append(Requirement(f"R{len(requirements) + 1}", sentence, section))
+                    requirements.append(Requirement(id=f"R{len(requirements) + 1}", text=sentence, section=section))
     if not requirements:
         raise IngestError(f"{path}: no requirement statements found (no 'shall', 'must' or 'will provide')",
                           "check that this is the RFP's statement of work, or draft from its sections by hand")

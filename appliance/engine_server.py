@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import ApplianceError, ConfigError, ExitCode, ModelError
+from appliance.manifest import context_tokens
 from appliance.protocols import Sampling
 
 log = logging.getLogger("appliance.engine")
@@ -158,6 +159,7 @@ class EngineServer:
         self.socket = run_dir / "engine.sock"
         self.proc: subprocess.Popen | None = None
         self.generation: int | None = None
+        self.context: int | None = None  # each slot's context once started, as the server reports it
         self.tokenizer = None
         self.model_info: dict = {}
         self.active = 0
@@ -198,7 +200,7 @@ class EngineServer:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.run_dir.chmod(0o700)  # the socket's directory: the service's user only
         self.socket.unlink(missing_ok=True)
-        n_ctx = min(self.n_ctx, installed.manifest.model.context_length)
+        n_ctx = context_tokens(self.n_ctx, installed.manifest.model)
         cmd = [str(self.binary), "-m", str(installed.model_path), "--host", str(self.socket),
                "-np", str(self.slots), "-c", str(n_ctx * self.slots), "-t", str(self.threads or os.cpu_count() or 1),
                "--no-webui", "--no-slots", "-lm", "mmap" if self.mmap else "none",
@@ -235,6 +237,7 @@ class EngineServer:
                 time.sleep(0.05)
         self.tokenizer = LlamaEngine(installed.model_path, template_text, n_ctx=n_ctx, name=model_info["name"],
                                      vocab_only=True)
+        self.context = n_ctx
         self.generation, self.model_info = installed.number, dict(model_info)
         log.info("engine: %s on %d slots of %d tokens (%.1f s)", installed.model_path.name, self.slots, n_ctx,
                  time.perf_counter() - start)

@@ -41,6 +41,13 @@ class FileEntry(BaseModel):
     size: int = Field(ge=0)
 
 
+def context_tokens(requested: int, model: ModelInfo) -> int:
+    """The context a model is run with, decided here only: what the settings ask for (`n_ctx`), never
+    beyond what the model was trained on (llama.cpp would only warn, then degrade). The engine in
+    process, the engine server's slots, the service's request limits and the prompt budget all use it."""
+    return min(requested, model.context_length)
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     file: str = "model.gguf"
@@ -144,6 +151,43 @@ def read_bundle(root: Path) -> BundleManifest | None:
     """bundle.json of an installed generation (None: installed unsigned)."""
     path = root / BUNDLE_NAME
     return BundleManifest.model_validate_json(path.read_bytes()) if path.is_file() else None
+
+
+class Perplexity(BaseModel):
+    """One quant's perplexity on the held-out text, as `builder eval` measured it."""
+
+    model_config = ConfigDict(extra="allow")
+    perplexity: float
+    tokens_scored: int | None = None
+    contexts: int | None = None
+
+
+class ReleaseGate(BaseModel):
+    """Whether a generation passed its release gate, why not, and the limits it was held to."""
+
+    model_config = ConfigDict(extra="allow")
+    passed: bool
+    failures: list[str] = Field(default_factory=list)
+
+    def limits(self) -> dict:
+        """The limits that were set (a limit left at None was not checked)."""
+        return {k: v for k, v in (self.model_extra or {}).items() if v not in (None, False)}
+
+
+class EvalSummary(BaseModel):
+    """What a generation's lineage (and its bundle) records of `eval.json`: perplexity per quant and the
+    release gate. The builder writes it, the appliance's status and the operator UI read it."""
+
+    model_config = ConfigDict(extra="allow")
+    perplexity: dict[str, Perplexity] = Field(default_factory=dict)
+    gate: ReleaseGate | None = None
+
+    @field_validator("perplexity", mode="before")
+    @classmethod
+    def _bare_numbers(cls, value):  # an early eval.json recorded the number alone
+        if isinstance(value, dict):
+            return {k: {"perplexity": v} if isinstance(v, int | float) else v for k, v in value.items()}
+        return value
 
 
 class BundleManifest(BaseModel):

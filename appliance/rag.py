@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from appliance.documents import CODE_RE
 from appliance.prompt import build_messages, cited_numbers, format_source, source_title
 from appliance.protocols import Embedder, Generator, Sampling
+from appliance.schemas import AnswerReport, Source
 from appliance.store import ChunkRow, Store
 from appliance.titles import TitleIndex
 
@@ -167,12 +168,13 @@ class Answer:
     prompt: str = ""  # the question as the model saw it: its new sources, then the question
     earlier: int = 0  # sources[:earlier] were shown in earlier turns of the conversation
 
-    def to_json(self) -> dict:
-        return {"question": self.question, "answer": self.answer, "citations": self.citations,
-                "unknown_citations": self.unknown_citations, "unverified_codes": self.unverified_codes,
-                "miscited_codes": self.miscited_codes, "conflicting_codes": self.conflicting_codes,
-                "sources": [{"n": i + 1, **h.to_json()} for i, h in enumerate(self.sources)],
-                "model": self.model, "timing": self.timing, "audit_id": self.audit_id}
+    def report(self) -> AnswerReport:
+        """The answer as its caller gets it (the contract's shape, without the record's internals)."""
+        return AnswerReport(question=self.question, answer=self.answer, citations=self.citations,
+                            unknown_citations=self.unknown_citations, unverified_codes=self.unverified_codes,
+                            miscited_codes=self.miscited_codes, conflicting_codes=self.conflicting_codes,
+                            sources=[Source(n=i, **h.to_json()) for i, h in enumerate(self.sources, start=1)],
+                            model=self.model, timing=self.timing, audit_id=self.audit_id)
 
 
 def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: int, first: int = 1) -> list[str]:

@@ -1,5 +1,8 @@
-"""The service's request bodies and responses (pydantic): the routes declare them, `appliance.client`
-builds requests and reads answers with the same classes, so the two cannot drift apart."""
+"""The one contract between the appliance and its clients (pydantic): the service's request bodies and
+every result a caller gets. `Appliance` returns these models, the service declares them as its routes'
+`response_model` (and sends an answer's dump as the final stream chunk), and `appliance.client` reads
+the service's JSON back into the same classes, so the CLI and the UI hold one shape whichever backend
+answered. A field added here reaches every side; nothing else lists a result's fields."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from appliance.manifest import BundleManifest, EvalSummary
 from appliance.store import DocumentRow
 
 MAX_PROMPT_CHARS = 32_000  # one message's content; the service's other bounds are in appliance.service.limits
@@ -144,6 +148,37 @@ class Source(Answered):
         return self.model_dump(exclude={"n"})
 
 
+class AnswerReport(Answered):
+    """An answer as its caller gets it: the text, the numbered sources, and the checks made on it.
+    Over the API the fields past `answer` ride beside OpenAI's message (`completion_fields`)."""
+
+    question: str = ""
+    answer: str
+    sources: list[Source] = Field(default_factory=list)
+    citations: list[dict] = Field(default_factory=list, description="{n, chunk_id, ...} of each [n] the answer cites")
+    unknown_citations: list[int] = Field(default_factory=list, description="[n]s that name no source")
+    unverified_codes: list[str] = Field(default_factory=list, description="codes no reference table or source holds")
+    miscited_codes: list[dict] = Field(default_factory=list, description="codes whose cited source does not hold them")
+    conflicting_codes: list[dict] = Field(default_factory=list, description="codes the reference table contradicts")
+    model: dict = Field(default_factory=dict, description="the model that answered")
+    timing: dict = Field(default_factory=dict)
+    audit_id: int | None = None
+
+    def completion_fields(self) -> dict:
+        """What a chat completion (and a stream's final chunk) carries beside OpenAI's own fields."""
+        data = self.model_dump(mode="json", exclude={"question", "answer", "model", "timing"})
+        data["appliance"] = {"generation": self.model.get("generation"), "model": self.model, "timing": self.timing}
+        return data
+
+    @classmethod
+    def from_completion(cls, data: dict, answer: str, question: str = "") -> AnswerReport:
+        """The report in a chat completion or a final stream chunk (`completion_fields`), with its text."""
+        appliance = data.get("appliance") or {}
+        fields = {k: v for k, v in data.items() if k in cls.model_fields}
+        return cls.model_validate({**fields, "question": question, "answer": answer,
+                                   "model": appliance.get("model") or {}, "timing": appliance.get("timing") or {}})
+
+
 class SearchResults(Answered):
     results: list[Source]
 
@@ -169,28 +204,58 @@ class AuditRows(Answered):
     rows: list[dict]
 
 
+class AuditVerdict(Answered):
+    """`audit verify`: the chain, the signed checkpoints, and (`against`) an earlier export compared."""
+
+    rows: int
+    intact: bool
+    first_bad_row: int | None = None
+    checkpoints: int = 0
+    anchored_rows: int = 0
+    head: str | None = None
+    problems: list[str] = Field(default_factory=list)
+    against: dict | None = None
+
+
 class FeedbackItems(Answered):
     items: list[dict]
 
 
-class VerifiedBundle(Answered):
+class FeedbackRecorded(Answered):
+    id: int
+    kind: str
+    answer_audit_id: int
+    audit_id: int = Field(description="the audit row recording the feedback")
+
+
+class ExportWritten(Answered):
+    export_id: str
+    out: str
+    counts: dict
+    items: int
+
+
+class BundleCheck(Answered):
+    """A bundle whose signatures and hashes were verified (nothing installed)."""
+
     version: int
     files: int
     targets: list[str]
     bytes: int
-    notes: list[str]
-    bundle: dict
+    notes: list[str] = Field(default_factory=list)
+    bundle: BundleManifest
 
 
 class Installed(Answered):
-    """The result event of a bundle install."""
+    """The result of a bundle install (the last event of its stream)."""
 
     version: int
     generation: int | None  # None: that version was installed already
     message: str
-    downgrade: bool
-    health: dict | None = None
-    bundle: dict | None = None
+    downgrade: bool = False
+    health: dict = Field(default_factory=dict)
+    bundle: BundleManifest | None = None
+    recovered: str | None = Field(default=None, description="an interrupted install found and finished or undone first")
 
 
 class RolledBack(Answered):
@@ -199,11 +264,66 @@ class RolledBack(Answered):
     to: int
 
 
-class Drafted(Answered):
-    """The result event of a draft."""
+class Generations(Answered):
+    generations: list[dict]
+    trusted_version: int
 
+
+class Status(Answered):
+    """What is serving: the generation, its model and embedder, the index, the collections."""
+
+    home: str
+    generation: int
+    version: int | None = None
+    generations: list[int] = Field(default_factory=list)
+    model: dict
+    embedder: dict
+    collections: list[dict] = Field(default_factory=list)
+    lineage: dict = Field(default_factory=dict)
+    resident_mb: float | None = None
+    appliance_key: dict | None = None
+
+    @property
+    def evaluation(self) -> EvalSummary | None:
+        """The release evaluation the builder recorded in the lineage (None: not evaluated)."""
+        data = self.lineage.get("evaluation")
+        return EvalSummary.model_validate(data) if data else None
+
+
+class Requirement(BaseModel):
+    """A statement the RFP makes (shall, must, will provide): a row of the compliance matrix."""
+
+    id: str
+    text: str
+    section: str
+
+
+class Role(BaseModel):
+    """A labor category the draft staffs, with its code and qualifications from the reference table."""
+
+    name: str = Field(description="as the RFP words it")
+    code: str
+    title: str
+    education: str
+    years: str
+    how: str = Field(description='"exact title", "retrieval", or "duties of C.2.3" (matched by what it asks)')
+
+
+class DraftReport(Answered):
+    """A proposal draft: the markdown and what it holds (the result event of a draft's stream)."""
+
+    rfp: str
     markdown: str
-    summary: dict
+    requirements_found: int
+    answered: int
+    gaps: list[str] = Field(default_factory=list, description="requirement ids with no response")
+    codes_used: list[str] = Field(default_factory=list)
+    unknown_codes: list[str] = Field(default_factory=list, description="codes no reference table holds")
+    citations: list[int] = Field(default_factory=list)
+    sources: list[dict] = Field(default_factory=list)
+    requirements: list[Requirement] = Field(default_factory=list)
+    staffing: list[Role] = Field(default_factory=list)
+    timing: dict = Field(default_factory=dict)
 
 
 class FeedbackExport(Answered):

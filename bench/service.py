@@ -102,7 +102,7 @@ def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, floa
         for _ in range(3):
             for clear, out in ((False, cached), (True, cleared)):
                 conversation = app.store.new_conversation("bench")
-                first = app.ask(QUESTION, use_rag=use_rag, conversation=conversation, max_tokens=8)
+                first = app.answer(QUESTION, use_rag=use_rag, conversation=conversation, max_tokens=8)
                 app.store.conn.execute("UPDATE messages SET content = ? WHERE conversation_id = ? AND role = 'assistant'",
                                        (CANNED, conversation))
                 first.raw = CANNED

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from appliance.manifest import utc_stamp, write_manifest
+from appliance.manifest import EvalSummary, utc_stamp, write_manifest
 from builder.errors import BuilderError
 
 
@@ -47,7 +47,8 @@ def write(out: Path, *, name: str, model: Path, embedder_dir: Path, template: Pa
             "lineage": {
                 "base_model": base_model,
                 "stages": stages,
-                "evaluation": {k: evaluation[k] for k in ("perplexity", "gate") if k in evaluation}
+                "evaluation": EvalSummary.model_validate(
+                    {k: evaluation[k] for k in ("perplexity", "gate") if k in evaluation}).model_dump(mode="json")
                 if evaluation else None,
                 "embedder": {k: emb.get(k) for k in ("name", "dim", "pooling", "normalize", "agreement")},
             },

@@ -59,7 +59,7 @@ class ScriptedGenerator:
 
 
 def test_citations_map_to_documents_and_unknown_numbers_are_flagged(app):
-    hits = app.search("15-1242.00 database administrator", k=3)
+    hits = app.hits("15-1242.00 database administrator", k=3)
     gen = ScriptedGenerator("It is 15-1242.00 [1] , not 15-9999.00 , see also [3] and [9] .")
     result = answer(gen, "code?", hits, {"name": "x"}, n_ctx=4096, max_tokens=64, sampling=GREEDY)
     assert [c["n"] for c in result.citations] == [1, 3]
@@ -72,7 +72,7 @@ def test_citations_map_to_documents_and_unknown_numbers_are_flagged(app):
 
 
 def test_code_cited_to_the_wrong_source_is_pointed_at_the_right_one(app):
-    hits = app.search("15-1242.00 database administrator", k=3)
+    hits = app.hits("15-1242.00 database administrator", k=3)
     wrong = next(i for i, h in enumerate(hits, 1) if "15-1242.00" not in h.text)
     gen = ScriptedGenerator(f"The code is 15-1242.00 [{wrong}] .")
     result = answer(gen, "code?", hits, {"name": "x"}, n_ctx=4096, max_tokens=64, sampling=GREEDY)
@@ -84,7 +84,7 @@ def test_code_cited_to_the_wrong_source_is_pointed_at_the_right_one(app):
 
 
 def test_sources_are_trimmed_to_the_context_budget(app):
-    hits = app.search("service desk", k=10)
+    hits = app.hits("service desk", k=10)
     gen = ScriptedGenerator("ok")
     result = answer(gen, "q", hits, {}, n_ctx=400, max_tokens=100, sampling=GREEDY)
     sent = gen.messages[1]["content"]
@@ -106,7 +106,7 @@ def test_oversize_question_is_refused_with_a_reason(demo_home):
 
 
 def test_follow_up_keeps_earlier_sources_numbered_and_adds_only_new_ones(app):
-    first_hits = app.search("15-1242.00 database administrator", k=3)
+    first_hits = app.hits("15-1242.00 database administrator", k=3)
     gen = ScriptedGenerator("The DBA code is 15-1242.00 [1] .")
     first = answer(gen, "DBA code?", first_hits, {}, n_ctx=4096, max_tokens=64, sampling=GREEDY)
     memory = TurnMemory()
@@ -116,7 +116,7 @@ def test_follow_up_keeps_earlier_sources_numbered_and_adds_only_new_ones(app):
     assert rebuilt[0]["content"] == gen.messages[1]["content"]  # the question as the model saw it
     assert [h.chunk_id for h in earlier] == [h.chunk_id for h in first_hits]
 
-    second_hits = app.search("service desk 15-1242.00", k=4)
+    second_hits = app.hits("service desk 15-1242.00", k=4)
     new = [h for h in second_hits if h.chunk_id not in {e.chunk_id for e in earlier}]
     gen = ScriptedGenerator("Still 15-1242.00 [1] , desk in [4] .")
     second = answer(gen, "And the service desk?", second_hits, {}, n_ctx=4096, max_tokens=64, sampling=GREEDY,
@@ -157,9 +157,9 @@ def _follow_up(app, monkeypatch):
         return tokens[-1]
     monkeypatch.setattr(app.engine, "encode_prompt", capture)
     conversation = app.store.new_conversation("test")
-    first = app.ask("What is the code for a Database Administrator?", conversation=conversation, max_tokens=8,
-                    temperature=0)
-    second = app.ask("And for a Cloud Architect?", conversation=conversation, max_tokens=8, temperature=0)
+    first = app.answer("What is the code for a Database Administrator?", conversation=conversation, max_tokens=8,
+                       temperature=0)
+    second = app.answer("And for a Cloud Architect?", conversation=conversation, max_tokens=8, temperature=0)
     assert rendered[1].startswith(rendered[0] + first.raw)
     assert tokens[1][:len(tokens[0])] == tokens[0]  # what llama.cpp compares to keep its cache
     assert second.earlier == len(first.sources) > 0

@@ -242,12 +242,12 @@ def test_a_batch_killed_midway_leaves_no_document_without_its_audit_row(home, tm
         docs = {d.id for d in app.documents()}
         audited = {r["detail"]["doc_id"] for r in app.audit_rows("ingest", limit=1000)}
         assert 3 <= len(docs) < 60 and docs == audited
-        assert app.audit_verify()["intact"]  # anchored after each document
+        assert app.audit_verify().intact  # anchored after each document
     rerun = _run(home, "ingest", str(folder))
     assert rerun.exit_code == 0
     with Appliance(load_settings(home=home)) as app:
         assert len(app.documents()) == 60 == len(app.audit_rows("ingest", limit=1000))
-        assert app.audit_verify()["intact"]
+        assert app.audit_verify().intact
 
 
 def _forge_rows(db, count: int) -> None:
@@ -298,7 +298,7 @@ def test_rows_the_appliance_did_not_write_are_reported_and_never_extended_or_anc
     assert _run(home, "audit", "verify").exit_code == 0
     with Appliance(load_settings(home=home)) as app:
         app.audit("test", {"i": "resumed"})
-        assert app.audit_verify()["intact"]
+        assert app.audit_verify().intact
     # A forged head carrying a real row's hash and signature, and a log cut back to an older signed head:
     # neither is extended.
     with apsw.Connection(str(db)) as conn:

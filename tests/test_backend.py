@@ -1,15 +1,23 @@
 """The Appliance and the service's client implement one Backend (appliance.protocols): every parameter
-the protocol names is accepted by both, in the same position or as a keyword, with the same default.
-A signature that drifts on either side (a new required argument, a renamed one, a default that
-differs) fails here before a command behaves differently through the service."""
+the protocol names is accepted by both, in the same position or as a keyword, with the same default,
+and both return the type the protocol declares (the models of appliance.schemas). A signature that
+drifts on either side (a new required argument, a renamed one, a default that differs, another
+result) fails here before a command behaves differently through the service; so does a call the CLI
+or the UI makes on its backend that the protocol does not declare."""
 
+import ast
 import inspect
+import typing
+from pathlib import Path
 
 import pytest
 
+from appliance import schemas
 from appliance.app import Appliance
 from appliance.client import ServiceClient
+from appliance.ingest import IngestReport
 from appliance.protocols import Backend
+from appliance.store import DocumentRow
 
 METHODS = [name for name, value in vars(Backend).items() if callable(value) and not name.startswith("_")]
 
@@ -39,5 +47,44 @@ def test_both_backends_take_the_protocols_arguments(cls, name):
     assert all(q.default is not q.empty for q in extra), f"{cls.__name__}.{name} needs more than the protocol"
 
 
+@pytest.mark.parametrize("cls", [Appliance, ServiceClient])
+@pytest.mark.parametrize("name", METHODS)
+def test_both_backends_return_the_protocols_type(cls, name):
+    # the protocol names the contract's models for type checkers only (importing them would be a cycle)
+    names = {**vars(schemas), "IngestReport": IngestReport, "DocumentRow": DocumentRow}
+    wanted = typing.get_type_hints(getattr(Backend, name), localns=names).get("return")
+    given = typing.get_type_hints(getattr(cls, name)).get("return")
+    assert wanted is not None, f"Backend.{name} declares no return type"
+    assert given == wanted, f"{cls.__name__}.{name} returns {given}, the protocol says {wanted}"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _backend_calls(path: Path) -> set[str]:
+    """Methods called on a backend in one file: `_backend(ctx).X(...)`, `self.backend.X(...)`, and
+    `app.X(...)` in a function that holds `app = _backend(ctx)`."""
+    def from_backend(node) -> bool:
+        return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_backend"
+
+    calls = set()
+    for function in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        held = {t.id for node in ast.walk(function) if isinstance(node, ast.Assign) and from_backend(node.value)
+                for t in node.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Attribute) and (
+                    from_backend(node.value) or (isinstance(node.value, ast.Attribute) and node.value.attr == "backend")
+                    or (isinstance(node.value, ast.Name) and node.value.id in held)):
+                calls.add(node.attr)
+    return calls
+
+
 def test_the_protocol_covers_what_the_cli_and_ui_call():
-    assert {"ask", "search", "ingest", "install_bundle", "audit_verify", "feedback_export"} <= set(METHODS)
+    called = {name: _backend_calls(path) for path in [ROOT / "appliance" / "cli.py", *sorted((ROOT / "tui").rglob("*.py"))]
+              for name in [str(path.relative_to(ROOT))]}
+    assert sum(map(len, called.values())) >= 15, called  # the scan finds the calls (it would pass on none)
+    for where, names in called.items():
+        assert names <= set(METHODS), f"{where} calls {sorted(names - set(METHODS))} on its backend, which " \
+                                      "appliance.protocols.Backend does not declare"

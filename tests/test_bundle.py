@@ -100,7 +100,7 @@ def installed(tmp_path, trusted_home, keys, tiny_generation) -> Path:
     """A home running bundle version 1."""
     with new_app(trusted_home) as app:
         result = app.install_bundle(make_bundle(tmp_path, tiny_generation, keys, 1))
-    assert result.number == 1
+    assert result.generation == 1
     return trusted_home
 
 
@@ -183,26 +183,26 @@ def test_newer_bundle_then_rollback_then_same_bundle_again(tmp_path, installed, 
     v2 = make_bundle(tmp_path, variant_generation, keys, 2)
     with new_app(home) as app:
         result = app.install_bundle(v2)
-        assert (result.version, result.number) == (2, 2)
+        assert (result.version, result.generation) == (2, 2)
         assert result.health["canary_tokens"] >= 1 and result.health["embedder_dim"] == 384
-        assert (app.status()["model"]["quant"], app.status()["version"]) == ("Q4_K_M", 2)
+        assert (app.status().model["quant"], app.status().version) == ("Q4_K_M", 2)
         answer = app.ask("What is the labor category code for a Database Administrator?", max_tokens=8)
         assert answer.model["generation"] == 2
         rows = appliance_bundle.history(home)
         assert [(r["generation"], r["version"], r["current"], r["previous"]) for r in rows] == \
             [(2, 2, True, False), (1, 1, False, True)]
         assert app.rollback() == (2, 1)
-        assert app.status()["model"]["quant"] == "Q8_0"
+        assert app.status().model["quant"] == "Q8_0"
         with pytest.raises(BundleError, match="no previous generation"):
             app.rollback()
         # The running version again: nothing to do, though the appliance already trusts version 2;
         # the loaded model stays loaded (a service must not reload it for a no-op).
         engine = app.engine
         again = app.install_bundle(tmp_path / "stick-v1")
-        assert again.number is None and "already the running generation" in again.message
+        assert again.generation is None and "already the running generation" in again.message
         assert app._engine is engine
         # Version 2 again, on purpose: installed anew (a rollback is not a ban).
-        assert app.install_bundle(v2).number == 3
+        assert app.install_bundle(v2).generation == 3
         actions = [r["action"] for r in audit.rows(app.store.conn) if r["action"] in ("install", "rollback")]
     assert actions == ["install", "install", "rollback", "install"]  # v1, v2, back to v1, v2 again
     assert sorted(p.name for p in (home / "generations").iterdir()) == ["1", "3"]
@@ -241,7 +241,7 @@ def test_extra_files_on_the_stick_are_ignored_never_installed(tmp_path, installe
     (v2 / "targets" / ("0" * 64 + ".payload.sh")).write_text("echo pwned\n")
     (v2 / "metadata" / "2.payload.json").write_text("{}")
     with new_app(installed) as app:
-        assert app.install_bundle(v2).number == 2
+        assert app.install_bundle(v2).generation == 2
     assert not list((installed / "generations" / "2").rglob("*payload*"))
 
 
@@ -276,7 +276,7 @@ def test_below_the_signature_threshold(tmp_path, tiny_generation):
     refused(home, stick, r"targets.json: signature check failed.*1/2")
     assert_untouched(home, None, trusted=0)
     with new_app(home) as app:  # both signatures: accepted
-        assert app.install_bundle(make_bundle(tmp_path, tiny_generation, keys, 2)).number == 1
+        assert app.install_bundle(make_bundle(tmp_path, tiny_generation, keys, 2)).generation == 1
     next((keys / "private").glob("targets.*")).unlink()
     with pytest.raises(BuilderError, match="targets needs 2 signatures"):  # the builder will not sign it
         make_bundle(tmp_path, tiny_generation, keys, 3)
@@ -288,7 +288,7 @@ def test_key_rotation_new_key_accepted_retired_key_refused(tmp_path, installed, 
     assert report["root_version"] == 2
     v2 = make_bundle(tmp_path, variant_generation, keys, 2)
     with new_app(installed) as app:
-        assert app.install_bundle(v2).number == 2  # walks root 1 -> 2, then trusts the new targets key
+        assert app.install_bundle(v2).generation == 2  # walks root 1 -> 2, then trusts the new targets key
     root = keyring.load_root(keys)
     retired = keyring.load_signers(keys, "targets", root, folder="retired")
     assert len(retired) == 1
@@ -308,7 +308,7 @@ def test_root_rotation_is_followed_and_a_tampered_new_root_refused(tmp_path, ins
     refused(installed, bad, r"metadata/3.root.json: signature check failed")
     assert_untouched(installed, 1, trusted=1)
     with new_app(installed) as app:
-        assert app.install_bundle(v2).number == 2
+        assert app.install_bundle(v2).generation == 2
     trusted_root = json.loads((installed / "trust" / "metadata" / "root.json").read_text())
     assert trusted_root["signed"]["version"] == 3
 
@@ -496,7 +496,7 @@ def test_kill_9_at_each_step_then_restart_recovers(tmp_path, installed, keys, va
     with new_app(installed) as app:  # still serving, and the bundle installs (or is current) after it
         assert app.ask("Database Administrator code?", max_tokens=4).model["generation"] == (2 if committed else 1)
         result = app.install_bundle(stick)
-        assert result.version == 2 and (result.number is None) == committed
+        assert result.version == 2 and (result.generation is None) == committed
 
 
 def test_stick_removed_mid_copy(tmp_path, installed, keys, variant_generation):
@@ -564,13 +564,13 @@ def test_new_embedder_reembeds_local_documents(tmp_path, keys, tiny_generation, 
         app.trust_init(keys / "root.json")
         app.install_bundle(make_bundle(tmp_path, tiny_generation, keys, 1))
         app.ingest([corpus_copy / "reference"], "reference")
-        chunks = app.status()["collections"][0]["chunks"]
+        chunks = app.status().collections[0]["chunks"]
         before = app.search("15-1252", k=1)[0].text
         result = app.install_bundle(make_bundle(tmp_path, new_embedder, keys, 2))
         assert result.health["reembedded_chunks"] == chunks > 0
         status = app.status()
-        assert status["embedder"]["index"] == {"name": "minilm-retrained", "dim": 384, "matches": True}
-        assert status["collections"][0]["chunks"] == chunks
+        assert status.embedder["index"] == {"name": "minilm-retrained", "dim": 384, "matches": True}
+        assert status.collections[0]["chunks"] == chunks
         assert app.search("15-1252", k=1)[0].text == before
 
 
@@ -677,7 +677,7 @@ def test_reference_db_is_shipped_checked_and_a_corrupt_one_refused(tmp_path, ins
             "reference.db: (not a readable SQLite database|integrity check failed)")
     assert_untouched(installed, 1, trusted=1)
     with new_app(installed) as app:
-        assert app.install_bundle(stick).number == 2  # the refused v3 moved no trust: v2 is no downgrade
+        assert app.install_bundle(stick).generation == 2  # the refused v3 moved no trust: v2 is no downgrade
     installed_db = installed / "generations" / "2" / "reference.db"
     assert installed_db.read_bytes() == db.read_bytes()
 
@@ -692,7 +692,7 @@ def test_an_install_finds_and_records_the_interrupted_one(tmp_path, installed, k
     (installed / "install-paused").unlink()
     with new_app(installed) as app:
         result = app.install_bundle(stick)
-        assert result.number == 2 and "removed an interrupted install" in result.recovered
+        assert result.generation == 2 and "removed an interrupted install" in result.recovered
         recovered = list(audit.rows(app.store.conn, "recover"))
     assert len(recovered) == 1 and "interrupted" in json.loads(recovered[0]["detail"])["message"]
     assert_untouched(installed, 2, trusted=2)

@@ -94,7 +94,7 @@ def test_invented_code_is_flagged_not_kept_silently(app):
     assert "99-9999.99 [UNVERIFIED CODE: not in the reference table]" in draft.markdown
     assert "codes not in the reference table: 99-9999.99" in draft.markdown
     assert "[42]" not in draft.markdown  # a citation of a source never given is dropped
-    assert draft.summary()["unknown_codes"] == ["99-9999.99"]
+    assert draft.model_dump()["unknown_codes"] == ["99-9999.99"]
 
 
 def test_cli_writes_markdown_docx_and_json_summary(demo_home, tmp_path):

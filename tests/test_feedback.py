@@ -50,7 +50,7 @@ def test_feedback_is_tied_to_the_audited_answer_and_audited(site):
     rows = app.audit_rows("feedback")
     assert {r["detail"]["feedback_id"] for r in rows} == {i["id"] for i in items}
     assert {r["id"] for r in rows} == {i["audit_id"] for i in items}
-    assert app.audit_verify()["intact"] is True
+    assert app.audit_verify().intact is True
     # refused with the reason
     not_an_answer = app.audit_rows("feedback")[0]["id"]
     with pytest.raises(NotFoundError, match="is not an answer"):
@@ -72,7 +72,7 @@ def test_an_answer_outside_a_conversation_needs_its_text_and_it_must_match(site)
         app.feedback(loose.audit_id, "bad", question=QUESTION, answer=loose.answer + " (edited)")
     with pytest.raises(FeedbackError, match="question does not match"):
         app.feedback(loose.audit_id, "bad", question="another question", answer=loose.answer)
-    assert app.feedback(loose.audit_id, "bad", question=QUESTION, answer=loose.answer)["kind"] == "bad"
+    assert app.feedback(loose.audit_id, "bad", question=QUESTION, answer=loose.answer).kind == "bad"
 
 
 def _export(site, tmp_path, name="export", since=None) -> Path:
@@ -111,7 +111,7 @@ def test_export_is_signed_and_holds_only_what_the_operator_saw(site, tmp_path):
     assert row["export_id"] == verified.manifest["export_id"] and row["counts"]["dpo.jsonl"] == 1
     with pytest.raises(FeedbackError, match="no feedback to export"):
         _export(site, tmp_path, "again")
-    assert app.status()["appliance_key"]["key_id"] == verified.manifest["appliance"]["key_id"]
+    assert app.status().appliance_key["key_id"] == verified.manifest["appliance"]["key_id"]
 
 
 def _strings(value) -> list[str]:

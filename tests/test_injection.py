@@ -55,7 +55,7 @@ def test_a_document_claiming_a_code_the_table_contradicts_is_flagged_and_ranked_
         ingest_demo(app)
         app.ingest([memo], "memos")
         question = "What is the code for the Database Administrator labor category?"
-        hits = app.search(question, k=5)
+        hits = app.hits(question, k=5)
         assert "labor_categories" in hits[0].source and "15-1242.00" in hits[0].text  # the table first
         assert any("99-9999.99" in h.text for h in hits)  # the memo is still found, below it
         memo_n = next(i for i, h in enumerate(hits, 1) if "99-9999.99" in h.text)

@@ -34,7 +34,7 @@ def test_changed_embedder_re_embeds_everything(home):
         assert app.store.embedder_id() == ("other-embedder", 8)
         assert app.store.vector_search(np.ones(8, dtype=np.float32), 5)[0][0] >= 1
         assert app.store.ensure_embedder("other-embedder", 8, other) == 0  # already matches
-        assert app.status()["embedder"]["index"]["matches"] is False
+        assert app.status().embedder["index"]["matches"] is False
 
 
 def _filled(path, n=300, dim=16, seed=0):

@@ -334,3 +334,37 @@ async def test_the_ui_survives_the_service_stopping_and_recovers_when_it_is_back
         if proc.poll() is None:
             stop_service(proc, sock)
         sockdir.rmdir()
+
+
+def test_model_pane_shows_the_builders_evaluation(demo_home):
+    """The Model pane reads the evaluation the builder wrote (eval.json's shape, through the contract's
+    EvalSummary): each quant's perplexity as a number and the gate's verdict with its limits, never
+    "None" or raw JSON."""
+    from tui.panes.model import status_lines
+
+    with Appliance(load_settings(home=demo_home)) as app:
+        status = app.status()
+    evaluation = json.loads((demo_home / "current" / "generation.json").read_text())["lineage"]["evaluation"]
+    lines = status_lines(status)
+    for quant, measured in evaluation["perplexity"].items():
+        assert f"perplexity {quant}: {measured['perplexity']:.2f} ({measured['tokens_scored']:,} tokens)" in lines
+    gate = next(line for line in lines if line.startswith("release gate"))
+    assert gate.startswith("release gate passed" if evaluation["gate"]["passed"] else "release gate FAILED")
+    assert "max ppl increase" in gate and "{" not in gate
+    assert not any("None" in line for line in lines), lines
+
+
+def test_model_pane_lists_a_failed_gates_reasons():
+    from appliance.schemas import Status
+    from tui.panes.model import status_lines
+
+    status = Status.model_validate({
+        "home": "/h", "generation": 3, "model": {"name": "m", "quant": "Q4_K_M", "parameters": 1, "size": 1},
+        "embedder": {"name": "e", "dim": 384},
+        "lineage": {"evaluation": {"perplexity": {"F16": 20.0, "Q4_K_M": {"perplexity": 25.5}},
+                                   "gate": {"passed": False, "failures": ["Q4_K_M: perplexity 25.5 is 28% above F16"],
+                                            "max_ppl_increase": 0.1, "kind": None}}}})
+    lines = status_lines(status)
+    assert "release gate FAILED (max ppl increase 0.1)" in lines
+    assert "  Q4_K_M: perplexity 25.5 is 28% above F16" in lines
+    assert "perplexity F16: 20.00" in lines and "perplexity Q4_K_M: 25.50" in lines

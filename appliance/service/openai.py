@@ -57,9 +57,11 @@ def model_list(app: Appliance) -> dict:
         {"id": m.embedder.name, "object": "model", "created": created, "owned_by": "appliance",
          "dimensions": m.embedder.dim}]}
 
-def limits(app: Appliance, body: ChatRequest) -> tuple[int, Sampling]:
+def limits(app: Appliance, body: ChatRequest, engines=None) -> tuple[int, Sampling]:
+    """The answer's length and sampling; the length is checked against the context the prompt will be
+    fitted to: the engine server's slots (what llama-server reports it holds) or the model in process."""
     max_tokens = body.max_completion_tokens or body.max_tokens or app.settings.max_tokens
-    context = min(app.settings.n_ctx, app.installed.manifest.model.context_length)
+    context = (engines.context if engines is not None and engines.context else None) or app.context_tokens()
     if max_tokens > context // 2:
         raise ApiError(400, f"max_tokens {max_tokens} is more than half the {context}-token context; "
                             f"allowed: 1 to {context // 2}")
@@ -71,25 +73,22 @@ def finish(answer) -> str:
     return "length" if answer.stopped or answer.timing.get("tokens", 0) >= answer.timing.get("max_tokens", 1 << 30) \
         else "stop"
 
-def completion_json(app: Appliance, answer, created: int, cid: str) -> dict:
+def usage(answer: rag.Answer) -> dict:
+    return {"prompt_tokens": answer.timing.get("prompt_tokens", 0), "completion_tokens": answer.timing.get("tokens", 0),
+            "total_tokens": answer.timing.get("prompt_tokens", 0) + answer.timing.get("tokens", 0)}
+
+def completion_json(app: Appliance, answer: rag.Answer, created: int, cid: str) -> dict:
+    """OpenAI's chat completion, and beside it the answer's report (schemas.AnswerReport.completion_fields)."""
     return {"id": cid, "object": "chat.completion", "created": created, "model": model_id(app),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
                          "finish_reason": finish(answer)}],
-            "usage": {"prompt_tokens": answer.timing.get("prompt_tokens", 0),
-                      "completion_tokens": answer.timing.get("tokens", 0),
-                      "total_tokens": answer.timing.get("prompt_tokens", 0) + answer.timing.get("tokens", 0)},
-            "citations": answer.citations, "sources": answer.to_json()["sources"],
-            "unverified_codes": answer.unverified_codes, "unknown_citations": answer.unknown_citations,
-            "miscited_codes": answer.miscited_codes, "conflicting_codes": answer.conflicting_codes,
-            "audit_id": answer.audit_id,
-            "appliance": {"generation": answer.model.get("generation"), "model": answer.model,
-                          "timing": answer.timing}}
+            "usage": usage(answer), **answer.report().completion_fields()}
 
 @router.post("/v1/chat/completions")
 async def chat(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                body: ChatRequest, request: Request):
     question, history = _question(body.messages)
-    max_tokens, sampling = limits(app, body)
+    max_tokens, sampling = limits(app, body, request.app.state.engines)
     user = user_of(request)
     stop = threading.Event()
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -123,7 +122,7 @@ async def chat(*, app: Appliance = Depends(get_appliance), worker: Worker = Depe
                 raise value
 
     def ask(**streaming):
-        return app.ask(question, collection=body.collection, use_rag=body.rag, max_tokens=max_tokens,
+        return app.answer(question, collection=body.collection, use_rag=body.rag, max_tokens=max_tokens,
                        sampling=sampling, history=history,
                        should_stop=stop.is_set, user=user, conversation=body.conversation, **streaming)
 
@@ -177,12 +176,7 @@ def _sse(app: Appliance, pieces: asyncio.Queue, created: int, cid: str, stop: th
                     if value:
                         yield chunk({"content": value})
                 elif kind == "done":
-                    final = completion_json(app, value, created, cid)
-                    yield chunk({}, finish(value),
-                                **{k: final[k] for k in ("citations", "sources", "unverified_codes",
-                                                         "unknown_citations", "miscited_codes",
-                                                         "conflicting_codes", "audit_id", "appliance",
-                                                         "usage")})
+                    yield chunk({}, finish(value), usage=usage(value), **value.report().completion_fields())
                     yield "data: [DONE]\n\n"
                     return
                 else:

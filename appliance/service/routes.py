@@ -13,20 +13,25 @@ from appliance.app import Appliance
 from appliance.errors import NotFoundError
 from appliance.schemas import (
     AuditRows,
+    AuditVerdict,
+    BundleCheck,
     BundleRequest,
     Conversation,
     Documents,
     ExportRequest,
+    ExportWritten,
     FeedbackExport,
     FeedbackItems,
+    FeedbackRecorded,
     FeedbackRequest,
+    Generations,
     Home,
     IngestRequest,
     LookupRows,
     Removed,
     RolledBack,
     SearchResults,
-    VerifiedBundle,
+    Status,
     VerifyRequest,
     WrittenRequest,
 )
@@ -52,11 +57,12 @@ async def home(*, app: Appliance = Depends(get_appliance), worker: Worker = Depe
     decides whether to use it."""
     return {"home": str(app.settings.home)}
 
-@router.get("/appliance/status")
+@router.get("/appliance/status", response_model=Status)
 async def status(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                  request: Request):
     engines = request.app.state.engines
-    return {**await worker.submit(app.status), **({"engine": engines.state()} if engines is not None else {})}
+    data = (await worker.submit(app.status)).model_dump()
+    return {**data, **({"engine": engines.state()} if engines is not None else {})}
 
 @router.get("/appliance/search", response_model=SearchResults)
 async def search(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
@@ -138,7 +144,7 @@ async def draft(*, app: Appliance = Depends(get_appliance), worker: Worker = Dep
         result = app.draft_upload(name, data, collection, max_tokens, progress=report, user=user,
                                   generator=held.generator(aside=worker.aside) if held else None,
                                   model_info=held.model_info if held else None)
-        return {"markdown": result.markdown, "summary": result.summary()}
+        return result.model_dump(mode="json")
 
     def finished():  # once the draft has ended, whatever the client did: the slot and the engine let go
         release()
@@ -170,17 +176,17 @@ async def audit_list(*, app: Appliance = Depends(get_appliance), worker: Worker 
         user = me
     return {"rows": await worker.submit(lambda: app.audit_rows(action, user, limit))}
 
-@router.get("/appliance/audit/verify")
+@router.get("/appliance/audit/verify", response_model=AuditVerdict)
 async def audit_verify(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker)):
     return await worker.submit(app.audit_verify)
 
-@router.post("/appliance/audit/verify")
+@router.post("/appliance/audit/verify", response_model=AuditVerdict)
 async def audit_verify_against(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                                body: VerifyRequest):
     """`export`: the lines of an earlier `appliance audit export`."""
     return await worker.submit(lambda: app.audit_verify(body.export))
 
-@router.post("/appliance/feedback")
+@router.post("/appliance/feedback", response_model=FeedbackRecorded)
 async def feedback(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                    body: FeedbackRequest, request: Request):
     user, admin = user_of(request), is_admin(request)
@@ -218,7 +224,7 @@ async def feedback_export(*, app: Appliance = Depends(get_appliance), worker: Wo
             "files": {name: data.decode() for name, data in export.files.items()},
             "manifest": export.manifest.decode(), "signature": export.signature}
 
-@router.post("/appliance/feedback/export/{export_id}/written")
+@router.post("/appliance/feedback/export/{export_id}/written", response_model=ExportWritten)
 async def feedback_written(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                            export_id: str, body: WrittenRequest, request: Request):
     await require_admin(request, "marking feedback exported")
@@ -228,17 +234,15 @@ async def feedback_written(*, app: Appliance = Depends(get_appliance), worker: W
     user = user_of(request)
     return await worker.submit(lambda: app.feedback_export_done(export, body.out, user))
 
-@router.get("/appliance/bundles")
+@router.get("/appliance/bundles", response_model=Generations)
 async def bundle_list(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker)):
     return await worker.submit(app.generations)
 
-@router.post("/appliance/bundles/verify", response_model=VerifiedBundle)
+@router.post("/appliance/bundles/verify", response_model=BundleCheck)
 async def bundle_verify(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                         body: BundleRequest, request: Request):
     await require_admin(request, "verifying a bundle (the service reads it)", {"path": body.path})
-    verified = await worker.submit(lambda: app.verify_bundle(Path(body.path)))
-    return {"version": verified.version, "files": len(verified.targets), "targets": sorted(verified.targets),
-            "bytes": verified.total_bytes, "notes": verified.notes, "bundle": verified.info.model_dump()}
+    return await worker.submit(lambda: app.verify_bundle(Path(body.path)))
 
 @router.post("/appliance/bundles/install")
 async def bundle_install(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
@@ -248,10 +252,8 @@ async def bundle_install(*, app: Appliance = Depends(get_appliance), worker: Wor
     user = user_of(request)
 
     def work(report):
-        result = app.install_bundle(Path(body.path), body.allow_downgrade, user=user, progress=report)
-        return {"version": result.version, "generation": result.number, "message": result.message,
-                "downgrade": result.downgrade, "health": result.health,
-                "bundle": result.info.model_dump() if result.info else None}
+        return app.install_bundle(Path(body.path), body.allow_downgrade, user=user, progress=report).model_dump(
+            mode="json")
     return progress_events(worker, work)
 
 @router.post("/appliance/bundles/rollback", response_model=RolledBack)

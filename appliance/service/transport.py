@@ -298,7 +298,7 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     for what in EngineServer.clean_stale(app.settings.home / "run") + app.clean_uploads():
         logging.getLogger("appliance").warning("left by a service that was killed: %s", what)
     app.ready_index()
-    engines = _engine_server(app, socket_path)
+    engines = _engine_server(app)
     if engines is None:
         _ = app.engine  # load the model before the first request, so a broken one fails at start
     # TCP first: once the Unix socket exists, clients may rely on every listener being there.
@@ -340,7 +340,7 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
             socket_path.unlink()
 
 
-def _engine_server(app: Appliance, socket_path: Path):
+def _engine_server(app: Appliance):
     """llama.cpp's server for generation (appliance.engine_server), started on the current generation
     so a broken model fails at start; None when the setting or a missing binary says in-process."""
     from appliance.engine_server import EngineServer, find_binary

@@ -95,10 +95,6 @@ class Worker:
             self._holder.held = True
 
 
-class Stopped(Exception):
-    """The client went away; generation stops at the next token."""
-
-
 def progress_events(worker: Worker, work: Callable[[Callable[..., None]], dict],
                     finished: Callable[[], object] | None = None) -> StreamingResponse:
     """Run `work(report)` on the worker; each `report(item, done, total)` is an event, then the result

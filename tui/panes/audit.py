@@ -10,17 +10,18 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, Static
 
+from appliance.schemas import AuditVerdict
 from tui.panes import Pane
 from tui.widgets import inert
 
 
-def verdict(data: dict) -> str:
-    bad = data["first_bad_row"]
-    if data["intact"]:
-        return f"audit chain intact: {data['rows']} rows, {data['checkpoints']} signed checkpoints"
+def verdict(data: AuditVerdict) -> str:
+    bad = data.first_bad_row
+    if data.intact:
+        return f"audit chain intact: {data.rows} rows, {data.checkpoints} signed checkpoints"
     if bad is not None:
-        return f"audit chain BROKEN at row {bad} (of {data['rows']}): that row or the one before it was altered"
-    return "audit log CUT OR REPLACED: " + "; ".join(data["problems"])
+        return f"audit chain BROKEN at row {bad} (of {data.rows}): that row or the one before it was altered"
+    return "audit log CUT OR REPLACED: " + "; ".join(data.problems)
 
 
 class AuditPane(Pane):
@@ -30,7 +31,7 @@ class AuditPane(Pane):
             self.rows = rows
 
     class Verified(Message):
-        def __init__(self, result: dict):
+        def __init__(self, result: AuditVerdict):
             super().__init__()
             self.result = result
 

@@ -11,6 +11,7 @@ from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Input, Static
 
+from appliance.schemas import FeedbackRecorded
 from tui.messages import Changed
 from tui.panes import Pane
 from tui.screens import CorrectionScreen, SourcePickScreen, TextScreen
@@ -33,7 +34,7 @@ class ChatPane(Pane):
             self.answer, self.conversation = answer, conversation
 
     class Judged(Message):
-        def __init__(self, item: dict):
+        def __init__(self, item: FeedbackRecorded):
             super().__init__()
             self.item = item
 
@@ -185,6 +186,5 @@ class ChatPane(Pane):
     @on(Judged)
     def _shown_judged(self, message: Judged) -> None:
         item = message.item
-        self.notify(f"feedback {item['id']} ({item['kind'].replace('_', ' ')}) recorded on answer "
-                    f"{item['answer_audit_id']}")
+        self.notify(f"feedback {item.id} ({item.kind.replace('_', ' ')}) recorded on answer {item.answer_audit_id}")
         self.post_message(Changed("feedback", "audit"))

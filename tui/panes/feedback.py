@@ -10,6 +10,7 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, Static
 
+from appliance.schemas import ExportWritten
 from tui.messages import Changed
 from tui.panes import Pane
 from tui.widgets import inert
@@ -22,7 +23,7 @@ class FeedbackPane(Pane):
             self.items = items
 
     class Exported(Message):
-        def __init__(self, result: dict):
+        def __init__(self, result: ExportWritten):
             super().__init__()
             self.result = result
 
@@ -65,7 +66,7 @@ class FeedbackPane(Pane):
     @on(Exported)
     def _exported(self, message: Exported) -> None:
         data = message.result
-        counts = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in data["counts"].items())
+        counts = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in data.counts.items())
         self.query_one("#feedback-status", Static).update(
-            inert(f"exported {data['items']} items to {data['out']} ({counts}), signed; export {data['export_id']}"))
+            inert(f"exported {data.items} items to {data.out} ({counts}), signed; export {data.export_id}"))
         self.post_message(Changed("feedback", "audit"))

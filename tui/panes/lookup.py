@@ -11,6 +11,7 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, ProgressBar, Static
 
+from appliance.schemas import DraftReport
 from tui.messages import Changed, Failed, Progress
 from tui.panes import Pane
 from tui.widgets import inert
@@ -23,7 +24,7 @@ class LookupPane(Pane):
             self.rows = rows
 
     class Drafted(Message):
-        def __init__(self, out: Path, result):
+        def __init__(self, out: Path, result: DraftReport):
             super().__init__()
             self.out, self.result = out, result
 
@@ -87,8 +88,7 @@ class LookupPane(Pane):
     @on(Drafted)
     def _drafted(self, message: Drafted) -> None:
         result = message.result
-        summary = result.summary()
-        lines = [f"wrote {message.out}: {summary['requirements_found']} requirements, {summary['answered']} drafted, "
+        lines = [f"wrote {message.out}: {result.requirements_found} requirements, {result.answered} drafted, "
                  f"{len(result.gaps)} gaps, {len(result.staffing)} roles staffed, {len(result.sources)} sources"]
         if result.unknown_codes:
             lines.append("codes not in the reference tables (flagged in the draft): " + ", ".join(result.unknown_codes))

@@ -3,7 +3,6 @@ installed generations, and verify, install and rollback of signed bundles."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from textual import on, work
@@ -12,29 +11,32 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, ProgressBar, Static
 
+from appliance import schemas
 from tui.messages import Changed, Progress
 from tui.panes import Pane
 from tui.screens import ConfirmScreen
 from tui.widgets import inert
 
 
-def status_lines(s: dict) -> list[str]:
-    m, e = s["model"], s["embedder"]
-    lines = [f"generation {s['generation']}" + (f", signed bundle v{s['version']}" if s.get("version") else ", unsigned"),
+def status_lines(s: schemas.Status) -> list[str]:
+    m, e = s.model, s.embedder
+    lines = [f"generation {s.generation}" + (f", signed bundle v{s.version}" if s.version else ", unsigned"),
              f"model      {m['name']} {m['quant']}, {m['parameters']:,} parameters, {m['size'] / 1e6:.1f} MB",
              f"embedder   {e['name']} ({e['dim']}-d)",
-             f"memory     {s['resident_mb']:.0f} MB resident" if s.get("resident_mb") else "memory     -"]
-    lineage = s.get("lineage") or {}
-    stages = lineage.get("stages") or {}
+             f"memory     {s.resident_mb:.0f} MB resident" if s.resident_mb else "memory     -"]
+    stages = s.lineage.get("stages") or {}
     names = list(stages) if isinstance(stages, dict) else [str(st.get("stage", "?")) for st in stages]
     if names:
         lines.append("lineage    " + " -> ".join(names))
-    evaluation = lineage.get("evaluation") or {}
-    if gate := evaluation.get("gate"):
-        lines.append(f"release gate {'passed' if gate.get('passed') else 'FAILED'}: "
-                     + json.dumps({k: v for k, v in gate.items() if k != 'passed'})[:200])
-    for quant, ppl in (evaluation.get("perplexity") or {}).items():
-        lines.append(f"perplexity {quant}: {ppl if not isinstance(ppl, dict) else ppl.get('ppl')}")
+    evaluation = s.evaluation
+    if evaluation and evaluation.gate:
+        gate = evaluation.gate
+        limits = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in gate.limits().items())
+        lines.append(f"release gate {'passed' if gate.passed else 'FAILED'}" + (f" ({limits})" if limits else ""))
+        lines.extend(f"  {failure}" for failure in gate.failures)
+    for quant, ppl in (evaluation.perplexity if evaluation else {}).items():
+        scored = f" ({ppl.tokens_scored:,} tokens)" if ppl.tokens_scored else ""
+        lines.append(f"perplexity {quant}: {ppl.perplexity:.2f}{scored}")
     return lines
 
 
@@ -78,7 +80,7 @@ class ModelPane(Pane):
         if status:
             self.fetch("status", self.backend.status, self.Status)
         if generations:
-            self.fetch("generations", lambda: self.backend.generations()["generations"], self.Generations)
+            self.fetch("generations", lambda: self.backend.generations().generations, self.Generations)
 
     @on(Status)
     def _status(self, message: Status) -> None:
@@ -109,7 +111,7 @@ class ModelPane(Pane):
             self.post_message(Progress("#bundle-progress", done, total, name))
         if what == "verify":
             if (v := self.call("verify", lambda: self.backend.verify_bundle(path, progress))) is not None:
-                self.post_message(self.Done(f"bundle {v.info.name} version {v.version}: signatures and hashes OK"))
+                self.post_message(self.Done(f"bundle {v.bundle.name} version {v.version}: signatures and hashes OK"))
         elif (r := self.call("install", lambda: self.backend.install_bundle(path, progress=progress))) is not None:
             self.post_message(self.Done(r.message))
 
