@@ -50,8 +50,9 @@ RUN [ -e /usr/lib/x86_64-linux-gnu/libgomp.so.1 ] || (apt-get update \
     useradd --system --home-dir /var/lib/appliance --shell /usr/sbin/nologin appliance \
     && mkdir -p /var/lib/appliance /run/appliance && chown appliance:appliance /var/lib/appliance /run/appliance
 COPY --from=build /opt/appliance /opt/appliance
-ENV PATH=/opt/appliance/bin:$PATH APPLIANCE_HOME=/var/lib/appliance HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
+ENV PATH=/opt/appliance/bin:$PATH APPLIANCE_HOME=/var/lib/appliance APPLIANCE_SOCKET=/run/appliance/api.sock \
+    HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 USER appliance
 VOLUME ["/var/lib/appliance"]
 ENTRYPOINT ["appliance"]
-CMD ["serve", "--socket", "/run/appliance/api.sock"]
+CMD ["serve"]

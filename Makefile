@@ -132,7 +132,9 @@ bench-avx512: deps
 
 lint: deps
 	$(BIN)/ruff check appliance builder tui tests bench
+	$(BIN)/ruff format --check appliance builder tui tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # The container image. Where no registry can be reached the base images are made from Debian packages
 # (mmdebstrap, about a minute each); a wheelhouse of the appliance and its dependencies (with the

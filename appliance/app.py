@@ -11,30 +11,33 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import audit, generations, rag
+from appliance import asking, health
+from appliance.bundles import generations
+from appliance.bundles.manifest import context_tokens, sha256_file
 from appliance.config import Settings
-from appliance.errors import ApplianceError, FeedbackError, IngestError, NotFoundError
-from appliance.ingest import IngestReport, ingest
-from appliance.manifest import context_tokens, sha256_file
+from appliance.errors import ApplianceError, FeedbackError, IngestError
 from appliance.protocols import Sampling
+from appliance.records import audit
+from appliance.retrieval import rag
+from appliance.retrieval.ingest import ingest
+from appliance.retrieval.store import Store, make_private
 from appliance.schemas import (
     AnswerReport,
     AuditVerdict,
     BundleCheck,
+    DocumentRow,
     DraftReport,
     ExportWritten,
     FeedbackRecorded,
     Generations,
+    IngestReport,
     Installed,
     Source,
     Status,
 )
-from appliance.store import DocumentRow, Store, make_private
 
 
 def resident_mb() -> float | None:
@@ -46,50 +49,6 @@ def resident_mb() -> float | None:
     except OSError:
         return None
     return None
-
-
-@dataclass
-class AskJob:
-    """A question between `prepare_ask` and `finish_ask`."""
-
-    prep: rag.Prepared
-    given: list[dict] | None  # the history as the caller sent it
-    collection: str | None
-    use_rag: bool
-    user: str | None
-    conversation: int | None
-
-
-HISTORY_MESSAGES = 4  # earlier turns sent with a question: follow-ups work, sources keep most of the context
-RECALL_MESSAGES = 12  # a conversation this process answered is sent whole, with its sources, up to this
-
-
-def _render_shapes(template_text: str) -> int:
-    """Render the chat template for every shape of prompt the appliance sends (within the render
-    budget, appliance.engine): a template that passes one canary but runs away on another is refused."""
-    from appliance.engine import compile_template, render_template
-    from appliance.prompt import build_messages, format_source
-
-    template = compile_template(template_text)
-    sources = [format_source(i, f"Source {i}", "Labor category 15-1252.00, Software Developer. " * 40)
-               for i in range(1, 6)]
-    shapes = [
-        [{"role": "user", "content": "Reply with the word OK."}],
-        build_messages("What is the code for a Software Developer?", sources),
-        build_messages("And its education?", sources[:2], history=[
-            {"role": "user", "content": "What is the code for a Software Developer?"},
-            {"role": "assistant", "content": "It is 15-1252.00 [1]."}], more=True),
-        build_messages("Say hello.", [], rag=False),
-        build_messages("x" * 30_000, []),
-        # the longest history the service sends (a recalled conversation): a template whose cost grows
-        # with the turns is refused here, not on an operator's third follow-up
-        build_messages("And the next one?", sources[:2], history=[
-            {"role": ("user", "assistant")[i % 2], "content": f"Turn {i}: the code is 15-1252.00 [1]. " * 20}
-            for i in range(RECALL_MESSAGES)], more=True),
-    ]
-    for messages in shapes:
-        render_template(template, messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
-    return len(shapes)
 
 
 class Appliance:
@@ -144,7 +103,7 @@ class Appliance:
     @property
     def embedder(self):
         if self._embedder is None:
-            from appliance.embed import OnnxEmbedder
+            from appliance.retrieval.embed import OnnxEmbedder
 
             self._embedder = OnnxEmbedder(self.installed.embedder_path, threads=self.settings.embed_threads,
                                           batch_size=self.settings.embed_batch)
@@ -153,7 +112,7 @@ class Appliance:
     @property
     def engine(self):
         if self._engine is None:
-            from appliance.engine import LlamaEngine
+            from appliance.engine.llama import LlamaEngine
 
             inst = self.installed
             self._engine = LlamaEngine(inst.model_path, inst.template_path.read_text(), n_ctx=self.context_tokens(),
@@ -221,10 +180,10 @@ class Appliance:
         """The unsigned development install, with the signed install's health check; the model and
         embedder of the old generation are let go. Once a root of trust is provisioned, only signed
         bundles install unless `force` (audited)."""
-        from appliance import bundle
+        from appliance.bundles import trust
         from appliance.errors import BundleError
 
-        if bundle.has_trusted_root(self.settings.home):
+        if trust.has_trusted_root(self.settings.home):
             if not force:
                 self.audit("install_refused", {"source": str(directory.resolve()), "signed": False,
                                                "error": "unsigned install on an appliance with a trusted root"},
@@ -232,22 +191,22 @@ class Appliance:
                 raise BundleError("this appliance has a trusted root: it installs signed bundles only",
                                   "install the bundle with `appliance bundle install`, or pass --force-unsigned "
                                   "(audited) for a development build")
-        health: dict = {}
+        health_report: dict = {}
         installed = generations.install_unsigned(
             directory, self.settings.home,
-            check=lambda staged, manifest: health.update(self._prepare(staged, manifest, None)))
+            check=lambda staged, manifest: health_report.update(health.check(self, staged, manifest)))
         self._let_go()
         self.audit("install", {"source": str(directory.resolve()), "generation": installed.number,
                                "signed": False, "forced": force, "name": installed.manifest.name,
-                               "health": health}, user=user)
+                               "health": health_report}, user=user)
         return installed
 
-    # -- signed bundles (appliance.bundle) ------------------------------------------------------
+    # -- signed bundles (appliance.bundles.bundle) ------------------------------------------------------
     def recover(self) -> str | None:
         """Finish or undo an install that was killed; audited when something was done."""
-        from appliance import bundle
+        from appliance.bundles import commit
 
-        message = bundle.recover(self.settings.home)
+        message = commit.recover(self.settings.home)
         if message:
             self._let_go()
             self.audit("recover", {"message": message}, with_model=self._has_generation())
@@ -255,16 +214,16 @@ class Appliance:
 
     def trust_init(self, root_json: Path, force: bool = False) -> dict:
         """Provisioning: the trusted root, and the appliance's own signing key if it has none."""
-        from appliance import bundle
+        from appliance.bundles import trust
 
-        report = bundle.trust_init(self.settings.home, root_json, force)
+        report = trust.trust_init(self.settings.home, root_json, force)
         self.audit("trust", dict(report, source=str(root_json.resolve())), with_model=self._has_generation())
         report["appliance_key_id"] = self.identity().key_id
         return report
 
     def identity(self):
-        """The appliance's signing key (appliance.identity), created and audited on first need."""
-        from appliance import identity
+        """The appliance's signing key (appliance.bundles.identity), created and audited on first need."""
+        from appliance.bundles import identity
 
         if self._identity is None:
             self._identity, created = identity.ensure(self.settings.home)
@@ -274,55 +233,18 @@ class Appliance:
         return self._identity
 
     def verify_bundle(self, directory: Path, progress: Callable | None = None) -> BundleCheck:
-        from appliance import bundle
+        from appliance.bundles import bundle
 
         return bundle.verify(self.settings.home, directory, progress).report()
 
-    def _prepare(self, staged: Path, manifest, info, progress=None) -> dict:
-        """Health check of a staged generation, then re-embedding of local documents if its embedder
-        differs: the model loads and answers a canary prompt, the embedder's vectors have the declared
-        dimension, and the index ends up with that dimension."""
-        from appliance.embed import OnnxEmbedder
-        from appliance.engine import LlamaEngine
-        from appliance.errors import BundleError, ModelError
-
-        start = time.perf_counter()
-        template_text = (staged / manifest.chat_template).read_text()
-        try:
-            shapes = _render_shapes(template_text)  # before the model: a hostile template costs nothing to refuse
-            self._let_go()  # the running model's memory goes to the health check (reloaded on next use if refused)
-            n_ctx = min(512, manifest.model.context_length)
-            with LlamaEngine(staged / manifest.model.file, template_text, n_ctx=n_ctx, threads=self.settings.threads,
-                             name=manifest.model.name, mmap=self.settings.mmap) as engine:
-                pieces = list(engine.stream([{"role": "user", "content": "Reply with the word OK."}], max_tokens=8,
-                                            sampling=rag.GREEDY))
-        except ModelError as exc:  # the bundle's content is what failed: a refused bundle (exit 10)
-            raise BundleError(f"health check: {exc.message}", exc.fix or "rebuild the bundle") from exc
-        if not pieces:
-            raise BundleError("health check: the model produced no tokens for the canary prompt",
-                              "the model is broken; rebuild the bundle")
-        embedder = OnnxEmbedder(staged / manifest.embedder.dir, threads=self.settings.embed_threads,
-                                batch_size=self.settings.embed_batch)
-        dim = embedder.embed(["labor category canary"]).shape[1]
-        if dim != manifest.embedder.dim or embedder.dim != manifest.embedder.dim:
-            raise BundleError(f"health check: the embedder returns {dim}-d vectors, its manifest says "
-                              f"{manifest.embedder.dim}", "rebuild the bundle")
-        reembedded = self.store.ensure_embedder(embedder.name, embedder.dim, embedder.embed, progress)
-        name, index_dim = self.store.embedder_id()
-        if name is not None and index_dim != manifest.embedder.dim:
-            raise BundleError(f"health check: the index holds {index_dim}-d vectors after re-embedding, the "
-                              f"embedder {manifest.embedder.dim}", "run the install again")
-        return {"canary_tokens": len(pieces), "embedder_dim": dim, "reembedded_chunks": reembedded,
-                "template_shapes": shapes, "seconds": round(time.perf_counter() - start, 2)}
-
     def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress: Callable | None = None,
                        reembed_progress: Callable | None = None, user: str | None = None) -> Installed:
-        """Verify and install a signed bundle (see appliance.bundle.install); audited either way."""
-        from appliance import bundle
+        """Verify and install a signed bundle (see appliance.bundles.bundle.install); audited either way."""
+        from appliance.bundles import bundle
 
         try:
             result = bundle.install(self.settings.home, directory,
-                                    lambda staged, m, i: self._prepare(staged, m, i, reembed_progress),
+                                    lambda staged, m, i: health.check(self, staged, m, reembed_progress),
                                     allow_downgrade=allow_downgrade, security_floor=self.settings.security_floor,
                                     progress=progress)
         except ApplianceError as exc:
@@ -334,12 +256,12 @@ class Appliance:
         if result.number is not None:  # a no-op keeps the loaded model
             self._let_go()
             self.audit("install", {"source": str(directory.resolve()), "generation": result.number, "signed": True,
-                                   "version": result.version, "name": result.info.name,
+                                   "version": result.version, "name": result.info.name if result.info else None,
                                    "downgrade": result.downgrade, "health": result.health}, user=user)
         return result.report()
 
     def rollback(self, user: str | None = None) -> tuple[int, int]:
-        from appliance import bundle
+        from appliance.bundles import bundle
 
         left, now = bundle.rollback(self.settings.home)
         self._let_go()
@@ -351,7 +273,7 @@ class Appliance:
         """Where files are parsed: a long-lived process (the service) keeps a child for each lane
         (uploads, which parse beside the worker, and drafts, which parse on it, never wait for each
         other); a one-shot command starts one for its batch."""
-        from appliance.sandbox import Sandbox
+        from appliance.documents.sandbox import Sandbox
 
         if self.long_lived:
             if lane not in self._sandboxes:
@@ -367,7 +289,7 @@ class Appliance:
                aside: Callable[[], contextlib.AbstractContextManager] | None = None) -> IngestReport:
         """`user`'s documents (default: ours); `admin`: may also replace documents from before owners
         were recorded. Each document commits with its audit row, and the head is anchored after it.
-        `aside`: held while a file is parsed and embedded (appliance.ingest)."""
+        `aside`: held while a file is parsed and embedded (appliance.retrieval.ingest)."""
         owner = user or audit.os_user()
         self.audit_ready()
         try:
@@ -375,7 +297,7 @@ class Appliance:
                 report = ingest(self.store, self.embedder, paths, collection,
                                 max_bytes=int(self.settings.max_file_mb * 1_000_000),
                                 chunk_chars=self.settings.chunk_chars, progress=progress, source_name=source_name,
-                                owner=owner, legacy=admin, sandbox=sandbox, committed=self.anchor, aside=aside,
+                                owner=owner, admin=admin, sandbox=sandbox, committed=self.anchor, aside=aside,
                                 record=lambda action, detail: self.audit(action, detail, user=owner))
         finally:
             self.anchor()
@@ -430,63 +352,27 @@ class Appliance:
                     exc.fix = exc.fix and exc.fix.replace(private, public)
                 raise
 
-    # -- feedback (appliance.feedback) ---------------------------------------------------------------
+    # -- feedback (appliance.records.feedback) ---------------------------------------------------------------
     def feedback(self, answer_audit_id: int, kind: str, *, correction: str | None = None, source: int | None = None,
                  chunk_id: int | None = None, note: str | None = None, question: str | None = None,
                  answer: str | None = None, user: str | None = None, admin: bool = True) -> FeedbackRecorded:
-        """Record feedback on the answer of audit row `answer_audit_id` (audited). `source`: the [n] a
-        `irrelevant_source` names; `chunk_id`: the chunk a `missing_source` adds; `question`/`answer`:
-        only for answers kept nowhere else, checked against the row's sha256s. Not `admin` (an operator
-        over the socket): only on `user`'s own answers; another user's answer gets the same NotFoundError
-        as one that does not exist, so ids tell nothing (the service audits the refusal)."""
-        from appliance import feedback
+        """Record feedback on an answer (appliance.records.feedback.record), audited; the service audits
+        a refusal."""
+        from appliance.records import feedback
 
-        if kind not in feedback.KINDS:
-            raise FeedbackError(f"unknown feedback kind {kind!r}", f"one of: {', '.join(feedback.KINDS)}")
-        for name, text in (("correction", correction), ("note", note)):
-            if text is not None and len(text) > feedback.MAX_TEXT:
-                raise FeedbackError(f"the {name} is {len(text)} characters; at most {feedback.MAX_TEXT}",
-                                    "shorten it")
-        row = audit.entry(self.store.conn, answer_audit_id)
-        if row is None or row[0] != "ask" or not (admin or row[4] == user):
-            raise NotFoundError(f"audit row {answer_audit_id} is not an answer" + ("" if admin else " of yours"),
-                                "give the audit_id an answer returned (`appliance audit list --action ask`)")
-        detail = row[1]
-        asked, answered = feedback.answer_texts(self.store, answer_audit_id, detail, question, answer)
-        sources = feedback.answer_sources(self.store, detail)
-        chunk = None
-        if kind == "correction" and not (correction or "").strip():
-            raise FeedbackError("a correction needs the corrected answer", "write what the answer should have been")
-        if kind == "irrelevant_source" and not (source and 1 <= source <= len(sources)):
-            raise FeedbackError(f"source {source} is not one of the answer's {len(sources)} sources",
-                                f"give a number from 1 to {len(sources)}" if sources else "this answer had none")
-        if kind == "missing_source":
-            found = self.store.chunks([chunk_id]).get(chunk_id) if chunk_id else None
-            if found is None:
-                raise FeedbackError(f"no chunk {chunk_id}", "find it with `appliance search` (chunk_id in --json)")
-            chunk = feedback.chunk_json(found)
-        who = user or audit.os_user()
-        fid = feedback.add(self.store.conn, user=who, answer_audit_id=answer_audit_id, kind=kind, question=asked,
-                           answer=answered, sources=sources, correction=correction.strip() if correction else None,
-                           source_n=source if kind == "irrelevant_source" else None, chunk=chunk, note=note,
-                           model_sha256=row[2], generation=row[3])
-        entry = self.audit("feedback", {"feedback_id": fid, "answer_audit_id": answer_audit_id, "kind": kind,
-                                        **({"correction_sha256": audit.sha256_text(correction.strip())}
-                                           if correction else {}),
-                                        **({"source": source} if kind == "irrelevant_source" else {}),
-                                        **({"chunk_id": chunk_id} if chunk else {})}, user=user)
-        feedback.link_audit(self.store.conn, fid, entry["id"])
-        return FeedbackRecorded(id=fid, kind=kind, answer_audit_id=answer_audit_id, audit_id=entry["id"])
+        return feedback.record(self.store, answer_audit_id, kind, correction=correction, source=source,
+                               chunk_id=chunk_id, note=note, question=question, answer=answer, user=user,
+                               admin=admin, write_audit=lambda detail: self.audit("feedback", detail, user=user)["id"])
 
     def feedback_items(self, pending_only: bool = False, since: str | None = None,
                        limit: int | None = None) -> list[dict]:
-        from appliance import feedback
+        from appliance.records import feedback
 
         return [i.to_json() for i in feedback.items(self.store.conn, pending_only, since, limit)]
 
     def feedback_export_build(self, since: str | None = None):
         """A signed export of the pending feedback (or all since `since`); nothing is marked yet."""
-        from appliance import feedback
+        from appliance.records import feedback
 
         chosen = feedback.items(self.store.conn, pending_only=since is None, since=since)
         if not chosen:
@@ -496,7 +382,7 @@ class Appliance:
 
     def feedback_export_done(self, export, out: str, user: str | None = None) -> ExportWritten:
         """After the export was written: its items are marked exported and the export is audited."""
-        from appliance import feedback
+        from appliance.records import feedback
 
         feedback.mark_exported(self.store.conn, export.feedback_ids, export.export_id)
         self.audit("feedback_export", {"export_id": export.export_id, "out": out, "counts": export.counts,
@@ -528,16 +414,16 @@ class Appliance:
         return rag.search(self.store, self.embedder, query, k or self.settings.top_k, collection)
 
     def lookup(self, query: str, collection: str | None = None, limit: int = 20) -> list[dict]:
-        from appliance.lookup import lookup
+        from appliance.retrieval.lookup import lookup
 
         return lookup(self.store, query, collection, limit)
 
     def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
               progress: Callable[[str, int, int], None] | None = None, generator=None, user: str | None = None,
               source: str | None = None, model_info: dict | None = None) -> DraftReport:
-        """A proposal draft for an RFP file (see appliance.draft); `generator` replaces the model in tests;
+        """A proposal draft for an RFP file (see appliance.drafting.draft); `generator` replaces the model in tests;
         `source`: what the RFP is recorded as (an upload's name on the caller's side)."""
-        from appliance import draft
+        from appliance.drafting import draft
 
         self.audit_ready()
         self.ready_index()
@@ -578,7 +464,7 @@ class Appliance:
         the model in this process, `finish_ask` (the service runs them apart around its engine server)."""
         job = self.prepare_ask(question, collection, use_rag, max_tokens, sampling or self.sampling(temperature),
                                history=history, user=user, conversation=conversation)
-        return self.finish_ask(job, *rag.generate(self.engine, job.prep, on_text, should_stop))
+        return self.finish_ask(job, *rag.decode(self.engine, job.prep, on_text, should_stop))
 
     def sampling(self, temperature: float | None = None) -> Sampling:
         """The settings' sampling, at `temperature` when given."""
@@ -587,79 +473,24 @@ class Appliance:
     def prepare_ask(self, question: str, collection: str | None = None, use_rag: bool = True,
                     max_tokens: int | None = None, sampling: Sampling | None = None,
                     history: list[dict] | None = None, user: str | None = None, conversation: int | None = None,
-                    tokenizer=None, model_info: dict | None = None) -> AskJob:
-        """Everything before the model: history, retrieval, the prompt. `sampling`: default the settings'
-        temperature; `tokenizer`: what counts tokens and knows the context (default: the loaded engine);
-        `model_info`: the model that will answer."""
-        self.audit_ready()  # nothing is answered that cannot be audited
-        tokenizer = tokenizer or self.engine
-        if conversation is not None and history is None:
-            history = [{"role": m["role"], "content": m["content"]}
-                       for m in self.store.messages(conversation, limit=RECALL_MESSAGES)]
-        max_tokens = max_tokens or self.settings.max_tokens
-        given = history
-        history, earlier = self._history(history, max_tokens, tokenizer) if history else (history, [])
-        # A follow-up keeps its earlier sources; follow_up_k new ones join them (searched for past those).
-        follow_up = use_rag and bool(earlier)
-        start = time.perf_counter()
-        hits = self.hits(question, k=self.settings.follow_up_k + len(earlier) if follow_up else None,
-                           collection=collection) if use_rag else []
-        retrieval_ms = (time.perf_counter() - start) * 1000
-        prep = rag.prepare(tokenizer, question, hits, model_info or self.model_info(), n_ctx=tokenizer.n_ctx,
-                           max_tokens=max_tokens, sampling=sampling or self.sampling(), rag=use_rag,
-                           retrieval_ms=retrieval_ms, history=history,
-                           earlier=earlier if use_rag else None,
-                           new_sources=self.settings.follow_up_k if follow_up else None,
-                           titles=self.store.ref_titles())
-        return AskJob(prep, given, collection, use_rag, user, conversation)
+                    tokenizer=None, model_info: dict | None = None) -> asking.AskJob:
+        """Everything before the model (appliance.asking.prepare)."""
+        return asking.prepare(self, question, collection, use_rag, max_tokens, sampling, history, user, conversation,
+                              tokenizer, model_info)
 
-    def finish_ask(self, job: AskJob, pieces: list[str], timing: dict, stopped: bool = False) -> rag.Answer:
-        """Everything after the model: citations and code checks, the audit row (naming the model that
-        answered), the conversation."""
-        result = rag.complete(job.prep, pieces, timing, stopped)
-        question = job.prep.question
-        if not result.stopped:
-            self.turns.remember(question, result)
-        detail = {"question_sha256": audit.sha256_text(question), "answer_sha256": audit.sha256_text(result.answer),
-                  "collection": job.collection, "rag": job.use_rag,
-                  "chunks": [{"chunk_id": h.chunk_id, "doc_sha256": h.doc_sha256} for h in result.sources],
-                  "citations": [c["n"] for c in result.citations], "unverified_codes": result.unverified_codes}
-        if result.conflicting_codes:
-            detail["conflicting_codes"] = result.conflicting_codes
-        if result.stopped:
-            detail["stopped"] = True  # the client went away: what it was sent is still recorded
-        if result.earlier:
-            detail["earlier_sources"] = result.earlier  # chunks[:n] came with the history, the rest are new
-        if job.given:  # the history as the caller sent it (the model may have seen it with its sources)
-            detail["history_sha256"] = audit.sha256_text(json.dumps(job.given, sort_keys=True))
-        if self.settings.audit_text:
-            detail.update(question=question, answer=result.answer)
-        result.audit_id = self.audit("ask", detail, user=job.user, model=job.prep.model_info)["id"]
-        if job.conversation is not None:
-            self.store.add_message(job.conversation, "user", question)
-            self.store.add_message(job.conversation, "assistant", result.raw or result.answer, result.audit_id)
-        return result
-
-    def _history(self, history: list[dict], max_tokens: int, tokenizer) -> tuple[list[dict], list[rag.Hit]]:
-        """The history to send and the sources numbered in it: the conversation as the model saw it
-        (rag.TurnMemory) when this process answered all of it and it takes at most two thirds of the
-        room left for the prompt, so the new question still gets sources; else its last turns as typed."""
-        recalled = self.turns.recall(history)
-        if recalled is not None:
-            room = (tokenizer.n_ctx - max_tokens) * 2 // 3
-            if sum(tokenizer.count_tokens(m["content"]) + 8 for m in recalled[0]) <= room:
-                return recalled
-        return history[-HISTORY_MESSAGES:], []
+    def finish_ask(self, job: asking.AskJob, pieces: list[str], timing: dict, stopped: bool = False) -> rag.Answer:
+        """Everything after the model (appliance.asking.finish)."""
+        return asking.finish(self, job, pieces, timing, stopped)
 
     # -- reads the operator UI and the CLI make (appliance.client.ServiceClient has the same methods) --
     def documents(self, collection: str | None = None) -> list[DocumentRow]:
         return self.store.list_documents(collection)
 
     def generations(self) -> Generations:
-        from appliance import bundle
+        from appliance.bundles import bundle, trust
 
         return Generations(generations=bundle.history(self.settings.home),
-                           trusted_version=bundle.trusted_version(self.settings.home))
+                           trusted_version=trust.trusted_version(self.settings.home))
 
     def audit_rows(self, action: str | None = None, user: str | None = None, limit: int = 50) -> list[dict]:
         """Newest first; `detail` parsed."""
@@ -675,7 +506,7 @@ class Appliance:
     def audit_verify(self, against: list[str] | None = None) -> AuditVerdict:
         """The chain and every signed checkpoint (audit.verify); `against`: an earlier export's lines,
         whose rows must still be the database's first rows, ending at the head the export names."""
-        from appliance import identity
+        from appliance.bundles import identity
 
         ident = identity.load(self.settings.home)
         public = ident.public if ident else None
@@ -698,7 +529,7 @@ class Appliance:
         return self.store.new_conversation(user or audit.os_user())
 
     def _key_status(self) -> dict | None:
-        from appliance import identity
+        from appliance.bundles import identity
 
         ident = identity.load(self.settings.home)
         return {"key_id": ident.key_id, "public_key": ident.public_pem} if ident else None

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import click
 
 from appliance import __version__
-from appliance.documents import clean_text
 from appliance.errors import ApplianceError, ExitCode
+from appliance.terminal import clean_text
 
 if TYPE_CHECKING:
     from appliance.schemas import AnswerReport
@@ -84,11 +84,12 @@ class _Progress:
             _err(f"{self.label} {done}/{total} {name}")
 
 
-def _app(ctx: click.Context):
+def _app(ctx: click.Context, **settings):
+    """The appliance in process; `settings`: given on the command line (None: not given)."""
     from appliance.app import Appliance
     from appliance.config import load_settings
 
-    app = Appliance(load_settings(home=ctx.obj.get("home")))
+    app = Appliance(load_settings(home=ctx.obj.get("home"), **settings))
     ctx.call_on_close(app.close)
     recovered = app.recover()
     if recovered:
@@ -450,7 +451,7 @@ def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx:
     Example:
       appliance draft rfp.pdf --out draft.md --collection proposals --collection reference --docx
     """
-    from appliance.draft import write_docx
+    from appliance.drafting.draft import write_docx
 
     progress = _Progress("drafting")
     result = _backend(ctx).draft(rfp_file, list(collections) or None, max_tokens,
@@ -499,12 +500,13 @@ def _print_answer(result: AnswerReport, streamed: bool) -> None:
 @cli.command()
 @click.argument("question", required=False)
 @click.option("--collection", "-c", help="Retrieve only from this collection.")
-@click.option("--no-rag", is_flag=True, help="Answer without retrieval.")
+@click.option("--rag/--no-rag", "use_rag", default=True, show_default=True,
+              help="Retrieve sources for the answer (--no-rag: answer from the model alone).")
 @click.option("--max-tokens", type=click.IntRange(1, 4096), help="Cap on generated tokens.")
 @click.option("--temperature", type=click.FloatRange(0.0, 2.0), help="Sampling temperature.")
 @json_option("Print JSON (no streaming).")
 @click.pass_context
-def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tokens: int | None,
+def ask(ctx, question: str | None, collection: str | None, use_rag: bool, max_tokens: int | None,
         temperature: float | None, as_json: bool) -> None:
     """Answer a question from the documents, citing sources as [n].
 
@@ -524,11 +526,11 @@ def ask(ctx, question: str | None, collection: str | None, no_rag: bool, max_tok
 
     def one(q: str) -> None:
         if as_json:
-            _echo_json(app.ask(q, collection=collection, use_rag=not no_rag, max_tokens=max_tokens,
+            _echo_json(app.ask(q, collection=collection, use_rag=use_rag, max_tokens=max_tokens,
                                temperature=temperature, conversation=conversation))
             return
         # Model output is text for a terminal: escape sequences and control characters never pass.
-        result = app.ask(q, collection=collection, use_rag=not no_rag, max_tokens=max_tokens, temperature=temperature,
+        result = app.ask(q, collection=collection, use_rag=use_rag, max_tokens=max_tokens, temperature=temperature,
                          conversation=conversation,
                          on_text=lambda piece: click.echo(clean_text(piece), nl=False))
         click.echo()
@@ -581,7 +583,7 @@ def status(ctx, as_json: bool) -> None:
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Unix socket to listen on (default $XDG_RUNTIME_DIR/appliance.sock, else run/appliance.sock "
                    "under the home; /run/appliance/api.sock under systemd). Its directory must be writable by "
-                   "its owner alone.")
+                   "its owner alone [setting socket].")
 @click.option("--queue", "queue_size", type=click.IntRange(0, 256),
               help="Requests that may wait for the worker; the next one gets 503 with Retry-After "
                    "[setting queue, default 4].")
@@ -600,8 +602,8 @@ def serve(ctx, socket_path: Path | None, queue_size: int | None, tcp: str | None
     The one process that writes the database while it runs; llama.cpp's server, its child, decodes up
     to `slots` answers together (setting engine: auto, server or inprocess), so searches, document
     lists and the audit view never wait behind an answer. Every flag is also a setting (config.yaml,
-    APPLIANCE_QUEUE, APPLIANCE_TCP, APPLIANCE_TOKEN_FILE, APPLIANCE_SLOTS) for systemd's
-    EnvironmentFile. The caller's OS user (from the socket's peer credentials) is recorded in the
+    APPLIANCE_SOCKET, APPLIANCE_QUEUE, APPLIANCE_TCP, APPLIANCE_TOKEN_FILE, APPLIANCE_SLOTS) for
+    systemd's EnvironmentFile; a flag wins over both. The caller's OS user (from the socket's peer credentials) is recorded in the
     audit log.
 
     \b
@@ -612,16 +614,12 @@ def serve(ctx, socket_path: Path | None, queue_size: int | None, tcp: str | None
              http_client=httpx.Client(transport=httpx.HTTPTransport(uds=SOCKET)))
     """
     from appliance import service
-    from appliance.config import default_socket
 
-    path = socket_path or Path(os.environ.get("APPLIANCE_SOCKET") or default_socket())
-    app = _app(ctx)
+    # the flags are settings given on the command line: over config.yaml and the environment
+    app = _app(ctx, socket=socket_path, queue=queue_size, tcp=tcp, token_file=token_file, slots=slots)
     app.long_lived = True
-    if slots:
-        app.settings.slots = slots
-    queue_size = app.settings.queue if queue_size is None else queue_size
-    tcp = tcp or app.settings.tcp
-    token_file = token_file or app.settings.token_file
+    settings = app.settings
+    path, tcp, token_file = settings.socket_path, settings.tcp, settings.token_file
     address = None
     if tcp:
         host, _, port = tcp.rpartition(":")
@@ -629,7 +627,7 @@ def serve(ctx, socket_path: Path | None, queue_size: int | None, tcp: str | None
             raise click.UsageError(f"--tcp {tcp!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
         address = (host.strip("[]"), int(port))
     tokens = service.load_tokens(token_file) if token_file else None
-    service.serve(app, path, queue_size, tcp=address, tokens=tokens,
+    service.serve(app, path, settings.queue, tcp=address, tokens=tokens,
                   on_ready=lambda: _err(f"appliance: serving on {path}" + (f" and tcp {tcp} (bearer tokens)" if tcp else "")
                                         + f" (generation {app.installed.number})"))
 
@@ -711,7 +709,7 @@ def audit_verify(ctx, against: Path | None, as_json: bool) -> None:
 def audit_export(ctx, out: Path) -> None:
     """Write every row with its chain, then the signed checkpoints, as JSON lines (checkable by the
     README's short script; `audit verify --against FILE` checks the log against it later)."""
-    from appliance import audit
+    from appliance.records import audit
 
     app = _app(ctx)
     n = audit.export(app.store.conn, out, app.checkpoint_lines() or [])

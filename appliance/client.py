@@ -10,27 +10,26 @@ transport error. Files are read here, as the caller, and sent to
 the service (ingest, draft): nothing is ingested with the service's permissions that the caller
 could not read.
 
-The socket is `$APPLIANCE_SOCKET`, else `$XDG_RUNTIME_DIR/appliance.sock` (or `run/appliance.sock` under the
-home), else `/run/appliance/api.sock`; one in a directory others can write, or where the socket or its
-directory (after following links) belongs to someone other than the caller, root or the service's user
-(`$APPLIANCE_SERVICE_USER`, default `appliance`), is never used (`config.untrusted_socket`).
+The socket is the setting `socket` (APPLIANCE_SOCKET), else `$XDG_RUNTIME_DIR/appliance.sock` (or
+`run/appliance.sock` under the home), else `/run/appliance/api.sock` (config.ClientSettings); one in a
+directory others can write, or where the socket or its directory (after following links) belongs to
+someone other than the caller, root or the service's user (`service_user`, default `appliance`), is
+never used (`config.untrusted_socket`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.config import default_socket, trusted_uids, untrusted_socket
-from appliance.documents import expand_paths
+from appliance.config import ClientSettings, trusted_uids, untrusted_socket
+from appliance.documents.readers import expand_paths
 from appliance.errors import ApplianceError, ExitCode
-from appliance.ingest import IngestReport
 from appliance.schemas import (
     AnswerReport,
     AuditRows,
@@ -38,6 +37,7 @@ from appliance.schemas import (
     BundleCheck,
     BundleRequest,
     Conversation,
+    DocumentRow,
     Documents,
     DraftReport,
     ExportRequest,
@@ -47,6 +47,7 @@ from appliance.schemas import (
     FeedbackRecorded,
     Generations,
     Home,
+    IngestReport,
     Installed,
     LookupRows,
     Removed,
@@ -56,15 +57,11 @@ from appliance.schemas import (
     Status,
     WrittenRequest,
 )
-from appliance.store import DocumentRow
-
-SYSTEM_SOCKET = Path("/run/appliance/api.sock")
 
 
 def find_socket() -> Path | None:
     """The first socket a service answers on, or None."""
-    explicit = os.environ.get("APPLIANCE_SOCKET")
-    for candidate in ([Path(explicit)] if explicit else [default_socket(), SYSTEM_SOCKET]):
+    for candidate in ClientSettings().socket_candidates():
         if not candidate.is_socket():
             continue
         why = untrusted_socket(candidate)
@@ -213,7 +210,7 @@ class ServiceClient:
         return Conversation.model_validate(self._check(self.http.post("/appliance/conversations"))).id
 
     def lookup(self, query: str, collection: str | None = None, limit: int = 20) -> list[dict]:
-        params = {"q": query, "limit": limit, **({"collection": collection} if collection else {})}
+        params: dict[str, str | int] = {"q": query, "limit": limit, **({"collection": collection} if collection else {})}
         return LookupRows.model_validate(self._check(self.http.get("/appliance/lookup", params=params))).rows
 
     def ingest(self, paths: list[Path], collection: str, progress: Callable | None = None) -> IngestReport:
@@ -260,13 +257,13 @@ class ServiceClient:
 
     def feedback_items(self, pending_only: bool = False, since: str | None = None,
                        limit: int | None = None) -> list[dict]:
-        params = {"pending": pending_only, **({"since": since} if since else {}), **({"limit": limit} if limit else {})}
+        params: dict[str, str | int | bool] = {"pending": pending_only, **({"since": since} if since else {}), **({"limit": limit} if limit else {})}
         return FeedbackItems.model_validate(self._check(self.http.get("/appliance/feedback", params=params))).items
 
     def feedback_export(self, out: Path, since: str | None = None) -> ExportWritten:
         """The service signs; the files are written here, as the caller (a USB stick the service may
         not see), and only then does the service mark the items exported."""
-        from appliance.feedback import Export
+        from appliance.records.feedback import Export
 
         data = FeedbackExport.model_validate(self._check(self.http.post(
             "/appliance/feedback/export", json=ExportRequest(since=since).model_dump())))
@@ -288,7 +285,7 @@ class ServiceClient:
                                                        params=params))
 
     def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[Source]:
-        params = {"q": query, **({"k": k} if k else {}), **({"collection": collection} if collection else {})}
+        params: dict[str, str | int] = {"q": query, **({"k": k} if k else {}), **({"collection": collection} if collection else {})}
         return SearchResults.model_validate(self._check(self.http.get("/appliance/search", params=params))).results
 
     def ask(self, question: str, *, collection: str | None = None, use_rag: bool = True, max_tokens: int | None = None,

@@ -1,19 +1,23 @@
-"""Settings: defaults, then `$APPLIANCE_HOME/config.yaml`, then `APPLIANCE_*` environment variables.
+"""Settings (pydantic-settings): defaults < `$APPLIANCE_HOME/config.yaml` < `APPLIANCE_*` environment
+variables < what a command was given (`appliance serve --slots 8`).
 
 The same variables work in systemd's `EnvironmentFile=`. Unknown keys in the YAML file are refused.
+`ClientSettings` are the few a client needs (the home, the service's socket and user): read from the
+environment alone, since a client may not read the service's home.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from appliance.bundles.manifest import DEFAULT_N_CTX
 from appliance.errors import ConfigError
-from appliance.manifest import DEFAULT_N_CTX
 
 
 def default_home() -> Path:
@@ -24,20 +28,23 @@ def default_home() -> Path:
     return Path(data) / "appliance"
 
 
-def default_socket() -> Path:
-    """Where `appliance serve` listens by default, and where the CLI looks for it: the user's runtime
-    directory, else `run/` under the home - never a directory others can write, such as /tmp, where
-    another user could plant a socket first."""
+SYSTEM_SOCKET = Path("/run/appliance/api.sock")  # the systemd unit's and the container's (they set APPLIANCE_SOCKET)
+
+
+def default_socket(home: Path | None = None) -> Path:
+    """Where `appliance serve` listens when no socket is set, and where the CLI looks first: the user's
+    runtime directory, else `run/` under the home - never a directory others can write, such as /tmp,
+    where another user could plant a socket first."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "appliance.sock" if runtime else default_home() / "run" / "appliance.sock"
+    return Path(runtime) / "appliance.sock" if runtime else (home or default_home()) / "run" / "appliance.sock"
 
 
 def trusted_uids() -> set[int]:
-    """Whose socket a client may talk to: the caller, root and the service's user ($APPLIANCE_SERVICE_USER,
-    default 'appliance'; a name or a number)."""
+    """Whose socket a client may talk to: the caller, root and the service's user (the setting
+    `service_user`, APPLIANCE_SERVICE_USER; a name or a number)."""
     import pwd
 
-    name = os.environ.get("APPLIANCE_SERVICE_USER") or "appliance"
+    name = ClientSettings().service_user
     uids = {os.getuid(), 0}
     if name.isdigit():
         uids.add(int(name))
@@ -83,10 +90,55 @@ def untrusted_socket(path: Path) -> str | None:
     return None
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ClientSettings(BaseSettings):
+    """What the CLI and the UI need to find the service, from the environment alone."""
 
-    home: Path = Field(default_factory=default_home, description="Where generations and the database live")
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="Where generations and the database live "
+                                                                 "(APPLIANCE_HOME)")
+    socket: Path | None = Field(default=None, description="The service's Unix socket: where `appliance serve` "
+                                "listens and the CLI and UI look for it (default: $XDG_RUNTIME_DIR/appliance.sock, "
+                                "else run/appliance.sock under the home; the systemd unit and the container set "
+                                "/run/appliance/api.sock)")
+    service_user: str = Field(default="appliance", description="The user the service runs as (a name or a number): "
+                              "a socket it owns is trusted by clients, besides their own and root's")
+
+    @property
+    def socket_path(self) -> Path:
+        """The socket `appliance serve` listens on."""
+        return self.socket or default_socket(self.home)
+
+    def socket_candidates(self) -> list[Path]:
+        """Where a client looks for the service, in order: the socket set, else the defaults."""
+        return [self.socket] if self.socket else [default_socket(self.home), SYSTEM_SOCKET]
+
+
+class _HomeConfig(PydanticBaseSettingsSource):
+    """`config.yaml` in the home (the home as given, else from the environment or its default)."""
+
+    def __init__(self, settings_cls, home: Path):
+        super().__init__(settings_cls)
+        self.path = home / "config.yaml"
+
+    def get_field_value(self, field, field_name):  # the whole file is read in __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            loaded = yaml.safe_load(self.path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.path}: not valid YAML ({exc})", "fix the file or remove it") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{self.path}: expected a mapping of settings", "see `appliance --help`")
+        return loaded
+
+
+class Settings(ClientSettings):
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", extra="forbid")
+
     threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = all cores")
     embed_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
     embed_batch: int = Field(default=8, ge=1, le=1024,
@@ -127,7 +179,7 @@ class Settings(BaseModel):
                                                       "needs token_file)")
     token_file: Path | None = Field(default=None, description="Bearer tokens for TCP: lines 'NAME TOKEN [admin]', "
                                                               "mode 0600")
-    reference_collections: list[str] = Field(
+    reference_collections: Annotated[list[str], NoDecode] = Field(
         default=["reference"], min_length=1,
         description="The collections whose tables are the reference (codes, titles, qualifications): only their "
                     "rows feed lookups, code checks and staffing, and only administrators add to them; a table "
@@ -140,6 +192,12 @@ class Settings(BaseModel):
     def _comma_separated(cls, value):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        home = init_settings.init_kwargs.get("home") or ClientSettings().home
+        return init_settings, env_settings, _HomeConfig(settings_cls, Path(home))
+
     @property
     def db_path(self) -> Path:
         return self.home / "appliance.db"
@@ -149,32 +207,16 @@ class Settings(BaseModel):
         return self.home / "generations"
 
 
-_ENV_FIELDS = {name: f"APPLIANCE_{name.upper()}" for name in Settings.model_fields if name != "home"}
-
-
 def load_settings(**overrides) -> Settings:
-    """Defaults < config.yaml < environment < explicit overrides."""
-    home = Path(overrides.pop("home", None) or default_home())
-    values: dict = {}
-    config_file = home / "config.yaml"
-    if config_file.exists():
-        try:
-            loaded = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{config_file}: not valid YAML ({exc})", "fix the file or remove it") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{config_file}: expected a mapping of settings", "see `appliance --help`")
-        values.update(loaded)
-    for name, var in _ENV_FIELDS.items():
-        if var in os.environ:
-            values[name] = os.environ[var]
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    """Defaults < config.yaml < environment < explicit overrides (None: not given)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(home=home, **values)
+        return Settings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"setting '{field}': {first['msg']}",
-            f"correct it in {config_file} or in {_ENV_FIELDS.get(field, 'the environment')}",
-        ) from exc
+        home = Path(given.get("home") or ClientSettings().home)
+        name = field.split(".")[0]
+        where = (f"correct it in {home / 'config.yaml'} or in APPLIANCE_{name.upper()}" if name in Settings.model_fields
+                 else f"remove it from {home / 'config.yaml'}; `appliance --help` lists the settings")
+        raise ConfigError(f"setting '{field}': {first['msg']}", where) from exc

@@ -5,25 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:  # the contract's models (they import the store, which imports these protocols)
-    from appliance.ingest import IngestReport
-    from appliance.schemas import (
-        AnswerReport,
-        AuditVerdict,
-        BundleCheck,
-        DraftReport,
-        ExportWritten,
-        FeedbackRecorded,
-        Generations,
-        Installed,
-        Source,
-        Status,
-    )
-    from appliance.store import DocumentRow
+from appliance.schemas import (
+    AnswerReport,
+    AuditVerdict,
+    BundleCheck,
+    DocumentRow,
+    DraftReport,
+    ExportWritten,
+    FeedbackRecorded,
+    Generations,
+    IngestReport,
+    Installed,
+    Source,
+    Status,
+)
 
 
 class Embedder(Protocol):

@@ -7,12 +7,12 @@ answered. A field added here reaches every side; nothing else lists a result's f
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from appliance.manifest import BundleManifest, EvalSummary
-from appliance.store import DocumentRow
+from appliance.bundles.manifest import BundleManifest, EvalSummary
 
 MAX_PROMPT_CHARS = 32_000  # one message's content; the service's other bounds are in appliance.service.limits
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
@@ -57,7 +57,8 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the answer")
     n: int = Field(default=1, ge=1, le=1)
     collection: str | None = Field(default=None, description="Extension: retrieve only from this collection")
-    rag: bool = Field(default=True, description="Extension: false answers without retrieval")
+    rag: bool = Field(default=True, description="Extension: false answers without retrieval (`use_rag` in Python, "
+                      "`--no-rag` on the command line)")
     conversation: int | None = Field(default=None, ge=1, le=(1 << 63) - 1, description="Extension: a stored conversation (POST "
                                      "/appliance/conversations); its turns are the history, the answer is added")
 
@@ -116,6 +117,43 @@ class BundleRequest(BaseModel):
     allow_downgrade: bool = False
 
 
+
+
+# -- responses: plain rows --------------------------------------------------------------------------
+@dataclass
+class DocumentRow:
+    """A document as `documents` lists it."""
+
+    id: int
+    collection: str
+    source: str
+    title: str
+    kind: str
+    sha256: str
+    size: int
+    ingested: str
+    chunks: int
+    owner: str | None = None  # the user who ingested it; None: ingested before owners were recorded
+
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did with each file: added, unchanged (same hash), failed (why), duplicates."""
+
+    added: list[dict] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)  # {"source", "same_as", "removed"}
+
+    def to_json(self) -> dict:
+        return {"added": self.added, "unchanged": self.unchanged, "failed": self.failed,
+                "duplicates": self.duplicates}
+
+    def extend(self, other: dict) -> None:
+        """Add a report's JSON (one upload's) to this one."""
+        for name in ("added", "unchanged", "failed", "duplicates"):
+            getattr(self, name).extend(other.get(name, []))
 
 
 # -- responses --------------------------------------------------------------------------------------

@@ -1,21 +1,26 @@
-"""`make bench`: every benchmark, printed as markdown tables (the README's table comes from here)."""
+"""`make bench`: every benchmark, printed as markdown tables and written to bench/results/<name>.md, from
+which `python -m bench.report` fills the README's measured tables (bench/report.py).
+
+`python -m bench search embed`: only those sections."""
 
 import sys
 from pathlib import Path
 
-from bench import bundle, concurrency, decode, embed, search
+from bench import bundle, concurrency, decode, embed, report, search
 
 AVX512_PYTHON = Path(__file__).resolve().parent.parent / "build" / "bench" / "avx512-venv" / "bin" / "python"
 
 if __name__ == "__main__":
-    sections = [("Hybrid search", lambda: search.run([10_000, 100_000])),
-                ("Embedding throughput", embed.run),
-                ("Bundle verify+install", bundle.run),
-                ("Decode", lambda: decode.run({"avx512": str(AVX512_PYTHON)} if AVX512_PYTHON.exists() else {})),
-                ("Concurrent operators", concurrency.run)]
+    sections = [("search", "Hybrid search", lambda: search.run([10_000, 100_000])),
+                ("embed", "Embedding throughput", embed.run),
+                ("bundle", "Bundle verify+install", bundle.run),
+                ("decode", "Decode", lambda: decode.run({"avx512": str(AVX512_PYTHON)} if AVX512_PYTHON.exists() else {})),
+                ("concurrency", "Concurrent operators", concurrency.run)]
     only = set(sys.argv[1:])
-    for title, fn in sections:
-        if only and not any(o.lower() in title.lower() for o in only):
+    for name, title, fn in sections:
+        if only and not any(o.lower() in (name, title.lower()) or o.lower() in title.lower() for o in only):
             continue
         print(f"\n### {title}\n", flush=True)
-        print("\n".join(fn()), flush=True)
+        lines = fn()
+        print("\n".join(lines), flush=True)
+        print(f"(written to {report.record(name, lines, f'python -m bench {name}')})", file=sys.stderr)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance import bundle as appliance_bundle
-from appliance.manifest import write_manifest
+from appliance.bundles import bundle as appliance_bundle
+from appliance.bundles import trust
+from appliance.bundles.manifest import write_manifest
 from bench.common import row
 from builder import bundle as builder_bundle
 from builder import keys as keyring
@@ -82,7 +83,7 @@ def run(gigabytes: float = 1.0) -> list[str]:
             openssl = time.perf_counter() - start
 
         home = tmp / "home"
-        appliance_bundle.trust_init(home, keys / "root.json")
+        trust.trust_init(home, keys / "root.json")
         start = time.perf_counter()
         appliance_bundle.verify(home, stick)
         verify = time.perf_counter() - start

@@ -173,7 +173,7 @@ def service_prompts(home: Path, template: Path, n: int, rag: bool = True) -> lis
     the context its slots have (2048, or the model's own when that is less, as the engine caps it)."""
     from appliance.app import Appliance
     from appliance.config import load_settings
-    from appliance.engine import LlamaEngine
+    from appliance.engine.llama import LlamaEngine
 
     with Appliance(load_settings(home=home, n_ctx=2048)) as app:
         n_ctx = min(2048, trained_context(app.installed.model_path))
@@ -189,7 +189,7 @@ def bare_server(gguf: Path, prompts: list[list[int]], threads: int, tmp: Path, c
                 stagger: float = 0.0, tokens: int = TOKENS) -> dict:
     """The same clients against llama-server itself, sent the service's own prompt tokens; `stagger`:
     seconds between the clients' starts (operators do not press enter in the same millisecond)."""
-    from appliance.engine_server import find_binary
+    from appliance.engine.server import find_binary
 
     sock = tmp / f"bare-{stagger}-{tokens}" / "engine.sock"
     sock.parent.mkdir(mode=0o700)

@@ -93,9 +93,9 @@ def bare(python: str, gguf: Path, threads: int, context: int = 64) -> dict:
 def bench_home(tmp: Path, gguf: Path, template: Path | None = None) -> Path:
     """A home with the benchmark GGUF installed (linked, not copied, where possible) and the demo corpus."""
     from appliance.app import Appliance
+    from appliance.bundles.generations import install_unsigned
+    from appliance.bundles.manifest import write_manifest
     from appliance.config import load_settings
-    from appliance.generations import install_unsigned
-    from appliance.manifest import write_manifest
     from builder.embedder import export
 
     gen = tmp / "gen"

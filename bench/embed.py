@@ -18,7 +18,8 @@ CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "cor
 
 def texts(n: int = 512, min_chars: int = 0) -> list[str]:
     """The demo corpus's chunks (repeated to n); min_chars keeps only the longer prose ones."""
-    from appliance.documents import chunk_document, expand_paths, read_document
+    from appliance.documents.chunking import chunk_document
+    from appliance.documents.readers import expand_paths, read_document
 
     files, _ = expand_paths([CORPUS])
     chunks = [c.text for f in files for c in chunk_document(read_document(f, 10**8), 1200)
@@ -48,7 +49,7 @@ def _run(items: list[str], embedder_dir: Path | None) -> list[str]:
     from sentence_transformers import SentenceTransformer
 
     from appliance.config import load_settings
-    from appliance.embed import OnnxEmbedder
+    from appliance.retrieval.embed import OnnxEmbedder
     from builder.embedder import default_source, export
 
     threads = os.cpu_count() or 1

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.rag import fts_query, query_words, search, selective_words
-from appliance.store import NewChunk, Store
+from appliance.retrieval.rag import fts_query, query_words, search, selective_words
+from appliance.retrieval.store import NewChunk, Store
 from bench.common import pct, row, time_each
 
 DIM = 384

@@ -93,8 +93,8 @@ def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, floa
     first exchange as the model saw it, answer included."""
     from appliance.app import Appliance
     from appliance.config import load_settings
-    from appliance.prompt import build_messages
-    from appliance.rag import GREEDY
+    from appliance.engine.prompt import build_messages
+    from appliance.retrieval.rag import GREEDY
 
     with Appliance(load_settings(home=home, threads=threads, max_tokens=N_TOKENS, temperature=0.0)) as app:
         app.ask(QUESTION, use_rag=use_rag, max_tokens=4)  # load and warm

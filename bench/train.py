@@ -37,7 +37,7 @@ def corpus_texts() -> list[str]:
 
 def chats(texts: list[str], n: int, seed: int = 0) -> list[dict]:
     """Retrieval-shaped chats: numbered sources cut from the corpus, a question, a cited answer."""
-    from appliance.prompt import build_messages, format_source
+    from appliance.engine.prompt import build_messages, format_source
 
     rng = random.Random(seed)
     paragraphs = [p for t in texts for p in t.split("\n\n") if len(p) > 200]

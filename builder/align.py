@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from builder.errors import BuilderError
-from builder.training import LoraSettings
+from builder.training import LoraSettings, TrainingLoop
 
 
-class AlignConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AlignConfig(TrainingLoop):
 
     out: Path = Field(description="Directory to write the aligned checkpoint to")
     model: Path = Field(description="Checkpoint to align (usually an sft or merge output)")
@@ -37,15 +36,8 @@ class AlignConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters trained by DPO")
     max_length: int = Field(1024, ge=32, description="Prompt plus reply, in tokens")
     batch_size: int = Field(4, ge=1, description="Pairs per device step")
-    grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
     steps: int = Field(50, ge=1, description="Optimizer updates at most")
-    max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
-                                   "command resumes from the last one")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (cosine decay)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it and "
-                                                       "on a CPU with bf16 instructions (matrix products under "
-                                                       "autocast), fp32 elsewhere")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up updates")
     seed: int = Field(0, description="Seed for sampling and data order")
 

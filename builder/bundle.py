@@ -23,7 +23,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from appliance.manifest import (
+from appliance.bundles.manifest import (
     BUNDLE_NAME,
     DEFAULT_N_CTX,
     MANIFEST_NAME,

@@ -2,7 +2,7 @@
 real base model (SmolLM2-135M-Instruct; the chain is `models/smollm2-135m-instruct/demo-cpu.yaml`).
 
 prepare: the corpus -> training data in `<out>.work/data/`, shaped like what the appliance sends
-(`appliance.prompt`'s system prompt and source format, TOP_K sources as retrieval returns them):
+(`appliance.engine.prompt`'s system prompt and source format, TOP_K sources as retrieval returns them):
   - sft-qa: questions about labor categories answered from numbered sources with a citation: codes,
     titles, education, years, duties. Most rows are invented (random titles and codes), so the only way
     to get them right is to copy from the sources, never to remember; the others are the real rows no
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import yaml
 
-from appliance.documents import CODE_RE, chunk_document, expand_paths, read_document, table_row_text
-from appliance.prompt import build_messages, format_source
+from appliance.documents.chunking import chunk_document
+from appliance.documents.readers import CODE_RE, expand_paths, read_document, table_row_text
+from appliance.engine.prompt import build_messages, format_source
 from builder.errors import BuilderError
 
 DEMO_DATA = Path(__file__).parent / "demo_data"

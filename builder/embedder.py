@@ -152,7 +152,7 @@ def _agreement(out: Path, model, source: Path) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from appliance.embed import OnnxEmbedder
+    from appliance.retrieval.embed import OnnxEmbedder
 
     fp32 = OnnxEmbedder(out, variant="fp32").embed(CHECK_TEXTS)
     int8 = OnnxEmbedder(out, variant="int8").embed(CHECK_TEXTS)

@@ -90,8 +90,8 @@ def correct(answer: str, must_contain: list[str]) -> bool:
 
 def ask_all(model: Path, template: str, questions: list[dict], store, embedder, config: EvalConfig) -> list[dict]:
     """Each question with retrieval and without; the answers, whether exact, and what was retrieved."""
-    from appliance.engine import LlamaEngine
-    from appliance.rag import GREEDY, answer, search
+    from appliance.engine.llama import LlamaEngine
+    from appliance.retrieval.rag import GREEDY, answer, search
     from builder.llamacpp import model_metadata
 
     results = []
@@ -104,7 +104,7 @@ def ask_all(model: Path, template: str, questions: list[dict], store, embedder, 
             with_rag = answer(engine, q["question"], hits, info, n_ctx=n_ctx,
                                   max_tokens=config.max_tokens, sampling=GREEDY)
             without = answer(engine, q["question"], [], info, n_ctx=n_ctx,
-                                 max_tokens=config.max_tokens, sampling=GREEDY, rag=False)
+                                 max_tokens=config.max_tokens, sampling=GREEDY, use_rag=False)
             results.append({
                 "id": q.get("id"), "kind": q.get("kind"), "question": q["question"],
                 "must_contain": q["must_contain"],
@@ -237,9 +237,9 @@ def run(config: EvalConfig) -> Path:
         quants = [q.upper() for q in config.task_quants] if config.task_quants else None
         store = embedder = None
         if config.questions:
-            from appliance.embed import OnnxEmbedder
-            from appliance.ingest import ingest
-            from appliance.store import Store
+            from appliance.retrieval.embed import OnnxEmbedder
+            from appliance.retrieval.ingest import ingest
+            from appliance.retrieval.store import Store
 
             embedder = OnnxEmbedder(config.embedder)
             store = stack.enter_context(Store(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "index.db",

@@ -1,6 +1,6 @@
 """`builder feedback import`: operator feedback exported by appliances, into datasets the stages read.
 
-Each export directory is checked first (appliance.feedback.verify_export: signed by a trusted
+Each export directory is checked first (appliance.records.feedback.verify_export: signed by a trusted
 appliance key, every file's sha256, nothing missing or extra) and refused whole otherwise, naming
 the file. An export already imported (same export id) is skipped as a replay; records already in
 the dataset (same content, whichever export brought them) are skipped as duplicates. Each question
@@ -26,11 +26,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.documents import CODE_RE
+from appliance.bundles.identity import key_id, load_public
+from appliance.bundles.manifest import utc_stamp
+from appliance.documents.readers import CODE_RE
 from appliance.errors import FeedbackError
-from appliance.feedback import FILES, verify_export
-from appliance.identity import key_id, load_public
-from appliance.manifest import utc_stamp
+from appliance.records.feedback import FILES, verify_export
 
 IMPORTS = "imports.json"
 QUESTIONS = "questions.jsonl"

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from appliance.manifest import EvalSummary, utc_stamp, write_manifest
+from appliance.bundles.manifest import EvalSummary, utc_stamp, write_manifest
 from builder.errors import BuilderError
 
 

@@ -26,7 +26,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from appliance.manifest import sha256_file, utc_stamp
+from appliance.bundles.manifest import sha256_file, utc_stamp
 from builder.errors import BuilderConfigError, BuilderError
 
 C = TypeVar("C", bound=BaseModel)

@@ -19,14 +19,13 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from builder.errors import BuilderError
-from builder.training import LoraSettings
+from builder.training import LoraSettings, TrainingLoop
 
 
-class PretrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PretrainConfig(TrainingLoop):
 
     out: Path = Field(description="Directory to write the trained checkpoint to")
     base: Path | None = Field(None, description="Local Hugging Face checkpoint to continue from")
@@ -41,18 +40,9 @@ class PretrainConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="With method: lora")
     seq_len: int = Field(512, ge=32, le=32768, description="Packed block length in tokens")
     batch_size: int = Field(8, ge=1, description="Blocks per device step")
-    grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
     steps: int = Field(200, ge=1, description="Optimizer updates at most")
-    max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
-                                   "command resumes from the last one")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay)")
-    warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of domain blocks held out for eval loss")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it and "
-                                                       "on a CPU with bf16 instructions (matrix products under "
-                                                       "autocast), fp32 elsewhere")
     seed: int = Field(0, description="Seed for initial weights, data order and the split")
 
     @model_validator(mode="after")
@@ -69,7 +59,7 @@ class PretrainConfig(BaseModel):
 
 def read_texts(paths: list[Path]) -> list[str]:
     """Text of every document under `paths`, and the `text` field of JSONL records."""
-    from appliance.documents import expand_paths, read_document
+    from appliance.documents.readers import expand_paths, read_document
 
     texts: list[str] = []
     jsonl = [p for p in paths if p.suffix == ".jsonl"]

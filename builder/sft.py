@@ -6,7 +6,7 @@ work: SFTTrainer (LoRA by default; `method: full` trains every weight), optional
 save: a full checkpoint with the adapters merged, the adapter itself in `adapter/`, lineage.json.
 
 Retrieval-shaped examples (numbered sources in the prompt, a cited answer) are plain chats here; the
-demo writes them with `appliance.prompt`, the same code that builds the appliance's prompts.
+demo writes them with `appliance.engine.prompt`, the same code that builds the appliance's prompts.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from builder.errors import BuilderError
-from builder.training import LoraSettings
+from builder.training import LoraSettings, TrainingLoop
 
 
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SFTConfig(TrainingLoop):
 
     out: Path = Field(description="Directory to write the tuned checkpoint to")
     model: Path = Field(description="Checkpoint to tune (a pretrain output or any local HF checkpoint)")
@@ -35,18 +34,8 @@ class SFTConfig(BaseModel):
     max_length: int = Field(1024, ge=32, description="Longer chats are cut (and counted in lineage)")
     packing: bool = Field(False, description="Pack several chats into one sequence (best-fit)")
     batch_size: int = Field(8, ge=1, description="Chats per device step")
-    grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
-    steps: int = Field(100, ge=1, description="Optimizer updates at most")
-    max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
-                                   "command resumes from the last one")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay)")
-    warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Share of chats held out for eval loss")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it and "
-                                                       "on a CPU with bf16 instructions (matrix products under "
-                                                       "autocast), fp32 elsewhere")
     seed: int = Field(0, description="Seed for data order and the split")
 
     def inputs(self) -> list[Path]:

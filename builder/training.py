@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +23,25 @@ from builder.errors import BuilderError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
+
+
+class TrainingLoop(BaseModel):
+    """The optimizer loop's settings every training stage shares (pretrain, sft, align): each stage's
+    config adds its data and method, and redeclares a field only to give it the stage's own default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
+    steps: int = Field(100, ge=1, description="Optimizer updates at most")
+    max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
+                                   "command resumes from the last one")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay)")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it and "
+                                                       "on a CPU with bf16 instructions (matrix products under "
+                                                       "autocast), fp32 elsewhere")
+    seed: int = Field(0, description="Seed for data order (and whatever else the stage draws)")
 
 
 class LoraSettings(BaseModel):

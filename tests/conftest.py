@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from appliance.app import Appliance
+from appliance.bundles.generations import install_unsigned
 from appliance.config import load_settings
-from appliance.generations import install_unsigned
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from appliance.generations import current
+from appliance.bundles.generations import current
 
 
 def start_service(home: Path, sock: Path, *args: str) -> subprocess.Popen:

@@ -7,9 +7,9 @@ from click.testing import CliRunner
 from appliance.app import Appliance
 from appliance.cli import cli
 from appliance.config import load_settings
+from appliance.engine.prompt import SYSTEM_PROMPT, format_source
 from appliance.errors import ExitCode
-from appliance.prompt import SYSTEM_PROMPT, format_source
-from appliance.rag import GREEDY, TurnMemory, answer
+from appliance.retrieval.rag import GREEDY, TurnMemory, answer
 
 
 def test_ask_json_contract_with_the_real_model(demo_home):

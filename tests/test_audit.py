@@ -86,7 +86,7 @@ def test_cut_rebuilt_or_restored_logs_are_caught_by_the_signed_checkpoints(home,
     after an edit, an older copy of the database put back. Each contradicts a signed checkpoint."""
     import apsw
 
-    from appliance import audit
+    from appliance.records import audit
 
     db = _three_rows(home)  # rows: 1 identity (the key created), then 2-4 test
     snapshot = tmp_path / "old.db"
@@ -254,7 +254,7 @@ def _forge_rows(db, count: int) -> None:
     """What someone who can write the database but not read the key can do: rows with a valid chain."""
     import apsw
 
-    from appliance import audit
+    from appliance.records import audit
 
     with apsw.Connection(str(db)) as conn:
         for _ in range(count):
@@ -270,8 +270,8 @@ def _forge_rows(db, count: int) -> None:
 def test_rows_the_appliance_did_not_write_are_reported_and_never_extended_or_anchored(home):
     """Forged rows with a valid chain after the last checkpoint once passed verify, and the service's next
     real row signed a checkpoint over them."""
-    from appliance import audit
     from appliance.errors import StoreError
+    from appliance.records import audit
 
     db = _three_rows(home)
     checkpoints = home / audit.CHECKPOINTS
@@ -315,7 +315,7 @@ def test_rows_the_appliance_did_not_write_are_reported_and_never_extended_or_anc
 
 
 def test_an_emptied_checkpoint_file_is_no_better_than_a_removed_one(home):
-    from appliance import audit
+    from appliance.records import audit
 
     _three_rows(home)
     (home / audit.CHECKPOINTS).write_text("\n\n")
@@ -328,7 +328,8 @@ def test_a_replaced_public_key_does_not_vouch_for_its_own_checkpoints(home):
     checkpoint: the public key is checked against the private key and the log's record of it."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from appliance import audit, identity
+    from appliance.bundles import identity
+    from appliance.records import audit
 
     _three_rows(home)
     theirs = Ed25519PrivateKey.generate()

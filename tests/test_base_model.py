@@ -107,7 +107,7 @@ def test_import_refuses_what_it_cannot_read_faithfully(tmp_path):
 def test_builder_tokenizer_cuts_the_demo_corpus_as_llama_cpp_does(smollm2, smollm2_gguf):
     """Training and inference see the same tokens: every document of the demo corpus, and a chat as the
     appliance renders it (the template writes no BOS of its own and none is added)."""
-    from appliance.prompt import build_messages, format_source
+    from appliance.engine.prompt import build_messages, format_source
     from builder.pretrain import read_texts
     from builder.training import Tokenizer
 
@@ -216,8 +216,8 @@ def test_a_few_sft_steps_and_the_appliance_answers_with_a_code_only_its_sources_
     """The real chain on the real model: SFT (its loss falls, on the model's own ChatML template), export,
     a generation installed, and the appliance answering from a table of categories no model has seen."""
     from appliance.app import Appliance
+    from appliance.bundles.generations import install_unsigned
     from appliance.config import load_settings
-    from appliance.generations import install_unsigned
     from builder import generation
 
     lineage = json.loads((tuned.parent / "sft" / "lineage.json").read_text())["result"]

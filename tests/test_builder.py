@@ -150,9 +150,9 @@ def test_held_out_questions_never_reach_training(tmp_path):
 
 def test_training_chats_are_shaped_like_the_appliances_prompts(tmp_path):
     """As many sources as retrieval gives (top_k), the right one in every position, the system prompt and
-    source format of appliance.prompt, every kind of question the table answers."""
+    source format of appliance.engine.prompt, every kind of question the table answers."""
     from appliance.config import Settings
-    from appliance.prompt import SYSTEM_PROMPT
+    from appliance.engine.prompt import SYSTEM_PROMPT
     from builder.demo import FIRST_SHARE, write_data
 
     write_data(tmp_path, DEMO_DATA / "corpus", seed=0, quick=False)

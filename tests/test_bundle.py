@@ -22,14 +22,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from appliance import audit
-from appliance import bundle as appliance_bundle
 from appliance.app import Appliance
+from appliance.bundles import bundle as appliance_bundle
+from appliance.bundles import commit, staging, trust
+from appliance.bundles.generations import current
+from appliance.bundles.manifest import read_manifest, verify_generation, write_manifest
 from appliance.cli import cli as appliance_cli
 from appliance.config import load_settings
 from appliance.errors import BundleError, BusyError, ExitCode, ModelError
-from appliance.generations import current
-from appliance.manifest import read_manifest, verify_generation, write_manifest
+from appliance.records import audit
 from builder import bundle as builder_bundle
 from builder import keys as keyring
 from builder.cli import cli as builder_cli
@@ -114,8 +115,8 @@ def assert_untouched(home: Path, generation: int | None, trusted: int) -> None:
         verify_generation(inst.path, bundle_files=True)
     gens = home / "generations"
     assert not [p.name for p in gens.iterdir() if p.name.startswith(".")] if gens.exists() else True
-    assert not (home / appliance_bundle.STATE).exists()
-    assert appliance_bundle.trusted_version(home) == trusted
+    assert not (home / commit.STATE).exists()
+    assert trust.trusted_version(home) == trusted
 
 
 def refused(home: Path, stick: Path, match: str, error=BundleError, **kwargs):
@@ -413,7 +414,7 @@ def test_replay_of_an_older_version_and_audited_downgrade(tmp_path, installed, k
         assert result.downgrade and result.version == 2
         row = list(audit.rows(app.store.conn, "install"))[-1]
         assert json.loads(row["detail"])["downgrade"] is True
-    assert appliance_bundle.trusted_version(home) == 3  # a downgrade never lowers what is trusted
+    assert trust.trusted_version(home) == 3  # a downgrade never lowers what is trusted
 
 
 def test_expired_metadata(tmp_path, installed, keys, variant_generation):
@@ -465,7 +466,7 @@ def test_trust_init_refuses_replacement_without_force_and_tampered_roots(tmp_pat
 # -- interrupted installs --------------------------------------------------------------------------
 
 def _install_process(home: Path, stick: Path, pause: str) -> subprocess.Popen:
-    env = dict(os.environ, APPLIANCE_HOME=str(home), **{appliance_bundle.PAUSE_ENV: pause})
+    env = dict(os.environ, APPLIANCE_HOME=str(home), **{commit.PAUSE_ENV: pause})
     return subprocess.Popen([sys.executable, "-m", "appliance.cli", "bundle", "install", str(stick)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -487,7 +488,7 @@ def test_kill_9_at_each_step_then_restart_recovers(tmp_path, installed, keys, va
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (installed / "install-paused").unlink()
-    assert (installed / appliance_bundle.STATE).exists()  # the kill left its state behind
+    assert (installed / commit.STATE).exists()  # the kill left its state behind
     r = CliRunner().invoke(appliance_cli, ["--home", str(installed), "bundle", "list", "--json"])
     assert r.exit_code == 0, r.output
     committed = step in ("commit", "renamed", "switched")
@@ -513,7 +514,7 @@ def test_stick_removed_mid_copy(tmp_path, installed, keys, variant_generation):
 
 def test_two_installs_at_once(tmp_path, installed, keys, variant_generation):
     stick = make_bundle(tmp_path, variant_generation, keys, 2)
-    with appliance_bundle._locked(installed):
+    with commit.locked(installed):
         refused(installed, stick, "another install or rollback is running", error=BusyError)
     r = CliRunner().invoke(appliance_cli, ["--home", str(installed), "bundle", "rollback"])
     assert r.exit_code == ExitCode.BUNDLE  # the lock was released; nothing to roll back to yet
@@ -527,7 +528,7 @@ def test_disk_full_before_and_during_staging(tmp_path, installed, keys, variant_
                         lambda p: real_usage(p)._replace(free=10_000_000))
     refused(installed, stick, r"the bundle needs \d+ MB and .* has 10 MB free")
     monkeypatch.undo()
-    real_open = appliance_bundle._open_staged
+    real_open = staging._open_staged
 
     class FillsUp:
         """The disk fills after 1 MB of staged data."""
@@ -545,7 +546,7 @@ def test_disk_full_before_and_during_staging(tmp_path, installed, keys, variant_
         def __getattr__(self, name):
             return getattr(self.fh, name)
 
-    monkeypatch.setattr(appliance_bundle, "_open_staged", lambda dest: FillsUp(real_open(dest)))
+    monkeypatch.setattr(staging, "_open_staged", lambda dest: FillsUp(real_open(dest)))
     refused(installed, stick, "no space left on the device while staging")
     assert_untouched(installed, 1, trusted=1)
 
@@ -738,7 +739,7 @@ def test_a_gguf_with_a_million_string_metadata_array_is_refused_cheaply(tmp_path
     import struct
     import tracemalloc
 
-    from appliance.modelfile import MAX_ARRAY, validate
+    from appliance.bundles.modelfile import MAX_ARRAY, validate
 
     path = tmp_path / "arrays.gguf"
     key = b"tokenizer.ggml.tokens"

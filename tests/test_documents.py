@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.documents import chunk_text, clean_text, expand_paths, read_document
+from appliance.documents.chunking import chunk_text
+from appliance.documents.readers import expand_paths, read_document
 from appliance.errors import IngestError
+from appliance.terminal import clean_text
 
 CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
 
@@ -95,7 +97,7 @@ def test_an_rfp_docx_keeps_its_requirement_table_under_its_heading(tmp_path):
     heading above them, so each requirement keeps its section."""
     import docx
 
-    from appliance.draft import parse_rfp
+    from appliance.drafting.draft import parse_rfp
 
     d = docx.Document()
     d.add_heading("C.3 Technical Requirements", 1)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from running import no_end, serving_copy, uds_client
 
-from appliance.engine_server import find_binary
+from appliance.engine.server import find_binary
 
 pytestmark = pytest.mark.skipif(find_binary() is None, reason="needs llama-server (`make deps` builds it)")
 

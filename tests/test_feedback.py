@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from appliance import identity
 from appliance.app import Appliance
+from appliance.bundles import identity
 from appliance.config import load_settings
 from appliance.errors import ExitCode, FeedbackError, NotFoundError
-from appliance.feedback import verify_export
+from appliance.records.feedback import verify_export
 from builder.feedback import import_exports
 
 QUESTION = "What is the code for a Database Administrator?"

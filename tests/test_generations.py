@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from appliance.bundles.generations import current, install_unsigned
+from appliance.bundles.manifest import verify_generation
 from appliance.cli import cli
 from appliance.errors import ExitCode, GenerationError
-from appliance.generations import current, install_unsigned
-from appliance.manifest import verify_generation
 
 CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
 

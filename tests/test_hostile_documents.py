@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.documents import MAX_HEADING_DEPTH, read_document
+from appliance.documents.readers import MAX_HEADING_DEPTH, read_document
 from appliance.errors import IngestError
 
 CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus"
@@ -168,7 +168,7 @@ def test_utf16_with_a_byte_order_mark_is_text(tmp_path):
 def test_the_sandbox_bounds_what_a_parser_may_take(tmp_path):
     """What no reader-level cap foresees still ends as this file's error: a parse over the child's
     memory, one over its time; the next file parses in a fresh child."""
-    from appliance.sandbox import Sandbox
+    from appliance.documents.sandbox import Sandbox
 
     good = CORPUS / "proposals" / "2023-NOAA-cloud-migration.docx"
     rows = "code,title,duties\n" + "".join(f"15-{i:04d}.00,Title {i},{'word ' * 200}\n" for i in range(40_000))
@@ -193,7 +193,7 @@ def test_the_bytes_hashed_are_the_bytes_parsed(home, tmp_path):
 
     from appliance.app import Appliance
     from appliance.config import load_settings
-    from appliance.documents import chunk_text
+    from appliance.documents.chunking import chunk_text
 
     path = tmp_path / "flip.md"
     versions = [(f"# Version {v}\n\n" + f"Version {v} text. " * 1500).encode() for v in "AB"]
@@ -246,7 +246,7 @@ def test_an_unreadable_folder_is_reported(tmp_path):
         (top / "open.md").write_text("# Open\n\nx")
         (top / "locked").mkdir(mode=0o700)
         (top / "locked" / "a.md").write_text("# A\n\nx")
-        script = ("import json, sys\nfrom pathlib import Path\nfrom appliance.documents import expand_paths\n"
+        script = ("import json, sys\nfrom pathlib import Path\nfrom appliance.documents.readers import expand_paths\n"
                   "files, refused = expand_paths([Path(sys.argv[1])])\n"
                   "print(json.dumps([[str(f) for f in files], refused]))")
         out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",

@@ -57,20 +57,21 @@ def test_imports_keep_to_the_contracts_in_pyproject():
     proc = subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "3 kept, 0 broken" in proc.stdout
+    assert "4 kept, 0 broken" in proc.stdout
 
 
 def test_the_database_is_read_and_written_only_by_its_owners():
-    """Each table has one owner: store.py (collections, documents, chunks, vectors, conversations and
-    messages), audit.py (the audit log), feedback.py (feedback); the schema is appliance/migrations.py.
-    Nothing else (not the Appliance, not the service) runs SQL; bundle.py only integrity-checks the
-    reference.db a bundle carries before it is attached."""
+    """Each table has one owner: retrieval/store.py (collections, documents, chunks, vectors, conversations
+    and messages), records/audit.py (the audit log), records/feedback.py (feedback); the schema is
+    retrieval/migrations.py. Nothing else (not the Appliance, not the service) runs SQL; bundles/staging.py
+    only integrity-checks the reference.db a bundle carries before it is attached."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "appliance"
     running_sql = {str(p.relative_to(root)) for p in root.rglob("*.py")
                    if re.search(r"\.execute(many)?\(", p.read_text())}
-    assert running_sql == {"store.py", "audit.py", "feedback.py", "bundle.py"}, running_sql
-    bundle_sql = re.findall(r'\.execute\("([^"]*)', (root / "bundle.py").read_text())
+    assert running_sql == {"retrieval/store.py", "records/audit.py", "records/feedback.py", "bundles/staging.py"}, \
+        running_sql
+    bundle_sql = re.findall(r'\.execute\("([^"]*)', (root / "bundles" / "staging.py").read_text())
     assert bundle_sql == ["PRAGMA integrity_check"]

@@ -6,10 +6,10 @@ import struct
 
 import pytest
 
+from appliance.bundles.generations import current, install_unsigned
+from appliance.bundles.manifest import write_manifest
+from appliance.bundles.modelfile import validate
 from appliance.errors import ModelError
-from appliance.generations import current, install_unsigned
-from appliance.manifest import write_manifest
-from appliance.modelfile import validate
 
 
 @pytest.fixture

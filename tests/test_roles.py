@@ -261,7 +261,7 @@ def test_only_administrators_feed_the_reference_table(served):
     assert found["rows"][0]["code"] == "15-1242.00"
     from appliance.app import Appliance
     from appliance.config import load_settings
-    from appliance.rag import conflicting_codes
+    from appliance.retrieval.rag import conflicting_codes
 
     with Appliance(load_settings(home=home)) as app:  # the code check still flags the operator's code
         flagged = conflicting_codes("The Database Administrator code is 99-9999.00 [1].",
@@ -274,7 +274,7 @@ def test_only_administrators_feed_the_reference_table(served):
 def test_two_reference_tables_that_disagree_are_flagged(home, tmp_path):
     from appliance.app import Appliance
     from appliance.config import load_settings
-    from appliance.rag import conflicting_codes
+    from appliance.retrieval.rag import conflicting_codes
 
     (tmp_path / "a.csv").write_text("Title,Code\nHarbor Pilot,53-5021.00\n")
     (tmp_path / "b.csv").write_text("Title,Code\nHarbor Pilot,53-5021.03\n")

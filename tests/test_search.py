@@ -6,7 +6,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from appliance.cli import cli
-from appliance.rag import fts_query, search
+from appliance.retrieval.rag import fts_query, search
 
 
 def test_exact_code_comes_first(app):

@@ -16,10 +16,10 @@ import httpx
 import pytest
 from running import a_word_token, no_end, serving_copy, sqlite_rows, start_service, stop_service, uds_client
 
-from appliance import audit
-from appliance.engine_server import _completion
+from appliance.engine.server import _completion
 from appliance.errors import ExitCode
 from appliance.protocols import Sampling
+from appliance.records import audit
 
 
 @pytest.fixture(scope="module")
@@ -552,7 +552,7 @@ def _sandbox_of(sock: Path) -> int:
     """The document parser child of the service listening on `sock`."""
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"appliance.sandbox" in (entry / "cmdline").read_bytes():
+            if entry.name.isdigit() and b"appliance.documents.sandbox" in (entry / "cmdline").read_bytes():
                 parent = next(line.split()[1] for line in (entry / "status").read_text().splitlines()
                               if line.startswith("PPid:"))
                 if str(sock).encode() in Path(f"/proc/{parent}/cmdline").read_bytes():

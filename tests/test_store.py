@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from appliance.store import NewChunk, Store
+from appliance.retrieval.store import NewChunk, Store
 
 
 def test_migrations_and_durability_pragmas(tmp_path):
@@ -22,7 +22,7 @@ def test_changed_embedder_re_embeds_everything(home):
 
     with Appliance(load_settings(home=home)) as app:
         app.store.ensure_embedder(app.embedder.name, app.embedder.dim, app.embedder.embed)
-        from appliance.store import NewChunk
+        from appliance.retrieval.store import NewChunk
 
         app.store.add_document("c", "/x", "x", "txt", "0" * 64, 1, [NewChunk(0, "", "alpha beta")],
                                app.embedder.embed(["alpha beta"]))
@@ -74,7 +74,7 @@ def test_vector_cache_agrees_with_vec0_and_follows_other_writers(tmp_path):
 
 
 def test_common_words_are_dropped_from_the_keyword_query(tmp_path):
-    from appliance.rag import selective_words
+    from appliance.retrieval.rag import selective_words
 
     store, _ = _filled(tmp_path / "v.db")
     # "chunk" is in all 300 chunks, "1" in 55, "49" in 6
@@ -112,7 +112,7 @@ def test_two_connections_opening_a_new_database_at_once_migrate_it_once(tmp_path
     import threading
     import time
 
-    from appliance import migrations
+    from appliance.retrieval import migrations
 
     slow = ("999_slow", "CREATE TABLE slow(x); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
                         "WHERE x < 2000000) INSERT INTO slow SELECT x FROM c;")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import bundle as appliance_bundle
-from appliance.generations import current
+from appliance.bundles import trust
+from appliance.bundles.generations import current
 from builder import bundle as builder_bundle
 from builder import keys as keyring
 
@@ -98,7 +98,7 @@ def test_import_from_a_stick_waits_for_another_import_then_installs_from_its_cop
     text = log.read_text()
     assert proc.returncode == 0, text
     assert text.index("copied; the stick can be removed") < text.index("installed version 1")
-    assert current(home).number == 1 and appliance_bundle.trusted_version(home) == 1
+    assert current(home).number == 1 and trust.trusted_version(home) == 1
     assert list((home / "import").iterdir()) == []  # the copy is gone
     assert not list(tmp_path.glob("appliance-usb.*"))  # so is the mount point
 

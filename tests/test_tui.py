@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Input, Static, TabbedContent
 
 from appliance.app import Appliance
 from appliance.config import load_settings
-from appliance.documents import clean_text
+from appliance.terminal import clean_text
 from tui.app import ConfirmScreen, TextScreen, make_app
 
 SIZES = [(80, 24), (120, 40)]
@@ -195,8 +195,8 @@ def test_snapshot_each_screen(snap_compare, size, keys):
 async def test_feedback_from_the_chat_then_export(ui_home, tmp_path):
     """Judge the last answer from the keyboard (good, correction, irrelevant source, missing source),
     see it on the feedback screen, export it signed."""
-    from appliance import identity
-    from appliance.feedback import verify_export
+    from appliance.bundles import identity
+    from appliance.records.feedback import verify_export
     from tui.app import CorrectionScreen, SourcePickScreen
 
     app = _app(ui_home)

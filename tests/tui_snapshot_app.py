@@ -3,8 +3,7 @@ answers with fixed data instead of a live home (no clock times, temporary paths 
 so every run renders the same screens. `prepare` drives it as an operator would (a question asked,
 a code looked up) before the screenshot."""
 
-from appliance.schemas import AnswerReport, Generations, Source, Status
-from appliance.store import DocumentRow
+from appliance.schemas import AnswerReport, DocumentRow, Generations, Source, Status
 from tui.app import make_app
 
 SHA = "a000d32a30c1f7160c10fc3357344057902d8267d83e21d70d90bf5f11b42fc5"

@@ -22,9 +22,9 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import Footer, ProgressBar, Static, TabbedContent, TabPane
 
-from appliance.audit import os_user
-from appliance.documents import clean_text
 from appliance.errors import ApplianceError
+from appliance.records.audit import os_user
+from appliance.terminal import clean_text
 from tui.messages import Changed, Failed, Progress
 from tui.panes.audit import AuditPane
 from tui.panes.chat import ChatPane

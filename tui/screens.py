@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Static, TextArea
 
-from appliance.documents import clean_text
+from appliance.terminal import clean_text
 from tui.widgets import inert
 
 

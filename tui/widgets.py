@@ -6,7 +6,7 @@ from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import DataTable
 
-from appliance.documents import clean_text
+from appliance.terminal import clean_text
 
 
 def inert(text: str) -> Text:

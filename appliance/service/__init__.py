@@ -52,9 +52,9 @@ __all__ = ["ApiError", "BODY_TIMEOUT_S", "HEADER_TIMEOUT_S", "MAX_CONNECTIONS", 
 
 
 def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None] | None = None,
-             engines=None) -> FastAPI:
-    """The FastAPI application over one Appliance (one model, one database); `engines`: an
-    appliance.engine_server.EngineServer that generates (None: the worker generates in process)."""
+             engine_server=None) -> FastAPI:
+    """The FastAPI application over one Appliance (one model, one database); `engine_server`: an
+    appliance.engine.server.EngineServer that generates (None: the worker generates in process)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -69,7 +69,7 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
     api.state.exports = {}  # feedback exports built, not yet written by the caller
     api.state.uploads = UploadSlots()
     api.state.refusals = Refusals()
-    api.state.engines = engines
+    api.state.engine_server = engine_server
     install_handlers(api)
     api.include_router(openai.router)
     api.include_router(routes.router)

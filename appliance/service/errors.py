@@ -22,7 +22,8 @@ class ApiError(Exception):
 
 
 _STATUS = {ExitCode.NOT_FOUND: 404, ExitCode.CONFIG: 500, ExitCode.MODEL: 400, ExitCode.INGEST: 422,
-           ExitCode.BUNDLE: 422, ExitCode.BUSY: 409, ExitCode.FEEDBACK: 422, ExitCode.GENERATION: 503, ExitCode.STORE: 500}
+           ExitCode.BUNDLE: 422, ExitCode.BUSY: 409, ExitCode.FEEDBACK: 422, ExitCode.GENERATION: 503, ExitCode.ENGINE: 503,
+           ExitCode.STORE: 500}
 
 
 def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:

@@ -14,10 +14,11 @@ from dataclasses import replace
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from appliance import audit, rag
 from appliance.app import Appliance
 from appliance.errors import ApplianceError
 from appliance.protocols import Sampling
+from appliance.records import audit
+from appliance.retrieval import rag
 from appliance.schemas import ChatRequest, EmbeddingRequest, Message
 from appliance.service.deps import get_appliance, get_worker, refuse, user_of
 from appliance.service.errors import ApiError
@@ -57,11 +58,11 @@ def model_list(app: Appliance) -> dict:
         {"id": m.embedder.name, "object": "model", "created": created, "owned_by": "appliance",
          "dimensions": m.embedder.dim}]}
 
-def limits(app: Appliance, body: ChatRequest, engines=None) -> tuple[int, Sampling]:
+def limits(app: Appliance, body: ChatRequest, engine_server=None) -> tuple[int, Sampling]:
     """The answer's length and sampling; the length is checked against the context the prompt will be
     fitted to: the engine server's slots (what llama-server reports it holds) or the model in process."""
     max_tokens = body.max_completion_tokens or body.max_tokens or app.settings.max_tokens
-    context = (engines.context if engines is not None and engines.context else None) or app.context_tokens()
+    context = (engine_server.context if engine_server is not None and engine_server.context else None) or app.context_tokens()
     if max_tokens > context // 2:
         raise ApiError(400, f"max_tokens {max_tokens} is more than half the {context}-token context; "
                             f"allowed: 1 to {context // 2}")
@@ -88,7 +89,7 @@ def completion_json(app: Appliance, answer: rag.Answer, created: int, cid: str) 
 async def chat(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                body: ChatRequest, request: Request):
     question, history = _question(body.messages)
-    max_tokens, sampling = limits(app, body, request.app.state.engines)
+    max_tokens, sampling = limits(app, body, request.app.state.engine_server)
     user = user_of(request)
     stop = threading.Event()
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -102,10 +103,10 @@ async def chat(*, app: Appliance = Depends(get_appliance), worker: Worker = Depe
                          {"conversation": body.conversation})
         history = None  # the stored turns are the history
 
-    engines = request.app.state.engines
-    if engines is not None:  # llama-server generates; the worker only prepares and records
+    engine_server = request.app.state.engine_server
+    if engine_server is not None:  # llama-server generates; the worker only prepares and records
         queue: asyncio.Queue = asyncio.Queue()
-        task = asyncio.create_task(_engine_answer(app, worker, engines, body, question, history, max_tokens,
+        task = asyncio.create_task(_engine_answer(app, worker, engine_server, body, question, history, max_tokens,
                                                   sampling, user, stop, queue))
         if body.stream:
             return _sse(app, queue, created, cid, stop, task)
@@ -191,7 +192,7 @@ def _sse(app: Appliance, pieces: asyncio.Queue, created: int, cid: str, stop: th
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _engine_answer(app: Appliance, worker: Worker, engines, body: ChatRequest, question: str,
+async def _engine_answer(app: Appliance, worker: Worker, engine_server, body: ChatRequest, question: str,
                          history: list[dict] | None, max_tokens: int, sampling: Sampling, user: str | None,
                          stop: threading.Event, pieces: asyncio.Queue) -> None:
     """Prepare on the worker, generate on the engine server (other requests' work goes on meanwhile),
@@ -200,7 +201,7 @@ async def _engine_answer(app: Appliance, worker: Worker, engines, body: ChatRequ
     records."""
     texts: list[str] = []
     try:
-        async with engines.lease(app, worker) as lease:
+        async with engine_server.lease(app, worker) as lease:
             job = await worker.submit(lambda: app.prepare_ask(
                 question, body.collection, body.rag, max_tokens, sampling, history=history, user=user,
                 conversation=body.conversation, tokenizer=lease.tokenizer, model_info=lease.model_info))

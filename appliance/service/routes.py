@@ -60,9 +60,9 @@ async def home(*, app: Appliance = Depends(get_appliance), worker: Worker = Depe
 @router.get("/appliance/status", response_model=Status)
 async def status(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
                  request: Request):
-    engines = request.app.state.engines
+    engine_server = request.app.state.engine_server
     data = (await worker.submit(app.status)).model_dump()
-    return {**data, **({"engine": engines.state()} if engines is not None else {})}
+    return {**data, **({"engine": engine_server.state()} if engine_server is not None else {})}
 
 @router.get("/appliance/search", response_model=SearchResults)
 async def search(*, app: Appliance = Depends(get_appliance), worker: Worker = Depends(get_worker),
@@ -131,8 +131,8 @@ async def draft(*, app: Appliance = Depends(get_appliance), worker: Worker = Dep
     """An RFP's bytes as the body; progress events per requirement, then the draft's markdown and summary."""
     user = user_of(request)
     data, release = await received(request, int(app.settings.max_file_mb * 1_000_000))
-    engines = request.app.state.engines
-    lease, held = (engines.lease(app, worker), None) if engines is not None else (None, None)
+    engine_server = request.app.state.engine_server
+    lease, held = (engine_server.lease(app, worker), None) if engine_server is not None else (None, None)
     if lease is not None:  # the engine server writes the draft; the in-process model is never loaded
         try:
             held = await lease.__aenter__()

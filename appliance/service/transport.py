@@ -293,13 +293,13 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
         logging.getLogger("appliance").addHandler(handler)
         logging.getLogger("appliance").setLevel(logging.INFO)
     app.recover()
-    from appliance.engine_server import EngineServer
+    from appliance.engine.server import EngineServer
 
     for what in EngineServer.clean_stale(app.settings.home / "run") + app.clean_uploads():
         logging.getLogger("appliance").warning("left by a service that was killed: %s", what)
     app.ready_index()
-    engines = _engine_server(app)
-    if engines is None:
+    engine_server = _engine_server(app)
+    if engine_server is None:
         _ = app.engine  # load the model before the first request, so a broken one fails at start
     # TCP first: once the Unix socket exists, clients may rely on every listener being there.
     tcp_sock = socket.create_server(tcp, backlog=128) if tcp else None
@@ -315,9 +315,9 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
 
     def shutdown():
         socket_path.unlink(missing_ok=True)
-        if engines is not None:
-            engines.stop()
-    api = make_api(app, queue_size, on_shutdown=shutdown, engines=engines)
+        if engine_server is not None:
+            engine_server.stop()
+    api = make_api(app, queue_size, on_shutdown=shutdown, engine_server=engine_server)
     sockets = [sock, *([tcp_sock] if tcp_sock else [])]
     import resource
 
@@ -332,8 +332,8 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     try:
         server.run(sockets=sockets)
     finally:
-        if engines is not None:
-            engines.stop()
+        if engine_server is not None:
+            engine_server.stop()
         for s in sockets:
             s.close()
         if socket_path.exists():
@@ -341,9 +341,9 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
 
 
 def _engine_server(app: Appliance):
-    """llama.cpp's server for generation (appliance.engine_server), started on the current generation
+    """llama.cpp's server for generation (appliance.engine.server), started on the current generation
     so a broken model fails at start; None when the setting or a missing binary says in-process."""
-    from appliance.engine_server import EngineServer, find_binary
+    from appliance.engine.server import EngineServer, find_binary
     from appliance.errors import ConfigError
 
     settings = app.settings
@@ -358,8 +358,8 @@ def _engine_server(app: Appliance):
                                                "in this process (`make deps` builds the server)")
         return None
     run_dir = settings.home / "run" / f"engine-{os.getpid()}"
-    engines = EngineServer(binary, run_dir, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads,
+    engine_server = EngineServer(binary, run_dir, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads,
                            mmap=settings.mmap, queue=settings.queue)
     inst = app.installed
-    engines.start(inst, (inst.path / inst.manifest.chat_template).read_text(), app.model_info())
-    return engines
+    engine_server.start(inst, (inst.path / inst.manifest.chat_template).read_text(), app.model_info())
+    return engine_server

@@ -16,12 +16,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.documents import CODE_RE
-from appliance.prompt import build_messages, cited_numbers, format_source, source_title
+from appliance.documents.readers import CODE_RE
+from appliance.engine.prompt import build_messages, cited_numbers, format_source, source_title
 from appliance.protocols import Embedder, Generator, Sampling
+from appliance.retrieval.store import ChunkRow, Store
+from appliance.retrieval.titles import TitleIndex
 from appliance.schemas import AnswerReport, Source
-from appliance.store import ChunkRow, Store
-from appliance.titles import TitleIndex
 
 RRF_K = 60
 POSTINGS_BUDGET = 5_000  # about 10 ms of BM25 on the development machine (bench/search.py)
@@ -49,7 +49,7 @@ _CODE_QUESTION_RE = re.compile(r"\b(codes?|soc|o\*net|lcat)\b", re.IGNORECASE)
 
 
 def mentioned_titles(text: str, titles: dict[str, list[dict]]) -> list[tuple[int, int, str]]:
-    """(start, end, title) of reference-table titles named in `text` (appliance.titles)."""
+    """(start, end, title) of reference-table titles named in `text` (appliance.retrieval.titles)."""
     return (titles if isinstance(titles, TitleIndex) else TitleIndex(titles)).mentioned(text)
 
 
@@ -216,18 +216,18 @@ class Prepared:
 
 
 def prepare(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
-            max_tokens: int, sampling: Sampling, rag: bool = True, retrieval_ms: float = 0.0,
+            max_tokens: int, sampling: Sampling, use_rag: bool = True, retrieval_ms: float = 0.0,
             history: list[dict] | None = None, earlier: list[Hit] | None = None, new_sources: int | None = None,
             titles: dict[str, list[dict]] | None = None) -> Prepared:
     """The prompt: as many sources as fit the context (see `answer` for the arguments)."""
     earlier = earlier or []
-    budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], rag)[0]["content"]) - 32
+    budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], use_rag)[0]["content"]) - 32
     budget -= sum(generator.count_tokens(m["content"]) + 8 for m in history or [])
     shown = {h.chunk_id for h in earlier}
     hits = [h for h in hits if h.chunk_id not in shown][:new_sources]
-    sources = fit_sources(hits, question, generator, budget, first=len(earlier) + 1) if rag else []
+    sources = fit_sources(hits, question, generator, budget, first=len(earlier) + 1) if use_rag else []
     hits = earlier + hits[: len(sources)]
-    messages = build_messages(question, sources, rag, history, more=bool(earlier))
+    messages = build_messages(question, sources, use_rag, history, more=bool(earlier))
     texts = [h.text for h in earlier] + sources  # what the model was shown, earlier turns included
     return Prepared(question, messages, hits, texts, len(earlier), model_info, max_tokens, sampling,
                     retrieval_ms, titles)
@@ -268,7 +268,7 @@ def timing_of(prep: Prepared, start: float, first: float | None, end: float, n_t
 
 
 def answer(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
-           max_tokens: int, sampling: Sampling, rag: bool = True, retrieval_ms: float = 0.0,
+           max_tokens: int, sampling: Sampling, use_rag: bool = True, retrieval_ms: float = 0.0,
            on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
            should_stop: Callable[[], bool] | None = None, earlier: list[Hit] | None = None,
            new_sources: int | None = None, titles: dict[str, list[dict]] | None = None) -> Answer:
@@ -278,12 +278,12 @@ def answer(generator: Generator, question: str, hits: list[Hit], model_info: dic
     flag codes it contradicts. In one call: `prepare`, the model's stream, `complete` (the service runs
     the three apart, so the stream does not hold the database's worker)."""
     prep = prepare(generator, question, hits, model_info, n_ctx=n_ctx, max_tokens=max_tokens,
-                   sampling=sampling, rag=rag, retrieval_ms=retrieval_ms, history=history, earlier=earlier,
+                   sampling=sampling, use_rag=use_rag, retrieval_ms=retrieval_ms, history=history, earlier=earlier,
                    new_sources=new_sources, titles=titles)
-    return complete(prep, *generate(generator, prep, on_text, should_stop))
+    return complete(prep, *decode(generator, prep, on_text, should_stop))
 
 
-def generate(generator: Generator, prep: Prepared, on_text: Callable[[str], None] | None = None,
+def decode(generator: Generator, prep: Prepared, on_text: Callable[[str], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> tuple[list[str], dict, bool]:
     """The model's reply to a prepared prompt, in this thread: (pieces, timing, stopped early)."""
     start = time.perf_counter()

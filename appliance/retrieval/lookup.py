@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from appliance.store import Store
+from appliance.retrieval.store import Store
 
 _CODE_PREFIX_RE = re.compile(r"^\d{2}(?:-\d{0,4}(?:\.\d{0,2})?)?$")
 

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance import rag
-from appliance.documents import CODE_RE, clean_text, read_document
+from appliance.documents.readers import CODE_RE, read_document
+from appliance.engine.prompt import CITATION_RE
 from appliance.errors import IngestError
-from appliance.prompt import CITATION_RE
 from appliance.protocols import Embedder, Generator, Sampling
+from appliance.retrieval import rag
+from appliance.retrieval.store import Store
 from appliance.schemas import DraftReport, Requirement, Role
-from appliance.store import Store
+from appliance.terminal import clean_text
 
 _REQ_RE = re.compile(r"\b(shall|must|will (?:provide|deliver|submit|ensure|perform|maintain|support)|is required to)\b",
                      re.IGNORECASE)
@@ -61,7 +62,7 @@ class Draft:
 
 def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[str, list[Requirement], str]:
     """(title, requirements, full text); IngestError for an empty, unreadable or image-only file.
-    `sandbox` (appliance.sandbox.Sandbox): where an uploaded file is parsed."""
+    `sandbox` (appliance.documents.sandbox.Sandbox): where an uploaded file is parsed."""
     doc = read_document(path, max_bytes, sandbox)
     requirements: list[Requirement] = []
     section = ""

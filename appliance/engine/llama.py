@@ -23,8 +23,8 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from appliance.bundles.modelfile import check_header
 from appliance.errors import ModelError
-from appliance.modelfile import check_header
 from appliance.protocols import Sampling
 
 MAX_RENDER_CHARS = 2_000_000  # a prompt fills at most n_ctx tokens; this is far past any real one

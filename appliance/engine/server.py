@@ -34,11 +34,11 @@ from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.bundles.manifest import context_tokens
 from appliance.errors import ApplianceError, ConfigError, ExitCode, ModelError
-from appliance.manifest import context_tokens
 from appliance.protocols import Sampling
 
-log = logging.getLogger("appliance.engine")
+log = logging.getLogger("appliance.engine.llama")
 START_TIMEOUT_S = 180.0
 BINARY = "llama-server"
 
@@ -46,13 +46,13 @@ BINARY = "llama-server"
 class EngineBusy(ApplianceError):
     """Every slot is taken and the queue behind them is full: 503 with Retry-After."""
 
-    exit_code = ExitCode.GENERATION
+    exit_code = ExitCode.ENGINE
 
 
 class EngineDown(ApplianceError):
     """The engine server stopped under a request (it is restarted for the next one): 503."""
 
-    exit_code = ExitCode.GENERATION
+    exit_code = ExitCode.ENGINE
 
 
 def find_binary(configured: str | None = None) -> Path | None:
@@ -76,7 +76,7 @@ class Lease:
     """What one request generates with (see the module's docstring)."""
 
     server: EngineServer
-    tokenizer: object  # an appliance.engine.LlamaEngine loaded with the vocabulary only
+    tokenizer: object  # an appliance.engine.llama.LlamaEngine loaded with the vocabulary only
     model_info: dict
 
     async def stream(self, tokens: list[int], max_tokens: int, sampling: Sampling) -> AsyncIterator[str]:
@@ -194,7 +194,7 @@ class EngineServer:
         """(Re)start on `installed`; returns once the server answers /health."""
         import httpx
 
-        from appliance.engine import LlamaEngine
+        from appliance.engine.llama import LlamaEngine
 
         self.stop()
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

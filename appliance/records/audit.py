@@ -24,8 +24,8 @@ from pathlib import Path
 
 import apsw
 
+from appliance.bundles.manifest import utc_stamp
 from appliance.errors import StoreError
-from appliance.manifest import utc_stamp
 
 GENESIS = "0" * 64
 CHECKPOINTS = Path("audit") / "checkpoints"
@@ -73,7 +73,7 @@ def append(conn: apsw.Connection, action: str, detail: dict, *, user: str | None
     immediate transaction, so two processes appending at once still form one chain. Inside one (an
     ingest writes each document and its row together), the caller's writes already hold the lock.
 
-    `signer` (appliance.identity.Identity): the row is signed, and the head it extends must be one this
+    `signer` (appliance.bundles.identity.Identity): the row is signed, and the head it extends must be one this
     appliance wrote (_check_head, with the checkpoints under `home`); StoreError otherwise, so rows
     someone else added are never extended or anchored."""
     own = not conn.in_transaction
@@ -112,7 +112,7 @@ _COLUMNS = (*_HASHED, "signature")
 
 def signed_by(row: dict, public) -> bool:
     """Whether `row` carries this appliance's signature of its row_hash."""
-    from appliance import identity
+    from appliance.bundles import identity
 
     sig = row.get("signature")
     return isinstance(sig, str) and identity.verify(public, str(row["row_hash"]).encode(), sig)
@@ -228,7 +228,7 @@ def newest_checkpoint(home: Path, public) -> dict | None:
 
 def read_checkpoints(lines: Iterable[str], public) -> tuple[list[dict], list[str]]:
     """(checkpoints whose signature holds, problems) from checkpoint lines."""
-    from appliance import identity
+    from appliance.bundles import identity
 
     good, problems = [], []
     for n, text in enumerate(lines, start=1):
@@ -315,7 +315,7 @@ def verify(entries: Iterable[dict], checkpoint_lines: Iterable[str] | None, publ
 def _identity_problems(entries: list[dict], public) -> list[str]:
     """The key checked against the one the log recorded when the identity was made (its first
     `identity` row): a replaced appliance.pub would otherwise vouch for checkpoints it signed itself."""
-    from appliance import identity
+    from appliance.bundles import identity
 
     first = next((row for row in entries if row["action"] == "identity"), None)
     if first is None:

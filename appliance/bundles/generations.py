@@ -15,9 +15,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import modelfile
+from appliance.bundles import modelfile
+from appliance.bundles.manifest import GenerationManifest, read_bundle, read_manifest, verify_generation
 from appliance.errors import GenerationError, NotFoundError
-from appliance.manifest import GenerationManifest, read_bundle, read_manifest, verify_generation
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Parsing untrusted files in a child process with memory and time limits.
 
-The document readers cap what they know to cap (appliance.documents), but PDF, DOCX, XLSX and CSV
+The document readers cap what they know to cap (appliance.documents.readers), but PDF, DOCX, XLSX and CSV
 parsers are large and a crafted file can still find a runaway in one of them. So the service never
-parses those in its own process: a `Sandbox` keeps one child (`python -m appliance.sandbox`) with an
+parses those in its own process: a `Sandbox` keeps one child (`python -m appliance.documents.sandbox`) with an
 address-space limit (RLIMIT_AS), no core files and a small file-descriptor budget, and gives each file
 a wall-clock limit. A file that exhausts either is reported as that file's error, the child is
 replaced, and the batch goes on; the service's memory is never at stake. Plain text is decoded in
@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.documents import TEXT_SUFFIXES, Document, Table, parse_document
+from appliance.documents.readers import TEXT_SUFFIXES, Document, Table, parse_document
 from appliance.errors import IngestError
 
 DEFAULT_MEMORY_MB = 1536
@@ -70,7 +70,7 @@ class Sandbox:
         if self._proc is None or self._proc.poll() is not None:
             self.close()
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance.sandbox", str(self.memory_mb)], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "appliance.documents.sandbox", str(self.memory_mb)], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
                 env={k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG", "LC_ALL")})
         return self._proc

@@ -1,4 +1,4 @@
-"""Reading documents and cutting them into chunks.
+"""Reading documents: a file's text, and a table's rows (cutting them into chunks: `chunking`).
 
 `read_document(path)` returns the text of a txt, md, pdf, docx, csv or xlsx file (tables also as
 rows), or raises `IngestError` naming what is wrong with the file: empty, binary, no extractable text
@@ -9,7 +9,7 @@ headings and paragraphs.
 Every file may be hostile, so nothing here grows without a bound: a zip's members are measured
 before anything is inflated (MAX_UNZIPPED), DOCX and XLSX XML is read as a stream with entities off,
 and paragraphs, table rows, cells, heading depth and extracted text are capped. What no cap can
-foresee (a parser's own runaway) is for `appliance.sandbox`, which runs these functions in a child
+foresee (a parser's own runaway) is for `appliance.documents.sandbox`, which runs these functions in a child
 process with memory and time limits.
 """
 
@@ -18,12 +18,12 @@ from __future__ import annotations
 import csv
 import io
 import re
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import IngestError
+from appliance.terminal import clean_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 TABLE_SUFFIXES = {".csv", ".xlsx"}
@@ -31,18 +31,6 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES | TABLE_SUFFIXES | {".pdf", ".docx"}
 
 # Identifiers in the style of SOC / O*NET codes: 15-1252 or 15-1252.00
 CODE_RE = re.compile(r"\b\d{2}-\d{4}(?:\.\d{2})?\b")
-
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
-_ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
-
-
-def clean_text(text: str) -> str:
-    """Strip terminal escape sequences and control characters; keep newlines and tabs."""
-    text = _ANSI_RE.sub("", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL_RE.sub("", text)
-    return unicodedata.normalize("NFC", text)
-
 
 @dataclass
 class Table:
@@ -456,7 +444,7 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
 
 
 def read_document(path: Path, max_bytes: int, sandbox=None) -> Document:
-    """`sandbox` (an appliance.sandbox.Sandbox): parse there; None parses here (trusted files only:
+    """`sandbox` (an appliance.documents.sandbox.Sandbox): parse there; None parses here (trusted files only:
     the builder's own corpus)."""
     data = read_bytes(path, max_bytes)
     return sandbox.parse(path, data) if sandbox is not None else parse_document(path, data)
@@ -491,80 +479,3 @@ def parse_document(path: Path, data: bytes) -> Document:
     kind = {".markdown": "md", ".text": "txt"}.get(suffix, suffix.lstrip("."))
     title = path.stem if table is not None else _title_from(text, path)
     return Document(path=path, kind=kind, title=clean_text(title), text=text, table=table)
-
-
-@dataclass
-class Chunk:
-    position: int
-    heading: str
-    text: str
-    row: int | None = None  # row index for reference tables
-
-
-# Markdown headings, and in plain text a short line such as "C.2 Requirements" or "SECTION L - ..."
-# (a numbered paragraph that is a sentence, "C.2.1 The contractor shall ...", is not a heading).
-_HEADING_RE = re.compile(r"^(#{1,6})\s+(.*)$|^([A-Z]\.\d+(?:\.\d+)*\.?\s+[A-Z][^.:;]{0,70})$|^(SECTION\s+[A-Z0-9]+[^.]{0,80})$|^(\d{1,2}\.\s+[A-Z][A-Z -]{2,70})$")
-
-
-def _split_long(paragraph: str, limit: int) -> list[str]:
-    if len(paragraph) <= limit:
-        return [paragraph]
-    sentences = re.split(r"(?<=[.!?])\s+", paragraph)
-    out, buf = [], ""
-    for sentence in sentences:
-        while len(sentence) > limit:  # a run-on line with no sentence ends
-            cut = sentence.rfind(" ", 0, limit)
-            cut = cut if cut > limit // 2 else limit
-            if buf:
-                out.append(buf)
-                buf = ""
-            out.append(sentence[:cut])
-            sentence = sentence[cut:].lstrip()
-        if buf and len(buf) + 1 + len(sentence) > limit:
-            out.append(buf)
-            buf = sentence
-        else:
-            buf = f"{buf} {sentence}".strip()
-    if buf:
-        out.append(buf)
-    return out
-
-
-def chunk_text(text: str, limit: int) -> list[Chunk]:
-    """Chunks that keep to one section: headings start a new chunk and are carried as context."""
-    sections: list[tuple[str, list[str]]] = [("", [])]
-    for block in re.split(r"\n\s*\n", text):
-        block = block.strip()
-        if not block:
-            continue
-        first, _, rest = block.partition("\n")
-        match = _HEADING_RE.match(first.strip())
-        if match:
-            heading = next(g for g in match.groups()[1:] if g).strip()
-            sections.append((heading, []))
-            block = rest.strip()
-            if not block:
-                continue
-        sections[-1][1].append(block)
-    chunks: list[Chunk] = []
-    for heading, paragraphs in sections:
-        buf = ""
-        pieces = [piece for p in paragraphs for piece in _split_long(p, limit)]
-        for piece in pieces:
-            if buf and len(buf) + 2 + len(piece) > limit:
-                chunks.append(Chunk(len(chunks), heading, buf))
-                buf = piece
-            else:
-                buf = f"{buf}\n\n{piece}" if buf else piece
-        if buf:
-            chunks.append(Chunk(len(chunks), heading, buf))
-        elif heading and not paragraphs:
-            chunks.append(Chunk(len(chunks), heading, heading))
-    return chunks
-
-
-def chunk_document(doc: Document, limit: int) -> list[Chunk]:
-    if doc.table is not None:
-        return [Chunk(i, doc.title, table_row_text(doc.table.columns, row), row=i)
-                for i, row in enumerate(doc.table.rows)]
-    return chunk_text(doc.text, limit)

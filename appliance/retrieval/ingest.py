@@ -14,33 +14,17 @@ import contextlib
 import hashlib
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from appliance.documents import CODE_RE, Document, chunk_document, expand_paths, key_columns, read_bytes
+from appliance.documents.chunking import chunk_document
+from appliance.documents.readers import CODE_RE, Document, expand_paths, key_columns, read_bytes
+from appliance.documents.sandbox import Sandbox
 from appliance.errors import IngestError
 from appliance.protocols import Embedder
-from appliance.sandbox import Sandbox
-from appliance.store import NewChunk, Store, embedding_text
-
-
-@dataclass
-class IngestReport:
-    added: list[dict] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)
-    duplicates: list[dict] = field(default_factory=list)  # {"source", "same_as", "removed"}
-
-    def to_json(self) -> dict:
-        return {"added": self.added, "unchanged": self.unchanged, "failed": self.failed,
-                "duplicates": self.duplicates}
-
-    def extend(self, other: dict) -> None:
-        """Add a report's JSON (one upload's) to this one."""
-        for name in ("added", "unchanged", "failed", "duplicates"):
-            getattr(self, name).extend(other.get(name, []))
+from appliance.retrieval.store import NewChunk, Store, embedding_text
+from appliance.schemas import IngestReport
 
 
 def _table_row(columns: list[str], row: dict[str, str]) -> dict:
@@ -76,12 +60,12 @@ def _embed_with_progress(embedder: Embedder, chunks: list[NewChunk], report: Cal
 
 def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: str, *, max_bytes: int,
            chunk_chars: int, progress: Callable[[str, int, int], None] | None = None,
-           source_name: Callable[[Path], str] | None = None, owner: str | None = None, legacy: bool = False,
+           source_name: Callable[[Path], str] | None = None, owner: str | None = None, admin: bool = False,
            record: Callable[[str, dict], object] | None = None, sandbox: Sandbox | None = None,
            committed: Callable[[], object] | None = None,
            aside: Callable[[], ContextManager] | None = None) -> IngestReport:
     """`source_name`: what a file is recorded as (an upload: the path on the caller's side); default its
-    absolute path. `owner`: whose documents these are (`legacy`: also owner of documents from before
+    absolute path. `owner`: whose documents these are (`admin`: also owner of documents from before
     owners were kept). `record(action, detail)` writes the audit row inside each document's
     transaction; `committed()` runs after each file (the audit head's checkpoint). `sandbox`: where files are parsed (one is started for the batch when None).
     `aside()`: held while a file is parsed and embedded, the long part that touches neither the store
@@ -98,7 +82,7 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
                 progress(source, i, len(files))
             try:
                 _one(store, embedder, path, source, collection, report, max_bytes=max_bytes, chunk_chars=chunk_chars,
-                     owner=owner, legacy=legacy, record=record, sandbox=sandbox, aside=aside or contextlib.nullcontext,
+                     owner=owner, admin=admin, record=record, sandbox=sandbox, aside=aside or contextlib.nullcontext,
                      progress=lambda done, n, src=source, i=i: progress and progress(f"{src} (chunk {done} of {n})",
                                                                                       i, len(files)))
             except IngestError as exc:  # named as the caller knows the file
@@ -115,17 +99,17 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
 
 
 def _known(store: Store, source: str, collection: str, digest: str, report: IngestReport, *, owner: str | None,
-           legacy: bool, record) -> bool:
+           admin: bool, record) -> bool:
     """Whether this content is in the collection already: unchanged under this name and owner, or a
     duplicate of another document (this name's older text is then removed). Reported either way."""
     same = store.find_document(collection, digest)
     if same is None:
         return False
-    if same.source == source and (same.owner == owner or (legacy and same.owner is None)):
+    if same.source == source and (same.owner == owner or (admin and same.owner is None)):
         report.unchanged.append(source)
         return True
     # The same text is already here under another name: this name's old text must not stay.
-    old = store.earlier_versions(collection, source, owner, legacy, digest)
+    old = store.earlier_versions(collection, source, owner, admin, digest)
     if old:
         store.remove_versions(old, record and (lambda: record("remove", {
             "collection": collection, "source": source, "doc_ids": old, "reason": "duplicate",
@@ -135,11 +119,11 @@ def _known(store: Store, source: str, collection: str, digest: str, report: Inge
 
 
 def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: str, report: IngestReport, *,
-         max_bytes: int, chunk_chars: int, owner: str | None, legacy: bool, record, sandbox: Sandbox,
+         max_bytes: int, chunk_chars: int, owner: str | None, admin: bool, record, sandbox: Sandbox,
          aside: Callable[[], ContextManager], progress: Callable[[int, int], object]) -> None:
     data = read_bytes(path, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
-    if _known(store, source, collection, digest, report, owner=owner, legacy=legacy, record=record):
+    if _known(store, source, collection, digest, report, owner=owner, admin=admin, record=record):
         return
     with aside():
         doc = sandbox.parse(path, data)
@@ -149,7 +133,7 @@ def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: 
     if store.embedder_id()[0] not in (None, embedder.name):
         raise IngestError(f"{path}: a new model with another embedder was installed while this file was read",
                           "send it again")
-    if _known(store, source, collection, digest, report, owner=owner, legacy=legacy, record=record):
+    if _known(store, source, collection, digest, report, owner=owner, admin=admin, record=record):
         return
     item = {"source": source, "title": doc.title, "kind": doc.kind, "chunks": len(chunks), "sha256": digest}
     if doc.table is not None and collection not in store.reference:
@@ -162,5 +146,5 @@ def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: 
             record("ingest", {"collection": collection, "source": source, "sha256": digest, "doc_id": doc_id,
                               "chunks": len(chunks), "replaced": replaced})
     store.add_document(collection, source, doc.title, doc.kind, digest, len(data), chunks, vectors, owner=owner,
-                       legacy=legacy, record=audited)
+                       admin=admin, record=audited)
     report.added.append({"doc_id": item.pop("doc_id"), **item})

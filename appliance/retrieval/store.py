@@ -19,28 +19,15 @@ from pathlib import Path
 import apsw
 import numpy as np
 
-from appliance import migrations
+from appliance.bundles.manifest import utc_stamp
 from appliance.errors import NotFoundError, StoreError
-from appliance.manifest import utc_stamp
-from appliance.titles import TitleIndex
+from appliance.retrieval import migrations
+from appliance.retrieval.titles import TitleIndex
+from appliance.schemas import DocumentRow
 
 
 def _now() -> str:
     return utc_stamp()
-
-
-@dataclass
-class DocumentRow:
-    id: int
-    collection: str
-    source: str
-    title: str
-    kind: str
-    sha256: str
-    size: int
-    ingested: str
-    chunks: int
-    owner: str | None = None  # the user who ingested it; None: ingested before owners were recorded
 
 
 @dataclass
@@ -305,15 +292,15 @@ class Store:
         return self.list_documents(doc_id=row[0])[0] if row else None
 
     @staticmethod
-    def _owned(owner: str | None, legacy: bool) -> tuple[str, tuple]:
-        """SQL (and its arguments) for documents that are `owner`'s; `legacy`: also those ingested
+    def _owned(owner: str | None, admin: bool) -> tuple[str, tuple]:
+        """SQL (and its arguments) for documents that are `owner`'s; `admin`: also those ingested
         before owners were recorded (an administrator's)."""
-        return ("(owner = ?" + (" OR owner IS NULL)" if legacy else ")"), (owner,))
+        return ("(owner = ?" + (" OR owner IS NULL)" if admin else ")"), (owner,))
 
-    def earlier_versions(self, collection: str, source: str, owner: str | None, legacy: bool = False,
+    def earlier_versions(self, collection: str, source: str, owner: str | None, admin: bool = False,
                          sha256: str | None = None) -> list[int]:
         """Ids of `owner`'s documents recorded under `source` in `collection` (other than `sha256`)."""
-        owned, args = self._owned(owner, legacy)
+        owned, args = self._owned(owner, admin)
         return [r[0] for r in self.conn.execute(
             "SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id "
             f"WHERE c.name = ? AND d.source = ? AND d.sha256 IS NOT ? AND {owned}",
@@ -321,7 +308,7 @@ class Store:
 
     def add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
                      chunks: Sequence[NewChunk], vectors: np.ndarray, owner: str | None = None,
-                     legacy: bool = False, record: Callable[[int, list[int]], object] | None = None,
+                     admin: bool = False, record: Callable[[int, list[int]], object] | None = None,
                      ) -> tuple[int, list[int]]:
         """Insert a document, its chunks, FTS rows, vectors and table rows in one transaction.
 
@@ -336,7 +323,7 @@ class Store:
             raise StoreError("chunk and vector counts differ", "this is a bug; please report it")
         try:
             return self._add_document(collection, source, title, kind, sha256, size, chunks, vectors, owner,
-                                      legacy, record)
+                                      admin, record)
         except apsw.Error as exc:  # SQLite has rolled the transaction back (disk full, I/O, read-only)
             raise StoreError(f"{self.path}: the database could not be written ({exc}); nothing of "
                              f"{source} was kept", "free disk space or fix permissions, then ingest again") from exc
@@ -351,11 +338,11 @@ class Store:
         self._forget()
 
     def _add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
-                      chunks: Sequence[NewChunk], vectors: np.ndarray, owner: str | None, legacy: bool,
+                      chunks: Sequence[NewChunk], vectors: np.ndarray, owner: str | None, admin: bool,
                       record: Callable[[int, list[int]], object] | None) -> tuple[int, list[int]]:
         with self.conn:
             coll = self.collection_id(collection, create=True)
-            replaced = self.earlier_versions(collection, source, owner, legacy, sha256)
+            replaced = self.earlier_versions(collection, source, owner, admin, sha256)
             for doc_id in replaced:
                 self._delete_document(doc_id)
             self.conn.execute(

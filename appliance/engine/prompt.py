@@ -54,11 +54,11 @@ def user_message(question: str, sources: list[str], more: bool = False) -> str:
     return ("More sources:\n" if more else "Sources:\n") + "\n".join(sources) + f"\n\nQuestion: {question}"
 
 
-def build_messages(question: str, sources: list[str], rag: bool = True,
+def build_messages(question: str, sources: list[str], use_rag: bool = True,
                    history: list[dict] | None = None, more: bool = False) -> list[dict]:
     """System prompt (constant, so llama.cpp keeps it cached), earlier turns, then the question."""
     return [
-        {"role": "system", "content": SYSTEM_PROMPT if rag else NO_RAG_SYSTEM_PROMPT},
+        {"role": "system", "content": SYSTEM_PROMPT if use_rag else NO_RAG_SYSTEM_PROMPT},
         *(history or []),
         {"role": "user", "content": user_message(question, sources, more)},
     ]

@@ -1,5 +1,5 @@
 """The database's schema, as ordered, named migrations: each is applied once, in order, under the
-write lock (appliance.store.Store.migrate), and recorded in `_migrations`. Add a new one at the end;
+write lock (appliance.retrieval.store.Store.migrate), and recorded in `_migrations`. Add a new one at the end;
 never edit one that has shipped."""
 
 MIGRATIONS: list[tuple[str, str]] = [

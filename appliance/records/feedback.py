@@ -16,7 +16,7 @@ The export (format `appliance-feedback/1`) is a directory:
   ratings.jsonl    {"question", "answer", "rating": "good"|"bad", "note"}
   manifest.json    export id, creation time, the appliance's key id and public key, every file's
                    sha256/bytes/records, counts, feedback ids, models judged
-  manifest.sig     base64 ed25519 signature of manifest.json's exact bytes (appliance.identity)
+  manifest.sig     base64 ed25519 signature of manifest.json's exact bytes (appliance.bundles.identity)
 Every record carries `feedback`: {id, kind, answer_audit_id, model_sha256, generation, question}. Nothing
 else leaves: no document text beyond the sources shown with the answers that were judged.
 `verify_export` is the builder's check of all of this; it lives here, beside the writer.
@@ -27,14 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import identity
-from appliance.audit import sha256_text
-from appliance.errors import FeedbackError
-from appliance.manifest import utc_stamp
-from appliance.prompt import build_messages, format_source, source_title
+from appliance.bundles import identity
+from appliance.bundles.manifest import utc_stamp
+from appliance.engine.prompt import build_messages, format_source, source_title
+from appliance.errors import FeedbackError, NotFoundError
+from appliance.records.audit import entry, os_user, sha256_text
+from appliance.schemas import FeedbackRecorded
 
 FORMAT = "appliance-feedback/1"
 KINDS = ("good", "bad", "correction", "irrelevant_source", "missing_source")
@@ -77,7 +79,7 @@ class Item:
         if any(s["text"] is None for s in self.sources):
             return None
         blocks = [format_source(s["n"], s["title"], s["text"]) for s in self.sources]
-        return build_messages(self.question, blocks, rag=bool(self.sources))
+        return build_messages(self.question, blocks, use_rag=bool(self.sources))
 
 
 _COLUMNS = ("id", "time", "user", "answer_audit_id", "kind", "question", "answer", "sources", "correction",
@@ -92,7 +94,7 @@ def _item(values) -> Item:
 
 
 def answer_texts(store, audit_id: int, detail: dict, question: str | None, answer: str | None) -> tuple[str, str]:
-    """The question and answer of an `ask` audit row (`store`: appliance.store.Store, which keeps the
+    """The question and answer of an `ask` audit row (`store`: appliance.retrieval.store.Store, which keeps the
     conversations), proven against its sha256s."""
     if question is None or answer is None:
         turn = store.answered_turn(audit_id)
@@ -146,6 +148,51 @@ def add(conn, *, user: str, answer_audit_id: int, kind: str, question: str, answ
              json.dumps(sources), correction, source_n, json.dumps(chunk) if chunk else None, note, model_sha256,
              generation))
         return conn.last_insert_rowid()
+
+
+def record(store, answer_audit_id: int, kind: str, *, write_audit: Callable[[dict], int], correction: str | None = None,
+           source: int | None = None, chunk_id: int | None = None, note: str | None = None,
+           question: str | None = None, answer: str | None = None, user: str | None = None,
+           admin: bool = True) -> FeedbackRecorded:
+    """Feedback on the answer of audit row `answer_audit_id`, checked and stored; `write_audit(detail)`
+    records it and returns the audit row's id. `source`: the [n] an `irrelevant_source` names;
+    `chunk_id`: the chunk a `missing_source` adds; `question`/`answer`: only for answers kept nowhere
+    else, checked against the row's sha256s. Not `admin` (an operator over the socket): only on
+    `user`'s own answers; another user's answer gets the same NotFoundError as one that does not
+    exist, so ids tell nothing."""
+    if kind not in KINDS:
+        raise FeedbackError(f"unknown feedback kind {kind!r}", f"one of: {', '.join(KINDS)}")
+    for name, text in (("correction", correction), ("note", note)):
+        if text is not None and len(text) > MAX_TEXT:
+            raise FeedbackError(f"the {name} is {len(text)} characters; at most {MAX_TEXT}", "shorten it")
+    row = entry(store.conn, answer_audit_id)
+    if row is None or row[0] != "ask" or not (admin or row[4] == user):
+        raise NotFoundError(f"audit row {answer_audit_id} is not an answer" + ("" if admin else " of yours"),
+                            "give the audit_id an answer returned (`appliance audit list --action ask`)")
+    detail = row[1]
+    asked, answered = answer_texts(store, answer_audit_id, detail, question, answer)
+    sources = answer_sources(store, detail)
+    chunk = None
+    if kind == "correction" and not (correction or "").strip():
+        raise FeedbackError("a correction needs the corrected answer", "write what the answer should have been")
+    if kind == "irrelevant_source" and not (source and 1 <= source <= len(sources)):
+        raise FeedbackError(f"source {source} is not one of the answer's {len(sources)} sources",
+                            f"give a number from 1 to {len(sources)}" if sources else "this answer had none")
+    if kind == "missing_source":
+        found = store.chunks([chunk_id]).get(chunk_id) if chunk_id else None
+        if found is None:
+            raise FeedbackError(f"no chunk {chunk_id}", "find it with `appliance search` (chunk_id in --json)")
+        chunk = chunk_json(found)
+    fid = add(store.conn, user=user or os_user(), answer_audit_id=answer_audit_id, kind=kind, question=asked,
+              answer=answered, sources=sources, correction=correction.strip() if correction else None,
+              source_n=source if kind == "irrelevant_source" else None, chunk=chunk, note=note,
+              model_sha256=row[2], generation=row[3])
+    row_id = write_audit({"feedback_id": fid, "answer_audit_id": answer_audit_id, "kind": kind,
+                          **({"correction_sha256": sha256_text(correction.strip())} if correction else {}),
+                          **({"source": source} if kind == "irrelevant_source" else {}),
+                          **({"chunk_id": chunk_id} if chunk else {})})
+    link_audit(store.conn, fid, row_id)
+    return FeedbackRecorded(id=fid, kind=kind, answer_audit_id=answer_audit_id, audit_id=row_id)
 
 
 def link_audit(conn, feedback_id: int, audit_id: int) -> None:
