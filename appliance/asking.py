@@ -34,33 +34,58 @@ HISTORY_MESSAGES = 4  # earlier turns sent with a question: follow-ups work, sou
 RECALL_MESSAGES = 12  # a conversation this process answered is sent whole, with its sources, up to this
 
 
-def prepare(app: Appliance, question: str, collection: str | None = None, use_rag: bool = True,
-            max_tokens: int | None = None, sampling: Sampling | None = None, history: list[dict] | None = None,
-            user: str | None = None, conversation: int | None = None, tokenizer=None,
-            model_info: dict | None = None) -> AskJob:
+def prepare(
+    app: Appliance,
+    question: str,
+    collection: str | None = None,
+    use_rag: bool = True,
+    max_tokens: int | None = None,
+    sampling: Sampling | None = None,
+    history: list[dict] | None = None,
+    user: str | None = None,
+    conversation: int | None = None,
+    tokenizer=None,
+    model_info: dict | None = None,
+) -> AskJob:
     """Everything before the model: history, retrieval, the prompt. `sampling`: default the settings'
     temperature; `tokenizer`: what counts tokens and knows the context (default: the loaded engine);
     `model_info`: the model that will answer."""
     app.audit_ready()  # nothing is answered that cannot be audited
     tokenizer = tokenizer or app.engine
     if conversation is not None and history is None:
-        history = [{"role": m["role"], "content": m["content"]}
-                   for m in app.store.messages(conversation, limit=RECALL_MESSAGES)]
+        history = [
+            {"role": m["role"], "content": m["content"]}
+            for m in app.store.messages(conversation, limit=RECALL_MESSAGES)
+        ]
     max_tokens = max_tokens or app.settings.max_tokens
     given = history
     history, earlier = history_for(app, history, max_tokens, tokenizer) if history else (history, [])
     # A follow-up keeps its earlier sources; follow_up_k new ones join them (searched for past those).
     follow_up = use_rag and bool(earlier)
     start = time.perf_counter()
-    hits = app.hits(question, k=app.settings.follow_up_k + len(earlier) if follow_up else None,
-                    collection=collection) if use_rag else []
+    hits = (
+        app.hits(
+            question, k=app.settings.follow_up_k + len(earlier) if follow_up else None, collection=collection
+        )
+        if use_rag
+        else []
+    )
     retrieval_ms = (time.perf_counter() - start) * 1000
-    prep = rag.prepare(tokenizer, question, hits, model_info or app.model_info(), n_ctx=tokenizer.n_ctx,
-                       max_tokens=max_tokens, sampling=sampling or app.sampling(), use_rag=use_rag,
-                       retrieval_ms=retrieval_ms, history=history,
-                       earlier=earlier if use_rag else None,
-                       new_sources=app.settings.follow_up_k if follow_up else None,
-                       titles=app.store.ref_titles())
+    prep = rag.prepare(
+        tokenizer,
+        question,
+        hits,
+        model_info or app.model_info(),
+        n_ctx=tokenizer.n_ctx,
+        max_tokens=max_tokens,
+        sampling=sampling or app.sampling(),
+        use_rag=use_rag,
+        retrieval_ms=retrieval_ms,
+        history=history,
+        earlier=earlier if use_rag else None,
+        new_sources=app.settings.follow_up_k if follow_up else None,
+        titles=app.store.ref_titles(),
+    )
     return AskJob(prep, given, collection, use_rag, user, conversation)
 
 
@@ -72,10 +97,14 @@ def finish(app: Appliance, job: AskJob, pieces: list[str], timing: dict, stopped
     if not result.stopped:
         app.turns.remember(question, result)
     detail: dict[str, object] = {
-        "question_sha256": audit.sha256_text(question), "answer_sha256": audit.sha256_text(result.answer),
-        "collection": job.collection, "rag": job.use_rag,
+        "question_sha256": audit.sha256_text(question),
+        "answer_sha256": audit.sha256_text(result.answer),
+        "collection": job.collection,
+        "rag": job.use_rag,
         "chunks": [{"chunk_id": h.chunk_id, "doc_sha256": h.doc_sha256} for h in result.sources],
-        "citations": [c["n"] for c in result.citations], "unverified_codes": result.unverified_codes}
+        "citations": [c["n"] for c in result.citations],
+        "unverified_codes": result.unverified_codes,
+    }
     if result.conflicting_codes:
         detail["conflicting_codes"] = result.conflicting_codes
     if result.stopped:
@@ -93,7 +122,9 @@ def finish(app: Appliance, job: AskJob, pieces: list[str], timing: dict, stopped
     return result
 
 
-def history_for(app: Appliance, history: list[dict], max_tokens: int, tokenizer) -> tuple[list[dict], list[rag.Hit]]:
+def history_for(
+    app: Appliance, history: list[dict], max_tokens: int, tokenizer
+) -> tuple[list[dict], list[rag.Hit]]:
     """The history to send and the sources numbered in it: the conversation as the model saw it
     (rag.TurnMemory) when this process answered all of it and it takes at most two thirds of the
     room left for the prompt, so the new question still gets sources; else its last turns as typed."""

@@ -61,8 +61,13 @@ class _Progress:
             from rich.console import Console
             from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
 
-            self.bar = Progress(TextColumn(label), BarColumn(), DownloadColumn() if in_bytes else MofNCompleteColumn(),
-                                TextColumn("{task.description}"), console=Console(stderr=True))
+            self.bar = Progress(
+                TextColumn(label),
+                BarColumn(),
+                DownloadColumn() if in_bytes else MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                console=Console(stderr=True),
+            )
 
     def __call__(self, item, done: int, total: int | None = None) -> None:
         if total is None:  # (done, total) form
@@ -79,7 +84,9 @@ class _Progress:
                 self.bar.stop()
                 self.task = None
         elif self.in_bytes:
-            _err(f"{self.label} {done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / max(total, 1):.0f}%) {name}")
+            _err(
+                f"{self.label} {done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / max(total, 1):.0f}%) {name}"
+            )
         elif item:
             _err(f"{self.label} {done}/{total} {name}")
 
@@ -128,17 +135,27 @@ class _Group(click.Group):
             ctx.exit(130)
         except PermissionError as exc:  # in-process on a home this user may not read or write
             _err(f"error: {_line(exc.filename or 'the appliance home')}: permission denied")
-            _err("  fix: run it as the appliance's user, or through the running service (`appliance serve`), "
-                 "which needs no access to its home")
+            _err(
+                "  fix: run it as the appliance's user, or through the running service (`appliance serve`), "
+                "which needs no access to its home"
+            )
             ctx.exit(int(ExitCode.CONFIG))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="appliance")
-@click.option("--home", type=click.Path(path_type=Path), envvar="APPLIANCE_HOME",
-              help="Appliance home (default $APPLIANCE_HOME or ~/.local/share/appliance).")
-@click.option("--local", is_flag=True, help="Work in-process even when `appliance serve` is running "
-                                            "(ask, search and status use the service otherwise).")
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    envvar="APPLIANCE_HOME",
+    help="Appliance home (default $APPLIANCE_HOME or ~/.local/share/appliance).",
+)
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Work in-process even when `appliance serve` is running "
+    "(ask, search and status use the service otherwise).",
+)
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, local: bool) -> None:
     """Air-gapped language-model appliance: cited answers from your documents, on CPU, offline.
@@ -160,9 +177,12 @@ def cli(ctx: click.Context, home: Path | None, local: bool) -> None:
 @cli.command("install-generation")
 @click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--unsigned", is_flag=True, help="Required: acknowledges that no signature is checked.")
-@click.option("--force-unsigned", is_flag=True,
-              help="On an appliance with a trusted root (which otherwise installs signed bundles only): install "
-                   "anyway (audited).")
+@click.option(
+    "--force-unsigned",
+    is_flag=True,
+    help="On an appliance with a trusted root (which otherwise installs signed bundles only): install "
+    "anyway (audited).",
+)
 @click.pass_context
 def install_generation(ctx, directory: Path, unsigned: bool, force_unsigned: bool) -> None:
     """Install a generation directory written by the builder (development path, no signature).
@@ -181,8 +201,10 @@ def install_generation(ctx, directory: Path, unsigned: bool, force_unsigned: boo
         raise click.UsageError("this path checks no signature; pass --unsigned to confirm that you mean it")
     app = _app(ctx)
     installed = app.install_generation(directory, force=force_unsigned)
-    _err(f"installed generation {installed.number} ({installed.manifest.model.name}, "
-         f"{installed.manifest.model.quant}) into {app.settings.home}")
+    _err(
+        f"installed generation {installed.number} ({installed.manifest.model.name}, "
+        f"{installed.manifest.model.quant}) into {app.settings.home}"
+    )
 
 
 @cli.group()
@@ -209,9 +231,14 @@ def trust_init(ctx, root_json: Path, force: bool, as_json: bool) -> None:
     if as_json:
         _echo_json(report)
         return
-    _err(f"trusted root version {report['root_version']} (expires {report['expires'][:10]}); "
-         + ", ".join(f"{role}: {report['thresholds'][role]} of {len(ids)} keys" for role, ids in report["keyids"].items())
-         + (" - replaced the previous root" if report["replaced"] else ""))
+    _err(
+        f"trusted root version {report['root_version']} (expires {report['expires'][:10]}); "
+        + ", ".join(
+            f"{role}: {report['thresholds'][role]} of {len(ids)} keys"
+            for role, ids in report["keyids"].items()
+        )
+        + (" - replaced the previous root" if report["replaced"] else "")
+    )
 
 
 @cli.group("bundle")
@@ -236,18 +263,25 @@ def bundle_verify(ctx, directory: Path, as_json: bool) -> None:
     if as_json:
         _echo_json(verified.model_dump(mode="json", exclude={"targets"}))
         return
-    click.echo(f"bundle {info.name} version {info.version}: {verified.files} files, "
-               f"{verified.bytes / 1e6:.1f} MB, signatures and hashes OK")
-    click.echo(f"model {info.model['name']} {info.model['quant']}, embedder {info.embedder['name']} "
-               f"({info.embedder['dim']}-d), needs {info.min_ram_mb} MB of memory")
+    click.echo(
+        f"bundle {info.name} version {info.version}: {verified.files} files, "
+        f"{verified.bytes / 1e6:.1f} MB, signatures and hashes OK"
+    )
+    click.echo(
+        f"model {info.model['name']} {info.model['quant']}, embedder {info.embedder['name']} "
+        f"({info.embedder['dim']}-d), needs {info.min_ram_mb} MB of memory"
+    )
     for note in verified.notes:
         _err(f"note: {note}")
 
 
 @bundle_group.command("install")
 @click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--allow-downgrade", is_flag=True,
-              help="Install an older version than the one trusted (audited; never below security_floor).")
+@click.option(
+    "--allow-downgrade",
+    is_flag=True,
+    help="Install an older version than the one trusted (audited; never below security_floor).",
+)
 @json_option("Print the result as JSON.")
 @click.pass_context
 def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -> None:
@@ -264,18 +298,28 @@ def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -
     Example:
       appliance bundle install /media/usb
     """
-    result = _backend(ctx).install_bundle(directory, allow_downgrade, progress=_Progress("installing", in_bytes=True),
-                                          reembed_progress=_Progress("re-embedding"))
+    result = _backend(ctx).install_bundle(
+        directory,
+        allow_downgrade,
+        progress=_Progress("installing", in_bytes=True),
+        reembed_progress=_Progress("re-embedding"),
+    )
     if as_json:
         _echo_json(result.model_dump(mode="json", exclude={"bundle"}))
         return
     if result.generation is None or result.bundle is None:
         _err(result.message)
         return
-    _err(f"{result.message} ({result.bundle.name}, {result.bundle.model['quant']}); "
-         f"health check {result.health.get('seconds', 0):.1f} s"
-         + (f", re-embedded {result.health['reembedded_chunks']} chunks" if result.health.get("reembedded_chunks")
-            else "") + ("; DOWNGRADE" if result.downgrade else ""))
+    _err(
+        f"{result.message} ({result.bundle.name}, {result.bundle.model['quant']}); "
+        f"health check {result.health.get('seconds', 0):.1f} s"
+        + (
+            f", re-embedded {result.health['reembedded_chunks']} chunks"
+            if result.health.get("reembedded_chunks")
+            else ""
+        )
+        + ("; DOWNGRADE" if result.downgrade else "")
+    )
 
 
 @bundle_group.command("rollback")
@@ -301,8 +345,10 @@ def bundle_list(ctx, as_json: bool) -> None:
     for r in rows:
         mark = "current " if r["current"] else "previous" if r["previous"] else ""
         version = f"v{r['version']}" if r["version"] is not None else "unsigned"
-        click.echo(f"{r['generation']:>4}  {mark:<8}  {version:<9} {r.get('name') or '-':<28} "
-                   f"{r.get('quant') or '-':<8} installed {r['installed']}")
+        click.echo(
+            f"{r['generation']:>4}  {mark:<8}  {version:<9} {r.get('name') or '-':<28} "
+            f"{r.get('quant') or '-':<8} installed {r['installed']}"
+        )
 
 
 @cli.command()
@@ -334,18 +380,24 @@ def ingest(ctx, paths: tuple[Path, ...], collection: str, as_json: bool) -> None
         for item in report.added:
             click.echo(f"added     {_line(item['source'])}  ({item['chunks']} chunks)")
             if item.get("note"):
-                _err(f"note: {_line(item['source'])}: {item['note']} (--collection "
-                     "reference makes it one; administrators only)")
+                _err(
+                    f"note: {_line(item['source'])}: {item['note']} (--collection "
+                    "reference makes it one; administrators only)"
+                )
         for source in report.unchanged:
             click.echo(f"unchanged {_line(source)}")
         for item in report.duplicates:
-            click.echo(f"duplicate {_line(item['source'])}: the same text as {_line(item['same_as'])}, kept once"
-                       + (" (its earlier version removed)" if item["removed"] else ""))
+            click.echo(
+                f"duplicate {_line(item['source'])}: the same text as {_line(item['same_as'])}, kept once"
+                + (" (its earlier version removed)" if item["removed"] else "")
+            )
         for item in report.failed:
             click.echo(f"FAILED    {_line(item['error'])}")
-    _err(f"{len(report.added)} added, {len(report.unchanged)} unchanged, {len(report.duplicates)} duplicates, "
-         f"{len(report.failed)} failed "
-         f"(collection '{collection}')")
+    _err(
+        f"{len(report.added)} added, {len(report.unchanged)} unchanged, {len(report.duplicates)} duplicates, "
+        f"{len(report.failed)} failed "
+        f"(collection '{collection}')"
+    )
     if report.failed:
         ctx.exit(int(ExitCode.INGEST))
 
@@ -366,7 +418,9 @@ def docs_list(ctx, collection: str | None, as_json: bool) -> None:
         _echo_json({"documents": [vars(r) for r in rows]})
         return
     for r in rows:
-        click.echo(f"{r.id:>5}  {_line(r.collection):<12} {r.chunks:>5} chunks  {r.sha256[:12]}  {_line(r.source)}")
+        click.echo(
+            f"{r.id:>5}  {_line(r.collection):<12} {r.chunks:>5} chunks  {r.sha256[:12]}  {_line(r.source)}"
+        )
 
 
 @docs.command("remove")
@@ -400,8 +454,10 @@ def search(ctx, query: str, k: int, collection: str | None, as_json: bool) -> No
         _err("no results")
     for i, h in enumerate(hits, start=1):
         snippet = _line(" ".join(h.text.split())[:160])
-        click.echo(f"[{i}] {_line(h.title)} ({_named(h)}, chunk {h.position})"
-                   f"{' exact' if h.exact else ''}\n    {snippet}")
+        click.echo(
+            f"[{i}] {_line(h.title)} ({_named(h)}, chunk {h.position})"
+            f"{' exact' if h.exact else ''}\n    {snippet}"
+        )
 
 
 @cli.command()
@@ -427,20 +483,33 @@ def lookup(ctx, query: str, collection: str | None, limit: int, as_json: bool) -
         _err(f"no reference row matches '{query}'")
         ctx.exit(int(ExitCode.NOT_FOUND))
     for r in rows:
-        click.echo(f"{_line(r['code'] or '-'):<12} {_line(r['title'] or '-'):<40} {r['match']:<18} "
-                   f"{_line(Path(r['source']).name)}")
+        click.echo(
+            f"{_line(r['code'] or '-'):<12} {_line(r['title'] or '-'):<40} {r['match']:<18} "
+            f"{_line(Path(r['source']).name)}"
+        )
 
 
 @cli.command()
 @click.argument("rfp_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Markdown file to write.")
-@click.option("--collection", "-c", "collections", multiple=True, help="Retrieve from this collection (repeatable).")
+@click.option(
+    "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Markdown file to write."
+)
+@click.option(
+    "--collection", "-c", "collections", multiple=True, help="Retrieve from this collection (repeatable)."
+)
 @click.option("--docx", "as_docx", is_flag=True, help="Also write a Word document next to --out.")
 @click.option("--max-tokens", type=click.IntRange(1, 4096), help="Cap on each response paragraph.")
 @json_option("Print the summary as JSON.")
 @click.pass_context
-def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx: bool, max_tokens: int | None,
-          as_json: bool) -> None:
+def draft(
+    ctx,
+    rfp_file: Path,
+    out: Path,
+    collections: tuple[str, ...],
+    as_docx: bool,
+    max_tokens: int | None,
+    as_json: bool,
+) -> None:
     """Draft a proposal from an RFP (pdf, docx, md, txt): compliance matrix, cited responses, staffing.
 
     Every "shall"/"must"/"will provide" statement becomes a row of the compliance matrix and a
@@ -454,18 +523,26 @@ def draft(ctx, rfp_file: Path, out: Path, collections: tuple[str, ...], as_docx:
     from appliance.drafting.draft import write_docx
 
     progress = _Progress("drafting")
-    result = _backend(ctx).draft(rfp_file, list(collections) or None, max_tokens,
-                                 progress=lambda item, i, n: progress(f"requirement {item}" if item else "", i, n))
+    result = _backend(ctx).draft(
+        rfp_file,
+        list(collections) or None,
+        max_tokens,
+        progress=lambda item, i, n: progress(f"requirement {item}" if item else "", i, n),
+    )
     out.write_text(result.markdown)
     if as_docx:
         write_docx(result.markdown, out.with_suffix(".docx"))
     if as_json:
         _echo_json(result.model_dump(mode="json", exclude={"markdown"}))
-    _err(f"wrote {out}{' and ' + str(out.with_suffix('.docx')) if as_docx else ''}: "
-         f"{result.requirements_found} requirements, {result.answered} drafted, {len(result.gaps)} gaps, "
-         f"{len(result.staffing)} roles staffed, {len(result.sources)} sources cited")
+    _err(
+        f"wrote {out}{' and ' + str(out.with_suffix('.docx')) if as_docx else ''}: "
+        f"{result.requirements_found} requirements, {result.answered} drafted, {len(result.gaps)} gaps, "
+        f"{len(result.staffing)} roles staffed, {len(result.sources)} sources cited"
+    )
     if result.unknown_codes:
-        _err(f"warning: codes not in the reference tables (flagged in the draft): {', '.join(result.unknown_codes)}")
+        _err(
+            f"warning: codes not in the reference tables (flagged in the draft): {', '.join(result.unknown_codes)}"
+        )
     if result.gaps:
         _err(f"warning: requirements without a response: {', '.join(result.gaps)}")
 
@@ -483,31 +560,51 @@ def _print_answer(result: AnswerReport, streamed: bool) -> None:
     if result.unknown_citations:
         _err(f"warning: the answer cites sources that do not exist: {result.unknown_citations}")
     if result.unverified_codes:
-        _err(f"warning: codes in the answer that no source contains (do not rely on them): "
-             f"{', '.join(result.unverified_codes)}; check with `appliance search CODE`")
+        _err(
+            f"warning: codes in the answer that no source contains (do not rely on them): "
+            f"{', '.join(result.unverified_codes)}; check with `appliance search CODE`"
+        )
     for c in result.conflicting_codes:
-        _err(f"warning: {c['code']} contradicts the reference table, which gives {_line(c['title'])} the code "
-             f"{c['table_code']} ({_line(Path(c['table_source']).name)})")
+        _err(
+            f"warning: {c['code']} contradicts the reference table, which gives {_line(c['title'])} the code "
+            f"{c['table_code']} ({_line(Path(c['table_source']).name)})"
+        )
     for m in result.miscited_codes:
-        _err(f"warning: {m['code']} is not in the cited source{'s' if len(m['cited']) > 1 else ''} "
-             f"{', '.join(f'[{n}]' for n in m['cited'])}; it is in {', '.join(f'[{n}]' for n in m['found_in'])}")
+        _err(
+            f"warning: {m['code']} is not in the cited source{'s' if len(m['cited']) > 1 else ''} "
+            f"{', '.join(f'[{n}]' for n in m['cited'])}; it is in {', '.join(f'[{n}]' for n in m['found_in'])}"
+        )
     t = result.timing
-    _err(f"(retrieval {t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
-         f"{t['tokens_per_s'] or 0:.1f} tokens/s; audit id {result.audit_id}: "
-         f"`appliance feedback add {result.audit_id} --good` or `--correct TEXT`)")
+    _err(
+        f"(retrieval {t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
+        f"{t['tokens_per_s'] or 0:.1f} tokens/s; audit id {result.audit_id}: "
+        f"`appliance feedback add {result.audit_id} --good` or `--correct TEXT`)"
+    )
 
 
 @cli.command()
 @click.argument("question", required=False)
 @click.option("--collection", "-c", help="Retrieve only from this collection.")
-@click.option("--rag/--no-rag", "use_rag", default=True, show_default=True,
-              help="Retrieve sources for the answer (--no-rag: answer from the model alone).")
+@click.option(
+    "--rag/--no-rag",
+    "use_rag",
+    default=True,
+    show_default=True,
+    help="Retrieve sources for the answer (--no-rag: answer from the model alone).",
+)
 @click.option("--max-tokens", type=click.IntRange(1, 4096), help="Cap on generated tokens.")
 @click.option("--temperature", type=click.FloatRange(0.0, 2.0), help="Sampling temperature.")
 @json_option("Print JSON (no streaming).")
 @click.pass_context
-def ask(ctx, question: str | None, collection: str | None, use_rag: bool, max_tokens: int | None,
-        temperature: float | None, as_json: bool) -> None:
+def ask(
+    ctx,
+    question: str | None,
+    collection: str | None,
+    use_rag: bool,
+    max_tokens: int | None,
+    temperature: float | None,
+    as_json: bool,
+) -> None:
     """Answer a question from the documents, citing sources as [n].
 
     Without QUESTION, reads questions from the terminal until an empty line or Ctrl-D.
@@ -526,13 +623,27 @@ def ask(ctx, question: str | None, collection: str | None, use_rag: bool, max_to
 
     def one(q: str) -> None:
         if as_json:
-            _echo_json(app.ask(q, collection=collection, use_rag=use_rag, max_tokens=max_tokens,
-                               temperature=temperature, conversation=conversation))
+            _echo_json(
+                app.ask(
+                    q,
+                    collection=collection,
+                    use_rag=use_rag,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    conversation=conversation,
+                )
+            )
             return
         # Model output is text for a terminal: escape sequences and control characters never pass.
-        result = app.ask(q, collection=collection, use_rag=use_rag, max_tokens=max_tokens, temperature=temperature,
-                         conversation=conversation,
-                         on_text=lambda piece: click.echo(clean_text(piece), nl=False))
+        result = app.ask(
+            q,
+            collection=collection,
+            use_rag=use_rag,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            conversation=conversation,
+            on_text=lambda piece: click.echo(clean_text(piece), nl=False),
+        )
         click.echo()
         _print_answer(result, streamed=True)
 
@@ -540,9 +651,11 @@ def ask(ctx, question: str | None, collection: str | None, use_rag: bool, max_to
         one(question)
         return
     status = app.status()
-    _err(f"appliance: generation {status.generation}, model {status.model['name']}, "
-         f"{sum(c['chunks'] for c in status.collections)} chunks in "
-         f"{len(status.collections)} collections. Empty line or Ctrl-D to quit.")
+    _err(
+        f"appliance: generation {status.generation}, model {status.model['name']}, "
+        f"{sum(c['chunks'] for c in status.collections)} chunks in "
+        f"{len(status.collections)} collections. Empty line or Ctrl-D to quit."
+    )
     while True:
         try:
             q = click.prompt("\nquestion", default="", show_default=False, err=True)
@@ -565,38 +678,71 @@ def status(ctx, as_json: bool) -> None:
     m, e = data["model"], data["embedder"]
     click.echo(f"home        {data['home']}")
     version = f"signed bundle v{data['version']}" if data["version"] is not None else "unsigned"
-    click.echo(f"generation  {data['generation']}, {version} (installed: {', '.join(map(str, data['generations']))})")
-    click.echo(f"model       {m['name']} {m['quant']} {m['parameters']:,} parameters, sha256 {m['sha256'][:16]}")
+    click.echo(
+        f"generation  {data['generation']}, {version} (installed: {', '.join(map(str, data['generations']))})"
+    )
+    click.echo(
+        f"model       {m['name']} {m['quant']} {m['parameters']:,} parameters, sha256 {m['sha256'][:16]}"
+    )
     click.echo(f"embedder    {e['name']} ({e['dim']}-d)")
     if engine := data.get("engine"):  # only through a service whose llama-server generates
-        click.echo(f"engine      llama-server on {engine['slots']} slots, {engine['busy']} request(s) generating"
-                   f"{'' if engine['running'] else ', not running (the next answer starts it)'}, "
-                   f"started {engine['starts']} time(s)")
+        click.echo(
+            f"engine      llama-server on {engine['slots']} slots, {engine['busy']} request(s) generating"
+            f"{'' if engine['running'] else ', not running (the next answer starts it)'}, "
+            f"started {engine['starts']} time(s)"
+        )
     key = data.get("appliance_key")
-    click.echo(f"signing key {key['key_id']} (ed25519; public key: {data['home']}/identity/appliance.pub)" if key
-               else "signing key none yet (made by `appliance trust init` or the first feedback export)")
+    click.echo(
+        f"signing key {key['key_id']} (ed25519; public key: {data['home']}/identity/appliance.pub)"
+        if key
+        else "signing key none yet (made by `appliance trust init` or the first feedback export)"
+    )
     for c in data["collections"] or [{"name": "(none)", "documents": 0, "chunks": 0}]:
         click.echo(f"collection  {c['name']:<14} {c['documents']:>4} documents {c['chunks']:>6} chunks")
 
 
 @cli.command()
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Unix socket to listen on (default $XDG_RUNTIME_DIR/appliance.sock, else run/appliance.sock "
-                   "under the home; /run/appliance/api.sock under systemd). Its directory must be writable by "
-                   "its owner alone [setting socket].")
-@click.option("--queue", "queue_size", type=click.IntRange(0, 256),
-              help="Requests that may wait for the worker; the next one gets 503 with Retry-After "
-                   "[setting queue, default 4].")
-@click.option("--tcp", metavar="HOST:PORT", help="Also listen on TCP (off by default); every request there needs "
-                                                 "a bearer token from --token-file [setting tcp].")
-@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Lines 'NAME TOKEN [admin]' (mode 0600); NAME is recorded as the user in the audit log "
-                   "[setting token_file].")
-@click.option("--slots", type=click.IntRange(1, 64),
-              help="Answers decoded together by the engine server [setting slots, default 4].")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Unix socket to listen on (default $XDG_RUNTIME_DIR/appliance.sock, else run/appliance.sock "
+    "under the home; /run/appliance/api.sock under systemd). Its directory must be writable by "
+    "its owner alone [setting socket].",
+)
+@click.option(
+    "--queue",
+    "queue_size",
+    type=click.IntRange(0, 256),
+    help="Requests that may wait for the worker; the next one gets 503 with Retry-After "
+    "[setting queue, default 4].",
+)
+@click.option(
+    "--tcp",
+    metavar="HOST:PORT",
+    help="Also listen on TCP (off by default); every request there needs "
+    "a bearer token from --token-file [setting tcp].",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Lines 'NAME TOKEN [admin]' (mode 0600); NAME is recorded as the user in the audit log "
+    "[setting token_file].",
+)
+@click.option(
+    "--slots",
+    type=click.IntRange(1, 64),
+    help="Answers decoded together by the engine server [setting slots, default 4].",
+)
 @click.pass_context
-def serve(ctx, socket_path: Path | None, queue_size: int | None, tcp: str | None, token_file: Path | None,
-          slots: int | None) -> None:
+def serve(
+    ctx,
+    socket_path: Path | None,
+    queue_size: int | None,
+    tcp: str | None,
+    token_file: Path | None,
+    slots: int | None,
+) -> None:
     """Serve the OpenAI-compatible API and the appliance routes on a Unix socket.
 
     The one process that writes the database while it runs; llama.cpp's server, its child, decodes up
@@ -627,9 +773,18 @@ def serve(ctx, socket_path: Path | None, queue_size: int | None, tcp: str | None
             raise click.UsageError(f"--tcp {tcp!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
         address = (host.strip("[]"), int(port))
     tokens = service.load_tokens(token_file) if token_file else None
-    service.serve(app, path, settings.queue, tcp=address, tokens=tokens,
-                  on_ready=lambda: _err(f"appliance: serving on {path}" + (f" and tcp {tcp} (bearer tokens)" if tcp else "")
-                                        + f" (generation {app.installed.number})"))
+    service.serve(
+        app,
+        path,
+        settings.queue,
+        tcp=address,
+        tokens=tokens,
+        on_ready=lambda: _err(
+            f"appliance: serving on {path}"
+            + (f" and tcp {tcp} (bearer tokens)" if tcp else "")
+            + f" (generation {app.installed.number})"
+        ),
+    )
 
 
 @cli.command()
@@ -654,8 +809,11 @@ def audit_group() -> None:
 
 
 @audit_group.command("list")
-@click.option("--action", help="Only this action (ask, draft, ingest, remove, install, install_refused, "
-                                "rollback, trust, recover, export).")
+@click.option(
+    "--action",
+    help="Only this action (ask, draft, ingest, remove, install, install_refused, "
+    "rollback, trust, recover, export).",
+)
 @click.option("--user", help="Only this OS user.")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="Newest rows at most.")
 @json_option()
@@ -668,13 +826,18 @@ def audit_list(ctx, action: str | None, user: str | None, limit: int, as_json: b
         return
     for e in entries:
         detail = json.dumps(e["detail"], separators=(",", ":"))
-        click.echo(f"{e['id']:>6}  {e['time']}  {e['user']:<10} {e['action']:<8} gen {e['generation'] or '-'}  "
-                   f"{e['row_hash'][:12]}  {detail[:80]}")
+        click.echo(
+            f"{e['id']:>6}  {e['time']}  {e['user']:<10} {e['action']:<8} gen {e['generation'] or '-'}  "
+            f"{e['row_hash'][:12]}  {detail[:80]}"
+        )
 
 
 @audit_group.command("verify")
-@click.option("--against", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="An earlier `audit export`: its rows must still be the log's first rows, ending at its head.")
+@click.option(
+    "--against",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="An earlier `audit export`: its rows must still be the log's first rows, ending at its head.",
+)
 @json_option()
 @click.pass_context
 def audit_verify(ctx, against: Path | None, as_json: bool) -> None:
@@ -687,24 +850,32 @@ def audit_verify(ctx, against: Path | None, as_json: bool) -> None:
         _echo_json(result)
     else:
         if result["first_bad_row"] is not None:
-            _err(f"audit chain broken at row {result['first_bad_row']} (of {result['rows']} checked): that row or "
-                 "the one before it was altered, inserted or deleted - compare with the last export")
+            _err(
+                f"audit chain broken at row {result['first_bad_row']} (of {result['rows']} checked): that row or "
+                "the one before it was altered, inserted or deleted - compare with the last export"
+            )
         for problem in result["problems"] + (result.get("against") or {}).get("problems", []):
             _err(f"audit: {problem}")
         if result["intact"]:
             unanchored = result["rows"] - result["anchored_rows"]
-            click.echo(f"audit chain intact: {result['rows']} rows, {result['checkpoints']} signed checkpoints, "
-                       f"head {(result['head'] or '-')[:16]}" + (f"; {unanchored} rows after the last checkpoint"
-                                                                 if unanchored > 0 else ""))
+            click.echo(
+                f"audit chain intact: {result['rows']} rows, {result['checkpoints']} signed checkpoints, "
+                f"head {(result['head'] or '-')[:16]}"
+                + (f"; {unanchored} rows after the last checkpoint" if unanchored > 0 else "")
+            )
             if against:
-                click.echo(f"matches the export {against} ({result['against']['rows']} rows, head "
-                           f"{(result['against']['head'] or '-')[:16]})")
+                click.echo(
+                    f"matches the export {against} ({result['against']['rows']} rows, head "
+                    f"{(result['against']['head'] or '-')[:16]})"
+                )
     if not result["intact"]:
         ctx.exit(int(ExitCode.FAILURE))
 
 
 @audit_group.command("export")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="JSON lines file.")
+@click.option(
+    "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="JSON lines file."
+)
 @click.pass_context
 def audit_export(ctx, out: Path) -> None:
     """Write every row with its chain, then the signed checkpoints, as JSON lines (checkable by the
@@ -714,8 +885,11 @@ def audit_export(ctx, out: Path) -> None:
     app = _app(ctx)
     n = audit.export(app.store.conn, out, app.checkpoint_lines() or [])
     app.audit("export", {"out": str(out.resolve()), "rows": n}, with_model=False)
-    _err(f"exported {n} audit rows to {out}; its head: {json.loads(out.read_text().splitlines()[n - 1])['row_hash']}"
-         if n else f"exported 0 audit rows to {out}")
+    _err(
+        f"exported {n} audit rows to {out}; its head: {json.loads(out.read_text().splitlines()[n - 1])['row_hash']}"
+        if n
+        else f"exported 0 audit rows to {out}"
+    )
 
 
 @cli.group("feedback")
@@ -728,17 +902,34 @@ def feedback_group() -> None:
 @click.option("--good", is_flag=True, help="The answer was right.")
 @click.option("--bad", is_flag=True, help="The answer was wrong (say how with --correct).")
 @click.option("--correct", "correction", metavar="TEXT", help="What the answer should have been.")
-@click.option("--irrelevant", "source", type=click.IntRange(1), metavar="N", help="Source [N] did not belong.")
-@click.option("--missing", "chunk_id", type=click.IntRange(1), metavar="CHUNK_ID",
-              help="This chunk should have been found (chunk_id from `appliance search --json`).")
+@click.option(
+    "--irrelevant", "source", type=click.IntRange(1), metavar="N", help="Source [N] did not belong."
+)
+@click.option(
+    "--missing",
+    "chunk_id",
+    type=click.IntRange(1),
+    metavar="CHUNK_ID",
+    help="This chunk should have been found (chunk_id from `appliance search --json`).",
+)
 @click.option("--note", help="A remark kept with the feedback.")
 @click.option("--question", help="Only for answers kept nowhere else: the question, exactly as asked.")
 @click.option("--answer", help="Only for answers kept nowhere else: the answer, exactly as returned.")
 @json_option("Print the stored feedback as JSON.")
 @click.pass_context
-def feedback_add(ctx, audit_id: int, good: bool, bad: bool, correction: str | None, source: int | None,
-                 chunk_id: int | None, note: str | None, question: str | None, answer: str | None,
-                 as_json: bool) -> None:
+def feedback_add(
+    ctx,
+    audit_id: int,
+    good: bool,
+    bad: bool,
+    correction: str | None,
+    source: int | None,
+    chunk_id: int | None,
+    note: str | None,
+    question: str | None,
+    answer: str | None,
+    as_json: bool,
+) -> None:
     """Judge the answer of audit row AUDIT_ID (printed with every answer; `appliance audit list --action ask`).
 
     Exactly one of --good, --bad, --correct, --irrelevant, --missing. The feedback is tied to the
@@ -750,12 +941,29 @@ def feedback_add(ctx, audit_id: int, good: bool, bad: bool, correction: str | No
       appliance feedback add 42 --irrelevant 3
       appliance feedback add 42 --missing 117
     """
-    chosen = [k for k, v in (("good", good), ("bad", bad), ("correction", correction),
-                             ("irrelevant_source", source), ("missing_source", chunk_id)) if v]
+    chosen = [
+        k
+        for k, v in (
+            ("good", good),
+            ("bad", bad),
+            ("correction", correction),
+            ("irrelevant_source", source),
+            ("missing_source", chunk_id),
+        )
+        if v
+    ]
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of --good, --bad, --correct, --irrelevant, --missing")
-    result = _backend(ctx).feedback(audit_id, chosen[0], correction=correction, source=source, chunk_id=chunk_id,
-                                    note=note, question=question, answer=answer)
+    result = _backend(ctx).feedback(
+        audit_id,
+        chosen[0],
+        correction=correction,
+        source=source,
+        chunk_id=chunk_id,
+        note=note,
+        question=question,
+        answer=answer,
+    )
     if as_json:
         _echo_json(result)
         return
@@ -776,18 +984,32 @@ def feedback_list(ctx, pending: bool, since: str | None, as_json: bool) -> None:
     if not rows:
         _err("no feedback" + (" pending" if pending else ""))
     for r in rows:
-        what = {"correction": f"-> {r['correction']}", "irrelevant_source": f"source [{r['source_n']}]",
-                "missing_source": f"chunk {(r['chunk'] or {}).get('chunk_id')}"}.get(r["kind"], "")
+        what = {
+            "correction": f"-> {r['correction']}",
+            "irrelevant_source": f"source [{r['source_n']}]",
+            "missing_source": f"chunk {(r['chunk'] or {}).get('chunk_id')}",
+        }.get(r["kind"], "")
         state = "exported" if r["export_id"] else "pending"
-        click.echo(clean_text(f"{r['id']:>5}  {r['time'][:10]}  {r['user']:<10} {r['kind']:<17} answer {r['answer_audit_id']:<5} "
-                              f"{state:<8}  {r['question'][:40]!r} {what[:60]}"))
+        click.echo(
+            clean_text(
+                f"{r['id']:>5}  {r['time'][:10]}  {r['user']:<10} {r['kind']:<17} answer {r['answer_audit_id']:<5} "
+                f"{state:<8}  {r['question'][:40]!r} {what[:60]}"
+            )
+        )
 
 
 @feedback_group.command("export")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="New (or empty) directory to write the export to, e.g. on a USB stick.")
-@click.option("--since", metavar="DATE", help="Everything from this date (YYYY-MM-DD) on, exported before or "
-                                              "not (default: only what is pending).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="New (or empty) directory to write the export to, e.g. on a USB stick.",
+)
+@click.option(
+    "--since",
+    metavar="DATE",
+    help="Everything from this date (YYYY-MM-DD) on, exported before or not (default: only what is pending).",
+)
 @json_option("Print the result as JSON.")
 @click.pass_context
 def feedback_export(ctx, out: Path, since: str | None, as_json: bool) -> None:

@@ -73,15 +73,19 @@ def find_socket() -> Path | None:
         try:
             probe.connect(str(candidate))
             # Who answered, from the kernel: the path was checked, but what listens there now is what counts.
-            _, uid, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                             struct.calcsize("3i")))
+            _, uid, _ = struct.unpack(
+                "3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            )
         except OSError:
             continue
         finally:
             probe.close()
         if uid not in trusted_uids():
-            print(f"appliance: not using the service socket {candidate}: the process listening there runs as uid "
-                  f"{uid}, not as you, root or the service's user", file=sys.stderr)
+            print(
+                f"appliance: not using the service socket {candidate}: the process listening there runs as uid "
+                f"{uid}, not as you, root or the service's user",
+                file=sys.stderr,
+            )
             continue
         return candidate
     return None
@@ -131,8 +135,10 @@ def running_service(home: Path | None = None) -> ServiceClient | None:
 
 def _unreachable(path: Path, exc: Exception) -> ServiceError:
     """The service stopped, restarts or timed out: the caller says so and stays up (the next call connects again)."""
-    return ServiceError(f"the appliance service at {path} is not answering ({type(exc).__name__})",
-                        "start it again (`systemctl start appliance` or `appliance serve`) and retry")
+    return ServiceError(
+        f"the appliance service at {path} is not answering ({type(exc).__name__})",
+        "start it again (`systemctl start appliance` or `appliance serve`) and retry",
+    )
 
 
 class ServiceClient:
@@ -140,6 +146,7 @@ class ServiceClient:
         import httpx
 
         self.path = path
+
         class Client(httpx.Client):
             def send(self, *args, **kwargs):  # every request goes through here, streamed or not
                 try:
@@ -147,8 +154,11 @@ class ServiceClient:
                 except httpx.TransportError as exc:
                     raise _unreachable(path, exc) from exc
 
-        self.http = Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://appliance",
-                           timeout=httpx.Timeout(10.0, read=600.0))
+        self.http = Client(
+            transport=httpx.HTTPTransport(uds=str(path)),
+            base_url="http://appliance",
+            timeout=httpx.Timeout(10.0, read=600.0),
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -159,8 +169,10 @@ class ServiceClient:
                 message = response.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = response.text[:300]
-            raise ServiceError(f"the service at {self.path} answered {response.status_code}: {message}",
-                               "see `journalctl -u appliance` or the `appliance serve` output")
+            raise ServiceError(
+                f"the service at {self.path} answered {response.status_code}: {message}",
+                "see `journalctl -u appliance` or the `appliance serve` output",
+            )
         return response.json()
 
     @contextlib.contextmanager
@@ -190,7 +202,9 @@ class ServiceClient:
 
     def documents(self, collection: str | None = None) -> list[DocumentRow]:
         params = {"collection": collection} if collection else {}
-        return Documents.model_validate(self._check(self.http.get("/appliance/documents", params=params))).documents
+        return Documents.model_validate(
+            self._check(self.http.get("/appliance/documents", params=params))
+        ).documents
 
     def generations(self) -> Generations:
         return Generations.model_validate(self._check(self.http.get("/appliance/bundles")))
@@ -201,8 +215,9 @@ class ServiceClient:
 
     def audit_verify(self, against: list[str] | None = None) -> AuditVerdict:
         if against is not None:
-            return AuditVerdict.model_validate(self._check(self.http.post("/appliance/audit/verify",
-                                                                          json={"export": against})))
+            return AuditVerdict.model_validate(
+                self._check(self.http.post("/appliance/audit/verify", json={"export": against}))
+            )
         return AuditVerdict.model_validate(self._check(self.http.get("/appliance/audit/verify")))
 
     def new_conversation(self, user: str | None = None) -> int:
@@ -210,7 +225,11 @@ class ServiceClient:
         return Conversation.model_validate(self._check(self.http.post("/appliance/conversations"))).id
 
     def lookup(self, query: str, collection: str | None = None, limit: int = 20) -> list[dict]:
-        params: dict[str, str | int] = {"q": query, "limit": limit, **({"collection": collection} if collection else {})}
+        params: dict[str, str | int] = {
+            "q": query,
+            "limit": limit,
+            **({"collection": collection} if collection else {}),
+        }
         return LookupRows.model_validate(self._check(self.http.get("/appliance/lookup", params=params))).rows
 
     def ingest(self, paths: list[Path], collection: str, progress: Callable | None = None) -> IngestReport:
@@ -226,8 +245,9 @@ class ServiceClient:
             except OSError as exc:
                 report.failed.append({"source": source, "error": f"{source}: cannot read ({exc.strerror})"})
                 continue
-            response = self.http.post("/appliance/documents/upload", content=data,
-                                      params={"name": source, "collection": collection})
+            response = self.http.post(
+                "/appliance/documents/upload", content=data, params={"name": source, "collection": collection}
+            )
             if response.status_code in (413, 422):  # this file refused; the rest go on
                 report.failed.append({"source": source, "error": response.json()["error"]["message"]})
                 continue
@@ -240,62 +260,133 @@ class ServiceClient:
         return Removed.model_validate(self._check(self.http.delete(f"/appliance/documents/{doc_id}"))).removed
 
     def verify_bundle(self, directory: Path, progress: Callable | None = None) -> BundleCheck:
-        return BundleCheck.model_validate(self._check(self.http.post(
-            "/appliance/bundles/verify", json=BundleRequest(path=str(directory.resolve())).model_dump())))
+        return BundleCheck.model_validate(
+            self._check(
+                self.http.post(
+                    "/appliance/bundles/verify",
+                    json=BundleRequest(path=str(directory.resolve())).model_dump(),
+                )
+            )
+        )
 
-    def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress: Callable | None = None,
-                       reembed_progress: Callable | None = None) -> Installed:
+    def install_bundle(
+        self,
+        directory: Path,
+        allow_downgrade: bool = False,
+        progress: Callable | None = None,
+        reembed_progress: Callable | None = None,
+    ) -> Installed:
         """The service reads the bundle (it needs the path, not the caller's bytes: the signatures are
         checked where the files are)."""
-        return Installed.model_validate(self._stream(
-            "POST", "/appliance/bundles/install", progress,
-            json=BundleRequest(path=str(directory.resolve()), allow_downgrade=allow_downgrade).model_dump()))
+        return Installed.model_validate(
+            self._stream(
+                "POST",
+                "/appliance/bundles/install",
+                progress,
+                json=BundleRequest(
+                    path=str(directory.resolve()), allow_downgrade=allow_downgrade
+                ).model_dump(),
+            )
+        )
 
     def feedback(self, answer_audit_id: int, kind: str, **fields) -> FeedbackRecorded:
-        body = {"audit_id": answer_audit_id, "kind": kind, **{k: v for k, v in fields.items() if v is not None}}
+        body = {
+            "audit_id": answer_audit_id,
+            "kind": kind,
+            **{k: v for k, v in fields.items() if v is not None},
+        }
         return FeedbackRecorded.model_validate(self._check(self.http.post("/appliance/feedback", json=body)))
 
-    def feedback_items(self, pending_only: bool = False, since: str | None = None,
-                       limit: int | None = None) -> list[dict]:
-        params: dict[str, str | int | bool] = {"pending": pending_only, **({"since": since} if since else {}), **({"limit": limit} if limit else {})}
-        return FeedbackItems.model_validate(self._check(self.http.get("/appliance/feedback", params=params))).items
+    def feedback_items(
+        self, pending_only: bool = False, since: str | None = None, limit: int | None = None
+    ) -> list[dict]:
+        params: dict[str, str | int | bool] = {
+            "pending": pending_only,
+            **({"since": since} if since else {}),
+            **({"limit": limit} if limit else {}),
+        }
+        return FeedbackItems.model_validate(
+            self._check(self.http.get("/appliance/feedback", params=params))
+        ).items
 
     def feedback_export(self, out: Path, since: str | None = None) -> ExportWritten:
         """The service signs; the files are written here, as the caller (a USB stick the service may
         not see), and only then does the service mark the items exported."""
         from appliance.records.feedback import Export
 
-        data = FeedbackExport.model_validate(self._check(self.http.post(
-            "/appliance/feedback/export", json=ExportRequest(since=since).model_dump())))
-        export = Export(data.export_id, {k: v.encode() for k, v in data.files.items()}, data.manifest.encode(),
-                        data.signature, [], data.counts)
+        data = FeedbackExport.model_validate(
+            self._check(
+                self.http.post("/appliance/feedback/export", json=ExportRequest(since=since).model_dump())
+            )
+        )
+        export = Export(
+            data.export_id,
+            {k: v.encode() for k, v in data.files.items()},
+            data.manifest.encode(),
+            data.signature,
+            [],
+            data.counts,
+        )
         export.write(out)
-        return ExportWritten.model_validate(self._check(self.http.post(
-            f"/appliance/feedback/export/{data.export_id}/written", json=WrittenRequest(out=str(out.resolve())).model_dump())))
+        return ExportWritten.model_validate(
+            self._check(
+                self.http.post(
+                    f"/appliance/feedback/export/{data.export_id}/written",
+                    json=WrittenRequest(out=str(out.resolve())).model_dump(),
+                )
+            )
+        )
 
     def rollback(self) -> tuple[int, int]:
         data = RolledBack.model_validate(self._check(self.http.post("/appliance/bundles/rollback")))
         return data.left, data.to
 
-    def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
-              progress: Callable | None = None) -> DraftReport:
-        params = {"name": str(rfp.resolve()), **({"collection": collections} if collections else {}),
-                  **({"max_tokens": max_tokens} if max_tokens else {})}
-        return DraftReport.model_validate(self._stream("POST", "/appliance/draft", progress, content=rfp.read_bytes(),
-                                                       params=params))
+    def draft(
+        self,
+        rfp: Path,
+        collections: list[str] | None = None,
+        max_tokens: int | None = None,
+        progress: Callable | None = None,
+    ) -> DraftReport:
+        params = {
+            "name": str(rfp.resolve()),
+            **({"collection": collections} if collections else {}),
+            **({"max_tokens": max_tokens} if max_tokens else {}),
+        }
+        return DraftReport.model_validate(
+            self._stream("POST", "/appliance/draft", progress, content=rfp.read_bytes(), params=params)
+        )
 
     def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[Source]:
-        params: dict[str, str | int] = {"q": query, **({"k": k} if k else {}), **({"collection": collection} if collection else {})}
-        return SearchResults.model_validate(self._check(self.http.get("/appliance/search", params=params))).results
+        params: dict[str, str | int] = {
+            "q": query,
+            **({"k": k} if k else {}),
+            **({"collection": collection} if collection else {}),
+        }
+        return SearchResults.model_validate(
+            self._check(self.http.get("/appliance/search", params=params))
+        ).results
 
-    def ask(self, question: str, *, collection: str | None = None, use_rag: bool = True, max_tokens: int | None = None,
-            temperature: float | None = None, on_text: Callable[[str], None] | None = None,
-            conversation: int | None = None) -> AnswerReport:
-        body = {"messages": [{"role": "user", "content": question}], "stream": True, "rag": use_rag,
-                **({"collection": collection} if collection else {}),
-                **({"conversation": conversation} if conversation is not None else {}),
-                **({"max_tokens": max_tokens} if max_tokens else {}),
-                **({"temperature": temperature} if temperature is not None else {})}
+    def ask(
+        self,
+        question: str,
+        *,
+        collection: str | None = None,
+        use_rag: bool = True,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+        conversation: int | None = None,
+    ) -> AnswerReport:
+        body = {
+            "messages": [{"role": "user", "content": question}],
+            "stream": True,
+            "rag": use_rag,
+            **({"collection": collection} if collection else {}),
+            **({"conversation": conversation} if conversation is not None else {}),
+            **({"max_tokens": max_tokens} if max_tokens else {}),
+            **({"temperature": temperature} if temperature is not None else {}),
+        }
         pieces, final = [], None
         with self._open("POST", "/v1/chat/completions", json=body) as r:
             for event in _sse(r):

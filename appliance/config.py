@@ -28,7 +28,9 @@ def default_home() -> Path:
     return Path(data) / "appliance"
 
 
-SYSTEM_SOCKET = Path("/run/appliance/api.sock")  # the systemd unit's and the container's (they set APPLIANCE_SOCKET)
+SYSTEM_SOCKET = Path(
+    "/run/appliance/api.sock"
+)  # the systemd unit's and the container's (they set APPLIANCE_SOCKET)
 
 
 def default_socket(home: Path | None = None) -> Path:
@@ -36,7 +38,9 @@ def default_socket(home: Path | None = None) -> Path:
     runtime directory, else `run/` under the home - never a directory others can write, such as /tmp,
     where another user could plant a socket first."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "appliance.sock" if runtime else (home or default_home()) / "run" / "appliance.sock"
+    return (
+        Path(runtime) / "appliance.sock" if runtime else (home or default_home()) / "run" / "appliance.sock"
+    )
 
 
 def trusted_uids() -> set[int]:
@@ -74,11 +78,15 @@ def untrusted_socket(path: Path) -> str | None:
         except OSError as exc:
             return f"{where}: cannot stat ({exc.strerror})"
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return (f"{where} is writable by other users (mode {stat.filemode(info.st_mode)}), so anyone "
-                    "could have put a socket there")
+            return (
+                f"{where} is writable by other users (mode {stat.filemode(info.st_mode)}), so anyone "
+                "could have put a socket there"
+            )
         if info.st_uid not in trusted:
-            return (f"{where} belongs to uid {info.st_uid}, not to you, root or the service's user, so its "
-                    "owner could have put a socket there")
+            return (
+                f"{where} belongs to uid {info.st_uid}, not to you, root or the service's user, so its "
+                "owner could have put a socket there"
+            )
     try:
         owner = real.lstat().st_uid
     except FileNotFoundError:
@@ -95,14 +103,21 @@ class ClientSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="APPLIANCE_", extra="ignore")
 
-    home: Path = Field(default_factory=default_home, description="Where generations and the database live "
-                                                                 "(APPLIANCE_HOME)")
-    socket: Path | None = Field(default=None, description="The service's Unix socket: where `appliance serve` "
-                                "listens and the CLI and UI look for it (default: $XDG_RUNTIME_DIR/appliance.sock, "
-                                "else run/appliance.sock under the home; the systemd unit and the container set "
-                                "/run/appliance/api.sock)")
-    service_user: str = Field(default="appliance", description="The user the service runs as (a name or a number): "
-                              "a socket it owns is trusted by clients, besides their own and root's")
+    home: Path = Field(
+        default_factory=default_home, description="Where generations and the database live (APPLIANCE_HOME)"
+    )
+    socket: Path | None = Field(
+        default=None,
+        description="The service's Unix socket: where `appliance serve` "
+        "listens and the CLI and UI look for it (default: $XDG_RUNTIME_DIR/appliance.sock, "
+        "else run/appliance.sock under the home; the systemd unit and the container set "
+        "/run/appliance/api.sock)",
+    )
+    service_user: str = Field(
+        default="appliance",
+        description="The user the service runs as (a name or a number): "
+        "a socket it owns is trusted by clients, besides their own and root's",
+    )
 
     @property
     def socket_path(self) -> Path:
@@ -141,51 +156,96 @@ class Settings(ClientSettings):
 
     threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = all cores")
     embed_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
-    embed_batch: int = Field(default=8, ge=1, le=1024,
-                             description="Chunks per ONNX call (small batches stay in cache: fastest on CPU)")
-    n_ctx: int = Field(default=DEFAULT_N_CTX, ge=256, le=131072,
-                       description="Context window given to llama.cpp (at most the model's): room for a "
-                                   "follow-up to keep the earlier turn's sources")
+    embed_batch: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Chunks per ONNX call (small batches stay in cache: fastest on CPU)",
+    )
+    n_ctx: int = Field(
+        default=DEFAULT_N_CTX,
+        ge=256,
+        le=131072,
+        description="Context window given to llama.cpp (at most the model's): room for a "
+        "follow-up to keep the earlier turn's sources",
+    )
     max_tokens: int = Field(default=256, ge=1, le=8192, description="Default cap on generated tokens")
     temperature: float = Field(default=0.2, ge=0.0, le=2.0, description="Default sampling temperature")
     top_k: int = Field(default=5, ge=1, le=50, description="Sources retrieved for an answer")
-    follow_up_k: int = Field(default=3, ge=0, le=50, description="New sources added for a follow-up question "
-                             "(the earlier turns' sources stay in its prompt, still numbered)")
-    mmap: bool = Field(default=False, description="Memory-map the model instead of reading it in (more resident "
-                                                   "memory where llama.cpp repacks weights)")
+    follow_up_k: int = Field(
+        default=3,
+        ge=0,
+        le=50,
+        description="New sources added for a follow-up question "
+        "(the earlier turns' sources stay in its prompt, still numbered)",
+    )
+    mmap: bool = Field(
+        default=False,
+        description="Memory-map the model instead of reading it in (more resident "
+        "memory where llama.cpp repacks weights)",
+    )
     max_file_mb: float = Field(default=25.0, gt=0, description="Files larger than this are refused at ingest")
     chunk_chars: int = Field(default=1200, ge=200, le=20000, description="Target chunk size in characters")
-    security_floor: int = Field(default=0, ge=0, description="Never install a bundle version below this, "
-                                                             "not even with --allow-downgrade")
-    admin_group: str = Field(default="appliance-admin",
-                             description="Members of this group (name or number) may install and roll back bundles, "
-                                         "export feedback, read everyone's audit rows and remove anyone's "
-                                         "documents over the socket; the service's user and root always may")
-    parse_memory_mb: int = Field(default=1536, ge=256, le=65536,
-                                 description="Address space of the child process that parses PDF, DOCX, XLSX "
-                                             "and CSV files (a file needing more is refused)")
-    parse_timeout_s: float = Field(default=120.0, gt=0, le=3600, description="Longest one file may take to parse")
+    security_floor: int = Field(
+        default=0,
+        ge=0,
+        description="Never install a bundle version below this, not even with --allow-downgrade",
+    )
+    admin_group: str = Field(
+        default="appliance-admin",
+        description="Members of this group (name or number) may install and roll back bundles, "
+        "export feedback, read everyone's audit rows and remove anyone's "
+        "documents over the socket; the service's user and root always may",
+    )
+    parse_memory_mb: int = Field(
+        default=1536,
+        ge=256,
+        le=65536,
+        description="Address space of the child process that parses PDF, DOCX, XLSX "
+        "and CSV files (a file needing more is refused)",
+    )
+    parse_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600, description="Longest one file may take to parse"
+    )
     engine: Literal["auto", "server", "inprocess"] = Field(
-        default="auto", description="What generates for `appliance serve`: llama.cpp's server on `slots` slots "
-                                    "(continuous batching), or the service's own process; auto: the server when "
-                                    "its binary is there")
-    slots: int = Field(default=4, ge=1, le=64, description="Answers the engine server decodes together (each gets "
-                                                           "n_ctx tokens of KV cache)")
-    engine_binary: str | None = Field(default=None, description="Path of llama-server (default: beside the "
-                                                                "appliance's Python, then PATH)")
-    queue: int = Field(default=4, ge=0, le=256, description="Requests that may wait for the service's worker; "
-                                                           "the next one gets 503 with Retry-After")
-    tcp: str | None = Field(default=None, description="HOST:PORT to listen on besides the socket (off by default; "
-                                                      "needs token_file)")
-    token_file: Path | None = Field(default=None, description="Bearer tokens for TCP: lines 'NAME TOKEN [admin]', "
-                                                              "mode 0600")
+        default="auto",
+        description="What generates for `appliance serve`: llama.cpp's server on `slots` slots "
+        "(continuous batching), or the service's own process; auto: the server when "
+        "its binary is there",
+    )
+    slots: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Answers the engine server decodes together (each gets n_ctx tokens of KV cache)",
+    )
+    engine_binary: str | None = Field(
+        default=None, description="Path of llama-server (default: beside the appliance's Python, then PATH)"
+    )
+    queue: int = Field(
+        default=4,
+        ge=0,
+        le=256,
+        description="Requests that may wait for the service's worker; the next one gets 503 with Retry-After",
+    )
+    tcp: str | None = Field(
+        default=None,
+        description="HOST:PORT to listen on besides the socket (off by default; needs token_file)",
+    )
+    token_file: Path | None = Field(
+        default=None, description="Bearer tokens for TCP: lines 'NAME TOKEN [admin]', mode 0600"
+    )
     reference_collections: Annotated[list[str], NoDecode] = Field(
-        default=["reference"], min_length=1,
+        default=["reference"],
+        min_length=1,
         description="The collections whose tables are the reference (codes, titles, qualifications): only their "
-                    "rows feed lookups, code checks and staffing, and only administrators add to them; a table "
-                    "elsewhere is searched as text. Comma-separated in APPLIANCE_REFERENCE_COLLECTIONS")
-    audit_text: bool = Field(default=False, description="Keep questions and answers in full in the audit log "
-                                                         "(hashes only by default)")
+        "rows feed lookups, code checks and staffing, and only administrators add to them; a table "
+        "elsewhere is searched as text. Comma-separated in APPLIANCE_REFERENCE_COLLECTIONS",
+    )
+    audit_text: bool = Field(
+        default=False,
+        description="Keep questions and answers in full in the audit log (hashes only by default)",
+    )
 
     @field_validator("reference_collections", mode="before")
     @classmethod
@@ -193,8 +253,9 @@ class Settings(ClientSettings):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         home = init_settings.init_kwargs.get("home") or ClientSettings().home
         return init_settings, env_settings, _HomeConfig(settings_cls, Path(home))
 
@@ -217,6 +278,9 @@ def load_settings(**overrides) -> Settings:
         field = ".".join(str(p) for p in first["loc"])
         home = Path(given.get("home") or ClientSettings().home)
         name = field.split(".")[0]
-        where = (f"correct it in {home / 'config.yaml'} or in APPLIANCE_{name.upper()}" if name in Settings.model_fields
-                 else f"remove it from {home / 'config.yaml'}; `appliance --help` lists the settings")
+        where = (
+            f"correct it in {home / 'config.yaml'} or in APPLIANCE_{name.upper()}"
+            if name in Settings.model_fields
+            else f"remove it from {home / 'config.yaml'}; `appliance --help` lists the settings"
+        )
         raise ConfigError(f"setting '{field}': {first['msg']}", where) from exc

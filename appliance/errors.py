@@ -18,11 +18,13 @@ class ExitCode(IntEnum):
     MODEL = 5
     STORE = 6
     INGEST = 7
-    GENERATION = 8  # a generation directory (an installed model release) is missing or does not match its manifest
+    # a generation directory (an installed model release) is missing or does not match its manifest
+    GENERATION = 8
     GATE = 9  # builder: the release gate was not met
     BUNDLE = 10  # an update bundle was refused (signature, hash, version, structure)
     BUSY = 11  # another install holds the lock
-    FEEDBACK = 12  # feedback or a feedback export was refused (unknown answer, text not matching, bad signature)
+    # feedback or a feedback export was refused (unknown answer, text not matching, bad signature)
+    FEEDBACK = 12
     ENGINE = 13  # the engine server is busy or went down under a request (the service answers 503)
 
 

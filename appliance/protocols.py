@@ -78,33 +78,56 @@ class Backend(Protocol):
 
     def lookup(self, query: str, collection: str | None = None, limit: int = 20) -> list[dict]: ...
 
-    def ask(self, question: str, *, collection: str | None = None, use_rag: bool = True,
-            max_tokens: int | None = None, temperature: float | None = None,
-            on_text: Callable[[str], None] | None = None, conversation: int | None = None) -> AnswerReport: ...
+    def ask(
+        self,
+        question: str,
+        *,
+        collection: str | None = None,
+        use_rag: bool = True,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+        conversation: int | None = None,
+    ) -> AnswerReport: ...
 
     def new_conversation(self, user: str | None = None) -> int: ...
 
-    def ingest(self, paths: list[Path], collection: str, progress: Callable | None = None) -> IngestReport: ...
+    def ingest(
+        self, paths: list[Path], collection: str, progress: Callable | None = None
+    ) -> IngestReport: ...
 
     def remove_document(self, doc_id: int) -> DocumentRow: ...
 
-    def draft(self, rfp: Path, collections: list[str] | None = None, max_tokens: int | None = None,
-              progress: Callable | None = None) -> DraftReport: ...
+    def draft(
+        self,
+        rfp: Path,
+        collections: list[str] | None = None,
+        max_tokens: int | None = None,
+        progress: Callable | None = None,
+    ) -> DraftReport: ...
 
-    def audit_rows(self, action: str | None = None, user: str | None = None, limit: int = 50) -> list[dict]: ...
+    def audit_rows(
+        self, action: str | None = None, user: str | None = None, limit: int = 50
+    ) -> list[dict]: ...
 
     def audit_verify(self, against: list[str] | None = None) -> AuditVerdict: ...
 
     def verify_bundle(self, directory: Path, progress: Callable | None = None) -> BundleCheck: ...
 
-    def install_bundle(self, directory: Path, allow_downgrade: bool = False, progress: Callable | None = None,
-                       reembed_progress: Callable | None = None) -> Installed: ...
+    def install_bundle(
+        self,
+        directory: Path,
+        allow_downgrade: bool = False,
+        progress: Callable | None = None,
+        reembed_progress: Callable | None = None,
+    ) -> Installed: ...
 
     def rollback(self) -> tuple[int, int]: ...
 
     def feedback(self, answer_audit_id: int, kind: str, **fields) -> FeedbackRecorded: ...
 
-    def feedback_items(self, pending_only: bool = False, since: str | None = None,
-                       limit: int | None = None) -> list[dict]: ...
+    def feedback_items(
+        self, pending_only: bool = False, since: str | None = None, limit: int | None = None
+    ) -> list[dict]: ...
 
     def feedback_export(self, out: Path, since: str | None = None) -> ExportWritten: ...

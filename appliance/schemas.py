@@ -51,16 +51,31 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    logit_bias: dict[TokenId, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS,
-                                                   description="Token id -> bias added to its logit (-100 bans it)")
-    seed: int | None = Field(default=None, ge=0, lt=1 << 31, description="The same seed gives the same answer")
-    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the answer")
+    logit_bias: dict[TokenId, Bias] | None = Field(
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
+        description="Token id -> bias added to its logit (-100 bans it)",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, lt=1 << 31, description="The same seed gives the same answer"
+    )
+    stop: str | list[str] | None = Field(
+        default=None, description=f"Up to {MAX_STOP} strings that end the answer"
+    )
     n: int = Field(default=1, ge=1, le=1)
     collection: str | None = Field(default=None, description="Extension: retrieve only from this collection")
-    rag: bool = Field(default=True, description="Extension: false answers without retrieval (`use_rag` in Python, "
-                      "`--no-rag` on the command line)")
-    conversation: int | None = Field(default=None, ge=1, le=(1 << 63) - 1, description="Extension: a stored conversation (POST "
-                                     "/appliance/conversations); its turns are the history, the answer is added")
+    rag: bool = Field(
+        default=True,
+        description="Extension: false answers without retrieval (`use_rag` in Python, "
+        "`--no-rag` on the command line)",
+    )
+    conversation: int | None = Field(
+        default=None,
+        ge=1,
+        le=(1 << 63) - 1,
+        description="Extension: a stored conversation (POST "
+        "/appliance/conversations); its turns are the history, the answer is added",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -89,16 +104,23 @@ class FeedbackRequest(BaseModel):
     kind: Literal["good", "bad", "correction", "irrelevant_source", "missing_source"]
     correction: str | None = Field(default=None, max_length=16_000)
     source: int | None = Field(default=None, ge=1, description="irrelevant_source: the answer's [n]")
-    chunk_id: int | None = Field(default=None, ge=1, description="missing_source: the chunk that should have been found")
+    chunk_id: int | None = Field(
+        default=None, ge=1, description="missing_source: the chunk that should have been found"
+    )
     note: str | None = Field(default=None, max_length=16_000)
-    question: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
-                                 description="For answers outside a stored conversation: checked against the audit row")
+    question: str | None = Field(
+        default=None,
+        max_length=MAX_PROMPT_CHARS,
+        description="For answers outside a stored conversation: checked against the audit row",
+    )
     answer: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
 
 
 class ExportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    since: str | None = Field(default=None, description="Everything since this date (YYYY-MM-DD), exported or not")
+    since: str | None = Field(
+        default=None, description="Everything since this date (YYYY-MM-DD), exported or not"
+    )
 
 
 class WrittenRequest(BaseModel):
@@ -115,8 +137,6 @@ class BundleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
     allow_downgrade: bool = False
-
-
 
 
 # -- responses: plain rows --------------------------------------------------------------------------
@@ -136,7 +156,6 @@ class DocumentRow:
     owner: str | None = None  # the user who ingested it; None: ingested before owners were recorded
 
 
-
 @dataclass
 class IngestReport:
     """What an ingest did with each file: added, unchanged (same hash), failed (why), duplicates."""
@@ -147,8 +166,12 @@ class IngestReport:
     duplicates: list[dict] = field(default_factory=list)  # {"source", "same_as", "removed"}
 
     def to_json(self) -> dict:
-        return {"added": self.added, "unchanged": self.unchanged, "failed": self.failed,
-                "duplicates": self.duplicates}
+        return {
+            "added": self.added,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+            "duplicates": self.duplicates,
+        }
 
     def extend(self, other: dict) -> None:
         """Add a report's JSON (one upload's) to this one."""
@@ -193,11 +216,19 @@ class AnswerReport(Answered):
     question: str = ""
     answer: str
     sources: list[Source] = Field(default_factory=list)
-    citations: list[dict] = Field(default_factory=list, description="{n, chunk_id, ...} of each [n] the answer cites")
+    citations: list[dict] = Field(
+        default_factory=list, description="{n, chunk_id, ...} of each [n] the answer cites"
+    )
     unknown_citations: list[int] = Field(default_factory=list, description="[n]s that name no source")
-    unverified_codes: list[str] = Field(default_factory=list, description="codes no reference table or source holds")
-    miscited_codes: list[dict] = Field(default_factory=list, description="codes whose cited source does not hold them")
-    conflicting_codes: list[dict] = Field(default_factory=list, description="codes the reference table contradicts")
+    unverified_codes: list[str] = Field(
+        default_factory=list, description="codes no reference table or source holds"
+    )
+    miscited_codes: list[dict] = Field(
+        default_factory=list, description="codes whose cited source does not hold them"
+    )
+    conflicting_codes: list[dict] = Field(
+        default_factory=list, description="codes the reference table contradicts"
+    )
     model: dict = Field(default_factory=dict, description="the model that answered")
     timing: dict = Field(default_factory=dict)
     audit_id: int | None = None
@@ -205,7 +236,11 @@ class AnswerReport(Answered):
     def completion_fields(self) -> dict:
         """What a chat completion (and a stream's final chunk) carries beside OpenAI's own fields."""
         data = self.model_dump(mode="json", exclude={"question", "answer", "model", "timing"})
-        data["appliance"] = {"generation": self.model.get("generation"), "model": self.model, "timing": self.timing}
+        data["appliance"] = {
+            "generation": self.model.get("generation"),
+            "model": self.model,
+            "timing": self.timing,
+        }
         return data
 
     @classmethod
@@ -213,8 +248,15 @@ class AnswerReport(Answered):
         """The report in a chat completion or a final stream chunk (`completion_fields`), with its text."""
         appliance = data.get("appliance") or {}
         fields = {k: v for k, v in data.items() if k in cls.model_fields}
-        return cls.model_validate({**fields, "question": question, "answer": answer,
-                                   "model": appliance.get("model") or {}, "timing": appliance.get("timing") or {}})
+        return cls.model_validate(
+            {
+                **fields,
+                "question": question,
+                "answer": answer,
+                "model": appliance.get("model") or {},
+                "timing": appliance.get("timing") or {},
+            }
+        )
 
 
 class SearchResults(Answered):
@@ -293,7 +335,9 @@ class Installed(Answered):
     downgrade: bool = False
     health: dict = Field(default_factory=dict)
     bundle: BundleManifest | None = None
-    recovered: str | None = Field(default=None, description="an interrupted install found and finished or undone first")
+    recovered: str | None = Field(
+        default=None, description="an interrupted install found and finished or undone first"
+    )
 
 
 class RolledBack(Answered):

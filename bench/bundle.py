@@ -48,9 +48,15 @@ def _generation(out: Path, gigabytes: float) -> Path:
     (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     (out / "embedder").mkdir()
     (out / "embedder" / "embedder.json").write_text(json.dumps({"name": "bench", "dim": 8}))
-    write_manifest(out, {"name": "bench", "created": "2026-01-01T00:00:00Z",
-                         "model": {"name": "bench", "quant": "F32", "context_length": 2048, "parameters": n},
-                         "embedder": {"name": "bench", "dim": 8}})
+    write_manifest(
+        out,
+        {
+            "name": "bench",
+            "created": "2026-01-01T00:00:00Z",
+            "model": {"name": "bench", "quant": "F32", "context_length": 2048, "parameters": n},
+            "embedder": {"name": "bench", "dim": 8},
+        },
+    )
     return out
 
 
@@ -100,18 +106,30 @@ def run(gigabytes: float = 1.0) -> list[str]:
     def mbs(seconds: float) -> str:
         return f"{total / seconds / 1e6:,.0f}"
 
-    return [row("what", "seconds", "MB/s", "vs sha256sum"),
-            row("---", "---:", "---:", "---:"),
-            row("sha256sum (baseline)", f"{sha:.2f}", mbs(sha), "1.00x"),
-            *([row("openssl dgst -sha256 (SHA extensions)", f"{openssl:.2f}", mbs(openssl), f"{sha / openssl:.2f}x")]
-              if openssl else []),
-            row("appliance bundle verify", f"{verify:.2f}", mbs(verify), f"{sha / verify:.2f}x"),
-            row("appliance bundle install", f"{install:.2f}", mbs(install), f"{sha / install:.2f}x"),
-            row("cp -r + sync (reference)", f"{copy:.2f}", mbs(copy), f"{sha / copy:.2f}x"),
-            f"\n{total / 1e9:.2f} GB in {len(files)} files. verify reads and hashes every byte once; install "
-            "also writes and fsyncs it once. coreutils sha256sum here does not use the CPU's SHA extensions; "
-            "OpenSSL (which Python's hashlib uses) does"
-            + (f": install is {openssl / install:.2f}x openssl." if openssl else ".")]
+    return [
+        row("what", "seconds", "MB/s", "vs sha256sum"),
+        row("---", "---:", "---:", "---:"),
+        row("sha256sum (baseline)", f"{sha:.2f}", mbs(sha), "1.00x"),
+        *(
+            [
+                row(
+                    "openssl dgst -sha256 (SHA extensions)",
+                    f"{openssl:.2f}",
+                    mbs(openssl),
+                    f"{sha / openssl:.2f}x",
+                )
+            ]
+            if openssl
+            else []
+        ),
+        row("appliance bundle verify", f"{verify:.2f}", mbs(verify), f"{sha / verify:.2f}x"),
+        row("appliance bundle install", f"{install:.2f}", mbs(install), f"{sha / install:.2f}x"),
+        row("cp -r + sync (reference)", f"{copy:.2f}", mbs(copy), f"{sha / copy:.2f}x"),
+        f"\n{total / 1e9:.2f} GB in {len(files)} files. verify reads and hashes every byte once; install "
+        "also writes and fsyncs it once. coreutils sha256sum here does not use the CPU's SHA extensions; "
+        "OpenSSL (which Python's hashlib uses) does"
+        + (f": install is {openssl / install:.2f}x openssl." if openssl else "."),
+    ]
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def time_each(fn: Callable[[object], object], items: list, repeat: int) -> list[
 
 
 def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+    )
 
 
 def row(*cells) -> str:

@@ -61,8 +61,21 @@ def model_path() -> Path:
     gguf = WORK / "llama-3.2-1b" / "model-Q4_K_M.gguf"
     if not gguf.is_file():
         shutil.rmtree(WORK / "llama-3.2-1b", ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "builder.cli", "synth", "--shape", "llama-3.2-1b", "--out",
-                        str(WORK / "llama-3.2-1b"), "--gguf", "Q4_K_M"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "builder.cli",
+                "synth",
+                "--shape",
+                "llama-3.2-1b",
+                "--out",
+                str(WORK / "llama-3.2-1b"),
+                "--gguf",
+                "Q4_K_M",
+            ],
+            check=True,
+        )
         for f in (WORK / "llama-3.2-1b").glob("*.safetensors"):
             f.unlink()  # 2.5 GB we no longer need
         (WORK / "llama-3.2-1b" / "model-f16.gguf").unlink(missing_ok=True)
@@ -85,8 +98,12 @@ def bare(python: str, gguf: Path, threads: int, context: int = 64) -> dict:
     from appliance.config import Settings
 
     n_ctx = Settings.model_fields["n_ctx"].default
-    proc = subprocess.run([python, "-c", BARE, str(gguf), str(N_TOKENS), str(threads), str(context), str(n_ctx)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [python, "-c", BARE, str(gguf), str(N_TOKENS), str(threads), str(context), str(n_ctx)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -104,19 +121,33 @@ def bench_home(tmp: Path, gguf: Path, template: Path | None = None) -> Path:
         os.link(gguf, gen / "model.gguf")  # 800 MB: link when on the same filesystem
     except OSError:
         shutil.copy(gguf, gen / "model.gguf")
-    shutil.copy(template or ROOT / "builder" / "templates" / "chat_template.jinja", gen / "chat_template.jinja")
+    shutil.copy(
+        template or ROOT / "builder" / "templates" / "chat_template.jinja", gen / "chat_template.jinja"
+    )
     emb = tmp / "emb"
     manifest = export(emb)
     (gen / "embedder").mkdir()
     for name in ("embedder.json", "tokenizer.json", "model_int8.onnx"):
         shutil.copy(emb / name, gen / "embedder" / name)
-    write_manifest(gen, {"name": "bench", "created": "now",
-                         "model": {"name": "llama-3.2-1b-random", "quant": "Q4_K_M", "context_length": 8192,
-                                   "parameters": 1_235_814_400},
-                         "embedder": {"name": manifest["name"], "dim": manifest["dim"]}})
+    write_manifest(
+        gen,
+        {
+            "name": "bench",
+            "created": "now",
+            "model": {
+                "name": "llama-3.2-1b-random",
+                "quant": "Q4_K_M",
+                "context_length": 8192,
+                "parameters": 1_235_814_400,
+            },
+            "embedder": {"name": manifest["name"], "dim": manifest["dim"]},
+        },
+    )
     home = tmp / "home"
     install_unsigned(gen, home)
-    (home / "config.yaml").write_text("reference_collections: [demo]\n")  # the corpus's table is the reference
+    (home / "config.yaml").write_text(
+        "reference_collections: [demo]\n"
+    )  # the corpus's table is the reference
     with Appliance(load_settings(home=home)) as app:
         app.ingest([ROOT / "builder" / "demo_data" / "corpus"], "demo")
     return home
@@ -128,7 +159,9 @@ def through_appliance(gguf: Path, threads: int, template: Path | None = None) ->
 
     with tempfile.TemporaryDirectory() as tmp:
         home = bench_home(Path(tmp), gguf, template)
-        with Appliance(load_settings(home=home, threads=threads, max_tokens=N_TOKENS, temperature=0.0)) as app:
+        with Appliance(
+            load_settings(home=home, threads=threads, max_tokens=N_TOKENS, temperature=0.0)
+        ) as app:
             app.ask(QUESTION, max_tokens=8)  # load and warm
             best = {"tokens_per_s": 0.0}
             for _ in range(3):
@@ -142,17 +175,37 @@ def models(paths: list[Path], template: Path) -> list[str]:
     """Decode and prompt speed of given GGUFs (the shipped model), each through the appliance and bare."""
     threads = os.cpu_count() or 1
     bw = copy_bandwidth_gbs()
-    lines = [row("model", "MB", "bare decode tokens/s", "appliance decode tokens/s", "vs bare",
-                 "bare prompt tokens/s", "vs bandwidth ceiling"), row(*["---"] * 7)]
+    lines = [
+        row(
+            "model",
+            "MB",
+            "bare decode tokens/s",
+            "appliance decode tokens/s",
+            "vs bare",
+            "bare prompt tokens/s",
+            "vs bandwidth ceiling",
+        ),
+        row(*["---"] * 7),
+    ]
     for gguf in paths:
         size = gguf.stat().st_size
         app = through_appliance(gguf, threads, template)
         base = bare(sys.executable, gguf, threads, app["prompt_tokens"])
-        lines.append(row(gguf.name, f"{size / 1e6:.0f}", f"{base['tg']:.1f}", f"{app['tokens_per_s']:.1f}",
-                         f"{app['tokens_per_s'] / base['tg']:.2f}x", f"{base['pp']:.0f}",
-                         f"{base['tg'] / (bw * 1e9 / size):.0%}"))
-    lines.append(f"\n{N_TOKENS} tokens; {threads} threads; decoding after the appliance's prompt with its sources; "
-                 f"copy bandwidth {bw:.1f} GB/s")
+        lines.append(
+            row(
+                gguf.name,
+                f"{size / 1e6:.0f}",
+                f"{base['tg']:.1f}",
+                f"{app['tokens_per_s']:.1f}",
+                f"{app['tokens_per_s'] / base['tg']:.2f}x",
+                f"{base['pp']:.0f}",
+                f"{base['tg'] / (bw * 1e9 / size):.0%}",
+            )
+        )
+    lines.append(
+        f"\n{N_TOKENS} tokens; {threads} threads; decoding after the appliance's prompt with its sources; "
+        f"copy bandwidth {bw:.1f} GB/s"
+    )
     return lines
 
 
@@ -165,28 +218,50 @@ def run(compare: dict[str, str]) -> list[str]:
     app = through_appliance(gguf, threads)
     context = app["prompt_tokens"]
     base = bare(sys.executable, gguf, threads, context)
-    lines = [row("path", "decode tokens/s", "vs bare", "vs bandwidth ceiling", "prompt tokens/s"),
-             row(*["---"] * 5),
-             row("bare llama-cpp-python (portable build)", f"{base['tg']:.2f}", "1.00x", f"{base['tg'] / ceiling:.0%}",
-                 f"{base['pp']:.1f}"),
-             row("appliance ask (retrieval + template + stream)", f"{app['tokens_per_s']:.2f}",
-                 f"{app['tokens_per_s'] / base['tg']:.2f}x", f"{app['tokens_per_s'] / ceiling:.0%}", "")]
+    lines = [
+        row("path", "decode tokens/s", "vs bare", "vs bandwidth ceiling", "prompt tokens/s"),
+        row(*["---"] * 5),
+        row(
+            "bare llama-cpp-python (portable build)",
+            f"{base['tg']:.2f}",
+            "1.00x",
+            f"{base['tg'] / ceiling:.0%}",
+            f"{base['pp']:.1f}",
+        ),
+        row(
+            "appliance ask (retrieval + template + stream)",
+            f"{app['tokens_per_s']:.2f}",
+            f"{app['tokens_per_s'] / base['tg']:.2f}x",
+            f"{app['tokens_per_s'] / ceiling:.0%}",
+            "",
+        ),
+    ]
     for name, python in compare.items():
         other = bare(python, gguf, threads, context)
-        lines.append(row(f"bare llama-cpp-python ({name} build)", f"{other['tg']:.2f}",
-                         f"{other['tg'] / base['tg']:.2f}x", f"{other['tg'] / ceiling:.0%}",
-                         f"{other['pp']:.1f} ({other['pp'] / base['pp']:.2f}x)"))
-    lines.append(f"\nrandom Llama-3.2-1B shape, Q4_K_M, {size / 1e6:.0f} MB; {N_TOKENS} tokens; {threads} threads; "
-                 f"decoding after a {context}-token prompt (the appliance's, with its sources); "
-                 f"copy bandwidth {bw:.1f} GB/s -> ceiling {ceiling:.1f} tokens/s; appliance TTFT "
-                 f"{app['ttft_ms']:.0f} ms with retrieval {app['retrieval_ms']:.0f} ms")
+        lines.append(
+            row(
+                f"bare llama-cpp-python ({name} build)",
+                f"{other['tg']:.2f}",
+                f"{other['tg'] / base['tg']:.2f}x",
+                f"{other['tg'] / ceiling:.0%}",
+                f"{other['pp']:.1f} ({other['pp'] / base['pp']:.2f}x)",
+            )
+        )
+    lines.append(
+        f"\nrandom Llama-3.2-1B shape, Q4_K_M, {size / 1e6:.0f} MB; {N_TOKENS} tokens; {threads} threads; "
+        f"decoding after a {context}-token prompt (the appliance's, with its sources); "
+        f"copy bandwidth {bw:.1f} GB/s -> ceiling {ceiling:.1f} tokens/s; appliance TTFT "
+        f"{app['ttft_ms']:.0f} ms with retrieval {app['retrieval_ms']:.0f} ms"
+    )
     return lines
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--compare", nargs="*", default=[], help="NAME=PYTHON with another llama.cpp build")
-    parser.add_argument("--model", action="append", type=Path, default=[], help="a GGUF to measure (repeatable)")
+    parser.add_argument(
+        "--model", action="append", type=Path, default=[], help="a GGUF to measure (repeatable)"
+    )
     parser.add_argument("--template", type=Path, help="with --model: the models' chat template")
     args = parser.parse_args()
     if args.model:

@@ -22,8 +22,12 @@ def texts(n: int = 512, min_chars: int = 0) -> list[str]:
     from appliance.documents.readers import expand_paths, read_document
 
     files, _ = expand_paths([CORPUS])
-    chunks = [c.text for f in files for c in chunk_document(read_document(f, 10**8), 1200)
-              if len(c.text) >= min_chars]
+    chunks = [
+        c.text
+        for f in files
+        for c in chunk_document(read_document(f, 10**8), 1200)
+        if len(c.text) >= min_chars
+    ]
     return (chunks * (n // len(chunks) + 1))[:n]
 
 
@@ -64,19 +68,26 @@ def _run(items: list[str], embedder_dir: Path | None) -> list[str]:
         st = SentenceTransformer(str(default_source()), device="cpu", local_files_only=True)
         st.max_seq_length = int8.manifest["max_length"]
         # the baseline at its own best batch size, not ours
-        st_rates = {bs: rate(lambda t, bs=bs: st.encode(t, batch_size=bs, normalize_embeddings=True), items)
-                    for bs in (8, 16, 32)}
+        st_rates = {
+            bs: rate(lambda t, bs=bs: st.encode(t, batch_size=bs, normalize_embeddings=True), items)
+            for bs in (8, 16, 32)
+        }
         st_batch, r_st = max(st_rates.items(), key=lambda kv: kv[1])
         r_fp32 = rate(fp32.embed, items)
         r_int8 = rate(int8.embed, items)
-        cos = float(np.min(np.sum(int8.embed(items[:64]) * st.encode(items[:64], normalize_embeddings=True), 1)))
-    return [row("embedder", "chunks/s", "vs sentence-transformers fp32"), row("---", "---", "---"),
-            row(f"sentence-transformers (PyTorch fp32, batch {st_batch})", f"{r_st:.1f}", "1.00x"),
-            row(f"ONNX fp32 (batch {batch})", f"{r_fp32:.1f}", f"{r_fp32 / r_st:.2f}x"),
-            row(f"ONNX int8, fused (appliance default, batch {batch})", f"{r_int8:.1f}", f"{r_int8 / r_st:.2f}x"),
-            f"\n{len(items)} chunks of the demo corpus ({int(np.mean([len(t) for t in items]))} characters "
-            f"mean), {threads} threads; "
-            f"int8 vs PyTorch minimum cosine on 64 chunks: {cos:.4f}"]
+        cos = float(
+            np.min(np.sum(int8.embed(items[:64]) * st.encode(items[:64], normalize_embeddings=True), 1))
+        )
+    return [
+        row("embedder", "chunks/s", "vs sentence-transformers fp32"),
+        row("---", "---", "---"),
+        row(f"sentence-transformers (PyTorch fp32, batch {st_batch})", f"{r_st:.1f}", "1.00x"),
+        row(f"ONNX fp32 (batch {batch})", f"{r_fp32:.1f}", f"{r_fp32 / r_st:.2f}x"),
+        row(f"ONNX int8, fused (appliance default, batch {batch})", f"{r_int8:.1f}", f"{r_int8 / r_st:.2f}x"),
+        f"\n{len(items)} chunks of the demo corpus ({int(np.mean([len(t) for t in items]))} characters "
+        f"mean), {threads} threads; "
+        f"int8 vs PyTorch minimum cosine on 64 chunks: {cos:.4f}",
+    ]
 
 
 if __name__ == "__main__":

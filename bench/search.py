@@ -38,7 +38,7 @@ class FixedEmbedder:
 
     def embed(self, texts):
         self.i = (self.i + 1) % len(self.vectors)
-        return self.vectors[self.i: self.i + 1]
+        return self.vectors[self.i : self.i + 1]
 
 
 def vocabulary(size: int = 20_000) -> list[str]:
@@ -78,11 +78,25 @@ def build(path: Path, n: int, seed: int = 0) -> np.ndarray:
         store.ensure_embedder(FixedEmbedder.name, DIM, lambda t: unit(len(t), rng))
         per_doc = 100
         for d in range(n // per_doc):
-            chunks = [NewChunk(i, "Section", " ".join(zipf.sample(120)) +
-                               f" code {10 + (d * per_doc + i) % 89}-{1000 + (d * per_doc + i) % 8999}.00")
-                      for i in range(per_doc)]
-            store.add_document("bench", f"/bench/{d}", f"doc {d}", "txt", f"{d:064x}", 1, chunks,
-                               vectors[d * per_doc:(d + 1) * per_doc])
+            chunks = [
+                NewChunk(
+                    i,
+                    "Section",
+                    " ".join(zipf.sample(120))
+                    + f" code {10 + (d * per_doc + i) % 89}-{1000 + (d * per_doc + i) % 8999}.00",
+                )
+                for i in range(per_doc)
+            ]
+            store.add_document(
+                "bench",
+                f"/bench/{d}",
+                f"doc {d}",
+                "txt",
+                f"{d:064x}",
+                1,
+                chunks,
+                vectors[d * per_doc : (d + 1) * per_doc],
+            )
     return vectors
 
 
@@ -98,9 +112,20 @@ def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
 
 
 def run(sizes: list[int], queries: int = 200) -> list[str]:
-    lines = [row("chunks", "hybrid cached p50 ms", "hybrid cached p95 ms", "hybrid vec0 p95 ms", "keyword p95 ms",
-                 "vector cached p95 ms", "vec0 KNN p95 ms", "numpy brute-force p95 ms",
-                 "hybrid cached p95 / brute-force p95"), row(*["---"] * 9)]
+    lines = [
+        row(
+            "chunks",
+            "hybrid cached p50 ms",
+            "hybrid cached p95 ms",
+            "hybrid vec0 p95 ms",
+            "keyword p95 ms",
+            "vector cached p95 ms",
+            "vec0 KNN p95 ms",
+            "numpy brute-force p95 ms",
+            "hybrid cached p95 / brute-force p95",
+        ),
+        row(*["---"] * 9),
+    ]
     rng = np.random.default_rng(1)
     zipf = ZipfWords(vocabulary(), 0)  # same distribution as the chunks
     for n in sizes:
@@ -119,9 +144,19 @@ def run(sizes: list[int], queries: int = 200) -> list[str]:
                 hybrid = time_each(partial(search, store, emb, k=5), texts, queries)
                 cached_knn = time_each(partial(store.vector_search, k=20), list(qv), queries)
             numpy_ms = time_each(partial(brute_force, vectors, k=20), list(qv), queries)
-            lines.append(row(f"{n:,}", f"{pct(hybrid, 50):.2f}", f"{pct(hybrid, 95):.2f}", f"{pct(direct, 95):.2f}",
-                             f"{pct(keyword, 95):.2f}", f"{pct(cached_knn, 95):.2f}", f"{pct(knn, 95):.2f}",
-                             f"{pct(numpy_ms, 95):.2f}", f"{pct(hybrid, 95) / pct(numpy_ms, 95):.1f}x"))
+            lines.append(
+                row(
+                    f"{n:,}",
+                    f"{pct(hybrid, 50):.2f}",
+                    f"{pct(hybrid, 95):.2f}",
+                    f"{pct(direct, 95):.2f}",
+                    f"{pct(keyword, 95):.2f}",
+                    f"{pct(cached_knn, 95):.2f}",
+                    f"{pct(knn, 95):.2f}",
+                    f"{pct(numpy_ms, 95):.2f}",
+                    f"{pct(hybrid, 95) / pct(numpy_ms, 95):.1f}x",
+                )
+            )
             print(f"  built {n:,} chunks in {build_s:.0f} s", flush=True)
     return lines
 

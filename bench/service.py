@@ -37,23 +37,36 @@ def _rss_mb(pid: int) -> float:
 
 def through_api(home: Path, threads: int) -> dict:
     sock = home.parent / "api.sock"
-    env = dict(os.environ, APPLIANCE_HOME=str(home), APPLIANCE_THREADS=str(threads), APPLIANCE_TEMPERATURE="0")
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ, APPLIANCE_HOME=str(home), APPLIANCE_THREADS=str(threads), APPLIANCE_TEMPERATURE="0"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         while not sock.exists():
             if proc.poll() is not None:
                 raise RuntimeError(proc.stderr.read())
             time.sleep(0.1)
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://appliance",
-                          timeout=600) as http:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://appliance", timeout=600
+        ) as http:
+
             def streamed(max_tokens: int) -> dict:
                 """Client-side: from sending the request to [DONE], less the server's retrieval and time to
                 first token (a random-weight model streams many tokens that decode to no text, so counting
                 content chunks would undercount)."""
                 final = None
-                body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
-                        "stream": True, "temperature": 0}
+                body = {
+                    "messages": [{"role": "user", "content": QUESTION}],
+                    "max_tokens": max_tokens,
+                    "stream": True,
+                    "temperature": 0,
+                }
                 start = time.perf_counter()
                 with http.stream("POST", "/v1/chat/completions", json=body) as r:
                     if r.status_code != 200:
@@ -68,9 +81,13 @@ def through_api(home: Path, threads: int) -> dict:
                 timing = final["appliance"]["timing"]
                 decode_s = end - start - (timing["retrieval_ms"] + timing["ttft_ms"]) / 1000
                 tokens = final["usage"]["completion_tokens"]
-                return {"tokens": tokens, "tokens_per_s": (tokens - 1) / decode_s,
-                        "prompt_tokens": final["usage"]["prompt_tokens"],
-                        "server_tokens_per_s": timing["tokens_per_s"]}
+                return {
+                    "tokens": tokens,
+                    "tokens_per_s": (tokens - 1) / decode_s,
+                    "prompt_tokens": final["usage"]["prompt_tokens"],
+                    "server_tokens_per_s": timing["tokens_per_s"],
+                }
+
             streamed(16)  # load and warm
             best = max((streamed(N_TOKENS) for _ in range(3)), key=lambda r: r["tokens_per_s"])
             best["rss_mb"] = _rss_mb(proc.pid)
@@ -80,8 +97,10 @@ def through_api(home: Path, threads: int) -> dict:
         proc.wait(timeout=60)
 
 
-CANNED = ("The staffing plan needs a Cloud Architect (15-1241.00), two Software Developers (15-1252.00) and a "
-          "Database Administrator (15-1242.00) [1][2].")
+CANNED = (
+    "The staffing plan needs a Cloud Architect (15-1241.00), two Software Developers (15-1252.00) and a "
+    "Database Administrator (15-1242.00) [1][2]."
+)
 
 
 def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, float]:
@@ -103,12 +122,17 @@ def follow_up_ttft(home: Path, threads: int, use_rag: bool) -> tuple[float, floa
             for clear, out in ((False, cached), (True, cleared)):
                 conversation = app.store.new_conversation("bench")
                 first = app.answer(QUESTION, use_rag=use_rag, conversation=conversation, max_tokens=8)
-                app.store.conn.execute("UPDATE messages SET content = ? WHERE conversation_id = ? AND role = 'assistant'",
-                                       (CANNED, conversation))
+                app.store.conn.execute(
+                    "UPDATE messages SET content = ? WHERE conversation_id = ? AND role = 'assistant'",
+                    (CANNED, conversation),
+                )
                 first.raw = CANNED
                 app.turns.remember(QUESTION, first)
-                seen = [build_messages("", [], use_rag)[0], {"role": "user", "content": first.prompt},
-                        {"role": "assistant", "content": CANNED}]
+                seen = [
+                    build_messages("", [], use_rag)[0],
+                    {"role": "user", "content": first.prompt},
+                    {"role": "assistant", "content": CANNED},
+                ]
                 list(app.engine.stream(seen, max_tokens=1, sampling=GREEDY))
                 if clear:
                     app.engine.llm.reset()  # llama.cpp starts from an empty KV cache
@@ -135,19 +159,40 @@ def run() -> list[str]:
         rag = follow_up_ttft(home, threads, use_rag=True)
     model_mb = gguf.stat().st_size / 2**20
     budget = model_mb + kv_cache_mb(n_ctx) + 400
-    return [row("what", "measured", "baseline", "ratio", "goal"),
-            row(*["---"] * 5),
-            row("decode through the HTTP API (tokens/s)", f"{api['tokens_per_s']:.2f}",
-                f"{base['tg']:.2f} bare llama-cpp-python", f"{api['tokens_per_s'] / base['tg']:.2f}x", ">= 0.95x"),
-            row("follow-up TTFT, no retrieval (ms)", f"{plain[0]:.0f} cached", f"{plain[1]:.0f} cache cleared",
-                f"{plain[1] / plain[0]:.1f}x", ">= 5x"),
-            row("follow-up TTFT, with retrieval (ms)", f"{rag[0]:.0f} cached", f"{rag[1]:.0f} cache cleared",
-                f"{rag[1] / rag[0]:.1f}x", ">= 5x"),
-            row("service resident memory (MB)", f"{api['rss_mb']:.0f}",
-                f"{budget:.0f} = model {model_mb:.0f} + KV {kv_cache_mb(n_ctx):.0f} + 400", f"{api['rss_mb'] / budget:.2f}x",
-                "<= 1.00x"),
-            f"\n{N_TOKENS} tokens per answer after a {api['prompt_tokens']}-token prompt (the bare baseline decodes "
-            f"after a prompt of the same length); {threads} threads; n_ctx {n_ctx}"]
+    return [
+        row("what", "measured", "baseline", "ratio", "goal"),
+        row(*["---"] * 5),
+        row(
+            "decode through the HTTP API (tokens/s)",
+            f"{api['tokens_per_s']:.2f}",
+            f"{base['tg']:.2f} bare llama-cpp-python",
+            f"{api['tokens_per_s'] / base['tg']:.2f}x",
+            ">= 0.95x",
+        ),
+        row(
+            "follow-up TTFT, no retrieval (ms)",
+            f"{plain[0]:.0f} cached",
+            f"{plain[1]:.0f} cache cleared",
+            f"{plain[1] / plain[0]:.1f}x",
+            ">= 5x",
+        ),
+        row(
+            "follow-up TTFT, with retrieval (ms)",
+            f"{rag[0]:.0f} cached",
+            f"{rag[1]:.0f} cache cleared",
+            f"{rag[1] / rag[0]:.1f}x",
+            ">= 5x",
+        ),
+        row(
+            "service resident memory (MB)",
+            f"{api['rss_mb']:.0f}",
+            f"{budget:.0f} = model {model_mb:.0f} + KV {kv_cache_mb(n_ctx):.0f} + 400",
+            f"{api['rss_mb'] / budget:.2f}x",
+            "<= 1.00x",
+        ),
+        f"\n{N_TOKENS} tokens per answer after a {api['prompt_tokens']}-token prompt (the bare baseline decodes "
+        f"after a prompt of the same length); {threads} threads; n_ctx {n_ctx}",
+    ]
 
 
 if __name__ == "__main__":

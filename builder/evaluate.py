@@ -26,17 +26,24 @@ from builder.errors import BuilderError, GateFailed
 class GateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_ppl_increase: float | None = Field(0.10, ge=0, description="Most a quant's perplexity may exceed "
-                                           "F16's, as a fraction (0.10 = 10%)")
-    min_accuracy_with_retrieval: float | None = Field(None, ge=0, le=1, description="Least share of "
-                                                      "questions answered exactly with retrieval")
-    max_accuracy_without_retrieval: float | None = Field(None, ge=0, le=1, description="Most share answered "
-                                                         "without retrieval (above it, the model memorised)")
-    beat_baseline: bool = Field(False, description="Fail unless the model answers more of the questions with "
-                                "retrieval than the baseline (the base model) does")
+    max_ppl_increase: float | None = Field(
+        0.10, ge=0, description="Most a quant's perplexity may exceed F16's, as a fraction (0.10 = 10%)"
+    )
+    min_accuracy_with_retrieval: float | None = Field(
+        None, ge=0, le=1, description="Least share of questions answered exactly with retrieval"
+    )
+    max_accuracy_without_retrieval: float | None = Field(
+        None, ge=0, le=1, description="Most share answered without retrieval (above it, the model memorised)"
+    )
+    beat_baseline: bool = Field(
+        False,
+        description="Fail unless the model answers more of the questions with "
+        "retrieval than the baseline (the base model) does",
+    )
     kind: str | None = Field(None, description="Apply the accuracy limits to questions of this kind only")
-    quant: str | None = Field(None, description="Apply the limits to this quant only, the one that ships "
-                              "(default: every quant)")
+    quant: str | None = Field(
+        None, description="Apply the limits to this quant only, the one that ships (default: every quant)"
+    )
 
 
 class EvalConfig(BaseModel):
@@ -44,26 +51,42 @@ class EvalConfig(BaseModel):
 
     out: Path = Field(description="Directory for eval.json")
     export: Path = Field(description="An export directory (model-F16.gguf and model-<TYPE>.gguf files)")
-    baseline: Path | None = Field(None, description="An export of the base model, measured the same way beside it "
-                                  "(its own chat template; the quants both exports have)")
+    baseline: Path | None = Field(
+        None,
+        description="An export of the base model, measured the same way beside it "
+        "(its own chat template; the quants both exports have)",
+    )
     heldout: list[Path] = Field([], description="Held-out domain documents for perplexity")
     ppl_ctx: int = Field(512, ge=32, description="Context length for perplexity")
     ppl_max_tokens: int = Field(16384, ge=64, description="Held-out tokens scored at most")
     questions: Path | None = Field(None, description="JSONL of {id, question, must_contain: [...], kind?}")
     corpus: list[Path] = Field([], description="Documents the retrieval index is built from")
     embedder: Path | None = Field(None, description="Embedder directory (builder embedder export)")
-    chat_template: Path | None = Field(None, description="The template the generation ships (default: the "
-                                       "export's chat_template.jinja)")
+    chat_template: Path | None = Field(
+        None, description="The template the generation ships (default: the export's chat_template.jinja)"
+    )
     top_k: int = Field(5, ge=1, le=50, description="Sources per question (the appliance's default)")
     n_ctx: int = Field(2048, ge=256, description="Context window for answers")
     max_tokens: int = Field(96, ge=1, description="Answer length cap")
-    task_quants: list[str] | None = Field(None, description="Quants that answer the questions (default: all "
-                                          "but F16)")
+    task_quants: list[str] | None = Field(
+        None, description="Quants that answer the questions (default: all but F16)"
+    )
     gate: GateSettings = Field(default_factory=GateSettings, description="Release gate")
 
     def inputs(self) -> list[Path]:
-        return [p for p in [self.export, self.baseline, *self.heldout, self.questions, *self.corpus,
-                            self.embedder, self.chat_template] if p is not None]
+        return [
+            p
+            for p in [
+                self.export,
+                self.baseline,
+                *self.heldout,
+                self.questions,
+                *self.corpus,
+                self.embedder,
+                self.chat_template,
+            ]
+            if p is not None
+        ]
 
 
 def ggufs(export: Path) -> dict[str, Path]:
@@ -88,7 +111,9 @@ def correct(answer: str, must_contain: list[str]) -> bool:
     return all(m.casefold() in text for m in must_contain)
 
 
-def ask_all(model: Path, template: str, questions: list[dict], store, embedder, config: EvalConfig) -> list[dict]:
+def ask_all(
+    model: Path, template: str, questions: list[dict], store, embedder, config: EvalConfig
+) -> list[dict]:
     """Each question with retrieval and without; the answers, whether exact, and what was retrieved."""
     from appliance.engine.llama import LlamaEngine
     from appliance.retrieval.rag import GREEDY, answer, search
@@ -101,19 +126,37 @@ def ask_all(model: Path, template: str, questions: list[dict], store, embedder, 
         info = {"name": model.name}
         for q in questions:
             hits = search(store, embedder, q["question"], config.top_k)
-            with_rag = answer(engine, q["question"], hits, info, n_ctx=n_ctx,
-                                  max_tokens=config.max_tokens, sampling=GREEDY)
-            without = answer(engine, q["question"], [], info, n_ctx=n_ctx,
-                                 max_tokens=config.max_tokens, sampling=GREEDY, use_rag=False)
-            results.append({
-                "id": q.get("id"), "kind": q.get("kind"), "question": q["question"],
-                "must_contain": q["must_contain"],
-                "retrieved_answer_source": any(correct(h.text, q["must_contain"]) for h in hits),
-                "with_retrieval": {"answer": with_rag.answer, "exact": correct(with_rag.answer, q["must_contain"]),
-                                   "unverified_codes": with_rag.unverified_codes},
-                "without_retrieval": {"answer": without.answer,
-                                      "exact": correct(without.answer, q["must_contain"])},
-            })
+            with_rag = answer(
+                engine, q["question"], hits, info, n_ctx=n_ctx, max_tokens=config.max_tokens, sampling=GREEDY
+            )
+            without = answer(
+                engine,
+                q["question"],
+                [],
+                info,
+                n_ctx=n_ctx,
+                max_tokens=config.max_tokens,
+                sampling=GREEDY,
+                use_rag=False,
+            )
+            results.append(
+                {
+                    "id": q.get("id"),
+                    "kind": q.get("kind"),
+                    "question": q["question"],
+                    "must_contain": q["must_contain"],
+                    "retrieved_answer_source": any(correct(h.text, q["must_contain"]) for h in hits),
+                    "with_retrieval": {
+                        "answer": with_rag.answer,
+                        "exact": correct(with_rag.answer, q["must_contain"]),
+                        "unverified_codes": with_rag.unverified_codes,
+                    },
+                    "without_retrieval": {
+                        "answer": without.answer,
+                        "exact": correct(without.answer, q["must_contain"]),
+                    },
+                }
+            )
     return results
 
 
@@ -121,10 +164,12 @@ def accuracy(rows: list[dict], kind: str | None = None) -> dict:
     rows = [r for r in rows if kind is None or r["kind"] == kind]
     if not rows:
         return {"questions": 0}
-    return {"questions": len(rows),
-            "with_retrieval": round(sum(r["with_retrieval"]["exact"] for r in rows) / len(rows), 4),
-            "without_retrieval": round(sum(r["without_retrieval"]["exact"] for r in rows) / len(rows), 4),
-            "retrieval_found_answer": round(sum(r["retrieved_answer_source"] for r in rows) / len(rows), 4)}
+    return {
+        "questions": len(rows),
+        "with_retrieval": round(sum(r["with_retrieval"]["exact"] for r in rows) / len(rows), 4),
+        "without_retrieval": round(sum(r["without_retrieval"]["exact"] for r in rows) / len(rows), 4),
+        "retrieval_found_answer": round(sum(r["retrieved_answer_source"] for r in rows) / len(rows), 4),
+    }
 
 
 def gate_failures(report: dict, gate: GateSettings) -> list[str]:
@@ -137,32 +182,48 @@ def gate_failures(report: dict, gate: GateSettings) -> list[str]:
             if gate.quant and quant != gate.quant.upper():
                 continue  # the limits are for what ships; the other quants are reported
             if quant != "F16" and increase > gate.max_ppl_increase:
-                failures.append(f"{quant} perplexity {row['perplexity']:.3f} is {increase:.1%} above F16's "
-                                f"{base:.3f} (limit {gate.max_ppl_increase:.0%})")
+                failures.append(
+                    f"{quant} perplexity {row['perplexity']:.3f} is {increase:.1%} above F16's "
+                    f"{base:.3f} (limit {gate.max_ppl_increase:.0%})"
+                )
     baseline_tasks = (report.get("baseline") or {}).get("tasks", {})
     for quant, task in report.get("tasks", {}).items():
         if gate.quant and quant != gate.quant.upper():
             continue
         acc = _gated(task, gate)
         if not acc.get("questions"):
-            if gate.min_accuracy_with_retrieval is not None or gate.max_accuracy_without_retrieval is not None \
-                    or gate.beat_baseline:
+            if (
+                gate.min_accuracy_with_retrieval is not None
+                or gate.max_accuracy_without_retrieval is not None
+                or gate.beat_baseline
+            ):
                 failures.append(f"{quant}: no questions of kind {gate.kind!r} to gate on")
             continue
         label = f"{quant}" + (f" on {gate.kind} questions" if gate.kind else "")
-        if gate.min_accuracy_with_retrieval is not None and acc["with_retrieval"] < gate.min_accuracy_with_retrieval:
-            failures.append(f"{label}: {acc['with_retrieval']:.0%} exact with retrieval "
-                            f"(needs >= {gate.min_accuracy_with_retrieval:.0%})")
-        if (gate.max_accuracy_without_retrieval is not None
-                and acc["without_retrieval"] > gate.max_accuracy_without_retrieval):
-            failures.append(f"{label}: {acc['without_retrieval']:.0%} exact without retrieval "
-                            f"(allowed <= {gate.max_accuracy_without_retrieval:.0%})")
+        if (
+            gate.min_accuracy_with_retrieval is not None
+            and acc["with_retrieval"] < gate.min_accuracy_with_retrieval
+        ):
+            failures.append(
+                f"{label}: {acc['with_retrieval']:.0%} exact with retrieval "
+                f"(needs >= {gate.min_accuracy_with_retrieval:.0%})"
+            )
+        if (
+            gate.max_accuracy_without_retrieval is not None
+            and acc["without_retrieval"] > gate.max_accuracy_without_retrieval
+        ):
+            failures.append(
+                f"{label}: {acc['without_retrieval']:.0%} exact without retrieval "
+                f"(allowed <= {gate.max_accuracy_without_retrieval:.0%})"
+            )
         if gate.beat_baseline:
             if quant not in baseline_tasks:
                 failures.append(f"{label}: the base model was not measured at {quant} (set baseline)")
             elif acc["with_retrieval"] <= (base_acc := _gated(baseline_tasks[quant], gate))["with_retrieval"]:
-                failures.append(f"{label}: {acc['with_retrieval']:.0%} exact with retrieval, no better than the "
-                                f"base model's {base_acc['with_retrieval']:.0%}")
+                failures.append(
+                    f"{label}: {acc['with_retrieval']:.0%} exact with retrieval, no better than the "
+                    f"base model's {base_acc['with_retrieval']:.0%}"
+                )
     return failures
 
 
@@ -179,18 +240,38 @@ def comparison(report: dict) -> dict:
         if ours is None:
             continue
         pairs = {"all": (base_task["overall"], ours["overall"])}
-        pairs |= {k: (base_task["by_kind"][k], acc) for k, acc in ours["by_kind"].items() if k in base_task["by_kind"]}
-        table[quant] = {kind: {"questions": mine["questions"],
-                               **{who: {k: acc.get(k) for k in ("with_retrieval", "without_retrieval")}
-                                  for who, acc in (("base", theirs), ("adapted", mine))}}
-                        for kind, (theirs, mine) in pairs.items()}
-    perplexity = {who: ((src or {}).get("perplexity") or {}).get("F16", {}).get("perplexity")
-                  for who, src in (("base", report.get("baseline")), ("adapted", report))}
+        pairs |= {
+            k: (base_task["by_kind"][k], acc)
+            for k, acc in ours["by_kind"].items()
+            if k in base_task["by_kind"]
+        }
+        table[quant] = {
+            kind: {
+                "questions": mine["questions"],
+                **{
+                    who: {k: acc.get(k) for k in ("with_retrieval", "without_retrieval")}
+                    for who, acc in (("base", theirs), ("adapted", mine))
+                },
+            }
+            for kind, (theirs, mine) in pairs.items()
+        }
+    perplexity = {
+        who: ((src or {}).get("perplexity") or {}).get("F16", {}).get("perplexity")
+        for who, src in (("base", report.get("baseline")), ("adapted", report))
+    }
     return {"tasks": table, "heldout_perplexity_f16": perplexity}
 
 
-def measure(export: Path, config: EvalConfig, quants: list[str] | None, template: str, text: str | None,
-            store=None, embedder=None, label: str = "eval") -> dict:
+def measure(
+    export: Path,
+    config: EvalConfig,
+    quants: list[str] | None,
+    template: str,
+    text: str | None,
+    store=None,
+    embedder=None,
+    label: str = "eval",
+) -> dict:
     """Perplexity of every GGUF of an export on `text`, and the questions answered by `quants`
     (default: every quant but F16)."""
     from builder import llamacpp
@@ -202,24 +283,37 @@ def measure(export: Path, config: EvalConfig, quants: list[str] | None, template
         report["perplexity"] = {}
         for quant, path in models.items():
             start = time.perf_counter()
-            report["perplexity"][quant] = llamacpp.perplexity(path, text, ctx=config.ppl_ctx,
-                                                              max_tokens=config.ppl_max_tokens)
-            print(f"{label}: {quant} perplexity {report['perplexity'][quant]['perplexity']:.3f} "
-                  f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+            report["perplexity"][quant] = llamacpp.perplexity(
+                path, text, ctx=config.ppl_ctx, max_tokens=config.ppl_max_tokens
+            )
+            print(
+                f"{label}: {quant} perplexity {report['perplexity'][quant]['perplexity']:.3f} "
+                f"({time.perf_counter() - start:.1f} s)",
+                file=sys.stderr,
+            )
     if store is not None:
         questions = read_jsonl(config.questions, ("question", "must_contain"))
         report["tasks"] = {}
         for quant in quants or [q for q in models if q != "F16"] or ["F16"]:
             if quant not in models:
-                raise BuilderError(f"no model-{quant}.gguf in {export}", f"choose task_quants among {', '.join(models)}")
+                raise BuilderError(
+                    f"no model-{quant}.gguf in {export}", f"choose task_quants among {', '.join(models)}"
+                )
             start = time.perf_counter()
             rows = ask_all(models[quant], template, questions, store, embedder, config)
             kinds = sorted({r["kind"] for r in rows if r["kind"]})
-            report["tasks"][quant] = {"overall": accuracy(rows), "by_kind": {k: accuracy(rows, k) for k in kinds},
-                                      "seconds": round(time.perf_counter() - start, 1), "answers": rows}
+            report["tasks"][quant] = {
+                "overall": accuracy(rows),
+                "by_kind": {k: accuracy(rows, k) for k in kinds},
+                "seconds": round(time.perf_counter() - start, 1),
+                "answers": rows,
+            }
             o = report["tasks"][quant]["overall"]
-            print(f"{label}: {quant} exact {o['with_retrieval']:.0%} with retrieval, "
-                  f"{o['without_retrieval']:.0%} without ({len(rows)} questions)", file=sys.stderr)
+            print(
+                f"{label}: {quant} exact {o['with_retrieval']:.0%} with retrieval, "
+                f"{o['without_retrieval']:.0%} without ({len(rows)} questions)",
+                file=sys.stderr,
+            )
     return report
 
 
@@ -232,7 +326,10 @@ def run(config: EvalConfig) -> Path:
         ggufs(config.baseline)
     if config.questions and (not config.corpus or config.embedder is None):
         raise BuilderError("questions need corpus and embedder for retrieval", "add both to the config")
-    with lineage.staged_output("eval", config, config.inputs()) as (out, report), contextlib.ExitStack() as stack:
+    with (
+        lineage.staged_output("eval", config, config.inputs()) as (out, report),
+        contextlib.ExitStack() as stack,
+    ):
         text = "\n\n".join(read_texts(config.heldout)) if config.heldout else None
         quants = [q.upper() for q in config.task_quants] if config.task_quants else None
         store = embedder = None
@@ -242,17 +339,30 @@ def run(config: EvalConfig) -> Path:
             from appliance.retrieval.store import Store
 
             embedder = OnnxEmbedder(config.embedder)
-            store = stack.enter_context(Store(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "index.db",
-                                              reference=("eval",)))  # every table of the eval corpus
+            store = stack.enter_context(
+                Store(
+                    Path(stack.enter_context(tempfile.TemporaryDirectory())) / "index.db", reference=("eval",)
+                )
+            )  # every table of the eval corpus
             ingest(store, embedder, config.corpus, "eval", max_bytes=200_000_000, chunk_chars=1200)
         report.update(measure(config.export, config, quants, template_for(config), text, store, embedder))
         if config.baseline is not None:
             # The base model the same way: the same text, questions, retrieval, and the quants it has.
             available = set(ggufs(config.baseline))
             asked = [q for q in report.get("tasks", {}) if q in available] or None
-            report["baseline"] = {"export": str(config.baseline), **measure(
-                config.baseline, config, asked, template_for(config, config.baseline), text, store, embedder,
-                label="eval (base)")}
+            report["baseline"] = {
+                "export": str(config.baseline),
+                **measure(
+                    config.baseline,
+                    config,
+                    asked,
+                    template_for(config, config.baseline),
+                    text,
+                    store,
+                    embedder,
+                    label="eval (base)",
+                ),
+            }
             report["comparison"] = comparison(report)
         failures = gate_failures(report, config.gate)
         report["gate"] = {"passed": not failures, "failures": failures, **config.gate.model_dump()}
@@ -265,5 +375,7 @@ def check_gate(out: Path) -> None:
     """Raise GateFailed with the numbers when an eval output did not pass its gate."""
     gate = json.loads((out / "eval.json").read_text())["gate"]
     if not gate["passed"]:
-        raise GateFailed("release gate not met:\n  " + "\n  ".join(gate["failures"]),
-                         f"see {out / 'eval.json'}; improve the model or change the gate deliberately")
+        raise GateFailed(
+            "release gate not met:\n  " + "\n  ".join(gate["failures"]),
+            f"see {out / 'eval.json'}; improve the model or change the gate deliberately",
+        )

@@ -35,10 +35,14 @@ class ExportConfig(BaseModel):
 
     out: Path = Field(description="Directory for the GGUF files")
     model: Path = Field(description="A full checkpoint, or a LoRA adapter directory (merged into its base)")
-    base: Path | None = Field(None, description="For an adapter: the base checkpoint (default: the path "
-                              "recorded in adapter_config.json)")
+    base: Path | None = Field(
+        None,
+        description="For an adapter: the base checkpoint (default: the path recorded in adapter_config.json)",
+    )
     quants: list[str] = Field(["Q8_0", "Q4_K_M"], description="llama.cpp quant types to write beside F16")
-    imatrix: ImatrixSettings | None = Field(None, description="Compute an importance matrix (needed by IQ types)")
+    imatrix: ImatrixSettings | None = Field(
+        None, description="Compute an importance matrix (needed by IQ types)"
+    )
 
     @field_validator("quants")
     @classmethod
@@ -46,7 +50,9 @@ class ExportConfig(BaseModel):
         quants = [q.upper() for q in quants]
         unknown = [q for q in quants if q not in llamacpp.FTYPES]
         if unknown:
-            raise ValueError(f"unknown quant type {', '.join(unknown)}; choose from {', '.join(llamacpp.FTYPES)}")
+            raise ValueError(
+                f"unknown quant type {', '.join(unknown)}; choose from {', '.join(llamacpp.FTYPES)}"
+            )
         return quants
 
     @model_validator(mode="after")
@@ -75,10 +81,12 @@ def row_check(gguf_path: Path, qtype: str) -> list[str]:
         if row % block == 0:
             continue
         if row % 32:
-            raise BuilderError(f"{tensor.name} has rows of {row} values: {qtype} cannot store them and no "
-                               "fallback type can (all need a multiple of 32)",
-                               "export F16/Q8_0 only is not possible either; use a model whose hidden sizes "
-                               "are multiples of 32")
+            raise BuilderError(
+                f"{tensor.name} has rows of {row} values: {qtype} cannot store them and no "
+                "fallback type can (all need a multiple of 32)",
+                "export F16/Q8_0 only is not possible either; use a model whose hidden sizes "
+                "are multiples of 32",
+            )
         fallback.append(tensor.name)
     return fallback
 
@@ -92,8 +100,10 @@ def merge_adapter(adapter: Path, base: Path | None, out: Path) -> Path:
     recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     base = base or (Path(recorded) if recorded else None)
     if base is None or not (base / "config.json").is_file():
-        raise BuilderError(f"{adapter}: base checkpoint {base} not found",
-                           "set `base:` in the export config to the local base checkpoint")
+        raise BuilderError(
+            f"{adapter}: base checkpoint {base} not found",
+            "set `base:` in the export config to the local base checkpoint",
+        )
     model = PeftModel.from_pretrained(training.load_model(base), str(adapter))
     training.save_model(model, training.Tokenizer(base), out)
     return out
@@ -118,11 +128,16 @@ def run(config: ExportConfig) -> Path:
         if config.imatrix:
             text_file = out / "calibration.txt"
             text_file.write_text("\n\n".join(read_texts(config.imatrix.corpus)))
-            matrix = llamacpp.imatrix(f16, text_file, out / "imatrix.gguf", chunks=config.imatrix.chunks,
-                                      ctx=config.imatrix.ctx)
+            matrix = llamacpp.imatrix(
+                f16, text_file, out / "imatrix.gguf", chunks=config.imatrix.chunks, ctx=config.imatrix.ctx
+            )
             text_file.unlink()
-            record["imatrix"] = {"file": matrix.name, "sha256": lineage.hash_path(matrix),
-                                 "chunks": config.imatrix.chunks, "ctx": config.imatrix.ctx}
+            record["imatrix"] = {
+                "file": matrix.name,
+                "sha256": lineage.hash_path(matrix),
+                "chunks": config.imatrix.chunks,
+                "ctx": config.imatrix.ctx,
+            }
 
         # -- quant types
         for qtype in config.quants:
@@ -130,15 +145,22 @@ def run(config: ExportConfig) -> Path:
                 continue
             fallback = row_check(f16, qtype)
             if fallback:
-                print(f"export: {len(fallback)} tensors have rows {qtype} cannot take; llama.cpp stores them "
-                      f"in a 32-wide fallback type ({', '.join(fallback[:3])}...)", file=sys.stderr)
+                print(
+                    f"export: {len(fallback)} tensors have rows {qtype} cannot take; llama.cpp stores them "
+                    f"in a 32-wide fallback type ({', '.join(fallback[:3])}...)",
+                    file=sys.stderr,
+                )
             dst = out / f"model-{qtype}.gguf"
             if matrix is not None:
                 llamacpp.quantize_with_imatrix(f16, dst, qtype, matrix)
             else:
                 llamacpp.quantize(f16, dst, qtype)
-            files[qtype] = {"file": dst.name, "bytes": dst.stat().st_size, "fallback_tensors": len(fallback),
-                            "sha256": lineage.hash_path(dst)}
+            files[qtype] = {
+                "file": dst.name,
+                "bytes": dst.stat().st_size,
+                "fallback_tensors": len(fallback),
+                "sha256": lineage.hash_path(dst),
+            }
         shutil.rmtree(out / "merged-hf", ignore_errors=True)
         record["files"] = files
         (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")

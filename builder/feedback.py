@@ -43,7 +43,9 @@ def trusted_keys(paths: list[Path]) -> dict:
         try:
             key = load_public(path.read_bytes(), str(path))
         except OSError as exc:
-            raise FeedbackError(f"{path}: cannot read ({exc.strerror})", "give the appliance.pub file") from exc
+            raise FeedbackError(
+                f"{path}: cannot read ({exc.strerror})", "give the appliance.pub file"
+            ) from exc
         keys[key_id(key)] = key
     return keys
 
@@ -64,8 +66,12 @@ def eval_question(record: dict) -> dict | None:
     codes = list(dict.fromkeys(CODE_RE.findall(record["chosen"])))
     if not codes:
         return None
-    return {"id": f"feedback-{record['feedback']['id']}-{record_key(record)[:8]}",
-            "question": record["feedback"]["question"], "must_contain": codes, "kind": "feedback"}
+    return {
+        "id": f"feedback-{record['feedback']['id']}-{record_key(record)[:8]}",
+        "question": record["feedback"]["question"],
+        "must_contain": codes,
+        "kind": "feedback",
+    }
 
 
 @dataclass
@@ -80,10 +86,14 @@ class ImportReport:
 
 
 def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
-def import_exports(directories: list[Path], trust: list[Path], out: Path, heldout_fraction: float = 0.2) -> ImportReport:
+def import_exports(
+    directories: list[Path], trust: list[Path], out: Path, heldout_fraction: float = 0.2
+) -> ImportReport:
     keys = trusted_keys(trust)
     if not keys:
         raise FeedbackError("no trusted appliance key", "pass --trust with each appliance's appliance.pub")
@@ -99,8 +109,13 @@ def import_exports(directories: list[Path], trust: list[Path], out: Path, heldou
     for export in verified:
         export_id = export.manifest["export_id"]
         if export_id in seen_exports:
-            report.replayed.append({"export_id": export_id, "directory": str(export.directory),
-                                    "first_imported": seen_exports[export_id]["imported"]})
+            report.replayed.append(
+                {
+                    "export_id": export_id,
+                    "directory": str(export.directory),
+                    "first_imported": seen_exports[export_id]["imported"],
+                }
+            )
             continue
         for name in FILES:
             for record in export.records.get(name, []):
@@ -114,11 +129,15 @@ def import_exports(directories: list[Path], trust: list[Path], out: Path, heldou
                     split = "heldout" if heldout(record["feedback"]["question"], heldout_fraction) else ""
                     existing[(split, target)].append(row)
                     report.added[target] += 1
-        entry = {"export_id": export_id, "directory": str(export.directory.resolve()),
-                 "appliance_key_id": export.manifest["appliance"]["key_id"],
-                 "manifest_sha256": export.manifest_sha256, "created": export.manifest["created"],
-                 "imported": utc_stamp(),
-                 "counts": {n: m["records"] for n, m in export.manifest["files"].items()}}
+        entry = {
+            "export_id": export_id,
+            "directory": str(export.directory.resolve()),
+            "appliance_key_id": export.manifest["appliance"]["key_id"],
+            "manifest_sha256": export.manifest_sha256,
+            "created": export.manifest["created"],
+            "imported": utc_stamp(),
+            "counts": {n: m["records"] for n, m in export.manifest["files"].items()},
+        }
         history.append(entry)
         seen_exports[export_id] = entry
         report.imported.append(entry)
@@ -129,8 +148,10 @@ def import_exports(directories: list[Path], trust: list[Path], out: Path, heldou
         tmp.replace(path)
     (out / IMPORTS).write_text(json.dumps(history, indent=2) + "\n")  # last: a crash before it re-imports
     for r in report.replayed:
-        print(f"feedback: export {r['export_id']} was imported on {r['first_imported']}; skipped (replay)",
-              file=sys.stderr)
+        print(
+            f"feedback: export {r['export_id']} was imported on {r['first_imported']}; skipped (replay)",
+            file=sys.stderr,
+        )
     return report
 
 
@@ -142,7 +163,8 @@ def lineage_of(inputs: list[Path]) -> list[dict]:
             history = directory / IMPORTS
             if path.is_file() and history.is_file():
                 for entry in json.loads(history.read_text()):
-                    found[entry["export_id"]] = {k: entry[k] for k in ("export_id", "appliance_key_id",
-                                                                       "manifest_sha256", "created")}
+                    found[entry["export_id"]] = {
+                        k: entry[k] for k in ("export_id", "appliance_key_id", "manifest_sha256", "created")
+                    }
                 break
     return list(found.values())

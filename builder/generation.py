@@ -16,8 +16,17 @@ from appliance.bundles.manifest import EvalSummary, utc_stamp, write_manifest
 from builder.errors import BuilderError
 
 
-def write(out: Path, *, name: str, model: Path, embedder_dir: Path, template: Path, stages: dict[str, dict],
-          eval_dir: Path | None = None, base_model: str | dict | None = None) -> Path:
+def write(
+    out: Path,
+    *,
+    name: str,
+    model: Path,
+    embedder_dir: Path,
+    template: Path,
+    stages: dict[str, dict],
+    eval_dir: Path | None = None,
+    base_model: str | dict | None = None,
+) -> Path:
     from builder import llamacpp
 
     quant = model.stem.removeprefix("model-").upper()
@@ -38,29 +47,41 @@ def write(out: Path, *, name: str, model: Path, embedder_dir: Path, template: Pa
             shutil.copyfile(eval_dir / "eval.json", partial / "eval.json")
             evaluation = json.loads((eval_dir / "eval.json").read_text())
         meta = llamacpp.model_metadata(model)
-        write_manifest(partial, {
-            "name": name,
-            "created": utc_stamp(),
-            "model": {"name": name, "architecture": meta["architecture"], "quant": quant,
-                      "context_length": meta["context_length"], "parameters": meta["parameters"]},
-            "embedder": {"name": emb["name"], "dim": emb["dim"]},
-            "lineage": {
-                "base_model": base_model,
-                "stages": stages,
-                "evaluation": EvalSummary.model_validate(
-                    {k: evaluation[k] for k in ("perplexity", "gate") if k in evaluation}).model_dump(mode="json")
-                if evaluation else None,
-                "embedder": {k: emb.get(k) for k in ("name", "dim", "pooling", "normalize", "agreement")},
+        write_manifest(
+            partial,
+            {
+                "name": name,
+                "created": utc_stamp(),
+                "model": {
+                    "name": name,
+                    "architecture": meta["architecture"],
+                    "quant": quant,
+                    "context_length": meta["context_length"],
+                    "parameters": meta["parameters"],
+                },
+                "embedder": {"name": emb["name"], "dim": emb["dim"]},
+                "lineage": {
+                    "base_model": base_model,
+                    "stages": stages,
+                    "evaluation": EvalSummary.model_validate(
+                        {k: evaluation[k] for k in ("perplexity", "gate") if k in evaluation}
+                    ).model_dump(mode="json")
+                    if evaluation
+                    else None,
+                    "embedder": {k: emb.get(k) for k in ("name", "dim", "pooling", "normalize", "agreement")},
+                },
             },
-        })
+        )
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    print(f"generation written to {out} ({(out / 'model.gguf').stat().st_size / 1e6:.1f} MB {quant})",
-          file=sys.stderr)
+    print(
+        f"generation written to {out} ({(out / 'model.gguf').stat().st_size / 1e6:.1f} MB {quant})",
+        file=sys.stderr,
+    )
     return out
 
 

@@ -45,8 +45,9 @@ def _new_key():
 def _write_private(path: Path, private, passphrase: bytes | None) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
-                  else serialization.NoEncryption())
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -66,18 +67,26 @@ def _write_root(keys_dir: Path, root_md) -> None:
     os.replace(tmp, keys_dir / "root.json")
 
 
-def init(out: Path, threshold: int = 1, keys: int | None = None, expires_days: int = 1825,
-         passphrase: bytes | None = None) -> Path:
+def init(
+    out: Path,
+    threshold: int = 1,
+    keys: int | None = None,
+    expires_days: int = 1825,
+    passphrase: bytes | None = None,
+) -> Path:
     """A new keys directory with a self-signed root (version 1)."""
     from tuf.api.metadata import Metadata, Root
 
     keys = keys or threshold
     if not 1 <= threshold <= keys:
-        raise BuilderError(f"threshold {threshold} with {keys} keys per role",
-                           "give 1 <= --threshold <= --keys")
+        raise BuilderError(
+            f"threshold {threshold} with {keys} keys per role", "give 1 <= --threshold <= --keys"
+        )
     if out.exists() and any(out.iterdir()):
-        raise BuilderError(f"{out}: not empty; refusing to overwrite signing keys",
-                           "choose a new directory (existing keys are rotated with `builder keys rotate`)")
+        raise BuilderError(
+            f"{out}: not empty; refusing to overwrite signing keys",
+            "choose a new directory (existing keys are rotated with `builder keys rotate`)",
+        )
     out.mkdir(parents=True, exist_ok=True)
     root = Root(expires=_expiry(expires_days), consistent_snapshot=True)
     new: dict[str, list] = {}
@@ -102,12 +111,15 @@ def load_root(keys_dir: Path):
 
     path = keys_dir / "root.json"
     if not path.is_file():
-        raise BuilderError(f"{keys_dir}: no root.json; not a keys directory", "create one with `builder keys init`")
+        raise BuilderError(
+            f"{keys_dir}: no root.json; not a keys directory", "create one with `builder keys init`"
+        )
     return Metadata.from_file(str(path))
 
 
-def load_signers(keys_dir: Path, role: str, root=None, passphrase: Passphrase | None = None,
-                 folder: str = "private") -> list:
+def load_signers(
+    keys_dir: Path, role: str, root=None, passphrase: Passphrase | None = None, folder: str = "private"
+) -> list:
     """Signers for the role's keys that the current root trusts (or, with folder="retired", any)."""
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from securesystemslib.signer import CryptoSigner
@@ -123,13 +135,17 @@ def load_signers(keys_dir: Path, role: str, root=None, passphrase: Passphrase | 
         if b"ENCRYPTED" in data.split(b"\n", 1)[0]:
             secret = passphrase(path.name) if passphrase else None
             if not secret:
-                raise BuilderError(f"{path}: the key is encrypted and no passphrase was given",
-                                   "set BUILDER_KEY_PASSPHRASE or run from a terminal to be asked")
+                raise BuilderError(
+                    f"{path}: the key is encrypted and no passphrase was given",
+                    "set BUILDER_KEY_PASSPHRASE or run from a terminal to be asked",
+                )
         try:
             key = load_pem_private_key(data, password=secret)
         except (ValueError, TypeError) as exc:
-            raise BuilderError(f"{path}: cannot load the private key ({exc})",
-                               "check the passphrase; the file may be damaged") from exc
+            raise BuilderError(
+                f"{path}: cannot load the private key ({exc})",
+                "check the passphrase; the file may be damaged",
+            ) from exc
         signers.append(CryptoSigner(key))
     return signers
 
@@ -139,13 +155,20 @@ def signers_for(keys_dir: Path, role: str, root, passphrase: Passphrase | None =
     signers = load_signers(keys_dir, role, root, passphrase)
     needed = root.signed.roles[role].threshold
     if len(signers) < needed:
-        raise BuilderError(f"{role} needs {needed} signatures; {len(signers)} of its keys are in "
-                           f"{keys_dir / 'private'}", f"bring the missing {role} key files back into that folder")
+        raise BuilderError(
+            f"{role} needs {needed} signatures; {len(signers)} of its keys are in {keys_dir / 'private'}",
+            f"bring the missing {role} key files back into that folder",
+        )
     return signers
 
 
-def rotate(keys_dir: Path, role: str, passphrase: Passphrase | None = None, new_passphrase: bytes | None = None,
-           expires_days: int = 1825) -> dict:
+def rotate(
+    keys_dir: Path,
+    role: str,
+    passphrase: Passphrase | None = None,
+    new_passphrase: bytes | None = None,
+    expires_days: int = 1825,
+) -> dict:
     """Replace every key of `role` with a new one; write root version N+1 signed as TUF requires."""
     from tuf.api.metadata import Metadata
 
@@ -170,14 +193,20 @@ def rotate(keys_dir: Path, role: str, passphrase: Passphrase | None = None, new_
         for _, signer in new_keys:
             md.sign(signer, append=True)
     for private, signer in new_keys:
-        _write_private(keys_dir / "private" / f"{role}.{signer.public_key.keyid}.pem", private, new_passphrase)
+        _write_private(
+            keys_dir / "private" / f"{role}.{signer.public_key.keyid}.pem", private, new_passphrase
+        )
     _write_root(keys_dir, md)
     (keys_dir / "retired").mkdir(exist_ok=True)
     for keyid in old_ids:
         for path in (keys_dir / "private").glob(f"{role}.{keyid}.pem"):
             shutil.move(path, keys_dir / "retired" / path.name)
-    return {"role": role, "root_version": root.version, "retired": old_ids,
-            "new": [s.public_key.keyid for _, s in new_keys]}
+    return {
+        "role": role,
+        "root_version": root.version,
+        "retired": old_ids,
+        "new": [s.public_key.keyid for _, s in new_keys],
+    }
 
 
 def signed_versions(keys_dir: Path) -> dict[int, dict]:

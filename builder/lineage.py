@@ -31,11 +31,23 @@ from builder.errors import BuilderConfigError, BuilderError
 
 C = TypeVar("C", bound=BaseModel)
 
-LIBRARIES = ("torch", "transformers", "peft", "trl", "mergekit", "sentencepiece", "llama_cpp_python", "gguf",
-             "onnxruntime", "slm-appliance")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "mergekit",
+    "sentencepiece",
+    "llama_cpp_python",
+    "gguf",
+    "onnxruntime",
+    "slm-appliance",
+)
 
 
-def load_config(cls: type[C], path: Path | None = None, data: dict | None = None, base: Path | None = None) -> C:
+def load_config(
+    cls: type[C], path: Path | None = None, data: dict | None = None, base: Path | None = None
+) -> C:
     """A stage config from a YAML file (or a dict), with errors that name the file and the field.
 
     Relative paths are taken relative to `base`: the file's directory, or the working directory."""
@@ -46,15 +58,21 @@ def load_config(cls: type[C], path: Path | None = None, data: dict | None = None
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise BuilderConfigError(f"{where}: not valid YAML: {exc}", "fix the syntax at the line named") from exc
+            raise BuilderConfigError(
+                f"{where}: not valid YAML: {exc}", "fix the syntax at the line named"
+            ) from exc
     if not isinstance(data, dict):
-        raise BuilderConfigError(f"{where}: expected a mapping of settings", "see the example in the command's --help")
+        raise BuilderConfigError(
+            f"{where}: expected a mapping of settings", "see the example in the command's --help"
+        )
     try:
         config = cls.model_validate(data)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()]
-        raise BuilderConfigError(f"{where}: invalid {cls.__name__}:\n" + "\n".join(lines),
-                           "fix the fields named; every field is listed in the stage's --help") from exc
+        raise BuilderConfigError(
+            f"{where}: invalid {cls.__name__}:\n" + "\n".join(lines),
+            "fix the fields named; every field is listed in the stage's --help",
+        ) from exc
     return absolutize(config, base or (path.parent if path is not None else Path.cwd()))
 
 
@@ -101,8 +119,10 @@ def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def stage_key(stage: str, config: BaseModel, inputs: dict[str, str]) -> str:
     """What decides whether a stage's output is still valid: its config and its inputs' hashes."""
-    blob = json.dumps({"stage": stage, "config": config.model_dump(mode="json", exclude={"out"}),
-                       "inputs": inputs}, sort_keys=True)
+    blob = json.dumps(
+        {"stage": stage, "config": config.model_dump(mode="json", exclude={"out"}), "inputs": inputs},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -112,8 +132,16 @@ def input_hashes(paths: list[Path]) -> dict[str, str]:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -200,10 +228,16 @@ def staged_output(stage: str, config: BaseModel, inputs: list[Path]) -> Iterator
         shutil.rmtree(partial, ignore_errors=True)
         raise
     lineage = {
-        "stage": stage, "key": key, "config": config.model_dump(mode="json"), "inputs": hashes,
+        "stage": stage,
+        "key": key,
+        "config": config.model_dump(mode="json"),
+        "inputs": hashes,
         "started": utc_stamp(started),
-        "seconds": round(time.time() - started, 1), "versions": versions(), "git_commit": git_commit(),
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count()}, "result": record,
+        "seconds": round(time.time() - started, 1),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "result": record,
     }
     from builder.feedback import lineage_of
 

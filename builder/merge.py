@@ -21,17 +21,37 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from builder.errors import BuilderError
 
-METHODS_WITH_BASE = {"slerp", "ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs",
-                     "breadcrumbs_ties", "della", "della_linear"}
+METHODS_WITH_BASE = {
+    "slerp",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "task_arithmetic",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+}
 # What must agree for two checkpoints' tensors to be combined one by one.
-SHAPE_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "intermediate_size",
-              "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+SHAPE_KEYS = (
+    "model_type",
+    "architectures",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
 
 
 class MergeModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Path = Field(description="A checkpoint fine-tuned from base_model, or a GGUF file (imported first)")
+    model: Path = Field(
+        description="A checkpoint fine-tuned from base_model, or a GGUF file (imported first)"
+    )
     weight: float = Field(1.0, description="Its weight in the merge")
     density: float | None = Field(None, gt=0, le=1, description="ties/dare: share of its task vector kept")
 
@@ -40,12 +60,16 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: Path = Field(description="Directory to write the merged checkpoint to")
-    method: Literal["linear", "slerp", "ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs",
-                    "della"] = Field("ties", description="mergekit merge method")
-    base_model: Path | None = Field(None, description="Common ancestor (needed by every method but linear); a "
-                                    "checkpoint or a GGUF file")
+    method: Literal[
+        "linear", "slerp", "ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs", "della"
+    ] = Field("ties", description="mergekit merge method")
+    base_model: Path | None = Field(
+        None, description="Common ancestor (needed by every method but linear); a checkpoint or a GGUF file"
+    )
     models: list[MergeModel] = Field(min_length=1, description="Checkpoints to merge")
-    t: float | None = Field(None, ge=0, le=1, description="slerp: interpolation factor toward the second model")
+    t: float | None = Field(
+        None, ge=0, le=1, description="slerp: interpolation factor toward the second model"
+    )
     normalize: bool = Field(True, description="Divide by the sum of weights")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the merge")
     seed: int = Field(0, description="Seed for methods that drop parameters at random (dare)")
@@ -73,20 +97,24 @@ def check_compatible(paths: list[Path]) -> dict:
         try:
             configs[path] = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
-            raise BuilderError(f"{path}: no readable config.json", "every model must be a HF checkpoint") from exc
+            raise BuilderError(
+                f"{path}: no readable config.json", "every model must be a HF checkpoint"
+            ) from exc
     first, ref = next(iter(configs.items()))
     for path, cfg in configs.items():
         for key in SHAPE_KEYS:
             if cfg.get(key) != ref.get(key):
-                raise BuilderError(f"cannot merge {path} with {first}: {key} differs "
-                                   f"({cfg.get(key)!r} vs {ref.get(key)!r})",
-                                   "merge only fine-tunes of the same base model")
+                raise BuilderError(
+                    f"cannot merge {path} with {first}: {key} differs ({cfg.get(key)!r} vs {ref.get(key)!r})",
+                    "merge only fine-tunes of the same base model",
+                )
     for name in ("tokenizer.model", "tokenizer.json"):
         tokenizers = {p: hash_path(p / name) for p in paths if (p / name).is_file()}
         if len(set(tokenizers.values())) > 1:
-            raise BuilderError(f"cannot merge: the models' {name} files differ "
-                               f"({', '.join(str(p) for p in tokenizers)})",
-                               "merge only fine-tunes that kept their base's tokenizer")
+            raise BuilderError(
+                f"cannot merge: the models' {name} files differ ({', '.join(str(p) for p in tokenizers)})",
+                "merge only fine-tunes that kept their base's tokenizer",
+            )
     return ref
 
 
@@ -105,8 +133,12 @@ def checkpoints(config: MergeConfig) -> MergeConfig:
             import_gguf(imported)
         return imported.out
 
-    return config.model_copy(update={"base_model": hf(config.base_model),
-                                     "models": [m.model_copy(update={"model": hf(m.model)}) for m in config.models]})
+    return config.model_copy(
+        update={
+            "base_model": hf(config.base_model),
+            "models": [m.model_copy(update={"model": hf(m.model)}) for m in config.models],
+        }
+    )
 
 
 def mergekit_config(config: MergeConfig) -> dict:
@@ -118,9 +150,14 @@ def mergekit_config(config: MergeConfig) -> dict:
         models.append({"model": str(m.model), "parameters": params})
     doc: dict = {"merge_method": config.method, "models": models, "dtype": config.dtype}
     if config.method == "slerp":
-        doc = {"merge_method": "slerp", "base_model": str(config.models[0].model), "dtype": config.dtype,
-               "slices": None, "models": [{"model": str(m.model)} for m in config.models],
-               "parameters": {"t": config.t}}
+        doc = {
+            "merge_method": "slerp",
+            "base_model": str(config.models[0].model),
+            "dtype": config.dtype,
+            "slices": None,
+            "models": [{"model": str(m.model)} for m in config.models],
+            "parameters": {"t": config.t},
+        }
         doc.pop("slices")
     elif config.base_model is not None:
         doc["base_model"] = str(config.base_model)
@@ -142,11 +179,23 @@ def run(config: MergeConfig) -> Path:
         from mergekit.merge import MergeOptions, run_merge
 
         recipe = mergekit_config(config)
-        print(f"merge: {config.method} of {len(config.models)} models ({ref.get('model_type')}, "
-              f"{ref.get('num_hidden_layers')} layers)", file=sys.stderr)
-        run_merge(MergeConfiguration.model_validate(recipe), str(out),
-                  MergeOptions(cuda=torch.cuda.is_available(), copy_tokenizer=False, random_seed=config.seed,
-                               write_model_card=False, quiet=True, lazy_unpickle=False))
+        print(
+            f"merge: {config.method} of {len(config.models)} models ({ref.get('model_type')}, "
+            f"{ref.get('num_hidden_layers')} layers)",
+            file=sys.stderr,
+        )
+        run_merge(
+            MergeConfiguration.model_validate(recipe),
+            str(out),
+            MergeOptions(
+                cuda=torch.cuda.is_available(),
+                copy_tokenizer=False,
+                random_seed=config.seed,
+                write_model_card=False,
+                quiet=True,
+                lazy_unpickle=False,
+            ),
+        )
         source = config.base_model or config.models[0].model
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (source / name).is_file():

@@ -43,10 +43,15 @@ BASE = "base"  # "@base": the pipeline's base model
 def stage_modules() -> dict[str, tuple]:
     from builder import align, embedder, evaluate, export, merge, pretrain, sft
 
-    return {"pretrain": (pretrain, pretrain.PretrainConfig), "sft": (sft, sft.SFTConfig),
-            "align": (align, align.AlignConfig), "merge": (merge, merge.MergeConfig),
-            "export": (export, export.ExportConfig), "eval": (evaluate, evaluate.EvalConfig),
-            "embedder": (embedder, embedder.EmbedderConfig)}
+    return {
+        "pretrain": (pretrain, pretrain.PretrainConfig),
+        "sft": (sft, sft.SFTConfig),
+        "align": (align, align.AlignConfig),
+        "merge": (merge, merge.MergeConfig),
+        "export": (export, export.ExportConfig),
+        "eval": (evaluate, evaluate.EvalConfig),
+        "embedder": (embedder, embedder.EmbedderConfig),
+    }
 
 
 class StageSpec(BaseModel):
@@ -65,8 +70,11 @@ class GenerationSpec(BaseModel):
     model: str = Field(description="The GGUF to ship, e.g. @export/model-Q4_K_M.gguf")
     embedder: str = Field(description="Embedder directory, e.g. @embedder")
     eval: str | None = Field(None, description="Eval stage whose eval.json ships with the generation")
-    chat_template: Path | None = Field(None, description="Template to ship (default: the one the model was "
-                                       "tuned with, saved beside the GGUF by export)")
+    chat_template: Path | None = Field(
+        None,
+        description="Template to ship (default: the one the model was "
+        "tuned with, saved beside the GGUF by export)",
+    )
 
 
 class Pipeline(BaseModel):
@@ -74,14 +82,24 @@ class Pipeline(BaseModel):
 
     name: str = Field(description="Pipeline (and model) name")
     work: Path = Field(description="Directory for stage outputs")
-    base: Path | None = Field(None, description="The base model: its model.yaml, or a name under models/; "
-                              "\"@base\" in a stage config is its checkpoint")
-    base_model: str | None = Field(None, description="What the chain starts from, for the lineage, when it is "
-                                   "not a `base` (a random init)")
-    vars: dict[str, str] = Field(default_factory=dict, description="Values of ${name} in the stage configs "
-                                 "(defaults; `builder run --var NAME=VALUE` overrides)")
+    base: Path | None = Field(
+        None,
+        description="The base model: its model.yaml, or a name under models/; "
+        '"@base" in a stage config is its checkpoint',
+    )
+    base_model: str | None = Field(
+        None,
+        description="What the chain starts from, for the lineage, when it is not a `base` (a random init)",
+    )
+    vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Values of ${name} in the stage configs "
+        "(defaults; `builder run --var NAME=VALUE` overrides)",
+    )
     stages: list[StageSpec] = Field(min_length=1, description="Stages in order")
-    generation: GenerationSpec | None = Field(None, description="The generation directory to write at the end")
+    generation: GenerationSpec | None = Field(
+        None, description="The generation directory to write at the end"
+    )
 
     @model_validator(mode="after")
     def _references(self):
@@ -138,7 +156,9 @@ def load(path: Path, variables: dict[str, str] | None = None) -> Pipeline:
     try:
         data = yaml.safe_load(path.read_text()) if path.is_file() else None
     except yaml.YAMLError as exc:
-        raise BuilderConfigError(f"{path}: not valid YAML: {exc}", "fix the syntax at the line named") from exc
+        raise BuilderConfigError(
+            f"{path}: not valid YAML: {exc}", "fix the syntax at the line named"
+        ) from exc
     if isinstance(data, dict):
         values = {**{k: str(v) for k, v in (data.get("vars") or {}).items()}, **(variables or {})}
         data = {k: (v if k == "vars" else _fill(v, values, path)) for k, v in data.items()}
@@ -150,12 +170,16 @@ def _fill(value, values: dict[str, str], path: Path):
     from builder.errors import BuilderConfigError
 
     if isinstance(value, str):
+
         def one(match):
             if match.group(1) not in values:
-                raise BuilderConfigError(f"{path}: ${{{match.group(1)}}} has no value",
-                                         f"add it under vars: or pass --var {match.group(1)}=VALUE"
-                                         + (f" (known: {', '.join(sorted(values))})" if values else ""))
+                raise BuilderConfigError(
+                    f"{path}: ${{{match.group(1)}}} has no value",
+                    f"add it under vars: or pass --var {match.group(1)}=VALUE"
+                    + (f" (known: {', '.join(sorted(values))})" if values else ""),
+                )
             return values[match.group(1)]
+
         return VAR.sub(one, value)
     if isinstance(value, list):
         return [_fill(v, values, path) for v in value]
@@ -186,7 +210,9 @@ def stage_configs(pipeline: Pipeline, base: Path) -> list[tuple[StageSpec, BaseM
     for spec in pipeline.stages:
         data = _resolve(spec.config, outputs, base)
         if "out" in data:
-            raise BuilderError(f"stage {spec.name}: `out` is set by the pipeline", "remove it from the config")
+            raise BuilderError(
+                f"stage {spec.name}: `out` is set by the pipeline", "remove it from the config"
+            )
         data["out"] = str(outputs[spec.name])
         try:
             config = load_config(modules[spec.stage][1], data=data, base=base)
@@ -196,8 +222,13 @@ def stage_configs(pipeline: Pipeline, base: Path) -> list[tuple[StageSpec, BaseM
     return resolved
 
 
-def run(path: Path, *, force: list[str] | None = None, until: str | None = None,
-        variables: dict[str, str] | None = None) -> dict:
+def run(
+    path: Path,
+    *,
+    force: list[str] | None = None,
+    until: str | None = None,
+    variables: dict[str, str] | None = None,
+) -> dict:
     from builder import base as base_models
     from builder import evaluate, generation, lineage
 
@@ -243,19 +274,32 @@ def run(path: Path, *, force: list[str] | None = None, until: str | None = None,
         g = pipeline.generation
         outputs = {s.name: c.out for s, c in configs}
         model = Path(_resolve(g.model, outputs, base))
-        stages = {s.name: {"stage": s.stage, **{k: v for k, v in lineage.read_lineage(c.out).items()
-                                                 if k in ("config", "inputs", "versions", "git_commit", "seconds",
-                                                          "feedback_exports")}}
-                  for s, c in configs}
+        stages = {
+            s.name: {
+                "stage": s.stage,
+                **{
+                    k: v
+                    for k, v in lineage.read_lineage(c.out).items()
+                    if k in ("config", "inputs", "versions", "git_commit", "seconds", "feedback_exports")
+                },
+            }
+            for s, c in configs
+        }
         out = generation.write(
-            (base / g.out).resolve() if not g.out.is_absolute() else g.out, name=g.name or pipeline.name,
+            (base / g.out).resolve() if not g.out.is_absolute() else g.out,
+            name=g.name or pipeline.name,
             model=generation.check_exists(model, "model"),
             embedder_dir=generation.check_exists(Path(_resolve(g.embedder, outputs, base)), "embedder"),
             template=g.chat_template or _template_beside(model),
-            stages=stages, eval_dir=Path(_resolve(g.eval, outputs, base)) if g.eval else None,
-            base_model=base_model)
-    return {"stages": _brief(summary), "generation": str(out) if out else None,
-            "seconds": round(time.perf_counter() - started, 1)}
+            stages=stages,
+            eval_dir=Path(_resolve(g.eval, outputs, base)) if g.eval else None,
+            base_model=base_model,
+        )
+    return {
+        "stages": _brief(summary),
+        "generation": str(out) if out else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def _template_beside(model: Path) -> Path:
@@ -266,8 +310,17 @@ def _template_beside(model: Path) -> Path:
 
 
 def _brief(summary: dict[str, dict]) -> dict:
-    keep = ("skipped", "steps", "seconds", "train_loss", "first_loss", "last_loss", "eval_loss", "tokens_per_s",
-            "stopped_by_time_budget", "files", "gate")
+    keep = (
+        "skipped",
+        "steps",
+        "seconds",
+        "train_loss",
+        "first_loss",
+        "last_loss",
+        "eval_loss",
+        "tokens_per_s",
+        "stopped_by_time_budget",
+        "files",
+        "gate",
+    )
     return {name: {k: v for k, v in row.items() if k in keep} for name, row in summary.items()}
-
-

@@ -26,22 +26,30 @@ from builder.training import LoraSettings, TrainingLoop
 
 
 class PretrainConfig(TrainingLoop):
-
     out: Path = Field(description="Directory to write the trained checkpoint to")
     base: Path | None = Field(None, description="Local Hugging Face checkpoint to continue from")
-    init_shape: str | None = Field(None, description="Instead of base: a shape from builder.synth.SHAPES, "
-                                   "random weights (the demo)")
-    tokenizer_vocab_size: int = Field(4096, ge=256, description="With init_shape: SentencePiece vocabulary size")
+    init_shape: str | None = Field(
+        None, description="Instead of base: a shape from builder.synth.SHAPES, random weights (the demo)"
+    )
+    tokenizer_vocab_size: int = Field(
+        4096, ge=256, description="With init_shape: SentencePiece vocabulary size"
+    )
     corpus: list[Path] = Field(description="Documents or directories of domain text")
-    texts: list[Path] = Field([], description="JSONL files of {\"text\": ...} records added to the domain text")
-    replay: list[Path] = Field([], description="Documents or JSONL of general text, mixed in to limit forgetting")
-    replay_ratio: float = Field(0.0, ge=0, lt=1, description="Share of training blocks drawn from replay text")
+    texts: list[Path] = Field([], description='JSONL files of {"text": ...} records added to the domain text')
+    replay: list[Path] = Field(
+        [], description="Documents or JSONL of general text, mixed in to limit forgetting"
+    )
+    replay_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Share of training blocks drawn from replay text"
+    )
     method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA adapters")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="With method: lora")
     seq_len: int = Field(512, ge=32, le=32768, description="Packed block length in tokens")
     batch_size: int = Field(8, ge=1, description="Blocks per device step")
     steps: int = Field(200, ge=1, description="Optimizer updates at most")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of domain blocks held out for eval loss")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="Share of domain blocks held out for eval loss"
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences")
     seed: int = Field(0, description="Seed for initial weights, data order and the split")
 
@@ -72,8 +80,9 @@ def read_texts(paths: list[Path]) -> list[str]:
                 try:
                     texts.append(json.loads(line)["text"])
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise BuilderError(f"{path}:{n}: expected a JSON object with a \"text\" field",
-                                       "one record per line") from exc
+                    raise BuilderError(
+                        f'{path}:{n}: expected a JSON object with a "text" field', "one record per line"
+                    ) from exc
     texts += [read_document(p, max_bytes=200_000_000).text for p in files]
     return [t for t in texts if t.strip()]
 
@@ -83,7 +92,7 @@ def pack(token_lists: list[list[int]], seq_len: int, eos_id: int | None = None) 
     stream: list[int] = []
     for ids in token_lists:
         stream += ids + ([eos_id] if eos_id is not None else [])
-    return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    return [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
 
 class Blocks:
@@ -120,8 +129,10 @@ def run(config: PretrainConfig) -> Path:
             tok = training.Tokenizer(training.check_checkpoint(config.base))
         blocks = pack([tok.encode(t) for t in domain], config.seq_len, tok.eos_id)
         if len(blocks) < 2:
-            raise BuilderError(f"only {len(blocks)} blocks of {config.seq_len} tokens of domain text",
-                               "give more text or a shorter seq_len")
+            raise BuilderError(
+                f"only {len(blocks)} blocks of {config.seq_len} tokens of domain text",
+                "give more text or a shorter seq_len",
+            )
         rng = random.Random(config.seed)
         rng.shuffle(blocks)
         n_eval = max(1, int(len(blocks) * config.eval_fraction)) if config.eval_fraction else 0
@@ -146,9 +157,12 @@ def run(config: PretrainConfig) -> Path:
             model = get_peft_model(model, config.lora.peft_config(model))
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"pretrain: {n_params:,} parameters ({n_train:,} trained, {config.method}) on {len(train_blocks)} x "
-              f"{config.seq_len} tokens ({n_replay} replay), at most {config.steps} steps"
-              + (f" or {config.max_minutes:g} min" if config.max_minutes else ""), file=sys.stderr)
+        print(
+            f"pretrain: {n_params:,} parameters ({n_train:,} trained, {config.method}) on {len(train_blocks)} x "
+            f"{config.seq_len} tokens ({n_replay} replay), at most {config.steps} steps"
+            + (f" or {config.max_minutes:g} min" if config.max_minutes else ""),
+            file=sys.stderr,
+        )
 
         # -- train
         args = training.stage_arguments("pretrain", config, out)
@@ -158,9 +172,15 @@ def run(config: PretrainConfig) -> Path:
 
         # -- save
         training.save_model(trainer.model, tok, out, trainer)
-        record.update(stats, parameters=n_params, trained_parameters=n_train, train_blocks=len(train_blocks),
-                      replay_blocks=n_replay, eval_blocks=len(eval_blocks),
-                      eval_loss=round(eval_loss, 4) if eval_loss is not None else None,
-                      eval_perplexity=round(math.exp(eval_loss), 2) if eval_loss is not None else None)
+        record.update(
+            stats,
+            parameters=n_params,
+            trained_parameters=n_train,
+            train_blocks=len(train_blocks),
+            replay_blocks=n_replay,
+            eval_blocks=len(eval_blocks),
+            eval_loss=round(eval_loss, 4) if eval_loss is not None else None,
+            eval_perplexity=round(math.exp(eval_loss), 2) if eval_loss is not None else None,
+        )
         training.remove_trainer_dir(out)
     return config.out

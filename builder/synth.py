@@ -20,13 +20,28 @@ CHAT_PIECES = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 SHAPES: dict[str, dict] = {
     # Two layers, enough for tests of conversion, quantization (dims are multiples of 32) and serving.
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                 tie_word_embeddings=False),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
     # Llama-3.2-1B's published shape (config.json of meta-llama/Llama-3.2-1B), for benchmarks.
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                         rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -48,21 +63,56 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> Path:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([p for t in texts for p in t.split("\n\n") if p.strip()]),
-        model_writer=model, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-        split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True, user_defined_symbols=CHAT_PIECES,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=16384, num_threads=2,
-        hard_vocab_limit=False, minloglevel=2)
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=CHAT_PIECES,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        max_sentence_length=16384,
+        num_threads=2,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     path = out_dir / "tokenizer.model"
     path.write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     # Marked special so llama.cpp's converter types them CONTROL: one token each when a prompt is parsed.
-    added = {str(sp.PieceToId(p)): {"content": p, "special": True, "normalized": False, "lstrip": False,
-                                    "rstrip": False, "single_word": False} for p in CHAT_PIECES}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048,
-        "added_tokens_decoder": added}, indent=2))
+    added = {
+        str(sp.PieceToId(p)): {
+            "content": p,
+            "special": True,
+            "normalized": False,
+            "lstrip": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+        for p in CHAT_PIECES
+    }
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": 2048,
+                "added_tokens_decoder": added,
+            },
+            indent=2,
+        )
+    )
     return path
 
 
@@ -91,7 +141,9 @@ def encode(sp, text: str) -> list[int]:
 
 
 _SPECIAL_IDS = {*CHAT_PIECES, "<s>", "</s>"}
-_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(p) for p in sorted(_SPECIAL_IDS, key=len, reverse=True)) + ")")
+_SPECIAL_SPLIT = re.compile(
+    "(" + "|".join(re.escape(p) for p in sorted(_SPECIAL_IDS, key=len, reverse=True)) + ")"
+)
 
 
 def new_model(shape: str, vocab_size: int | None = None, seed: int = 0):
@@ -100,8 +152,10 @@ def new_model(shape: str, vocab_size: int | None = None, seed: int = 0):
 
     cfg = shape_config(shape)
     if vocab_size is not None and vocab_size > cfg["vocab_size"]:
-        raise BuilderError(f"tokenizer has {vocab_size} pieces, more than shape '{shape}' allows "
-                           f"({cfg['vocab_size']})", "train a smaller tokenizer")
+        raise BuilderError(
+            f"tokenizer has {vocab_size} pieces, more than shape '{shape}' allows ({cfg['vocab_size']})",
+            "train a smaller tokenizer",
+        )
     config = LlamaConfig(bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, **cfg)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

@@ -21,8 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from builder.errors import BuilderError
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 class TrainingLoop(BaseModel):
@@ -34,13 +39,19 @@ class TrainingLoop(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Steps accumulated per optimizer update")
     steps: int = Field(100, ge=1, description="Optimizer updates at most")
     max_minutes: float | None = Field(None, gt=0, description="Stop cleanly after this much training time")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps; after a crash the same "
-                                   "command resumes from the last one")
+    save_every: int | None = Field(
+        None,
+        ge=1,
+        description="Checkpoint every N steps; after a crash the same command resumes from the last one",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine decay)")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up updates")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it and "
-                                                       "on a CPU with bf16 instructions (matrix products under "
-                                                       "autocast), fp32 elsewhere")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 on a GPU that has it and "
+        "on a CPU with bf16 instructions (matrix products under "
+        "autocast), fp32 elsewhere",
+    )
     seed: int = Field(0, description="Seed for data order (and whatever else the stage draws)")
 
 
@@ -52,11 +63,19 @@ class LoraSettings(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path")
     target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Linear layers that get adapters")
-    train_embeddings: bool = Field(False, description="Also train embed_tokens and lm_head in full (new "
-                                   "vocabulary or domain terms need it; they are frozen otherwise)")
-    top_layers: int | None = Field(None, ge=1, description="Adapters on the last N decoder layers only (the "
-                                   "backward pass then stops there: faster; default: every layer)")
+        description="Linear layers that get adapters",
+    )
+    train_embeddings: bool = Field(
+        False,
+        description="Also train embed_tokens and lm_head in full (new "
+        "vocabulary or domain terms need it; they are frozen otherwise)",
+    )
+    top_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Adapters on the last N decoder layers only (the "
+        "backward pass then stops there: faster; default: every layer)",
+    )
 
     def peft_config(self, model=None):
         """PEFT's LoraConfig; with trained embeddings on a model that ties them to the output head,
@@ -70,11 +89,17 @@ class LoraSettings(BaseModel):
                 raise ValueError("top_layers needs the model to count its layers")
             total = model.config.num_hidden_layers
             layers = list(range(max(0, total - self.top_layers), total))
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM",
-                          modules_to_save=["embed_tokens", "lm_head"] if self.train_embeddings else None,
-                          ensure_weight_tying=self.train_embeddings and tied, layers_to_transform=layers,
-                          layers_pattern="layers" if layers is not None else None)
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            task_type="CAUSAL_LM",
+            modules_to_save=["embed_tokens", "lm_head"] if self.train_embeddings else None,
+            ensure_weight_tying=self.train_embeddings and tied,
+            layers_to_transform=layers,
+            layers_pattern="layers" if layers is not None else None,
+        )
 
 
 class Tokenizer:
@@ -105,8 +130,10 @@ class Tokenizer:
             self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
             self.bos_token, self.eos_token = self.sp.IdToPiece(self.bos_id), self.sp.IdToPiece(self.eos_id)
         else:
-            raise BuilderError(f"{model_dir}: no tokenizer.json or tokenizer.model",
-                               "copy the base model's tokenizer files next to its weights")
+            raise BuilderError(
+                f"{model_dir}: no tokenizer.json or tokenizer.model",
+                "copy the base model's tokenizer files next to its weights",
+            )
 
     def encode(self, text: str) -> list[int]:
         if self.hf is not None:
@@ -126,9 +153,12 @@ class Tokenizer:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """A chat as the appliance will render it (same template, BOS/EOS as text)."""
-        return _template(self.template_text).render(messages=messages, bos_token=self.bos_token,
-                                                    eos_token=self.eos_token,
-                                                    add_generation_prompt=add_generation_prompt)
+        return _template(self.template_text).render(
+            messages=messages,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
 
     def save(self, out: Path) -> None:
         """Tokenizer files and the chat template used, so later stages and the export find them."""
@@ -141,8 +171,10 @@ class Tokenizer:
 
 def check_checkpoint(path: Path) -> Path:
     if not (path / "config.json").is_file():
-        raise BuilderError(f"{path}: not a Hugging Face checkpoint (no config.json)",
-                           "point the config at a directory written by save_pretrained or an earlier stage")
+        raise BuilderError(
+            f"{path}: not a Hugging Face checkpoint (no config.json)",
+            "point the config at a directory written by save_pretrained or an earlier stage",
+        )
     return path
 
 
@@ -156,8 +188,9 @@ def load_model(path: Path):
     check_checkpoint(path)
     quiet()
     bf16 = device()[1]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if bf16 else torch.float32, local_files_only=True
+    )
 
 
 def save_model(model, tokenizer: Tokenizer, out: Path, trainer=None) -> None:
@@ -177,7 +210,9 @@ def save_model(model, tokenizer: Tokenizer, out: Path, trainer=None) -> None:
             if (gathered / "adapter_config.json").is_file():
                 from peft import PeftModel
 
-                base = Path(json.loads((gathered / "adapter_config.json").read_text())["base_model_name_or_path"])
+                base = Path(
+                    json.loads((gathered / "adapter_config.json").read_text())["base_model_name_or_path"]
+                )
                 model = PeftModel.from_pretrained(load_model(base), str(gathered)).merge_and_unload()
             else:
                 from transformers import AutoModelForCausalLM
@@ -212,15 +247,29 @@ def resolve_bf16(precision: str, dev: str, gpu_bf16: bool) -> bool:
     if precision == "auto":
         return gpu_bf16 if dev != "cpu" else cpu_has_bf16()
     if precision == "bf16" and dev == "cpu" and not cpu_has_bf16():
-        print("  warning: precision bf16 on a CPU without bf16 instructions (avx512_bf16, amx_bf16): torch "
-              "emulates it, far slower than fp32 - use precision: auto", file=sys.stderr)
+        print(
+            "  warning: precision bf16 on a CPU without bf16 instructions (avx512_bf16, amx_bf16): torch "
+            "emulates it, far slower than fp32 - use precision: auto",
+            file=sys.stderr,
+        )
     return precision == "bf16"
 
 
-def training_arguments(out: Path, *, steps: int, batch_size: int, grad_accum: int, learning_rate: float,
-                       warmup_steps: int, seed: int, gradient_checkpointing: bool = False,
-                       save_every: int | None = None, checkpoints: Path | None = None, precision: str = "auto",
-                       **extra):
+def training_arguments(
+    out: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    grad_accum: int,
+    learning_rate: float,
+    warmup_steps: int,
+    seed: int,
+    gradient_checkpointing: bool = False,
+    save_every: int | None = None,
+    checkpoints: Path | None = None,
+    precision: str = "auto",
+    **extra,
+):
     """TrainingArguments shared by every stage (or TRL's subclass via `cls`). With `save_every`, a
     checkpoint every N steps in `checkpoints` (kept outside the stage's output, so a crash keeps it)."""
     from transformers import TrainingArguments
@@ -231,15 +280,34 @@ def training_arguments(out: Path, *, steps: int, batch_size: int, grad_accum: in
     quiet()
     dev, bf16 = device()
     bf16 = resolve_bf16(precision, dev, bf16)
-    saving = {"save_strategy": "steps", "save_steps": save_every, "save_total_limit": 1} if save_every else \
-        {"save_strategy": "no"}
-    return cls(output_dir=str(checkpoints if save_every and checkpoints else out / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
-               gradient_accumulation_steps=grad_accum, learning_rate=learning_rate, warmup_steps=warmup_steps,
-               lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, min(10, steps // 10)),
-               **saving, report_to=[], seed=seed, use_cpu=dev == "cpu", bf16=bf16,
-               dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
-               remove_unused_columns=False, activation_checkpointing=gradient_checkpointing,
-               include_num_input_tokens_seen="non_padding", **extra)
+    saving = (
+        {"save_strategy": "steps", "save_steps": save_every, "save_total_limit": 1}
+        if save_every
+        else {"save_strategy": "no"}
+    )
+    return cls(
+        output_dir=str(checkpoints if save_every and checkpoints else out / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=max(1, min(10, steps // 10)),
+        **saving,
+        report_to=[],
+        seed=seed,
+        use_cpu=dev == "cpu",
+        bf16=bf16,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_grad_norm=1.0,
+        remove_unused_columns=False,
+        activation_checkpointing=gradient_checkpointing,
+        include_num_input_tokens_seen="non_padding",
+        **extra,
+    )
 
 
 def score_labelled_positions_only() -> bool:
@@ -260,6 +328,7 @@ def score_labelled_positions_only() -> bool:
     if original is None:
         return False
     if not getattr(original, "labelled_only", False):
+
         def labelled_only(device) -> bool:
             return device.type == "cpu" or original(device)
 
@@ -273,12 +342,20 @@ def stage_arguments(stage: str, config, out: Path, **extra):
     """training_arguments from a training stage's config (steps, batch, schedule, seed, checkpoints)."""
     from builder.lineage import checkpoint_dir
 
-    return training_arguments(out, steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                              learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
-                              seed=config.seed, save_every=config.save_every,
-                              checkpoints=checkpoint_dir(stage, config),
-                              gradient_checkpointing=getattr(config, "gradient_checkpointing", False),
-                              precision=getattr(config, "precision", "auto"), **extra)
+    return training_arguments(
+        out,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        save_every=config.save_every,
+        checkpoints=checkpoint_dir(stage, config),
+        gradient_checkpointing=getattr(config, "gradient_checkpointing", False),
+        precision=getattr(config, "precision", "auto"),
+        **extra,
+    )
 
 
 def quiet() -> None:
@@ -288,7 +365,9 @@ def quiet() -> None:
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning
+    )
 
 
 def callbacks(max_minutes: float | None, label: str) -> list:
@@ -313,14 +392,23 @@ def callbacks(max_minutes: float | None, label: str) -> list:
             self.last: dict[str, float] = {}  # the latest value of every metric logged
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            self.last.update({k: round(float(v), 4) for k, v in (logs or {}).items()
-                              if isinstance(v, (int, float)) and "/" in k})
+            self.last.update(
+                {
+                    k: round(float(v), 4)
+                    for k, v in (logs or {}).items()
+                    if isinstance(v, (int, float)) and "/" in k
+                }
+            )
             if logs and "loss" in logs:
                 self.losses.append((state.global_step, float(logs["loss"])))
                 elapsed = time.monotonic() - self.start
                 eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
-                print(f"  {label} step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.4f}  "
-                      f"{elapsed:.0f} s elapsed, ~{eta:.0f} s left", file=sys.stderr, flush=True)
+                print(
+                    f"  {label} step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.4f}  "
+                    f"{elapsed:.0f} s elapsed, ~{eta:.0f} s left",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     class Throughput(TrainerCallback):
         """Tokens per second after the first steps (compilation, allocator warm-up) are over."""
@@ -351,8 +439,11 @@ def last_complete_checkpoint(directory: Path) -> str | None:
     half-written ones (a kill mid-save) are removed."""
     if not directory.is_dir():
         return None
-    found = sorted((p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    found = sorted(
+        (p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
     for checkpoint in found:
         try:
             json.loads((checkpoint / "trainer_state.json").read_text())
@@ -380,14 +471,20 @@ def run_trainer(trainer, cbs: list) -> dict:
     seconds = time.perf_counter() - start
     log, speed = cbs[0], cbs[1]
     budget = cbs[2] if len(cbs) > 2 else None
-    return {"steps": trainer.state.global_step, "seconds": round(seconds, 1), "resumed_from": resume,
-            "tokens_seen": int(trainer.state.num_input_tokens_seen),
-            "tokens_per_s": round(speed.tokens_per_s, 1) if speed.tokens_per_s else
-            round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
-            "train_loss": round(result.training_loss, 4),
-            "first_loss": round(log.losses[0][1], 4) if log.losses else None,
-            "last_loss": round(log.losses[-1][1], 4) if log.losses else None,
-            "stopped_by_time_budget": bool(budget and budget.stopped_at is not None), "last_logged": log.last}
+    return {
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 1),
+        "resumed_from": resume,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_s": round(speed.tokens_per_s, 1)
+        if speed.tokens_per_s
+        else round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
+        "train_loss": round(result.training_loss, 4),
+        "first_loss": round(log.losses[0][1], 4) if log.losses else None,
+        "last_loss": round(log.losses[-1][1], 4) if log.losses else None,
+        "stopped_by_time_budget": bool(budget and budget.stopped_at is not None),
+        "last_logged": log.last,
+    }
 
 
 def hf_tokenizer(tok: Tokenizer):
@@ -403,7 +500,9 @@ def hf_tokenizer(tok: Tokenizer):
 
         def __init__(self, **kwargs):
             self.tok = tok
-            super().__init__(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>", **kwargs)
+            super().__init__(
+                bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>", **kwargs
+            )
 
         @property
         def vocab_size(self) -> int:
@@ -474,8 +573,9 @@ def _template(text: str):
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """A chat in the builder's own template (the demo's models), before any tokenizer exists."""
-    return _template(DEFAULT_TEMPLATE.read_text()).render(messages=messages, bos_token="<s>", eos_token="</s>",
-                                                          add_generation_prompt=add_generation_prompt)
+    return _template(DEFAULT_TEMPLATE.read_text()).render(
+        messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=add_generation_prompt
+    )
 
 
 def prompt_completion(tok: Tokenizer, messages: list[dict]) -> tuple[str, str]:
@@ -485,9 +585,11 @@ def prompt_completion(tok: Tokenizer, messages: list[dict]) -> tuple[str, str]:
     prompt = tok.render(messages[:-1], add_generation_prompt=True)
     full = tok.render(messages)
     if not full.startswith(prompt):
-        raise BuilderError("the chat template renders a prompt that is not a prefix of the whole chat",
-                           "use a template whose generation prompt matches its assistant turns")
-    return prompt, _through_eos(full[len(prompt):], tok.eos_token)
+        raise BuilderError(
+            "the chat template renders a prompt that is not a prefix of the whole chat",
+            "use a template whose generation prompt matches its assistant turns",
+        )
+    return prompt, _through_eos(full[len(prompt) :], tok.eos_token)
 
 
 def _through_eos(text: str, eos: str) -> str:
@@ -506,8 +608,9 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             raise BuilderError(f"{path}:{n}: not valid JSON ({exc})", "one JSON object per line") from exc
         missing = [k for k in required if k not in row] if isinstance(row, dict) else list(required)
         if missing:
-            raise BuilderError(f"{path}:{n}: missing {', '.join(missing)}",
-                               f"each line needs {', '.join(required)}")
+            raise BuilderError(
+                f"{path}:{n}: missing {', '.join(missing)}", f"each line needs {', '.join(required)}"
+            )
         rows.append(row)
     if not rows:
         raise BuilderError(f"{path}: no records", "one JSON object per line")
@@ -525,11 +628,13 @@ def encode_chat(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[i
         prompt = tok.render(messages[:i], add_generation_prompt=True)
         prompt_ids = tok.encode(prompt)
         if ids[: len(prompt_ids)] != prompt_ids:
-            raise BuilderError("the chat template's prompt tokens are not a prefix of the chat's",
-                               "use a template whose generation prompt matches its assistant turns")
+            raise BuilderError(
+                "the chat template's prompt tokens are not a prefix of the chat's",
+                "use a template whose generation prompt matches its assistant turns",
+            )
         turn = tok.render(messages[: i + 1])
         start, end = len(prompt_ids), len(tok.encode(turn))
-        if tok.eos_token in turn[len(prompt):]:
+        if tok.eos_token in turn[len(prompt) :]:
             while end > start and ids[end - 1] != tok.eos_id:  # not what follows the end of turn
                 end -= 1
         for j in range(start, end):

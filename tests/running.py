@@ -18,8 +18,13 @@ from appliance.bundles.generations import current
 
 def start_service(home: Path, sock: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, APPLIANCE_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "serve", "--socket", str(sock), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while True:  # serving, not only bound: the socket exists before uvicorn has started the app
         assert proc.poll() is None, proc.communicate()
@@ -83,8 +88,10 @@ def vocabulary(home: Path) -> list[tuple[str, int]]:
 
     fields = GGUFReader(current(home).model_path).fields
     texts, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    return [(bytes(texts.parts[t]).decode(errors="replace"), int(types.parts[k][0]))
-            for t, k in zip(texts.data, types.data, strict=True)]
+    return [
+        (bytes(texts.parts[t]).decode(errors="replace"), int(types.parts[k][0]))
+        for t, k in zip(texts.data, types.data, strict=True)
+    ]
 
 
 def no_end(home: Path) -> dict[str, float]:

@@ -115,8 +115,11 @@ def test_cut_rebuilt_or_restored_logs_are_caught_by_the_signed_checkpoints(home,
             entry["detail"] = '{"i":"edited"}'
         entry["prev_hash"], entry["row_hash"] = prev, audit._row_hash(prev, entry)
         prev = entry["row_hash"]
-        conn.execute("INSERT INTO audit VALUES (:id, :time, :user, :action, :model_sha256, :generation, :detail, "
-                     ":prev_hash, :row_hash, :signature)", entry)
+        conn.execute(
+            "INSERT INTO audit VALUES (:id, :time, :user, :action, :model_sha256, :generation, :detail, "
+            ":prev_hash, :row_hash, :signature)",
+            entry,
+        )
     result = _run(home, "audit", "verify")
     assert result.exit_code == 1 and "broken" not in result.output and "was rewritten" in result.output
     conn.close()
@@ -178,32 +181,45 @@ def test_export_is_checked_by_the_readme_script(home, tmp_path):
     _three_rows(home)
     out = tmp_path / "audit.jsonl"
     assert _run(home, "audit", "export", "--out", str(out)).exit_code == 0
-    script = re.search(r"## Checking an audit export.*?```python\n(.*?)```", README.read_text(), re.DOTALL).group(1)
+    script = re.search(
+        r"## Checking an audit export.*?```python\n(.*?)```", README.read_text(), re.DOTALL
+    ).group(1)
     assert len(script.splitlines()) <= 20
     (tmp_path / "check.py").write_text(script)
-    ok = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(out)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, str(tmp_path / "check.py"), str(out)], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "4 rows, chain intact" in ok.stdout  # identity, then the three
     lines = out.read_text().splitlines()
     assert sum('"checkpoint"' in line for line in lines) >= 4
     cut = [line for line in lines if json.loads(line).get("id") != 4]  # the last row dropped, anchors kept
     (tmp_path / "cut.jsonl").write_text("\n".join(cut) + "\n")
-    bad = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(tmp_path / "cut.jsonl")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(tmp_path / "check.py"), str(tmp_path / "cut.jsonl")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "rows cut or replaced" in bad.stderr
     row = json.loads(lines[1])
     row["user"] = "mallory"
     lines[1] = json.dumps(row)
     out.write_text("\n".join(lines) + "\n")
-    bad = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(out)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(tmp_path / "check.py"), str(out)], capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "chain broken at row 2" in bad.stderr
 
 
 def test_two_processes_appending_at_once_keep_one_chain(home):
-    script = ("import sys\nfrom appliance.app import Appliance\nfrom appliance.config import load_settings\n"
-              "with Appliance(load_settings(home=sys.argv[1])) as app:\n"
-              "    for i in range(40):\n        app.audit('load', {'writer': sys.argv[2], 'i': i})\n")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(home), w], stderr=subprocess.PIPE, text=True)
-             for w in ("a", "b")]
+    script = (
+        "import sys\nfrom appliance.app import Appliance\nfrom appliance.config import load_settings\n"
+        "with Appliance(load_settings(home=sys.argv[1])) as app:\n"
+        "    for i in range(40):\n        app.audit('load', {'writer': sys.argv[2], 'i': i})\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(home), w], stderr=subprocess.PIPE, text=True)
+        for w in ("a", "b")
+    ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     result = _run(home, "audit", "verify")
@@ -223,8 +239,11 @@ def test_a_batch_killed_midway_leaves_no_document_without_its_audit_row(home, tm
     folder.mkdir()
     for i in range(60):
         (folder / f"note{i:02d}.md").write_text(f"# Note {i}\n\n" + f"Paragraph {i} about staffing. " * 400)
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--home", str(home), "ingest", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "--home", str(home), "ingest", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     db = home / "appliance.db"
     deadline = time.monotonic() + 120
     stored = 0
@@ -259,12 +278,23 @@ def _forge_rows(db, count: int) -> None:
     with apsw.Connection(str(db)) as conn:
         for _ in range(count):
             last_id, prev = conn.execute("SELECT id, row_hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-            row = {"id": last_id + 1, "time": "2026-01-01T00:00:00Z", "user": "alice", "action": "ask",
-                   "model_sha256": None, "generation": 1, "detail": '{"forged":true}', "prev_hash": prev}
+            row = {
+                "id": last_id + 1,
+                "time": "2026-01-01T00:00:00Z",
+                "user": "alice",
+                "action": "ask",
+                "model_sha256": None,
+                "generation": 1,
+                "detail": '{"forged":true}',
+                "prev_hash": prev,
+            }
             row["row_hash"] = audit._row_hash(prev, row)
-            conn.execute("INSERT INTO audit(id, time, user, action, model_sha256, generation, detail, prev_hash, "
-                         "row_hash) VALUES (:id, :time, :user, :action, :model_sha256, :generation, :detail, "
-                         ":prev_hash, :row_hash)", row)
+            conn.execute(
+                "INSERT INTO audit(id, time, user, action, model_sha256, generation, detail, prev_hash, "
+                "row_hash) VALUES (:id, :time, :user, :action, :model_sha256, :generation, :detail, "
+                ":prev_hash, :row_hash)",
+                row,
+            )
 
 
 def test_rows_the_appliance_did_not_write_are_reported_and_never_extended_or_anchored(home):
@@ -304,8 +334,10 @@ def test_rows_the_appliance_did_not_write_are_reported_and_never_extended_or_anc
     with apsw.Connection(str(db)) as conn:
         real = conn.execute("SELECT row_hash, signature FROM audit WHERE id = 3").fetchone()
         prev = conn.execute("SELECT row_hash FROM audit WHERE id = 5").fetchone()[0]
-        conn.execute("INSERT INTO audit VALUES (6, '2026-01-01T00:00:00Z', 'alice', 'ask', NULL, 1, '{}', ?, ?, ?)",
-                     (prev, *real))
+        conn.execute(
+            "INSERT INTO audit VALUES (6, '2026-01-01T00:00:00Z', 'alice', 'ask', NULL, 1, '{}', ?, ?, ?)",
+            (prev, *real),
+        )
     with Appliance(load_settings(home=home)) as app, pytest.raises(StoreError, match="hash or its link"):
         app.audit("test", {"i": "after a copied signature"})
     with apsw.Connection(str(db)) as conn:
@@ -333,14 +365,26 @@ def test_a_replaced_public_key_does_not_vouch_for_its_own_checkpoints(home):
 
     _three_rows(home)
     theirs = Ed25519PrivateKey.generate()
-    forger = identity.Identity(identity.key_id(theirs.public_key()), identity.public_pem(theirs.public_key()),
-                               home / "identity", theirs)
+    forger = identity.Identity(
+        identity.key_id(theirs.public_key()),
+        identity.public_pem(theirs.public_key()),
+        home / "identity",
+        theirs,
+    )
     lines = (home / audit.CHECKPOINTS).read_text().splitlines()
     resigned = []
     for line in lines:
         cp = json.loads(line)
-        resigned.append(json.dumps({**cp, "key_id": forger.key_id, "signature": forger.sign(
-            audit._signed(cp["rows"], cp["head"], cp["time"]))}, sort_keys=True))
+        resigned.append(
+            json.dumps(
+                {
+                    **cp,
+                    "key_id": forger.key_id,
+                    "signature": forger.sign(audit._signed(cp["rows"], cp["head"], cp["time"])),
+                },
+                sort_keys=True,
+            )
+        )
     (home / audit.CHECKPOINTS).write_text("\n".join(resigned) + "\n")
     (home / "identity" / identity.PUBLIC).write_text(forger.public_pem)
     result = _run(home, "audit", "verify")

@@ -37,7 +37,9 @@ def test_both_backends_take_the_protocols_arguments(cls, name):
         assert p.name in by_name, f"{cls.__name__}.{name} lacks {p.name!r}"
         q = by_name[p.name]
         assert q.kind == p.kind, f"{cls.__name__}.{name}({p.name}): {q.kind} instead of {p.kind}"
-        assert q.default == p.default, f"{cls.__name__}.{name}({p.name}) defaults to {q.default!r}, not {p.default!r}"
+        assert q.default == p.default, (
+            f"{cls.__name__}.{name}({p.name}) defaults to {q.default!r}, not {p.default!r}"
+        )
         if p.kind is p.POSITIONAL_OR_KEYWORD:
             assert given.index(q) == i, f"{cls.__name__}.{name}({p.name}) is not argument {i + 1}"
     extra = [q for q in given if q.name not in {p.name for p in wanted} and q.kind not in (q.VAR_KEYWORD,)]
@@ -59,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _backend_calls(path: Path) -> set[str]:
     """Methods called on a backend in one file: `_backend(ctx).X(...)`, `self.backend.X(...)`, and
     `app.X(...)` in a function that holds `app = _backend(ctx)`."""
+
     def from_backend(node) -> bool:
         return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_backend"
 
@@ -66,20 +69,32 @@ def _backend_calls(path: Path) -> set[str]:
     for function in ast.walk(ast.parse(path.read_text())):
         if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
-        held = {t.id for node in ast.walk(function) if isinstance(node, ast.Assign) and from_backend(node.value)
-                for t in node.targets if isinstance(t, ast.Name)}
+        held = {
+            t.id
+            for node in ast.walk(function)
+            if isinstance(node, ast.Assign) and from_backend(node.value)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
         for node in ast.walk(function):
             if isinstance(node, ast.Attribute) and (
-                    from_backend(node.value) or (isinstance(node.value, ast.Attribute) and node.value.attr == "backend")
-                    or (isinstance(node.value, ast.Name) and node.value.id in held)):
+                from_backend(node.value)
+                or (isinstance(node.value, ast.Attribute) and node.value.attr == "backend")
+                or (isinstance(node.value, ast.Name) and node.value.id in held)
+            ):
                 calls.add(node.attr)
     return calls
 
 
 def test_the_protocol_covers_what_the_cli_and_ui_call():
-    called = {name: _backend_calls(path) for path in [ROOT / "appliance" / "cli.py", *sorted((ROOT / "tui").rglob("*.py"))]
-              for name in [str(path.relative_to(ROOT))]}
+    called = {
+        name: _backend_calls(path)
+        for path in [ROOT / "appliance" / "cli.py", *sorted((ROOT / "tui").rglob("*.py"))]
+        for name in [str(path.relative_to(ROOT))]
+    }
     assert sum(map(len, called.values())) >= 15, called  # the scan finds the calls (it would pass on none)
     for where, names in called.items():
-        assert names <= set(METHODS), f"{where} calls {sorted(names - set(METHODS))} on its backend, which " \
-                                      "appliance.protocols.Backend does not declare"
+        assert names <= set(METHODS), (
+            f"{where} calls {sorted(names - set(METHODS))} on its backend, which "
+            "appliance.protocols.Backend does not declare"
+        )

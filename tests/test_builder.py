@@ -75,8 +75,11 @@ def test_tokenizer_matches_llama_cpp(tiny_checkpoint, tiny_gguf):
     sp = spm.SentencePieceProcessor(model_file=str(tiny_checkpoint / "tokenizer.model"))
     llm = llama_cpp.Llama(str(tiny_gguf), vocab_only=True, verbose=False)
     try:
-        samples = ["<s><|system|>\nUse the sources.\n<|user|>\nCode 15-1252.00?</s><|assistant|>\n",
-                   "  leading spaces, tabs\tand\n\nnewlines", "Résumé – 😀 [12] $14.2 million"]
+        samples = [
+            "<s><|system|>\nUse the sources.\n<|user|>\nCode 15-1252.00?</s><|assistant|>\n",
+            "  leading spaces, tabs\tand\n\nnewlines",
+            "Résumé – 😀 [12] $14.2 million",
+        ]
         samples += [d.text[:2000] for d in load_corpus(DEMO_DATA / "corpus")]
         for text in samples:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == encode(sp, text), text[:60]
@@ -102,7 +105,9 @@ def test_embedder_export_records_agreement(embedder_dir):
     assert agreement["fp32_vs_torch_min_cosine"] > 0.9999
     assert agreement["int8_vs_fp32_min_cosine"] > 0.98
     # MatMul weights are int8; the token embedding table stays fp32 (it costs memory, not time)
-    assert (embedder_dir / "model_int8.onnx").stat().st_size < (embedder_dir / "model_fp32.onnx").stat().st_size * 0.7
+    assert (embedder_dir / "model_int8.onnx").stat().st_size < (
+        embedder_dir / "model_fp32.onnx"
+    ).stat().st_size * 0.7
 
 
 def test_demo_corpus_has_what_the_issue_promises():
@@ -124,8 +129,11 @@ def test_held_out_questions_never_reach_training(tmp_path):
     assert len(items) >= 40 and sum(q["kind"] == "lcat_code" for q in items) >= 20
     path = prepare(tmp_path / "work", tmp_path / "gen", corpus_dir=DEMO_DATA / "corpus", quick=False)
     data = tmp_path / "work" / "data"
-    chats = [json.loads(line)["messages"] for name in ("sft-qa.jsonl", "sft-write.jsonl")
-             for line in (data / name).read_text().splitlines()]
+    chats = [
+        json.loads(line)["messages"]
+        for name in ("sft-qa.jsonl", "sft-write.jsonl")
+        for line in (data / name).read_text().splitlines()
+    ]
     pairs = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines()]
     questions = {c[-2]["content"].rsplit("Question: ", 1)[-1] for c in chats}
     replies = "\n".join([c[-1]["content"] for c in chats] + [p["chosen"] for p in pairs])
@@ -133,7 +141,12 @@ def test_held_out_questions_never_reach_training(tmp_path):
         assert item["question"] not in questions
         if item["kind"] == "lcat_code":  # no reply teaches a held-out row's code or title
             assert not any(m in replies for m in item["must_contain"]), item
-    for asked in ("15-1212.03", "Incident Response Lead", "Service Desk Manager", "Senior Database Administrator"):
+    for asked in (
+        "15-1212.03",
+        "Incident Response Lead",
+        "Service Desk Manager",
+        "Senior Database Administrator",
+    ):
         assert asked not in replies
     assert "Cloud Architect" in replies  # a row no question asks about is trained on
     spec = pipeline.load(path)
@@ -143,9 +156,20 @@ def test_held_out_questions_never_reach_training(tmp_path):
     assert heldout_doc.resolve() not in configs["pretrain"].corpus  # perplexity text is unseen
     table = (DEMO_DATA / "corpus" / "reference").resolve()
     assert not any(p == table or table in p.parents for p in configs["pretrain"].corpus)  # left to retrieval
-    assert [s.stage for s in spec.stages] == ["pretrain", "sft", "sft", "align", "merge", "export", "export",
-                                              "embedder", "eval"]
-    assert spec.base.name == "model.yaml" and configs["pretrain"].base == (tmp_path / "work" / "stages" / "base")
+    assert [s.stage for s in spec.stages] == [
+        "pretrain",
+        "sft",
+        "sft",
+        "align",
+        "merge",
+        "export",
+        "export",
+        "embedder",
+        "eval",
+    ]
+    assert spec.base.name == "model.yaml" and configs["pretrain"].base == (
+        tmp_path / "work" / "stages" / "base"
+    )
 
 
 def test_training_chats_are_shaped_like_the_appliances_prompts(tmp_path):
@@ -191,15 +215,24 @@ def test_prose_questions_ask_for_a_figure_their_source_states():
         assert sentence in " ".join(chunk.text.split()) and sentence not in question
         assert not corpus.answers_held_out(sentence) and not corpus.leaks(sentence)
     assert not [s for _, _, s in facts if "58 to 77" in s]
-    assert corpus.answers_held_out("First contact resolution increased from 58 to 77 percent at the Bureau of "
-                                   "Land Management service desk.")
+    assert corpus.answers_held_out(
+        "First contact resolution increased from 58 to 77 percent at the Bureau of "
+        "Land Management service desk."
+    )
 
 
 def test_demo_chain_produced_the_fixture_generation(tiny_generation):
     """The session's tiny generation went through every stage of the demo pipeline and carries their lineage."""
     manifest = json.loads((tiny_generation / "generation.json").read_text())
-    assert list(manifest["lineage"]["stages"]) == ["pretrain", "sft-qa", "sft-write", "align", "merge", "export",
-                                                   "eval"]
+    assert list(manifest["lineage"]["stages"]) == [
+        "pretrain",
+        "sft-qa",
+        "sft-write",
+        "align",
+        "merge",
+        "export",
+        "eval",
+    ]
     merge = manifest["lineage"]["stages"]["merge"]
     assert merge["config"]["method"] == "ties" and len(merge["inputs"]) == 3
     report = json.loads((tiny_generation / "eval.json").read_text())

@@ -74,11 +74,13 @@ def variant_generation(tmp_path_factory, tiny_generation) -> Path:
     def change(d, fields):
         shutil.copyfile(q4, d / "model.gguf")
         fields["model"]["quant"] = "Q4_K_M"
+
     return _regenerate(tiny_generation, tmp_path_factory.mktemp("variant") / "gen", change)
 
 
-def make_bundle(tmp_path: Path, generation: Path, keys: Path, version: int, name: str | None = None,
-                **kwargs) -> Path:
+def make_bundle(
+    tmp_path: Path, generation: Path, keys: Path, version: int, name: str | None = None, **kwargs
+) -> Path:
     out = tmp_path / (name or f"stick-v{version}")
     builder_bundle.create(generation, keys, version, out, **kwargs)
     return out
@@ -135,7 +137,7 @@ def flip_signature(path: Path) -> None:
     """One character of the first signature changed: still valid JSON and valid hex."""
     text = path.read_text()
     at = text.index('"sig": "') + len('"sig": "') + 10
-    path.write_text(text[:at] + ("1" if text[at] == "0" else "0") + text[at + 1:])
+    path.write_text(text[:at] + ("1" if text[at] == "0" else "0") + text[at + 1 :])
 
 
 def target_file(stick: Path, name: str) -> Path:
@@ -178,8 +180,10 @@ def resign(stick: Path, keys: Path, edit) -> None:
 
 # -- accepted ---------------------------------------------------------------------------------------
 
-def test_newer_bundle_then_rollback_then_same_bundle_again(tmp_path, installed, keys, tiny_generation,
-                                                           variant_generation):
+
+def test_newer_bundle_then_rollback_then_same_bundle_again(
+    tmp_path, installed, keys, tiny_generation, variant_generation
+):
     home = installed
     v2 = make_bundle(tmp_path, variant_generation, keys, 2)
     with new_app(home) as app:
@@ -190,8 +194,10 @@ def test_newer_bundle_then_rollback_then_same_bundle_again(tmp_path, installed, 
         answer = app.ask("What is the labor category code for a Database Administrator?", max_tokens=8)
         assert answer.model["generation"] == 2
         rows = appliance_bundle.history(home)
-        assert [(r["generation"], r["version"], r["current"], r["previous"]) for r in rows] == \
-            [(2, 2, True, False), (1, 1, False, True)]
+        assert [(r["generation"], r["version"], r["current"], r["previous"]) for r in rows] == [
+            (2, 2, True, False),
+            (1, 1, False, True),
+        ]
         assert app.rollback() == (2, 1)
         assert app.status().model["quant"] == "Q8_0"
         with pytest.raises(BundleError, match="no previous generation"):
@@ -248,9 +254,11 @@ def test_extra_files_on_the_stick_are_ignored_never_installed(tmp_path, installe
 
 # -- refused: signatures ----------------------------------------------------------------------------
 
+
 def test_unsigned_bundle(tmp_path, installed, keys, variant_generation):
-    stick = make_bundle(tmp_path, variant_generation, keys, 2,
-                        signers={"targets": [], "snapshot": [], "timestamp": []})
+    stick = make_bundle(
+        tmp_path, variant_generation, keys, 2, signers={"targets": [], "snapshot": [], "timestamp": []}
+    )
     refused(installed, stick, r"metadata/timestamp.json: signature check failed")
     assert_untouched(installed, 1, trusted=1)
 
@@ -259,8 +267,13 @@ def test_signed_by_an_unknown_key(tmp_path, installed, keys, variant_generation)
     other = tmp_path / "other-keys"
     keyring.init(other)
     root = keyring.load_root(other)
-    stick = make_bundle(tmp_path, variant_generation, keys, 2,
-                        signers={r: keyring.signers_for(other, r, root) for r in ("targets", "snapshot", "timestamp")})
+    stick = make_bundle(
+        tmp_path,
+        variant_generation,
+        keys,
+        2,
+        signers={r: keyring.signers_for(other, r, root) for r in ("targets", "snapshot", "timestamp")},
+    )
     refused(installed, stick, "signature check failed")
     assert_untouched(installed, 1, trusted=1)
 
@@ -283,8 +296,9 @@ def test_below_the_signature_threshold(tmp_path, tiny_generation):
         make_bundle(tmp_path, tiny_generation, keys, 3)
 
 
-def test_key_rotation_new_key_accepted_retired_key_refused(tmp_path, installed, keys, tiny_generation,
-                                                           variant_generation):
+def test_key_rotation_new_key_accepted_retired_key_refused(
+    tmp_path, installed, keys, tiny_generation, variant_generation
+):
     report = keyring.rotate(keys, "targets")
     assert report["root_version"] == 2
     v2 = make_bundle(tmp_path, variant_generation, keys, 2)
@@ -298,7 +312,9 @@ def test_key_rotation_new_key_accepted_retired_key_refused(tmp_path, installed, 
     assert_untouched(installed, 2, trusted=2)
 
 
-def test_root_rotation_is_followed_and_a_tampered_new_root_refused(tmp_path, installed, keys, variant_generation):
+def test_root_rotation_is_followed_and_a_tampered_new_root_refused(
+    tmp_path, installed, keys, variant_generation
+):
     keyring.rotate(keys, "root")
     keyring.rotate(keys, "timestamp")
     v2 = make_bundle(tmp_path, variant_generation, keys, 2)
@@ -316,8 +332,11 @@ def test_root_rotation_is_followed_and_a_tampered_new_root_refused(tmp_path, ins
 
 # -- refused: content ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["model.gguf", "embedder/model_int8.onnx", "chat_template.jinja", "bundle.json",
-                                  "generation.json"])
+
+@pytest.mark.parametrize(
+    "name",
+    ["model.gguf", "embedder/model_int8.onnx", "chat_template.jinja", "bundle.json", "generation.json"],
+)
 def test_one_flipped_byte_in_a_target(tmp_path, installed, keys, variant_generation, name):
     stick = make_bundle(tmp_path, variant_generation, keys, 2)
     flip(target_file(stick, name))
@@ -330,8 +349,12 @@ def test_one_flipped_byte_in_each_metadata_file(tmp_path, installed, keys, varia
     if role == "root":
         keyring.rotate(keys, "snapshot")  # a root the appliance has not trusted yet: 2.root.json
     stick = make_bundle(tmp_path, variant_generation, keys, 2)
-    file = {"root": "2.root.json", "targets": "2.targets.json", "snapshot": "2.snapshot.json",
-            "timestamp": "timestamp.json"}[role]
+    file = {
+        "root": "2.root.json",
+        "targets": "2.targets.json",
+        "snapshot": "2.snapshot.json",
+        "timestamp": "timestamp.json",
+    }[role]
     flip_signature(stick / "metadata" / file)
     refused(installed, stick, f"metadata/{file}")
     assert_untouched(installed, 1, trusted=1)
@@ -362,16 +385,20 @@ def test_a_target_replaced_by_a_symlink_is_refused(tmp_path, installed, keys, va
     assert_untouched(installed, 1, trusted=1)
 
 
-@pytest.mark.parametrize("bad_name", ["../escape.gguf", "/etc/cron.d/job", "model\x00.gguf", "a/./b", "embedder//x",
-                                      "model.gguf/x"])
+@pytest.mark.parametrize(
+    "bad_name",
+    ["../escape.gguf", "/etc/cron.d/job", "model\x00.gguf", "a/./b", "embedder//x", "model.gguf/x"],
+)
 def test_unsafe_target_names(tmp_path, installed, keys, variant_generation, bad_name):
     from tuf.api.metadata import TargetFile
 
     stick = make_bundle(tmp_path, variant_generation, keys, 2)
 
     def add(targets):
-        targets.targets[bad_name] = TargetFile(length=3, hashes={"sha256": hashlib.sha256(b"abc").hexdigest()},
-                                               path=bad_name)
+        targets.targets[bad_name] = TargetFile(
+            length=3, hashes={"sha256": hashlib.sha256(b"abc").hexdigest()}, path=bad_name
+        )
+
     resign(stick, keys, add)
     if bad_name == "model.gguf/x":  # a safe name whose staged path collides with another file's
         (stick / "targets" / "model.gguf").mkdir()
@@ -397,8 +424,9 @@ def test_mix_and_match_across_versions(tmp_path, installed, keys, tiny_generatio
     assert_untouched(installed, 1, trusted=1)
 
 
-def test_replay_of_an_older_version_and_audited_downgrade(tmp_path, installed, keys, tiny_generation,
-                                                          variant_generation):
+def test_replay_of_an_older_version_and_audited_downgrade(
+    tmp_path, installed, keys, tiny_generation, variant_generation
+):
     make_bundle(tmp_path, variant_generation, keys, 2)
     v3 = make_bundle(tmp_path, tiny_generation, keys, 3)
     with new_app(installed) as app:
@@ -423,11 +451,14 @@ def test_expired_metadata(tmp_path, installed, keys, variant_generation):
     assert_untouched(installed, 1, trusted=1)
 
 
-def test_corrupt_gguf_header_in_a_correctly_signed_bundle(tmp_path, installed, keys, tiny_generation, monkeypatch):
+def test_corrupt_gguf_header_in_a_correctly_signed_bundle(
+    tmp_path, installed, keys, tiny_generation, monkeypatch
+):
     def corrupt(d, fields):
         data = bytearray((d / "model.gguf").read_bytes())
         data[8:16] = (2**40).to_bytes(8, "little")  # tensor count far beyond what the file can hold
         (d / "model.gguf").write_bytes(bytes(data))
+
     bad = _regenerate(tiny_generation, tmp_path / "bad-gen", corrupt)
     with pytest.raises(BuilderError, match="not a readable GGUF"):
         make_bundle(tmp_path, bad, keys, 2)  # the builder reads the header for the memory estimate
@@ -447,6 +478,7 @@ def test_not_a_bundle_and_no_trust(tmp_path, installed, keys, tiny_generation):
 
 # -- trust ------------------------------------------------------------------------------------------
 
+
 def test_trust_init_refuses_replacement_without_force_and_tampered_roots(tmp_path, trusted_home, keys):
     other = tmp_path / "other"
     keyring.init(other)
@@ -465,10 +497,16 @@ def test_trust_init_refuses_replacement_without_force_and_tampered_roots(tmp_pat
 
 # -- interrupted installs --------------------------------------------------------------------------
 
+
 def _install_process(home: Path, stick: Path, pause: str) -> subprocess.Popen:
     env = dict(os.environ, APPLIANCE_HOME=str(home), **{commit.PAUSE_ENV: pause})
-    return subprocess.Popen([sys.executable, "-m", "appliance.cli", "bundle", "install", str(stick)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "bundle", "install", str(stick)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_paused(home: Path, proc: subprocess.Popen) -> None:
@@ -479,8 +517,9 @@ def _wait_paused(home: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("step", ["refresh", "copy", "copying", "validate", "health", "commit", "renamed",
-                                  "switched"])
+@pytest.mark.parametrize(
+    "step", ["refresh", "copy", "copying", "validate", "health", "commit", "renamed", "switched"]
+)
 def test_kill_9_at_each_step_then_restart_recovers(tmp_path, installed, keys, variant_generation, step):
     stick = make_bundle(tmp_path, variant_generation, keys, 2)
     proc = _install_process(installed, stick, step)
@@ -495,7 +534,9 @@ def test_kill_9_at_each_step_then_restart_recovers(tmp_path, installed, keys, va
     assert ("completed an interrupted install" if committed else "removed an interrupted install") in r.stderr
     assert_untouched(installed, 2 if committed else 1, trusted=2 if committed else 1)
     with new_app(installed) as app:  # still serving, and the bundle installs (or is current) after it
-        assert app.ask("Database Administrator code?", max_tokens=4).model["generation"] == (2 if committed else 1)
+        assert app.ask("Database Administrator code?", max_tokens=4).model["generation"] == (
+            2 if committed else 1
+        )
         result = app.install_bundle(stick)
         assert result.version == 2 and (result.generation is None) == committed
 
@@ -524,14 +565,16 @@ def test_two_installs_at_once(tmp_path, installed, keys, variant_generation):
 def test_disk_full_before_and_during_staging(tmp_path, installed, keys, variant_generation, monkeypatch):
     stick = make_bundle(tmp_path, variant_generation, keys, 2)
     real_usage = shutil.disk_usage
-    monkeypatch.setattr(appliance_bundle.shutil, "disk_usage",
-                        lambda p: real_usage(p)._replace(free=10_000_000))
+    monkeypatch.setattr(
+        appliance_bundle.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=10_000_000)
+    )
     refused(installed, stick, r"the bundle needs \d+ MB and .* has 10 MB free")
     monkeypatch.undo()
     real_open = staging._open_staged
 
     class FillsUp:
         """The disk fills after 1 MB of staged data."""
+
         written = 0
 
         def __init__(self, fh):
@@ -553,12 +596,14 @@ def test_disk_full_before_and_during_staging(tmp_path, installed, keys, variant_
 
 # -- embedder change: local documents re-embedded, nothing lost --------------------------------------
 
+
 def test_new_embedder_reembeds_local_documents(tmp_path, keys, tiny_generation, corpus_copy):
     def rename_embedder(d, fields):
         meta = json.loads((d / "embedder" / "embedder.json").read_text())
         meta["name"] = "minilm-retrained"
         (d / "embedder" / "embedder.json").write_text(json.dumps(meta))
         fields["embedder"]["name"] = "minilm-retrained"
+
     new_embedder = _regenerate(tiny_generation, tmp_path / "gen-new-embedder", rename_embedder)
     home = tmp_path / "home"
     with new_app(home) as app:
@@ -577,6 +622,7 @@ def test_new_embedder_reembeds_local_documents(tmp_path, keys, tiny_generation, 
 
 # -- builder side ------------------------------------------------------------------------------------
 
+
 def test_min_ram_sizes_the_kv_cache_at_the_appliances_default_context(tiny_generation, monkeypatch, tmp_path):
     """The bundle's min_ram_mb holds the KV cache the appliance will really allocate: its default n_ctx
     (capped by the model's own context), not a builder-side guess."""
@@ -593,15 +639,18 @@ def test_min_ram_sizes_the_kv_cache_at_the_appliances_default_context(tiny_gener
     half = builder_bundle.min_ram_mb(model, 0)
     layers = int(fields["llama.block_count"].contents())
     kv_heads = int(fields["llama.attention.head_count_kv"].contents())
-    head_dim = int(fields["llama.embedding_length"].contents()) // int(fields["llama.attention.head_count"].contents())
+    head_dim = int(fields["llama.embedding_length"].contents()) // int(
+        fields["llama.attention.head_count"].contents()
+    )
     per_token = 2 * layers * kv_heads * head_dim * 2  # K and V, f16
     context = min(trained, Settings(home=tmp_path).n_ctx)
     expected = (context - min(trained, context // 2)) * per_token / 1e6
     assert expected > 0 and abs((full - half) - expected) <= 1, (full, half, expected)
 
 
-def test_builder_versions_never_go_back_and_bundle_is_content_addressed(tmp_path, keys, tiny_generation,
-                                                                        variant_generation):
+def test_builder_versions_never_go_back_and_bundle_is_content_addressed(
+    tmp_path, keys, tiny_generation, variant_generation
+):
     v1 = make_bundle(tmp_path, tiny_generation, keys, 1)
     for name, entry in read_manifest(tiny_generation).files.items():
         assert target_file(v1, name).name == f"{entry.sha256}.{Path(name).name}"
@@ -626,8 +675,9 @@ def test_builder_cli_keys_with_passphrase_and_bundle_create(tmp_path, tiny_gener
     runner = CliRunner()
     keys = tmp_path / "k"
     monkeypatch.setenv("BUILDER_KEY_PASSPHRASE", "correct horse")
-    r = runner.invoke(builder_cli, ["keys", "init", "--out", str(keys), "--passphrase", "--threshold", "1",
-                                    "--keys", "2"])
+    r = runner.invoke(
+        builder_cli, ["keys", "init", "--out", str(keys), "--passphrase", "--threshold", "1", "--keys", "2"]
+    )
     assert r.exit_code == 0, r.output
     pems = list((keys / "private").glob("*.pem"))
     assert len(pems) == 6 and all(b"ENCRYPTED" in p.read_bytes() for p in pems)
@@ -635,8 +685,18 @@ def test_builder_cli_keys_with_passphrase_and_bundle_create(tmp_path, tiny_gener
     r = runner.invoke(builder_cli, ["keys", "init", "--out", str(keys)])
     assert r.exit_code != 0 and "not empty" in r.output
     stick = tmp_path / "stick"
-    args = ["bundle", "create", "--generation", str(tiny_generation), "--keys", str(keys), "--version", "next",
-            "--out", str(stick)]
+    args = [
+        "bundle",
+        "create",
+        "--generation",
+        str(tiny_generation),
+        "--keys",
+        str(keys),
+        "--version",
+        "next",
+        "--out",
+        str(stick),
+    ]
     monkeypatch.setenv("BUILDER_KEY_PASSPHRASE", "wrong")
     r = runner.invoke(builder_cli, args)
     assert r.exit_code != 0 and "check the passphrase" in r.output
@@ -662,20 +722,26 @@ def test_builder_cli_keys_with_passphrase_and_bundle_create(tmp_path, tiny_gener
 def test_signed_files_and_the_generation_manifest_must_agree(tmp_path, installed, keys, variant_generation):
     stick = make_bundle(tmp_path, variant_generation, keys, 2)
     resign(stick, keys, lambda targets: targets.targets.pop("eval.json"))
-    refused(installed, stick, r"signed files and the generation's manifest differ .*listed only: \['eval.json'\]")
+    refused(
+        installed, stick, r"signed files and the generation's manifest differ .*listed only: \['eval.json'\]"
+    )
     assert_untouched(installed, 1, trusted=1)
 
 
-def test_reference_db_is_shipped_checked_and_a_corrupt_one_refused(tmp_path, installed, keys, variant_generation,
-                                                                   demo_home):
+def test_reference_db_is_shipped_checked_and_a_corrupt_one_refused(
+    tmp_path, installed, keys, variant_generation, demo_home
+):
     db = tmp_path / "reference.db"
     shutil.copyfile(demo_home / "appliance.db", db)  # a real index the appliance wrote
     stick = make_bundle(tmp_path, variant_generation, keys, 2, reference_db=db)
     assert json.loads(target_file(stick, "bundle.json").read_text())["reference_db"] is True
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
-    refused(installed, make_bundle(tmp_path, variant_generation, keys, 3, name="bad-ref", reference_db=bad),
-            "reference.db: (not a readable SQLite database|integrity check failed)")
+    refused(
+        installed,
+        make_bundle(tmp_path, variant_generation, keys, 3, name="bad-ref", reference_db=bad),
+        "reference.db: (not a readable SQLite database|integrity check failed)",
+    )
     assert_untouched(installed, 1, trusted=1)
     with new_app(installed) as app:
         assert app.install_bundle(stick).generation == 2  # the refused v3 moved no trust: v2 is no downgrade
@@ -701,32 +767,54 @@ def test_an_install_finds_and_records_the_interrupted_one(tmp_path, installed, k
 
 # -- signed, but hostile or broken content (a compromised or buggy builder) -------------------------
 
-@pytest.mark.parametrize("template, match", [
-    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "looped more than"),
-    ("{% if messages|length > 1 %}{{ 'x' * 2000000000 }}{% endif %}{% for m in messages %}{{ m['content'] }}"
-     "{% endfor %}", "past the render budget"),  # passes the one-message canary, not the others
-    ("{% for m in messages %}{% for a in m['content'] %}{% for b in m['content'] %}{% endfor %}{% endfor %}"
-     "{% endfor %}", "longer than"),  # only the long question's shape runs away
-    ("{{ ''.__class__.__mro__ }}", "health check: chat template failed to render"),
-    ("{% if messages|length > 6 %}{{ 'x' * 2000000000 }}{% endif %}{% for m in messages %}{{ m['content'] }}"
-     "{% endfor %}", "past the render budget"),  # only a follow-up with two earlier turns or more runs away
-])
-def test_a_signed_template_that_runs_away_is_refused_within_its_budget(tmp_path, installed, keys, tiny_generation,
-                                                                       template, match):
+
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "looped more than",
+        ),
+        (
+            "{% if messages|length > 1 %}{{ 'x' * 2000000000 }}{% endif %}{% for m in messages %}{{ m['content'] }}"
+            "{% endfor %}",
+            "past the render budget",
+        ),  # passes the one-message canary, not the others
+        (
+            "{% for m in messages %}{% for a in m['content'] %}{% for b in m['content'] %}{% endfor %}{% endfor %}"
+            "{% endfor %}",
+            "longer than",
+        ),  # only the long question's shape runs away
+        ("{{ ''.__class__.__mro__ }}", "health check: chat template failed to render"),
+        (
+            "{% if messages|length > 6 %}{{ 'x' * 2000000000 }}{% endif %}{% for m in messages %}{{ m['content'] }}"
+            "{% endfor %}",
+            "past the render budget",
+        ),  # only a follow-up with two earlier turns or more runs away
+    ],
+)
+def test_a_signed_template_that_runs_away_is_refused_within_its_budget(
+    tmp_path, installed, keys, tiny_generation, template, match
+):
     def change(d, fields):
         (d / fields["chat_template"]).write_text(template)
+
     bad = _regenerate(tiny_generation, tmp_path / "bad-template", change)
     stick = make_bundle(tmp_path, bad, keys, 2)
     start = time.monotonic()
     result = CliRunner().invoke(appliance_cli, ["--home", str(installed), "bundle", "install", str(stick)])
-    assert result.exit_code == ExitCode.BUNDLE and match in result.output, result.output  # a refused bundle: 10
+    assert result.exit_code == ExitCode.BUNDLE and match in result.output, (
+        result.output
+    )  # a refused bundle: 10
     assert time.monotonic() - start < 60
     assert_untouched(installed, 1, trusted=1)
     with new_app(installed) as app:  # the lock was let go and the running generation still answers
         assert app.ask("Say OK.", use_rag=False, max_tokens=2).timing["tokens"] >= 1
 
 
-def test_signed_metadata_past_its_size_cap_is_refused_before_it_is_read(tmp_path, installed, keys, variant_generation):
+def test_signed_metadata_past_its_size_cap_is_refused_before_it_is_read(
+    tmp_path, installed, keys, variant_generation
+):
     stick = make_bundle(tmp_path, variant_generation, keys, 2)
     resign(stick, keys, lambda signed: signed.unrecognized_fields.update(padding="x" * 12_000_000))
     assert (stick / "metadata" / "2.targets.json").stat().st_size > 12_000_000
@@ -744,8 +832,14 @@ def test_a_gguf_with_a_million_string_metadata_array_is_refused_cheaply(tmp_path
     path = tmp_path / "arrays.gguf"
     key = b"tokenizer.ggml.tokens"
     items = b"".join(struct.pack("<Q", 1) + b"a" for _ in range(1_000_000))
-    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
-                     + struct.pack("<IIQ", 9, 8, 1_000_000) + items)
+    path.write_bytes(
+        b"GGUF"
+        + struct.pack("<IQQ", 3, 0, 1)
+        + struct.pack("<Q", len(key))
+        + key
+        + struct.pack("<IIQ", 9, 8, 1_000_000)
+        + items
+    )
     tracemalloc.start()
     start = time.perf_counter()
     with pytest.raises(ModelError, match=f"an array of 1000000 items \\(at most {MAX_ARRAY}\\)"):
@@ -755,12 +849,22 @@ def test_a_gguf_with_a_million_string_metadata_array_is_refused_cheaply(tmp_path
 
 
 def test_an_unsigned_install_is_refused_once_a_root_is_trusted(tmp_path, installed, variant_generation):
-    run = CliRunner().invoke(appliance_cli, ["--home", str(installed), "install-generation", "--unsigned",
-                                             str(variant_generation)])
+    run = CliRunner().invoke(
+        appliance_cli, ["--home", str(installed), "install-generation", "--unsigned", str(variant_generation)]
+    )
     assert run.exit_code == ExitCode.BUNDLE and "installs signed bundles only" in run.output
     assert_untouched(installed, 1, trusted=1)
-    forced = CliRunner().invoke(appliance_cli, ["--home", str(installed), "install-generation", "--unsigned",
-                                                "--force-unsigned", str(variant_generation)])
+    forced = CliRunner().invoke(
+        appliance_cli,
+        [
+            "--home",
+            str(installed),
+            "install-generation",
+            "--unsigned",
+            "--force-unsigned",
+            str(variant_generation),
+        ],
+    )
     assert forced.exit_code == 0, forced.output
     with new_app(installed) as app:
         actions = [r for r in app.audit_rows(limit=5) if r["action"] in ("install", "install_refused")]
@@ -790,9 +894,26 @@ def test_the_services_own_user_installs_a_bundle_not_only_root(tmp_path, keys, t
         (top / "root.json").chmod(0o644)
 
         def run(*args):
-            return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                                   "appliance.cli", "--local", "--home", str(home), *args],
-                                  capture_output=True, text=True, timeout=300, cwd="/")
+            return subprocess.run(
+                [
+                    "setpriv",
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    sys.executable,
+                    "-m",
+                    "appliance.cli",
+                    "--local",
+                    "--home",
+                    str(home),
+                    *args,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                cwd="/",
+            )
+
         assert (out := run("trust", "init", str(top / "root.json"))).returncode == 0, out.stderr
         for n, stick in enumerate(sticks, start=1):
             out = run("bundle", "install", str(stick))

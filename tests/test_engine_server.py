@@ -24,8 +24,13 @@ from appliance.engine.server import find_binary
 
 pytestmark = pytest.mark.skipif(find_binary() is None, reason="needs llama-server (`make deps` builds it)")
 
-LONG = {"messages": [{"role": "user", "content": "Write a long staffing plan."}], "max_tokens": 500,
-        "stream": True, "rag": False, "temperature": 0.0}
+LONG = {
+    "messages": [{"role": "user", "content": "Write a long staffing plan."}],
+    "max_tokens": 500,
+    "stream": True,
+    "rag": False,
+    "temperature": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +86,11 @@ def timed_reads(sock: Path, rounds: int) -> list[float]:
     with uds_client(sock) as http:
         http.timeout = httpx.Timeout(10)
         for _ in range(rounds):
-            for path, params in (("/appliance/search", {"q": "cloud architect code"}), ("/appliance/documents", {}),
-                                 ("/appliance/audit", {"limit": 5})):
+            for path, params in (
+                ("/appliance/search", {"q": "cloud architect code"}),
+                ("/appliance/documents", {}),
+                ("/appliance/audit", {"limit": 5}),
+            ):
                 start = time.perf_counter()
                 try:
                     assert http.get(path, params=params).status_code == 200
@@ -148,12 +156,17 @@ def test_four_answers_decode_together_and_nothing_waits_behind_them(served, endl
     results = streams.wait()
     assert len(reads) == 9 and max(reads) < 2.0, reads  # answered while four answers were being generated
     assert all(r["error"] is None and r["final"] and r["text"] for r in results)
-    assert [r["final"]["usage"]["completion_tokens"] for r in results] == [500] * 4  # the bias held on the server
+    assert [r["final"]["usage"]["completion_tokens"] for r in results] == [
+        500
+    ] * 4  # the bias held on the server
     # decoded together: each of the four had text before any of them had finished
     assert max(streams.first) < min(streams.last), (streams.first, streams.last)
     ids = [r["final"]["audit_id"] for r in results]
     with uds_client(sock) as http:
-        rows = {r["id"]: r for r in http.get("/appliance/audit", params={"action": "ask", "limit": 10}).json()["rows"]}
+        rows = {
+            r["id"]: r
+            for r in http.get("/appliance/audit", params={"action": "ask", "limit": 10}).json()["rows"]
+        }
         assert set(ids) <= set(rows) and http.get("/appliance/audit/verify").json()["intact"]  # no fork
 
 
@@ -161,8 +174,13 @@ def test_the_status_names_the_engine_and_what_holds_it(served, endless):
     _, sock, proc = served
     with uds_client(sock) as http:
         status = http.get("/appliance/status").json()
-    assert status["engine"] == {"slots": 4, "busy": 0, "running": True, "generation": status["generation"],
-                                "starts": 1}
+    assert status["engine"] == {
+        "slots": 4,
+        "busy": 0,
+        "running": True,
+        "generation": status["generation"],
+        "starts": 1,
+    }
     with paused(_engine_pid(proc.pid)):
         streams = Streams(sock, 2, endless)
         wait_busy(sock, 2)
@@ -170,8 +188,9 @@ def test_the_status_names_the_engine_and_what_holds_it(served, endless):
     with uds_client(sock) as http:
         assert http.get("/appliance/status").json()["engine"]["busy"] == 0  # each let go once answered
     env = dict(os.environ, APPLIANCE_HOME=str(served[0]), APPLIANCE_SOCKET=str(sock))
-    out = subprocess.run([sys.executable, "-m", "appliance.cli", "status"], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert "engine      llama-server on 4 slots, 0 request(s) generating, started 1 time(s)" in out.stdout
 
@@ -184,8 +203,10 @@ def test_the_engine_killed_mid_answer_is_a_clear_error_then_it_answers_again(ser
     result = streams.wait()[0]
     assert result["error"] and "engine server stopped" in result["error"]["message"]
     with uds_client(sock) as http:
-        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say OK."}],
-                                                    "max_tokens": 4, "rag": False})
+        r = http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 4, "rag": False},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert http.get("/appliance/status").json()["engine"]["starts"] == 2  # operators can see it happened
         failed = http.get("/appliance/audit", params={"action": "ask_failed"}).json()["rows"]
@@ -194,7 +215,9 @@ def test_the_engine_killed_mid_answer_is_a_clear_error_then_it_answers_again(ser
     assert _engine_pid(proc.pid)  # a new one
 
 
-def test_a_new_generation_drains_the_engine_and_restarts_it_on_the_new_model(served, tiny_generation, endless):
+def test_a_new_generation_drains_the_engine_and_restarts_it_on_the_new_model(
+    served, tiny_generation, endless
+):
     home, sock, proc = served
     with uds_client(sock) as http:
         before = http.get("/appliance/status").json()["generation"]
@@ -202,7 +225,9 @@ def test_a_new_generation_drains_the_engine_and_restarts_it_on_the_new_model(ser
     for _ in range(5):  # two answers caught mid-stream: a fast engine may finish one before it is paused
         streams = Streams(sock, 2, endless)
         assert all(e.wait(120) for e in streams.started)
-        os.kill(old_engine, signal.SIGSTOP)  # the two stay mid-answer, however fast this machine is, until SIGCONT
+        os.kill(
+            old_engine, signal.SIGSTOP
+        )  # the two stay mid-answer, however fast this machine is, until SIGCONT
         time.sleep(0.3)  # what the engine wrote before the pause has reached the clients
         if not any(e.is_set() for e in streams.ended):
             break
@@ -211,15 +236,37 @@ def test_a_new_generation_drains_the_engine_and_restarts_it_on_the_new_model(ser
     else:
         raise AssertionError("no two answers could be paused mid-stream")
     try:
-        env = dict(os.environ, APPLIANCE_HOME=str(home))  # another process switches `current`, as the USB import does
-        out = subprocess.run([sys.executable, "-m", "appliance.cli", "--local", "install-generation", "--unsigned",
-                              str(tiny_generation)], env=env, capture_output=True, text=True, timeout=300)
+        env = dict(
+            os.environ, APPLIANCE_HOME=str(home)
+        )  # another process switches `current`, as the USB import does
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "appliance.cli",
+                "--local",
+                "install-generation",
+                "--unsigned",
+                str(tiny_generation),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
 
         def ask():  # asked while the two are mid-answer: waits for them, then the new model answers
             with uds_client(sock) as http:
-                return http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say OK."}],
-                                                               "max_tokens": 4, "rag": False})
+                return http.post(
+                    "/v1/chat/completions",
+                    json={
+                        "messages": [{"role": "user", "content": "Say OK."}],
+                        "max_tokens": 4,
+                        "rag": False,
+                    },
+                )
+
         pool = concurrent.futures.ThreadPoolExecutor(1)
         asked = pool.submit(ask)
         time.sleep(1.0)  # it has reached the engine's lease and is waiting there for the drain
@@ -233,7 +280,9 @@ def test_a_new_generation_drains_the_engine_and_restarts_it_on_the_new_model(ser
     assert all(x["error"] is None and x["final"] for x in results)  # none lost
     assert {x["final"]["appliance"]["generation"] for x in results} == {before}  # answered by the old model
     with uds_client(sock) as http:
-        rows = {row["id"]: row for row in http.get("/appliance/audit", params={"action": "ask"}).json()["rows"]}
+        rows = {
+            row["id"]: row for row in http.get("/appliance/audit", params={"action": "ask"}).json()["rows"]
+        }
     for x in results:
         assert rows[x["final"]["audit_id"]]["generation"] == before
     assert rows[r.json()["audit_id"]]["generation"] == before + 1
@@ -244,17 +293,27 @@ def test_a_draft_gives_up_the_worker_while_the_engine_writes(served):
     """A draft is many generations; while the engine writes one, the worker serves others, so searches
     during a draft are not answered behind its generations."""
     _, sock, proc = served
-    rfp = next((Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus" / "rfps").glob("*.md"))
+    rfp = next(
+        (Path(__file__).resolve().parent.parent / "builder" / "demo_data" / "corpus" / "rfps").glob("*.md")
+    )
     with uds_client(sock) as http:
         assert http.get("/appliance/search", params={"q": "warm up"}).status_code == 200
     events = []
 
     def draft():
-        with uds_client(sock) as http, http.stream("POST", "/appliance/draft", content=rfp.read_bytes(),
-                                                   params={"name": "rfp.md", "max_tokens": 120}) as r:
+        with (
+            uds_client(sock) as http,
+            http.stream(
+                "POST",
+                "/appliance/draft",
+                content=rfp.read_bytes(),
+                params={"name": "rfp.md", "max_tokens": 120},
+            ) as r,
+        ):
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(json.loads(line[6:]))
+
     thread = threading.Thread(target=draft)
     with paused(_engine_pid(proc.pid)):  # the draft's first generation waits in the engine
         thread.start()
@@ -263,7 +322,9 @@ def test_a_draft_gives_up_the_worker_while_the_engine_writes(served):
         assert thread.is_alive() and not any("result" in e for e in events)
     thread.join(600)
     assert "result" in events[-1], events[-1]
-    assert len(reads) == 6 and sorted(reads)[len(reads) // 2] < 1.0, reads  # not behind the draft's generation
+    assert len(reads) == 6 and sorted(reads)[len(reads) // 2] < 1.0, (
+        reads
+    )  # not behind the draft's generation
     assert events[-1]["result"]["requirements_found"] >= 5
 
 
@@ -288,7 +349,9 @@ def test_a_killed_service_takes_its_engine_with_it_and_the_next_start_cleans_up(
     assert not Path(f"/proc/{engine}").exists(), "the engine outlived its service"
     left = home / "run" / f"engine-{proc.pid}"
     assert left.is_dir()
-    sleeper = subprocess.Popen(["sleep", "60"])  # a pid file naming something that is not an engine: left alone
+    sleeper = subprocess.Popen(
+        ["sleep", "60"]
+    )  # a pid file naming something that is not an engine: left alone
     try:
         (home / "run" / "engine-999999999").mkdir()
         (home / "run" / "engine-999999999" / "engine.pid").write_text(f"{sleeper.pid}\n")

@@ -29,8 +29,9 @@ def site(tmp_path, demo_home):
     with Appliance(load_settings(home=home)) as app:
         conversation = app.new_conversation()
         first = app.ask(QUESTION, conversation=conversation, max_tokens=8, temperature=0)
-        second = app.ask("Which roles need a security clearance?", conversation=conversation, max_tokens=8,
-                         temperature=0)
+        second = app.ask(
+            "Which roles need a security clearance?", conversation=conversation, max_tokens=8, temperature=0
+        )
         missing = app.search("Cloud Architect 15-1241.00", k=1)[0]
         app.feedback(first.audit_id, "correction", correction=CORRECTION, note="wrong code")
         app.feedback(first.audit_id, "irrelevant_source", source=2)
@@ -91,7 +92,12 @@ def test_export_is_signed_and_holds_only_what_the_operator_saw(site, tmp_path):
     out = _export(site, tmp_path)
     verified = verify_export(out, _trusted(site["home"]))
     records = verified.records
-    assert [len(records[n]) for n in ("sft.jsonl", "dpo.jsonl", "retrieval.jsonl", "ratings.jsonl")] == [2, 1, 2, 1]
+    assert [len(records[n]) for n in ("sft.jsonl", "dpo.jsonl", "retrieval.jsonl", "ratings.jsonl")] == [
+        2,
+        1,
+        2,
+        1,
+    ]
     dpo = records["dpo.jsonl"][0]
     assert dpo["chosen"] == CORRECTION and dpo["rejected"] == first.answer
     assert dpo["prompt"][-1]["content"].endswith(f"Question: {QUESTION}")
@@ -144,13 +150,20 @@ def _edit(path: Path, old: bytes, new: bytes) -> None:
     path.write_bytes(data.replace(old, new))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: _flip(d / "dpo.jsonl"), "dpo.jsonl: does not match the signed manifest"),
-    (lambda d: _edit(d / "manifest.json", b'"since": null', b'"since": "2000-01-01"'), "signature does not verify"),
-    (lambda d: (d / "retrieval.jsonl").unlink(), "retrieval.jsonl: missing"),
-    (lambda d: (d / "manifest.sig").unlink(), "manifest.sig: missing"),
-    (lambda d: (d / "extra.jsonl").write_text("{}\n"), "extra.jsonl: not in the signed manifest"),
-], ids=["tampered-file", "tampered-manifest", "missing-file", "missing-signature", "extra-file"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: _flip(d / "dpo.jsonl"), "dpo.jsonl: does not match the signed manifest"),
+        (
+            lambda d: _edit(d / "manifest.json", b'"since": null', b'"since": "2000-01-01"'),
+            "signature does not verify",
+        ),
+        (lambda d: (d / "retrieval.jsonl").unlink(), "retrieval.jsonl: missing"),
+        (lambda d: (d / "manifest.sig").unlink(), "manifest.sig: missing"),
+        (lambda d: (d / "extra.jsonl").write_text("{}\n"), "extra.jsonl: not in the signed manifest"),
+    ],
+    ids=["tampered-file", "tampered-manifest", "missing-file", "missing-signature", "extra-file"],
+)
 def test_import_refuses_a_damaged_export_and_writes_nothing(site, tmp_path, damage, message):
     out = _export(site, tmp_path)
     damage(out)
@@ -166,17 +179,46 @@ def test_import_refuses_an_unknown_key_then_imports_dedupes_and_skips_a_replay(s
     out = _export(site, tmp_path)
     stranger, _ = identity.ensure(tmp_path / "other-appliance")
     dataset = tmp_path / "dataset"
-    r = CliRunner().invoke(builder_cli, ["feedback", "import", str(out), "--trust", str(stranger.path / "appliance.pub"),
-                                         "--out", str(dataset)])
+    r = CliRunner().invoke(
+        builder_cli,
+        [
+            "feedback",
+            "import",
+            str(out),
+            "--trust",
+            str(stranger.path / "appliance.pub"),
+            "--out",
+            str(dataset),
+        ],
+    )
     assert r.exit_code == ExitCode.FEEDBACK and "which is not trusted" in r.output and not dataset.exists()
     pub = str(site["home"] / "identity" / "appliance.pub")
-    r = CliRunner().invoke(builder_cli, ["feedback", "import", str(out), "--trust", pub, "--trust",
-                                         str(stranger.path / "appliance.pub"), "--out", str(dataset), "--json"])
+    r = CliRunner().invoke(
+        builder_cli,
+        [
+            "feedback",
+            "import",
+            str(out),
+            "--trust",
+            pub,
+            "--trust",
+            str(stranger.path / "appliance.pub"),
+            "--out",
+            str(dataset),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     first = json.loads(r.stdout)
     assert first["added"]["dpo.jsonl"] == 1 and first["added"]["questions.jsonl"] == 1
-    rows = lambda name: [json.loads(x) for p in (dataset / name, dataset / "heldout" / name)  # noqa: E731
-                         for x in p.read_text().splitlines()]
+
+    def rows(name):
+        return [
+            json.loads(x)
+            for p in (dataset / name, dataset / "heldout" / name)
+            for x in p.read_text().splitlines()
+        ]
+
     assert rows("questions.jsonl")[0]["must_contain"] == ["15-1242.00"]
     assert len(rows("sft.jsonl")) == 2 and len(rows("retrieval.jsonl")) == 2
     # the same directory again: a replay, skipped; a re-export of the same items: duplicates, skipped
@@ -186,7 +228,10 @@ def test_import_refuses_an_unknown_key_then_imports_dedupes_and_skips_a_replay(s
     third = import_exports([re_export], [Path(pub)], dataset)
     assert len(third.imported) == 1 and sum(third.added.values()) == 0 and third.duplicates == 6
     history = json.loads((dataset / "imports.json").read_text())
-    assert [h["export_id"] for h in history] == [first["imported"][0]["export_id"], third.imported[0]["export_id"]]
+    assert [h["export_id"] for h in history] == [
+        first["imported"][0]["export_id"],
+        third.imported[0]["export_id"],
+    ]
     assert len(rows("sft.jsonl")) == 2  # nothing doubled
 
 
@@ -202,24 +247,45 @@ def test_round_trip_correction_to_dpo_to_an_installed_bundle(site, tmp_path, tin
     dataset = tmp_path / "dataset"
     import_exports([export], [site["home"] / "identity" / "appliance.pub"], dataset, heldout_fraction=0.0)
     export_id = json.loads((export / "manifest.json").read_text())["export_id"]
-    work = tiny_generation.parent / f".{tiny_generation.name}.work"  # the session's chain: its stages are reused
+    work = (
+        tiny_generation.parent / f".{tiny_generation.name}.work"
+    )  # the session's chain: its stages are reused
     generation = tmp_path / "generation"
     result = build(generation, quick=True, embedder_dir=embedder_dir, feedback=dataset, work=work)
     ran = {name for name, st in result["stages"].items() if not st.get("skipped")}
-    assert {"sft-feedback", "align-feedback", "export-feedback", "eval-feedback-after"} <= ran and "pretrain" not in ran
+    assert {
+        "sft-feedback",
+        "align-feedback",
+        "export-feedback",
+        "eval-feedback-after",
+    } <= ran and "pretrain" not in ran
     before, after = result["feedback"]["before"], result["feedback"]["after"]
     assert before["questions"] == after["questions"] == 1
     align = json.loads((work / "stages" / "align-feedback" / "lineage.json").read_text())
-    assert align["result"]["pairs"] == 1 and align["result"]["generated_rejected"] == 0  # the pair as exported
+    assert (
+        align["result"]["pairs"] == 1 and align["result"]["generated_rejected"] == 0
+    )  # the pair as exported
     assert [e["export_id"] for e in align["feedback_exports"]] == [export_id]
     manifest = json.loads((generation / "generation.json").read_text())
     assert manifest["lineage"]["stages"]["align-feedback"]["feedback_exports"][0]["export_id"] == export_id
 
     runner = CliRunner()
     keys, bundle = tmp_path / "keys", tmp_path / "bundle"
-    for args in (["keys", "init", "--out", str(keys)],
-                 ["bundle", "create", "--generation", str(generation), "--keys", str(keys), "--version", "next",
-                  "--out", str(bundle)]):
+    for args in (
+        ["keys", "init", "--out", str(keys)],
+        [
+            "bundle",
+            "create",
+            "--generation",
+            str(generation),
+            "--keys",
+            str(keys),
+            "--version",
+            "next",
+            "--out",
+            str(bundle),
+        ],
+    ):
         r = runner.invoke(builder_cli, args)
         assert r.exit_code == 0, r.output
     home = ["--home", str(site["home"]), "--local"]
@@ -240,10 +306,17 @@ def test_cli_ask_then_feedback_list_and_export(site, tmp_path):
     r = runner.invoke(appliance_cli, [*home, "ask", QUESTION, "--max-tokens", "6"])
     assert r.exit_code == 0, r.output
     audit_id = int(r.stderr.rsplit("audit id ", 1)[1].split(":")[0])
-    assert runner.invoke(appliance_cli, [*home, "feedback", "add", str(audit_id), "--good", "--bad"]).exit_code == 2
-    r = runner.invoke(appliance_cli, [*home, "feedback", "add", str(audit_id), "--correct", CORRECTION, "--json"])
+    assert (
+        runner.invoke(appliance_cli, [*home, "feedback", "add", str(audit_id), "--good", "--bad"]).exit_code
+        == 2
+    )
+    r = runner.invoke(
+        appliance_cli, [*home, "feedback", "add", str(audit_id), "--correct", CORRECTION, "--json"]
+    )
     assert r.exit_code == 0, r.output
-    listed = json.loads(runner.invoke(appliance_cli, [*home, "feedback", "list", "--pending", "--json"]).stdout)
+    listed = json.loads(
+        runner.invoke(appliance_cli, [*home, "feedback", "list", "--pending", "--json"]).stdout
+    )
     assert listed["items"][-1]["correction"] == CORRECTION and len(listed["items"]) == 5
     r = runner.invoke(appliance_cli, [*home, "feedback", "export", "--out", str(tmp_path / "usb"), "--json"])
     assert r.exit_code == 0, r.output
@@ -262,7 +335,9 @@ def test_held_out_split_keeps_each_question_on_one_side_in_every_file(site, tmp_
     # a share between the two questions' hash positions puts exactly one of them in heldout/
     low, high = sorted(next(f / 1000 for f in range(1001) if heldout(q, f / 1000)) for q in questions)
     dataset = tmp_path / "dataset"
-    import_exports([out], [site["home"] / "identity" / "appliance.pub"], dataset, heldout_fraction=(low + high) / 2)
+    import_exports(
+        [out], [site["home"] / "identity" / "appliance.pub"], dataset, heldout_fraction=(low + high) / 2
+    )
     sides = {}
     for split in ("", "heldout"):
         for name in ("sft.jsonl", "dpo.jsonl", "retrieval.jsonl", "ratings.jsonl"):

@@ -22,16 +22,24 @@ def _staging_left(home):
 
 def test_generation_lists_every_file_with_hash_and_lineage(tiny_generation):
     manifest = verify_generation(tiny_generation)
-    assert {"model.gguf", "chat_template.jinja", "embedder/embedder.json", "embedder/tokenizer.json",
-            "embedder/model_int8.onnx"} <= set(manifest.files)
+    assert {
+        "model.gguf",
+        "chat_template.jinja",
+        "embedder/embedder.json",
+        "embedder/tokenizer.json",
+        "embedder/model_int8.onnx",
+    } <= set(manifest.files)
     assert manifest.model.quant == "Q8_0"
     assert manifest.embedder.dim == 384
     pretrain = manifest.lineage["stages"]["pretrain"]
     assert pretrain["stage"] == "pretrain" and pretrain["config"]["steps"] == 3
     corpus = {p.split("/corpus/", 1)[1] for p in pretrain["inputs"] if "/corpus/" in p}
     # every proposal but the held-out one, and the RFPs as a directory; each with its sha256
-    assert corpus == {f"proposals/{p.name}" for p in (CORPUS / "proposals").iterdir()
-                      if p.name != "2023-GSA-data-analytics.pdf"} | {"rfps"}, corpus
+    assert corpus == {
+        f"proposals/{p.name}"
+        for p in (CORPUS / "proposals").iterdir()
+        if p.name != "2023-GSA-data-analytics.pdf"
+    } | {"rfps"}, corpus
     assert all(len(h) == 64 for h in pretrain["inputs"].values())
     assert "eval.json" in manifest.files
     assert (tiny_generation / "model.gguf").read_bytes()[:4] == b"GGUF"
@@ -49,8 +57,9 @@ def test_install_twice_switches_current_and_keeps_previous(tmp_path, tiny_genera
         assert path.stat().st_mode & 0o222 == 0, f"{path} is writable"  # installed generations are read-only
 
 
-@pytest.mark.parametrize("damage", ["flip_model_byte", "truncate_template", "extra_file", "missing_embedder",
-                                    "unsafe_name"])
+@pytest.mark.parametrize(
+    "damage", ["flip_model_byte", "truncate_template", "extra_file", "missing_embedder", "unsafe_name"]
+)
 def test_damaged_generation_is_refused_and_current_untouched(tmp_path, tiny_generation, damage):
     home = tmp_path / "home"
     install_unsigned(tiny_generation, home)
@@ -93,7 +102,9 @@ def test_cli_requires_unsigned_flag_and_reports_damage(tmp_path, tiny_generation
     result = runner.invoke(cli, ["--home", str(home), "install-generation", "--unsigned", str(bad)])
     assert result.exit_code == ExitCode.GENERATION
     assert "not a generation directory" in result.output
-    result = runner.invoke(cli, ["--home", str(home), "install-generation", "--unsigned", str(tiny_generation)])
+    result = runner.invoke(
+        cli, ["--home", str(home), "install-generation", "--unsigned", str(tiny_generation)]
+    )
     assert result.exit_code == 0, result.output
     assert "installed generation 1" in result.output
 

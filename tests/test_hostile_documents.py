@@ -27,7 +27,7 @@ def _rewrite_member(src: Path, dst: Path, member: str, cut: int) -> Path:
 
 def test_a_csv_cell_past_the_field_limit_is_one_error(tmp_path):
     path = tmp_path / "huge.csv"
-    path.write_text("code,title\n15-1252.00,\"" + "x" * 300_000 + "\"\n")
+    path.write_text('code,title\n15-1252.00,"' + "x" * 300_000 + '"\n')
     with pytest.raises(IngestError, match="huge.csv: unreadable CSV"):
         read_document(path, LIMIT)
 
@@ -35,8 +35,12 @@ def test_a_csv_cell_past_the_field_limit_is_one_error(tmp_path):
 def test_truncated_xml_in_a_docx_or_xlsx_is_one_error(tmp_path):
     import openpyxl
 
-    docx = _rewrite_member(CORPUS / "proposals" / "2023-NOAA-cloud-migration.docx", tmp_path / "cut.docx",
-                           "word/document.xml", 700)
+    docx = _rewrite_member(
+        CORPUS / "proposals" / "2023-NOAA-cloud-migration.docx",
+        tmp_path / "cut.docx",
+        "word/document.xml",
+        700,
+    )
     with pytest.raises(IngestError, match="cut.docx: unreadable DOCX"):
         read_document(docx, LIMIT)
     book = openpyxl.Workbook()
@@ -93,9 +97,10 @@ def test_one_hostile_file_in_a_batch_is_one_failure_and_the_rest_is_ingested(hom
     batch = tmp_path / "batch"
     batch.mkdir()
     (batch / "good.md").write_text("# Good\n\nA proposal paragraph about cloud landing zones.\n")
-    (batch / "huge.csv").write_text("code,title\n15-1252.00,\"" + "x" * 300_000 + "\"\n")
-    _rewrite_member(CORPUS / "proposals" / "2023-NOAA-cloud-migration.docx", batch / "cut.docx",
-                    "word/document.xml", 700)
+    (batch / "huge.csv").write_text('code,title\n15-1252.00,"' + "x" * 300_000 + '"\n')
+    _rewrite_member(
+        CORPUS / "proposals" / "2023-NOAA-cloud-migration.docx", batch / "cut.docx", "word/document.xml", 700
+    )
     (batch / "later.txt").write_text("Another good document, after the bad ones.\n")
     with Appliance(load_settings(home=home)) as app:
         report = app.ingest([batch], "batch")
@@ -108,8 +113,10 @@ def _docx_with_body(path: Path, body_xml: bytes) -> Path:
     import docx
 
     docx.Document().save(path.with_suffix(".tmp.docx"))
-    with zipfile.ZipFile(path.with_suffix(".tmp.docx")) as zin, \
-            zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+    with (
+        zipfile.ZipFile(path.with_suffix(".tmp.docx")) as zin,
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout,
+    ):
         for item in zin.infolist():
             data = zin.read(item)
             if item.filename == "word/document.xml":
@@ -171,7 +178,9 @@ def test_the_sandbox_bounds_what_a_parser_may_take(tmp_path):
     from appliance.documents.sandbox import Sandbox
 
     good = CORPUS / "proposals" / "2023-NOAA-cloud-migration.docx"
-    rows = "code,title,duties\n" + "".join(f"15-{i:04d}.00,Title {i},{'word ' * 200}\n" for i in range(40_000))
+    rows = "code,title,duties\n" + "".join(
+        f"15-{i:04d}.00,Title {i},{'word ' * 200}\n" for i in range(40_000)
+    )
     (tmp_path / "wide.csv").write_text(rows)
     with Sandbox(memory_mb=256) as sandbox:
         with pytest.raises(IngestError, match="wide.csv: .*(256 MB|needs more than)"):
@@ -198,7 +207,9 @@ def test_the_bytes_hashed_are_the_bytes_parsed(home, tmp_path):
     path = tmp_path / "flip.md"
     versions = [(f"# Version {v}\n\n" + f"Version {v} text. " * 1500).encode() for v in "AB"]
     path.write_bytes(versions[0])
-    expected = {hashlib.sha256(v).hexdigest(): [c.text for c in chunk_text(v.decode(), 1200)] for v in versions}
+    expected = {
+        hashlib.sha256(v).hexdigest(): [c.text for c in chunk_text(v.decode(), 1200)] for v in versions
+    }
     stop = threading.Event()
 
     def flip():
@@ -208,6 +219,7 @@ def test_the_bytes_hashed_are_the_bytes_parsed(home, tmp_path):
             os.pwrite(fd, versions[n % 2], 0)  # same length, in place: a read may see either, or both
             n += 1
         os.close(fd)
+
     writer = threading.Thread(target=flip)
     writer.start()
     try:
@@ -216,8 +228,12 @@ def test_the_bytes_hashed_are_the_bytes_parsed(home, tmp_path):
                 app.ingest([path], f"flip{i}")
             checked = 0
             for doc in app.documents():
-                stored = [r[0] for r in app.store.conn.execute(
-                    "SELECT text FROM chunks WHERE document_id = ? ORDER BY position", (doc.id,))]
+                stored = [
+                    r[0]
+                    for r in app.store.conn.execute(
+                        "SELECT text FROM chunks WHERE document_id = ? ORDER BY position", (doc.id,)
+                    )
+                ]
                 if doc.sha256 in expected:
                     assert stored == expected[doc.sha256], doc
                     checked += 1
@@ -246,11 +262,27 @@ def test_an_unreadable_folder_is_reported(tmp_path):
         (top / "open.md").write_text("# Open\n\nx")
         (top / "locked").mkdir(mode=0o700)
         (top / "locked" / "a.md").write_text("# A\n\nx")
-        script = ("import json, sys\nfrom pathlib import Path\nfrom appliance.documents.readers import expand_paths\n"
-                  "files, refused = expand_paths([Path(sys.argv[1])])\n"
-                  "print(json.dumps([[str(f) for f in files], refused]))")
-        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                              script, str(top)], capture_output=True, text=True, timeout=60, cwd="/")
+        script = (
+            "import json, sys\nfrom pathlib import Path\nfrom appliance.documents.readers import expand_paths\n"
+            "files, refused = expand_paths([Path(sys.argv[1])])\n"
+            "print(json.dumps([[str(f) for f in files], refused]))"
+        )
+        out = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                script,
+                str(top),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
         files, refused = json.loads(out.stdout)
     finally:
         shutil.rmtree(top)
@@ -268,8 +300,15 @@ def test_file_names_cannot_drive_the_terminal_or_forge_lines(home, tmp_path):
     evil = tmp_path / "q3\x1b[2J\x1b]0;owned\x07\nFAILED    everything else.md"
     evil.write_text("# Quarterly report\n\nThe quarterly staffing report is due on the fifth.")
     runner = CliRunner()
-    outputs = [runner.invoke(cli, ["--home", str(home), *args]) for args in (
-        ["ingest", str(evil)], ["docs", "list"], ["search", "quarterly staffing report"], ["lookup", "q3"])]
+    outputs = [
+        runner.invoke(cli, ["--home", str(home), *args])
+        for args in (
+            ["ingest", str(evil)],
+            ["docs", "list"],
+            ["search", "quarterly staffing report"],
+            ["lookup", "q3"],
+        )
+    ]
     assert outputs[0].exit_code == 0, outputs[0].output
     for result in outputs:
         text = result.output
@@ -284,11 +323,14 @@ def test_a_pdf_whose_stream_inflates_to_84_mb_is_one_error(tmp_path):
     import zlib
 
     content = zlib.compress(b"BT /F1 12 Tf 72 720 Td " + b"(A) Tj " * 12_000_000 + b"ET", 9)
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-               b"/Resources << /Font << /F1 5 0 R >> >> >>",
-               b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(content) + content + b"\nendstream",
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(content) + content + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
     pdf, offsets = bytearray(b"%PDF-1.4\n"), []
     for n, body in enumerate(objects, 1):
         offsets.append(len(pdf))
@@ -309,9 +351,13 @@ def test_an_rfp_to_draft_is_parsed_in_the_sandbox_too(home, tmp_path):
     from appliance.config import load_settings
 
     rfp = tmp_path / "rfp.csv"
-    rfp.write_text("code,title,duties\n" + "".join(f"15-{i:04d}.00,Title {i},{'word ' * 200}\n" for i in range(40_000)))
-    with Appliance(load_settings(home=home, parse_memory_mb=256, max_file_mb=60)) as app, \
-            pytest.raises(IngestError, match="rfp.csv: parsing needs more than 256 MB"):
+    rfp.write_text(
+        "code,title,duties\n" + "".join(f"15-{i:04d}.00,Title {i},{'word ' * 200}\n" for i in range(40_000))
+    )
+    with (
+        Appliance(load_settings(home=home, parse_memory_mb=256, max_file_mb=60)) as app,
+        pytest.raises(IngestError, match="rfp.csv: parsing needs more than 256 MB"),
+    ):
         app.draft(rfp, generator=object())  # refused before any generation
 
 
@@ -323,18 +369,26 @@ def test_a_small_csv_cannot_amplify_into_the_database(home, tmp_path):
     from appliance.config import load_settings
 
     names = [f"c{i:03d}" + "h" * 1996 for i in range(512)]
-    (tmp_path / "wide-names.csv").write_text(",".join(names) + "\n" + "".join(
-        "," * (i % 512) + "15-1252.00" + "," * (511 - i % 512) + "\n" for i in range(240)))
+    (tmp_path / "wide-names.csv").write_text(
+        ",".join(names)
+        + "\n"
+        + "".join("," * (i % 512) + "15-1252.00" + "," * (511 - i % 512) + "\n" for i in range(240))
+    )
     assert (tmp_path / "wide-names.csv").stat().st_size > 1_000_000
     names = [f"column {i:03d} " + "n" * 140 for i in range(100)]  # each under the cap, all repeated per row
-    (tmp_path / "dense.csv").write_text(",".join(names) + "\n" + ("," .join("x" * 100) + "\n") * 2000)
-    sparse = "code,title,notes," + ",".join(f"extra{i}" for i in range(400)) + "\n" + "".join(
-        f"15-{i:04d}.00,Analyst {i},,{',' * 399}\n" for i in range(50))
+    (tmp_path / "dense.csv").write_text(",".join(names) + "\n" + (",".join("x" * 100) + "\n") * 2000)
+    sparse = (
+        "code,title,notes,"
+        + ",".join(f"extra{i}" for i in range(400))
+        + "\n"
+        + "".join(f"15-{i:04d}.00,Analyst {i},,{',' * 399}\n" for i in range(50))
+    )
     (tmp_path / "sparse.csv").write_text(sparse)
     db = home / "appliance.db"
     with Appliance(load_settings(home=home)) as app:
-        report = app.ingest([tmp_path / "wide-names.csv", tmp_path / "dense.csv", tmp_path / "sparse.csv"],
-                            "reference")
+        report = app.ingest(
+            [tmp_path / "wide-names.csv", tmp_path / "dense.csv", tmp_path / "sparse.csv"], "reference"
+        )
         errors = {Path(f["source"]).name: f["error"] for f in report.failed}
         assert "column 1's name is 2000 characters (at most 200)" in errors["wide-names.csv"]
         assert "at most 16 times the file" in errors["dense.csv"]
@@ -369,14 +423,22 @@ def test_an_xlsx_is_measured_on_the_sheet_that_is_parsed(tmp_path):
     small.append(["Code", "Title"])
     small.append(["99-0000.00", "Other"])
     book.save(tmp_path / "plain.xlsx")
-    swap = {"xl/worksheets/sheet1.xml": "xl/worksheets/sheet2.xml", "xl/worksheets/sheet2.xml": "xl/worksheets/sheet1.xml"}
-    with zipfile.ZipFile(tmp_path / "plain.xlsx") as zin, \
-            zipfile.ZipFile(tmp_path / "swapped.xlsx", "w", zipfile.ZIP_DEFLATED) as zout:
+    swap = {
+        "xl/worksheets/sheet1.xml": "xl/worksheets/sheet2.xml",
+        "xl/worksheets/sheet2.xml": "xl/worksheets/sheet1.xml",
+    }
+    with (
+        zipfile.ZipFile(tmp_path / "plain.xlsx") as zin,
+        zipfile.ZipFile(tmp_path / "swapped.xlsx", "w", zipfile.ZIP_DEFLATED) as zout,
+    ):
         for item in zin.infolist():
             data = zin.read(item)
             if item.filename == "xl/_rels/workbook.xml.rels":
-                data = data.replace(b"sheet1.xml", b"sheetX.xml").replace(b"sheet2.xml", b"sheet1.xml") \
+                data = (
+                    data.replace(b"sheet1.xml", b"sheetX.xml")
+                    .replace(b"sheet2.xml", b"sheet1.xml")
                     .replace(b"sheetX.xml", b"sheet2.xml")
+                )
             zout.writestr(swap.get(item.filename, item.filename), data)
     table = read_document(tmp_path / "swapped.xlsx", LIMIT).table
     assert len(table.rows) == 30 and table.rows[-1] == {"Code": "15-0029.00", "Title": "Analyst 29"}

@@ -30,8 +30,10 @@ def _daemon_answers() -> bool:
         return False
 
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _daemon_answers(), reason="no Docker daemon answers (start dockerd)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _daemon_answers(), reason="no Docker daemon answers (start dockerd)"),
+]
 
 
 def docker(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
@@ -43,8 +45,13 @@ def docker(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    proc = subprocess.run(["make", "image", f"IMAGE={IMAGE}", f"DOCKER={DOCKER}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=3600)
+    proc = subprocess.run(
+        ["make", "image", f"IMAGE={IMAGE}", f"DOCKER={DOCKER}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return IMAGE
 
@@ -77,11 +84,33 @@ def test_the_image_serves_cited_answers_with_no_network(image, stick, tmp_path):
     base = ["run", "--rm", "--network", "none", "-v", f"{volume}:/var/lib/appliance"]
     try:
         docker(*base, "-v", f"{stick}:/bundle:ro", image, "trust", "init", "/bundle/root.json")
-        installed = docker(*base, "-v", f"{stick}:/bundle:ro", image, "bundle", "install", "/bundle", timeout=900)
+        installed = docker(
+            *base, "-v", f"{stick}:/bundle:ro", image, "bundle", "install", "/bundle", timeout=900
+        )
         assert "generation 1" in installed.stdout + installed.stderr
-        docker(*base, "-v", f"{CORPUS}:/corpus:ro", image, "ingest", "/corpus/reference", "--collection", "reference")
-        docker("run", "-d", "--name", name, "--network", "none", "-v", f"{volume}:/var/lib/appliance",
-               "-v", f"{run_dir}:/run/appliance", image)
+        docker(
+            *base,
+            "-v",
+            f"{CORPUS}:/corpus:ro",
+            image,
+            "ingest",
+            "/corpus/reference",
+            "--collection",
+            "reference",
+        )
+        docker(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "-v",
+            f"{volume}:/var/lib/appliance",
+            "-v",
+            f"{run_dir}:/run/appliance",
+            image,
+        )
         sock = run_dir / "api.sock"
         deadline = time.monotonic() + 300
         while not sock.exists():
@@ -92,15 +121,25 @@ def test_the_image_serves_cited_answers_with_no_network(image, stick, tmp_path):
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=300) as http:
             client = OpenAI(base_url="http://appliance/v1", api_key="local", http_client=http)
             done = client.chat.completions.create(
-                model="any", max_tokens=24, temperature=0.0,
-                messages=[{"role": "user", "content": "What is the code for the Database Administrator labor category?"}])
+                model="any",
+                max_tokens=24,
+                temperature=0.0,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": "What is the code for the Database Administrator labor category?",
+                    }
+                ],
+            )
         extra = done.model_extra
         assert done.choices[0].message.content and done.usage.completion_tokens > 0
         assert any("labor_categories" in s["source"] and "15-1242.00" in s["text"] for s in extra["sources"])
         assert isinstance(extra["citations"], list) and extra["audit_id"] > 0
         assert extra["appliance"]["generation"] == 1
         # nothing reaches out: the container has no interface but loopback
-        links = docker("exec", name, "python3", "-c", "import socket; print(sorted(n for _, n in socket.if_nameindex()))")
+        links = docker(
+            "exec", name, "python3", "-c", "import socket; print(sorted(n for _, n in socket.if_nameindex()))"
+        )
         assert links.stdout.strip() == "['lo']"
     finally:
         docker("rm", "-f", name, check=False)

@@ -57,8 +57,12 @@ def test_every_demo_format_is_ingested_with_chunks(home, corpus_copy):
         # the DOCX headings survive as chunk headings
         docs = {d.source.rsplit("/", 1)[-1]: d for d in app.store.list_documents()}
         noaa = docs["2023-NOAA-cloud-migration.docx"]
-        headings = [r[0] for r in app.store.conn.execute(
-            "SELECT heading FROM chunks WHERE document_id = ? ORDER BY position", (noaa.id,))]
+        headings = [
+            r[0]
+            for r in app.store.conn.execute(
+                "SELECT heading FROM chunks WHERE document_id = ? ORDER BY position", (noaa.id,)
+            )
+        ]
         assert "Wave Plan" in headings
 
 
@@ -87,7 +91,10 @@ def test_docs_list_and_remove(home, tmp_path):
     assert len(listed["documents"]) == 1 and listed["documents"][0]["chunks"] == 1
     doc_id = listed["documents"][0]["id"]
     assert runner.invoke(cli, ["--home", str(home), "docs", "remove", str(doc_id)]).exit_code == 0
-    assert json.loads(runner.invoke(cli, ["--home", str(home), "docs", "list", "--json"]).stdout)["documents"] == []
+    assert (
+        json.loads(runner.invoke(cli, ["--home", str(home), "docs", "list", "--json"]).stdout)["documents"]
+        == []
+    )
     with Appliance(load_settings(home=home)) as app:
         assert app.search("help desk hours") == []
     missing = runner.invoke(cli, ["--home", str(home), "docs", "remove", str(doc_id)])
@@ -107,8 +114,11 @@ def test_committed_ingest_survives_a_killed_process(home, tmp_path):
         "from appliance.config import load_settings\n"
         "app = Appliance(load_settings(home=sys.argv[1]))\n"
         "app.ingest([Path(sys.argv[2])], 'default')\n"
-        "os.kill(os.getpid(), 9)\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(home), str(note)], capture_output=True, timeout=120)
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(home), str(note)], capture_output=True, timeout=120
+    )
     assert proc.returncode == -9
     with Appliance(load_settings(home=home)) as app:
         assert [d.title for d in app.store.list_documents()] == ["Kill test"]
@@ -141,7 +151,8 @@ def test_a_batch_that_adds_nothing_creates_no_collection_and_duplicates_are_skip
         report = app.ingest([tmp_path / "a.md", tmp_path / "b.md"], "dups")
         assert len(report.added) == 1 and report.unchanged == []
         assert [(d["source"], d["same_as"]) for d in report.duplicates] == [
-            (str((tmp_path / "b.md").resolve()), str((tmp_path / "a.md").resolve()))]
+            (str((tmp_path / "b.md").resolve()), str((tmp_path / "a.md").resolve()))
+        ]
 
 
 def test_a_file_edited_to_equal_another_drops_its_old_text(home, tmp_path):
@@ -171,8 +182,11 @@ def test_a_long_table_shows_its_progress_moving(home, tmp_path, capsys):
     seen = []
     show = _Progress("ingesting")
     with Appliance(load_settings(home=home)) as app:
-        app.ingest([tmp_path / "big.csv"], "big", progress=lambda item, done, total: (seen.append(item),
-                                                                                        show(item, done, total)))
+        app.ingest(
+            [tmp_path / "big.csv"],
+            "big",
+            progress=lambda item, done, total: (seen.append(item), show(item, done, total)),
+        )
     assert any(item.endswith("big.csv (chunk 512 of 1100)") for item in seen)
     lines = [line for line in capsys.readouterr().err.splitlines() if "chunk" in line]
     assert lines == [f"ingesting 0/1 big.csv (chunk {n} of 1100)" for n in (512, 1024, 1100)]
@@ -195,5 +209,7 @@ def test_a_link_loop_in_a_folder_is_refused_and_the_rest_ingested(home, tmp_path
     refused = {Path(f["source"]).name: f["error"] for f in report["failed"]}
     assert set(refused) == {"a.md", "b.md", "self", "gone.txt"}
     assert all("leads nowhere" in e and "not followed" in e for e in refused.values())
-    rows = json.loads(CliRunner().invoke(cli, ["--home", str(home), "audit", "list", "--json"]).stdout)["rows"]
+    rows = json.loads(CliRunner().invoke(cli, ["--home", str(home), "audit", "list", "--json"]).stdout)[
+        "rows"
+    ]
     assert rows[0]["action"] == "ingest_refused" and rows[0]["detail"]["files"] == 4  # refusals are on record

@@ -36,8 +36,12 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_appliance_imports_no_training_stack_and_works_offline(demo_home):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(demo_home), ",".join(FORBIDDEN)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(demo_home), ",".join(FORBIDDEN)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["blocked"], "the socket block did not take effect, so the test proves nothing"
@@ -54,8 +58,13 @@ def test_imports_keep_to_the_contracts_in_pyproject():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=root,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "4 kept, 0 broken" in proc.stdout
 
@@ -69,9 +78,16 @@ def test_the_database_is_read_and_written_only_by_its_owners():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "appliance"
-    running_sql = {str(p.relative_to(root)) for p in root.rglob("*.py")
-                   if re.search(r"\.execute(many)?\(", p.read_text())}
-    assert running_sql == {"retrieval/store.py", "records/audit.py", "records/feedback.py", "bundles/staging.py"}, \
-        running_sql
+    running_sql = {
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if re.search(r"\.execute(many)?\(", p.read_text())
+    }
+    assert running_sql == {
+        "retrieval/store.py",
+        "records/audit.py",
+        "records/feedback.py",
+        "bundles/staging.py",
+    }, running_sql
     bundle_sql = re.findall(r'\.execute\("([^"]*)', (root / "bundles" / "staging.py").read_text())
     assert bundle_sql == ["PRAGMA integrity_check"]

@@ -15,7 +15,9 @@ def _lookup(home, *args):
 
 def test_exact_code_then_prefix(demo_home):
     _, rows = _lookup(demo_home, "15-1252.00")
-    assert [(r["code"], r["title"], r["match"]) for r in rows] == [("15-1252.00", "Software Developer", "exact code")]
+    assert [(r["code"], r["title"], r["match"]) for r in rows] == [
+        ("15-1252.00", "Software Developer", "exact code")
+    ]
     assert rows[0]["data"]["education"].startswith("Bachelor's degree") and rows[0]["data"]["years"] == "3"
     _, rows = _lookup(demo_home, "15-1252")
     assert [r["code"] for r in rows] == ["15-1252.00", "15-1252.01", "15-1252.02", "15-1252.03"]

@@ -33,19 +33,22 @@ def test_the_builders_gguf_passes(model, tiny_generation):
 
 def _patch(path, offset, data):
     raw = bytearray(path.read_bytes())
-    raw[offset:offset + len(data)] = data
+    raw[offset : offset + len(data)] = data
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("defect, expected", [
-    ("bad_magic", "bad magic"),
-    ("huge_tensor_count", "more than a"),
-    ("huge_key_count", "more than a"),
-    ("future_version", "version 99"),
-    ("truncated_header", "malformed GGUF|more than a"),
-    ("truncated_data", "past the end of the file|malformed GGUF"),
-    ("empty", "bad magic"),
-])
+@pytest.mark.parametrize(
+    "defect, expected",
+    [
+        ("bad_magic", "bad magic"),
+        ("huge_tensor_count", "more than a"),
+        ("huge_key_count", "more than a"),
+        ("future_version", "version 99"),
+        ("truncated_header", "malformed GGUF|more than a"),
+        ("truncated_data", "past the end of the file|malformed GGUF"),
+        ("empty", "bad magic"),
+    ],
+)
 def test_malformed_gguf_is_refused(model, defect, expected):
     raw = model.read_bytes()
     if defect == "bad_magic":

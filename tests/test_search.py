@@ -10,8 +10,11 @@ from appliance.retrieval.rag import fts_query, search
 
 
 def test_exact_code_comes_first(app):
-    for code, title in [("15-1242.00", "Database Administrator"), ("11-3021.03", "Transition Manager"),
-                        ("43-9111.00", "Records Management Specialist")]:
+    for code, title in [
+        ("15-1242.00", "Database Administrator"),
+        ("11-3021.03", "Transition Manager"),
+        ("43-9111.00", "Records Management Specialist"),
+    ]:
         hits = app.search(f"who is {code}?")
         assert hits[0].exact and f"code: {code}" in hits[0].text and f"title: {title}" in hits[0].text
 
@@ -20,7 +23,11 @@ def test_code_prefix_returns_the_family_first(app):
     hits = app.search("15-1252", k=6)
     # A row's chunk starts with its title; its code is the line after it.
     assert [h.text.split("\n")[1] for h in hits[:4]] == [
-        "code: 15-1252.00", "code: 15-1252.01", "code: 15-1252.02", "code: 15-1252.03"]
+        "code: 15-1252.00",
+        "code: 15-1252.01",
+        "code: 15-1252.02",
+        "code: 15-1252.03",
+    ]
 
 
 def test_exact_code_beats_vectors_even_when_they_point_elsewhere(app):
@@ -69,8 +76,9 @@ def test_search_json_contract(demo_home):
 
 
 def test_query_vectors_are_unit_length_and_meaningful(app):
-    vectors = app.embedder.embed(["database backup and recovery", "restoring databases from backups",
-                                  "a picnic in the park"])
+    vectors = app.embedder.embed(
+        ["database backup and recovery", "restoring databases from backups", "a picnic in the park"]
+    )
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
 

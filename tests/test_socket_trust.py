@@ -28,6 +28,7 @@ def _listen(path):
             return
         received.append(conn.recv(100))
         conn.close()
+
     threading.Thread(target=accept, daemon=True).start()
     return sock, received
 
@@ -137,9 +138,20 @@ def test_what_listens_is_checked_not_only_the_path(monkeypatch, tmp_path, capsys
         os.chown(theirs, 65534, 65534)
         trusted.mkdir(mode=0o755)
         listener = subprocess.Popen(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-             "import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen(4)\n"
-             "print('up', flush=True)\ntime.sleep(60)", str(theirs / "s.sock")], stdout=subprocess.PIPE, text=True)
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                "import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen(4)\n"
+                "print('up', flush=True)\ntime.sleep(60)",
+                str(theirs / "s.sock"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert listener.stdout.readline().strip() == "up"
             os.rename(theirs / "s.sock", trusted / "appliance.sock")

@@ -19,9 +19,13 @@ REPLY = "The Incident Response Lead labor category has code 15-1212.03 [1]."
 
 
 def chat(reply: str = REPLY) -> dict:
-    return {"messages": [{"role": "system", "content": "Use only the numbered sources."},
-                         {"role": "user", "content": "Which code for an Incident Response Lead?"},
-                         {"role": "assistant", "content": reply}]}
+    return {
+        "messages": [
+            {"role": "system", "content": "Use only the numbered sources."},
+            {"role": "user", "content": "Which code for an Incident Response Lead?"},
+            {"role": "assistant", "content": reply},
+        ]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +35,66 @@ def stages(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stages")
     (root / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
-    pairs = [{"prompt": chat()["messages"][:-1], "chosen": REPLY,
-              "rejected": "The Incident Response Lead labor category has code 15-9999.99."},
-             {"prompt": chat()["messages"][:-1], "chosen": REPLY}]  # rejected sampled from the model
+    pairs = [
+        {
+            "prompt": chat()["messages"][:-1],
+            "chosen": REPLY,
+            "rejected": "The Incident Response Lead labor category has code 15-9999.99.",
+        },
+        {"prompt": chat()["messages"][:-1], "chosen": REPLY},
+    ]  # rejected sampled from the model
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    pre = pretrain.run(pretrain.PretrainConfig(
-        out=root / "pretrain", init_shape="tiny", tokenizer_vocab_size=512, corpus=[CORPUS / "proposals"],
-        seq_len=64, batch_size=4, steps=30, learning_rate=3e-3, warmup_steps=0, eval_fraction=0.1))
+    pre = pretrain.run(
+        pretrain.PretrainConfig(
+            out=root / "pretrain",
+            init_shape="tiny",
+            tokenizer_vocab_size=512,
+            corpus=[CORPUS / "proposals"],
+            seq_len=64,
+            batch_size=4,
+            steps=30,
+            learning_rate=3e-3,
+            warmup_steps=0,
+            eval_fraction=0.1,
+        )
+    )
     lora = training.LoraSettings(r=16, alpha=32, train_embeddings=True)
-    sft_a = sft.run(sft.SFTConfig(out=root / "sft-a", model=pre, datasets=[root / "chats.jsonl"], lora=lora,
-                                  steps=25, batch_size=1, learning_rate=5e-3, warmup_steps=0))
-    sft_b = sft.run(sft.SFTConfig(out=root / "sft-b", model=pre, datasets=[root / "chats.jsonl"], lora=lora,
-                                  steps=5, batch_size=1, learning_rate=5e-3, warmup_steps=0, seed=1))
-    aligned = align.run(align.AlignConfig(out=root / "align", model=sft_a, datasets=[root / "pairs.jsonl"],
-                                          lora=lora, steps=4, batch_size=2, sample_max_tokens=6))
+    sft_a = sft.run(
+        sft.SFTConfig(
+            out=root / "sft-a",
+            model=pre,
+            datasets=[root / "chats.jsonl"],
+            lora=lora,
+            steps=25,
+            batch_size=1,
+            learning_rate=5e-3,
+            warmup_steps=0,
+        )
+    )
+    sft_b = sft.run(
+        sft.SFTConfig(
+            out=root / "sft-b",
+            model=pre,
+            datasets=[root / "chats.jsonl"],
+            lora=lora,
+            steps=5,
+            batch_size=1,
+            learning_rate=5e-3,
+            warmup_steps=0,
+            seed=1,
+        )
+    )
+    aligned = align.run(
+        align.AlignConfig(
+            out=root / "align",
+            model=sft_a,
+            datasets=[root / "pairs.jsonl"],
+            lora=lora,
+            steps=4,
+            batch_size=2,
+            sample_max_tokens=6,
+        )
+    )
     return {"root": root, "pretrain": pre, "sft-a": sft_a, "sft-b": sft_b, "align": aligned}
 
 
@@ -54,7 +104,9 @@ def result(out: Path) -> dict:
 
 def test_pretrain_writes_checkpoint_and_lineage_and_learns(stages):
     out = stages["pretrain"]
-    assert {"config.json", "model.safetensors", "tokenizer.model", "lineage.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model", "lineage.json"} <= {
+        p.name for p in out.iterdir()
+    }
     record = json.loads((out / "lineage.json").read_text())
     assert record["config"]["init_shape"] == "tiny" and record["versions"]["torch"]
     corpus_input = record["inputs"][str(CORPUS / "proposals")]
@@ -76,7 +128,9 @@ def test_sft_learns_the_reply_and_only_the_reply(stages):
     assert tok.decode(learned).strip() == REPLY  # the reply and its EOS, nothing of the prompt
     assert learned[-1] == tok.eos_id
     prompt, completion = training.prompt_completion(tok, chat()["messages"])
-    assert tok.encode(prompt) + tok.encode(completion) == ids[: len(tok.encode(prompt) + tok.encode(completion))]
+    assert (
+        tok.encode(prompt) + tok.encode(completion) == ids[: len(tok.encode(prompt) + tok.encode(completion))]
+    )
 
 
 def test_sft_leaves_out_chats_whose_reply_is_cut_and_refuses_when_none_is_left(stages, tmp_path):
@@ -89,11 +143,27 @@ def test_sft_leaves_out_chats_whose_reply_is_cut_and_refuses_when_none_is_left(s
     (tmp_path / "long.jsonl").write_text(json.dumps(long) + "\n")
     (tmp_path / "mixed.jsonl").write_text(json.dumps(long) + "\n" + json.dumps(chat()) + "\n")
     with pytest.raises(BuilderError, match="longer than max_length"):
-        sft.run(sft.SFTConfig(out=tmp_path / "none", model=stages["pretrain"], datasets=[tmp_path / "long.jsonl"],
-                              steps=1, batch_size=1, max_length=64))
+        sft.run(
+            sft.SFTConfig(
+                out=tmp_path / "none",
+                model=stages["pretrain"],
+                datasets=[tmp_path / "long.jsonl"],
+                steps=1,
+                batch_size=1,
+                max_length=64,
+            )
+        )
     assert not (tmp_path / "none").exists()
-    out = sft.run(sft.SFTConfig(out=tmp_path / "one", model=stages["pretrain"], datasets=[tmp_path / "mixed.jsonl"],
-                                steps=1, batch_size=1, max_length=64))
+    out = sft.run(
+        sft.SFTConfig(
+            out=tmp_path / "one",
+            model=stages["pretrain"],
+            datasets=[tmp_path / "mixed.jsonl"],
+            steps=1,
+            batch_size=1,
+            max_length=64,
+        )
+    )
     assert (result(out)["chats"], result(out)["left_out"]) == (1, 1)
 
 
@@ -113,8 +183,12 @@ def test_merge_refuses_mismatched_models_before_reading_tensors(stages, tmp_path
     cfg["num_hidden_layers"] = 3
     (other / "config.json").write_text(json.dumps(cfg))
     (other / "model.safetensors").write_bytes(b"not read")  # proves no tensor is read
-    config = merge.MergeConfig(out=tmp_path / "m", method="ties", base_model=stages["pretrain"],
-                               models=[{"model": stages["sft-a"]}, {"model": other}])
+    config = merge.MergeConfig(
+        out=tmp_path / "m",
+        method="ties",
+        base_model=stages["pretrain"],
+        models=[{"model": stages["sft-a"]}, {"model": other}],
+    )
     with pytest.raises(BuilderError, match=r"num_hidden_layers differs \(3 vs 2\)"):
         merge.run(config)
     cfg["num_hidden_layers"] = 2
@@ -130,27 +204,47 @@ def test_ties_merge_loads_and_generates(stages):
 
     from builder import llamacpp, merge
 
-    out = merge.run(merge.MergeConfig(out=stages["root"] / "merge", method="ties", base_model=stages["pretrain"],
-                                      models=[{"model": stages["align"], "density": 0.7, "weight": 0.5},
-                                              {"model": stages["sft-b"], "density": 0.7, "weight": 0.5}]))
+    out = merge.run(
+        merge.MergeConfig(
+            out=stages["root"] / "merge",
+            method="ties",
+            base_model=stages["pretrain"],
+            models=[
+                {"model": stages["align"], "density": 0.7, "weight": 0.5},
+                {"model": stages["sft-b"], "density": 0.7, "weight": 0.5},
+            ],
+        )
+    )
     assert result(out)["recipe"]["merge_method"] == "ties"
     # the merge combined the two models' changes to the base: not a copy of the base or of either model
     from transformers import LlamaForCausalLM
 
     def weights(path):
         return {k: v.float() for k, v in LlamaForCausalLM.from_pretrained(path).state_dict().items()}
+
     base, a, b, merged = (weights(p) for p in (stages["pretrain"], stages["align"], stages["sft-b"], out))
     name = "model.layers.0.self_attn.q_proj.weight"
     da, db, dm = a[name] - base[name], b[name] - base[name], merged[name] - base[name]
-    assert da.abs().max() > 0 and db.abs().max() > 0, "the inputs must differ from the base for this to mean anything"
-    assert dm.abs().max() > 0 and not torch.equal(merged[name], a[name]) and not torch.equal(merged[name], b[name])
-    assert (dm.abs() <= torch.maximum(da.abs(), db.abs()) + 1e-4).all()  # TIES never goes past the inputs' changes
+    assert da.abs().max() > 0 and db.abs().max() > 0, (
+        "the inputs must differ from the base for this to mean anything"
+    )
+    assert (
+        dm.abs().max() > 0
+        and not torch.equal(merged[name], a[name])
+        and not torch.equal(merged[name], b[name])
+    )
+    assert (
+        dm.abs() <= torch.maximum(da.abs(), db.abs()) + 1e-4
+    ).all()  # TIES never goes past the inputs' changes
     assert torch.nn.functional.cosine_similarity(dm.flatten(), (da + db).flatten(), dim=0) > 0.5
     gguf = llamacpp.convert_hf(out, stages["root"] / "merged.gguf", "f16")
     llm = llama_cpp.Llama(str(gguf), n_ctx=256, verbose=False, n_threads=2)
     try:
-        out = llm("<|user|>\nWhich code for an Incident Response Lead?\n<|assistant|>\n", max_tokens=12,
-                  temperature=0.0)
+        out = llm(
+            "<|user|>\nWhich code for an Incident Response Lead?\n<|assistant|>\n",
+            max_tokens=12,
+            temperature=0.0,
+        )
     finally:
         llm.close()
     assert out["usage"]["completion_tokens"] >= 1 and out["choices"][0]["text"]
@@ -169,8 +263,9 @@ def test_merge_config_checks_method_needs():
 def exported(stages):
     from builder import export
 
-    return export.run(export.ExportConfig(out=stages["root"] / "export", model=stages["sft-a"],
-                                          quants=["Q8_0", "Q4_K_M"]))
+    return export.run(
+        export.ExportConfig(out=stages["root"] / "export", model=stages["sft-a"], quants=["Q8_0", "Q4_K_M"])
+    )
 
 
 def test_export_writes_each_quant_and_perplexity_stays_close(exported):
@@ -189,8 +284,11 @@ def test_export_writes_each_quant_and_perplexity_stays_close(exported):
 def test_export_of_an_adapter_merges_it_into_its_base(stages, tmp_path):
     from builder import export
 
-    out = export.run(export.ExportConfig(out=tmp_path / "e", model=stages["sft-a"] / "adapter",
-                                         base=stages["pretrain"], quants=["Q8_0"]))
+    out = export.run(
+        export.ExportConfig(
+            out=tmp_path / "e", model=stages["sft-a"] / "adapter", base=stages["pretrain"], quants=["Q8_0"]
+        )
+    )
     assert (out / "model-Q8_0.gguf").stat().st_size > 0 and not (out / "merged-hf").exists()
 
 
@@ -201,9 +299,18 @@ def test_export_refuses_rows_that_no_block_fits(tmp_path):
     from builder.synth import train_tokenizer
 
     train_tokenizer(["odd widths need a clear refusal"] * 50, tmp_path / "odd", 300)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=4, bos_token_id=1,
-                                 eos_token_id=2)).save_pretrained(tmp_path / "odd")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).save_pretrained(tmp_path / "odd")
     f16 = llamacpp.convert_hf(tmp_path / "odd", tmp_path / "odd.gguf", "f16")
     with pytest.raises(BuilderError, match=r"rows of 48 values: Q4_K_M cannot store them"):
         export.row_check(f16, "Q4_K_M")
@@ -217,32 +324,73 @@ def test_eval_gate_fails_with_the_numbers(exported, embedder_dir, tmp_path):
     from builder import evaluate
 
     questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"id": "a", "kind": "lcat_code", "question": "Code of an Incident Response Lead?",
-                                     "must_contain": ["15-1212.03"]}) + "\n")
-    config = evaluate.EvalConfig(out=tmp_path / "eval", export=exported,
-                                 heldout=[CORPUS / "proposals" / "2020-SBA-loan-portal.md"], ppl_ctx=128,
-                                 questions=questions, corpus=[CORPUS / "reference"], embedder=embedder_dir,
-                                 max_tokens=8, gate={"max_ppl_increase": 0.5, "min_accuracy_with_retrieval": 0.9,
-                                                     "kind": "lcat_code"})
-    with pytest.raises(GateFailed, match=r"Q8_0 on lcat_code questions: 0% exact with retrieval \(needs >= 90%\)"):
+    questions.write_text(
+        json.dumps(
+            {
+                "id": "a",
+                "kind": "lcat_code",
+                "question": "Code of an Incident Response Lead?",
+                "must_contain": ["15-1212.03"],
+            }
+        )
+        + "\n"
+    )
+    config = evaluate.EvalConfig(
+        out=tmp_path / "eval",
+        export=exported,
+        heldout=[CORPUS / "proposals" / "2020-SBA-loan-portal.md"],
+        ppl_ctx=128,
+        questions=questions,
+        corpus=[CORPUS / "reference"],
+        embedder=embedder_dir,
+        max_tokens=8,
+        gate={"max_ppl_increase": 0.5, "min_accuracy_with_retrieval": 0.9, "kind": "lcat_code"},
+    )
+    with pytest.raises(
+        GateFailed, match=r"Q8_0 on lcat_code questions: 0% exact with retrieval \(needs >= 90%\)"
+    ):
         evaluate.run(config)
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["gate"]["passed"] is False
     assert set(report["perplexity"]) == {"F16", "Q8_0", "Q4_K_M"}
     row = report["tasks"]["Q8_0"]["answers"][0]
-    assert row["retrieved_answer_source"] is True  # retrieval found the row; the tiny model just cannot read it
+    assert (
+        row["retrieved_answer_source"] is True
+    )  # retrieval found the row; the tiny model just cannot read it
     with pytest.raises(GateFailed):  # the gate holds on every later look, not only the first
         evaluate.check_gate(tmp_path / "eval")
 
 
 def _pipeline(tmp_path: Path, sft_steps: int) -> Path:
     (tmp_path / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
-    spec = {"name": "t", "work": "work", "stages": [
-        {"name": "pretrain", "stage": "pretrain", "config": {
-            "init_shape": "tiny", "tokenizer_vocab_size": 512, "corpus": [str(CORPUS / "proposals")],
-            "seq_len": 64, "batch_size": 2, "steps": 2}},
-        {"name": "sft", "stage": "sft", "config": {"model": "@pretrain", "datasets": ["chats.jsonl"],
-                                                   "steps": sft_steps, "batch_size": 1}}]}
+    spec = {
+        "name": "t",
+        "work": "work",
+        "stages": [
+            {
+                "name": "pretrain",
+                "stage": "pretrain",
+                "config": {
+                    "init_shape": "tiny",
+                    "tokenizer_vocab_size": 512,
+                    "corpus": [str(CORPUS / "proposals")],
+                    "seq_len": 64,
+                    "batch_size": 2,
+                    "steps": 2,
+                },
+            },
+            {
+                "name": "sft",
+                "stage": "sft",
+                "config": {
+                    "model": "@pretrain",
+                    "datasets": ["chats.jsonl"],
+                    "steps": sft_steps,
+                    "batch_size": 1,
+                },
+            },
+        ],
+    }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -294,11 +442,15 @@ def test_config_errors_name_the_field_and_exit_4(tmp_path):
     assert run.exit_code == 4
     assert "learning_rte: Extra inputs are not permitted" in run.output
     assert "steps: Input should be greater than or equal to 1" in run.output
-    (tmp_path / "p.yaml").write_text("name: x\nwork: w\nstages:\n  - {name: a, stage: sft, config: {model: '@b'}}\n")
+    (tmp_path / "p.yaml").write_text(
+        "name: x\nwork: w\nstages:\n  - {name: a, stage: sft, config: {model: '@b'}}\n"
+    )
     run = CliRunner().invoke(cli, ["run", str(tmp_path / "p.yaml")])
     assert run.exit_code == 4 and "refers to @b, which is not an earlier stage" in run.output
-    (tmp_path / "g.yaml").write_text("name: x\nwork: w\nstages:\n  - {name: e, stage: embedder, config: {}}\n"
-                                     "generation: {out: g, model: '@export/model-Q8_0.gguf', embedder: '@e'}\n")
+    (tmp_path / "g.yaml").write_text(
+        "name: x\nwork: w\nstages:\n  - {name: e, stage: embedder, config: {}}\n"
+        "generation: {out: g, model: '@export/model-Q8_0.gguf', embedder: '@e'}\n"
+    )
     run = CliRunner().invoke(cli, ["run", str(tmp_path / "g.yaml")])
     assert run.exit_code == 4 and "generation refers to @export, which is not a stage" in run.output
 
@@ -314,8 +466,10 @@ def test_stage_help_lists_every_field():
     assert "Example CONFIG" in out
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -329,15 +483,29 @@ def hf_checkpoint(tmp_path_factory):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     texts = [p.read_text() for p in (CORPUS / "proposals").glob("*.md")]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = CHATML
     tok.save_pretrained(out)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
-                                 tie_word_embeddings=False)).save_pretrained(out)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False,
+        )
+    ).save_pretrained(out)
     return out
 
 
@@ -349,9 +517,18 @@ def test_sft_on_a_hugging_face_tokenizer_and_its_own_template(hf_checkpoint, tmp
     ids, mask = training.encode_chat(tok, chat()["messages"])
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == REPLY + "<|im_end|>"
     (tmp_path / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
-    out = sft.run(sft.SFTConfig(out=tmp_path / "sft", model=hf_checkpoint, datasets=[tmp_path / "chats.jsonl"],
-                                steps=20, batch_size=1, learning_rate=5e-3, warmup_steps=0,
-                                lora={"r": 16, "alpha": 32, "train_embeddings": True}))
+    out = sft.run(
+        sft.SFTConfig(
+            out=tmp_path / "sft",
+            model=hf_checkpoint,
+            datasets=[tmp_path / "chats.jsonl"],
+            steps=20,
+            batch_size=1,
+            learning_rate=5e-3,
+            warmup_steps=0,
+            lora={"r": 16, "alpha": 32, "train_embeddings": True},
+        )
+    )
     r = result(out)
     assert r["last_loss"] < r["first_loss"] * 0.6, r
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").read_text() == CHATML
@@ -368,12 +545,23 @@ def test_the_base_models_pipelines_are_valid():
         spec = pipeline.load(path)
         configs = pipeline.stage_configs(spec, path.parent)
         assert spec.base == (path.parent / "model.yaml").resolve(), path
-        assert [s.stage for s, _ in configs] == ["pretrain", "sft", "sft", "align", "merge", "export", "export",
-                                                 "embedder", "eval"], path
+        assert [s.stage for s, _ in configs] == [
+            "pretrain",
+            "sft",
+            "sft",
+            "align",
+            "merge",
+            "export",
+            "export",
+            "embedder",
+            "eval",
+        ], path
         evaluation = next(c for s, c in configs if s.stage == "eval")
         assert evaluation.baseline is not None and evaluation.gate.beat_baseline, path
-    gpu = pipeline.stage_configs(pipeline.load(models / "smollm2-135m-instruct" / "gpu-workstation.yaml"),
-                                 models / "smollm2-135m-instruct")
+    gpu = pipeline.stage_configs(
+        pipeline.load(models / "smollm2-135m-instruct" / "gpu-workstation.yaml"),
+        models / "smollm2-135m-instruct",
+    )
     export = next(c for s, c in gpu if s.name == "export")
     assert "Q4_K_M" in export.quants and export.imatrix is not None
     assert next(c for s, c in gpu if s.name == "sft-qa").steps >= 1000
@@ -386,8 +574,14 @@ def test_export_with_an_importance_matrix_from_the_corpus(stages, tmp_path):
 
     from builder import export
 
-    out = export.run(export.ExportConfig(out=tmp_path / "e", model=stages["sft-a"], quants=["IQ4_XS", "Q4_K_M"],
-                                         imatrix={"corpus": [CORPUS / "proposals"], "chunks": 4, "ctx": 128}))
+    out = export.run(
+        export.ExportConfig(
+            out=tmp_path / "e",
+            model=stages["sft-a"],
+            quants=["IQ4_XS", "Q4_K_M"],
+            imatrix={"corpus": [CORPUS / "proposals"], "chunks": 4, "ctx": 128},
+        )
+    )
     report = json.loads((out / "export.json").read_text())
     assert len(report["imatrix"]["sha256"]) == 64 and (out / "imatrix.gguf").is_file()
     assert not (out / "calibration.txt").exists()
@@ -403,10 +597,23 @@ def test_pretrain_mixes_replay_text_at_the_ratio_asked(tmp_path):
     from builder import pretrain
 
     general = tmp_path / "general.jsonl"
-    general.write_text("".join(json.dumps({"text": f"General text number {i}. " * 40}) + "\n" for i in range(20)))
-    out = pretrain.run(pretrain.PretrainConfig(
-        out=tmp_path / "p", init_shape="tiny", tokenizer_vocab_size=512, corpus=[CORPUS / "proposals"],
-        replay=[general], replay_ratio=0.25, seq_len=64, batch_size=2, steps=2, eval_fraction=0.1))
+    general.write_text(
+        "".join(json.dumps({"text": f"General text number {i}. " * 40}) + "\n" for i in range(20))
+    )
+    out = pretrain.run(
+        pretrain.PretrainConfig(
+            out=tmp_path / "p",
+            init_shape="tiny",
+            tokenizer_vocab_size=512,
+            corpus=[CORPUS / "proposals"],
+            replay=[general],
+            replay_ratio=0.25,
+            seq_len=64,
+            batch_size=2,
+            steps=2,
+            eval_fraction=0.1,
+        )
+    )
     r = result(out)
     domain = r["train_blocks"] - r["replay_blocks"]
     assert r["replay_blocks"] == round(domain * 0.25 / 0.75) > 0
@@ -419,19 +626,35 @@ def test_pretrain_mixes_replay_text_at_the_ratio_asked(tmp_path):
 def test_a_killed_training_stage_resumes_from_its_last_checkpoint(stages, tmp_path):
     (tmp_path / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
     config = tmp_path / "sft.yaml"
-    config.write_text(yaml.safe_dump({"out": "sft", "model": str(stages["pretrain"]), "datasets": ["chats.jsonl"],
-                                      "steps": 100_000, "max_minutes": 0.2, "save_every": 5, "batch_size": 1}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "out": "sft",
+                "model": str(stages["pretrain"]),
+                "datasets": ["chats.jsonl"],
+                "steps": 100_000,
+                "max_minutes": 0.2,
+                "save_every": 5,
+                "batch_size": 1,
+            }
+        )
+    )
     builder = [sys.executable, "-m", "builder.cli", "sft", str(config)]
     proc = subprocess.Popen(builder, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = tmp_path / "sft.checkpoints"
     deadline = time.monotonic() + 120
-    while (not list(checkpoints.glob("*/checkpoint-*/trainer_state.json")) and time.monotonic() < deadline
-           and proc.poll() is None):
+    while (
+        not list(checkpoints.glob("*/checkpoint-*/trainer_state.json"))
+        and time.monotonic() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = sorted((p.parent for p in checkpoints.glob("*/checkpoint-*/trainer_state.json")),
-                   key=lambda p: int(p.name.split("-")[1]))
+    saved = sorted(
+        (p.parent for p in checkpoints.glob("*/checkpoint-*/trainer_state.json")),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     assert saved and not (tmp_path / "sft").exists()
     # as if the kill had come while the next checkpoint was being written
     half = saved[-1].with_name(f"checkpoint-{int(saved[-1].name.split('-')[1]) + 1000}")
@@ -452,12 +675,21 @@ def test_every_merge_method_writes_a_checkpoint(stages, tmp_path, method):
 
     from builder import merge
 
-    models = [{"model": stages["sft-a"], "weight": 0.5, "density": 0.7}, {"model": stages["sft-b"], "weight": 0.5}]
+    models = [
+        {"model": stages["sft-a"], "weight": 0.5, "density": 0.7},
+        {"model": stages["sft-b"], "weight": 0.5},
+    ]
     if method in ("linear", "slerp"):
         models = [{"model": m["model"], "weight": 0.5} for m in models]
-    out = merge.run(merge.MergeConfig(out=tmp_path / method, method=method, models=models,
-                                      base_model=None if method == "linear" else stages["pretrain"],
-                                      t=0.5 if method == "slerp" else None))
+    out = merge.run(
+        merge.MergeConfig(
+            out=tmp_path / method,
+            method=method,
+            models=models,
+            base_model=None if method == "linear" else stages["pretrain"],
+            t=0.5 if method == "slerp" else None,
+        )
+    )
     assert result(out)["recipe"]["merge_method"] == method
     merged = LlamaForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in merged.parameters()) > 0 and (out / "tokenizer.model").is_file()
@@ -487,8 +719,11 @@ def test_lm_head_on_labelled_positions_only_gives_the_same_loss(stages):
         finally:
             trl_utils._use_triton = patched
         plain = model(input_ids=ids, labels=labels).loss  # transformers' own loss over full logits
-    assert torch.allclose(labelled, every, atol=1e-5) and torch.allclose(labelled, plain, atol=1e-4), \
-        (labelled, every, plain)
+    assert torch.allclose(labelled, every, atol=1e-5) and torch.allclose(labelled, plain, atol=1e-4), (
+        labelled,
+        every,
+        plain,
+    )
 
 
 def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, capsys):
@@ -497,8 +732,17 @@ def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatc
     from builder import training
 
     def bf16_of(precision: str) -> bool:
-        return training.training_arguments(tmp_path, steps=1, batch_size=1, grad_accum=1, learning_rate=1e-4,
-                                           warmup_steps=0, seed=0, precision=precision).bf16
+        return training.training_arguments(
+            tmp_path,
+            steps=1,
+            batch_size=1,
+            grad_accum=1,
+            learning_rate=1e-4,
+            warmup_steps=0,
+            seed=0,
+            precision=precision,
+        ).bf16
+
     for native in (False, True):
         monkeypatch.setattr(training, "cpu_has_bf16", lambda native=native: native)
         assert bf16_of("auto") is native and bf16_of("fp32") is False

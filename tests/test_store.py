@@ -7,13 +7,27 @@ from appliance.retrieval.store import NewChunk, Store
 
 def test_migrations_and_durability_pragmas(tmp_path):
     with Store(tmp_path / "a.db") as store:
-        assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations",
-                                      "005_feedback", "006_document_owner", "007_audit_signature"]
+        assert store.migrations() == [
+            "001_initial",
+            "002_fts_vocabulary",
+            "003_audit",
+            "004_conversations",
+            "005_feedback",
+            "006_document_owner",
+            "007_audit_signature",
+        ]
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     with Store(tmp_path / "a.db") as store:  # reopening applies nothing twice
-        assert store.migrations() == ["001_initial", "002_fts_vocabulary", "003_audit", "004_conversations",
-                                      "005_feedback", "006_document_owner", "007_audit_signature"]
+        assert store.migrations() == [
+            "001_initial",
+            "002_fts_vocabulary",
+            "003_audit",
+            "004_conversations",
+            "005_feedback",
+            "006_document_owner",
+            "007_audit_signature",
+        ]
 
 
 def test_changed_embedder_re_embeds_everything(home):
@@ -24,8 +38,16 @@ def test_changed_embedder_re_embeds_everything(home):
         app.store.ensure_embedder(app.embedder.name, app.embedder.dim, app.embedder.embed)
         from appliance.retrieval.store import NewChunk
 
-        app.store.add_document("c", "/x", "x", "txt", "0" * 64, 1, [NewChunk(0, "", "alpha beta")],
-                               app.embedder.embed(["alpha beta"]))
+        app.store.add_document(
+            "c",
+            "/x",
+            "x",
+            "txt",
+            "0" * 64,
+            1,
+            [NewChunk(0, "", "alpha beta")],
+            app.embedder.embed(["alpha beta"]),
+        )
 
         def other(texts):
             return np.ones((len(texts), 8), dtype=np.float32) / np.sqrt(8)
@@ -45,8 +67,16 @@ def _filled(path, n=300, dim=16, seed=0):
     store.ensure_embedder("e", dim, lambda t: vectors[: len(t)])
     for d in range(n // 50):
         chunks = [NewChunk(i, "", f"chunk {d} {i}") for i in range(50)]
-        store.add_document("odd" if d % 2 else "even", f"/d{d}", f"d{d}", "txt", f"{d:064x}", 1, chunks,
-                           vectors[d * 50:(d + 1) * 50])
+        store.add_document(
+            "odd" if d % 2 else "even",
+            f"/d{d}",
+            f"d{d}",
+            "txt",
+            f"{d:064x}",
+            1,
+            chunks,
+            vectors[d * 50 : (d + 1) * 50],
+        )
     return store, rng
 
 
@@ -63,9 +93,15 @@ def test_vector_cache_agrees_with_vec0_and_follows_other_writers(tmp_path):
             assert np.allclose([d for _, d in direct], [d for _, d in fast], atol=1e-5)
     # another connection removes a document: the cache must not keep serving its vectors
     doc = store.list_documents("even")[0]
-    first_chunk = store.conn.execute("SELECT min(id) FROM chunks WHERE document_id = ?", (doc.id,)).fetchone()[0]
-    vec = np.frombuffer(store.conn.execute("SELECT embedding FROM chunk_vectors WHERE rowid = ?",
-                                           (first_chunk,)).fetchone()[0], dtype=np.float32)
+    first_chunk = store.conn.execute(
+        "SELECT min(id) FROM chunks WHERE document_id = ?", (doc.id,)
+    ).fetchone()[0]
+    vec = np.frombuffer(
+        store.conn.execute("SELECT embedding FROM chunk_vectors WHERE rowid = ?", (first_chunk,)).fetchone()[
+            0
+        ],
+        dtype=np.float32,
+    )
     assert cached.vector_search(vec, 1)[0][0] == first_chunk
     store.remove_document(doc.id)
     assert cached.vector_search(vec, 1)[0][0] != first_chunk
@@ -78,8 +114,12 @@ def test_common_words_are_dropped_from_the_keyword_query(tmp_path):
 
     store, _ = _filled(tmp_path / "v.db")
     # "chunk" is in all 300 chunks, "1" in 55, "49" in 6
-    assert store.term_document_counts(["chunk", "1", "49", "nowhere"]) == {"chunk": 300, "1": 55, "49": 6,
-                                                                          "nowhere": 0}
+    assert store.term_document_counts(["chunk", "1", "49", "nowhere"]) == {
+        "chunk": 300,
+        "1": 55,
+        "49": 6,
+        "nowhere": 0,
+    }
     assert selective_words(store, ["chunk", "1", "49"], budget=5000) == ["49", "1", "chunk"]  # small: all
     assert selective_words(store, ["chunk", "1", "49"], budget=100) == ["49", "1"]  # rarest first
     assert selective_words(store, ["chunk"], budget=100) == []  # only a common word: vectors alone
@@ -114,8 +154,11 @@ def test_two_connections_opening_a_new_database_at_once_migrate_it_once(tmp_path
 
     from appliance.retrieval import migrations
 
-    slow = ("999_slow", "CREATE TABLE slow(x); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
-                        "WHERE x < 2000000) INSERT INTO slow SELECT x FROM c;")
+    slow = (
+        "999_slow",
+        "CREATE TABLE slow(x); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+        "WHERE x < 2000000) INSERT INTO slow SELECT x FROM c;",
+    )
     monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, slow])
     db, errors = tmp_path / "new.db", []
 

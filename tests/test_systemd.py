@@ -37,8 +37,11 @@ def _can_mount(tmp: Path) -> str | None:
     made = subprocess.run(["mkfs.ext4", "-q", str(img), "4M"], capture_output=True)
     if made.returncode:
         return "mkfs.ext4 failed"
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-o", "ro", str(img), str(mnt)],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "mount", "-o", "ro", str(img), str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     return f"cannot loop-mount here ({probe.stderr.strip()})" if probe.returncode else None
 
 
@@ -62,11 +65,21 @@ def _image(tmp: Path, content: Path, name: str) -> Path:
 
 
 def _run(img: Path, home: Path, lock: Path, stderr) -> subprocess.Popen:
-    env = dict(os.environ, APPLIANCE_HOME=str(home), APPLIANCE_USER=subprocess.check_output(
-        ["id", "-un"], text=True).strip(), APPLIANCE_BIN=str(Path(sys.executable).parent / "appliance"),
-        APPLIANCE_IMPORT_LOCK=str(lock), TMPDIR=str(home.parent))
-    return subprocess.Popen(["unshare", "-m", "--propagation", "private", str(SCRIPT), str(img)], env=env,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    env = dict(
+        os.environ,
+        APPLIANCE_HOME=str(home),
+        APPLIANCE_USER=subprocess.check_output(["id", "-un"], text=True).strip(),
+        APPLIANCE_BIN=str(Path(sys.executable).parent / "appliance"),
+        APPLIANCE_IMPORT_LOCK=str(lock),
+        TMPDIR=str(home.parent),
+    )
+    return subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", str(SCRIPT), str(img)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
 
 
 def _home(tmp: Path, keys: Path) -> Path:
@@ -137,8 +150,9 @@ def test_udev_rule_only_tags_and_the_unit_mounts_nothing_itself():
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
 @pytest.mark.parametrize("unit", ["appliance.service", "appliance-usb-import@.service"])
 def test_unit_exposure_at_most_2(unit):
-    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(SYSTEMD / unit)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(SYSTEMD / unit)], capture_output=True, text=True
+    )
     line = next(ln for ln in out.stdout.splitlines() if "Overall exposure level" in ln)
     score = float(line.split(":")[1].split()[0])
     assert score <= 2.0, line
@@ -149,8 +163,11 @@ def test_dockerfile_runtime_stage_has_no_compiler_and_no_builder_extra():
     stages = text.split("\nFROM ")
     assert len(stages) == 3, "a build stage and a runtime stage"
     runtime = stages[2]
-    assert "build-essential" not in runtime and "cmake" not in runtime and "[builder]" not in text.replace(
-        "no [builder] extra", "")
+    assert (
+        "build-essential" not in runtime
+        and "cmake" not in runtime
+        and "[builder]" not in text.replace("no [builder] extra", "")
+    )
     assert 'ENTRYPOINT ["appliance"]' in runtime and '"serve"' in runtime
     assert "USER appliance" in runtime and 'VOLUME ["/var/lib/appliance"]' in runtime
     assert "-DGGML_NATIVE=OFF" in stages[1]

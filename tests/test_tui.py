@@ -71,7 +71,8 @@ async def test_chat_round_trip_shows_sources_and_keeps_history(ui_home):
         await pilot.press("enter")
         await pilot.pause(0.2)
         assert isinstance(app.screen, TextScreen) and answer.sources[0].text[:30] in str(
-            app.screen.query_one("#dialog-body", Static).content)
+            app.screen.query_one("#dialog-body", Static).content
+        )
         await pilot.press("escape")
         # a follow-up goes into the same stored conversation
         first = app.conversation
@@ -122,13 +123,20 @@ async def test_every_screen_fits_and_answers_the_keyboard(ui_home, size):
     async with app.run_test(size=size) as pilot:
         await _settle(pilot, app)
         screen = app.screen.region
-        panes = {"f2": ("chat", ["#transcript", "#sources", "#question"]),
-                 "f3": ("documents", ["#ingest-path", "#ingest", "#documents-table"]),
-                 "f4": ("lookup", ["#lookup-query", "#lookup-table", "#draft-rfp", "#draft-go", "#draft-progress"]),
-                 "f5": ("model", ["#model-info", "#bundle-path", "#bundle-install", "#bundle-rollback",
-                                  "#generations-table"]),
-                 "f6": ("audit", ["#audit-user", "#audit-verify", "#audit-table"]),
-                 "f7": ("feedback", ["#export-path", "#export-go", "#feedback-table"])}
+        panes = {
+            "f2": ("chat", ["#transcript", "#sources", "#question"]),
+            "f3": ("documents", ["#ingest-path", "#ingest", "#documents-table"]),
+            "f4": (
+                "lookup",
+                ["#lookup-query", "#lookup-table", "#draft-rfp", "#draft-go", "#draft-progress"],
+            ),
+            "f5": (
+                "model",
+                ["#model-info", "#bundle-path", "#bundle-install", "#bundle-rollback", "#generations-table"],
+            ),
+            "f6": ("audit", ["#audit-user", "#audit-verify", "#audit-table"]),
+            "f7": ("feedback", ["#export-path", "#export-go", "#feedback-table"]),
+        }
         for key, (tab, ids) in panes.items():
             await pilot.press(key)
             await pilot.pause(0.2)
@@ -177,13 +185,18 @@ async def test_rollback_asks_first_and_audit_verifies(ui_home):
         assert any("no previous generation" in n.message for n in app._notifications)
         await pilot.press("f6")
         await pilot.click("#audit-verify")
-        await _settle(pilot, app, until=lambda: "intact" in str(app.query_one("#audit-status", Static).content))
+        await _settle(
+            pilot, app, until=lambda: "intact" in str(app.query_one("#audit-status", Static).content)
+        )
         assert app.query_one("#audit-table", DataTable).row_count > 0
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("keys", [[], ["f3"], ["f4"], ["f5"], ["f6"], ["f7"], ["f1"]],
-                         ids=["chat", "documents", "lookup", "model", "audit", "feedback", "help"])
+@pytest.mark.parametrize(
+    "keys",
+    [[], ["f3"], ["f4"], ["f5"], ["f6"], ["f7"], ["f1"]],
+    ids=["chat", "documents", "lookup", "model", "audit", "feedback", "help"],
+)
 def test_snapshot_each_screen(snap_compare, size, keys):
     """Each screen at 80x24 and 120x40, over fixed data (tests/tui_snapshot_app.py) so the SVG is stable."""
     from tui_snapshot_app import prepare
@@ -270,7 +283,9 @@ async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monke
             lookup = app.query_one("#lookup-table", DataTable)
             await _settle(pilot, app, until=lambda: lookup.row_count > 1)
             assert all(str(lookup.get_row_at(i)[0]).startswith("15-12") for i in range(lookup.row_count))
-            app.query_one("#draft-rfp", Input).value = str(corpus_copy / "rfps" / "RFP-2026-EPA-data-platform.pdf")
+            app.query_one("#draft-rfp", Input).value = str(
+                corpus_copy / "rfps" / "RFP-2026-EPA-data-platform.pdf"
+            )
             app.query_one("#draft-rfp", Input).focus()
             await pilot.press("enter")
             status = app.query_one("#draft-status", Static)
@@ -283,16 +298,28 @@ async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monke
             await pilot.press("f7")
             app.query_one("#export-path", Input).value = str(tmp_path / "export")
             await pilot.click("#export-go")
-            await _settle(pilot, app, until=lambda: "exported 1 items" in str(app.query_one("#feedback-status",
-                                                                                             Static).content))
+            await _settle(
+                pilot,
+                app,
+                until=lambda: "exported 1 items" in str(app.query_one("#feedback-status", Static).content),
+            )
         with sqlite_rows(ui_home) as conn:
-            turns = conn.execute("SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id",
-                                 (app.conversation,)).fetchall()
-            sources = {r[0] for r in conn.execute("SELECT source FROM documents d JOIN collections c ON "
-                                                  "c.id = d.collection_id WHERE c.name = 'new-rfps'")}
+            turns = conn.execute(
+                "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id",
+                (app.conversation,),
+            ).fetchall()
+            sources = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT source FROM documents d JOIN collections c ON "
+                    "c.id = d.collection_id WHERE c.name = 'new-rfps'"
+                )
+            }
         assert [r for r, _ in turns] == ["user", "assistant"] * 2 and turns[2][1] == "And its duties?"
         assert sources == {str(p.resolve()) for p in (corpus_copy / "rfps").iterdir()}
-        assert json.loads((tmp_path / "export" / "ratings.jsonl").read_text())["answer"] == turns[3][1].strip()
+        assert (
+            json.loads((tmp_path / "export" / "ratings.jsonl").read_text())["answer"] == turns[3][1].strip()
+        )
     finally:
         client.close()
         stop_service(proc, sock)
@@ -347,7 +374,10 @@ def test_model_pane_shows_the_builders_evaluation(demo_home):
     evaluation = json.loads((demo_home / "current" / "generation.json").read_text())["lineage"]["evaluation"]
     lines = status_lines(status)
     for quant, measured in evaluation["perplexity"].items():
-        assert f"perplexity {quant}: {measured['perplexity']:.2f} ({measured['tokens_scored']:,} tokens)" in lines
+        assert (
+            f"perplexity {quant}: {measured['perplexity']:.2f} ({measured['tokens_scored']:,} tokens)"
+            in lines
+        )
     gate = next(line for line in lines if line.startswith("release gate"))
     assert gate.startswith("release gate passed" if evaluation["gate"]["passed"] else "release gate FAILED")
     assert "max ppl increase" in gate and "{" not in gate
@@ -358,12 +388,25 @@ def test_model_pane_lists_a_failed_gates_reasons():
     from appliance.schemas import Status
     from tui.panes.model import status_lines
 
-    status = Status.model_validate({
-        "home": "/h", "generation": 3, "model": {"name": "m", "quant": "Q4_K_M", "parameters": 1, "size": 1},
-        "embedder": {"name": "e", "dim": 384},
-        "lineage": {"evaluation": {"perplexity": {"F16": 20.0, "Q4_K_M": {"perplexity": 25.5}},
-                                   "gate": {"passed": False, "failures": ["Q4_K_M: perplexity 25.5 is 28% above F16"],
-                                            "max_ppl_increase": 0.1, "kind": None}}}})
+    status = Status.model_validate(
+        {
+            "home": "/h",
+            "generation": 3,
+            "model": {"name": "m", "quant": "Q4_K_M", "parameters": 1, "size": 1},
+            "embedder": {"name": "e", "dim": 384},
+            "lineage": {
+                "evaluation": {
+                    "perplexity": {"F16": 20.0, "Q4_K_M": {"perplexity": 25.5}},
+                    "gate": {
+                        "passed": False,
+                        "failures": ["Q4_K_M: perplexity 25.5 is 28% above F16"],
+                        "max_ppl_increase": 0.1,
+                        "kind": None,
+                    },
+                }
+            },
+        }
+    )
     lines = status_lines(status)
     assert "release gate FAILED (max ppl increase 0.1)" in lines
     assert "  Q4_K_M: perplexity 25.5 is 28% above F16" in lines

@@ -31,8 +31,12 @@ def backend_for(home: Path | None, local: bool):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", type=click.Path(path_type=Path), envvar="APPLIANCE_HOME",
-              help="Appliance home (default: $APPLIANCE_HOME or ~/.local/share/appliance).")
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    envvar="APPLIANCE_HOME",
+    help="Appliance home (default: $APPLIANCE_HOME or ~/.local/share/appliance).",
+)
 @click.option("--local", is_flag=True, help="Work in-process even when `appliance serve` is running.")
 def main(home: Path | None, local: bool) -> None:
     """The operator UI: chat with cited sources, documents, lookup and drafting, model and bundles,

@@ -35,8 +35,16 @@ from tui.panes.model import ModelPane
 from tui.screens import ConfirmScreen, CorrectionScreen, SourcePickScreen, TextScreen
 from tui.widgets import inert
 
-__all__ = ["ConfirmScreen", "CorrectionScreen", "OperatorApp", "SourcePickScreen", "TextScreen", "inert",
-           "make_app", "run"]
+__all__ = [
+    "ConfirmScreen",
+    "CorrectionScreen",
+    "OperatorApp",
+    "SourcePickScreen",
+    "TextScreen",
+    "inert",
+    "make_app",
+    "run",
+]
 
 HELP = """F1 help  F2 chat  F3 documents  F4 lookup/draft  F5 model
 F6 audit  F7 feedback   Ctrl+Q quit   Tab next field
@@ -87,8 +95,14 @@ class OperatorApp(App):
         Binding("f7", "tab('feedback')", "Feedback", show=False, priority=True),
     ]
 
-    FIRST_FIELD = {"chat": "#question", "documents": "#ingest-path", "lookup": "#lookup-query",
-                   "model": "#bundle-path", "audit": "#audit-user", "feedback": "#export-path"}
+    FIRST_FIELD = {
+        "chat": "#question",
+        "documents": "#ingest-path",
+        "lookup": "#lookup-query",
+        "model": "#bundle-path",
+        "audit": "#audit-user",
+        "feedback": "#export-path",
+    }
 
     def __init__(self, backend):
         """`backend`: a ServiceClient or an Appliance (see the module docstring)."""
@@ -99,9 +113,14 @@ class OperatorApp(App):
 
     def compose(self) -> ComposeResult:
         with TabbedContent(initial="chat"):
-            for title, tab, pane in (("Chat", "chat", ChatPane), ("Documents", "documents", DocumentsPane),
-                                     ("Lookup/Draft", "lookup", LookupPane), ("Model", "model", ModelPane),
-                                     ("Audit", "audit", AuditPane), ("Feedback", "feedback", FeedbackPane)):
+            for title, tab, pane in (
+                ("Chat", "chat", ChatPane),
+                ("Documents", "documents", DocumentsPane),
+                ("Lookup/Draft", "lookup", LookupPane),
+                ("Model", "model", ModelPane),
+                ("Audit", "audit", AuditPane),
+                ("Feedback", "feedback", FeedbackPane),
+            ):
                 with TabPane(title, id=tab):
                     made = pane(id=f"{tab}-pane")
                     if isinstance(made, ChatPane):
@@ -165,8 +184,13 @@ class OperatorApp(App):
         self.query_one("#status-line", Static).update(inert(text))
 
     def on_failed(self, message: Failed) -> None:
-        self.notify(clean_text(message.error), title=f"{message.where} failed", severity="error", timeout=10,
-                    markup=False)
+        self.notify(
+            clean_text(message.error),
+            title=f"{message.where} failed",
+            severity="error",
+            timeout=10,
+            markup=False,
+        )
 
     def on_progress(self, message: Progress) -> None:
         self.query_one(message.bar, ProgressBar).update(total=max(message.total, 1), progress=message.done)

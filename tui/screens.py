@@ -90,8 +90,10 @@ class SourcePickScreen(ModalScreen[int | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label("Search for the source that should have been found; Enter on a result picks it",
-                        id="dialog-title")
+            yield Label(
+                "Search for the source that should have been found; Enter on a result picks it",
+                id="dialog-title",
+            )
             yield Input(placeholder="words or a code", id="pick-query")
             yield DataTable(id="pick-table", cursor_type="row")
 
@@ -113,8 +115,12 @@ class SourcePickScreen(ModalScreen[int | None]):
         table = self.query_one("#pick-table", DataTable)
         table.clear()
         for h in hits:
-            table.add_row(str(h.chunk_id), inert(Path(h.source).name), inert(" ".join(h.text.split())[:120]),
-                          key=str(h.chunk_id))
+            table.add_row(
+                str(h.chunk_id),
+                inert(Path(h.source).name),
+                inert(" ".join(h.text.split())[:120]),
+                key=str(h.chunk_id),
+            )
         table.focus()
 
     @on(DataTable.RowSelected, "#pick-table")

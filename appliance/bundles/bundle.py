@@ -53,10 +53,14 @@ def _check_policy(home: Path, verified: Verified, security_floor: int) -> str | 
         return f"version {current} is already the running generation; nothing to do"
     if verified.downgrade:
         if verified.version < security_floor:
-            raise BundleError(f"version {verified.version} is below the security floor {security_floor}",
-                              "a bundle that old is never installed; install a newer one")
-        verified.notes.append(f"downgrade from version {max(current or 0, trusted_version(home))} "
-                              f"to {verified.version} (--allow-downgrade)")
+            raise BundleError(
+                f"version {verified.version} is below the security floor {security_floor}",
+                "a bundle that old is never installed; install a newer one",
+            )
+        verified.notes.append(
+            f"downgrade from version {max(current or 0, trusted_version(home))} "
+            f"to {verified.version} (--allow-downgrade)"
+        )
     return None
 
 
@@ -72,10 +76,14 @@ def verify(home: Path, source: Path, progress: Progress | None = None) -> Verifi
     with tempfile.TemporaryDirectory(prefix=".staging-verify-", dir=gens) as tmp:
         verified = trusted_bundle(home, source, Path(tmp), allow_downgrade=True)
         if verified.downgrade:
-            verified.notes.append(f"older than version {trusted_version(home)}: installing it needs "
-                                  "--allow-downgrade")
+            verified.notes.append(
+                f"older than version {trusted_version(home)}: installing it needs --allow-downgrade"
+            )
         copy_all(verified, None, progress)  # hashed in place: nothing is written
-        validate(verified, lambda name: verified.source / "targets" / verified.targets[name].get_prefixed_paths()[0])
+        validate(
+            verified,
+            lambda name: verified.source / "targets" / verified.targets[name].get_prefixed_paths()[0],
+        )
     return verified
 
 
@@ -90,24 +98,46 @@ class InstallResult:
     recovered: str | None = None
 
     def report(self) -> Installed:
-        return Installed(version=self.version, generation=self.number, message=self.message, downgrade=self.downgrade,
-                         health=self.health, bundle=self.info, recovered=self.recovered)
+        return Installed(
+            version=self.version,
+            generation=self.number,
+            message=self.message,
+            downgrade=self.downgrade,
+            health=self.health,
+            bundle=self.info,
+            recovered=self.recovered,
+        )
 
 
-def install(home: Path, source: Path, prepare: Prepare | None = None, *, allow_downgrade: bool = False,
-            security_floor: int = 0, progress: Progress | None = None) -> InstallResult:
+def install(
+    home: Path,
+    source: Path,
+    prepare: Prepare | None = None,
+    *,
+    allow_downgrade: bool = False,
+    security_floor: int = 0,
+    progress: Progress | None = None,
+) -> InstallResult:
     """Verify and install a bundle; see the module docstring for the steps."""
     source = source.resolve()
     if not source.is_dir():
-        raise BundleError(f"{source}: not a directory", "give the bundle's directory (the stick's mount point)")
+        raise BundleError(
+            f"{source}: not a directory", "give the bundle's directory (the stick's mount point)"
+        )
     gens = home / "generations"
     with locked(home):
         recovered = recover_locked(home)
         gens.mkdir(parents=True, exist_ok=True)
         number = max(generations.list_generations(gens), default=0) + 1
         staging = gens / f".staging-{number}"
-        state = {"pid": os.getpid(), "source": str(source), "staging": str(staging), "number": number,
-                 "previous": link_number(home / "current"), "step": "start"}
+        state = {
+            "pid": os.getpid(),
+            "source": str(source),
+            "staging": str(staging),
+            "number": number,
+            "previous": link_number(home / "current"),
+            "step": "start",
+        }
         write_state(home, state)
         try:
             staging.mkdir()
@@ -120,18 +150,24 @@ def install(home: Path, source: Path, prepare: Prepare | None = None, *, allow_d
                 return InstallResult(verified.version, None, noop, recovered=recovered)
             free = shutil.disk_usage(gens).free
             if verified.total_bytes + SPACE_MARGIN > free:
-                raise BundleError(f"the bundle needs {verified.total_bytes / 1e6:.0f} MB and {gens} has "
-                                  f"{free / 1e6:.0f} MB free", "free space (an old generation can go with "
-                                                               "`appliance bundle rollback` then a new install)")
+                raise BundleError(
+                    f"the bundle needs {verified.total_bytes / 1e6:.0f} MB and {gens} has "
+                    f"{free / 1e6:.0f} MB free",
+                    "free space (an old generation can go with "
+                    "`appliance bundle rollback` then a new install)",
+                )
             step(home, state, "copy")
-            copy_all(verified, staging / "generation", progress,
-                      after_first=lambda: step(home, state, "copying"))
+            copy_all(
+                verified, staging / "generation", progress, after_first=lambda: step(home, state, "copying")
+            )
             step(home, state, "validate")
             manifest = validate(verified, lambda name: staging / "generation" / name)
             ram = mem_total_mb()
             if ram is not None and verified.info.min_ram_mb > ram:
-                raise BundleError(f"the model needs {verified.info.min_ram_mb} MB of memory; this machine has {ram} MB",
-                                  "install it on a larger machine, or have the builder export a smaller quantization")
+                raise BundleError(
+                    f"the model needs {verified.info.min_ram_mb} MB of memory; this machine has {ram} MB",
+                    "install it on a larger machine, or have the builder export a smaller quantization",
+                )
             step(home, state, "health")
             health = prepare(staging / "generation", manifest, verified.info) if prepare else {}
             generations.make_read_only(staging / "generation")
@@ -143,8 +179,15 @@ def install(home: Path, source: Path, prepare: Prepare | None = None, *, allow_d
                 raise  # verified and prepared: the next start completes it
             abandon(home, staging)
             raise
-    return InstallResult(verified.version, number, f"installed version {verified.version} as generation {number}",
-                         info=verified.info, downgrade=verified.downgrade, health=health, recovered=recovered)
+    return InstallResult(
+        verified.version,
+        number,
+        f"installed version {verified.version} as generation {number}",
+        info=verified.info,
+        downgrade=verified.downgrade,
+        health=health,
+        recovered=recovered,
+    )
 
 
 def rollback(home: Path) -> tuple[int, int]:
@@ -154,8 +197,10 @@ def rollback(home: Path) -> tuple[int, int]:
         current = link_number(home / "current")
         previous = link_number(home / "previous")
         if previous is None or not (home / "generations" / str(previous)).is_dir():
-            raise BundleError("there is no previous generation to return to",
-                              "`appliance bundle list` shows what is installed")
+            raise BundleError(
+                "there is no previous generation to return to",
+                "`appliance bundle list` shows what is installed",
+            )
         generations.current(home)  # the current link must be sound before it is replaced
         generations.switch_current(home, previous)
         generations.switch_link(home / "previous", None)
@@ -169,9 +214,15 @@ def history(home: Path) -> list[dict]:
     rows = []
     for number in reversed(generations.list_generations(home / "generations")):
         path = home / "generations" / str(number)
-        row = {"generation": number, "current": number == current, "previous": number == previous,
-               "installed": utc_stamp(path.stat().st_mtime),
-               "signed": (path / BUNDLE_NAME).is_file(), "version": None, "name": None}
+        row = {
+            "generation": number,
+            "current": number == current,
+            "previous": number == previous,
+            "installed": utc_stamp(path.stat().st_mtime),
+            "signed": (path / BUNDLE_NAME).is_file(),
+            "version": None,
+            "name": None,
+        }
         with contextlib.suppress(ApplianceError, ValueError, OSError):
             m = read_manifest(path)
             row.update(name=m.name, model=m.model.name, quant=m.model.quant)
@@ -179,7 +230,10 @@ def history(home: Path) -> list[dict]:
             info = read_bundle(path)
             if info is not None:
                 gate = (info.evaluation or {}).get("gate")
-                row.update(version=info.version, created=info.created,
-                           gate=None if gate is None else gate.get("passed"))
+                row.update(
+                    version=info.version,
+                    created=info.created,
+                    gate=None if gate is None else gate.get("passed"),
+                )
         rows.append(row)
     return rows

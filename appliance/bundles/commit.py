@@ -39,8 +39,9 @@ def locked(home: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise BusyError(f"another install or rollback is running ({holder})",
-                            "wait for it to finish, then try again") from None
+            raise BusyError(
+                f"another install or rollback is running ({holder})", "wait for it to finish, then try again"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         yield
@@ -140,11 +141,15 @@ def recover_locked(home: Path) -> str | None:
         final = home / "generations" / str(state.get("number"))
         if state.get("step") in COMMIT_STEPS and (staged.is_dir() or final.is_dir()):
             commit(home, state)
-            message = f"completed an interrupted install of version {state.get('version')} " \
-                      f"(generation {state.get('number')})"
+            message = (
+                f"completed an interrupted install of version {state.get('version')} "
+                f"(generation {state.get('number')})"
+            )
         else:
-            message = f"removed an interrupted install of version {state.get('version', '?')} " \
-                      f"(stopped at '{state.get('step', 'start')}'); the running generation was not touched"
+            message = (
+                f"removed an interrupted install of version {state.get('version', '?')} "
+                f"(stopped at '{state.get('step', 'start')}'); the running generation was not touched"
+            )
             path.unlink()
     for stale in (home / "generations").glob(".staging-*"):
         generations.remove_tree(stale)

@@ -54,13 +54,13 @@ def list_generations(generations_dir: Path) -> list[int]:
 def current(home: Path) -> Installed:
     link = home / "current"
     if not link.is_symlink():
-        raise NotFoundError(f"no generation installed in {home}",
-                            "install a signed bundle with `appliance bundle install DIR` "
-                            "(or run `make setup` for the demo)")
+        raise NotFoundError(
+            f"no generation installed in {home}",
+            "install a signed bundle with `appliance bundle install DIR` (or run `make setup` for the demo)",
+        )
     target = (home / os.readlink(link)).resolve()
     if not target.is_dir():
-        raise GenerationError(f"{link} points at {target}, which is missing",
-                              "reinstall the generation")
+        raise GenerationError(f"{link} points at {target}, which is missing", "reinstall the generation")
     return Installed(number=int(target.name), path=target, manifest=read_manifest(target))
 
 

@@ -31,7 +31,9 @@ def key_id(public: Ed25519PublicKey) -> str:
 
 
 def public_pem(public: Ed25519PublicKey) -> str:
-    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
 
 
 def load_public(pem: bytes | str, where: str = "public key") -> Ed25519PublicKey:
@@ -58,7 +60,9 @@ class Identity:
 
     def _key(self) -> Ed25519PrivateKey:
         if self._private is None:  # read on first use: every audit row is signed
-            self._private = serialization.load_pem_private_key((self.path / PRIVATE).read_bytes(), password=None)
+            self._private = serialization.load_pem_private_key(
+                (self.path / PRIVATE).read_bytes(), password=None
+            )
         return self._private
 
     @functools.cached_property
@@ -111,8 +115,9 @@ def ensure(home: Path) -> tuple[Identity, bool]:
 
 def _create(home: Path, directory: Path) -> Identity:
     private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     tmp = directory / f".{PRIVATE}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:

@@ -21,7 +21,8 @@ BUNDLE_NAME = "bundle.json"
 REFERENCE_DB = "reference.db"
 BUNDLE_FORMAT = 1
 FORMAT_VERSION = 1
-DEFAULT_N_CTX = 4096  # the context the appliance gives a model by default; the builder sizes min_ram_mb with it
+# the context the appliance gives a model by default; the builder sizes min_ram_mb with it
+DEFAULT_N_CTX = 4096
 
 
 def sha256_file(path: Path) -> str:
@@ -91,8 +92,10 @@ def scan_files(root: Path) -> dict[str, FileEntry]:
     entries: dict[str, FileEntry] = {}
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
-            raise GenerationError(f"{path}: symbolic links are not allowed in a generation",
-                                  "copy the file itself into the directory")
+            raise GenerationError(
+                f"{path}: symbolic links are not allowed in a generation",
+                "copy the file itself into the directory",
+            )
         if not path.is_file():
             continue
         rel = path.relative_to(root).as_posix()
@@ -112,8 +115,10 @@ def write_manifest(root: Path, manifest_fields: dict) -> GenerationManifest:
 def read_manifest(root: Path) -> GenerationManifest:
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise GenerationError(f"{root}: no {MANIFEST_NAME}; this is not a generation directory",
-                              "point at a directory written by `builder demo` or `builder export`")
+        raise GenerationError(
+            f"{root}: no {MANIFEST_NAME}; this is not a generation directory",
+            "point at a directory written by `builder demo` or `builder export`",
+        )
     try:
         return GenerationManifest.model_validate(json.loads(path.read_text()))
     except (ValueError, ValidationError) as exc:
@@ -127,8 +132,10 @@ def verify_generation(root: Path, bundle_files: bool = False) -> GenerationManif
     (signed by the bundle, not listed by the generation) may sit beside the generation's files."""
     manifest = read_manifest(root)
     if manifest.format != FORMAT_VERSION:
-        raise GenerationError(f"{root}: manifest format {manifest.format}, this appliance reads "
-                              f"{FORMAT_VERSION}", "rebuild the generation with a matching builder")
+        raise GenerationError(
+            f"{root}: manifest format {manifest.format}, this appliance reads {FORMAT_VERSION}",
+            "rebuild the generation with a matching builder",
+        )
     for required in (manifest.model.file, manifest.chat_template):
         if required not in manifest.files:
             raise GenerationError(f"{root}: manifest does not list {required}", "rebuild the generation")
@@ -136,14 +143,19 @@ def verify_generation(root: Path, bundle_files: bool = False) -> GenerationManif
     missing = sorted(set(manifest.files) - set(actual))
     if missing:
         raise GenerationError(f"{root}: missing {', '.join(missing)}", "copy the complete generation again")
-    extra = sorted(set(actual) - set(manifest.files) - ({BUNDLE_NAME, REFERENCE_DB} if bundle_files else set()))
+    extra = sorted(
+        set(actual) - set(manifest.files) - ({BUNDLE_NAME, REFERENCE_DB} if bundle_files else set())
+    )
     if extra:
-        raise GenerationError(f"{root}: files not in the manifest: {', '.join(extra)}",
-                              "remove them or rebuild the generation")
+        raise GenerationError(
+            f"{root}: files not in the manifest: {', '.join(extra)}", "remove them or rebuild the generation"
+        )
     for name, entry in manifest.files.items():
         if actual[name].size != entry.size or actual[name].sha256 != entry.sha256:
-            raise GenerationError(f"{name}: sha256 mismatch with the manifest; the generation is damaged "
-                                  "or altered", "rebuild it with `builder demo` or copy it again")
+            raise GenerationError(
+                f"{name}: sha256 mismatch with the manifest; the generation is damaged or altered",
+                "rebuild it with `builder demo` or copy it again",
+            )
     return manifest
 
 
@@ -202,7 +214,9 @@ class BundleManifest(BaseModel):
     model: dict = Field(description="name, quant, sha256, bytes")
     embedder: dict = Field(description="name, dim")
     lineage: dict = Field(default_factory=dict)
-    evaluation: dict | None = Field(default=None, description="eval.json of the generation, when it was evaluated")
+    evaluation: dict | None = Field(
+        default=None, description="eval.json of the generation, when it was evaluated"
+    )
     min_ram_mb: int = Field(ge=1, description="Model + KV cache at the default context + embedder + 400 MB")
     reference_db: bool = False
     builder: str = ""

@@ -19,7 +19,19 @@ MAX_ARRAY = 600_000  # the largest real vocabulary or merge list is about 500,00
 MAX_STRING = 16_000_000  # one metadata string (a chat template is a few KB)
 MAX_KEYS = 100_000
 MAX_METADATA_BYTES = 256_000_000
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type -> size; 8 string, 9 array
+_FIXED = {
+    0: 1,
+    1: 1,
+    2: 2,
+    3: 2,
+    4: 4,
+    5: 4,
+    6: 4,
+    7: 1,
+    10: 8,
+    11: 8,
+    12: 8,
+}  # type -> size; 8 string, 9 array
 _MIN_KV_BYTES = 12  # key length (8) + one byte of key + value type (4), at the very least
 _MIN_TENSOR_INFO_BYTES = 24  # name length (8) + n_dims (4) + type (4) + offset (8)
 
@@ -31,15 +43,22 @@ def check_header(path: Path) -> tuple[int, int, int]:
         with open(path, "rb") as fh:
             head = fh.read(24)
     except OSError as exc:
-        raise ModelError(f"{path}: cannot read the model ({exc.strerror})", "reinstall the generation") from exc
+        raise ModelError(
+            f"{path}: cannot read the model ({exc.strerror})", "reinstall the generation"
+        ) from exc
     if len(head) < 24 or head[:4] != GGUF_MAGIC:
         raise ModelError(f"{path}: not a GGUF file (bad magic)", "reinstall the generation")
     version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
     if version not in (2, 3):
-        raise ModelError(f"{path}: GGUF version {version} is not supported", "rebuild with the pinned builder")
+        raise ModelError(
+            f"{path}: GGUF version {version} is not supported", "rebuild with the pinned builder"
+        )
     if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > size:
-        raise ModelError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} keys, more than a "
-                         f"{size}-byte file can hold", "the file is damaged; rebuild or reinstall it")
+        raise ModelError(
+            f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} keys, more than a "
+            f"{size}-byte file can hold",
+            "the file is damaged; rebuild or reinstall it",
+        )
     return version, n_tensors, n_kv
 
 
@@ -53,7 +72,9 @@ def scan_metadata(path: Path) -> int:
         raise ModelError(f"{path}: {n_kv} metadata keys (at most {MAX_KEYS})", "rebuild the model")
 
     def bad(what: str) -> ModelError:
-        return ModelError(f"{path}: malformed GGUF metadata ({what})", "the file is damaged or hostile; rebuild it")
+        return ModelError(
+            f"{path}: malformed GGUF metadata ({what})", "the file is damaged or hostile; rebuild it"
+        )
 
     with open(path, "rb") as fh:
         fh.seek(24)
@@ -108,10 +129,14 @@ def validate(path: Path) -> dict:
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, struct.error, OSError) as exc:
-        raise ModelError(f"{path}: malformed GGUF ({exc})", "the file is damaged or truncated; rebuild it") from exc
+        raise ModelError(
+            f"{path}: malformed GGUF ({exc})", "the file is damaged or truncated; rebuild it"
+        ) from exc
     if len(reader.tensors) != n_tensors:
-        raise ModelError(f"{path}: header says {n_tensors} tensors, the table holds {len(reader.tensors)}",
-                         "the file is damaged; rebuild it")
+        raise ModelError(
+            f"{path}: header says {n_tensors} tensors, the table holds {len(reader.tensors)}",
+            "the file is damaged; rebuild it",
+        )
     arch_field = reader.fields.get("general.architecture")
     if arch_field is None:
         raise ModelError(f"{path}: no general.architecture key", "convert the model with the pinned builder")
@@ -119,12 +144,21 @@ def validate(path: Path) -> dict:
     end = 0
     for tensor in sorted(reader.tensors, key=lambda t: t.data_offset):
         if tensor.n_elements <= 0 or any(int(d) <= 0 for d in tensor.shape):
-            raise ModelError(f"{path}: tensor {tensor.name} has shape {list(tensor.shape)}", "rebuild the model")
+            raise ModelError(
+                f"{path}: tensor {tensor.name} has shape {list(tensor.shape)}", "rebuild the model"
+            )
         if tensor.data_offset < end:
             raise ModelError(f"{path}: tensor {tensor.name} overlaps the one before it", "rebuild the model")
         end = tensor.data_offset + tensor.n_bytes
         if end > size:
-            raise ModelError(f"{path}: tensor {tensor.name} ends at byte {end}, past the end of the file "
-                             f"({size})", "the file is truncated; copy or rebuild it")
-    return {"architecture": architecture, "tensors": n_tensors, "keys": n_kv, "bytes": size,
-            "embedded_chat_template_ignored": "tokenizer.chat_template" in reader.fields}
+            raise ModelError(
+                f"{path}: tensor {tensor.name} ends at byte {end}, past the end of the file ({size})",
+                "the file is truncated; copy or rebuild it",
+            )
+    return {
+        "architecture": architecture,
+        "tensors": n_tensors,
+        "keys": n_kv,
+        "bytes": size,
+        "embedded_chat_template_ignored": "tokenizer.chat_template" in reader.fields,
+    }

@@ -129,17 +129,23 @@ def _stage_target(verified: Verified, name: str, dest: Path | None, on_bytes: Ca
     try:
         src = open_regular(path)
     except FileNotFoundError:
-        raise BundleError(f"{name}: missing from the bundle (targets/{target.get_prefixed_paths()[0]})",
-                          "copy the complete bundle again") from None
+        raise BundleError(
+            f"{name}: missing from the bundle (targets/{target.get_prefixed_paths()[0]})",
+            "copy the complete bundle again",
+        ) from None
     except OSError as exc:
-        raise BundleError(f"{name}: cannot be read from the bundle ({exc.strerror})",
-                          "if it is a symbolic link the bundle was altered; otherwise copy it again") from exc
+        raise BundleError(
+            f"{name}: cannot be read from the bundle ({exc.strerror})",
+            "if it is a symbolic link the bundle was altered; otherwise copy it again",
+        ) from exc
     with src:
         size = os.fstat(src.fileno()).st_size
         if size != target.length:
             kind = "longer" if size > target.length else "shorter (truncated)"
-            raise BundleError(f"{name}: {size} bytes, {kind} than the {target.length} signed",
-                              "the bundle is damaged or altered; copy it again or rebuild it")
+            raise BundleError(
+                f"{name}: {size} bytes, {kind} than the {target.length} signed",
+                "the bundle is damaged or altered; copy it again or rebuild it",
+            )
         out = writer = None
         try:
             if dest is not None:
@@ -147,20 +153,26 @@ def _stage_target(verified: Verified, name: str, dest: Path | None, on_bytes: Ca
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     out = _open_staged(dest)
                 except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-                    raise BundleError(f"{name}: cannot be staged ({exc.strerror}): two signed names collide",
-                                      "this bundle was not made by `builder bundle create`; do not install it") from exc
+                    raise BundleError(
+                        f"{name}: cannot be staged ({exc.strerror}): two signed names collide",
+                        "this bundle was not made by `builder bundle create`; do not install it",
+                    ) from exc
                 writer = _StagedWriter(out)
             try:
                 target.verify_length_and_hashes(_Tee(src, writer, on_bytes))
             except LengthOrHashMismatchError as exc:
-                raise BundleError(f"{name}: sha256 mismatch with the signed metadata ({exc})",
-                                  "the bundle is damaged or altered; rebuild it with `builder bundle create`") from exc
+                raise BundleError(
+                    f"{name}: sha256 mismatch with the signed metadata ({exc})",
+                    "the bundle is damaged or altered; rebuild it with `builder bundle create`",
+                ) from exc
             if writer is not None:
                 writer.finish()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise BundleError(f"{name}: no space left on the device while staging", "free space in "
-                                  f"{dest.parent} (the bundle needs {verified.total_bytes / 1e6:.0f} MB)") from exc
+                raise BundleError(
+                    f"{name}: no space left on the device while staging",
+                    f"free space in {dest.parent} (the bundle needs {verified.total_bytes / 1e6:.0f} MB)",
+                ) from exc
             raise
         finally:
             if writer is not None:
@@ -177,21 +189,26 @@ def _read_info(path: Path) -> BundleManifest:
     try:
         return BundleManifest.model_validate_json(path.read_bytes())
     except ValueError as exc:
-        raise BundleError(f"{BUNDLE_NAME}: invalid ({exc})", "rebuild the bundle with a matching builder") from exc
+        raise BundleError(
+            f"{BUNDLE_NAME}: invalid ({exc})", "rebuild the bundle with a matching builder"
+        ) from exc
 
 
 def _validate_reference_db(path: Path) -> None:
     import apsw
 
     try:
-        conn = apsw.Connection(f"file:{path}?mode=ro&immutable=1",
-                               flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        conn = apsw.Connection(
+            f"file:{path}?mode=ro&immutable=1", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
+        )
         conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
         conn.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
         result = conn.execute("PRAGMA integrity_check").fetchall()
         conn.close()
     except apsw.Error as exc:
-        raise BundleError(f"{REFERENCE_DB}: not a readable SQLite database ({exc})", "rebuild the bundle") from exc
+        raise BundleError(
+            f"{REFERENCE_DB}: not a readable SQLite database ({exc})", "rebuild the bundle"
+        ) from exc
     if result != [("ok",)]:
         raise BundleError(f"{REFERENCE_DB}: integrity check failed ({result[:3]})", "rebuild the bundle")
 
@@ -204,8 +221,12 @@ def mem_total_mb() -> int | None:
     return None
 
 
-def copy_all(verified: Verified, dest: Path | None, progress: Progress | None,
-              after_first: Callable[[], None] | None = None) -> None:
+def copy_all(
+    verified: Verified,
+    dest: Path | None,
+    progress: Progress | None,
+    after_first: Callable[[], None] | None = None,
+) -> None:
     total = verified.total_bytes
     done = reported = 0
     name = ""
@@ -231,24 +252,32 @@ def _check_generation(verified: Verified, manifest_path: Path) -> GenerationMani
     try:
         manifest = GenerationManifest.model_validate_json(manifest_path.read_bytes())
     except ValueError as exc:
-        raise BundleError(f"{MANIFEST_NAME}: invalid ({exc})", "rebuild the bundle with a matching builder") from exc
+        raise BundleError(
+            f"{MANIFEST_NAME}: invalid ({exc})", "rebuild the bundle with a matching builder"
+        ) from exc
     if manifest.format != FORMAT_VERSION:
-        raise BundleError(f"{MANIFEST_NAME}: format {manifest.format}, this appliance reads {FORMAT_VERSION}",
-                          "rebuild the bundle with a matching builder")
+        raise BundleError(
+            f"{MANIFEST_NAME}: format {manifest.format}, this appliance reads {FORMAT_VERSION}",
+            "rebuild the bundle with a matching builder",
+        )
     signed = set(verified.targets) - {MANIFEST_NAME, BUNDLE_NAME, REFERENCE_DB}
     listed = set(manifest.files)
     for required in (manifest.model.file, manifest.chat_template):
         if required not in listed:
             raise BundleError(f"{MANIFEST_NAME} does not list {required}", "rebuild the bundle")
     if signed != listed:
-        raise BundleError(f"the signed files and the generation's manifest differ "
-                          f"(signed only: {sorted(signed - listed)}, listed only: {sorted(listed - signed)})",
-                          "rebuild the bundle with `builder bundle create`")
+        raise BundleError(
+            f"the signed files and the generation's manifest differ "
+            f"(signed only: {sorted(signed - listed)}, listed only: {sorted(listed - signed)})",
+            "rebuild the bundle with `builder bundle create`",
+        )
     for name, entry in manifest.files.items():
         target = verified.targets[name]
         if (entry.size, entry.sha256) != (target.length, target.hashes.get("sha256")):
-            raise BundleError(f"{name}: the generation's manifest and the signed metadata disagree",
-                              "rebuild the bundle with `builder bundle create`")
+            raise BundleError(
+                f"{name}: the generation's manifest and the signed metadata disagree",
+                "rebuild the bundle with `builder bundle create`",
+            )
     return manifest
 
 
@@ -257,11 +286,15 @@ def validate(verified: Verified, path_of: Callable[[str], Path]) -> GenerationMa
     `path_of(name)`: the staged copy when installing, the stick itself when only verifying."""
     verified.info = _read_info(path_of(BUNDLE_NAME))
     if verified.info.version != verified.version:
-        raise BundleError(f"{BUNDLE_NAME} says version {verified.info.version}, the signed metadata "
-                          f"{verified.version}", "rebuild the bundle with `builder bundle create`")
+        raise BundleError(
+            f"{BUNDLE_NAME} says version {verified.info.version}, the signed metadata {verified.version}",
+            "rebuild the bundle with `builder bundle create`",
+        )
     if verified.info.generation != verified.targets[MANIFEST_NAME].hashes.get("sha256"):
-        raise BundleError(f"{BUNDLE_NAME} names another generation than the one signed",
-                          "rebuild the bundle with `builder bundle create`")
+        raise BundleError(
+            f"{BUNDLE_NAME} names another generation than the one signed",
+            "rebuild the bundle with `builder bundle create`",
+        )
     manifest = _check_generation(verified, path_of(MANIFEST_NAME))
     modelfile.validate(path_of(manifest.model.file))  # before llama.cpp ever parses it
     if REFERENCE_DB in verified.targets:

@@ -50,9 +50,17 @@ class Verified:
 
     def report(self) -> BundleCheck:
         if self.info is None:  # verify reads bundle.json before it reports
-            raise BundleError(f"{self.source}: no bundle.json was read", "rebuild the bundle with `builder bundle create`")
-        return BundleCheck(version=self.version, files=len(self.targets), targets=sorted(self.targets),
-                           bytes=self.total_bytes, notes=self.notes, bundle=self.info)
+            raise BundleError(
+                f"{self.source}: no bundle.json was read", "rebuild the bundle with `builder bundle create`"
+            )
+        return BundleCheck(
+            version=self.version,
+            files=len(self.targets),
+            targets=sorted(self.targets),
+            bytes=self.total_bytes,
+            notes=self.notes,
+            bundle=self.info,
+        )
 
 
 def trust_dir(home: Path) -> Path:
@@ -70,8 +78,10 @@ def _trusted_root_bytes(home: Path) -> bytes:
     for path in (newest, trust / "root.json"):
         if path.is_file():
             return path.read_bytes()
-    raise BundleError(f"{trust}: no trusted root; this appliance cannot verify bundles yet",
-                      "provision it once with `appliance trust init ROOT_JSON` (root.json from `builder keys init`)")
+    raise BundleError(
+        f"{trust}: no trusted root; this appliance cannot verify bundles yet",
+        "provision it once with `appliance trust init ROOT_JSON` (root.json from `builder keys init`)",
+    )
 
 
 def trust_init(home: Path, root_json: Path, force: bool = False) -> dict:
@@ -84,23 +94,33 @@ def trust_init(home: Path, root_json: Path, force: bool = False) -> dict:
     try:
         md = Metadata.from_bytes(data)
     except DeserializationError as exc:
-        raise BundleError(f"{root_json}: not TUF metadata ({exc})",
-                          "give the root.json written by `builder keys init`") from exc
+        raise BundleError(
+            f"{root_json}: not TUF metadata ({exc})", "give the root.json written by `builder keys init`"
+        ) from exc
     if not isinstance(md.signed, Root):
-        raise BundleError(f"{root_json}: {md.signed.type} metadata, not root", "give the keys directory's root.json")
+        raise BundleError(
+            f"{root_json}: {md.signed.type} metadata, not root", "give the keys directory's root.json"
+        )
     try:
         md.verify_delegate(Root.type, md)
     except UnsignedMetadataError as exc:
-        raise BundleError(f"{root_json}: not signed by its own root keys ({exc})",
-                          "the file was altered; copy root.json from the keys directory again") from exc
+        raise BundleError(
+            f"{root_json}: not signed by its own root keys ({exc})",
+            "the file was altered; copy root.json from the keys directory again",
+        ) from exc
     if md.signed.is_expired():
-        raise BundleError(f"{root_json}: expired on {md.signed.expires:%Y-%m-%d}",
-                          "rotate or renew the root with `builder keys rotate --role root`")
+        raise BundleError(
+            f"{root_json}: expired on {md.signed.expires:%Y-%m-%d}",
+            "rotate or renew the root with `builder keys rotate --role root`",
+        )
     trust = trust_dir(home)
     replaced = (trust / "root.json").is_file()
     if replaced and not force:
-        raise BundleError(f"{trust / 'root.json'} already holds a trusted root; replacing it would let other keys "
-                          "install models", "pass --force if you mean to re-provision (it is audited)")
+        raise BundleError(
+            f"{trust / 'root.json'} already holds a trusted root; replacing it would let other keys "
+            "install models",
+            "pass --force if you mean to re-provision (it is audited)",
+        )
     trust.mkdir(parents=True, exist_ok=True)
     tmp = trust / ".root.json.tmp"
     tmp.write_bytes(data)
@@ -109,9 +129,13 @@ def trust_init(home: Path, root_json: Path, force: bool = False) -> dict:
     generations.switch_link(trust / "metadata", None)
     for stale in trust.glob("md-*"):
         shutil.rmtree(stale)
-    return {"root_version": md.signed.version, "expires": md.signed.expires.isoformat(), "replaced": replaced,
-            "keyids": {role: sorted(r.keyids) for role, r in md.signed.roles.items()},
-            "thresholds": {role: r.threshold for role, r in md.signed.roles.items()}}
+    return {
+        "root_version": md.signed.version,
+        "expires": md.signed.expires.isoformat(),
+        "replaced": replaced,
+        "keyids": {role: sorted(r.keyids) for role, r in md.signed.roles.items()},
+        "thresholds": {role: r.threshold for role, r in md.signed.roles.items()},
+    }
 
 
 def trusted_version(home: Path) -> int:
@@ -158,13 +182,17 @@ def _fetcher(root: Path, seen: list[str]):
             size, cap = os.fstat(fh.fileno()).st_size, MAX_METADATA_BYTES.get(role, 1_000_000)
             if size > cap:
                 fh.close()
-                raise BundleError(f"metadata/{name} is {size / 1e6:.1f} MB; at most {cap / 1e6:.1f} MB is read, "
-                                  "signed or not", "this is not metadata the builder writes; do not install it")
+                raise BundleError(
+                    f"metadata/{name} is {size / 1e6:.1f} MB; at most {cap / 1e6:.1f} MB is read, "
+                    "signed or not",
+                    "this is not metadata the builder writes; do not install it",
+                )
 
             def chunks() -> Iterator[bytes]:
                 with fh:
                     while block := fh.read(_BLOCK):
                         yield block
+
             return chunks()
 
     return StickFetcher()
@@ -172,10 +200,18 @@ def _fetcher(root: Path, seen: list[str]):
 
 def _safe_target_name(name: str) -> None:
     p = PurePosixPath(name)
-    if (not name or "\x00" in name or "\\" in name or p.is_absolute() or name != p.as_posix()
-            or any(part in ("", ".", "..") for part in name.split("/"))):
-        raise BundleError(f"target name {name!r} is unsafe (absolute, '..', NUL or not normalised)",
-                          "this bundle was not made by `builder bundle create`; do not install it")
+    if (
+        not name
+        or "\x00" in name
+        or "\\" in name
+        or p.is_absolute()
+        or name != p.as_posix()
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
+        raise BundleError(
+            f"target name {name!r} is unsafe (absolute, '..', NUL or not normalised)",
+            "this bundle was not made by `builder bundle create`; do not install it",
+        )
 
 
 def _translate(exc: Exception, seen: list[str]) -> BundleError:
@@ -189,23 +225,37 @@ def _translate(exc: Exception, seen: list[str]) -> BundleError:
             return cause
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, tx.ExpiredMetadataError):
-        return BundleError(f"{where}: the signed metadata has expired ({exc}); now is {time.strftime('%Y-%m-%d')}",
-                           "ask for a freshly signed bundle (`builder bundle create`), or correct this machine's clock")
+        return BundleError(
+            f"{where}: the signed metadata has expired ({exc}); now is {time.strftime('%Y-%m-%d')}",
+            "ask for a freshly signed bundle (`builder bundle create`), or correct this machine's clock",
+        )
     if isinstance(exc, tx.BadVersionNumberError):
-        return BundleError(f"{where}: version older than what this appliance already trusts ({exc}): "
-                           "a replayed or downgraded bundle", "install a newer bundle; a deliberate downgrade "
-                                                              "needs --allow-downgrade")
+        return BundleError(
+            f"{where}: version older than what this appliance already trusts ({exc}): "
+            "a replayed or downgraded bundle",
+            "install a newer bundle; a deliberate downgrade needs --allow-downgrade",
+        )
     if isinstance(exc, tx.UnsignedMetadataError):
-        return BundleError(f"{where}: signature check failed ({exc})", "the bundle was not signed with keys this "
-                           "appliance trusts (below threshold, unknown or retired key) or was altered after signing")
+        return BundleError(
+            f"{where}: signature check failed ({exc})",
+            "the bundle was not signed with keys this "
+            "appliance trusts (below threshold, unknown or retired key) or was altered after signing",
+        )
     if isinstance(exc, tx.DownloadHTTPError):
-        return BundleError(f"{exc}; the directory is not a complete bundle",
-                           "copy the whole bundle again (metadata/ and targets/)")
+        return BundleError(
+            f"{exc}; the directory is not a complete bundle",
+            "copy the whole bundle again (metadata/ and targets/)",
+        )
     if isinstance(exc, tx.DownloadLengthMismatchError):
-        return BundleError(f"{where}: longer than the signed length ({exc})", "the bundle is damaged or altered")
+        return BundleError(
+            f"{where}: longer than the signed length ({exc})", "the bundle is damaged or altered"
+        )
     if isinstance(exc, (tx.LengthOrHashMismatchError, tx.RepositoryError)):
-        return BundleError(f"{where}: refused by the signed metadata ({exc})", "the bundle is damaged or altered "
-                           "(or mixes files from two bundles); rebuild it with `builder bundle create`")
+        return BundleError(
+            f"{where}: refused by the signed metadata ({exc})",
+            "the bundle is damaged or altered "
+            "(or mixes files from two bundles); rebuild it with `builder bundle create`",
+        )
     if isinstance(exc, DeserializationError):
         return BundleError(f"{where}: malformed metadata ({exc})", "the bundle is damaged; copy it again")
     return BundleError(f"{where}: {exc}", "copy the bundle again")
@@ -219,13 +269,19 @@ def _refresh(home: Path, source: Path, metadata_dir: Path) -> Verified:
     from tuf.ngclient import Updater, UpdaterConfig
 
     if not (source / "metadata").is_dir():
-        raise BundleError(f"{source}: no metadata/ folder; not an update bundle",
-                          "give the directory written by `builder bundle create` (the stick's mount point)")
+        raise BundleError(
+            f"{source}: no metadata/ folder; not an update bundle",
+            "give the directory written by `builder bundle create` (the stick's mount point)",
+        )
     seen: list[str] = []
     try:
-        updater = Updater(str(metadata_dir), _URL + "metadata/", fetcher=_fetcher(source, seen),
-                          config=UpdaterConfig(targets_max_length=10_000_000),
-                          bootstrap=_trusted_root_bytes(home))
+        updater = Updater(
+            str(metadata_dir),
+            _URL + "metadata/",
+            fetcher=_fetcher(source, seen),
+            config=UpdaterConfig(targets_max_length=10_000_000),
+            bootstrap=_trusted_root_bytes(home),
+        )
         updater.refresh()
     except (tx.RepositoryError, tx.DownloadError, DeserializationError) as exc:
         raise _translate(exc, seen) from exc
@@ -237,10 +293,12 @@ def _refresh(home: Path, source: Path, metadata_dir: Path) -> Verified:
         _safe_target_name(name)
     for required in (MANIFEST_NAME, BUNDLE_NAME):
         if required not in targets:
-            raise BundleError(f"the signed metadata lists no {required}", "rebuild the bundle with "
-                              "`builder bundle create`")
-    return Verified(source=source, version=targets_md.signed.version, targets=dict(targets),
-                    metadata_dir=metadata_dir)
+            raise BundleError(
+                f"the signed metadata lists no {required}", "rebuild the bundle with `builder bundle create`"
+            )
+    return Verified(
+        source=source, version=targets_md.signed.version, targets=dict(targets), metadata_dir=metadata_dir
+    )
 
 
 def current_version(home: Path) -> int | None:
@@ -273,9 +331,11 @@ def trusted_bundle(home: Path, source: Path, workdir: Path, allow_downgrade: boo
     if verified.version == current_version(home):
         return verified  # the running version again: reported as a no-op, never a downgrade
     if not allow_downgrade:
-        raise BundleError(f"bundle version {verified.version} is older than version {trusted_version(home)}, "
-                          "which this appliance already trusts: a replayed or downgraded bundle",
-                          "install a newer bundle; a deliberate downgrade needs --allow-downgrade "
-                          "(audited, never below the security floor)") from older
+        raise BundleError(
+            f"bundle version {verified.version} is older than version {trusted_version(home)}, "
+            "which this appliance already trusts: a replayed or downgraded bundle",
+            "install a newer bundle; a deliberate downgrade needs --allow-downgrade "
+            "(audited, never below the security floor)",
+        ) from older
     verified.downgrade = True
     return verified

@@ -19,7 +19,9 @@ class Chunk:
 
 # Markdown headings, and in plain text a short line such as "C.2 Requirements" or "SECTION L - ..."
 # (a numbered paragraph that is a sentence, "C.2.1 The contractor shall ...", is not a heading).
-_HEADING_RE = re.compile(r"^(#{1,6})\s+(.*)$|^([A-Z]\.\d+(?:\.\d+)*\.?\s+[A-Z][^.:;]{0,70})$|^(SECTION\s+[A-Z0-9]+[^.]{0,80})$|^(\d{1,2}\.\s+[A-Z][A-Z -]{2,70})$")
+_HEADING_RE = re.compile(
+    r"^(#{1,6})\s+(.*)$|^([A-Z]\.\d+(?:\.\d+)*\.?\s+[A-Z][^.:;]{0,70})$|^(SECTION\s+[A-Z0-9]+[^.]{0,80})$|^(\d{1,2}\.\s+[A-Z][A-Z -]{2,70})$"
+)
 
 
 def _split_long(paragraph: str, limit: int) -> list[str]:
@@ -81,6 +83,8 @@ def chunk_text(text: str, limit: int) -> list[Chunk]:
 
 def chunk_document(doc: Document, limit: int) -> list[Chunk]:
     if doc.table is not None:
-        return [Chunk(i, doc.title, table_row_text(doc.table.columns, row), row=i)
-                for i, row in enumerate(doc.table.rows)]
+        return [
+            Chunk(i, doc.title, table_row_text(doc.table.columns, row), row=i)
+            for i, row in enumerate(doc.table.rows)
+        ]
     return chunk_text(doc.text, limit)

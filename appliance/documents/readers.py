@@ -32,6 +32,7 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES | TABLE_SUFFIXES | {".pdf", ".docx"}
 # Identifiers in the style of SOC / O*NET codes: 15-1252 or 15-1252.00
 CODE_RE = re.compile(r"\b\d{2}-\d{4}(?:\.\d{2})?\b")
 
+
 @dataclass
 class Table:
     columns: list[str]
@@ -65,11 +66,14 @@ def _decode(data: bytes, path: Path) -> str:
         try:
             return data.decode("utf-16")
         except UnicodeDecodeError as exc:
-            raise IngestError(f"{path}: starts like UTF-16 but does not decode ({exc.reason})",
-                              "save it as UTF-8 text") from exc
+            raise IngestError(
+                f"{path}: starts like UTF-16 but does not decode ({exc.reason})", "save it as UTF-8 text"
+            ) from exc
     if b"\x00" in data[:65536]:
-        raise IngestError(f"{path}: binary content (NUL bytes) in a text file",
-                          "convert it to text, or give the file its real extension")
+        raise IngestError(
+            f"{path}: binary content (NUL bytes) in a text file",
+            "convert it to text, or give the file its real extension",
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -77,8 +81,9 @@ def _decode(data: bytes, path: Path) -> str:
     text = data.decode("cp1252", errors="replace")
     # Mostly undecodable bytes is a binary file in disguise, not an odd encoding.
     if text.count("\ufffd") > max(8, len(text) // 100):
-        raise IngestError(f"{path}: not readable as text (neither UTF-8 nor Windows-1252)",
-                          "save it as UTF-8 text")
+        raise IngestError(
+            f"{path}: not readable as text (neither UTF-8 nor Windows-1252)", "save it as UTF-8 text"
+        )
     return text
 
 
@@ -105,19 +110,25 @@ def _read_pdf(path: Path, data: bytes) -> str:
     except IngestError:
         raise
     except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:  # LimitReachedError: a stream bomb
-        raise IngestError(f"{path}: unreadable PDF ({exc})", "re-export it from the source application") from exc
+        raise IngestError(
+            f"{path}: unreadable PDF ({exc})", "re-export it from the source application"
+        ) from exc
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     _check_text_size(len(text), path)
     if not text.strip():
-        raise IngestError(f"{path}: the PDF has no extractable text (a scanned image?)",
-                          "run OCR on it first and ingest the result")
+        raise IngestError(
+            f"{path}: the PDF has no extractable text (a scanned image?)",
+            "run OCR on it first and ingest the result",
+        )
     return text
 
 
 def _check_text_size(chars: int, path: Path) -> None:
     if chars > MAX_TEXT_CHARS:
-        raise IngestError(f"{path}: more than {MAX_TEXT_CHARS // 1_000_000} million characters of text",
-                          "split the document; a file that inflates this far may be a decompression bomb")
+        raise IngestError(
+            f"{path}: more than {MAX_TEXT_CHARS // 1_000_000} million characters of text",
+            "split the document; a file that inflates this far may be a decompression bomb",
+        )
 
 
 def _open_zip(path: Path, data: bytes, what: str):
@@ -128,13 +139,17 @@ def _open_zip(path: Path, data: bytes, what: str):
         zf = zipfile.ZipFile(io.BytesIO(data))
         members = zf.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise IngestError(f"{path}: unreadable {what} (not a zip package: {exc})",
-                          "re-save it from the application that made it") from exc
+        raise IngestError(
+            f"{path}: unreadable {what} (not a zip package: {exc})",
+            "re-save it from the application that made it",
+        ) from exc
     total = sum(m.file_size for m in members)
     if len(members) > MAX_ZIP_MEMBERS or total > MAX_UNZIPPED:
-        raise IngestError(f"{path}: the {what} would inflate to {total / 1e6:.0f} MB in {len(members)} parts "
-                          f"(at most {MAX_UNZIPPED / 1e6:.0f} MB, {MAX_ZIP_MEMBERS} parts)",
-                          "a file this small inflating this far is a decompression bomb; re-save the real one")
+        raise IngestError(
+            f"{path}: the {what} would inflate to {total / 1e6:.0f} MB in {len(members)} parts "
+            f"(at most {MAX_UNZIPPED / 1e6:.0f} MB, {MAX_ZIP_MEMBERS} parts)",
+            "a file this small inflating this far is a decompression bomb; re-save the real one",
+        )
     return zf
 
 
@@ -145,13 +160,24 @@ def _xml_events(zf, name: str, path: Path, what: str, tag: str | None = None):
     try:
         info = zf.getinfo(name)
     except KeyError as exc:
-        raise IngestError(f"{path}: the {what} has no {name}", "re-save it from the application that made it") \
-            from exc
+        raise IngestError(
+            f"{path}: the {what} has no {name}", "re-save it from the application that made it"
+        ) from exc
     if info.file_size > MAX_XML_PART:
-        raise IngestError(f"{path}: {name} would inflate to {info.file_size / 1e6:.0f} MB (at most "
-                          f"{MAX_XML_PART / 1e6:.0f} MB)", "split the document")
-    return etree.iterparse(zf.open(info), events=("end",), tag=tag, resolve_entities=False, no_network=True,
-                           huge_tree=False, load_dtd=False)
+        raise IngestError(
+            f"{path}: {name} would inflate to {info.file_size / 1e6:.0f} MB (at most "
+            f"{MAX_XML_PART / 1e6:.0f} MB)",
+            "split the document",
+        )
+    return etree.iterparse(
+        zf.open(info),
+        events=("end",),
+        tag=tag,
+        resolve_entities=False,
+        no_network=True,
+        huge_tree=False,
+        load_dtd=False,
+    )
 
 
 _W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
@@ -215,9 +241,13 @@ def _read_docx(path: Path, data: bytes) -> tuple[str, Table | None]:
                 for tr in element.iter(f"{_W}tr"):
                     rows += 1
                     if rows > MAX_TABLE_ROWS:
-                        raise IngestError(f"{path}: more than {MAX_TABLE_ROWS} table rows", "split the document")
-                    cells = [" ".join(_docx_text(p).strip() for p in tc.iter(f"{_W}p")).strip()
-                             for tc in tr.iterchildren(f"{_W}tc")]
+                        raise IngestError(
+                            f"{path}: more than {MAX_TABLE_ROWS} table rows", "split the document"
+                        )
+                    cells = [
+                        " ".join(_docx_text(p).strip() for p in tc.iter(f"{_W}p")).strip()
+                        for tc in tr.iterchildren(f"{_W}tc")
+                    ]
                     lines.append(" | ".join(cells[:MAX_COLUMNS]))
             chars += len(lines[-1]) if lines else 0
             _check_text_size(chars, path)
@@ -225,32 +255,39 @@ def _read_docx(path: Path, data: bytes) -> tuple[str, Table | None]:
             while element.getprevious() is not None:  # what was read is let go
                 del parent[0]
     except etree.XMLSyntaxError as exc:
-        raise IngestError(f"{path}: unreadable DOCX (broken XML: {exc})", "re-save it from Word or LibreOffice") \
-            from exc
+        raise IngestError(
+            f"{path}: unreadable DOCX (broken XML: {exc})", "re-save it from Word or LibreOffice"
+        ) from exc
     except (OSError, EOFError, ValueError) as exc:  # a damaged deflate stream, a bad CRC
-        raise IngestError(f"{path}: unreadable DOCX ({type(exc).__name__}: {exc})",
-                          "re-save it from Word or LibreOffice") from exc
+        raise IngestError(
+            f"{path}: unreadable DOCX ({type(exc).__name__}: {exc})", "re-save it from Word or LibreOffice"
+        ) from exc
     return "\n\n".join(lines), None
 
 
 def _rows_to_table(rows: list[list[str]], path: Path) -> Table:
     rows = [[(c or "").strip() for c in r[:MAX_COLUMNS]] for r in rows if any((c or "").strip() for c in r)]
     if len(rows) < 2:
-        raise IngestError(f"{path}: a table needs a header row and at least one data row",
-                          "check the file's contents")
+        raise IngestError(
+            f"{path}: a table needs a header row and at least one data row", "check the file's contents"
+        )
     header = [h or f"column_{i + 1}" for i, h in enumerate(rows[0])]
     long = next((i for i, h in enumerate(header) if len(h) > MAX_HEADER_CHARS), None)
     if long is not None:
-        raise IngestError(f"{path}: column {long + 1}'s name is {len(header[long])} characters (at most "
-                          f"{MAX_HEADER_CHARS}): the first row must hold column names",
-                          "put a header row of short column names first")
+        raise IngestError(
+            f"{path}: column {long + 1}'s name is {len(header[long])} characters (at most "
+            f"{MAX_HEADER_CHARS}): the first row must hold column names",
+            "put a header row of short column names first",
+        )
     # Empty cells are not kept: a sparse row costs what it holds, not the width of the table.
     records = [{h: v for h, v in zip(header, r, strict=False) if v} for r in rows[1:]]
     for n, record in enumerate(records, start=2):
         size = sum(len(h) + len(v) for h, v in record.items())
         if size > MAX_ROW_CHARS:
-            raise IngestError(f"{path}: row {n} holds {size} characters with its column names (at most "
-                              f"{MAX_ROW_CHARS})", "a cell that holds a whole document belongs in a .txt or .md file")
+            raise IngestError(
+                f"{path}: row {n} holds {size} characters with its column names (at most {MAX_ROW_CHARS})",
+                "a cell that holds a whole document belongs in a .txt or .md file",
+            )
     return Table(columns=header, rows=records)
 
 
@@ -267,8 +304,10 @@ def _read_csv(path: Path, data: bytes) -> Table:
             if len(rows) > MAX_TABLE_ROWS + 1:
                 raise IngestError(f"{path}: more than {MAX_TABLE_ROWS} rows", "split the table")
     except csv.Error as exc:  # a cell over csv.field_size_limit(), a stray NUL, ...
-        raise IngestError(f"{path}: unreadable CSV ({exc})", "check the file; one cell may hold a whole "
-                          "document, which belongs in a .txt or .md file") from exc
+        raise IngestError(
+            f"{path}: unreadable CSV ({exc})",
+            "check the file; one cell may hold a whole document, which belongs in a .txt or .md file",
+        ) from exc
     return _rows_to_table(rows, path)
 
 
@@ -290,7 +329,9 @@ def _first_sheet(zf, path: Path) -> str:
     """The part of the workbook's first sheet, the one openpyxl reads (`worksheets[0]`): the first
     <sheet> of xl/workbook.xml through its relationship, not the first file name (sheet2.xml may come
     first in the workbook, and a sheet measured must be the sheet parsed)."""
-    first = next((el.get(_REL) for _, el in _xml_events(zf, "xl/workbook.xml", path, "XLSX", f"{_S}sheet")), None)
+    first = next(
+        (el.get(_REL) for _, el in _xml_events(zf, "xl/workbook.xml", path, "XLSX", f"{_S}sheet")), None
+    )
     rels = "xl/_rels/workbook.xml.rels"
     if first and rels in zf.namelist():
         for _, rel in _xml_events(zf, rels, path, "XLSX"):
@@ -333,23 +374,37 @@ def _read_xlsx(path: Path, data: bytes) -> Table:
     try:
         rows_n, cols_n, cells = _xlsx_extent(zf, path)
     except etree.XMLSyntaxError as exc:
-        raise IngestError(f"{path}: unreadable XLSX (broken XML: {exc})",
-                          "re-save it from the spreadsheet application") from exc
+        raise IngestError(
+            f"{path}: unreadable XLSX (broken XML: {exc})", "re-save it from the spreadsheet application"
+        ) from exc
     if rows_n > MAX_TABLE_ROWS or cols_n > MAX_COLUMNS or rows_n * cols_n > MAX_CELLS:
-        raise IngestError(f"{path}: the first sheet spans {rows_n} rows x {cols_n} columns (at most "
-                          f"{MAX_TABLE_ROWS} rows, {MAX_COLUMNS} columns, {MAX_CELLS} cells)",
-                          "delete stray cells far from the table (Ctrl+End shows the last one), or split it")
+        raise IngestError(
+            f"{path}: the first sheet spans {rows_n} rows x {cols_n} columns (at most "
+            f"{MAX_TABLE_ROWS} rows, {MAX_COLUMNS} columns, {MAX_CELLS} cells)",
+            "delete stray cells far from the table (Ctrl+End shows the last one), or split it",
+        )
     try:  # read-only workbooks parse as they are read: a truncated sheet fails in the loop
         book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
         try:
             sheet = book.worksheets[0]
-            rows = [["" if v is None else str(v) for v in row]
-                    for row in sheet.iter_rows(max_row=max(rows_n, 1), max_col=max(cols_n, 1), values_only=True)]
+            rows = [
+                ["" if v is None else str(v) for v in row]
+                for row in sheet.iter_rows(max_row=max(rows_n, 1), max_col=max(cols_n, 1), values_only=True)
+            ]
         finally:
             book.close()
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, SyntaxError, EOFError) as exc:  # SyntaxError: XML
-        raise IngestError(f"{path}: unreadable XLSX ({type(exc).__name__}: {exc})",
-                          "re-save it from the spreadsheet application") from exc
+    except (
+        zipfile.BadZipFile,
+        KeyError,
+        ValueError,
+        OSError,
+        SyntaxError,
+        EOFError,
+    ) as exc:  # SyntaxError: XML
+        raise IngestError(
+            f"{path}: unreadable XLSX ({type(exc).__name__}: {exc})",
+            "re-save it from the spreadsheet application",
+        ) from exc
     return _rows_to_table(rows, path)
 
 
@@ -361,8 +416,10 @@ CODE_COLUMNS = ("code", "soc code", "onet code", "o*net code", "lcat code", "lab
 def key_columns(columns: list[str]) -> tuple[str | None, str | None]:
     """(title column, code column) of a reference table, by header name."""
     lowered = {c.lower().strip(): c for c in columns}
-    return (next((lowered[c] for c in TITLE_COLUMNS if c in lowered), None),
-            next((lowered[c] for c in CODE_COLUMNS if c in lowered), None))
+    return (
+        next((lowered[c] for c in TITLE_COLUMNS if c in lowered), None),
+        next((lowered[c] for c in CODE_COLUMNS if c in lowered), None),
+    )
 
 
 def table_row_text(columns: list[str], row: dict[str, str]) -> str:
@@ -386,8 +443,12 @@ def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
 
     def unreadable(exc: OSError) -> None:
         where = exc.filename or "?"
-        refused.append({"source": str(where), "error": f"{where}: folder not read ({exc.strerror}); "
-                        "its files were skipped"})
+        refused.append(
+            {
+                "source": str(where),
+                "error": f"{where}: folder not read ({exc.strerror}); its files were skipped",
+            }
+        )
 
     for path in paths:
         if path.is_dir():
@@ -401,15 +462,28 @@ def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
                     if p.is_symlink():
                         try:
                             target = p.resolve(strict=True)
-                        except (OSError, RuntimeError):  # a loop (RuntimeError before Python 3.13), or dangling
+                        except (
+                            OSError,
+                            RuntimeError,
+                        ):  # a loop (RuntimeError before Python 3.13), or dangling
                             if p.suffix.lower() in SUPPORTED_SUFFIXES or not p.suffix:
-                                refused.append({"source": str(p), "error": f"{p}: a link that leads nowhere (a "
-                                                "loop, or its target is gone); not followed"})
+                                refused.append(
+                                    {
+                                        "source": str(p),
+                                        "error": f"{p}: a link that leads nowhere (a "
+                                        "loop, or its target is gone); not followed",
+                                    }
+                                )
                             continue
                         if not target.is_relative_to(root):
                             if target.is_dir() or p.suffix.lower() in SUPPORTED_SUFFIXES:
-                                refused.append({"source": str(p), "error": f"{p}: a link to {target}, outside "
-                                                f"{path}; not followed (name the target itself to ingest it)"})
+                                refused.append(
+                                    {
+                                        "source": str(p),
+                                        "error": f"{p}: a link to {target}, outside "
+                                        f"{path}; not followed (name the target itself to ingest it)",
+                                    }
+                                )
                             continue
                     if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES:
                         files.append(p)
@@ -424,8 +498,10 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
     """A file's bytes, refused when empty or over `max_bytes` (read once: what is hashed is what is parsed)."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise IngestError(f"{path}: unsupported file type '{suffix or '(none)'}'",
-                          f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+        raise IngestError(
+            f"{path}: unsupported file type '{suffix or '(none)'}'",
+            f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}",
+        )
     try:
         with open(path, "rb") as fh:  # read(n) allocates n first: ask for what the file holds, not the cap
             import os
@@ -438,8 +514,10 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
     if not data:
         raise IngestError(f"{path}: empty file", "nothing to ingest; remove it or fill it")
     if len(data) > max_bytes:
-        raise IngestError(f"{path}: over the {max_bytes / 1e6:.0f} MB limit",
-                          "split the file, or raise APPLIANCE_MAX_FILE_MB")
+        raise IngestError(
+            f"{path}: over the {max_bytes / 1e6:.0f} MB limit",
+            "split the file, or raise APPLIANCE_MAX_FILE_MB",
+        )
     return data
 
 
@@ -454,8 +532,10 @@ def parse_document(path: Path, data: bytes) -> Document:
     """The document in `data`; `path` gives its type and is named in errors."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise IngestError(f"{path}: unsupported file type '{suffix or '(none)'}'",
-                          f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+        raise IngestError(
+            f"{path}: unsupported file type '{suffix or '(none)'}'",
+            f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}",
+        )
     if not data:
         raise IngestError(f"{path}: empty file", "nothing to ingest; remove it or fill it")
     table = None
@@ -469,9 +549,11 @@ def parse_document(path: Path, data: bytes) -> Document:
         table = _read_csv(path, data) if suffix == ".csv" else _read_xlsx(path, data)
         text = "\n\n".join(table_row_text(table.columns, r) for r in table.rows)
         if len(text) > TABLE_GROWTH * len(data) + 1_000_000:
-            raise IngestError(f"{path}: the table's {len(data)} bytes make {len(text)} characters of rows with "
-                              f"their column names (at most {TABLE_GROWTH} times the file)",
-                              "shorten the column names, or remove empty columns")
+            raise IngestError(
+                f"{path}: the table's {len(data)} bytes make {len(text)} characters of rows with "
+                f"their column names (at most {TABLE_GROWTH} times the file)",
+                "shorten the column names, or remove empty columns",
+            )
     _check_text_size(len(text), path)
     text = clean_text(text)
     if not text.strip():

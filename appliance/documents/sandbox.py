@@ -70,9 +70,14 @@ class Sandbox:
         if self._proc is None or self._proc.poll() is not None:
             self.close()
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance.documents.sandbox", str(self.memory_mb)], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                env={k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG", "LC_ALL")})
+                [sys.executable, "-m", "appliance.documents.sandbox", str(self.memory_mb)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+                cwd="/",
+                env={k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG", "LC_ALL")},
+            )
         return self._proc
 
     def parse(self, path: Path, data: bytes) -> Document:
@@ -95,10 +100,14 @@ class Sandbox:
             code = proc.poll()
             self.close()
             if code is None:
-                raise IngestError(f"{path}: parsing took longer than {self.timeout_s:.0f} s; stopped",
-                                  "the file may be crafted to stall parsers; re-save it, or split it")
-            raise IngestError(f"{path}: the parser ran out of its {self.memory_mb} MB or crashed (exit {code})",
-                              "the file may be crafted to exhaust memory; re-save it from its application")
+                raise IngestError(
+                    f"{path}: parsing took longer than {self.timeout_s:.0f} s; stopped",
+                    "the file may be crafted to stall parsers; re-save it, or split it",
+                )
+            raise IngestError(
+                f"{path}: the parser ran out of its {self.memory_mb} MB or crashed (exit {code})",
+                "the file may be crafted to exhaust memory; re-save it from its application",
+            )
         if "error" in reply:
             raise IngestError(reply["error"], reply.get("fix"))
         doc = reply["document"]
@@ -114,8 +123,10 @@ class Sandbox:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.close()
-                raise IngestError(f"{path}: parsing took longer than {self.timeout_s:.0f} s; stopped",
-                                  "the file may be crafted to stall parsers; re-save it, or split it")
+                raise IngestError(
+                    f"{path}: parsing took longer than {self.timeout_s:.0f} s; stopped",
+                    "the file may be crafted to stall parsers; re-save it, or split it",
+                )
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:
                 continue
@@ -131,8 +142,10 @@ class Sandbox:
                 size = struct.unpack(">Q", b"".join(chunks))[0]
                 if size > MAX_REPLY:
                     self.close()
-                    raise IngestError(f"{path}: the parsed document is {size >> 20} MB (at most {MAX_REPLY >> 20} MB)",
-                                      "split the file")
+                    raise IngestError(
+                        f"{path}: the parsed document is {size >> 20} MB (at most {MAX_REPLY >> 20} MB)",
+                        "split the file",
+                    )
                 chunks, want, got = [], size, 0
                 if size == 0:
                     return None
@@ -161,19 +174,28 @@ def _serve(memory_mb: int) -> None:
         path = Path(header["name"])
         try:
             doc = parse_document(path, data)
-            reply = {"document": {"kind": doc.kind, "title": doc.title, "text": doc.text,
-                                  "table": {"columns": doc.table.columns, "rows": doc.table.rows}
-                                  if doc.table else None}}
+            reply = {
+                "document": {
+                    "kind": doc.kind,
+                    "title": doc.title,
+                    "text": doc.text,
+                    "table": {"columns": doc.table.columns, "rows": doc.table.rows} if doc.table else None,
+                }
+            }
         except IngestError as exc:
             reply = {"error": exc.message, "fix": exc.fix}
         except MemoryError:
-            reply = {"error": f"{path}: parsing needs more than {memory_mb} MB",
-                     "fix": "the file may be crafted to exhaust memory; re-save it from its application"}
+            reply = {
+                "error": f"{path}: parsing needs more than {memory_mb} MB",
+                "fix": "the file may be crafted to exhaust memory; re-save it from its application",
+            }
         except RecursionError:
             reply = {"error": f"{path}: nested too deeply to parse", "fix": "re-save it from its application"}
         except Exception as exc:  # a parser's own bug on a malformed file: this file's error, not the batch's
-            reply = {"error": f"{path}: unreadable ({type(exc).__name__}: {exc})",
-                     "fix": "re-save it from the application that made it"}
+            reply = {
+                "error": f"{path}: unreadable ({type(exc).__name__}: {exc})",
+                "fix": "re-save it from the application that made it",
+            }
         del data
         stdout.write(_frame(json.dumps(reply, ensure_ascii=False).encode()))
         stdout.flush()

@@ -32,8 +32,10 @@ from appliance.retrieval.store import Store
 from appliance.schemas import DraftReport, Requirement, Role
 from appliance.terminal import clean_text
 
-_REQ_RE = re.compile(r"\b(shall|must|will (?:provide|deliver|submit|ensure|perform|maintain|support)|is required to)\b",
-                     re.IGNORECASE)
+_REQ_RE = re.compile(
+    r"\b(shall|must|will (?:provide|deliver|submit|ensure|perform|maintain|support)|is required to)\b",
+    re.IGNORECASE,
+)
 _ID_RE = re.compile(r"^([A-Z]\.\d+(?:\.\d+)*)\.?\s+(.+)$", re.DOTALL)
 
 
@@ -52,12 +54,24 @@ class Draft:
 
     def report(self) -> DraftReport:
         cited = sorted({int(n) for text in self.responses.values() for n in CITATION_RE.findall(text)})
-        codes = sorted({c for text in self.responses.values() for c in CODE_RE.findall(text)}
-                       | {r.code for r in self.staffing})
-        return DraftReport(rfp=self.rfp, markdown=self.markdown, requirements_found=len(self.requirements),
-                           answered=len(self.requirements) - len(self.gaps), gaps=self.gaps, codes_used=codes,
-                           unknown_codes=self.unknown_codes, citations=cited, sources=self.sources,
-                           requirements=self.requirements, staffing=self.staffing, timing=self.timing)
+        codes = sorted(
+            {c for text in self.responses.values() for c in CODE_RE.findall(text)}
+            | {r.code for r in self.staffing}
+        )
+        return DraftReport(
+            rfp=self.rfp,
+            markdown=self.markdown,
+            requirements_found=len(self.requirements),
+            answered=len(self.requirements) - len(self.gaps),
+            gaps=self.gaps,
+            codes_used=codes,
+            unknown_codes=self.unknown_codes,
+            citations=cited,
+            sources=self.sources,
+            requirements=self.requirements,
+            staffing=self.staffing,
+            timing=self.timing,
+        )
 
 
 def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[str, list[Requirement], str]:
@@ -80,10 +94,14 @@ def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[str, list[Requi
         elif _REQ_RE.search(block):
             for sentence in re.split(r"(?<=[.;])\s+", block):
                 if _REQ_RE.search(sentence):
-                    requirements.append(Requirement(id=f"R{len(requirements) + 1}", text=sentence, section=section))
+                    requirements.append(
+                        Requirement(id=f"R{len(requirements) + 1}", text=sentence, section=section)
+                    )
     if not requirements:
-        raise IngestError(f"{path}: no requirement statements found (no 'shall', 'must' or 'will provide')",
-                          "check that this is the RFP's statement of work, or draft from its sections by hand")
+        raise IngestError(
+            f"{path}: no requirement statements found (no 'shall', 'must' or 'will provide')",
+            "check that this is the RFP's statement of work, or draft from its sections by hand",
+        )
     return doc.title, requirements, doc.text
 
 
@@ -116,7 +134,9 @@ def staff(text: str, rows: list[dict], find: Callable[[str], dict | None]) -> li
     # Roles the table does not name word for word: "Key personnel: X and Y", "Other roles: ...".
     for listing in re.findall(r"(?:personnel|roles)\s*:\s*([^\n.]+)", remaining, re.IGNORECASE):
         for phrase in re.split(r",|\band\b|;", listing):
-            phrase = re.split(r"\b(?:with|who|having|at least)\b", phrase, flags=re.IGNORECASE)[0]  # not qualifications
+            phrase = re.split(r"\b(?:with|who|having|at least)\b", phrase, flags=re.IGNORECASE)[
+                0
+            ]  # not qualifications
             phrase = " ".join(re.sub(r"\b(?:a|an|the)\b", " ", phrase, flags=re.IGNORECASE).split())
             if len(phrase) < 4 or not phrase[0].isupper():
                 continue
@@ -134,8 +154,12 @@ def staff(text: str, rows: list[dict], find: Callable[[str], dict | None]) -> li
 DUTY_MATCH = 0.45
 
 
-def staff_by_duties(requirements: list[Requirement], staffed: list[Role], rows: list[dict],
-                    match: Callable[[str], tuple[dict, float] | None]) -> list[Role]:
+def staff_by_duties(
+    requirements: list[Requirement],
+    staffed: list[Role],
+    rows: list[dict],
+    match: Callable[[str], tuple[dict, float] | None],
+) -> list[Role]:
     """Categories implied by what statement-of-work requirements ask for, one per category, for
     requirements that name no role of the table themselves; instructions to offerors (section L, M)
     are not work to staff."""
@@ -150,7 +174,9 @@ def staff_by_duties(requirements: list[Requirement], staffed: list[Role], rows: 
             continue
         have.add(found[0]["code"])
         words = req.text.split()
-        roles.append(_role(" ".join(words[:8]) + (" ..." if len(words) > 8 else ""), found[0], f"duties of {req.id}"))
+        roles.append(
+            _role(" ".join(words[:8]) + (" ..." if len(words) > 8 else ""), found[0], f"duties of {req.id}")
+        )
     return roles
 
 
@@ -163,21 +189,41 @@ def row_work(row: dict) -> str:
 
 def _role(name: str, row: dict, how: str) -> Role:
     data = {k.lower(): v for k, v in row["data"].items()}
-    return Role(name=name, code=row["code"], title=row["title"], education=data.get("education", ""),
-                years=data.get("years", ""), how=how)
+    return Role(
+        name=name,
+        code=row["code"],
+        title=row["title"],
+        education=data.get("education", ""),
+        years=data.get("years", ""),
+        how=how,
+    )
 
 
 def flag_unknown_codes(text: str, known: set[str]) -> tuple[str, list[str]]:
     unknown = [c for c in dict.fromkeys(CODE_RE.findall(text)) if c not in known]
     for code in unknown:
-        text = re.sub(rf"\b{re.escape(code)}\b", f"{code} [UNVERIFIED CODE: not in the reference table]", text)
+        text = re.sub(
+            rf"\b{re.escape(code)}\b", f"{code} [UNVERIFIED CODE: not in the reference table]", text
+        )
     return text, unknown
 
 
-def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, model_info: dict,
-          collections: list[str] | None, max_bytes: int, n_ctx: int, max_tokens: int, sampling: Sampling,
-          progress: Callable[[str, int, int], None] | None = None, source: str | None = None,
-          sandbox=None) -> Draft:
+def draft(
+    store: Store,
+    embedder: Embedder,
+    generator: Generator,
+    rfp: Path,
+    *,
+    model_info: dict,
+    collections: list[str] | None,
+    max_bytes: int,
+    n_ctx: int,
+    max_tokens: int,
+    sampling: Sampling,
+    progress: Callable[[str, int, int], None] | None = None,
+    source: str | None = None,
+    sandbox=None,
+) -> Draft:
     start = time.perf_counter()
     title, requirements, text = parse_rfp(rfp, max_bytes, sandbox)
     rows = store.ref_rows()
@@ -207,11 +253,22 @@ def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, 
     for i, req in enumerate(requirements):
         if progress:
             progress(req.id, i, len(requirements))
-        hits = [h for coll in (collections or [None])
-                for h in rag.search(store, embedder, req.text, k=4, collection=coll) if h.source != rfp_source]
+        hits = [
+            h
+            for coll in (collections or [None])
+            for h in rag.search(store, embedder, req.text, k=4, collection=coll)
+            if h.source != rfp_source
+        ]
         hits = sorted(hits, key=lambda h: -h.score)[:4]
-        result = rag.answer(generator, f"Write our proposal's response to requirement {req.id}: {req.text}",
-                            hits, model_info, n_ctx=n_ctx, max_tokens=max_tokens, sampling=sampling)
+        result = rag.answer(
+            generator,
+            f"Write our proposal's response to requirement {req.id}: {req.text}",
+            hits,
+            model_info,
+            n_ctx=n_ctx,
+            max_tokens=max_tokens,
+            sampling=sampling,
+        )
 
         def renumber(match, used=result.sources):
             n = int(match.group(1))
@@ -219,48 +276,100 @@ def draft(store: Store, embedder: Embedder, generator: Generator, rfp: Path, *, 
                 return ""  # a source that was never given: the citation is dropped
             hit = used[n - 1]
             if hit.chunk_id not in sources:
-                sources[hit.chunk_id] = {"n": len(sources) + 1, "chunk_id": hit.chunk_id, "doc_id": hit.doc_id,
-                                         "source": hit.source, "position": hit.position, "doc_sha256": hit.doc_sha256}
+                sources[hit.chunk_id] = {
+                    "n": len(sources) + 1,
+                    "chunk_id": hit.chunk_id,
+                    "doc_id": hit.doc_id,
+                    "source": hit.source,
+                    "position": hit.position,
+                    "doc_sha256": hit.doc_sha256,
+                }
             return f"[{sources[hit.chunk_id]['n']}]"
 
         # model output is text: no control characters (they would break the DOCX too)
-        response, flagged = flag_unknown_codes(clean_text(CITATION_RE.sub(renumber, result.answer)).strip(), known)
+        response, flagged = flag_unknown_codes(
+            clean_text(CITATION_RE.sub(renumber, result.answer)).strip(), known
+        )
         unknown += [c for c in flagged if c not in unknown]
         responses[req.id] = response
         if not response:
             gaps.append(req.id)
     if progress:
         progress("", len(requirements), len(requirements))
-    result = Draft(rfp=rfp_source, title=title, requirements=requirements, responses=responses, staffing=staffing,
-                   sources=list(sources.values()), unknown_codes=unknown, gaps=gaps,
-                   timing={"seconds": round(time.perf_counter() - start, 1)})
+    result = Draft(
+        rfp=rfp_source,
+        title=title,
+        requirements=requirements,
+        responses=responses,
+        staffing=staffing,
+        sources=list(sources.values()),
+        unknown_codes=unknown,
+        gaps=gaps,
+        timing={"seconds": round(time.perf_counter() - start, 1)},
+    )
     result.markdown = assemble(result)
     return result
 
 
 def assemble(d: Draft) -> str:
-    out = [f"# Proposal draft: {d.title}", "",
-           f"Response to `{Path(d.rfp).name}`. Drafted {time.strftime('%Y-%m-%d')} by the appliance from past "
-           "proposals and the reference tables; every statement must be reviewed before submission.", ""]
+    out = [
+        f"# Proposal draft: {d.title}",
+        "",
+        f"Response to `{Path(d.rfp).name}`. Drafted {time.strftime('%Y-%m-%d')} by the appliance from past "
+        "proposals and the reference tables; every statement must be reviewed before submission.",
+        "",
+    ]
     if d.unknown_codes or d.gaps:
-        out += ["> **Review first:** " + "; ".join(
-            ([f"codes not in the reference table: {', '.join(d.unknown_codes)}"] if d.unknown_codes else [])
-            + ([f"requirements without a response: {', '.join(d.gaps)}"] if d.gaps else [])), ""]
-    out += ["## Compliance matrix", "", "| Requirement | Text | Response section | Status |", "| --- | --- | --- | --- |"]
+        out += [
+            "> **Review first:** "
+            + "; ".join(
+                (
+                    [f"codes not in the reference table: {', '.join(d.unknown_codes)}"]
+                    if d.unknown_codes
+                    else []
+                )
+                + ([f"requirements without a response: {', '.join(d.gaps)}"] if d.gaps else [])
+            ),
+            "",
+        ]
+    out += [
+        "## Compliance matrix",
+        "",
+        "| Requirement | Text | Response section | Status |",
+        "| --- | --- | --- | --- |",
+    ]
     for r in d.requirements:
         status = "GAP" if r.id in d.gaps else "Drafted"
         text = r.text.replace("|", "\\|")
-        out.append(f"| {r.id} | {text} | {'-' if r.id in d.gaps else f'Technical approach, {r.id}'} | {status} |")
+        out.append(
+            f"| {r.id} | {text} | {'-' if r.id in d.gaps else f'Technical approach, {r.id}'} | {status} |"
+        )
     out += ["", "## Technical approach", ""]
     for r in d.requirements:
-        out += [f"### {r.id}", "", f"*Requirement:* {r.text}", "", d.responses.get(r.id) or "**GAP: no response drafted.**", ""]
-    out += ["## Staffing", "", "| Role in the RFP | Labor category | Code | Minimum education | Years | Matched by |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    out += [f"| {s.name} | {s.title} | {s.code} | {s.education} | {s.years} | "
-            f"{s.how + ' (review)' if s.how.startswith('duties') else s.how} |" for s in d.staffing]
+        out += [
+            f"### {r.id}",
+            "",
+            f"*Requirement:* {r.text}",
+            "",
+            d.responses.get(r.id) or "**GAP: no response drafted.**",
+            "",
+        ]
+    out += [
+        "## Staffing",
+        "",
+        "| Role in the RFP | Labor category | Code | Minimum education | Years | Matched by |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    out += [
+        f"| {s.name} | {s.title} | {s.code} | {s.education} | {s.years} | "
+        f"{s.how + ' (review)' if s.how.startswith('duties') else s.how} |"
+        for s in d.staffing
+    ]
     out += ["", "## Sources", ""]
-    out += [f"[{s['n']}] {Path(s['source']).name}, chunk {s['position']} (sha256 {s['doc_sha256'][:12]})"
-            for s in d.sources]
+    out += [
+        f"[{s['n']}] {Path(s['source']).name}, chunk {s['position']} (sha256 {s['doc_sha256'][:12]})"
+        for s in d.sources
+    ]
     return "\n".join(out) + "\n"
 
 

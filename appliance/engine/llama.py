@@ -46,7 +46,9 @@ class _Budget:
         if self.steps > MAX_LOOP_STEPS:
             raise RenderBudget(f"chat template looped more than {MAX_LOOP_STEPS} times", "rebuild the bundle")
         if time.monotonic() > self.deadline:
-            raise RenderBudget(f"chat template took longer than {MAX_RENDER_S} s to render", "rebuild the bundle")
+            raise RenderBudget(
+                f"chat template took longer than {MAX_RENDER_S} s to render", "rebuild the bundle"
+            )
 
     def size(self, value) -> None:
         if isinstance(value, (str, bytes, list, tuple)) and len(value) > MAX_RENDER_CHARS:
@@ -58,8 +60,11 @@ _WIDE_FORMAT_RE = re.compile(r"%[-+ 0#]*(\*|\d{7,})|\{[^{}]*:[^{}]*\d{7,}[^{}]*\
 
 
 def _too_big(values) -> bool:
-    return any((isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_RENDER_CHARS)
-               or (isinstance(v, str) and _WIDE_FORMAT_RE.search(v)) for v in values)
+    return any(
+        (isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_RENDER_CHARS)
+        or (isinstance(v, str) and _WIDE_FORMAT_RE.search(v))
+        for v in values
+    )
 
 
 class _RenderTimeout(BaseException):
@@ -95,6 +100,7 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             for n in numbers:
                 budget.step()
                 yield n
+
         return counted()
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
@@ -111,11 +117,13 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
     def _bounded_filter(self, original):
         def bounded(*args, **kwargs):
             if _too_big((*args, *kwargs.values())):
-                raise RenderBudget("chat template asked a filter for a size past the render budget",
-                                   "rebuild the bundle")
+                raise RenderBudget(
+                    "chat template asked a filter for a size past the render budget", "rebuild the bundle"
+                )
             result = original(*args, **kwargs)
             self._current().size(result)
             return result
+
         for attr in ("jinja_pass_arg",):
             if hasattr(original, attr):
                 setattr(bounded, attr, getattr(original, attr))
@@ -126,8 +134,14 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             raise RenderBudget("chat template raised a number to a huge power", "rebuild the bundle")
         if operator in ("*", "+", "%"):
             for a, b in ((left, right), (right, left)):
-                if isinstance(a, (str, list, tuple)) and isinstance(b, int) and len(a) * abs(b) > MAX_RENDER_CHARS:
-                    raise RenderBudget("chat template built a string past the render budget", "rebuild the bundle")
+                if (
+                    isinstance(a, (str, list, tuple))
+                    and isinstance(b, int)
+                    and len(a) * abs(b) > MAX_RENDER_CHARS
+                ):
+                    raise RenderBudget(
+                        "chat template built a string past the render budget", "rebuild the bundle"
+                    )
             if operator == "%" and isinstance(left, str) and re.search(r"%[-+ 0#]*(\*|\d{7,})", left):
                 raise RenderBudget("chat template formatted with a huge width", "rebuild the bundle")
         result = super().call_binop(context, operator, left, right)
@@ -158,7 +172,10 @@ def render_template(template, **values) -> str:
         with guard:
             if not state["done"]:
                 state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(_RenderTimeout))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(thread), ctypes.py_object(_RenderTimeout)
+                )
+
     watchdog = threading.Timer(MAX_RENDER_S + 0.5, stop)
     watchdog.daemon = True
     watchdog.start()
@@ -166,16 +183,21 @@ def render_template(template, **values) -> str:
         for part in template.generate(**values):
             total += len(part)
             if total > MAX_RENDER_CHARS:
-                raise RenderBudget(f"chat template produced more than {MAX_RENDER_CHARS} characters",
-                                   "rebuild the bundle")
+                raise RenderBudget(
+                    f"chat template produced more than {MAX_RENDER_CHARS} characters", "rebuild the bundle"
+                )
             budget.step(0)
             parts.append(part)
     except TemplateError as exc:
         raise ModelError(f"chat template failed to render ({exc})", "rebuild the generation") from exc
     except (RecursionError, MemoryError, OverflowError) as exc:
-        raise RenderBudget(f"chat template failed to render ({type(exc).__name__})", "rebuild the bundle") from exc
+        raise RenderBudget(
+            f"chat template failed to render ({type(exc).__name__})", "rebuild the bundle"
+        ) from exc
     except _RenderTimeout as exc:
-        raise RenderBudget(f"chat template took longer than {MAX_RENDER_S} s to render", "rebuild the bundle") from exc
+        raise RenderBudget(
+            f"chat template took longer than {MAX_RENDER_S} s to render", "rebuild the bundle"
+        ) from exc
     finally:
         watchdog.cancel()
         with guard:
@@ -192,8 +214,17 @@ _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 class LlamaEngine:
     """A loaded model; use as a context manager so its memory is released."""
 
-    def __init__(self, model_path: Path, template_text: str, n_ctx: int = 2048, threads: int = 0,
-                 name: str | None = None, seed: int = 0, mmap: bool = False, vocab_only: bool = False):
+    def __init__(
+        self,
+        model_path: Path,
+        template_text: str,
+        n_ctx: int = 2048,
+        threads: int = 0,
+        name: str | None = None,
+        seed: int = 0,
+        mmap: bool = False,
+        vocab_only: bool = False,
+    ):
         """`mmap=False` (default): llama.cpp reads the weights into memory once. With mmap, CPUs whose
         quant types llama.cpp repacks (AVX2 Q4_K, Q4_0...) keep both the mapped file pages and the
         repacked copy resident: 1,408 MB against 976 MB for a 766 MB Q4_K_M model (bench/service.py).
@@ -205,18 +236,29 @@ class LlamaEngine:
         self.name = name or model_path.stem
         self.n_ctx = n_ctx
         try:
-            self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=min(512, n_ctx),
-                                       n_threads=threads or (os.cpu_count() or 1), seed=seed, use_mmap=mmap,
-                                       vocab_only=vocab_only, verbose=False)
+            self.llm = llama_cpp.Llama(
+                model_path=str(model_path),
+                n_ctx=n_ctx,
+                n_batch=min(512, n_ctx),
+                n_threads=threads or (os.cpu_count() or 1),
+                seed=seed,
+                use_mmap=mmap,
+                vocab_only=vocab_only,
+                verbose=False,
+            )
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"{model_path}: llama.cpp could not load the model ({exc})",
-                             "check free memory, then reinstall the generation") from exc
+            raise ModelError(
+                f"{model_path}: llama.cpp could not load the model ({exc})",
+                "check free memory, then reinstall the generation",
+            ) from exc
         self.prompt_tokens = 0
         self.bos_text = self._piece(self.llm.token_bos())
         self.eos_text = self._piece(self.llm.token_eos())
 
     def _piece(self, token: int) -> str:
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+        return (
+            self.llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+        )
 
     def __enter__(self) -> LlamaEngine:
         return self
@@ -230,8 +272,13 @@ class LlamaEngine:
             llm.close()
 
     def render(self, messages: list[dict]) -> str:
-        return render_template(self.template, messages=messages, bos_token=self.bos_text, eos_token=self.eos_text,
-                               add_generation_prompt=True)
+        return render_template(
+            self.template,
+            messages=messages,
+            bos_token=self.bos_text,
+            eos_token=self.eos_text,
+            add_generation_prompt=True,
+        )
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """`special`: recognise control-token text (only for the template's own text)."""
@@ -247,12 +294,14 @@ class LlamaEngine:
         tokens: list[int] = []
         at = 0
         for found in _MARK_RE.finditer(rendered):
-            tokens += self.tokenize(rendered[at:found.start()], special=True)
+            tokens += self.tokenize(rendered[at : found.start()], special=True)
             tokens += self.tokenize(messages[int(found.group(1))]["content"] or "")
             at = found.end()
         return tokens + self.tokenize(rendered[at:], special=True)
 
-    def prompt_for(self, messages: list[dict], max_tokens: int, sampling: Sampling | None = None) -> list[int]:
+    def prompt_for(
+        self, messages: list[dict], max_tokens: int, sampling: Sampling | None = None
+    ) -> list[int]:
         """The prompt's tokens, refused when they and `max_tokens` do not fit the context (here, or in
         the engine server's slot this tokenizer stands for), or when `sampling` biases a token the
         vocabulary does not have."""
@@ -260,20 +309,34 @@ class LlamaEngine:
             n_vocab = self.llm.n_vocab()
             outside = [t for t, _ in sampling.logit_bias if not 0 <= t < n_vocab]
             if outside:
-                raise ModelError(f"logit_bias names token {outside[0]}, outside this model's vocabulary "
-                                 f"of {n_vocab} tokens", f"use token ids 0 to {n_vocab - 1}")
+                raise ModelError(
+                    f"logit_bias names token {outside[0]}, outside this model's vocabulary "
+                    f"of {n_vocab} tokens",
+                    f"use token ids 0 to {n_vocab - 1}",
+                )
         tokens = self.encode_prompt(messages)
         self.prompt_tokens = len(tokens)  # the exact count, template included, for usage reports
         if len(tokens) + max_tokens > self.n_ctx:
-            raise ModelError(f"prompt of {len(tokens)} tokens plus {max_tokens} to generate exceeds the "
-                             f"{self.n_ctx}-token context", "shorten the question or lower max tokens")
+            raise ModelError(
+                f"prompt of {len(tokens)} tokens plus {max_tokens} to generate exceeds the "
+                f"{self.n_ctx}-token context",
+                "shorten the question or lower max tokens",
+            )
         return tokens
 
     def stream(self, messages: list[dict], max_tokens: int, sampling: Sampling) -> Iterator[str]:
         tokens = self.prompt_for(messages, max_tokens, sampling)
-        for part in self.llm.create_completion(tokens, max_tokens=max_tokens, temperature=sampling.temperature,
-                                               top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
-                                               repeat_penalty=sampling.repeat_penalty,
-                                               logit_bias=dict(sampling.logit_bias) or None, seed=sampling.seed,
-                                               stop=list(sampling.stop), stream=True):
+        for part in self.llm.create_completion(
+            tokens,
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            repeat_penalty=sampling.repeat_penalty,
+            logit_bias=dict(sampling.logit_bias) or None,
+            seed=sampling.seed,
+            stop=list(sampling.stop),
+            stream=True,
+        ):
             yield part["choices"][0]["text"]  # one piece per token; "" while a UTF-8 character is incomplete

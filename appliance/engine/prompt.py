@@ -28,8 +28,9 @@ def source_title(title: str, heading: str | None) -> str:
 _TAG_RE = re.compile(r"<(\s*/?\s*source)", re.IGNORECASE)
 
 
-_INVISIBLE_RE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufe00-\ufe0f\ufeff"
-                           "\U000e0000-\U000e007f]")  # format, variation-selector and tag characters
+_INVISIBLE_RE = re.compile(
+    "[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufe00-\ufe0f\ufeff\U000e0000-\U000e007f]"
+)  # format, variation-selector and tag characters
 
 
 def _plain(text: str) -> str:
@@ -54,8 +55,13 @@ def user_message(question: str, sources: list[str], more: bool = False) -> str:
     return ("More sources:\n" if more else "Sources:\n") + "\n".join(sources) + f"\n\nQuestion: {question}"
 
 
-def build_messages(question: str, sources: list[str], use_rag: bool = True,
-                   history: list[dict] | None = None, more: bool = False) -> list[dict]:
+def build_messages(
+    question: str,
+    sources: list[str],
+    use_rag: bool = True,
+    history: list[dict] | None = None,
+    more: bool = False,
+) -> list[dict]:
     """System prompt (constant, so llama.cpp keeps it cached), earlier turns, then the question."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT if use_rag else NO_RAG_SYSTEM_PROMPT},

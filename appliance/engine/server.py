@@ -61,8 +61,10 @@ def find_binary(configured: str | None = None) -> Path | None:
     if configured:
         path = Path(configured)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ConfigError(f"engine binary {path} is not an executable file",
-                              "build it with `make deps`, or unset APPLIANCE_ENGINE_BINARY")
+            raise ConfigError(
+                f"engine binary {path} is not an executable file",
+                "build it with `make deps`, or unset APPLIANCE_ENGINE_BINARY",
+            )
         return path
     beside = Path(sys.executable).parent / BINARY
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -110,29 +112,48 @@ class SyncGenerator:
         self.prompt_tokens = len(tokens)
         body = _completion(tokens, max_tokens, sampling)
         try:
-            with self.aside(), httpx.Client(transport=httpx.HTTPTransport(uds=str(self.lease.server.socket)),
-                              base_url="http://engine", timeout=httpx.Timeout(None, connect=10)) as http, \
-                    http.stream("POST", "/completion", json=body) as response:
+            with (
+                self.aside(),
+                httpx.Client(
+                    transport=httpx.HTTPTransport(uds=str(self.lease.server.socket)),
+                    base_url="http://engine",
+                    timeout=httpx.Timeout(None, connect=10),
+                ) as http,
+                http.stream("POST", "/completion", json=body) as response,
+            ):
                 if response.status_code != 200:
-                    raise ModelError(f"the engine refused the prompt ({response.status_code})",
-                                     "shorten the requirement or lower max tokens")
+                    raise ModelError(
+                        f"the engine refused the prompt ({response.status_code})",
+                        "shorten the requirement or lower max tokens",
+                    )
                 for sse in EventSource(response).iter_sse():
                     event = json.loads(sse.data)
                     yield event.get("content", "")
                     if event.get("stop"):
                         return
         except httpx.TransportError as exc:
-            raise EngineDown(f"the engine server stopped during the draft ({type(exc).__name__})",
-                             "draft again in a moment") from exc
+            raise EngineDown(
+                f"the engine server stopped during the draft ({type(exc).__name__})",
+                "draft again in a moment",
+            ) from exc
 
 
 def _completion(tokens: list[int], max_tokens: int, sampling: Sampling) -> dict:
     """A /completion request with the sampling LlamaEngine.stream uses in process."""
-    return {"prompt": tokens, "n_predict": max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": sampling.top_k, "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty,
-            "logit_bias": [list(b) for b in sampling.logit_bias],
-            "stop": list(sampling.stop), "stream": True, "cache_prompt": True,
-            **({} if sampling.seed is None else {"seed": sampling.seed})}
+    return {
+        "prompt": tokens,
+        "n_predict": max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "min_p": sampling.min_p,
+        "repeat_penalty": sampling.repeat_penalty,
+        "logit_bias": [list(b) for b in sampling.logit_bias],
+        "stop": list(sampling.stop),
+        "stream": True,
+        "cache_prompt": True,
+        **({} if sampling.seed is None else {"seed": sampling.seed}),
+    }
 
 
 PIDFILE = "engine.pid"
@@ -147,12 +168,22 @@ def _die_with_parent():
 
     def arm() -> None:
         prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
     return arm
 
 
 class EngineServer:
-    def __init__(self, binary: Path, run_dir: Path, *, slots: int, n_ctx: int, threads: int = 0,
-                 mmap: bool = False, queue: int = 4):
+    def __init__(
+        self,
+        binary: Path,
+        run_dir: Path,
+        *,
+        slots: int,
+        n_ctx: int,
+        threads: int = 0,
+        mmap: bool = False,
+        queue: int = 4,
+    ):
         """`queue`: requests that may wait for a slot; past slots + queue, a lease is refused (EngineBusy)."""
         self.binary, self.run_dir = binary, run_dir
         self.slots, self.n_ctx, self.threads, self.mmap, self.queue = slots, n_ctx, threads, mmap, queue
@@ -201,31 +232,58 @@ class EngineServer:
         self.run_dir.chmod(0o700)  # the socket's directory: the service's user only
         self.socket.unlink(missing_ok=True)
         n_ctx = context_tokens(self.n_ctx, installed.manifest.model)
-        cmd = [str(self.binary), "-m", str(installed.model_path), "--host", str(self.socket),
-               "-np", str(self.slots), "-c", str(n_ctx * self.slots), "-t", str(self.threads or os.cpu_count() or 1),
-               "--no-webui", "--no-slots", "-lm", "mmap" if self.mmap else "none",
-               # no host-RAM prompt cache beside the slots' own (llama-server's default lets it grow to
-               # 8 GB); each slot still keeps its last prompt, which is what a follow-up reuses
-               "-cram", "0"]
+        cmd = [
+            str(self.binary),
+            "-m",
+            str(installed.model_path),
+            "--host",
+            str(self.socket),
+            "-np",
+            str(self.slots),
+            "-c",
+            str(n_ctx * self.slots),
+            "-t",
+            str(self.threads or os.cpu_count() or 1),
+            "--no-webui",
+            "--no-slots",
+            "-lm",
+            "mmap" if self.mmap else "none",
+            # no host-RAM prompt cache beside the slots' own (llama-server's default lets it grow to
+            # 8 GB); each slot still keeps its last prompt, which is what a follow-up reuses
+            "-cram",
+            "0",
+        ]
         logfile = open(self.run_dir / "engine.log", "ab")
         start = time.perf_counter()
         self.starts += 1
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                                     cwd=self.run_dir, start_new_session=True, preexec_fn=_die_with_parent())
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            cwd=self.run_dir,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
+        )
         logfile.close()
         (self.run_dir / PIDFILE).write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + START_TIMEOUT_S
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://engine",
-                          timeout=5) as http:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://engine", timeout=5
+        ) as http:
             while True:
                 if self.proc.poll() is not None:
-                    raise ModelError(f"the engine server exited ({self.proc.returncode}) while loading "
-                                     f"{installed.model_path.name}: {self.log_tail()}",
-                                     f"see {self.run_dir / 'engine.log'}")
+                    raise ModelError(
+                        f"the engine server exited ({self.proc.returncode}) while loading "
+                        f"{installed.model_path.name}: {self.log_tail()}",
+                        f"see {self.run_dir / 'engine.log'}",
+                    )
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise ModelError(f"the engine server did not answer within {START_TIMEOUT_S:.0f} s",
-                                     f"see {self.run_dir / 'engine.log'}")
+                    raise ModelError(
+                        f"the engine server did not answer within {START_TIMEOUT_S:.0f} s",
+                        f"see {self.run_dir / 'engine.log'}",
+                    )
                 try:
                     if self.socket.exists() and http.get("/health").status_code == 200:
                         # what each slot really holds: the server caps it at the model's training context
@@ -235,16 +293,24 @@ class EngineServer:
                 except (httpx.TransportError, ValueError):
                     pass
                 time.sleep(0.05)
-        self.tokenizer = LlamaEngine(installed.model_path, template_text, n_ctx=n_ctx, name=model_info["name"],
-                                     vocab_only=True)
+        self.tokenizer = LlamaEngine(
+            installed.model_path, template_text, n_ctx=n_ctx, name=model_info["name"], vocab_only=True
+        )
         self.context = n_ctx
         self.generation, self.model_info = installed.number, dict(model_info)
-        log.info("engine: %s on %d slots of %d tokens (%.1f s)", installed.model_path.name, self.slots, n_ctx,
-                 time.perf_counter() - start)
+        log.info(
+            "engine: %s on %d slots of %d tokens (%.1f s)",
+            installed.model_path.name,
+            self.slots,
+            n_ctx,
+            time.perf_counter() - start,
+        )
 
     def log_tail(self, lines: int = 5) -> str:
         try:
-            return " | ".join((self.run_dir / "engine.log").read_text(errors="replace").strip().splitlines()[-lines:])
+            return " | ".join(
+                (self.run_dir / "engine.log").read_text(errors="replace").strip().splitlines()[-lines:]
+            )
         except OSError:
             return ""
 
@@ -254,8 +320,13 @@ class EngineServer:
     def state(self) -> dict:
         """For `appliance status`: the slots, how many requests hold the engine now (answers being
         written, drafts), the generation it serves and how often it was (re)started."""
-        return {"slots": self.slots, "busy": self.active, "running": self.alive(), "generation": self.generation,
-                "starts": self.starts}
+        return {
+            "slots": self.slots,
+            "busy": self.active,
+            "running": self.alive(),
+            "generation": self.generation,
+            "starts": self.starts,
+        }
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -279,8 +350,11 @@ class EngineServer:
         if self._cond is None:
             self._cond = asyncio.Condition()
         if self.active >= self.slots + self.queue:
-            raise EngineBusy(f"the engine is busy: {self.active} answers are being written or waiting for its "
-                             f"{self.slots} slots", "retry in a moment")
+            raise EngineBusy(
+                f"the engine is busy: {self.active} answers are being written or waiting for its "
+                f"{self.slots} slots",
+                "retry in a moment",
+            )
         async with self._cond:
             while True:
                 await self._cond.wait_for(lambda: not self._changing)
@@ -290,13 +364,20 @@ class EngineServer:
                 self._changing = True  # no new leases; running ones finish on the model they have
                 await self._cond.wait_for(lambda: self.active == 0)
                 try:
-                    info = {"name": installed.manifest.model.name, "quant": installed.manifest.model.quant,
-                            "sha256": installed.manifest.files[installed.manifest.model.file].sha256,
-                            "generation": installed.number}
+                    info = {
+                        "name": installed.manifest.model.name,
+                        "quant": installed.manifest.model.quant,
+                        "sha256": installed.manifest.files[installed.manifest.model.file].sha256,
+                        "generation": installed.number,
+                    }
                     template = (installed.path / installed.manifest.chat_template).read_text()
                     if self.starts:
-                        log.warning("engine: restarting on generation %s (was %s, %s)", installed.number,
-                                    self.generation, "running" if self.alive() else "stopped")
+                        log.warning(
+                            "engine: restarting on generation %s (was %s, %s)",
+                            installed.number,
+                            self.generation,
+                            "running" if self.alive() else "stopped",
+                        )
                     await asyncio.to_thread(self.start, installed, template, info)
                 finally:
                     self._changing = False
@@ -316,15 +397,20 @@ class EngineServer:
         from httpx_sse import EventSource
 
         if self._client is None:
-            self._client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
-                                             base_url="http://engine", timeout=httpx.Timeout(None, connect=10))
+            self._client = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
+                base_url="http://engine",
+                timeout=httpx.Timeout(None, connect=10),
+            )
         body = _completion(tokens, max_tokens, sampling)
         try:
             async with self._client.stream("POST", "/completion", json=body) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")[:300]
-                    raise ModelError(f"the engine refused the prompt ({response.status_code}: {text})",
-                                     "shorten the question or lower max tokens")
+                    raise ModelError(
+                        f"the engine refused the prompt ({response.status_code}: {text})",
+                        "shorten the question or lower max tokens",
+                    )
                 async for sse in EventSource(response).aiter_sse():
                     event = json.loads(sse.data)
                     if event.get("stop"):
@@ -333,8 +419,10 @@ class EngineServer:
                         return
                     yield event.get("content", "")  # one event a token ("" while a character is incomplete)
         except httpx.TransportError as exc:
-            raise EngineDown(f"the engine server stopped during the answer ({type(exc).__name__}); it is being "
-                             "restarted", "ask again in a moment") from exc
+            raise EngineDown(
+                f"the engine server stopped during the answer ({type(exc).__name__}); it is being restarted",
+                "ask again in a moment",
+            ) from exc
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -347,4 +435,3 @@ def _current(app):
     """The generation that should be serving now (another process may have switched `current`)."""
     app.follow_current()
     return app.installed
-

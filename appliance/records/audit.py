@@ -44,15 +44,20 @@ def sha256_text(text: str) -> str:
 
 
 def _row_hash(prev_hash: str, row: dict) -> str:
-    content = json.dumps({k: row[k] for k in ("id", "time", "user", "action", "model_sha256", "generation",
-                                              "detail")}, sort_keys=True, separators=(",", ":"))
+    content = json.dumps(
+        {k: row[k] for k in ("id", "time", "user", "action", "model_sha256", "generation", "detail")},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256((prev_hash + content).encode("utf-8")).hexdigest()
 
 
 def _missing_table(exc: apsw.Error) -> StoreError:
-    return StoreError(f"the audit log cannot be written ({exc}); nothing was done unaudited",
-                      "the audit table is missing or damaged: restore appliance.db from a backup, then "
-                      "`appliance audit verify`")
+    return StoreError(
+        f"the audit log cannot be written ({exc}); nothing was done unaudited",
+        "the audit table is missing or damaged: restore appliance.db from a backup, then "
+        "`appliance audit verify`",
+    )
 
 
 def ready(conn: apsw.Connection, signer=None, home: Path | None = None) -> None:
@@ -66,9 +71,17 @@ def ready(conn: apsw.Connection, signer=None, home: Path | None = None) -> None:
         _check_head(conn, signer, home)
 
 
-def append(conn: apsw.Connection, action: str, detail: dict, *, user: str | None = None,
-           model_sha256: str | None = None, generation: int | None = None, signer=None,
-           home: Path | None = None) -> dict:
+def append(
+    conn: apsw.Connection,
+    action: str,
+    detail: dict,
+    *,
+    user: str | None = None,
+    model_sha256: str | None = None,
+    generation: int | None = None,
+    signer=None,
+    home: Path | None = None,
+) -> dict:
     """Append one row. Outside a transaction, the read of the last hash and the insert are one
     immediate transaction, so two processes appending at once still form one chain. Inside one (an
     ingest writes each document and its row together), the caller's writes already hold the lock.
@@ -84,15 +97,24 @@ def append(conn: apsw.Connection, action: str, detail: dict, *, user: str | None
             if signer is not None:
                 _check_head(conn, signer, home)
             last = head(conn)
-            row = {"id": (last[0] + 1) if last else 1, "time": utc_stamp(),
-                   "user": user or os_user(), "action": action, "model_sha256": model_sha256,
-                   "generation": generation, "detail": json.dumps(detail, sort_keys=True, separators=(",", ":"))}
+            row = {
+                "id": (last[0] + 1) if last else 1,
+                "time": utc_stamp(),
+                "user": user or os_user(),
+                "action": action,
+                "model_sha256": model_sha256,
+                "generation": generation,
+                "detail": json.dumps(detail, sort_keys=True, separators=(",", ":")),
+            }
             row["prev_hash"] = last[1] if last else GENESIS
             row["row_hash"] = _row_hash(row["prev_hash"], row)
             row["signature"] = signer.sign(row["row_hash"].encode()) if signer is not None else None
-            conn.execute("INSERT INTO audit(id, time, user, action, model_sha256, generation, detail, prev_hash, "
-                         "row_hash, signature) VALUES (:id, :time, :user, :action, :model_sha256, :generation, "
-                         ":detail, :prev_hash, :row_hash, :signature)", row)
+            conn.execute(
+                "INSERT INTO audit(id, time, user, action, model_sha256, generation, detail, prev_hash, "
+                "row_hash, signature) VALUES (:id, :time, :user, :action, :model_sha256, :generation, "
+                ":detail, :prev_hash, :row_hash, :signature)",
+                row,
+            )
             if own:
                 conn.execute("COMMIT")
         except BaseException:
@@ -124,8 +146,10 @@ def _check_head(conn: apsw.Connection, signer, home: Path | None) -> None:
     (the private key's own public half, not appliance.pub), and no shorter than the newest checkpoint
     (rows cut back to an older signed head). A log no row of which is signed (written before rows were
     signed, or before the first checkpoint) is extended: its head is anchored by the next row."""
-    rows = [dict(zip(_COLUMNS, v, strict=True)) for v in conn.execute(
-        f"SELECT {', '.join(_COLUMNS)} FROM audit ORDER BY id DESC LIMIT 2")]
+    rows = [
+        dict(zip(_COLUMNS, v, strict=True))
+        for v in conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM audit ORDER BY id DESC LIMIT 2")
+    ]
     if not rows:
         return
     top, below = rows[0], (rows[1] if len(rows) > 1 else None)
@@ -134,18 +158,23 @@ def _check_head(conn: apsw.Connection, signer, home: Path | None) -> None:
     why = None
     if newest is not None and newest["rows"] > top["id"]:
         why = f"the log ends at row {top['id']} but a checkpoint counted {newest['rows']} rows: rows were cut"
-    elif _row_hash(top["prev_hash"], top) != top["row_hash"] or top["prev_hash"] != (below["row_hash"] if below
-                                                                                       else GENESIS):
+    elif _row_hash(top["prev_hash"], top) != top["row_hash"] or top["prev_hash"] != (
+        below["row_hash"] if below else GENESIS
+    ):
         why = f"row {top['id']}'s hash or its link to the row before it does not hold"
-    elif not signed_by(top, public) and not (
-            newest is not None and (newest["rows"], newest["head"]) == (top["id"], top["row_hash"])) and \
-            conn.execute("SELECT 1 FROM audit WHERE signature IS NOT NULL LIMIT 1").fetchone() is not None:
+    elif (
+        not signed_by(top, public)
+        and not (newest is not None and (newest["rows"], newest["head"]) == (top["id"], top["row_hash"]))
+        and conn.execute("SELECT 1 FROM audit WHERE signature IS NOT NULL LIMIT 1").fetchone() is not None
+    ):
         why = f"row {top['id']} carries no signature of this appliance's key and no checkpoint anchors it"
     if why:
-        raise StoreError(f"the audit log's head was not written by this appliance ({why}): something else wrote to "
-                         "the database; nothing more is recorded or answered until that is resolved",
-                         "run `appliance audit verify`: an administrator removes the rows it names or restores "
-                         "appliance.db from a backup")
+        raise StoreError(
+            f"the audit log's head was not written by this appliance ({why}): something else wrote to "
+            "the database; nothing more is recorded or answered until that is resolved",
+            "run `appliance audit verify`: an administrator removes the rows it names or restores "
+            "appliance.db from a backup",
+        )
 
 
 def head(conn) -> tuple[int, str] | None:
@@ -156,13 +185,15 @@ def head(conn) -> tuple[int, str] | None:
 
 def entry(conn, audit_id: int) -> tuple[str, dict, str | None, int | None, str] | None:
     """(action, detail, model_sha256, generation, user) of row `audit_id`, or None."""
-    row = conn.execute("SELECT action, detail, model_sha256, generation, user FROM audit WHERE id = ?",
-                       (audit_id,)).fetchone()
+    row = conn.execute(
+        "SELECT action, detail, model_sha256, generation, user FROM audit WHERE id = ?", (audit_id,)
+    ).fetchone()
     return (row[0], json.loads(row[1]), row[2], row[3], row[4]) if row else None
 
 
-def rows(conn: apsw.Connection, action: str | None = None, user: str | None = None,
-         limit: int | None = None) -> Iterator[dict]:
+def rows(
+    conn: apsw.Connection, action: str | None = None, user: str | None = None, limit: int | None = None
+) -> Iterator[dict]:
     sql, args = f"SELECT {', '.join(_COLUMNS)} FROM audit", []
     where = [(c, v) for c, v in (("action", action), ("user", user)) if v]
     if where:
@@ -192,16 +223,23 @@ def verify_rows(entries: Iterable[dict]) -> tuple[int, int | None]:
 
 # -- checkpoints: the chain anchored outside the database ------------------------------------------
 
+
 def _signed(rows_count: int, head: str, when: str) -> bytes:
-    return json.dumps({"rows": rows_count, "head": head, "time": when}, sort_keys=True,
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"rows": rows_count, "head": head, "time": when}, sort_keys=True, separators=(",", ":")
+    ).encode()
 
 
 def checkpoint(home: Path, identity, rows_count: int, head: str) -> dict:
     """Append a signed (row count, head hash) line and fsync it; the directory is private."""
     when = utc_stamp()
-    line = {"rows": rows_count, "head": head, "time": when, "key_id": identity.key_id,
-            "signature": identity.sign(_signed(rows_count, head, when))}
+    line = {
+        "rows": rows_count,
+        "head": head,
+        "time": when,
+        "key_id": identity.key_id,
+        "signature": identity.sign(_signed(rows_count, head, when)),
+    }
     path = home / CHECKPOINTS
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -238,8 +276,9 @@ def read_checkpoints(lines: Iterable[str], public) -> tuple[list[dict], list[str
             if len(text) > MAX_CHECKPOINT_LINE:
                 raise ValueError("line too long")
             cp = json.loads(text)
-            ok = identity.verify(public, _signed(int(cp["rows"]), str(cp["head"]), str(cp["time"])),
-                                 str(cp["signature"]))
+            ok = identity.verify(
+                public, _signed(int(cp["rows"]), str(cp["head"]), str(cp["time"])), str(cp["signature"])
+            )
         except (ValueError, KeyError, TypeError):
             ok, cp = False, None
         if not ok:
@@ -263,9 +302,15 @@ class Verdict:
         return self.first_bad_row is None and not self.problems
 
     def to_json(self) -> dict:
-        return {"rows": self.rows, "intact": self.intact, "first_bad_row": self.first_bad_row,
-                "checkpoints": self.checkpoints, "anchored_rows": self.anchored_rows, "head": self.head,
-                "problems": self.problems}
+        return {
+            "rows": self.rows,
+            "intact": self.intact,
+            "first_bad_row": self.first_bad_row,
+            "checkpoints": self.checkpoints,
+            "anchored_rows": self.anchored_rows,
+            "head": self.head,
+            "problems": self.problems,
+        }
 
 
 def verify(entries: Iterable[dict], checkpoint_lines: Iterable[str] | None, public) -> Verdict:
@@ -284,8 +329,10 @@ def verify(entries: Iterable[dict], checkpoint_lines: Iterable[str] | None, publ
         verdict.problems += _identity_problems(entries, public)
     if checkpoint_lines is None:
         if hashes and public is not None:
-            verdict.problems.append(f"no checkpoint file ({CHECKPOINTS}) although the log has {len(hashes)} rows: "
-                                    "it was removed, so cut rows cannot be ruled out")
+            verdict.problems.append(
+                f"no checkpoint file ({CHECKPOINTS}) although the log has {len(hashes)} rows: "
+                "it was removed, so cut rows cannot be ruled out"
+            )
         return verdict
     if public is None:
         verdict.problems.append("checkpoints exist but this appliance has no identity key to check them")
@@ -295,20 +342,26 @@ def verify(entries: Iterable[dict], checkpoint_lines: Iterable[str] | None, publ
     verdict.checkpoints = len(good)
     newest = max(good, key=lambda c: c["rows"], default=None)
     if newest and newest["rows"] > len(hashes):
-        verdict.problems.append(f"rows {len(hashes) + 1} to {newest['rows']} are missing: a checkpoint of "
-                                f"{newest['time']} counted {newest['rows']} rows, the database has {len(hashes)}")
+        verdict.problems.append(
+            f"rows {len(hashes) + 1} to {newest['rows']} are missing: a checkpoint of "
+            f"{newest['time']} counted {newest['rows']} rows, the database has {len(hashes)}"
+        )
     for cp in sorted(good, key=lambda c: c["rows"]):
         n = cp["rows"]
         if n <= len(hashes) and n and hashes[n - 1] != cp["head"]:
-            verdict.problems.append(f"row {n} is not the row checkpointed at {cp['time']} (head {cp['head'][:12]}, "
-                                    f"found {hashes[n - 1][:12]}): the log was rewritten or replaced by another copy")
+            verdict.problems.append(
+                f"row {n} is not the row checkpointed at {cp['time']} (head {cp['head'][:12]}, "
+                f"found {hashes[n - 1][:12]}): the log was rewritten or replaced by another copy"
+            )
             break
     verdict.anchored_rows = max((c["rows"] for c in good), default=0)
-    unsigned = [row["id"] for row in entries[verdict.anchored_rows:] if not signed_by(row, public)]
+    unsigned = [row["id"] for row in entries[verdict.anchored_rows :] if not signed_by(row, public)]
     if unsigned:
-        verdict.problems.append(f"{len(unsigned)} row(s) after the newest checkpoint (row {verdict.anchored_rows}) "
-                                f"carry no signature of this appliance's key, from row {unsigned[0]}: something "
-                                "other than the appliance wrote them")
+        verdict.problems.append(
+            f"{len(unsigned)} row(s) after the newest checkpoint (row {verdict.anchored_rows}) "
+            f"carry no signature of this appliance's key, from row {unsigned[0]}: something "
+            "other than the appliance wrote them"
+        )
     return verdict
 
 
@@ -325,8 +378,10 @@ def _identity_problems(entries: list[dict], public) -> list[str]:
     except (ValueError, AttributeError):
         recorded = None
     if recorded != identity.public_pem(public):
-        return [f"the appliance's public key is not the one audit row {first['id']} recorded when the identity "
-                "was made: identity/appliance.pub was replaced"]
+        return [
+            f"the appliance's public key is not the one audit row {first['id']} recorded when the identity "
+            "was made: identity/appliance.pub was replaced"
+        ]
     return []
 
 
@@ -364,7 +419,9 @@ def compare_export(entries: list[dict], export_lines: Iterable[str], public) -> 
     try:
         exported, checkpoints = split_export(export_lines)
         for n, row in enumerate(exported, start=1):
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prev_hash", "row_hash")):
+            if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) for k in ("prev_hash", "row_hash")
+            ):
                 raise ValueError(f"row {n} is not an audit row with prev_hash and row_hash")
             missing = [k for k in _HASHED if k not in row]
             if missing:
@@ -378,18 +435,32 @@ def compare_export(entries: list[dict], export_lines: Iterable[str], public) -> 
     head = exported[-1]["row_hash"] if exported else None
     n = len(exported)
     if n > len(entries):
-        problems.append(f"the export has {n} rows ending at head {head[:16]}, the database {len(entries)}: rows "
-                        f"{len(entries) + 1} to {n} are missing")
+        problems.append(
+            f"the export has {n} rows ending at head {head[:16]}, the database {len(entries)}: rows "
+            f"{len(entries) + 1} to {n} are missing"
+        )
     elif n and entries[n - 1]["row_hash"] != head:
-        first = next((i + 1 for i, (a, b) in enumerate(zip(exported, entries, strict=False))
-                      if a["row_hash"] != b["row_hash"]), n)
-        problems.append(f"the export expects head {head[:16]} at row {n}; the database differs from row {first}")
+        first = next(
+            (
+                i + 1
+                for i, (a, b) in enumerate(zip(exported, entries, strict=False))
+                if a["row_hash"] != b["row_hash"]
+            ),
+            n,
+        )
+        problems.append(
+            f"the export expects head {head[:16]} at row {n}; the database differs from row {first}"
+        )
     if checkpoints and public is not None:
         good, bad_lines = read_checkpoints(checkpoints, public)
         problems += [f"export: {p}" for p in bad_lines]
         newest = max(good, key=lambda c: c["rows"], default=None)
-        if newest and (newest["rows"] > len(entries) or
-                       (newest["rows"] and entries[newest["rows"] - 1]["row_hash"] != newest["head"])):
-            problems.append(f"the export's checkpoint of {newest['time']} ({newest['rows']} rows, head "
-                            f"{newest['head'][:16]}) does not match the database")
+        if newest and (
+            newest["rows"] > len(entries)
+            or (newest["rows"] and entries[newest["rows"] - 1]["row_hash"] != newest["head"])
+        ):
+            problems.append(
+                f"the export's checkpoint of {newest['time']} ({newest['rows']} rows, head "
+                f"{newest['head'][:16]}) does not match the database"
+            )
     return {"rows": n, "head": head, "problems": problems}

@@ -25,8 +25,9 @@ class OnnxEmbedder:
 
         manifest_path = directory / EMBEDDER_MANIFEST
         if not manifest_path.is_file():
-            raise ModelError(f"{directory}: no {EMBEDDER_MANIFEST}", "export the embedder with "
-                             "`builder embedder export`")
+            raise ModelError(
+                f"{directory}: no {EMBEDDER_MANIFEST}", "export the embedder with `builder embedder export`"
+            )
         self.manifest = json.loads(manifest_path.read_text())
         self.name: str = self.manifest["name"]
         self.dim: int = int(self.manifest["dim"])
@@ -36,8 +37,10 @@ class OnnxEmbedder:
         variant = variant or self.manifest.get("default", "int8")
         model_file = self.manifest["files"].get(variant)
         if model_file is None or not (directory / model_file).is_file():
-            raise ModelError(f"{directory}: embedder variant '{variant}' is not present",
-                             f"available: {', '.join(self.manifest['files'])}")
+            raise ModelError(
+                f"{directory}: embedder variant '{variant}' is not present",
+                f"available: {', '.join(self.manifest['files'])}",
+            )
         self.variant = variant
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         max_length = int(self.manifest.get("max_length", 256))
@@ -48,11 +51,13 @@ class OnnxEmbedder:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(directory / model_file), options,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(directory / model_file), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-            raise ModelError(f"{directory / model_file}: onnxruntime cannot load it ({exc})",
-                             "re-export the embedder") from exc
+            raise ModelError(
+                f"{directory / model_file}: onnxruntime cannot load it ({exc})", "re-export the embedder"
+            ) from exc
         self.input_names = {i.name for i in self.session.get_inputs()}
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -62,7 +67,7 @@ class OnnxEmbedder:
         # Sorting by length keeps padding per batch small; results go back to the caller's order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(texts), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             out[idx] = self._embed_batch([texts[i] for i in idx])
         return out
 

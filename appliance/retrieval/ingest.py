@@ -34,36 +34,53 @@ def _table_row(columns: list[str], row: dict[str, str]) -> dict:
     if not code:
         found = next((CODE_RE.search(v) for v in row.values() if CODE_RE.search(v)), None)
         code = found.group(0) if found else ""
-    return {"code": code.strip() or None, "title": row.get(title_col, "").strip() if title_col else None,
-            "data": row}
+    return {
+        "code": code.strip() or None,
+        "title": row.get(title_col, "").strip() if title_col else None,
+        "data": row,
+    }
 
 
 def _chunks(doc: Document, limit: int) -> list[NewChunk]:
     chunks = chunk_document(doc, limit)
     if doc.table is None:
         return [NewChunk(c.position, c.heading, c.text) for c in chunks]
-    return [NewChunk(c.position, c.heading, c.text, row=_table_row(doc.table.columns, doc.table.rows[c.row]))
-            for c in chunks]
+    return [
+        NewChunk(c.position, c.heading, c.text, row=_table_row(doc.table.columns, doc.table.rows[c.row]))
+        for c in chunks
+    ]
 
 
-def _embed_with_progress(embedder: Embedder, chunks: list[NewChunk], report: Callable[[int], object],
-                         batch: int = 512) -> np.ndarray:
+def _embed_with_progress(
+    embedder: Embedder, chunks: list[NewChunk], report: Callable[[int], object], batch: int = 512
+) -> np.ndarray:
     """Embed a document's chunks, reporting after each batch: a long file shows it is moving."""
     texts = [embedding_text(c.heading, c.text) for c in chunks]
     parts = []
     for start in range(0, len(texts), batch):
-        parts.append(embedder.embed(texts[start:start + batch]))
+        parts.append(embedder.embed(texts[start : start + batch]))
         if len(texts) > batch:
             report(start + len(parts[-1]))
     return np.concatenate(parts) if parts else np.zeros((0, embedder.dim), dtype=np.float32)
 
 
-def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: str, *, max_bytes: int,
-           chunk_chars: int, progress: Callable[[str, int, int], None] | None = None,
-           source_name: Callable[[Path], str] | None = None, owner: str | None = None, admin: bool = False,
-           record: Callable[[str, dict], object] | None = None, sandbox: Sandbox | None = None,
-           committed: Callable[[], object] | None = None,
-           aside: Callable[[], ContextManager] | None = None) -> IngestReport:
+def ingest(
+    store: Store,
+    embedder: Embedder,
+    paths: Iterable[Path],
+    collection: str,
+    *,
+    max_bytes: int,
+    chunk_chars: int,
+    progress: Callable[[str, int, int], None] | None = None,
+    source_name: Callable[[Path], str] | None = None,
+    owner: str | None = None,
+    admin: bool = False,
+    record: Callable[[str, dict], object] | None = None,
+    sandbox: Sandbox | None = None,
+    committed: Callable[[], object] | None = None,
+    aside: Callable[[], ContextManager] | None = None,
+) -> IngestReport:
     """`source_name`: what a file is recorded as (an upload: the path on the caller's side); default its
     absolute path. `owner`: whose documents these are (`admin`: also owner of documents from before
     owners were kept). `record(action, detail)` writes the audit row inside each document's
@@ -81,10 +98,24 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
             if progress:
                 progress(source, i, len(files))
             try:
-                _one(store, embedder, path, source, collection, report, max_bytes=max_bytes, chunk_chars=chunk_chars,
-                     owner=owner, admin=admin, record=record, sandbox=sandbox, aside=aside or contextlib.nullcontext,
-                     progress=lambda done, n, src=source, i=i: progress and progress(f"{src} (chunk {done} of {n})",
-                                                                                      i, len(files)))
+                _one(
+                    store,
+                    embedder,
+                    path,
+                    source,
+                    collection,
+                    report,
+                    max_bytes=max_bytes,
+                    chunk_chars=chunk_chars,
+                    owner=owner,
+                    admin=admin,
+                    record=record,
+                    sandbox=sandbox,
+                    aside=aside or contextlib.nullcontext,
+                    progress=lambda done, n, src=source, i=i: (
+                        progress and progress(f"{src} (chunk {done} of {n})", i, len(files))
+                    ),
+                )
             except IngestError as exc:  # named as the caller knows the file
                 report.failed.append({"source": source, "error": str(exc).replace(str(path), source)})
             else:
@@ -98,8 +129,17 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[Path], collection: 
     return report
 
 
-def _known(store: Store, source: str, collection: str, digest: str, report: IngestReport, *, owner: str | None,
-           admin: bool, record) -> bool:
+def _known(
+    store: Store,
+    source: str,
+    collection: str,
+    digest: str,
+    report: IngestReport,
+    *,
+    owner: str | None,
+    admin: bool,
+    record,
+) -> bool:
     """Whether this content is in the collection already: unchanged under this name and owner, or a
     duplicate of another document (this name's older text is then removed). Reported either way."""
     same = store.find_document(collection, digest)
@@ -111,16 +151,44 @@ def _known(store: Store, source: str, collection: str, digest: str, report: Inge
     # The same text is already here under another name: this name's old text must not stay.
     old = store.earlier_versions(collection, source, owner, admin, digest)
     if old:
-        store.remove_versions(old, record and (lambda: record("remove", {
-            "collection": collection, "source": source, "doc_ids": old, "reason": "duplicate",
-            "same_as": same.id, "sha256": digest})))
+        store.remove_versions(
+            old,
+            record
+            and (
+                lambda: record(
+                    "remove",
+                    {
+                        "collection": collection,
+                        "source": source,
+                        "doc_ids": old,
+                        "reason": "duplicate",
+                        "same_as": same.id,
+                        "sha256": digest,
+                    },
+                )
+            ),
+        )
     report.duplicates.append({"source": source, "same_as": same.source, "doc_id": same.id, "removed": old})
     return True
 
 
-def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: str, report: IngestReport, *,
-         max_bytes: int, chunk_chars: int, owner: str | None, admin: bool, record, sandbox: Sandbox,
-         aside: Callable[[], ContextManager], progress: Callable[[int, int], object]) -> None:
+def _one(
+    store: Store,
+    embedder: Embedder,
+    path: Path,
+    source: str,
+    collection: str,
+    report: IngestReport,
+    *,
+    max_bytes: int,
+    chunk_chars: int,
+    owner: str | None,
+    admin: bool,
+    record,
+    sandbox: Sandbox,
+    aside: Callable[[], ContextManager],
+    progress: Callable[[int, int], object],
+) -> None:
     data = read_bytes(path, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
     if _known(store, source, collection, digest, report, owner=owner, admin=admin, record=record):
@@ -131,20 +199,45 @@ def _one(store: Store, embedder: Embedder, path: Path, source: str, collection: 
         vectors = _embed_with_progress(embedder, chunks, lambda done: progress(done, len(chunks)))
     # The store may have moved on while this file was parsed and embedded aside (appliance.service).
     if store.embedder_id()[0] not in (None, embedder.name):
-        raise IngestError(f"{path}: a new model with another embedder was installed while this file was read",
-                          "send it again")
+        raise IngestError(
+            f"{path}: a new model with another embedder was installed while this file was read",
+            "send it again",
+        )
     if _known(store, source, collection, digest, report, owner=owner, admin=admin, record=record):
         return
     item = {"source": source, "title": doc.title, "kind": doc.kind, "chunks": len(chunks), "sha256": digest}
     if doc.table is not None and collection not in store.reference:
-        item["note"] = (f"a table outside the reference collections ({', '.join(store.reference)}): searched as "
-                        "text, never used for lookups, code checks or staffing")
+        item["note"] = (
+            f"a table outside the reference collections ({', '.join(store.reference)}): searched as "
+            "text, never used for lookups, code checks or staffing"
+        )
 
     def audited(doc_id: int, replaced: list[int]) -> None:
         item.update(doc_id=doc_id, replaced=replaced)
         if record:
-            record("ingest", {"collection": collection, "source": source, "sha256": digest, "doc_id": doc_id,
-                              "chunks": len(chunks), "replaced": replaced})
-    store.add_document(collection, source, doc.title, doc.kind, digest, len(data), chunks, vectors, owner=owner,
-                       admin=admin, record=audited)
+            record(
+                "ingest",
+                {
+                    "collection": collection,
+                    "source": source,
+                    "sha256": digest,
+                    "doc_id": doc_id,
+                    "chunks": len(chunks),
+                    "replaced": replaced,
+                },
+            )
+
+    store.add_document(
+        collection,
+        source,
+        doc.title,
+        doc.kind,
+        digest,
+        len(data),
+        chunks,
+        vectors,
+        owner=owner,
+        admin=admin,
+        record=audited,
+    )
     report.added.append({"doc_id": item.pop("doc_id"), **item})

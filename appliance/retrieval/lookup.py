@@ -21,9 +21,13 @@ def lookup(store: Store, query: str, collection: str | None = None, limit: int =
     rows = store.ref_rows(store.collection_id(collection) if collection else None)
     if _CODE_PREFIX_RE.match(query):
         exact = [r for r in rows if r["code"] == query]
-        prefix = sorted((r for r in rows if r["code"] and r["code"] != query and r["code"].startswith(query)),
-                        key=lambda r: r["code"])
-        return ([dict(r, match="exact code") for r in exact] + [dict(r, match="code prefix") for r in prefix])[:limit]
+        prefix = sorted(
+            (r for r in rows if r["code"] and r["code"] != query and r["code"].startswith(query)),
+            key=lambda r: r["code"],
+        )
+        return (
+            [dict(r, match="exact code") for r in exact] + [dict(r, match="code prefix") for r in prefix]
+        )[:limit]
     words = [w for w in re.findall(r"\w+", query.lower())]
     scored = []
     for r in rows:
@@ -33,5 +37,7 @@ def lookup(store: Store, query: str, collection: str | None = None, limit: int =
         if hits:
             scored.append((-(hits == len(words)), -hits, len(title), r["code"] or "", r))
     scored.sort(key=lambda s: s[:4])
-    return [dict(r, match="all title words" if full else f"{-h} of {len(words)} title words")
-            for full, h, _, _, r in scored][:limit]
+    return [
+        dict(r, match="all title words" if full else f"{-h} of {len(words)} title words")
+        for full, h, _, _, r in scored
+    ][:limit]

@@ -3,7 +3,9 @@ write lock (appliance.retrieval.store.Store.migrate), and recorded in `_migratio
 never edit one that has shipped."""
 
 MIGRATIONS: list[tuple[str, str]] = [
-    ("001_initial", """
+    (
+        "001_initial",
+        """
         CREATE TABLE collections (
             id INTEGER PRIMARY KEY,
             name TEXT NOT NULL UNIQUE,
@@ -43,11 +45,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX ref_rows_code ON ref_rows(code);
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """),
-    ("002_fts_vocabulary", """
+    """,
+    ),
+    (
+        "002_fts_vocabulary",
+        """
         CREATE VIRTUAL TABLE chunk_fts_terms USING fts5vocab(chunk_fts, 'row');
-    """),
-    ("003_audit", """
+    """,
+    ),
+    (
+        "003_audit",
+        """
         CREATE TABLE audit (
             id INTEGER PRIMARY KEY,
             time TEXT NOT NULL,
@@ -60,8 +68,11 @@ MIGRATIONS: list[tuple[str, str]] = [
             row_hash TEXT NOT NULL
         );
         CREATE INDEX audit_action ON audit(action, user);
-    """),
-    ("004_conversations", """
+    """,
+    ),
+    (
+        "004_conversations",
+        """
         CREATE TABLE conversations (
             id INTEGER PRIMARY KEY,
             started TEXT NOT NULL,
@@ -76,8 +87,11 @@ MIGRATIONS: list[tuple[str, str]] = [
             time TEXT NOT NULL
         );
         CREATE INDEX messages_conversation ON messages(conversation_id, id);
-    """),
-    ("005_feedback", """
+    """,
+    ),
+    (
+        "005_feedback",
+        """
         CREATE TABLE feedback (
             id INTEGER PRIMARY KEY,
             time TEXT NOT NULL,
@@ -99,14 +113,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX feedback_answer ON feedback(answer_audit_id);
         CREATE INDEX feedback_pending ON feedback(export_id, id);
-    """),
-    ("006_document_owner", """
+    """,
+    ),
+    (
+        "006_document_owner",
+        """
         ALTER TABLE documents ADD COLUMN owner TEXT;  -- who ingested it; NULL: before owners were kept
         CREATE INDEX documents_owner ON documents(collection_id, source, owner);
-    """),
-    ("007_audit_signature", """
+    """,
+    ),
+    (
+        "007_audit_signature",
+        """
         -- ed25519 signature of row_hash by the appliance's identity key: a row the appliance did not
         -- write (someone with the database but not the key) cannot carry one. NULL in rows before 007.
         ALTER TABLE audit ADD COLUMN signature TEXT;
-    """),
+    """,
+    ),
 ]

@@ -28,7 +28,8 @@ POSTINGS_BUDGET = 5_000  # about 10 ms of BM25 on the development machine (bench
 _PARTIAL_CODE_RE = re.compile(r"\b\d{2}-\d{2,4}(?:\.\d{1,2})?\b")
 _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from has have how i in is it its me of on or our the "
-    "this to was we what when where which who why will with you your".split())
+    "this to was we what when where which who why will with you your".split()
+)
 
 
 @dataclass
@@ -39,10 +40,18 @@ class Hit(ChunkRow):
     exact: bool = False
 
     def to_json(self) -> dict:
-        return {"chunk_id": self.chunk_id, "doc_id": self.doc_id, "source": self.source, "title": self.title,
-                "owner": self.owner, "collection": self.collection, "position": self.position,
-                "score": round(self.score, 6),
-                "exact": self.exact, "text": self.text}
+        return {
+            "chunk_id": self.chunk_id,
+            "doc_id": self.doc_id,
+            "source": self.source,
+            "title": self.title,
+            "owner": self.owner,
+            "collection": self.collection,
+            "position": self.position,
+            "score": round(self.score, 6),
+            "exact": self.exact,
+            "text": self.text,
+        }
 
 
 _CODE_QUESTION_RE = re.compile(r"\b(codes?|soc|o\*net|lcat)\b", re.IGNORECASE)
@@ -74,13 +83,29 @@ def conflicting_codes(answer: str, question: str, titles: dict[str, list[dict]])
         if not rows or code in conflicts:
             continue
         if code not in {r["code"] for r in rows}:
-            conflicts[code] = {"code": code, "title": rows[0]["title"], "table_code": rows[0]["code"],
-                               "table_source": rows[0]["source"]}
-        elif other := next((r for r in rows if r["source"] not in {s["source"] for s in rows if s["code"] == code}
-                            and not (r["code"].startswith(code) or code.startswith(r["code"]))), None):
+            conflicts[code] = {
+                "code": code,
+                "title": rows[0]["title"],
+                "table_code": rows[0]["code"],
+                "table_source": rows[0]["source"],
+            }
+        elif other := next(
+            (
+                r
+                for r in rows
+                if r["source"] not in {s["source"] for s in rows if s["code"] == code}
+                and not (r["code"].startswith(code) or code.startswith(r["code"]))
+            ),
+            None,
+        ):
             # another reference table gives this title another code: which one holds is not for the model to say
-            conflicts[code] = {"code": code, "title": other["title"], "table_code": other["code"],
-                               "table_source": other["source"], "tables_disagree": True}
+            conflicts[code] = {
+                "code": code,
+                "title": other["title"],
+                "table_code": other["code"],
+                "table_source": other["source"],
+                "tables_disagree": True,
+            }
     return list(conflicts.values())
 
 
@@ -90,7 +115,9 @@ def query_codes(query: str) -> list[str]:
 
 def query_words(query: str) -> list[str]:
     rest = _PARTIAL_CODE_RE.sub(" ", query)
-    return list(dict.fromkeys(w for w in re.findall(r"\w+", rest.lower()) if w not in _STOPWORDS and len(w) > 1))
+    return list(
+        dict.fromkeys(w for w in re.findall(r"\w+", rest.lower()) if w not in _STOPWORDS and len(w) > 1)
+    )
 
 
 def fts_query(query: str, words: list[str] | None = None) -> str | None:
@@ -117,8 +144,14 @@ def selective_words(store: Store, words: list[str], budget: int = POSTINGS_BUDGE
     return kept
 
 
-def search(store: Store, embedder: Embedder, query: str, k: int = 5, collection: str | None = None,
-           fetch: int | None = None) -> list[Hit]:
+def search(
+    store: Store,
+    embedder: Embedder,
+    query: str,
+    k: int = 5,
+    collection: str | None = None,
+    fetch: int | None = None,
+) -> list[Hit]:
     query = query.strip()
     if not query:
         return []
@@ -141,12 +174,16 @@ def search(store: Store, embedder: Embedder, query: str, k: int = 5, collection:
     if not exact and _CODE_QUESTION_RE.search(query):
         titles = store.ref_titles()
         for _, _, title in mentioned_titles(query, titles):
-            exact += [r["chunk_id"] for r in titles[title] if coll_id is None or r["collection_id"] == coll_id]
+            exact += [
+                r["chunk_id"] for r in titles[title] if coll_id is None or r["collection_id"] == coll_id
+            ]
     exact = list(dict.fromkeys(exact))
     exact_set = set(exact)
     ordered = exact + sorted((c for c in scores if c not in exact_set), key=lambda c: -scores[c])
     rows = store.chunks(ordered[:k])
-    return [Hit(**vars(rows[c]), score=scores.get(c, 0.0), exact=c in exact_set) for c in ordered[:k] if c in rows]
+    return [
+        Hit(**vars(rows[c]), score=scores.get(c, 0.0), exact=c in exact_set) for c in ordered[:k] if c in rows
+    ]
 
 
 @dataclass
@@ -170,14 +207,24 @@ class Answer:
 
     def report(self) -> AnswerReport:
         """The answer as its caller gets it (the contract's shape, without the record's internals)."""
-        return AnswerReport(question=self.question, answer=self.answer, citations=self.citations,
-                            unknown_citations=self.unknown_citations, unverified_codes=self.unverified_codes,
-                            miscited_codes=self.miscited_codes, conflicting_codes=self.conflicting_codes,
-                            sources=[Source(n=i, **h.to_json()) for i, h in enumerate(self.sources, start=1)],
-                            model=self.model, timing=self.timing, audit_id=self.audit_id)
+        return AnswerReport(
+            question=self.question,
+            answer=self.answer,
+            citations=self.citations,
+            unknown_citations=self.unknown_citations,
+            unverified_codes=self.unverified_codes,
+            miscited_codes=self.miscited_codes,
+            conflicting_codes=self.conflicting_codes,
+            sources=[Source(n=i, **h.to_json()) for i, h in enumerate(self.sources, start=1)],
+            model=self.model,
+            timing=self.timing,
+            audit_id=self.audit_id,
+        )
 
 
-def fit_sources(hits: list[Hit], question: str, generator: Generator, budget: int, first: int = 1) -> list[str]:
+def fit_sources(
+    hits: list[Hit], question: str, generator: Generator, budget: int, first: int = 1
+) -> list[str]:
     """Numbered source blocks (from `first`), as many as fit the token budget; the last one may be cut short."""
     sources: list[str] = []
     used = generator.count_tokens(question) + 64
@@ -215,10 +262,22 @@ class Prepared:
     titles: dict[str, list[dict]] | None = None
 
 
-def prepare(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
-            max_tokens: int, sampling: Sampling, use_rag: bool = True, retrieval_ms: float = 0.0,
-            history: list[dict] | None = None, earlier: list[Hit] | None = None, new_sources: int | None = None,
-            titles: dict[str, list[dict]] | None = None) -> Prepared:
+def prepare(
+    generator: Generator,
+    question: str,
+    hits: list[Hit],
+    model_info: dict,
+    *,
+    n_ctx: int,
+    max_tokens: int,
+    sampling: Sampling,
+    use_rag: bool = True,
+    retrieval_ms: float = 0.0,
+    history: list[dict] | None = None,
+    earlier: list[Hit] | None = None,
+    new_sources: int | None = None,
+    titles: dict[str, list[dict]] | None = None,
+) -> Prepared:
     """The prompt: as many sources as fit the context (see `answer` for the arguments)."""
     earlier = earlier or []
     budget = n_ctx - max_tokens - generator.count_tokens(build_messages("", [], use_rag)[0]["content"]) - 32
@@ -229,8 +288,9 @@ def prepare(generator: Generator, question: str, hits: list[Hit], model_info: di
     hits = earlier + hits[: len(sources)]
     messages = build_messages(question, sources, use_rag, history, more=bool(earlier))
     texts = [h.text for h in earlier] + sources  # what the model was shown, earlier turns included
-    return Prepared(question, messages, hits, texts, len(earlier), model_info, max_tokens, sampling,
-                    retrieval_ms, titles)
+    return Prepared(
+        question, messages, hits, texts, len(earlier), model_info, max_tokens, sampling, retrieval_ms, titles
+    )
 
 
 def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = False) -> Answer:
@@ -241,8 +301,17 @@ def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = Fa
     for n in cited_numbers(text):
         if 1 <= n <= len(hits):
             h = hits[n - 1]
-            citations.append({"n": n, "chunk_id": h.chunk_id, "doc_id": h.doc_id, "source": h.source,
-                              "owner": h.owner, "title": h.title, "doc_sha256": h.doc_sha256})
+            citations.append(
+                {
+                    "n": n,
+                    "chunk_id": h.chunk_id,
+                    "doc_id": h.doc_id,
+                    "source": h.source,
+                    "owner": h.owner,
+                    "title": h.title,
+                    "doc_sha256": h.doc_sha256,
+                }
+            )
         else:
             unknown.append(n)
     # A code the model wrote that none of its sources contains is flagged, never passed off as fact;
@@ -250,41 +319,90 @@ def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = Fa
     codes = list(dict.fromkeys(CODE_RE.findall(text)))
     unverified = [c for c in codes if not any(c in block for block in texts)]
     cited = {c["n"] for c in citations}
-    miscited = [{"code": c, "cited": sorted(cited), "found_in": [i for i, b in enumerate(texts, 1) if c in b]}
-                for c in codes if c not in unverified and cited and not any(c in texts[n - 1] for n in cited)]
-    return Answer(question=prep.question, answer=text, sources=hits, citations=citations,
-                  unknown_citations=unknown, unverified_codes=unverified, miscited_codes=miscited,
-                  conflicting_codes=conflicting_codes(text, prep.question, prep.titles or {}),
-                  model=prep.model_info, timing=timing, stopped=stopped, raw="".join(pieces),
-                  prompt=prep.messages[-1]["content"], earlier=prep.earlier)
+    miscited = [
+        {"code": c, "cited": sorted(cited), "found_in": [i for i, b in enumerate(texts, 1) if c in b]}
+        for c in codes
+        if c not in unverified and cited and not any(c in texts[n - 1] for n in cited)
+    ]
+    return Answer(
+        question=prep.question,
+        answer=text,
+        sources=hits,
+        citations=citations,
+        unknown_citations=unknown,
+        unverified_codes=unverified,
+        miscited_codes=miscited,
+        conflicting_codes=conflicting_codes(text, prep.question, prep.titles or {}),
+        model=prep.model_info,
+        timing=timing,
+        stopped=stopped,
+        raw="".join(pieces),
+        prompt=prep.messages[-1]["content"],
+        earlier=prep.earlier,
+    )
 
 
-def timing_of(prep: Prepared, start: float, first: float | None, end: float, n_tokens: int,
-              prompt_tokens: int) -> dict:
+def timing_of(
+    prep: Prepared, start: float, first: float | None, end: float, n_tokens: int, prompt_tokens: int
+) -> dict:
     decode_s = end - (first or end)
-    return {"retrieval_ms": round(prep.retrieval_ms, 2), "prompt_tokens": prompt_tokens,
-            "max_tokens": prep.max_tokens, "ttft_ms": round(((first or end) - start) * 1000, 2), "tokens": n_tokens,
-            "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None}
+    return {
+        "retrieval_ms": round(prep.retrieval_ms, 2),
+        "prompt_tokens": prompt_tokens,
+        "max_tokens": prep.max_tokens,
+        "ttft_ms": round(((first or end) - start) * 1000, 2),
+        "tokens": n_tokens,
+        "tokens_per_s": round((n_tokens - 1) / decode_s, 2) if n_tokens > 1 and decode_s > 0 else None,
+    }
 
 
-def answer(generator: Generator, question: str, hits: list[Hit], model_info: dict, *, n_ctx: int,
-           max_tokens: int, sampling: Sampling, use_rag: bool = True, retrieval_ms: float = 0.0,
-           on_text: Callable[[str], None] | None = None, history: list[dict] | None = None,
-           should_stop: Callable[[], bool] | None = None, earlier: list[Hit] | None = None,
-           new_sources: int | None = None, titles: dict[str, list[dict]] | None = None) -> Answer:
+def answer(
+    generator: Generator,
+    question: str,
+    hits: list[Hit],
+    model_info: dict,
+    *,
+    n_ctx: int,
+    max_tokens: int,
+    sampling: Sampling,
+    use_rag: bool = True,
+    retrieval_ms: float = 0.0,
+    on_text: Callable[[str], None] | None = None,
+    history: list[dict] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    earlier: list[Hit] | None = None,
+    new_sources: int | None = None,
+    titles: dict[str, list[dict]] | None = None,
+) -> Answer:
     """`earlier`: the sources numbered in the history's questions (see TurnMemory); they keep their
     numbers, only hits not among them are added to the prompt (at most `new_sources`), numbered after
     them, and [n] maps over all. `titles`: the reference table's rows by title (Store.ref_titles), to
     flag codes it contradicts. In one call: `prepare`, the model's stream, `complete` (the service runs
     the three apart, so the stream does not hold the database's worker)."""
-    prep = prepare(generator, question, hits, model_info, n_ctx=n_ctx, max_tokens=max_tokens,
-                   sampling=sampling, use_rag=use_rag, retrieval_ms=retrieval_ms, history=history, earlier=earlier,
-                   new_sources=new_sources, titles=titles)
+    prep = prepare(
+        generator,
+        question,
+        hits,
+        model_info,
+        n_ctx=n_ctx,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        use_rag=use_rag,
+        retrieval_ms=retrieval_ms,
+        history=history,
+        earlier=earlier,
+        new_sources=new_sources,
+        titles=titles,
+    )
     return complete(prep, *decode(generator, prep, on_text, should_stop))
 
 
-def decode(generator: Generator, prep: Prepared, on_text: Callable[[str], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> tuple[list[str], dict, bool]:
+def decode(
+    generator: Generator,
+    prep: Prepared,
+    on_text: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[list[str], dict, bool]:
     """The model's reply to a prepared prompt, in this thread: (pieces, timing, stopped early)."""
     start = time.perf_counter()
     first = None
@@ -302,7 +420,9 @@ def decode(generator: Generator, prep: Prepared, on_text: Callable[[str], None] 
             if hasattr(stream, "close"):
                 stream.close()  # llama.cpp stops decoding here
             break
-    timing = timing_of(prep, start, first, time.perf_counter(), len(pieces), getattr(generator, "prompt_tokens", 0))
+    timing = timing_of(
+        prep, start, first, time.perf_counter(), len(pieces), getattr(generator, "prompt_tokens", 0)
+    )
     return pieces, timing, stopped
 
 
@@ -339,7 +459,9 @@ class TurnMemory:
 
     def remember(self, question: str, answer: Answer) -> None:
         key = self._key(question, answer.raw or answer.answer)
-        self._turns[key] = Turn(answer.prompt, answer.raw or answer.answer, list(answer.sources), answer.earlier)
+        self._turns[key] = Turn(
+            answer.prompt, answer.raw or answer.answer, list(answer.sources), answer.earlier
+        )
         self._turns.move_to_end(key)
         while len(self._turns) > self.size:
             self._turns.popitem(last=False)
@@ -355,11 +477,15 @@ class TurnMemory:
             if asked.get("role") != "user" or answered.get("role") != "assistant":
                 return None
             turn = self._turns.get(self._key(asked["content"], answered["content"]))
-            if turn is None or turn.earlier != len(sources) or \
-                    [h.chunk_id for h in turn.sources[:turn.earlier]] != [h.chunk_id for h in sources]:
+            if (
+                turn is None
+                or turn.earlier != len(sources)
+                or [h.chunk_id for h in turn.sources[: turn.earlier]] != [h.chunk_id for h in sources]
+            ):
                 return None
-            rebuilt += [{"role": "user", "content": turn.prompt}, {"role": "assistant", "content": turn.answer}]
+            rebuilt += [
+                {"role": "user", "content": turn.prompt},
+                {"role": "assistant", "content": turn.answer},
+            ]
             sources = turn.sources
         return rebuilt, sources
-
-

@@ -65,8 +65,11 @@ class _VectorCache:
         rows = conn.execute("SELECT rowid, collection_id, embedding FROM chunk_vectors").fetchall()
         self.ids = np.array([r[0] for r in rows], dtype=np.int64)
         self.collections = np.array([r[1] for r in rows], dtype=np.int64)
-        self.matrix = (np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
-                       if rows else np.zeros((0, dim), dtype=np.float32))
+        self.matrix = (
+            np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+            if rows
+            else np.zeros((0, dim), dtype=np.float32)
+        )
 
     def search(self, vector: np.ndarray, k: int, collection_id: int | None) -> list[tuple[int, float]]:
         ids, matrix = self.ids, self.matrix
@@ -94,8 +97,11 @@ def make_private(path: Path, mode: int) -> str | None:
     try:
         os.chmod(path, mode)
     except OSError as exc:
-        raise StoreError(f"{path} is open to other users (mode {stat.filemode(found)}) and cannot be made private "
-                         f"({exc.strerror})", f"run `chmod {mode:o} {path}` as its owner") from exc
+        raise StoreError(
+            f"{path} is open to other users (mode {stat.filemode(found)}) and cannot be made private "
+            f"({exc.strerror})",
+            f"run `chmod {mode:o} {path}` as its owner",
+        ) from exc
     return f"{path}: mode {stat.filemode(found)} -> {stat.filemode(stat.S_IFMT(found) | mode)}"
 
 
@@ -103,7 +109,9 @@ def private_files(path: Path) -> list[str]:
     """The database and its -wal and -shm files readable by their owner only (created so when new;
     SQLite gives -wal and -shm the database's mode); what was repaired. The database holds every
     conversation, audit row and document: a role check is worth nothing if its file can be read."""
-    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))  # the mode applies only where it creates the file
+    os.close(
+        os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    )  # the mode applies only where it creates the file
     names = (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
     return [done for name in names if (done := make_private(name, 0o600))]
 
@@ -141,8 +149,10 @@ class Store:
             self.conn.execute("PRAGMA trusted_schema=OFF")
             self._migrate()
         except apsw.Error as exc:
-            raise StoreError(f"{path}: cannot open the database ({exc})",
-                             "check the disk and permissions; restore from backup if it is corrupt") from exc
+            raise StoreError(
+                f"{path}: cannot open the database ({exc})",
+                "check the disk and permissions; restore from backup if it is corrupt",
+            ) from exc
         self.path = path
 
     def _use_wal(self, wait_s: float = 10.0) -> None:
@@ -173,7 +183,9 @@ class Store:
         once (the service and a CLI command) must not both apply the same one."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)"
+            )
             done = {row[0] for row in self.conn.execute("SELECT name FROM _migrations")}
             for name, sql in migrations.MIGRATIONS:
                 if name not in done:
@@ -197,33 +209,47 @@ class Store:
 
     def add_message(self, conversation_id: int, role: str, content: str, audit_id: int | None = None) -> None:
         with self.conn:
-            self.conn.execute("INSERT INTO messages(conversation_id, role, content, audit_id, time) "
-                              "VALUES (?, ?, ?, ?, ?)", (conversation_id, role, content, audit_id, _now()))
+            self.conn.execute(
+                "INSERT INTO messages(conversation_id, role, content, audit_id, time) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, role, content, audit_id, _now()),
+            )
 
     def answered_turn(self, audit_id: int) -> tuple[str | None, str] | None:
         """(question, answer) of the stored turn whose answer is audit row `audit_id`; None when that
         answer was not kept in a conversation."""
-        stored = self.conn.execute("SELECT conversation_id, id, content FROM messages WHERE audit_id = ? AND "
-                                   "role = 'assistant'", (audit_id,)).fetchone()
+        stored = self.conn.execute(
+            "SELECT conversation_id, id, content FROM messages WHERE audit_id = ? AND role = 'assistant'",
+            (audit_id,),
+        ).fetchone()
         if stored is None:
             return None
-        asked = self.conn.execute("SELECT content FROM messages WHERE conversation_id = ? AND id < ? AND "
-                                  "role = 'user' ORDER BY id DESC LIMIT 1", (stored[0], stored[1])).fetchone()
+        asked = self.conn.execute(
+            "SELECT content FROM messages WHERE conversation_id = ? AND id < ? AND "
+            "role = 'user' ORDER BY id DESC LIMIT 1",
+            (stored[0], stored[1]),
+        ).fetchone()
         return (asked[0] if asked else None), stored[2]
 
     def messages(self, conversation_id: int, limit: int = 1000) -> list[dict]:
         """The newest `limit` messages of a conversation, oldest first."""
-        rows = self.conn.execute("SELECT role, content, audit_id, time FROM messages WHERE conversation_id = ? "
-                                 "ORDER BY id DESC LIMIT ?", (conversation_id, limit)).fetchall()
+        rows = self.conn.execute(
+            "SELECT role, content, audit_id, time FROM messages WHERE conversation_id = ? "
+            "ORDER BY id DESC LIMIT ?",
+            (conversation_id, limit),
+        ).fetchall()
         return [{"role": r, "content": c, "audit_id": a, "time": t} for r, c, a, t in reversed(rows)]
 
     def conversations(self, user: str | None = None, limit: int = 50) -> list[dict]:
-        sql = ("SELECT c.id, c.started, c.user, (SELECT content FROM messages m WHERE m.conversation_id = c.id "
-               "ORDER BY m.id LIMIT 1), (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) "
-               "FROM conversations c" + (" WHERE c.user = ?" if user else "") + " ORDER BY c.id DESC LIMIT ?")
+        sql = (
+            "SELECT c.id, c.started, c.user, (SELECT content FROM messages m WHERE m.conversation_id = c.id "
+            "ORDER BY m.id LIMIT 1), (SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) "
+            "FROM conversations c" + (" WHERE c.user = ?" if user else "") + " ORDER BY c.id DESC LIMIT ?"
+        )
         args = (user, limit) if user else (limit,)
-        return [{"id": i, "started": s, "user": u, "first": f or "", "messages": n}
-                for i, s, u, f, n in self.conn.execute(sql, args)]
+        return [
+            {"id": i, "started": s, "user": u, "first": f or "", "messages": n}
+            for i, s, u, f, n in self.conn.execute(sql, args)
+        ]
 
     def migrations(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT name FROM _migrations ORDER BY name")]
@@ -233,16 +259,24 @@ class Store:
         return row[0] if row else None
 
     def _set_meta(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                          (key, value))
+        self.conn.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     # -- vectors ------------------------------------------------------------------------------
     def embedder_id(self) -> tuple[str | None, int | None]:
         dim = self.get_meta("embedder_dim")
         return self.get_meta("embedder_name"), int(dim) if dim else None
 
-    def ensure_embedder(self, name: str, dim: int, embed: Callable[[list[str]], np.ndarray],
-                        progress: Callable[[int, int], None] | None = None, batch: int = 256) -> int:
+    def ensure_embedder(
+        self,
+        name: str,
+        dim: int,
+        embed: Callable[[list[str]], np.ndarray],
+        progress: Callable[[int, int], None] | None = None,
+        batch: int = 256,
+    ) -> int:
         """Make the vector index match this embedder; re-embed every chunk if it changed.
 
         Returns the number of chunks re-embedded (0 when the index already matches).
@@ -254,17 +288,23 @@ class Store:
             self.conn.execute("DROP TABLE IF EXISTS chunk_vectors")
             self.conn.execute(
                 f"CREATE VIRTUAL TABLE chunk_vectors USING vec0("
-                f"collection_id INTEGER PARTITION KEY, embedding float[{int(dim)}] distance_metric=cosine)")
+                f"collection_id INTEGER PARTITION KEY, embedding float[{int(dim)}] distance_metric=cosine)"
+            )
             done = 0
             rows = self.conn.execute(
                 "SELECT c.id, d.collection_id, c.heading, c.text FROM chunks c "
-                "JOIN documents d ON d.id = c.document_id ORDER BY c.id").fetchall()
+                "JOIN documents d ON d.id = c.document_id ORDER BY c.id"
+            ).fetchall()
             for start in range(0, len(rows), batch):
-                part = rows[start:start + batch]
+                part = rows[start : start + batch]
                 vectors = embed([embedding_text(h, t) for _, _, h, t in part])
-                self.conn.executemany("INSERT INTO chunk_vectors(rowid, collection_id, embedding) VALUES (?, ?, ?)",
-                                      [(cid, coll, v.astype(np.float32).tobytes()) for (cid, coll, _, _), v
-                                       in zip(part, vectors, strict=True)])
+                self.conn.executemany(
+                    "INSERT INTO chunk_vectors(rowid, collection_id, embedding) VALUES (?, ?, ?)",
+                    [
+                        (cid, coll, v.astype(np.float32).tobytes())
+                        for (cid, coll, _, _), v in zip(part, vectors, strict=True)
+                    ],
+                )
                 done += len(part)
                 if progress:
                     progress(done, total)
@@ -279,16 +319,20 @@ class Store:
         if row:
             return row[0]
         if not create:
-            raise NotFoundError(f"no collection named '{name}'",
-                                "see `appliance status` for the collections that exist")
+            raise NotFoundError(
+                f"no collection named '{name}'", "see `appliance status` for the collections that exist"
+            )
         self.conn.execute("INSERT INTO collections(name, created) VALUES (?, ?)", (name, _now()))
         return self.conn.last_insert_rowid()
 
     def find_document(self, collection: str, sha256: str) -> DocumentRow | None:
         """The document with this content in this collection, if there is one (content is stored once
         per collection)."""
-        row = self.conn.execute("SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id "
-                                "WHERE c.name = ? AND d.sha256 = ?", (collection, sha256)).fetchone()
+        row = self.conn.execute(
+            "SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id "
+            "WHERE c.name = ? AND d.sha256 = ?",
+            (collection, sha256),
+        ).fetchone()
         return self.list_documents(doc_id=row[0])[0] if row else None
 
     @staticmethod
@@ -297,19 +341,34 @@ class Store:
         before owners were recorded (an administrator's)."""
         return ("(owner = ?" + (" OR owner IS NULL)" if admin else ")"), (owner,))
 
-    def earlier_versions(self, collection: str, source: str, owner: str | None, admin: bool = False,
-                         sha256: str | None = None) -> list[int]:
+    def earlier_versions(
+        self, collection: str, source: str, owner: str | None, admin: bool = False, sha256: str | None = None
+    ) -> list[int]:
         """Ids of `owner`'s documents recorded under `source` in `collection` (other than `sha256`)."""
         owned, args = self._owned(owner, admin)
-        return [r[0] for r in self.conn.execute(
-            "SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id "
-            f"WHERE c.name = ? AND d.source = ? AND d.sha256 IS NOT ? AND {owned}",
-            (collection, source, sha256, *args))]
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id "
+                f"WHERE c.name = ? AND d.source = ? AND d.sha256 IS NOT ? AND {owned}",
+                (collection, source, sha256, *args),
+            )
+        ]
 
-    def add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
-                     chunks: Sequence[NewChunk], vectors: np.ndarray, owner: str | None = None,
-                     admin: bool = False, record: Callable[[int, list[int]], object] | None = None,
-                     ) -> tuple[int, list[int]]:
+    def add_document(
+        self,
+        collection: str,
+        source: str,
+        title: str,
+        kind: str,
+        sha256: str,
+        size: int,
+        chunks: Sequence[NewChunk],
+        vectors: np.ndarray,
+        owner: str | None = None,
+        admin: bool = False,
+        record: Callable[[int, list[int]], object] | None = None,
+    ) -> tuple[int, list[int]]:
         """Insert a document, its chunks, FTS rows, vectors and table rows in one transaction.
 
         The owner's document already in the collection under the same source path with different
@@ -322,11 +381,14 @@ class Store:
         if len(chunks) != len(vectors):
             raise StoreError("chunk and vector counts differ", "this is a bug; please report it")
         try:
-            return self._add_document(collection, source, title, kind, sha256, size, chunks, vectors, owner,
-                                      admin, record)
+            return self._add_document(
+                collection, source, title, kind, sha256, size, chunks, vectors, owner, admin, record
+            )
         except apsw.Error as exc:  # SQLite has rolled the transaction back (disk full, I/O, read-only)
-            raise StoreError(f"{self.path}: the database could not be written ({exc}); nothing of "
-                             f"{source} was kept", "free disk space or fix permissions, then ingest again") from exc
+            raise StoreError(
+                f"{self.path}: the database could not be written ({exc}); nothing of {source} was kept",
+                "free disk space or fix permissions, then ingest again",
+            ) from exc
 
     def remove_versions(self, doc_ids: Iterable[int], record: Callable[[], object] | None = None) -> None:
         """Delete documents (an edited file's old version) in one transaction with `record`."""
@@ -337,9 +399,20 @@ class Store:
                 record()
         self._forget()
 
-    def _add_document(self, collection: str, source: str, title: str, kind: str, sha256: str, size: int,
-                      chunks: Sequence[NewChunk], vectors: np.ndarray, owner: str | None, admin: bool,
-                      record: Callable[[int, list[int]], object] | None) -> tuple[int, list[int]]:
+    def _add_document(
+        self,
+        collection: str,
+        source: str,
+        title: str,
+        kind: str,
+        sha256: str,
+        size: int,
+        chunks: Sequence[NewChunk],
+        vectors: np.ndarray,
+        owner: str | None,
+        admin: bool,
+        record: Callable[[int, list[int]], object] | None,
+    ) -> tuple[int, list[int]]:
         with self.conn:
             coll = self.collection_id(collection, create=True)
             replaced = self.earlier_versions(collection, source, owner, admin, sha256)
@@ -347,22 +420,37 @@ class Store:
                 self._delete_document(doc_id)
             self.conn.execute(
                 "INSERT INTO documents(collection_id, source, title, kind, sha256, size, ingested, owner) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (coll, source, title, kind, sha256, size, _now(), owner))
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (coll, source, title, kind, sha256, size, _now(), owner),
+            )
             doc_id = self.conn.last_insert_rowid()
             for chunk, vector in zip(chunks, vectors, strict=True):
-                self.conn.execute("INSERT INTO chunks(document_id, position, heading, text) VALUES (?, ?, ?, ?)",
-                                  (doc_id, chunk.position, chunk.heading, chunk.text))
+                self.conn.execute(
+                    "INSERT INTO chunks(document_id, position, heading, text) VALUES (?, ?, ?, ?)",
+                    (doc_id, chunk.position, chunk.heading, chunk.text),
+                )
                 chunk_id = self.conn.last_insert_rowid()
-                self.conn.execute("INSERT INTO chunk_fts(rowid, heading, text) VALUES (?, ?, ?)",
-                                  (chunk_id, chunk.heading, chunk.text))
-                self.conn.execute("INSERT INTO chunk_vectors(rowid, collection_id, embedding) VALUES (?, ?, ?)",
-                                  (chunk_id, coll, vector.astype(np.float32).tobytes()))
+                self.conn.execute(
+                    "INSERT INTO chunk_fts(rowid, heading, text) VALUES (?, ?, ?)",
+                    (chunk_id, chunk.heading, chunk.text),
+                )
+                self.conn.execute(
+                    "INSERT INTO chunk_vectors(rowid, collection_id, embedding) VALUES (?, ?, ?)",
+                    (chunk_id, coll, vector.astype(np.float32).tobytes()),
+                )
                 if chunk.row is not None:
                     self.conn.execute(
                         "INSERT INTO ref_rows(document_id, chunk_id, row_index, code, title, data) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        (doc_id, chunk_id, chunk.position, chunk.row.get("code"), chunk.row.get("title"),
-                         json.dumps(chunk.row["data"])))
+                        (
+                            doc_id,
+                            chunk_id,
+                            chunk.position,
+                            chunk.row.get("code"),
+                            chunk.row.get("title"),
+                            json.dumps(chunk.row["data"]),
+                        ),
+                    )
             if record:
                 record(doc_id, replaced)
         self._forget()
@@ -396,7 +484,9 @@ class Store:
             raise NotFoundError(f"no document with id {doc_id}", "see `appliance docs list` for ids")
         return docs[0]
 
-    def remove_document(self, doc_id: int, record: Callable[[DocumentRow], object] | None = None) -> DocumentRow:
+    def remove_document(
+        self, doc_id: int, record: Callable[[DocumentRow], object] | None = None
+    ) -> DocumentRow:
         """Delete a document; `record(row)` runs in the same transaction (its audit row)."""
         row = self.document(doc_id)
         with self.conn:
@@ -407,11 +497,16 @@ class Store:
         return row
 
     def list_documents(self, collection: str | None = None, doc_id: int | None = None) -> list[DocumentRow]:
-        sql = ("SELECT d.id, c.name, d.source, d.title, d.kind, d.sha256, d.size, d.ingested, "
-               "(SELECT count(*) FROM chunks WHERE document_id = d.id), d.owner "
-               "FROM documents d JOIN collections c ON c.id = d.collection_id")
-        where = [(clause, value) for clause, value in (("c.name = ?", collection), ("d.id = ?", doc_id))
-                 if value is not None]
+        sql = (
+            "SELECT d.id, c.name, d.source, d.title, d.kind, d.sha256, d.size, d.ingested, "
+            "(SELECT count(*) FROM chunks WHERE document_id = d.id), d.owner "
+            "FROM documents d JOIN collections c ON c.id = d.collection_id"
+        )
+        where = [
+            (clause, value)
+            for clause, value in (("c.name = ?", collection), ("d.id = ?", doc_id))
+            if value is not None
+        ]
         if where:
             sql += " WHERE " + " AND ".join(clause for clause, _ in where)
         return [DocumentRow(*row) for row in self.conn.execute(sql + " ORDER BY d.id", [v for _, v in where])]
@@ -420,7 +515,8 @@ class Store:
         rows = self.conn.execute(
             "SELECT c.name, count(DISTINCT d.id), count(ch.id) FROM collections c "
             "LEFT JOIN documents d ON d.collection_id = c.id LEFT JOIN chunks ch ON ch.document_id = d.id "
-            "GROUP BY c.id ORDER BY c.name")
+            "GROUP BY c.id ORDER BY c.name"
+        )
         return [{"name": n, "documents": d, "chunks": k} for n, d, k in rows]
 
     # -- retrieval ----------------------------------------------------------------------------
@@ -430,9 +526,11 @@ class Store:
             sql = "SELECT rowid, bm25(chunk_fts, 0.5, 1.0) AS s FROM chunk_fts WHERE chunk_fts MATCH ? ORDER BY s LIMIT ?"
             args: tuple = (match, k)
         else:
-            sql = ("SELECT f.rowid, bm25(chunk_fts, 0.5, 1.0) AS s FROM chunk_fts f "
-                   "JOIN chunks c ON c.id = f.rowid JOIN documents d ON d.id = c.document_id "
-                   "WHERE chunk_fts MATCH ? AND d.collection_id = ? ORDER BY s LIMIT ?")
+            sql = (
+                "SELECT f.rowid, bm25(chunk_fts, 0.5, 1.0) AS s FROM chunk_fts f "
+                "JOIN chunks c ON c.id = f.rowid JOIN documents d ON d.id = c.document_id "
+                "WHERE chunk_fts MATCH ? AND d.collection_id = ? ORDER BY s LIMIT ?"
+            )
             args = (match, collection_id, k)
         try:
             return [(row[0], row[1]) for row in self.conn.execute(sql, args)]
@@ -452,7 +550,9 @@ class Store:
                 self._term_counts[term] = row[0] if row else 0
         return {t: self._term_counts[t] for t in terms}
 
-    def vector_search(self, vector: np.ndarray, k: int, collection_id: int | None = None) -> list[tuple[int, float]]:
+    def vector_search(
+        self, vector: np.ndarray, k: int, collection_id: int | None = None
+    ) -> list[tuple[int, float]]:
         """vec0 KNN as (chunk id, cosine distance), nearest first."""
         dim = self.embedder_id()[1]
         if dim is None:
@@ -464,11 +564,15 @@ class Store:
             return self._cache.search(vector, k, collection_id)
         blob = vector.astype(np.float32).tobytes()
         if collection_id is None:
-            rows = self.conn.execute("SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ?",
-                                     (blob, k))
+            rows = self.conn.execute(
+                "SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ?", (blob, k)
+            )
         else:
-            rows = self.conn.execute("SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ? "
-                                     "AND collection_id = ?", (blob, k, collection_id))
+            rows = self.conn.execute(
+                "SELECT rowid, distance FROM chunk_vectors WHERE embedding MATCH ? AND k = ? "
+                "AND collection_id = ?",
+                (blob, k, collection_id),
+            )
         return [(row[0], row[1]) for row in rows]
 
     def chunks(self, ids: Iterable[int]) -> dict[int, ChunkRow]:
@@ -479,7 +583,9 @@ class Store:
         rows = self.conn.execute(
             "SELECT c.id, d.id, d.source, d.title, c.heading, c.position, c.text, d.sha256, col.name, d.owner "
             "FROM chunks c JOIN documents d ON d.id = c.document_id JOIN collections col ON col.id = d.collection_id "
-            f"WHERE c.id IN ({marks})", ids)
+            f"WHERE c.id IN ({marks})",
+            ids,
+        )
         return {row[0]: ChunkRow(*row) for row in rows}
 
     def _in_reference(self, column: str) -> str:
@@ -487,15 +593,26 @@ class Store:
 
     def ref_rows(self, collection_id: int | None = None) -> list[dict]:
         """Every reference-table row with its document and collection."""
-        sql = ("SELECT r.code, r.title, r.data, d.source, c.name, r.chunk_id FROM ref_rows r "
-               "JOIN documents d ON d.id = r.document_id JOIN collections c ON c.id = d.collection_id "
-               f"WHERE {self._in_reference('c.name')}")
+        sql = (
+            "SELECT r.code, r.title, r.data, d.source, c.name, r.chunk_id FROM ref_rows r "
+            "JOIN documents d ON d.id = r.document_id JOIN collections c ON c.id = d.collection_id "
+            f"WHERE {self._in_reference('c.name')}"
+        )
         args: tuple = self.reference
         if collection_id is not None:
             sql += " AND d.collection_id = ?"
             args = (*args, collection_id)
-        return [{"code": code, "title": title, "data": json.loads(data), "source": source, "collection": coll,
-                 "chunk_id": chunk_id} for code, title, data, source, coll, chunk_id in self.conn.execute(sql, args)]
+        return [
+            {
+                "code": code,
+                "title": title,
+                "data": json.loads(data),
+                "source": source,
+                "collection": coll,
+                "chunk_id": chunk_id,
+            }
+            for code, title, data, source, coll, chunk_id in self.conn.execute(sql, args)
+        ]
 
     def ref_titles(self) -> TitleIndex:
         """Reference-table rows by lower-case title: {"code", "title", "source", "chunk_id", "collection"};
@@ -504,21 +621,31 @@ class Store:
         if self._titles is None:
             titles: dict[str, list[dict]] = {}
             for row in self.conn.execute(
-                    "SELECT r.code, r.title, d.source, r.chunk_id, d.collection_id FROM ref_rows r "
-                    "JOIN documents d ON d.id = r.document_id JOIN collections c ON c.id = d.collection_id "
-                    f"WHERE r.title IS NOT NULL AND r.title != '' AND {self._in_reference('c.name')}",
-                    self.reference):
+                "SELECT r.code, r.title, d.source, r.chunk_id, d.collection_id FROM ref_rows r "
+                "JOIN documents d ON d.id = r.document_id JOIN collections c ON c.id = d.collection_id "
+                f"WHERE r.title IS NOT NULL AND r.title != '' AND {self._in_reference('c.name')}",
+                self.reference,
+            ):
                 code, title, source, chunk_id, coll = row
-                titles.setdefault(title.lower(), []).append({"code": code, "title": title, "source": source,
-                                                             "chunk_id": chunk_id, "collection_id": coll})
+                titles.setdefault(title.lower(), []).append(
+                    {
+                        "code": code,
+                        "title": title,
+                        "source": source,
+                        "chunk_id": chunk_id,
+                        "collection_id": coll,
+                    }
+                )
             self._titles = TitleIndex(titles)
         return self._titles
 
     def ref_chunks_for_code(self, code: str, collection_id: int | None = None) -> list[int]:
         """Chunk ids of reference rows whose code is this code or starts with it."""
-        sql = ("SELECT r.chunk_id FROM ref_rows r JOIN documents d ON d.id = r.document_id "
-               "JOIN collections c ON c.id = d.collection_id "
-               f"WHERE (r.code = ? OR r.code LIKE ? ESCAPE '\\') AND {self._in_reference('c.name')}")
+        sql = (
+            "SELECT r.chunk_id FROM ref_rows r JOIN documents d ON d.id = r.document_id "
+            "JOIN collections c ON c.id = d.collection_id "
+            f"WHERE (r.code = ? OR r.code LIKE ? ESCAPE '\\') AND {self._in_reference('c.name')}"
+        )
         args: list = [code, code.replace("%", "\\%").replace("_", "\\_") + "%", *self.reference]
         if collection_id is not None:
             sql += " AND d.collection_id = ?"

@@ -41,16 +41,21 @@ class TitleIndex(dict):
         """(start, end, title) of the titles `text` names, whole words, in order of position."""
         lowered = text.lower()
         words = [(m.start(), m.group()) for m in _WORD_RE.finditer(lowered)]
-        candidates: list[tuple[int, int, int, int, str]] = []  # (-length, start, first word, last word, title)
+        candidates: list[
+            tuple[int, int, int, int, str]
+        ] = []  # (-length, start, first word, last word, title)
         for i, (start, word) in enumerate(words):
             node = self._trie.get(word)
             j = i
             while node is not None and len(candidates) < MAX_CANDIDATES:
                 for title, offset in node.get(None, ()):
                     begin, end = start - offset, start - offset + len(title)
-                    if (begin >= 0 and lowered.startswith(title, begin)
-                            and (begin == 0 or not _is_word(lowered[begin - 1]))
-                            and (end == len(lowered) or not _is_word(lowered[end]))):
+                    if (
+                        begin >= 0
+                        and lowered.startswith(title, begin)
+                        and (begin == 0 or not _is_word(lowered[begin - 1]))
+                        and (end == len(lowered) or not _is_word(lowered[end]))
+                    ):
                         candidates.append((-len(title), begin, i, j, title))
                 j += 1
                 node = node.get(words[j][1]) if j < len(words) and j - i < MAX_TITLE_WORDS else None
@@ -59,7 +64,7 @@ class TitleIndex(dict):
         taken = bytearray(len(words))
         found = []
         for _, begin, first, last, title in sorted(candidates):  # longest first, then leftmost
-            if not any(taken[first:last + 1]):
-                taken[first:last + 1] = b"\x01" * (last + 1 - first)
+            if not any(taken[first : last + 1]):
+                taken[first : last + 1] = b"\x01" * (last + 1 - first)
                 found.append((begin, begin + len(title), title))
         return sorted(found)

@@ -47,12 +47,24 @@ from appliance.service.limits import (
 from appliance.service.transport import load_tokens, serve
 from appliance.service.worker import UploadSlots, Worker
 
-__all__ = ["ApiError", "BODY_TIMEOUT_S", "HEADER_TIMEOUT_S", "MAX_CONNECTIONS", "MAX_EMBED_INPUTS", "MAX_JSON_BODY",
-           "MAX_PROMPT_CHARS", "PEER_KEY", "load_tokens", "make_api", "serve"]
+__all__ = [
+    "ApiError",
+    "BODY_TIMEOUT_S",
+    "HEADER_TIMEOUT_S",
+    "MAX_CONNECTIONS",
+    "MAX_EMBED_INPUTS",
+    "MAX_JSON_BODY",
+    "MAX_PROMPT_CHARS",
+    "PEER_KEY",
+    "load_tokens",
+    "make_api",
+    "serve",
+]
 
 
-def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None] | None = None,
-             engine_server=None) -> FastAPI:
+def make_api(
+    app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None] | None = None, engine_server=None
+) -> FastAPI:
     """The FastAPI application over one Appliance (one model, one database); `engine_server`: an
     appliance.engine.server.EngineServer that generates (None: the worker generates in process)."""
 
@@ -62,8 +74,9 @@ def make_api(app: Appliance, queue_size: int = 4, on_shutdown: Callable[[], None
         if on_shutdown:
             on_shutdown()
 
-    api = FastAPI(title="appliance", version="1", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+    api = FastAPI(
+        title="appliance", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     api.state.appliance = app
     api.state.worker = Worker(queue_size, before=app.follow_current)
     api.state.exports = {}  # feedback exports built, not yet written by the caller

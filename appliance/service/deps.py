@@ -45,8 +45,6 @@ def admin_gid(group: str) -> int | None:
         return None
 
 
-
-
 REFUSALS_PER_MINUTE = 20  # audited refusals of one user a minute; past it, 429 and counted
 
 
@@ -71,17 +69,27 @@ class Refusals:
         return self.suppressed.pop(user, 0)
 
 
-async def refuse(request: Request, status: int, message: str, code: str, detail: dict | None = None) -> NoReturn:
+async def refuse(
+    request: Request, status: int, message: str, code: str, detail: dict | None = None
+) -> NoReturn:
     """Raise ApiError(status, message) after auditing the refusal as `refused` (within the user's budget:
     Refusals; past it, 429)."""
     app, worker, user = get_appliance(request), get_worker(request), user_of(request)
     earlier = request.app.state.refusals.admit(user or "unknown", time.monotonic())
     if earlier is None:
-        raise ApiError(429, f"too many refused requests from {user or 'this caller'}; retry in a minute "
-                            "(refusals past the first few a minute are counted, not answered)", "rate_limited",
-                       {"Retry-After": "60"})
-    row = {"route": f"{request.method} {request.url.path}", "status": status, **(detail or {}),
-           **({"suppressed_since": earlier} if earlier else {})}
+        raise ApiError(
+            429,
+            f"too many refused requests from {user or 'this caller'}; retry in a minute "
+            "(refusals past the first few a minute are counted, not answered)",
+            "rate_limited",
+            {"Retry-After": "60"},
+        )
+    row = {
+        "route": f"{request.method} {request.url.path}",
+        "status": status,
+        **(detail or {}),
+        **({"suppressed_since": earlier} if earlier else {}),
+    }
     await worker.submit(lambda: app.audit("refused", row, with_model=False, user=user))
     raise ApiError(status, message, code)
 
@@ -91,6 +99,11 @@ async def require_admin(request: Request, what: str, detail: dict | None = None)
     if is_admin(request):
         return
     app, user = get_appliance(request), user_of(request)
-    await refuse(request, 403, f"{what} needs the administrator role (the service's user, root, or a member of "
-                               f"group '{app.settings.admin_group}'); {user or 'this caller'} is an operator",
-                 "forbidden", {"needs": "admin", **(detail or {})})
+    await refuse(
+        request,
+        403,
+        f"{what} needs the administrator role (the service's user, root, or a member of "
+        f"group '{app.settings.admin_group}'); {user or 'this caller'} is an operator",
+        "forbidden",
+        {"needs": "admin", **(detail or {})},
+    )

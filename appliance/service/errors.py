@@ -14,23 +14,33 @@ from appliance.errors import ApplianceError, ExitCode
 
 log = logging.getLogger("appliance.service")
 
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error",
-                 headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, code: str = "invalid_request_error", headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
 
 
-_STATUS = {ExitCode.NOT_FOUND: 404, ExitCode.CONFIG: 500, ExitCode.MODEL: 400, ExitCode.INGEST: 422,
-           ExitCode.BUNDLE: 422, ExitCode.BUSY: 409, ExitCode.FEEDBACK: 422, ExitCode.GENERATION: 503, ExitCode.ENGINE: 503,
-           ExitCode.STORE: 500}
+_STATUS = {
+    ExitCode.NOT_FOUND: 404,
+    ExitCode.CONFIG: 500,
+    ExitCode.MODEL: 400,
+    ExitCode.INGEST: 422,
+    ExitCode.BUNDLE: 422,
+    ExitCode.BUSY: 409,
+    ExitCode.FEEDBACK: 422,
+    ExitCode.GENERATION: 503,
+    ExitCode.ENGINE: 503,
+    ExitCode.STORE: 500,
+}
 
 
 def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": code, "code": code}}, status_code=status,
-                        headers=headers)
-
-
+    return JSONResponse(
+        {"error": {"message": message, "type": code, "code": code}}, status_code=status, headers=headers
+    )
 
 
 def install_handlers(api: FastAPI) -> None:
@@ -50,8 +60,11 @@ def install_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(UnicodeEncodeError)
     async def _not_unicode(_, exc: UnicodeEncodeError):  # a lone surrogate ("\ud800") in any JSON string
-        return _error(400, f"the request holds text that is not valid Unicode (a lone surrogate, character "
-                           f"{exc.start})", "invalid_request_error")
+        return _error(
+            400,
+            f"the request holds text that is not valid Unicode (a lone surrogate, character {exc.start})",
+            "invalid_request_error",
+        )
 
     @api.exception_handler(Exception)
     async def _internal(_, exc: Exception):
@@ -64,5 +77,8 @@ def install_handlers(api: FastAPI) -> None:
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"] if p != "body")
             parts.append(f"{where}: {e['msg']}")
-        return _error(422 if any("json" in e["type"] for e in exc.errors()) else 400, "; ".join(parts),
-                      "invalid_request_error")
+        return _error(
+            422 if any("json" in e["type"] for e in exc.errors()) else 400,
+            "; ".join(parts),
+            "invalid_request_error",
+        )

@@ -22,5 +22,3 @@ NEW_PEER_RESERVE = 32  # the last connections are kept for users holding none ye
 MAX_TCP_CONNECTIONS = 64  # TCP's own budget, apart from the socket's: tokens are checked only after the head
 SO_PEERGROUPS = 59  # Linux: the peer's supplementary groups, as of connect()
 UPLOAD_ROUTES = ("/appliance/documents/upload", "/appliance/draft")
-
-

@@ -50,7 +50,9 @@ def _peer(transport, admin_group: int | None) -> dict | None:
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family != socket.AF_UNIX:
         return None
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    pid, uid, gid = struct.unpack(
+        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    )
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -108,7 +110,11 @@ def _peer_protocol(admin_group: int | None):
             super().connection_made(transport)
             peer = _peer(transport, admin_group)
             address = transport.get_extra_info("peername")
-            key = ("uid", peer["uid"]) if peer else ("tcp", address[0] if isinstance(address, tuple) else address)
+            key = (
+                ("uid", peer["uid"])
+                if peer
+                else ("tcp", address[0] if isinstance(address, tuple) else address)
+            )
             if not PeerCredProtocol.admission.admit(key):
                 transport.close()
                 return
@@ -120,6 +126,7 @@ def _peer_protocol(admin_group: int | None):
             async def with_peer(scope, receive, send):
                 scope[PEER_KEY] = peer
                 await inner(scope, receive, send)
+
             self.app = with_peer
 
         def _arm_head_deadline(self) -> None:
@@ -162,21 +169,31 @@ def _bounded_bodies(inner):
 
         async def refuse(status: int, message: str, code: str):
             body = json.dumps({"error": {"message": message, "type": code, "code": code}}).encode()
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
 
         headers = scope.get("headers") or []
         if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
-            return await refuse(431, f"the request has {len(headers)} headers of "
-                                f"{sum(len(k) + len(v) for k, v in headers)} bytes; at most {MAX_HEADERS} headers "
-                                f"of {MAX_HEADER_BYTES} bytes", "headers_too_large")
+            return await refuse(
+                431,
+                f"the request has {len(headers)} headers of "
+                f"{sum(len(k) + len(v) for k, v in headers)} bytes; at most {MAX_HEADERS} headers "
+                f"of {MAX_HEADER_BYTES} bytes",
+                "headers_too_large",
+            )
         if scope["path"] in UPLOAD_ROUTES:
             return await inner(scope, receive, send)
         declared = dict(headers).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BODY:
-            return await refuse(413, f"the request body is {int(declared)} bytes; at most {MAX_JSON_BODY}",
-                                "too_large")
+            return await refuse(
+                413, f"the request body is {int(declared)} bytes; at most {MAX_JSON_BODY}", "too_large"
+            )
         body, more = bytearray(), True
 
         async def gather():
@@ -190,10 +207,13 @@ def _bounded_bodies(inner):
                 if len(body) > MAX_JSON_BODY:
                     return None
             return {"type": "http.request", "body": bytes(body), "more_body": False}
+
         try:
             first = await asyncio.wait_for(gather(), BODY_TIMEOUT_S)
         except TimeoutError:
-            return await refuse(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s", "timeout")
+            return await refuse(
+                408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s", "timeout"
+            )
         if first is None:
             return await refuse(413, f"the request body is over {MAX_JSON_BODY} bytes", "too_large")
         sent = False
@@ -204,7 +224,9 @@ def _bounded_bodies(inner):
                 sent = True
                 return first
             return await receive()
+
         await inner(scope, replay, send)
+
     return app
 
 
@@ -217,7 +239,9 @@ def load_tokens(path: Path) -> dict[str, tuple[str, bool]]:
         mode = path.stat().st_mode
         lines = path.read_text().splitlines()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the token file ({exc.strerror})", "create it, mode 0600") from exc
+        raise ConfigError(
+            f"{path}: cannot read the token file ({exc.strerror})", "create it, mode 0600"
+        ) from exc
     if mode & 0o077:
         raise ConfigError(f"{path}: readable by others (mode {mode & 0o777:o})", f"chmod 600 {path}")
     tokens = {}
@@ -227,9 +251,11 @@ def load_tokens(path: Path) -> dict[str, tuple[str, bool]]:
             continue
         parts = line.split()
         if len(parts) not in (2, 3) or len(parts[1]) < 24 or (len(parts) == 3 and parts[2] != "admin"):
-            raise ConfigError(f"{path}:{n}: expected 'NAME TOKEN' or 'NAME TOKEN admin' with a token of at "
-                              "least 24 characters",
-                              "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+            raise ConfigError(
+                f"{path}:{n}: expected 'NAME TOKEN' or 'NAME TOKEN admin' with a token of at "
+                "least 24 characters",
+                "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            )
         tokens[parts[1]] = (parts[0], len(parts) == 3)
     if not tokens:
         raise ConfigError(f"{path}: no tokens", "add a line 'NAME TOKEN'")
@@ -246,20 +272,44 @@ def _bearer_only(inner, tokens: dict[str, tuple[str, bool]]):
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
             entry = next((e for t, e in tokens.items() if given and hmac.compare_digest(t, given)), None)
             if entry is None:
-                body = json.dumps({"error": {"message": "a bearer token is required over TCP",
-                                             "type": "authentication_error", "code": "invalid_api_key"}}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                body = json.dumps(
+                    {
+                        "error": {
+                            "message": "a bearer token is required over TCP",
+                            "type": "authentication_error",
+                            "code": "invalid_api_key",
+                        }
+                    }
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
-            scope[PEER_KEY] = {"user": f"token:{entry[0]}", "uid": None, "pid": None, "gid": None,
-                               "admin": entry[1]}
+            scope[PEER_KEY] = {
+                "user": f"token:{entry[0]}",
+                "uid": None,
+                "pid": None,
+                "gid": None,
+                "admin": entry[1],
+            }
         await inner(scope, receive, send)
+
     return app
 
 
-def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Callable[[], None] | None = None,
-          tcp: tuple[str, int] | None = None, tokens: dict[str, tuple[str, bool]] | None = None) -> None:
+def serve(
+    app: Appliance,
+    socket_path: Path,
+    queue_size: int = 4,
+    on_ready: Callable[[], None] | None = None,
+    tcp: tuple[str, int] | None = None,
+    tokens: dict[str, tuple[str, bool]] | None = None,
+) -> None:
     """Load the model, bind the socket (mode 0660: the appliance group may connect) and serve until stopped.
 
     `tcp` (off by default) also listens on HOST:PORT, where every request needs one of `tokens`."""
@@ -269,20 +319,26 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     from appliance.errors import ConfigError
 
     if tcp and not tokens:
-        raise ConfigError("TCP listening needs bearer tokens", "pass --token-file FILE (lines 'NAME TOKEN', mode 0600)")
+        raise ConfigError(
+            "TCP listening needs bearer tokens", "pass --token-file FILE (lines 'NAME TOKEN', mode 0600)"
+        )
 
     socket_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     why = untrusted_socket(socket_path)  # before anything is loaded
     if why:
-        raise ConfigError(f"will not listen on {socket_path}: {why}",
-                          "give --socket a path in a directory only the service's user can write")
+        raise ConfigError(
+            f"will not listen on {socket_path}: {why}",
+            "give --socket a path in a directory only the service's user can write",
+        )
     # Before anything is touched: a second service on this socket (and home) must not clean up after the first.
     if socket_path.exists() or socket_path.is_symlink():
         probe = socket.socket(socket.AF_UNIX)
         try:
             probe.connect(str(socket_path))
-            raise ApplianceError(f"{socket_path}: another appliance service is listening",
-                                 "stop it first, or give --socket another path")
+            raise ApplianceError(
+                f"{socket_path}: another appliance service is listening",
+                "stop it first, or give --socket another path",
+            )
         except (ConnectionRefusedError, FileNotFoundError):
             socket_path.unlink()  # left by a service that was killed
         finally:
@@ -317,6 +373,7 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
         socket_path.unlink(missing_ok=True)
         if engine_server is not None:
             engine_server.stop()
+
     api = make_api(app, queue_size, on_shutdown=shutdown, engine_server=engine_server)
     sockets = [sock, *([tcp_sock] if tcp_sock else [])]
     import resource
@@ -324,8 +381,13 @@ def serve(app: Appliance, socket_path: Path, queue_size: int = 4, on_ready: Call
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # room for MAX_CONNECTIONS and the model's files
     if soft < min(hard, 4096):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-    config = uvicorn.Config(_bearer_only(_bounded_bodies(api), tokens or {}), http=_peer_protocol(
-        admin_gid(app.settings.admin_group)), log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    config = uvicorn.Config(
+        _bearer_only(_bounded_bodies(api), tokens or {}),
+        http=_peer_protocol(admin_gid(app.settings.admin_group)),
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+    )
     server = uvicorn.Server(config)
     if on_ready:
         on_ready()
@@ -352,14 +414,25 @@ def _engine_server(app: Appliance):
     binary = find_binary(settings.engine_binary)
     if binary is None:
         if settings.engine == "server":
-            raise ConfigError("engine=server but no llama-server binary was found",
-                              "build it with `make deps`, or set APPLIANCE_ENGINE_BINARY")
-        logging.getLogger("appliance").warning("no llama-server found: answers are generated one at a time "
-                                               "in this process (`make deps` builds the server)")
+            raise ConfigError(
+                "engine=server but no llama-server binary was found",
+                "build it with `make deps`, or set APPLIANCE_ENGINE_BINARY",
+            )
+        logging.getLogger("appliance").warning(
+            "no llama-server found: answers are generated one at a time "
+            "in this process (`make deps` builds the server)"
+        )
         return None
     run_dir = settings.home / "run" / f"engine-{os.getpid()}"
-    engine_server = EngineServer(binary, run_dir, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads,
-                           mmap=settings.mmap, queue=settings.queue)
+    engine_server = EngineServer(
+        binary,
+        run_dir,
+        slots=settings.slots,
+        n_ctx=settings.n_ctx,
+        threads=settings.threads,
+        mmap=settings.mmap,
+        queue=settings.queue,
+    )
     inst = app.installed
     engine_server.start(inst, (inst.path / inst.manifest.chat_template).read_text(), app.model_info())
     return engine_server

@@ -36,7 +36,9 @@ class Worker:
 
     def __init__(self, queue_size: int, before: Callable[[], None] | None = None):
         # threads for the turn's queue and for the uploads and drafts that stepped aside (UploadSlots)
-        self.pool = ThreadPoolExecutor(max_workers=queue_size + 2 + MAX_UPLOADS, thread_name_prefix="appliance")
+        self.pool = ThreadPoolExecutor(
+            max_workers=queue_size + 2 + MAX_UPLOADS, thread_name_prefix="appliance"
+        )
         self.before = before
         self.queue_size = queue_size
         self.pending = 0
@@ -48,8 +50,12 @@ class Worker:
         return self.pending >= self.queue_size + 1  # one running, queue_size waiting
 
     def busy(self) -> ApiError:
-        return ApiError(503, f"the appliance is busy ({self.pending} requests ahead); retry shortly",
-                        "server_busy", {"Retry-After": "2"})
+        return ApiError(
+            503,
+            f"the appliance is busy ({self.pending} requests ahead); retry shortly",
+            "server_busy",
+            {"Retry-After": "2"},
+        )
 
     def submit(self, fn: Callable, *args):
         with self.lock:
@@ -61,6 +67,7 @@ class Worker:
         def done(_):
             with self.lock:
                 self.pending -= 1
+
         future.add_done_callback(done)
         return asyncio.wrap_future(future)
 
@@ -95,8 +102,9 @@ class Worker:
             self._holder.held = True
 
 
-def progress_events(worker: Worker, work: Callable[[Callable[..., None]], dict],
-                    finished: Callable[[], object] | None = None) -> StreamingResponse:
+def progress_events(
+    worker: Worker, work: Callable[[Callable[..., None]], dict], finished: Callable[[], object] | None = None
+) -> StreamingResponse:
     """Run `work(report)` on the worker; each `report(item, done, total)` is an event, then the result
     or the error. The queue is checked before the response starts, so a busy service still says 503.
     `finished()` (a function, or one returning an awaitable) runs on the event loop once the work has
@@ -114,14 +122,20 @@ def progress_events(worker: Worker, work: Callable[[Callable[..., None]], dict],
 
     def run():
         try:
-            put({"result": work(lambda item, done, total: put({"item": str(item or ""), "done": done,
-                                                                "total": total}))})
+            put(
+                {
+                    "result": work(
+                        lambda item, done, total: put({"item": str(item or ""), "done": done, "total": total})
+                    )
+                }
+            )
         except ApplianceError as exc:
             put({"error": {"message": str(exc), "type": type(exc).__name__}})
         except Exception as exc:  # reported, never a stream that just stops
             put({"error": {"message": f"internal error: {exc!r}", "type": type(exc).__name__}})
         finally:
             loop.call_soon_threadsafe(let_go)
+
     try:
         worker.submit(run)
     except BaseException:
@@ -134,6 +148,7 @@ def progress_events(worker: Worker, work: Callable[[Callable[..., None]], dict],
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
             if "result" in event or "error" in event:
                 return
+
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -149,9 +164,14 @@ class UploadSlots:
         """A slot for `who`, or ApiError 503; returns its release (safe to call more than once)."""
         if sum(self.held.values()) >= MAX_UPLOADS or self.held[who] >= MAX_UPLOADS_PER_PEER:
             mine = self.held[who] >= MAX_UPLOADS_PER_PEER
-            raise ApiError(503, f"{'you are' if mine else 'the appliance is'} already sending or processing "
-                           f"{MAX_UPLOADS_PER_PEER if mine else MAX_UPLOADS} files; send this one when one of "
-                           "those is done", "server_busy", {"Retry-After": "5"})
+            raise ApiError(
+                503,
+                f"{'you are' if mine else 'the appliance is'} already sending or processing "
+                f"{MAX_UPLOADS_PER_PEER if mine else MAX_UPLOADS} files; send this one when one of "
+                "those is done",
+                "server_busy",
+                {"Retry-After": "5"},
+            )
         self.held[who] += 1
         released = False
 
@@ -162,6 +182,7 @@ class UploadSlots:
                 self.held[who] -= 1
                 if not self.held[who]:
                     del self.held[who]
+
         return release
 
 
@@ -202,11 +223,20 @@ async def read_body(request: Request, limit: int, timeout_s: float = UPLOAD_TIME
         body.extend(part)
         if len(body) > limit:
             body.clear()
-            await refuse(request, 413, f"the upload is larger than {limit / 1e6:.1f} MB (max_file_mb)",
-                         "too_large", {"name": str(request.query_params.get("name", ""))[:300]})
+            await refuse(
+                request,
+                413,
+                f"the upload is larger than {limit / 1e6:.1f} MB (max_file_mb)",
+                "too_large",
+                {"name": str(request.query_params.get("name", ""))[:300]},
+            )
         elapsed = loop.time() - start
         if elapsed > timeout_s:
             raise ApiError(408, f"the upload did not arrive within {timeout_s:.0f} s", "timeout")
         if elapsed > UPLOAD_IDLE_S and len(body) < MIN_UPLOAD_RATE * elapsed:
-            raise ApiError(408, f"the upload arrives at {len(body) / elapsed:.0f} bytes/s; at least "
-                           f"{MIN_UPLOAD_RATE} are needed", "timeout")
+            raise ApiError(
+                408,
+                f"the upload arrives at {len(body) / elapsed:.0f} bytes/s; at least "
+                f"{MIN_UPLOAD_RATE} are needed",
+                "timeout",
+            )

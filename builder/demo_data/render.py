@@ -1,6 +1,6 @@
 """Render the Markdown sources of the demo's DOCX and PDF documents (run by hand; outputs are committed).
 
-    python builder/demo_data/render.py     # needs python-docx and fpdf2 (the [dev] extra)
+python builder/demo_data/render.py     # needs python-docx and fpdf2 (the [dev] extra)
 """
 
 from pathlib import Path
@@ -41,7 +41,9 @@ def to_pdf(src: Path, dst: Path) -> None:
     from fpdf import FPDF
 
     pdf = FPDF(format="Letter")
-    pdf.set_creation_date(__import__("datetime").datetime(2025, 1, 1, tzinfo=__import__("datetime").timezone.utc))
+    pdf.set_creation_date(
+        __import__("datetime").datetime(2025, 1, 1, tzinfo=__import__("datetime").timezone.utc)
+    )
     pdf.add_page()
     for kind, level, text in blocks(src.read_text()):
         if kind == "heading":

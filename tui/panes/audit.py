@@ -47,8 +47,10 @@ class AuditPane(Pane):
         self.query_one("#audit-table", DataTable).add_columns("id", "time", "user", "action", "gen", "detail")
 
     def reload(self) -> None:
-        self._rows(self.query_one("#audit-user", Input).value.strip() or None,
-                   self.query_one("#audit-action", Input).value.strip() or None)
+        self._rows(
+            self.query_one("#audit-user", Input).value.strip() or None,
+            self.query_one("#audit-action", Input).value.strip() or None,
+        )
 
     @on(Input.Submitted, "#audit-user")
     @on(Input.Submitted, "#audit-action")
@@ -65,8 +67,14 @@ class AuditPane(Pane):
         table.clear()
         for e in message.rows:
             detail = json.dumps(e["detail"], separators=(",", ":"))
-            table.add_row(str(e["id"]), e["time"], inert(e["user"]), e["action"], str(e["generation"] or "-"),
-                          inert(detail[:120]))
+            table.add_row(
+                str(e["id"]),
+                e["time"],
+                inert(e["user"]),
+                e["action"],
+                str(e["generation"] or "-"),
+                inert(detail[:120]),
+            )
 
     @on(Button.Pressed, "#audit-verify")
     def verify(self) -> None:

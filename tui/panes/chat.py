@@ -83,8 +83,12 @@ class ChatPane(Pane):
             nonlocal conversation
             if conversation is None:
                 conversation = self.backend.new_conversation(user)
-            return self.backend.ask(question, conversation=conversation,
-                                    on_text=lambda piece: self.post_message(self.Piece(piece)))
+            return self.backend.ask(
+                question,
+                conversation=conversation,
+                on_text=lambda piece: self.post_message(self.Piece(piece)),
+            )
+
         answer = self.call("ask", run)
         self.post_message(self.Answered(answer, conversation))
 
@@ -111,19 +115,37 @@ class ChatPane(Pane):
         for i, hit in enumerate(answer.sources, start=1):
             owner = getattr(hit, "owner", None)  # an upload's name alone could be another user's path
             document = Path(hit.source).name + (f" ({owner})" if owner else "")
-            table.add_row(str(i), "*" if i in cited else "", inert(document), str(hit.position),
-                          inert(" ".join(hit.text.split())[:200]), key=str(i))
+            table.add_row(
+                str(i),
+                "*" if i in cited else "",
+                inert(document),
+                str(hit.position),
+                inert(" ".join(hit.text.split())[:200]),
+                key=str(i),
+            )
         transcript = self.query_one("#transcript", VerticalScroll)
         if answer.unverified_codes:
-            transcript.mount(Static(inert("unverified codes (no source contains them): "
-                                          + ", ".join(answer.unverified_codes)), classes="warning"))
+            transcript.mount(
+                Static(
+                    inert(
+                        "unverified codes (no source contains them): " + ", ".join(answer.unverified_codes)
+                    ),
+                    classes="warning",
+                )
+            )
         for c in getattr(answer, "conflicting_codes", []):
-            transcript.mount(Static(inert(f"{c['code']} contradicts the reference table: {c['title']} is "
-                                          f"{c['table_code']}"), classes="warning"))
+            transcript.mount(
+                Static(
+                    inert(f"{c['code']} contradicts the reference table: {c['title']} is {c['table_code']}"),
+                    classes="warning",
+                )
+            )
         t = answer.timing
-        self.app.status_line(f"{len(answer.sources)} sources, {len(answer.citations)} cited; retrieval "
-                             f"{t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
-                             f"{t['tokens_per_s'] or 0:.1f} tokens/s")
+        self.app.status_line(
+            f"{len(answer.sources)} sources, {len(answer.citations)} cited; retrieval "
+            f"{t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
+            f"{t['tokens_per_s'] or 0:.1f} tokens/s"
+        )
         self.post_message(Changed("audit"))
 
     @on(DataTable.RowSelected, "#sources")
@@ -131,8 +153,9 @@ class ChatPane(Pane):
         if self.last_answer is None:
             return
         hit = self.last_answer.sources[int(event.row_key.value) - 1]
-        self.app.push_screen(TextScreen(f"[{event.row_key.value}] {Path(hit.source).name}, chunk {hit.position}",
-                                        hit.text))
+        self.app.push_screen(
+            TextScreen(f"[{event.row_key.value}] {Path(hit.source).name}, chunk {hit.position}", hit.text)
+        )
 
     def new_conversation(self) -> None:
         self.conversation = None
@@ -160,9 +183,11 @@ class ChatPane(Pane):
 
     def correct(self) -> None:
         if (audit_id := self._judged()) is not None:
+
             def written(text: str | None) -> None:
                 if text:
                     self._feedback(audit_id, "correction", correction=text)
+
             self.app.push_screen(CorrectionScreen(self.last_answer.answer), written)
 
     def irrelevant(self) -> None:
@@ -173,11 +198,14 @@ class ChatPane(Pane):
 
     def missing(self) -> None:
         if (audit_id := self._judged()) is not None:
+
             def picked(chunk_id: int | None) -> None:
                 if chunk_id:
                     self._feedback(audit_id, "missing_source", chunk_id=chunk_id)
-            self.app.push_screen(SourcePickScreen(lambda q: self.call("search", lambda: self.backend.search(q, 8))),
-                                 picked)
+
+            self.app.push_screen(
+                SourcePickScreen(lambda q: self.call("search", lambda: self.backend.search(q, 8))), picked
+            )
 
     @work(thread=True, group="load")
     def _feedback(self, audit_id: int, kind: str, **fields) -> None:
@@ -186,5 +214,7 @@ class ChatPane(Pane):
     @on(Judged)
     def _shown_judged(self, message: Judged) -> None:
         item = message.item
-        self.notify(f"feedback {item.id} ({item.kind.replace('_', ' ')}) recorded on answer {item.answer_audit_id}")
+        self.notify(
+            f"feedback {item.id} ({item.kind.replace('_', ' ')}) recorded on answer {item.answer_audit_id}"
+        )
         self.post_message(Changed("feedback", "audit"))

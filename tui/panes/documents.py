@@ -41,7 +41,9 @@ class DocumentsPane(Pane):
         yield DataTable(id="documents-table", cursor_type="row")
 
     def on_mount(self) -> None:
-        self.query_one("#documents-table", DataTable).add_columns("id", "collection", "chunks", "sha256", "document")
+        self.query_one("#documents-table", DataTable).add_columns(
+            "id", "collection", "chunks", "sha256", "document"
+        )
 
     def reload(self) -> None:
         self._list()
@@ -55,8 +57,14 @@ class DocumentsPane(Pane):
         table = self.query_one("#documents-table", DataTable)
         table.clear()
         for d in message.rows:
-            table.add_row(str(d.id), inert(d.collection), str(d.chunks), d.sha256[:12], inert(Path(d.source).name),
-                          key=str(d.id))
+            table.add_row(
+                str(d.id),
+                inert(d.collection),
+                str(d.chunks),
+                d.sha256[:12],
+                inert(Path(d.source).name),
+                key=str(d.id),
+            )
 
     @on(Input.Submitted, "#ingest-path")
     @on(Button.Pressed, "#ingest")
@@ -66,9 +74,16 @@ class DocumentsPane(Pane):
 
     @work(thread=True, group="ingest")
     def _ingest(self, path: Path, collection: str) -> None:
-        report = self.call("ingest", lambda: self.backend.ingest(
-            [path], collection, progress=lambda item, done, total: self.post_message(
-                Progress("#ingest-progress", done, total, Path(item).name if item else ""))))
+        report = self.call(
+            "ingest",
+            lambda: self.backend.ingest(
+                [path],
+                collection,
+                progress=lambda item, done, total: self.post_message(
+                    Progress("#ingest-progress", done, total, Path(item).name if item else "")
+                ),
+            ),
+        )
         if report is not None:
             self.post_message(Progress("#ingest-progress", 1, 1))
             self.post_message(self.Ingested(report))
@@ -76,8 +91,10 @@ class DocumentsPane(Pane):
     @on(Ingested)
     def _ingested(self, message: Ingested) -> None:
         r = message.report
-        self.notify(f"{len(r.added)} added, {len(r.unchanged)} unchanged, {len(r.failed)} failed",
-                    severity="error" if r.failed else "information")
+        self.notify(
+            f"{len(r.added)} added, {len(r.unchanged)} unchanged, {len(r.failed)} failed",
+            severity="error" if r.failed else "information",
+        )
         self.post_message(Changed("documents", "status", "audit"))
 
     @on(DataTable.RowSelected, "#documents-table")
@@ -87,6 +104,7 @@ class DocumentsPane(Pane):
         def answered(yes: bool | None) -> None:
             if yes:
                 self._remove(doc_id)
+
         self.app.push_screen(ConfirmScreen(f"Remove document {doc_id}, its chunks and vectors?"), answered)
 
     @work(thread=True, group="ingest")

@@ -35,8 +35,9 @@ class FeedbackPane(Pane):
         yield DataTable(id="feedback-table", cursor_type="row")
 
     def on_mount(self) -> None:
-        self.query_one("#feedback-table", DataTable).add_columns("id", "time", "user", "kind", "answer", "state",
-                                                                 "question")
+        self.query_one("#feedback-table", DataTable).add_columns(
+            "id", "time", "user", "kind", "answer", "state", "question"
+        )
 
     def reload(self) -> None:
         self._items()
@@ -50,8 +51,15 @@ class FeedbackPane(Pane):
         table = self.query_one("#feedback-table", DataTable)
         table.clear()
         for f in reversed(message.items):  # newest first
-            table.add_row(str(f["id"]), f["time"], inert(f["user"]), f["kind"], str(f["answer_audit_id"]),
-                          "exported" if f["export_id"] else "pending", inert(f["question"][:80]))
+            table.add_row(
+                str(f["id"]),
+                f["time"],
+                inert(f["user"]),
+                f["kind"],
+                str(f["answer_audit_id"]),
+                "exported" if f["export_id"] else "pending",
+                inert(f["question"][:80]),
+            )
 
     @on(Input.Submitted, "#export-path")
     @on(Button.Pressed, "#export-go")
@@ -68,5 +76,6 @@ class FeedbackPane(Pane):
         data = message.result
         counts = ", ".join(f"{n} {name.removesuffix('.jsonl')}" for name, n in data.counts.items())
         self.query_one("#feedback-status", Static).update(
-            inert(f"exported {data.items} items to {data.out} ({counts}), signed; export {data.export_id}"))
+            inert(f"exported {data.items} items to {data.out} ({counts}), signed; export {data.export_id}")
+        )
         self.post_message(Changed("feedback", "audit"))

@@ -59,7 +59,9 @@ class LookupPane(Pane):
         table = self.query_one("#lookup-table", DataTable)
         table.clear()
         for r in message.rows:
-            table.add_row(inert(r["code"] or "-"), inert(r["title"] or "-"), r["match"], inert(Path(r["source"]).name))
+            table.add_row(
+                inert(r["code"] or "-"), inert(r["title"] or "-"), r["match"], inert(Path(r["source"]).name)
+            )
         if not message.rows:
             self.notify("no reference row matches", severity="warning")
 
@@ -67,13 +69,16 @@ class LookupPane(Pane):
     @on(Button.Pressed, "#draft-go")
     def draft(self) -> None:
         if rfp := self.typed_path("#draft-rfp", "the RFP file to draft from"):
-            collections = [c.strip() for c in self.query_one("#draft-collections", Input).value.split(",") if c.strip()]
+            collections = [
+                c.strip() for c in self.query_one("#draft-collections", Input).value.split(",") if c.strip()
+            ]
             self._draft(rfp, collections or None, Path.cwd())
 
     @work(thread=True, group="ask")
     def _draft(self, rfp: Path, collections: list[str] | None, folder: Path) -> None:
         def progress(item, done, total):
             self.post_message(Progress("#draft-progress", done, total, f"requirement {item}" if item else ""))
+
         result = self.call("draft", lambda: self.backend.draft(rfp, collections, progress=progress))
         if result is None:
             return
@@ -88,10 +93,14 @@ class LookupPane(Pane):
     @on(Drafted)
     def _drafted(self, message: Drafted) -> None:
         result = message.result
-        lines = [f"wrote {message.out}: {result.requirements_found} requirements, {result.answered} drafted, "
-                 f"{len(result.gaps)} gaps, {len(result.staffing)} roles staffed, {len(result.sources)} sources"]
+        lines = [
+            f"wrote {message.out}: {result.requirements_found} requirements, {result.answered} drafted, "
+            f"{len(result.gaps)} gaps, {len(result.staffing)} roles staffed, {len(result.sources)} sources"
+        ]
         if result.unknown_codes:
-            lines.append("codes not in the reference tables (flagged in the draft): " + ", ".join(result.unknown_codes))
+            lines.append(
+                "codes not in the reference tables (flagged in the draft): " + ", ".join(result.unknown_codes)
+            )
         if result.gaps:
             lines.append("requirements without a response: " + ", ".join(result.gaps))
         self.query_one("#draft-status", Static).update(inert("\n".join(lines)))

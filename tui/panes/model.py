@@ -20,10 +20,12 @@ from tui.widgets import inert
 
 def status_lines(s: schemas.Status) -> list[str]:
     m, e = s.model, s.embedder
-    lines = [f"generation {s.generation}" + (f", signed bundle v{s.version}" if s.version else ", unsigned"),
-             f"model      {m['name']} {m['quant']}, {m['parameters']:,} parameters, {m['size'] / 1e6:.1f} MB",
-             f"embedder   {e['name']} ({e['dim']}-d)",
-             f"memory     {s.resident_mb:.0f} MB resident" if s.resident_mb else "memory     -"]
+    lines = [
+        f"generation {s.generation}" + (f", signed bundle v{s.version}" if s.version else ", unsigned"),
+        f"model      {m['name']} {m['quant']}, {m['parameters']:,} parameters, {m['size'] / 1e6:.1f} MB",
+        f"embedder   {e['name']} ({e['dim']}-d)",
+        f"memory     {s.resident_mb:.0f} MB resident" if s.resident_mb else "memory     -",
+    ]
     stages = s.lineage.get("stages") or {}
     names = list(stages) if isinstance(stages, dict) else [str(st.get("stage", "?")) for st in stages]
     if names:
@@ -32,7 +34,9 @@ def status_lines(s: schemas.Status) -> list[str]:
     if evaluation and evaluation.gate:
         gate = evaluation.gate
         limits = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in gate.limits().items())
-        lines.append(f"release gate {'passed' if gate.passed else 'FAILED'}" + (f" ({limits})" if limits else ""))
+        lines.append(
+            f"release gate {'passed' if gate.passed else 'FAILED'}" + (f" ({limits})" if limits else "")
+        )
         lines.extend(f"  {failure}" for failure in gate.failures)
     for quant, ppl in (evaluation.perplexity if evaluation else {}).items():
         scored = f" ({ppl.tokens_scored:,} tokens)" if ppl.tokens_scored else ""
@@ -69,8 +73,9 @@ class ModelPane(Pane):
         yield DataTable(id="generations-table", cursor_type="row")
 
     def on_mount(self) -> None:
-        self.query_one("#generations-table", DataTable).add_columns("gen", "state", "version", "name", "quant",
-                                                                     "installed")
+        self.query_one("#generations-table", DataTable).add_columns(
+            "gen", "state", "version", "name", "quant", "installed"
+        )
 
     def reload(self, status: bool = True, generations: bool = True) -> None:
         self._load(status, generations)
@@ -92,8 +97,14 @@ class ModelPane(Pane):
         table.clear()
         for r in message.rows:
             state = "current" if r["current"] else "previous" if r["previous"] else ""
-            table.add_row(str(r["generation"]), state, f"v{r['version']}" if r["version"] else "unsigned",
-                          inert(r.get("name") or "-"), r.get("quant") or "-", r["installed"])
+            table.add_row(
+                str(r["generation"]),
+                state,
+                f"v{r['version']}" if r["version"] else "unsigned",
+                inert(r.get("name") or "-"),
+                r.get("quant") or "-",
+                r["installed"],
+            )
 
     @on(Button.Pressed, "#bundle-verify")
     def verify_bundle(self) -> None:
@@ -109,10 +120,15 @@ class ModelPane(Pane):
     def _bundle(self, what: str, path: Path) -> None:
         def progress(name, done, total):
             self.post_message(Progress("#bundle-progress", done, total, name))
+
         if what == "verify":
             if (v := self.call("verify", lambda: self.backend.verify_bundle(path, progress))) is not None:
-                self.post_message(self.Done(f"bundle {v.bundle.name} version {v.version}: signatures and hashes OK"))
-        elif (r := self.call("install", lambda: self.backend.install_bundle(path, progress=progress))) is not None:
+                self.post_message(
+                    self.Done(f"bundle {v.bundle.name} version {v.version}: signatures and hashes OK")
+                )
+        elif (
+            r := self.call("install", lambda: self.backend.install_bundle(path, progress=progress))
+        ) is not None:
             self.post_message(self.Done(r.message))
 
     @on(Button.Pressed, "#bundle-rollback")
@@ -120,8 +136,10 @@ class ModelPane(Pane):
         def answered(yes: bool | None) -> None:
             if yes:
                 self._rollback()
-        self.app.push_screen(ConfirmScreen("Return to the previous generation? The current one stays installed."),
-                             answered)
+
+        self.app.push_screen(
+            ConfirmScreen("Return to the previous generation? The current one stays installed."), answered
+        )
 
     @work(thread=True, group="bundle")
     def _rollback(self) -> None:
