@@ -123,6 +123,7 @@ llama-wheel: $(LLAMA_WHEEL)
 
 bench: deps
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.report
 
 # A second llama.cpp build with AVX-512 (no AMX) in its own venv, so `make bench` can compare the two.
 bench-avx512: deps

@@ -11,11 +11,17 @@ from bench import bundle, concurrency, decode, embed, report, search
 AVX512_PYTHON = Path(__file__).resolve().parent.parent / "build" / "bench" / "avx512-venv" / "bin" / "python"
 
 if __name__ == "__main__":
-    sections = [("search", "Hybrid search", lambda: search.run([10_000, 100_000])),
-                ("embed", "Embedding throughput", embed.run),
-                ("bundle", "Bundle verify+install", bundle.run),
-                ("decode", "Decode", lambda: decode.run({"avx512": str(AVX512_PYTHON)} if AVX512_PYTHON.exists() else {})),
-                ("concurrency", "Concurrent operators", concurrency.run)]
+    sections = [
+        ("search", "Hybrid search", lambda: search.run([10_000, 100_000])),
+        ("embed", "Embedding throughput", embed.run),
+        ("bundle", "Bundle verify+install", bundle.run),
+        (
+            "decode",
+            "Decode",
+            lambda: decode.run({"avx512": str(AVX512_PYTHON)} if AVX512_PYTHON.exists() else {}),
+        ),
+        ("concurrency", "Concurrent operators", concurrency.run),
+    ]
     only = set(sys.argv[1:])
     for name, title, fn in sections:
         if only and not any(o.lower() in (name, title.lower()) or o.lower() in title.lower() for o in only):

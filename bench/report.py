@@ -32,8 +32,13 @@ def machine() -> str:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    simd = "AVX-512" + (" BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags else \
-        "AVX2" if "avx2" in flags else "no AVX2"
+    simd = (
+        "AVX-512" + (" BF16" if "avx512_bf16" in flags else "")
+        if "avx512f" in flags
+        else "AVX2"
+        if "avx2" in flags
+        else "no AVX2"
+    )
     return f"{model}, {os.cpu_count()} cores, {simd}, no GPU"
 
 
@@ -42,18 +47,24 @@ def record(name: str, lines: list[str], command: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.md"
     head = f"Measured on {machine()}, {time.strftime('%Y-%m-%d')}, by `{command}`:"
+    while lines and not lines[0].strip():
+        lines = lines[1:]
     path.write_text("\n".join([head, "", *lines]) + "\n")
     return path
 
 
 def splice(readme: str) -> str:
     """The README with every generated block replaced by its result file (a missing one is an error)."""
+
     def block(match: re.Match) -> str:
         path = RESULTS / f"{match.group(2)}.md"
         if not path.exists():
-            raise SystemExit(f"README names bench result {match.group(2)!r}, but {path} does not exist: "
-                             f"run `make bench` (or `python -m bench {match.group(2)}`)")
+            raise SystemExit(
+                f"README names bench result {match.group(2)!r}, but {path} does not exist: "
+                f"run `make bench` (or `python -m bench {match.group(2)}`)"
+            )
         return match.group(1) + path.read_text() + match.group(4)
+
     return BLOCK.sub(block, readme)
 
 
@@ -63,8 +74,10 @@ def main(argv: list[str]) -> int:
     if "--check" in argv:
         stale = [m.group(2) for m in BLOCK.finditer(text) if m.group(0) not in spliced]
         if stale:
-            print(f"README.md's tables {', '.join(stale)} differ from bench/results: run `python -m bench.report`",
-                  file=sys.stderr)
+            print(
+                f"README.md's tables {', '.join(stale)} differ from bench/results: run `python -m bench.report`",
+                file=sys.stderr,
+            )
             return 1
         return 0
     README.write_text(spliced)

@@ -21,11 +21,12 @@ def test_bundle_benchmark_prints_its_table():
 
 
 def test_concurrency_benchmark_prints_its_table(tiny_generation):
-    from appliance.engine_server import find_binary
+    from appliance.engine.server import find_binary
     from bench import concurrency
 
     if find_binary() is None:
         import pytest
+
         pytest.skip("needs llama-server (`make deps` builds it)")
     lines = concurrency.run(tiny_generation / "model.gguf", clients=(1, 2))
     assert lines[0].startswith("| clients | aggregate decode tok/s")
@@ -34,3 +35,37 @@ def test_concurrency_benchmark_prints_its_table(tiny_generation):
     alone = next(line for line in lines if line.startswith("decode alone ("))
     assert float(alone.split(" = ")[1].split("x")[0]) > 0 and "bare llama-server" in alone
     assert any(line.startswith("resident: service") for line in lines)
+
+
+def test_the_readmes_measured_tables_are_the_bench_results():
+    """Each generated table in the README is a result file a benchmark wrote, machine line included
+    (bench/report.py), so the README cannot show a figure no run printed."""
+    from bench import report
+
+    text = report.README.read_text()
+    blocks = list(report.BLOCK.finditer(text))
+    assert len(blocks) >= 3, "the README's generated tables lost their markers"
+    for block in blocks:
+        result = (report.RESULTS / f"{block.group(2)}.md").read_text()
+        assert block.group(3) == result, (
+            f"README's {block.group(2)} table is not bench/results/{block.group(2)}.md"
+        )
+        assert result.startswith("Measured on ") and " cores, " in result.splitlines()[0]
+    assert report.main(["--check"]) == 0
+
+
+def test_a_hand_edited_table_is_caught(tmp_path, monkeypatch):
+    from bench import report
+
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(report, "README", tmp_path / "README.md")
+    report.record(
+        "search", ["| chunks | p95 ms |", "| --- | --- |", "| 10,000 | 5.48 |"], "python -m bench search"
+    )
+    report.README.write_text("# x\n\n<!-- bench:search -->\nold table\n<!-- /bench:search -->\n")
+    assert report.main(["--check"]) == 1
+    assert report.main([]) == 0 and report.main(["--check"]) == 0
+    assert "| 10,000 | 5.48 |" in report.README.read_text() and "old table" not in report.README.read_text()
+    report.README.write_text(report.README.read_text().replace("5.48", "4.00"))  # a figure edited by hand
+    assert report.main(["--check"]) == 1
