@@ -111,7 +111,8 @@ class ClientSettings(BaseSettings):
         description="The service's Unix socket: where `appliance serve` "
         "listens and the CLI and UI look for it (default: $XDG_RUNTIME_DIR/appliance.sock, "
         "else run/appliance.sock under the home; the systemd unit and the container set "
-        "/run/appliance/api.sock)",
+        "/run/appliance/api.sock). Set it as APPLIANCE_SOCKET, not only in config.yaml: clients "
+        "read the environment, never the service's home",
     )
     service_user: str = Field(
         default="appliance",
