@@ -129,6 +129,11 @@ class ClientSettings(BaseSettings):
         """Where a client looks for the service, in order: the socket set, else the defaults."""
         return [self.socket] if self.socket else [default_socket(self.home), SYSTEM_SOCKET]
 
+    @field_validator("home", "socket")
+    @classmethod
+    def _expanded(cls, value):  # systemd's EnvironmentFile= and a container's ENV never expand ~
+        return Path(value).expanduser() if value is not None else None
+
 
 class _HomeConfig(PydanticBaseSettingsSource):
     """`config.yaml` in the home (the home as given, else from the environment or its default)."""
@@ -149,6 +154,14 @@ class _HomeConfig(PydanticBaseSettingsSource):
             raise ConfigError(f"{self.path}: not valid YAML ({exc})", "fix the file or remove it") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{self.path}: expected a mapping of settings", "see `appliance --help`")
+        for name in (
+            ClientSettings.model_fields
+        ):  # where to find the home and the service: clients never read this file
+            if name in loaded:
+                raise ConfigError(
+                    f"{self.path}: '{name}' cannot be set here (the CLI and the UI never read the service's home)",
+                    f"set APPLIANCE_{name.upper()} in the environment (for systemd: /etc/appliance/appliance.env)",
+                )
         return loaded
 
 

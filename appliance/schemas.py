@@ -315,6 +315,13 @@ class ExportWritten(Answered):
     items: int
 
 
+class BundleInfo(BundleManifest):
+    """bundle.json as a result carries it: a field a newer builder adds is kept, not refused (the bundle
+    itself was checked against BundleManifest when it was read)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 class BundleCheck(Answered):
     """A bundle whose signatures and hashes were verified (nothing installed)."""
 
@@ -323,7 +330,7 @@ class BundleCheck(Answered):
     targets: list[str]
     bytes: int
     notes: list[str] = Field(default_factory=list)
-    bundle: BundleManifest
+    bundle: BundleInfo
 
 
 class Installed(Answered):
@@ -334,7 +341,7 @@ class Installed(Answered):
     message: str
     downgrade: bool = False
     health: dict = Field(default_factory=dict)
-    bundle: BundleManifest | None = None
+    bundle: BundleInfo | None = None
     recovered: str | None = Field(
         default=None, description="an interrupted install found and finished or undone first"
     )

@@ -98,3 +98,30 @@ def test_the_protocol_covers_what_the_cli_and_ui_call():
             f"{where} calls {sorted(names - set(METHODS))} on its backend, which "
             "appliance.protocols.Backend does not declare"
         )
+
+
+def test_a_newer_bundle_description_still_reads():
+    """A bundle.json field this client does not know (a newer builder's) is kept in a result, not refused:
+    the bundle itself was checked where it was read."""
+    from appliance.schemas import BundleCheck
+
+    check = BundleCheck.model_validate(
+        {
+            "version": 3,
+            "files": 5,
+            "targets": ["a"],
+            "bytes": 10,
+            "notes": [],
+            "bundle": {
+                "name": "m",
+                "version": 3,
+                "created": "2026-12-07T00:00:00Z",
+                "generation": "0" * 64,
+                "model": {"name": "m"},
+                "embedder": {"name": "e", "dim": 384},
+                "min_ram_mb": 512,
+                "added_by_a_newer_builder": True,
+            },
+        }
+    )
+    assert check.bundle.name == "m" and check.bundle.model_extra == {"added_by_a_newer_builder": True}

@@ -84,3 +84,22 @@ def test_a_client_reads_only_the_environment(tmp_path, monkeypatch):
         assert ClientSettings().service_user == "svc"
     finally:
         home.chmod(0o700)
+
+
+def test_a_home_given_with_a_tilde_is_expanded(monkeypatch, tmp_path):
+    """systemd's EnvironmentFile= and a container's ENV pass `~` through unexpanded: the service and its
+    clients must still agree on the home (the CLI compares them to decide whether to use the service)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("APPLIANCE_HOME", "~/apphome")
+    assert load_settings().home == ClientSettings().home == tmp_path / "apphome"
+
+
+@pytest.mark.parametrize("key", ["home", "socket", "service_user"])
+def test_what_clients_need_is_refused_in_the_services_config_file(tmp_path, key):
+    """The home, the socket and the service's user are read from the environment by clients, which may
+    not read the service's home: set in config.yaml they would split the service from its clients."""
+    (tmp_path / "config.yaml").write_text(f"{key}: /elsewhere\n")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(home=tmp_path)
+    assert f"'{key}' cannot be set here" in refused.value.message
+    assert f"APPLIANCE_{key.upper()}" in refused.value.fix

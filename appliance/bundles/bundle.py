@@ -41,7 +41,7 @@ from appliance.bundles.manifest import (
 from appliance.bundles.staging import SPACE_MARGIN, Progress, copy_all, mem_total_mb, validate
 from appliance.bundles.trust import Verified, current_version, trusted_bundle, trusted_version
 from appliance.errors import ApplianceError, BundleError
-from appliance.schemas import Installed
+from appliance.schemas import BundleInfo, Installed
 
 Prepare = Callable[[Path, GenerationManifest, BundleManifest], dict]
 
@@ -104,7 +104,7 @@ class InstallResult:
             message=self.message,
             downgrade=self.downgrade,
             health=self.health,
-            bundle=self.info,
+            bundle=BundleInfo.model_validate(self.info.model_dump()) if self.info else None,
             recovered=self.recovered,
         )
 

@@ -21,7 +21,7 @@ from appliance.bundles.manifest import (
     BundleManifest,
 )
 from appliance.errors import ApplianceError, BundleError
-from appliance.schemas import BundleCheck
+from appliance.schemas import BundleCheck, BundleInfo
 
 _URL = "bundle:///"
 
@@ -59,7 +59,7 @@ class Verified:
             targets=sorted(self.targets),
             bytes=self.total_bytes,
             notes=self.notes,
-            bundle=self.info,
+            bundle=BundleInfo.model_validate(self.info.model_dump()),
         )
 
 

@@ -38,7 +38,7 @@ from appliance.bundles.manifest import context_tokens
 from appliance.errors import ApplianceError, ConfigError, ExitCode, ModelError
 from appliance.protocols import Sampling
 
-log = logging.getLogger("appliance.engine.llama")
+log = logging.getLogger("appliance.engine")
 START_TIMEOUT_S = 180.0
 BINARY = "llama-server"
 

@@ -190,7 +190,8 @@ async def draft(
     collection: list[str] | None = Query(default=None),
     max_tokens: int | None = Query(default=None, ge=1, le=4096),
 ):
-    """An RFP's bytes as the body; progress events per requirement, then the draft's markdown and summary."""
+    """An RFP's bytes as the body; progress events per requirement, then the draft (schemas.DraftReport:
+    the markdown, the requirements, staffing, gaps and codes, flat in one result)."""
     user = user_of(request)
     data, release = await received(request, int(app.settings.max_file_mb * 1_000_000))
     engine_server = request.app.state.engine_server
