@@ -364,3 +364,34 @@ def test_a_killed_service_takes_its_engine_with_it_and_the_next_start_cleans_up(
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_request_limits_follow_the_slots_the_engine_server_holds(demo_home, tmp_path):
+    """n_ctx is decided once (manifest.context_tokens); the service's request limit follows the context
+    each slot of the running llama-server reports (/props), not the in-process setting, so a request
+    never asks for more than the prompt will be fitted to. A real llama-server on the demo generation."""
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+    from appliance.engine.server import EngineServer
+    from appliance.schemas import ChatRequest
+    from appliance.service.errors import ApiError
+    from appliance.service.openai import limits
+
+    with Appliance(load_settings(home=demo_home, n_ctx=1024)) as app:
+        assert app.context_tokens() == min(1024, app.installed.manifest.model.context_length)
+        body = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=app.context_tokens() // 2)
+        assert limits(app, body)[0] == app.context_tokens() // 2  # in process: the app's own context
+        server = EngineServer(find_binary(), tmp_path / "engine", slots=1, n_ctx=256, threads=1)
+        inst = app.installed
+        try:
+            server.start(inst, inst.template_path.read_text(), app.model_info())
+            with httpx.Client(
+                transport=httpx.HTTPTransport(uds=str(server.socket)), base_url="http://e"
+            ) as http:
+                served = http.get("/props").json()["default_generation_settings"]["n_ctx"]
+            assert server.context == served == 256 == server.tokenizer.n_ctx
+            with pytest.raises(ApiError, match="half the 256-token context"):
+                limits(app, body, server)
+            assert limits(app, body.model_copy(update={"max_tokens": 128}), server)[0] == 128
+        finally:
+            server.stop()

@@ -891,25 +891,3 @@ def test_clients_that_leave_mid_upload_are_not_logged_as_failures(tmp_path, demo
             assert http.get("/v1/models").status_code == 200
     err = proc.communicate()[1]
     assert "Traceback" not in err and "internal error" not in err, err[-3000:]
-
-
-def test_request_limits_use_the_context_the_prompt_is_fitted_to(demo_home):
-    """n_ctx is decided once (manifest.context_tokens): the in-process engine and the request limit
-    agree, and when llama-server reports smaller slots than asked for, the limit follows the slots."""
-    from appliance.app import Appliance
-    from appliance.config import load_settings
-    from appliance.schemas import ChatRequest
-    from appliance.service.errors import ApiError
-    from appliance.service.openai import limits
-
-    with Appliance(load_settings(home=demo_home, n_ctx=1024)) as app:
-        assert app.context_tokens() == min(1024, app.installed.manifest.model.context_length)
-        body = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=app.context_tokens() // 2)
-        assert limits(app, body)[0] == app.context_tokens() // 2
-
-        class Slots:  # an engine server whose slots hold 256 tokens each
-            context = 256
-
-        with pytest.raises(ApiError, match="half the 256-token context"):
-            limits(app, body, Slots())
-        assert limits(app, body.model_copy(update={"max_tokens": 128}), Slots())[0] == 128
