@@ -85,6 +85,7 @@ def prepare(
         earlier=earlier if use_rag else None,
         new_sources=app.settings.follow_up_k if follow_up else None,
         titles=app.store.ref_titles(),
+        reading=rag.Reading(app.embedder, app.settings.shown_sentences, app.settings.abstain_below),
     )
     return AskJob(prep, given, collection, use_rag, user, conversation)
 
@@ -107,6 +108,16 @@ def finish(app: Appliance, job: AskJob, pieces: list[str], timing: dict, stopped
     }
     if result.conflicting_codes:
         detail["conflicting_codes"] = result.conflicting_codes
+    if result.unsupported:
+        detail["unsupported"] = len(
+            result.unsupported
+        )  # a count: the answer's text is kept only with audit_text
+    if result.evidence:
+        detail["evidence"] = [
+            {"n": e.n, "chunk_id": e.chunk_id, "start": e.start, "end": e.end} for e in result.evidence
+        ]
+    if result.abstained:
+        detail["abstained"] = True  # no source answered; the model was not asked
     if result.stopped:
         detail["stopped"] = True  # the client went away: what it was sent is still recorded
     if result.earlier:

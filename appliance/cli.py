@@ -557,6 +557,15 @@ def _print_answer(result: AnswerReport, streamed: bool) -> None:
             mark = "*" if i in cited else " "
             snippet = _line(" ".join(h.text.split())[:90])
             click.echo(f" {mark}[{i}] {_named(h)}, chunk {h.position}: {snippet}")
+    for e in result.evidence:
+        click.echo(f"Evidence [{e['n']}]: {_line(e['text'])}")
+    if result.abstained:
+        _err("(no retrieved passage answers this question; the model was not asked)")
+    if result.unsupported:
+        _err(
+            "warning: in no source the answer was given (check before relying on them): "
+            + ", ".join(_line(u) for u in result.unsupported)
+        )
     if result.unknown_citations:
         _err(f"warning: the answer cites sources that do not exist: {result.unknown_citations}")
     if result.unverified_codes:

@@ -193,6 +193,21 @@ class Settings(ClientSettings):
         description="New sources added for a follow-up question "
         "(the earlier turns' sources stay in its prompt, still numbered)",
     )
+    shown_sentences: int = Field(
+        default=0,
+        ge=0,
+        le=50,
+        description="Show the model only this many of the retrieved chunks' sentences, those closest "
+        "to the question by the embedder (0: whole chunks); a small model reads better when shown less",
+    )
+    abstain_below: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="When no sentence of the retrieved chunks scores this close to the question "
+        "(embedder cosine), answer that the documents do not cover it without asking the model "
+        "(0: never; see bench/reading.py for how it is calibrated)",
+    )
     mmap: bool = Field(
         default=False,
         description="Memory-map the model instead of reading it in (more resident "

@@ -229,6 +229,18 @@ class AnswerReport(Answered):
     conflicting_codes: list[dict] = Field(
         default_factory=list, description="codes the reference table contradicts"
     )
+    unsupported: list[str] = Field(
+        default_factory=list,
+        description="figures and proper names in the answer that no source it was given holds",
+    )
+    evidence: list[dict] = Field(
+        default_factory=list,
+        description="{n, chunk_id, start, end, text, score}: the sentence of each cited source that supports "
+        "the answer (start/end within the source's text)",
+    )
+    abstained: bool = Field(
+        default=False, description="no retrieved source answers the question; the model was not asked"
+    )
     model: dict = Field(default_factory=dict, description="the model that answered")
     timing: dict = Field(default_factory=dict)
     audit_id: int | None = None

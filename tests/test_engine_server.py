@@ -395,3 +395,40 @@ def test_request_limits_follow_the_slots_the_engine_server_holds(demo_home, tmp_
             assert limits(app, body.model_copy(update={"max_tokens": 128}), server)[0] == 128
         finally:
             server.stop()
+
+
+def test_an_unanswerable_question_is_answered_by_the_service_without_the_engine(demo_home, tmp_path):
+    """With an abstention floor no retrieved sentence reaches, the service streams the appliance's own
+    reply (no decode on llama-server) and the final chunk says it abstained; a question a reference row
+    answers exactly still goes to the engine."""
+    from appliance.retrieval.evidence import NOT_COVERED
+
+    with serving_copy(demo_home, tmp_path / "home", "--slots", "1", config="abstain_below: 0.99\n") as (
+        _,
+        sock,
+        _,
+    ):
+        body = {
+            "messages": [{"role": "user", "content": "What was the value of our NASA contract?"}],
+            "max_tokens": 16,
+            "stream": True,
+        }
+        with uds_client(sock) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+        assert text == NOT_COVERED
+        final = events[-1]
+        assert final["abstained"] is True and final["usage"]["completion_tokens"] == 0
+        assert final["citations"] == [] and final["evidence"] == []
+        with uds_client(sock) as http:
+            r = http.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": "What is the code for a Cloud Architect?"}],
+                    "max_tokens": 4,
+                },
+            )
+            assert r.status_code == 200, r.text
+            data = r.json()
+            assert data["abstained"] is False and data["usage"]["completion_tokens"] >= 1
+            assert data["evidence"], "the supporting sentence rides beside the answer"

@@ -74,6 +74,17 @@ async def test_chat_round_trip_shows_sources_and_keeps_history(ui_home):
             app.screen.query_one("#dialog-body", Static).content
         )
         await pilot.press("escape")
+        # the passage the appliance found supporting the answer is named, and marked in its source
+        assert answer.evidence, "the appliance names the sentence that supports the answer"
+        n = answer.evidence[0]["n"]
+        assert any(s.startswith(f"evidence [{n}]: ") for s in shown), shown
+        sources.move_cursor(row=n - 1)
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        body = app.screen.query_one("#dialog-body", Static).content
+        marked = [body.plain[sp.start : sp.end] for sp in body.spans if "reverse" in str(sp.style)]
+        assert marked == [clean_text(answer.evidence[0]["text"])]
+        await pilot.press("escape")
         # a follow-up goes into the same stored conversation
         first = app.conversation
         app.last_answer = None

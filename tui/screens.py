@@ -21,15 +21,24 @@ class TextScreen(ModalScreen):
 
     BINDINGS = [Binding("escape", "dismiss", "Close")]
 
-    def __init__(self, title: str, body: str):
+    def __init__(self, title: str, body: str, highlight: tuple[int, int] | None = None):
+        """`highlight`: (start, end) of the body to mark (the sentence that supports an answer)."""
         super().__init__()
-        self.title_text, self.body = title, body
+        self.title_text, self.body, self.highlight = title, body, highlight
 
     def compose(self) -> ComposeResult:
+        text = inert(self.body)
+        if self.highlight:  # each part made inert apart, so the marked span stays where it was
+            start, end = self.highlight
+            text = inert(self.body[:start])
+            marked = inert(self.body[start:end])
+            marked.stylize("reverse")
+            text.append_text(marked)
+            text.append_text(inert(self.body[end:]))
         with Vertical(id="dialog"):
             yield Label(inert(self.title_text), id="dialog-title")
             with VerticalScroll():
-                yield Static(inert(self.body), id="dialog-body")
+                yield Static(text, id="dialog-body")
             yield Label("Escape to close", classes="hint")
 
 

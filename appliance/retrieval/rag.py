@@ -14,11 +14,12 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from appliance.documents.readers import CODE_RE
 from appliance.engine.prompt import build_messages, cited_numbers, format_source, source_title
 from appliance.protocols import Embedder, Generator, Sampling
+from appliance.retrieval import evidence
 from appliance.retrieval.store import ChunkRow, Store
 from appliance.retrieval.titles import TitleIndex
 from appliance.schemas import AnswerReport, Source
@@ -204,6 +205,9 @@ class Answer:
     # llama.cpp finds the tokens it generated at the front of the next prompt and keeps them cached
     prompt: str = ""  # the question as the model saw it: its new sources, then the question
     earlier: int = 0  # sources[:earlier] were shown in earlier turns of the conversation
+    evidence: list[evidence.Sentence] = field(default_factory=list)  # the sentences that support it
+    unsupported: list[str] = field(default_factory=list)  # figures and names no shown source holds
+    abstained: bool = False  # no retrieved source answered: the appliance said so, the model was not asked
 
     def report(self) -> AnswerReport:
         """The answer as its caller gets it (the contract's shape, without the record's internals)."""
@@ -215,6 +219,9 @@ class Answer:
             unverified_codes=self.unverified_codes,
             miscited_codes=self.miscited_codes,
             conflicting_codes=self.conflicting_codes,
+            unsupported=self.unsupported,
+            evidence=[e.to_json() for e in self.evidence],
+            abstained=self.abstained,
             sources=[Source(n=i, **h.to_json()) for i, h in enumerate(self.sources, start=1)],
             model=self.model,
             timing=self.timing,
@@ -223,24 +230,57 @@ class Answer:
 
 
 def fit_sources(
-    hits: list[Hit], question: str, generator: Generator, budget: int, first: int = 1
+    hits: list[Hit],
+    question: str,
+    generator: Generator,
+    budget: int,
+    first: int = 1,
+    texts: list[str] | None = None,
 ) -> list[str]:
-    """Numbered source blocks (from `first`), as many as fit the token budget; the last one may be cut short."""
+    """Numbered source blocks (from `first`), as many as fit the token budget; the last one may be cut
+    short. `texts`: what to show of each hit (default: its whole text)."""
     sources: list[str] = []
     used = generator.count_tokens(question) + 64
     for i, hit in enumerate(hits, start=first):
         title = source_title(hit.title, hit.heading)
-        block = format_source(i, title, hit.text)
+        text = hit.text if texts is None else texts[i - first]
+        block = format_source(i, title, text)
         cost = generator.count_tokens(block)
         if used + cost > budget:
             room = budget - used - 32
             if room > 64:  # a useful fragment still fits
                 fraction = room / cost
-                sources.append(format_source(i, title, hit.text[: int(len(hit.text) * fraction)] + " ..."))
+                sources.append(format_source(i, title, text[: int(len(text) * fraction)] + " ..."))
             break
         sources.append(block)
         used += cost
     return sources
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How the appliance reads the sources before the model does (Settings: shown_sentences,
+    abstain_below): `embedder` ranks their sentences against the question; `shown_sentences` > 0 shows
+    the model only that many best sentences (with their chunks' numbers; exact identifier hits whole);
+    a best sentence scoring under `abstain_below` means no source answers, and the model is not asked."""
+
+    embedder: Embedder
+    shown_sentences: int = 0
+    abstain_below: float = 0.0
+
+
+def _narrowed(hits: list[Hit], ranked: list[evidence.Sentence], first: int, count: int):
+    """The hits holding the `count` best sentences, best first, with the text to show of each: those
+    sentences (an exact identifier hit, a reference row, is shown whole and keeps its place first)."""
+    chosen: dict[int, list[evidence.Sentence]] = {}  # by source number, best first
+    for s in ranked[:count]:
+        chosen.setdefault(s.n, []).append(s)
+    exact = [i for i, h in enumerate(hits) if h.exact]
+    order = exact + [n - first for n in chosen if not hits[n - first].exact]
+    texts = [
+        hits[i].text if hits[i].exact else evidence.narrow(hits[i].text, chosen[i + first]) for i in order
+    ]
+    return [hits[i] for i in order], texts
 
 
 GREEDY = Sampling(temperature=0.0)  # the same answer every time: evaluation, health checks, tests
@@ -260,6 +300,8 @@ class Prepared:
     sampling: Sampling
     retrieval_ms: float
     titles: dict[str, list[dict]] | None = None
+    ranked: list[evidence.Sentence] = field(default_factory=list)  # the new sources' sentences, best first
+    abstain: bool = False  # no source answers: the reply is evidence.NOT_COVERED, the model is not asked
 
 
 def prepare(
@@ -277,6 +319,7 @@ def prepare(
     earlier: list[Hit] | None = None,
     new_sources: int | None = None,
     titles: dict[str, list[dict]] | None = None,
+    reading: Reading | None = None,
 ) -> Prepared:
     """The prompt: as many sources as fit the context (see `answer` for the arguments)."""
     earlier = earlier or []
@@ -284,17 +327,48 @@ def prepare(
     budget -= sum(generator.count_tokens(m["content"]) + 8 for m in history or [])
     shown = {h.chunk_id for h in earlier}
     hits = [h for h in hits if h.chunk_id not in shown][:new_sources]
-    sources = fit_sources(hits, question, generator, budget, first=len(earlier) + 1) if use_rag else []
+    first = len(earlier) + 1
+    ranked: list[evidence.Sentence] = []
+    texts: list[str] | None = None
+    if use_rag and hits and reading is not None:
+        ranked = evidence.rank(
+            reading.embedder, question, [(n, h.chunk_id, h.text) for n, h in enumerate(hits, start=first)]
+        )
+        if reading.shown_sentences > 0 and ranked:
+            hits, texts = _narrowed(hits, ranked, first, reading.shown_sentences)
+            number = {h.chunk_id: n for n, h in enumerate(hits, start=first)}
+            ranked = [replace(s, n=number[s.chunk_id]) for s in ranked if s.chunk_id in number]
+    sources = fit_sources(hits, question, generator, budget, first, texts) if use_rag else []
     hits = earlier + hits[: len(sources)]
+    ranked = [s for s in ranked if s.n < first + len(sources)]
+    abstain = (
+        reading is not None
+        and reading.abstain_below > 0
+        and bool(ranked)
+        and not any(h.exact for h in hits)
+        and ranked[0].score < reading.abstain_below
+    )
     messages = build_messages(question, sources, use_rag, history, more=bool(earlier))
-    texts = [h.text for h in earlier] + sources  # what the model was shown, earlier turns included
+    shown_texts = [h.text for h in earlier] + sources  # what the model was shown, earlier turns included
     return Prepared(
-        question, messages, hits, texts, len(earlier), model_info, max_tokens, sampling, retrieval_ms, titles
+        question,
+        messages,
+        hits,
+        shown_texts,
+        len(earlier),
+        model_info,
+        max_tokens,
+        sampling,
+        retrieval_ms,
+        titles,
+        ranked,
+        abstain,
     )
 
 
 def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = False) -> Answer:
-    """The answer from the model's pieces: citations mapped to documents, codes checked."""
+    """The answer from the model's pieces: citations mapped to documents, codes, figures and names
+    checked, the supporting sentences named."""
     text = "".join(pieces).strip()
     hits, texts = prep.hits, prep.texts
     citations, unknown = [], []
@@ -333,6 +407,9 @@ def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = Fa
         unverified_codes=unverified,
         miscited_codes=miscited,
         conflicting_codes=conflicting_codes(text, prep.question, prep.titles or {}),
+        unsupported=[] if prep.abstain else evidence.unsupported(text, texts),
+        evidence=[] if prep.abstain else supporting(prep.ranked, text, cited),
+        abstained=prep.abstain,
         model=prep.model_info,
         timing=timing,
         stopped=stopped,
@@ -340,6 +417,24 @@ def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = Fa
         prompt=prep.messages[-1]["content"],
         earlier=prep.earlier,
     )
+
+
+def supporting(ranked: list[evidence.Sentence], answer: str, cited: set[int], most: int = 3):
+    """The sentence of each cited source that best supports `answer` (the one sharing most of its
+    figures and words, then the closest to the question), at most `most`; with no citation, the best
+    sentence of all."""
+    if not ranked:
+        return []
+    if not cited:
+        return ranked[:1]
+    said = evidence.terms(answer)
+    best: dict[int, tuple[int, int, evidence.Sentence]] = {}
+    for place, s in enumerate(ranked):
+        if s.n in cited:
+            key = (len(said & evidence.terms(s.text)), -place)
+            if s.n not in best or key > best[s.n][:2]:
+                best[s.n] = (*key, s)
+    return [s for *_, s in sorted(best.values(), key=lambda b: (-b[0], -b[1]))][:most]
 
 
 def timing_of(
@@ -373,11 +468,13 @@ def answer(
     earlier: list[Hit] | None = None,
     new_sources: int | None = None,
     titles: dict[str, list[dict]] | None = None,
+    reading: Reading | None = None,
 ) -> Answer:
     """`earlier`: the sources numbered in the history's questions (see TurnMemory); they keep their
     numbers, only hits not among them are added to the prompt (at most `new_sources`), numbered after
     them, and [n] maps over all. `titles`: the reference table's rows by title (Store.ref_titles), to
-    flag codes it contradicts. In one call: `prepare`, the model's stream, `complete` (the service runs
+    flag codes it contradicts. `reading`: the appliance's own reading of the sources (`Reading`). In one
+    call: `prepare`, the model's stream, `complete` (the service runs
     the three apart, so the stream does not hold the database's worker)."""
     prep = prepare(
         generator,
@@ -393,6 +490,7 @@ def answer(
         earlier=earlier,
         new_sources=new_sources,
         titles=titles,
+        reading=reading,
     )
     return complete(prep, *decode(generator, prep, on_text, should_stop))
 
@@ -403,8 +501,13 @@ def decode(
     on_text: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[str], dict, bool]:
-    """The model's reply to a prepared prompt, in this thread: (pieces, timing, stopped early)."""
+    """The model's reply to a prepared prompt, in this thread: (pieces, timing, stopped early); when no
+    source answers (`prep.abstain`), the appliance's own reply, without the model."""
     start = time.perf_counter()
+    if prep.abstain:
+        if on_text:
+            on_text(evidence.NOT_COVERED)
+        return [evidence.NOT_COVERED], timing_of(prep, start, start, start, 0, 0), False
     first = None
     pieces: list[str] = []
     stopped = False

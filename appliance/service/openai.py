@@ -315,19 +315,23 @@ async def _engine_answer(
                     model_info=lease.model_info,
                 )
             )
-            # the signed template renders off the event loop: however long it takes, other requests go on
-            tokens = await asyncio.to_thread(
-                lease.tokenizer.prompt_for, job.prep.messages, max_tokens, sampling
-            )
-            start, first, stopped = time.perf_counter(), None, False
-            async for piece in lease.stream(tokens, max_tokens, sampling):
-                first = first or time.perf_counter()
-                texts.append(piece)
-                await pieces.put(("text", piece))
-                if stop.is_set():
-                    stopped = True
-                    break
-            timing = rag.timing_of(job.prep, start, first, time.perf_counter(), len(texts), len(tokens))
+            if job.prep.abstain:  # no source answers: the appliance says so, the engine is not asked
+                texts, timing, stopped = rag.decode(lease.tokenizer, job.prep)
+                await pieces.put(("text", texts[0]))
+            else:
+                # the signed template renders off the event loop: however long it takes, other requests go on
+                tokens = await asyncio.to_thread(
+                    lease.tokenizer.prompt_for, job.prep.messages, max_tokens, sampling
+                )
+                start, first, stopped = time.perf_counter(), None, False
+                async for piece in lease.stream(tokens, max_tokens, sampling):
+                    first = first or time.perf_counter()
+                    texts.append(piece)
+                    await pieces.put(("text", piece))
+                    if stop.is_set():
+                        stopped = True
+                        break
+                timing = rag.timing_of(job.prep, start, first, time.perf_counter(), len(texts), len(tokens))
         answer = await worker.submit(lambda: app.finish_ask(job, texts, timing, stopped))
         await pieces.put(("done", answer))
     except BaseException as exc:  # the stream's last event, or the non-streamed answer's error

@@ -133,6 +133,19 @@ class ChatPane(Pane):
                     classes="warning",
                 )
             )
+        if answer.abstained:
+            transcript.mount(
+                Static("no retrieved passage answers this; the model was not asked", classes="warning")
+            )
+        if answer.unsupported:
+            transcript.mount(
+                Static(
+                    inert("not in the sources it was given: " + ", ".join(answer.unsupported)),
+                    classes="warning",
+                )
+            )
+        for e in answer.evidence:
+            transcript.mount(Static(inert(f"evidence [{e['n']}]: {e['text']}"), classes="evidence"))
         for c in getattr(answer, "conflicting_codes", []):
             transcript.mount(
                 Static(
@@ -152,9 +165,11 @@ class ChatPane(Pane):
     def open_source(self, event: DataTable.RowSelected) -> None:
         if self.last_answer is None:
             return
-        hit = self.last_answer.sources[int(event.row_key.value) - 1]
+        n = int(event.row_key.value)
+        hit = self.last_answer.sources[n - 1]
+        marked = next(((e["start"], e["end"]) for e in self.last_answer.evidence if e["n"] == n), None)
         self.app.push_screen(
-            TextScreen(f"[{event.row_key.value}] {Path(hit.source).name}, chunk {hit.position}", hit.text)
+            TextScreen(f"[{n}] {Path(hit.source).name}, chunk {hit.position}", hit.text, marked)
         )
 
     def new_conversation(self) -> None:

@@ -1,0 +1,168 @@
+"""The appliance's own reading of the sources: the sentence that supports an answer, figures and names no
+source holds, what the model is shown, and abstaining when nothing answers. The retrieval, the embedder
+and the store are real (the demo corpus); a scripted generator stands in for the model where a test is
+about what happens to its words."""
+
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from appliance.app import Appliance
+from appliance.cli import cli
+from appliance.config import load_settings
+from appliance.retrieval import evidence
+from appliance.retrieval.rag import GREEDY, Reading, answer
+
+QUESTION = "How quickly are critical vulnerabilities remediated at DOE?"
+FACT = "within 15 days"
+
+
+class ScriptedGenerator:
+    """Stands in for the model only: replies `reply`, with {n} the number of the source holding FACT."""
+
+    name = "scripted"
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.messages = None
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def stream(self, messages, max_tokens, sampling):
+        self.messages = messages
+        user = messages[-1]["content"]
+        blocks = user.split("<source n=")[1:]
+        n = next((i for i, b in enumerate(blocks, 1) if FACT in b), 1)
+        for word in self.reply.format(n=n).split(" "):
+            yield word + " "
+
+
+def ask(app, reply, question=QUESTION, **reading):
+    hits = app.hits(question, collection="proposals")
+    gen = ScriptedGenerator(reply)
+    result = answer(
+        gen,
+        question,
+        hits,
+        {"name": "x"},
+        n_ctx=4096,
+        max_tokens=64,
+        sampling=GREEDY,
+        reading=Reading(app.embedder, **reading),
+    )
+    return gen, result
+
+
+def test_sentences_split_at_ends_not_at_abbreviations_or_initials():
+    text = (
+        "The U.S. Army paid $4.7 million to Dr. Lee in March 2022. J. Smith led 37 staff!\n"
+        "| 15-1252.00 | Software Developer |\nShort."
+    )
+    assert [text[s:e] for s, e in evidence.split(text)] == [
+        "The U.S. Army paid $4.7 million to Dr. Lee in March 2022.",
+        "J. Smith led 37 staff!",
+        "| 15-1252.00 | Software Developer |",
+    ]
+
+
+def test_figures_and_names_no_source_holds_are_flagged():
+    source = "Meridian cut over 212 sites in 14 months for the Office of Grants, led by Dana Whitfield."
+    said = "Dana Whitfield [1] cut over 212 sites in 14 months; NASA paid $3,200,000 to Pat Quinn in 2019."
+    assert evidence.unsupported(said, [source]) == ["NASA", "$3,200,000", "Pat Quinn", "2019"]
+    # a figure written with its separators either way, citations and codes are not flagged
+    assert evidence.unsupported("It served 1,250 users [2] under 15-1252.00.", ["1250 users"]) == []
+    # a premise the question brings is not support: no source mentions NASA
+    assert evidence.unsupported("The NASA contract ran 3 years.", ["It ran 3 years."]) == ["NASA"]
+
+
+def test_answer_names_its_supporting_sentence_and_flags_what_no_source_holds(app):
+    gen, result = ask(
+        app, "Critical vulnerabilities are remediated within 15 days [{n}] , per Dana Scully in 2031 ."
+    )
+    assert result.citations, "the scripted answer cites the source holding the fact"
+    first = result.evidence[0]
+    source = result.sources[first.n - 1]
+    assert FACT in first.text and source.text[first.start : first.end] == first.text
+    assert first.n in {c["n"] for c in result.citations}
+    assert result.unsupported == ["Dana Scully", "2031"] and not result.abstained
+    report = result.report()
+    assert report.evidence[0]["text"] == first.text and report.unsupported == ["Dana Scully", "2031"]
+
+
+def test_the_model_can_be_shown_only_the_best_sentences(app):
+    whole, _ = ask(app, "ok")
+    gen, result = ask(app, "Within 15 days [{n}] .", shown_sentences=2)
+    shown = gen.messages[-1]["content"]
+    assert len(shown) < len(whole.messages[-1]["content"]) / 2
+    assert FACT in shown, "the sentence holding the fact is among the two best"
+    assert shown.count("<source n=") == len(result.sources) <= 2
+    assert [f'<source n="{i}"' in shown for i in range(1, len(result.sources) + 1)] == [True] * len(
+        result.sources
+    )
+    assert result.citations and FACT in result.sources[result.citations[0]["n"] - 1].text
+    assert result.unsupported == []
+
+
+def test_a_code_question_shows_the_reference_row_whole(app):
+    hits = app.hits("What is the code for a Cloud Architect?")
+    gen = ScriptedGenerator("15-1241.01 [1] .")
+    result = answer(
+        gen,
+        "What is the code for a Cloud Architect?",
+        hits,
+        {},
+        n_ctx=4096,
+        max_tokens=64,
+        sampling=GREEDY,
+        reading=Reading(app.embedder, shown_sentences=1, abstain_below=0.99),
+    )
+    assert not result.abstained, "an exact reference row answers; the floor does not apply"
+    assert result.sources[0].exact and result.sources[0].text in gen.messages[-1]["content"]
+    assert result.unverified_codes == []
+
+
+def test_nothing_answers_so_the_appliance_says_so_without_the_model(app):
+    gen, result = ask(
+        app,
+        "The NASA contract has value [1] .",
+        "What was the value of our NASA contract?",
+        abstain_below=0.99,
+    )
+    assert gen.messages is None, "the model was not asked"
+    assert result.abstained and result.answer == evidence.NOT_COVERED
+    assert result.citations == [] and result.evidence == [] and result.unsupported == []
+    # below the floor the same question goes to the model
+    gen, result = ask(
+        app,
+        "The NASA contract has value [1] .",
+        "What was the value of our NASA contract?",
+        abstain_below=0.01,
+    )
+    assert gen.messages is not None and not result.abstained and "NASA" in result.unsupported
+
+
+def test_abstaining_through_the_cli_is_audited(demo_home, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home, symlinks=True)
+    with (home / "config.yaml").open("a") as f:
+        f.write("\nabstain_below: 0.99\n")
+    result = CliRunner().invoke(
+        cli, ["--home", str(home), "ask", "What was the value of our NASA contract?", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["abstained"] is True and data["answer"] == evidence.NOT_COVERED
+    with Appliance(load_settings(home=home)) as app:
+        row = app.audit_rows(action="ask", limit=1)[0]
+    assert row["detail"]["abstained"] is True
+
+
+def test_a_hostile_source_cannot_make_ranking_unbounded(app):
+    flood = "Word. " * 50_000
+    ranked = evidence.rank(app.embedder, "anything", [(1, 1, flood)])
+    assert len(ranked) == 0, "sentences shorter than a sentence are not evidence"
+    flood = "A sentence that is long enough. " * 50_000
+    ranked = evidence.rank(app.embedder, "anything", [(1, 1, flood), (2, 2, flood)])
+    assert len(ranked) == evidence.MAX_SENTENCES
