@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from appliance.protocols import Sampling
 from appliance.records import audit
-from appliance.retrieval import rag
+from appliance.retrieval import evidence, rag
 
 if TYPE_CHECKING:
     from appliance.app import Appliance
@@ -85,7 +85,16 @@ def prepare(
         earlier=earlier if use_rag else None,
         new_sources=app.settings.follow_up_k if follow_up else None,
         titles=app.store.ref_titles(),
-        reading=rag.Reading(app.embedder, app.settings.shown_sentences, app.settings.abstain_below),
+        reading=rag.Reading(
+            app.embedder,
+            app.settings.shown_sentences,
+            app.settings.abstain_below,
+            tuple(
+                evidence.unknown_terms(question, app.store.term_document_counts, [h.text for h in hits])
+                if use_rag and app.settings.abstain_unknown_names
+                else ()
+            ),
+        ),
     )
     return AskJob(prep, given, collection, use_rag, user, conversation)
 

@@ -208,6 +208,12 @@ class Settings(ClientSettings):
         "(embedder cosine), answer that the documents do not cover it without asking the model "
         "(0: never; see bench/reading.py for how it is calibrated)",
     )
+    abstain_unknown_names: bool = Field(
+        default=True,
+        description="When a question names something no document holds (a capitalized word, an "
+        "acronym, a number of three or more digits: 'our NASA contract'), say the documents do not "
+        "cover it, naming the term, without asking the model",
+    )
     mmap: bool = Field(
         default=False,
         description="Memory-map the model instead of reading it in (more resident "

@@ -398,10 +398,10 @@ def test_request_limits_follow_the_slots_the_engine_server_holds(demo_home, tmp_
 
 
 def test_an_unanswerable_question_is_answered_by_the_service_without_the_engine(demo_home, tmp_path):
-    """With an abstention floor no retrieved sentence reaches, the service streams the appliance's own
-    reply (no decode on llama-server) and the final chunk says it abstained; a question a reference row
-    answers exactly still goes to the engine."""
-    from appliance.retrieval.evidence import NOT_COVERED
+    """A question naming what no document holds (and under a floor no sentence reaches), the service
+    streams the appliance's own reply (no decode on llama-server) and the final chunk says it abstained;
+    a question a reference row answers exactly still goes to the engine."""
+    from appliance.retrieval.evidence import not_covered
 
     with serving_copy(demo_home, tmp_path / "home", "--slots", "1", config="abstain_below: 0.99\n") as (
         _,
@@ -416,7 +416,7 @@ def test_an_unanswerable_question_is_answered_by_the_service_without_the_engine(
         with uds_client(sock) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
-        assert text == NOT_COVERED
+        assert text == not_covered(["NASA"])
         final = events[-1]
         assert final["abstained"] is True and final["usage"]["completion_tokens"] == 0
         assert final["citations"] == [] and final["evidence"] == []

@@ -4,7 +4,6 @@ and the store are real (the demo corpus); a scripted generator stands in for the
 about what happens to its words."""
 
 import json
-import shutil
 
 from click.testing import CliRunner
 
@@ -123,38 +122,54 @@ def test_a_code_question_shows_the_reference_row_whole(app):
     assert result.unverified_codes == []
 
 
-def test_nothing_answers_so_the_appliance_says_so_without_the_model(app):
-    gen, result = ask(
-        app,
-        "The NASA contract has value [1] .",
-        "What was the value of our NASA contract?",
-        abstain_below=0.99,
+def test_a_question_naming_what_no_document_holds_is_answered_by_the_appliance(app):
+    counts = app.store.term_document_counts
+    assert evidence.named_terms("What was the value of our NASA contract in 2031, per Labor's CO?") == [
+        "NASA",
+        "2031",
+        "Labor",
+        "CO",
+    ]
+    assert evidence.unknown_terms("What did NASA pay in 2097?", counts, []) == ["NASA", "2097"]
+    assert evidence.unknown_terms("How fast does DOE remediate critical vulnerabilities?", counts, []) == []
+    # an acronym spelled out in what was retrieved is held
+    assert (
+        evidence.unknown_terms(
+            "What is the SOC's shift pattern?",
+            lambda ws: dict.fromkeys(ws, 0),
+            ["a security operations center"],
+        )
+        == []
     )
+    result = app.answer("What was the value of our NASA contract?", sampling=GREEDY, max_tokens=16)
+    assert result.abstained and result.answer == evidence.not_covered(["NASA"])
+    assert "No document mentions NASA." in result.answer
+    assert result.citations == [] and result.evidence == [] and result.timing["tokens"] == 0
+    # the same question with the check off goes to the model
+    with Appliance(app.settings.model_copy(update={"abstain_unknown_names": False})) as other:
+        assert not other.answer(
+            "What was the value of our NASA contract?", sampling=GREEDY, max_tokens=4
+        ).abstained
+
+
+def test_below_the_floor_the_appliance_answers_itself(app):
+    question = "What was the value of our contract?"
+    gen, result = ask(app, "It has value [1] .", question, abstain_below=0.99)
     assert gen.messages is None, "the model was not asked"
     assert result.abstained and result.answer == evidence.NOT_COVERED
     assert result.citations == [] and result.evidence == [] and result.unsupported == []
-    # below the floor the same question goes to the model
-    gen, result = ask(
-        app,
-        "The NASA contract has value [1] .",
-        "What was the value of our NASA contract?",
-        abstain_below=0.01,
-    )
-    assert gen.messages is not None and not result.abstained and "NASA" in result.unsupported
+    gen, result = ask(app, "It has value [1] .", question, abstain_below=0.01)
+    assert gen.messages is not None and not result.abstained
 
 
-def test_abstaining_through_the_cli_is_audited(demo_home, tmp_path):
-    home = tmp_path / "home"
-    shutil.copytree(demo_home, home, symlinks=True)
-    with (home / "config.yaml").open("a") as f:
-        f.write("\nabstain_below: 0.99\n")
+def test_abstaining_through_the_cli_is_audited(demo_home):
     result = CliRunner().invoke(
-        cli, ["--home", str(home), "ask", "What was the value of our NASA contract?", "--json"]
+        cli, ["--home", str(demo_home), "ask", "What was the value of our NASA contract?", "--json"]
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["abstained"] is True and data["answer"] == evidence.NOT_COVERED
-    with Appliance(load_settings(home=home)) as app:
+    assert data["abstained"] is True and "No document mentions NASA" in data["answer"]
+    with Appliance(load_settings(home=demo_home)) as app:
         row = app.audit_rows(action="ask", limit=1)[0]
     assert row["detail"]["abstained"] is True
 

@@ -260,13 +260,16 @@ def fit_sources(
 @dataclass(frozen=True)
 class Reading:
     """How the appliance reads the sources before the model does (Settings: shown_sentences,
-    abstain_below): `embedder` ranks their sentences against the question; `shown_sentences` > 0 shows
-    the model only that many best sentences (with their chunks' numbers; exact identifier hits whole);
-    a best sentence scoring under `abstain_below` means no source answers, and the model is not asked."""
+    abstain_below, abstain_unknown_names): `embedder` ranks their sentences against the question;
+    `shown_sentences` > 0 shows the model only that many best sentences (with their chunks' numbers;
+    exact identifier hits whole); the appliance answers itself, without the model, that the documents do
+    not cover the question when it names terms no document holds (`unknown`, evidence.unknown_terms)
+    or when no sentence scores `abstain_below`. An exact identifier hit is always the model's to read."""
 
     embedder: Embedder
     shown_sentences: int = 0
     abstain_below: float = 0.0
+    unknown: tuple[str, ...] = ()
 
 
 def _narrowed(hits: list[Hit], ranked: list[evidence.Sentence], first: int, count: int):
@@ -301,7 +304,7 @@ class Prepared:
     retrieval_ms: float
     titles: dict[str, list[dict]] | None = None
     ranked: list[evidence.Sentence] = field(default_factory=list)  # the new sources' sentences, best first
-    abstain: bool = False  # no source answers: the reply is evidence.NOT_COVERED, the model is not asked
+    abstain: str = ""  # no source answers: the appliance's own reply (evidence.not_covered); no model
 
 
 def prepare(
@@ -341,13 +344,12 @@ def prepare(
     sources = fit_sources(hits, question, generator, budget, first, texts) if use_rag else []
     hits = earlier + hits[: len(sources)]
     ranked = [s for s in ranked if s.n < first + len(sources)]
-    abstain = (
-        reading is not None
-        and reading.abstain_below > 0
-        and bool(ranked)
-        and not any(h.exact for h in hits)
-        and ranked[0].score < reading.abstain_below
-    )
+    abstain = ""
+    if reading is not None and use_rag and not any(h.exact for h in hits):
+        if reading.unknown or (
+            reading.abstain_below > 0 and ranked and ranked[0].score < reading.abstain_below
+        ):
+            abstain = evidence.not_covered(list(reading.unknown))
     messages = build_messages(question, sources, use_rag, history, more=bool(earlier))
     shown_texts = [h.text for h in earlier] + sources  # what the model was shown, earlier turns included
     return Prepared(
@@ -409,7 +411,7 @@ def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = Fa
         conflicting_codes=conflicting_codes(text, prep.question, prep.titles or {}),
         unsupported=[] if prep.abstain else evidence.unsupported(text, texts),
         evidence=[] if prep.abstain else supporting(prep.ranked, text, cited),
-        abstained=prep.abstain,
+        abstained=bool(prep.abstain),
         model=prep.model_info,
         timing=timing,
         stopped=stopped,
@@ -506,8 +508,8 @@ def decode(
     start = time.perf_counter()
     if prep.abstain:
         if on_text:
-            on_text(evidence.NOT_COVERED)
-        return [evidence.NOT_COVERED], timing_of(prep, start, start, start, 0, 0), False
+            on_text(prep.abstain)
+        return [prep.abstain], timing_of(prep, start, start, start, 0, 0), False
     first = None
     pieces: list[str] = []
     stopped = False
