@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from appliance.documents.chunking import chunk_document
+from appliance.documents.columns import ROLES
 from appliance.documents.readers import CODE_RE, expand_paths, read_document, table_row_text
 from appliance.engine.prompt import build_messages, format_source
 from builder.errors import BuilderError
@@ -190,7 +191,7 @@ def _code(rng: random.Random, like: str | None = None) -> str:
 def _fake_row(rng: random.Random, rows: list[dict], like: dict | None = None) -> dict:
     """An invented category (never a real title); `like`: a sibling sharing its field or role, the kind
     of near miss retrieval puts next to the right row."""
-    real = {r["title"] for r in rows}
+    real = {r["title"] for r in rows if r["title"]}
     title = ""
     while not title or any(t in title for t in real):
         words = like["title"].split() if like else []
@@ -237,9 +238,13 @@ class Corpus:
 
     def __init__(self, docs: list, eval_items: list[dict]):
         held_text = " ".join(f"{q['question']} {' '.join(q['must_contain'])}" for q in eval_items)
-        self.table = next(d for d in docs if d.table is not None)
-        self.columns = self.table.table.columns
-        self.rows = self.table.table.rows
+        tables = [d for d in docs if d.table is not None]
+        self.table = tables[0] if tables else None  # a corpus without a table trains on its prose only
+        self.roles = self.table.table.roles if self.table else None
+        if self.table and self.roles:
+            self.roles.require_key(str(self.table.path))  # refused with the mapping it found
+            print(f"demo data: {self.table.path.name}: {self.roles.describe()}", file=sys.stderr)
+        self.rows = [self._row(r) for r in self.table.table.rows] if self.table else []
         self.train_rows = [r for r in self.rows if r["code"] not in held_text and r["title"] not in held_text]
         self.prose = [(d, c) for d in docs if d.table is None for c in chunk_document(d, 1200) if c.heading]
         self.held_text = held_text
@@ -269,8 +274,26 @@ class Corpus:
                 return True
         return False
 
+    def _row(self, raw: dict[str, str]) -> dict:
+        """A table row by role (code, title, duties, education, years), whatever its columns are called,
+        with the row as it was (`_raw`) to show it as the appliance does."""
+        assert self.roles is not None
+        return {role: self.roles.get(raw, role) for role in ROLES} | {"_raw": raw}
+
+    def kinds(self) -> dict[str, float]:
+        """The question kinds this table can answer (code and title always; the rest where a column
+        holds them), with how often each is asked."""
+        have = {"code", "title"} | {r for r in ROLES if self.roles and getattr(self.roles, r)}
+        return {k: w for k, w in _KIND_WEIGHTS.items() if k in have}
+
     def row_source(self, row: dict) -> tuple[str, str]:
-        return self.table.title, table_row_text(self.columns, row)
+        """A row (real, or invented in the table's shape) as the appliance shows it: its table's title and
+        its "column: value" lines under the table's own column names."""
+        assert self.table is not None and self.roles is not None
+        raw = row.get("_raw") or {
+            column: row[role] for role in ROLES if (column := getattr(self.roles, role)) and row.get(role)
+        }
+        return self.table.title, table_row_text(self.table.table, raw)
 
     def prose_source(self, item) -> tuple[str, str]:
         doc, chunk = item
@@ -340,8 +363,9 @@ def qa_chats(
     twenty unanswerable; plus questions about proposal and RFP sections: what a section says (its first
     sentence) and the figure one sentence states (`prose_facts`), with table rows among their sources."""
     chats = []
-    kinds, weights = list(_KIND_WEIGHTS), list(_KIND_WEIGHTS.values())
-    for i in range(n_lcat):
+    kinds, weights = list(corpus.kinds()), list(corpus.kinds().values())
+    prose_n = int(n_lcat * prose_share) if corpus.rows else n_lcat // 2  # no table: prose questions only
+    for i in range(n_lcat if corpus.rows else 0):
         kind = rng.choices(kinds, weights)[0]
         if rng.random() < real_share:
             target = rng.choice(corpus.train_rows)
@@ -352,7 +376,7 @@ def qa_chats(
             pool = [seed_row] + [_fake_row(rng, corpus.rows, like=target) for _ in range(6)]
         chats.append(lcat_chat(rng, corpus, target, pool, kind, answerable=i % 20 != 19, sources=sources))
     prose = [p for p in corpus.prose if not corpus.leaks(_first_sentence(p[1].text))]
-    for item in rng.sample(prose, min(len(prose), int(n_lcat * prose_share))):
+    for item in rng.sample(prose, min(len(prose), prose_n)):
         others = corpus.other_passages(rng, item, sources - 1, draw=sources)
         chats.append(
             _chat(
@@ -364,8 +388,10 @@ def qa_chats(
             )
         )
     facts = prose_facts(corpus)
-    for item, question, sentence in rng.sample(facts, min(len(facts), int(n_lcat * prose_share))):
-        n_rows = min(rng.choice([0, 0, 1, 1, 2]), sources - 1)  # table rows come up for prose questions too
+    for item, question, sentence in rng.sample(facts, min(len(facts), prose_n)):
+        n_rows = min(
+            rng.choice([0, 0, 1, 1, 2]), sources - 1, len(corpus.train_rows)
+        )  # table rows come up for prose questions too
         others = [corpus.row_source(r) for r in rng.sample(corpus.train_rows, n_rows)]
         others += corpus.other_passages(rng, item, sources - 1 - n_rows, draw=sources)
         chats.append(
@@ -459,7 +485,7 @@ def _fields(row: dict) -> dict:
         "c": row["code"],
         "e": row["education"].rstrip("."),
         "y": row["years"],
-        "d": duties[0].lower() + duties[1:],
+        "d": duties[:1].lower() + duties[1:],
     }
 
 
@@ -479,8 +505,9 @@ def lookup_drills(
     questions about those rows, each answered as an answer cites it. Every answer can only be predicted
     by finding its row among the sources, so a block of this text carries eight lookups where a chat
     carries one, and pre-training's loss covers all of them (SFT's covers one reply)."""
-    texts = []
-    for _ in range(n):
+    texts: list[str] = []
+    kinds = [k for k in ("code", "code", "title", "title", "education", "years") if k in corpus.kinds()]
+    for _ in range(n if corpus.rows else 0):
         seed_row = _fake_row(rng, corpus.rows)
         rows = list(
             {
@@ -494,14 +521,12 @@ def lookup_drills(
         numbered = [(i, title, text) for i, (title, text) in enumerate(blocks, start=1)]
         lines = [format_source(i, title, text) for i, title, text in numbered]
         table = [
-            (i, r)
-            for (i, _, text), r in zip(numbered, rows, strict=True)
-            if text == table_row_text(corpus.columns, r)
+            (i, r) for (i, _, text), r in zip(numbered, rows, strict=True) if text == corpus.row_source(r)[1]
         ]
         order = [table[i % len(table)] for i in range(asks)]  # every row asked about, in random order
         rng.shuffle(order)
         for n_src, row in order:
-            kind = rng.choice(["code", "code", "title", "title", "education", "years"])
+            kind = rng.choice(kinds)
             questions, reply = _QUESTIONS[kind]
             fields = _fields(row)
             lines.append(

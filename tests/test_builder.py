@@ -256,3 +256,45 @@ def test_builder_cli_help_teaches():
     for args in (["--help"], ["demo", "--help"], ["synth", "--help"], ["embedder", "export", "--help"]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0 and "Example" in result.output, args
+
+
+def test_demo_data_from_a_corpus_with_renamed_headers_or_no_table(tmp_path):
+    """`builder demo --corpus DIR` on a realistic folder: a labor-category table whose headers are not
+    the demo's ("LCAT Code, Labor Category, ...") trains on its rows under their own column names; a
+    folder with no table trains on its prose; a table with no code or title column is refused clearly."""
+    import shutil
+
+    from appliance.errors import IngestError
+    from builder.demo import write_data
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(DEMO_DATA / "corpus", renamed)
+    table = renamed / "reference" / "labor_categories.csv"
+    rows = list(csv.DictReader(table.open()))
+    headers = {
+        "code": "LCAT Code",
+        "title": "Labor Category",
+        "duties": "Description",
+        "education": "Minimum Education",
+        "years": "Years of Experience",
+    }
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(headers.values()))
+        writer.writeheader()
+        writer.writerows({headers[k]: v for k, v in r.items()} for r in rows)
+    counts = write_data(tmp_path / "data-renamed", renamed, seed=0, quick=True)
+    assert counts["table_rows"] == len(rows) and counts["qa_chats"] > 0
+    shown = (tmp_path / "data-renamed" / "sft-qa.jsonl").read_text()
+    assert "LCAT Code: " in shown and "Minimum Education: " in shown and "\\ncode: " not in shown
+
+    prose_only = tmp_path / "prose"
+    shutil.copytree(DEMO_DATA / "corpus" / "proposals", prose_only)
+    counts = write_data(tmp_path / "data-prose", prose_only, seed=0, quick=True)
+    assert counts["table_rows"] == 0 and counts["qa_chats"] > 0 and counts["copy_drills"] == 0
+
+    (renamed / "reference" / "notes.csv").write_text(
+        "Amount,Notes\n1200,paid on delivery after the inspection\n"
+    )
+    table.unlink()
+    with pytest.raises(IngestError, match="no code (or title )?column"):
+        write_data(tmp_path / "data-bad", renamed, seed=0, quick=True)

@@ -84,7 +84,6 @@ def chunk_text(text: str, limit: int) -> list[Chunk]:
 def chunk_document(doc: Document, limit: int) -> list[Chunk]:
     if doc.table is not None:
         return [
-            Chunk(i, doc.title, table_row_text(doc.table.columns, row), row=i)
-            for i, row in enumerate(doc.table.rows)
+            Chunk(i, doc.title, table_row_text(doc.table, row), row=i) for i, row in enumerate(doc.table.rows)
         ]
     return chunk_text(doc.text, limit)

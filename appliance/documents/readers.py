@@ -16,12 +16,14 @@ process with memory and time limits.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.documents.columns import Columns, detect
 from appliance.errors import IngestError
 from appliance.terminal import clean_text
 
@@ -37,6 +39,11 @@ CODE_RE = re.compile(r"\b\d{2}-\d{4}(?:\.\d{2})?\b")
 class Table:
     columns: list[str]
     rows: list[dict[str, str]]
+
+    @functools.cached_property
+    def roles(self) -> Columns:
+        """Which column is the code, the title, the duties ... (appliance.documents.columns)."""
+        return detect(self.columns, self.rows)
 
 
 @dataclass
@@ -408,26 +415,12 @@ def _read_xlsx(path: Path, data: bytes) -> Table:
     return _rows_to_table(rows, path)
 
 
-# Reference-table columns that name a row and give its code, by header (case-insensitive).
-TITLE_COLUMNS = ("title", "labor category", "name", "category")
-CODE_COLUMNS = ("code", "soc code", "onet code", "o*net code", "lcat code", "labor category code")
-
-
-def key_columns(columns: list[str]) -> tuple[str | None, str | None]:
-    """(title column, code column) of a reference table, by header name."""
-    lowered = {c.lower().strip(): c for c in columns}
-    return (
-        next((lowered[c] for c in TITLE_COLUMNS if c in lowered), None),
-        next((lowered[c] for c in CODE_COLUMNS if c in lowered), None),
-    )
-
-
-def table_row_text(columns: list[str], row: dict[str, str]) -> str:
+def table_row_text(table: Table, row: dict[str, str]) -> str:
     """A row as its chunk: "column: value" lines, the title first and its code right after it, then the
     rest in the table's order. A model asked for a category's code then finds it just after the title
     it looks for, and one asked what a code stands for finds the title in the same place in the row."""
-    title, code = key_columns(columns)
-    ordered = [c for c in (title, code) if c] + [c for c in columns if c not in (title, code)]
+    title, code = table.roles.title, table.roles.code
+    ordered = [c for c in (title, code) if c] + [c for c in table.columns if c not in (title, code)]
     return "\n".join(f"{c}: {row.get(c, '')}" for c in ordered if row.get(c, ""))
 
 
@@ -547,7 +540,7 @@ def parse_document(path: Path, data: bytes) -> Document:
         text, table = _read_docx(path, data)
     else:
         table = _read_csv(path, data) if suffix == ".csv" else _read_xlsx(path, data)
-        text = "\n\n".join(table_row_text(table.columns, r) for r in table.rows)
+        text = "\n\n".join(table_row_text(table, r) for r in table.rows)
         if len(text) > TABLE_GROWTH * len(data) + 1_000_000:
             raise IngestError(
                 f"{path}: the table's {len(data)} bytes make {len(text)} characters of rows with "

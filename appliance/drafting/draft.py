@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.documents.columns import detect
 from appliance.documents.readers import CODE_RE, read_document
 from appliance.engine.prompt import CITATION_RE
 from appliance.errors import IngestError
@@ -188,13 +189,13 @@ def row_work(row: dict) -> str:
 
 
 def _role(name: str, row: dict, how: str) -> Role:
-    data = {k.lower(): v for k, v in row["data"].items()}
+    roles = detect(list(row["data"]))  # by header: "Minimum Education", "Years of Experience" ...
     return Role(
         name=name,
         code=row["code"],
         title=row["title"],
-        education=data.get("education", ""),
-        years=data.get("years", ""),
+        education=roles.get(row["data"], "education"),
+        years=roles.get(row["data"], "years"),
         how=how,
     )
 

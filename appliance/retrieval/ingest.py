@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.documents.chunking import chunk_document
-from appliance.documents.readers import CODE_RE, Document, expand_paths, key_columns, read_bytes
+from appliance.documents.readers import CODE_RE, Document, Table, expand_paths, read_bytes
 from appliance.documents.sandbox import Sandbox
 from appliance.errors import IngestError
 from appliance.protocols import Embedder
@@ -27,18 +27,14 @@ from appliance.retrieval.store import NewChunk, Store, embedding_text
 from appliance.schemas import IngestReport
 
 
-def _table_row(columns: list[str], row: dict[str, str]) -> dict:
-    """Find the code and title of a reference-table row by column name, falling back to the pattern."""
-    title_col, code_col = key_columns(columns)
-    code = row.get(code_col, "") if code_col else ""
+def _table_row(table: Table, row: dict[str, str]) -> dict:
+    """The code and title of a reference-table row by the table's detected columns
+    (appliance.documents.columns), the code falling back to the pattern anywhere in the row."""
+    code = table.roles.get(row, "code")
     if not code:
         found = next((CODE_RE.search(v) for v in row.values() if CODE_RE.search(v)), None)
         code = found.group(0) if found else ""
-    return {
-        "code": code.strip() or None,
-        "title": row.get(title_col, "").strip() if title_col else None,
-        "data": row,
-    }
+    return {"code": code or None, "title": table.roles.get(row, "title") or None, "data": row}
 
 
 def _chunks(doc: Document, limit: int) -> list[NewChunk]:
@@ -46,7 +42,7 @@ def _chunks(doc: Document, limit: int) -> list[NewChunk]:
     if doc.table is None:
         return [NewChunk(c.position, c.heading, c.text) for c in chunks]
     return [
-        NewChunk(c.position, c.heading, c.text, row=_table_row(doc.table.columns, doc.table.rows[c.row]))
+        NewChunk(c.position, c.heading, c.text, row=_table_row(doc.table, doc.table.rows[c.row]))
         for c in chunks
     ]
 
