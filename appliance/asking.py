@@ -125,6 +125,8 @@ def finish(app: Appliance, job: AskJob, pieces: list[str], timing: dict, stopped
         detail["evidence"] = [
             {"n": e.n, "chunk_id": e.chunk_id, "start": e.start, "end": e.end} for e in result.evidence
         ]
+    if result.not_given:
+        detail["not_given"] = result.not_given
     if result.abstained:
         detail["abstained"] = True  # no source answered; the model was not asked
     if result.stopped:

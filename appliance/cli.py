@@ -561,6 +561,11 @@ def _print_answer(result: AnswerReport, streamed: bool) -> None:
         click.echo(f"Evidence [{e['n']}]: {_line(e['text'])}")
     if result.abstained:
         _err("(no retrieved passage answers this question; the model was not asked)")
+    if result.not_given:
+        _err(
+            f"warning: the question asks for {' or '.join(result.not_given)} and the answer gives none; "
+            "read the evidence"
+        )
     if result.unsupported:
         _err(
             "warning: in no source the answer was given (check before relying on them): "

@@ -194,11 +194,12 @@ class Settings(ClientSettings):
         "(the earlier turns' sources stay in its prompt, still numbered)",
     )
     shown_sentences: int = Field(
-        default=0,
+        default=3,
         ge=0,
         le=50,
         description="Show the model only this many of the retrieved chunks' sentences, those closest "
-        "to the question by the embedder (0: whole chunks); a small model reads better when shown less",
+        "to the question (0: whole chunks); on held-out documents the demo model found 9 of 18 facts "
+        "shown 3 sentences, 3 of 18 shown whole chunks (bench/reading.py)",
     )
     abstain_below: float = Field(
         default=0.0,

@@ -233,6 +233,11 @@ class AnswerReport(Answered):
         default_factory=list,
         description="figures and proper names in the answer that no source it was given holds",
     )
+    not_given: list[str] = Field(
+        default_factory=list,
+        description="the kinds of answer the question asks for (amount, count, name, date, duration, share) "
+        "that the answer does not hold: it likely restates the question",
+    )
     evidence: list[dict] = Field(
         default_factory=list,
         description="{n, chunk_id, start, end, text, score}: the sentence of each cited source that supports "

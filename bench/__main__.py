@@ -6,9 +6,10 @@ which `python -m bench.report` fills the README's measured tables (bench/report.
 import sys
 from pathlib import Path
 
-from bench import bundle, concurrency, decode, embed, report, search
+from bench import bundle, concurrency, decode, embed, reading, report, search
 
-AVX512_PYTHON = Path(__file__).resolve().parent.parent / "build" / "bench" / "avx512-venv" / "bin" / "python"
+BUILD = Path(__file__).resolve().parent.parent / "build"
+AVX512_PYTHON = BUILD / "bench" / "avx512-venv" / "bin" / "python"
 
 if __name__ == "__main__":
     sections = [
@@ -21,6 +22,11 @@ if __name__ == "__main__":
             lambda: decode.run({"avx512": str(AVX512_PYTHON)} if AVX512_PYTHON.exists() else {}),
         ),
         ("concurrency", "Concurrent operators", concurrency.run),
+        (  # the demo model `make setup` built, and the base model beside it
+            "reading",
+            "Reading documents never trained on",
+            lambda: reading.run(BUILD / "demo-generation", "test", base=True),
+        ),
     ]
     only = set(sys.argv[1:])
     for name, title, fn in sections:

@@ -66,6 +66,18 @@ class EvalConfig(BaseModel):
         None, description="The template the generation ships (default: the export's chat_template.jinja)"
     )
     top_k: int = Field(5, ge=1, le=50, description="Sources per question (the appliance's default)")
+    shown_sentences: int = Field(
+        3,
+        ge=0,
+        le=50,
+        description="Sentences of the sources the model is shown, as the appliance's setting of that name "
+        "(its default; 0: whole chunks)",
+    )
+    abstain_unknown_names: bool = Field(
+        True,
+        description="Answer 'not covered' without the model when a question names what no document "
+        "holds, as the appliance's setting of that name",
+    )
     n_ctx: int = Field(2048, ge=256, description="Context window for answers")
     max_tokens: int = Field(96, ge=1, description="Answer length cap")
     task_quants: list[str] | None = Field(
@@ -116,7 +128,8 @@ def ask_all(
 ) -> list[dict]:
     """Each question with retrieval and without; the answers, whether exact, and what was retrieved."""
     from appliance.engine.llama import LlamaEngine
-    from appliance.retrieval.rag import GREEDY, answer, search
+    from appliance.retrieval import evidence
+    from appliance.retrieval.rag import GREEDY, Reading, answer, search
     from builder.llamacpp import model_metadata
 
     results = []
@@ -126,8 +139,20 @@ def ask_all(
         info = {"name": model.name}
         for q in questions:
             hits = search(store, embedder, q["question"], config.top_k)
-            with_rag = answer(
-                engine, q["question"], hits, info, n_ctx=n_ctx, max_tokens=config.max_tokens, sampling=GREEDY
+            unknown = (
+                evidence.unknown_terms(q["question"], store.term_document_counts, [h.text for h in hits])
+                if config.abstain_unknown_names
+                else []
+            )
+            with_rag = answer(  # read as the appliance reads (appliance.asking.prepare)
+                engine,
+                q["question"],
+                hits,
+                info,
+                n_ctx=n_ctx,
+                max_tokens=config.max_tokens,
+                sampling=GREEDY,
+                reading=Reading(embedder, config.shown_sentences, unknown=tuple(unknown)),
             )
             without = answer(
                 engine,
@@ -150,6 +175,7 @@ def ask_all(
                         "answer": with_rag.answer,
                         "exact": correct(with_rag.answer, q["must_contain"]),
                         "unverified_codes": with_rag.unverified_codes,
+                        "abstained": with_rag.abstained,
                     },
                     "without_retrieval": {
                         "answer": without.answer,

@@ -69,3 +69,50 @@ def test_a_hand_edited_table_is_caught(tmp_path, monkeypatch):
     assert "| 10,000 | 5.48 |" in report.README.read_text() and "old table" not in report.README.read_text()
     report.README.write_text(report.README.read_text().replace("5.48", "4.00"))  # a figure edited by hand
     assert report.main(["--check"]) == 1
+
+
+def test_the_reading_sets_hold_what_their_keys_say():
+    """bench/reading: every answer is written in its document word for word, every document a question
+    names exists, the unanswerable ones name none; the two sets share no document."""
+    from bench.reading import HERE, load
+
+    names = {}
+    for name in ("calibration", "test"):
+        docs, questions = load(name)
+        texts = {p.name: " ".join(p.read_text().split()) for p in docs.iterdir()}
+        names[name] = set(texts)
+        kinds = {q.kind for q in questions}
+        assert kinds == {"fact", "multi", "unanswerable"}, kinds
+        for q in questions:
+            if q.kind == "unanswerable":
+                assert q.doc is None and q.answers == []
+            else:
+                assert q.answers and all(" ".join(a.split()) in texts[q.doc] for a in q.answers), q.question
+    assert not names["calibration"] & names["test"]
+    assert (HERE / "test" / "questions.jsonl").exists()
+
+
+def test_the_reading_benchmark_scores_a_reply_the_way_it_says():
+    from bench.reading import ABSTAINED_RE, holds
+
+    assert holds("It was worth $4.7  million [1].", ["$4.7 million"])
+    assert not holds("It was worth $4.7 billion.", ["$4.7 million"])
+    assert holds("Ana and Bo led it.", ["Ana", "Bo"], every=True) and not holds(
+        "Ana led.", ["Ana", "Bo"], every=True
+    )
+    assert ABSTAINED_RE.search("The documents do not cover this question.")
+    assert ABSTAINED_RE.search("The sources do not say, so I do not know.")
+    assert not ABSTAINED_RE.search("The contract covered 57 months [1].")
+
+
+def test_the_reading_benchmark_prints_its_table(tiny_generation):
+    from bench import reading
+
+    lines = reading.run(tiny_generation, "calibration", each=1)
+    assert "3 questions (1 facts, 1 multi-part, 1 that no document answers)" in lines[0]
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[2].strip() for r in rows] == [label for label, _ in reading.VARIANTS]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[2].endswith("/1 (0%)") or cells[2].endswith("/1 (100%)")
+        assert float(cells[-1]) > 0

@@ -207,6 +207,7 @@ class Answer:
     earlier: int = 0  # sources[:earlier] were shown in earlier turns of the conversation
     evidence: list[evidence.Sentence] = field(default_factory=list)  # the sentences that support it
     unsupported: list[str] = field(default_factory=list)  # figures and names no shown source holds
+    not_given: list[str] = field(default_factory=list)  # kinds of answer asked for that it does not hold
     abstained: bool = False  # no retrieved source answered: the appliance said so, the model was not asked
 
     def report(self) -> AnswerReport:
@@ -220,6 +221,7 @@ class Answer:
             miscited_codes=self.miscited_codes,
             conflicting_codes=self.conflicting_codes,
             unsupported=self.unsupported,
+            not_given=self.not_given,
             evidence=[e.to_json() for e in self.evidence],
             abstained=self.abstained,
             sources=[Source(n=i, **h.to_json()) for i, h in enumerate(self.sources, start=1)],
@@ -272,16 +274,25 @@ class Reading:
     unknown: tuple[str, ...] = ()
 
 
+EVIDENCE = (
+    2  # the best sentences named beside an answer (the fact is in them for 18 of 21 calibration questions)
+)
+WHOLE_CHARS = 400  # a chunk this short (a reference-table row) is shown whole: its lines name each other
+
+
 def _narrowed(hits: list[Hit], ranked: list[evidence.Sentence], first: int, count: int):
     """The hits holding the `count` best sentences, best first, with the text to show of each: those
-    sentences (an exact identifier hit, a reference row, is shown whole and keeps its place first)."""
+    sentences (an exact identifier hit keeps its place first; it and any short chunk are shown whole)."""
     chosen: dict[int, list[evidence.Sentence]] = {}  # by source number, best first
     for s in ranked[:count]:
         chosen.setdefault(s.n, []).append(s)
     exact = [i for i, h in enumerate(hits) if h.exact]
     order = exact + [n - first for n in chosen if not hits[n - first].exact]
     texts = [
-        hits[i].text if hits[i].exact else evidence.narrow(hits[i].text, chosen[i + first]) for i in order
+        hits[i].text
+        if hits[i].exact or len(hits[i].text) <= WHOLE_CHARS
+        else evidence.narrow(hits[i].text, chosen[i + first])
+        for i in order
     ]
     return [hits[i] for i in order], texts
 
@@ -410,7 +421,8 @@ def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = Fa
         miscited_codes=miscited,
         conflicting_codes=conflicting_codes(text, prep.question, prep.titles or {}),
         unsupported=[] if prep.abstain else evidence.unsupported(text, texts),
-        evidence=[] if prep.abstain else supporting(prep.ranked, text, cited),
+        not_given=[] if prep.abstain or not hits else evidence.not_given(prep.question, text),
+        evidence=[] if prep.abstain else prep.ranked[:EVIDENCE],
         abstained=bool(prep.abstain),
         model=prep.model_info,
         timing=timing,
@@ -419,24 +431,6 @@ def complete(prep: Prepared, pieces: list[str], timing: dict, stopped: bool = Fa
         prompt=prep.messages[-1]["content"],
         earlier=prep.earlier,
     )
-
-
-def supporting(ranked: list[evidence.Sentence], answer: str, cited: set[int], most: int = 3):
-    """The sentence of each cited source that best supports `answer` (the one sharing most of its
-    figures and words, then the closest to the question), at most `most`; with no citation, the best
-    sentence of all."""
-    if not ranked:
-        return []
-    if not cited:
-        return ranked[:1]
-    said = evidence.terms(answer)
-    best: dict[int, tuple[int, int, evidence.Sentence]] = {}
-    for place, s in enumerate(ranked):
-        if s.n in cited:
-            key = (len(said & evidence.terms(s.text)), -place)
-            if s.n not in best or key > best[s.n][:2]:
-                best[s.n] = (*key, s)
-    return [s for *_, s in sorted(best.values(), key=lambda b: (-b[0], -b[1]))][:most]
 
 
 def timing_of(

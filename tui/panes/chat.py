@@ -137,6 +137,13 @@ class ChatPane(Pane):
             transcript.mount(
                 Static("no retrieved passage answers this; the model was not asked", classes="warning")
             )
+        if answer.not_given:
+            transcript.mount(
+                Static(
+                    f"the question asks for {' or '.join(answer.not_given)}; the answer gives none",
+                    classes="warning",
+                )
+            )
         if answer.unsupported:
             transcript.mount(
                 Static(
