@@ -5,6 +5,7 @@ about what happens to its words."""
 
 import json
 
+import test_ask
 from click.testing import CliRunner
 
 from appliance.app import Appliance
@@ -17,25 +18,14 @@ QUESTION = "How quickly are critical vulnerabilities remediated at DOE?"
 FACT = "within 15 days"
 
 
-class ScriptedGenerator:
-    """Stands in for the model only: replies `reply`, with {n} the number of the source holding FACT."""
-
-    name = "scripted"
-
-    def __init__(self, reply):
-        self.reply = reply
-        self.messages = None
-
-    def count_tokens(self, text):
-        return len(text.split())
+class ScriptedGenerator(test_ask.ScriptedGenerator):
+    """Stands in for the model only: its reply's {n} is the number of the source holding FACT."""
 
     def stream(self, messages, max_tokens, sampling):
-        self.messages = messages
-        user = messages[-1]["content"]
-        blocks = user.split("<source n=")[1:]
+        blocks = messages[-1]["content"].split("<source n=")[1:]
         n = next((i for i, b in enumerate(blocks, 1) if FACT in b), 1)
-        for word in self.reply.format(n=n).split(" "):
-            yield word + " "
+        self.reply = self.reply.format(n=n)
+        yield from super().stream(messages, max_tokens, sampling)
 
 
 def ask(app, reply, question=QUESTION, **reading):

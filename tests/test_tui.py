@@ -120,9 +120,12 @@ async def test_escape_sequences_and_markup_in_model_output_are_inert(ui_home):
         await _settle(pilot, app)
         app.backend._engine = HostileEngine()
         await _ask(pilot, app, "hello")
-        widget = app.query("#transcript Static").last()
+        widget = app.query("#transcript Static.assistant").last()
         text = widget.content
         assert str(text) == "[bold red]ok[/bold red] done"
+        # what the appliance adds after it (evidence, flags) is made inert the same way
+        for line in app.query("#transcript Static").results():
+            assert "\x1b" not in str(line.content) and "\x07" not in str(line.content)
         assert not text.spans  # no style came from the model's markup
         svg = app.export_screenshot()
         assert "pwned" not in svg and "[bold red]ok[/bold red]" in svg.replace("&#160;", " ")
