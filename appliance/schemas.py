@@ -240,8 +240,8 @@ class AnswerReport(Answered):
     )
     evidence: list[dict] = Field(
         default_factory=list,
-        description="{n, chunk_id, start, end, text, score}: the sentence of each cited source that supports "
-        "the answer (start/end within the source's text)",
+        description="{n, chunk_id, start, end, text, score}: the two sentences of the sources the appliance "
+        "ranks closest to the question, whatever the model wrote (start/end within source n's text)",
     )
     abstained: bool = Field(
         default=False, description="no retrieved source answers the question; the model was not asked"

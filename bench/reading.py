@@ -21,7 +21,7 @@ retrieved chunks the appliance ranks best (`shown_sentences`). Columns:
   appliance marks (`not_given`, `unsupported` or `unverified_codes`): a wrong answer should not look right;
 - evidence holds the fact: one of the appliance's own two evidence sentences holds it (whatever the
   model wrote);
-- fact shown to the model: a source the model was shown holds it.
+- fact in a chunk shown: a chunk the model was shown (whole, or sentences of it) holds it.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def run(
             "wrong answers flagged",
             "right answers flagged",
             "evidence holds the fact",
-            "fact shown to the model",
+            "fact in a chunk shown",
             "s/question",
         ),
         row(*["---"] * 12),

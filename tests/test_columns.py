@@ -52,6 +52,13 @@ def test_unnamed_columns_are_found_by_their_content():
     assert detect(["Id", "Role"], site).code == "Id"
 
 
+def test_header_words_match_whole_and_numbers_or_dates_are_not_codes():
+    assert detect(["Name", "Title", "Code"]).title == "Title", "the earlier synonym wins"
+    assert detect(["Associated Skills", "Phonetic spelling", "Labor Category"]).code is None
+    rows = [{"Rate": "125.00", "Start": "2024-01-05"}, {"Rate": "99.50", "Start": "2024-02-05"}]
+    assert detect(["Rate", "Start"], rows).code is None
+
+
 def test_an_explicit_mapping_wins_and_a_wrong_one_is_refused():
     columns = ["Cat", "Num", "Text"]
     roles = detect(columns, [], parse_mapping("code=Num, title=Cat"))

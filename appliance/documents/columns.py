@@ -79,8 +79,9 @@ _CONTAINS = {  # checked in this order, so "Labor Category Code" is the code, no
     "title": ("title", "category", "position", "role", "name"),
 }
 SOC_CODE_RE = re.compile(r"^\d{2}-\d{4}(?:\.\d{2})?$")
-# "LC-101", "ENG3", "15-1252.00"; not a bare count or amount ("12", "1200")
-_CODE_LIKE_RE = re.compile(r"^(?=.*\d)(?!\d{1,4}$)[A-Za-z0-9][A-Za-z0-9./-]{1,15}$")
+# "LC-101", "ENG3": letters and digits; a bare number, amount or date ("1200", "125.00", "2024-01-05") is
+# not a code (a SOC code, "15-1252.00", is matched by SOC_CODE_RE)
+_CODE_LIKE_RE = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9][A-Za-z0-9./-]{1,15}$")
 _CONTENT_SHARE = 0.6  # of a column's filled cells that must look like codes (or titles)
 
 
@@ -169,15 +170,22 @@ def detect(
             )
         claim(role, column, "mapping")
     plain = {c: _plain(c) for c in columns}
-    for role in ROLES:  # an exact synonym first
-        if getattr(found, role) is None:
-            column = next((c for c in columns if c not in taken and plain[c] in _SYNONYMS[role]), None)
-            if column:
-                claim(role, column, "header")
-    for role, words in _CONTAINS.items():  # then a header containing a telling word
+    for role in ROLES:  # an exact synonym first, the earlier synonym preferred ("Title" over "Name")
         if getattr(found, role) is None:
             column = next(
-                (c for c in columns if c not in taken and any(w in plain[c] for w in words)),
+                (c for synonym in _SYNONYMS[role] for c in columns if c not in taken and plain[c] == synonym),
+                None,
+            )
+            if column:
+                claim(role, column, "header")
+    for role, words in _CONTAINS.items():  # then a header holding a telling word, whole or its start
+        if getattr(found, role) is None:
+            column = next(
+                (
+                    c
+                    for c in columns
+                    if c not in taken and any(re.search(rf"\b{re.escape(w)}", plain[c]) for w in words)
+                ),
                 None,
             )
             if column:

@@ -30,6 +30,9 @@ def _now() -> str:
     return utc_stamp()
 
 
+TERM_COUNTS_KEPT = 100_000  # remembered chunk counts of words (Store.term_document_counts), at most
+
+
 @dataclass
 class ChunkRow:
     chunk_id: int
@@ -544,6 +547,8 @@ class Store:
         so counts are remembered until the database changes.
         """
         self._follow_other_writers()
+        if len(self._term_counts) > TERM_COUNTS_KEPT:  # questions' words, hostile ones too: bounded
+            self._term_counts.clear()
         for term in dict.fromkeys(terms):
             if term not in self._term_counts:
                 row = self.conn.execute("SELECT doc FROM chunk_fts_terms WHERE term = ?", (term,)).fetchone()
