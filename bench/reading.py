@@ -123,7 +123,8 @@ def ask_all(home: Path, questions: list[Question], **settings) -> list[dict]:
         for q in questions:
             a = app.answer(q.question, collection=COLLECTION, sampling=GREEDY, max_tokens=96)
             cited = {c["n"] for c in a.citations}
-            best = max((s.score for s in app_ranked(app, a)), default=0.0)
+            best = (a.evidence or app_ranked(app, a) or [None])[0]
+            best = best.score if best else 0.0  # the appliance's own best sentence, ranked once
             out.append(
                 {
                     "q": q,
@@ -142,7 +143,8 @@ def ask_all(home: Path, questions: list[Question], **settings) -> list[dict]:
 
 
 def app_ranked(app, answer) -> list:
-    """The best sentence of an answer's sources, as the appliance ranks them."""
+    """The best sentence of an answer's sources, as the appliance ranks them (for an answer that
+    abstained, which carries no evidence)."""
     from appliance.retrieval import evidence
 
     shown = [(n, h.chunk_id, h.text) for n, h in enumerate(answer.sources, 1)]
