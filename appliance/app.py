@@ -1,43 +1,31 @@
 """The appliance as one object: settings, the installed generation, the database, the embedder and the
-model, each opened on first use and closed together. The CLI uses it in-process; the service and the
-operator UI will hold one for their lifetime.
+model, each opened on first use and closed together, and the audit row every change writes. The CLI uses
+it in-process; the service and the operator UI hold one for their lifetime.
+
+What it does is done by the modules beside it, whose functions are its methods: appliance.asking
+(questions), appliance.intake (documents in, drafts out), appliance.installs (what it runs: bundles,
+rollback, trust), appliance.oversight (the audit log and feedback), appliance.health (the check a new
+generation passes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance import asking, health
+from appliance import asking, installs, intake, oversight
 from appliance.bundles import generations
-from appliance.bundles.manifest import context_tokens, sha256_file
+from appliance.bundles.manifest import context_tokens
 from appliance.config import Settings
-from appliance.errors import ApplianceError, FeedbackError, IngestError
+from appliance.errors import ApplianceError
 from appliance.protocols import Sampling
 from appliance.records import audit
 from appliance.retrieval import rag
-from appliance.retrieval.ingest import ingest
 from appliance.retrieval.store import Store, make_private
-from appliance.schemas import (
-    AnswerReport,
-    AuditVerdict,
-    BundleCheck,
-    DocumentRow,
-    DraftReport,
-    ExportWritten,
-    FeedbackRecorded,
-    Generations,
-    IngestReport,
-    Installed,
-    Source,
-    Status,
-)
+from appliance.schemas import DocumentRow, Source, Status
 
 
 def resident_mb() -> float | None:
@@ -186,7 +174,7 @@ class Appliance:
         if last := audit.head(self.store.conn):
             audit.checkpoint(self.settings.home, self.identity(), last[0], last[1])
 
-    def _let_go(self) -> None:
+    def let_go(self) -> None:
         """Forget the loaded generation (after an install or rollback switched `current`)."""
         if self._engine is not None:
             self._engine.close()
@@ -199,80 +187,13 @@ class Appliance:
             return
         link = self.settings.home / "current"
         if link.is_symlink() and Path(os.readlink(link)).name != str(self._installed.number):
-            self._let_go()
+            self.let_go()
 
-    def _has_generation(self) -> bool:
+    def has_generation(self) -> bool:
         try:
             return self.installed is not None
         except ApplianceError:
             return False
-
-    def install_generation(
-        self, directory: Path, force: bool = False, user: str | None = None
-    ) -> generations.Installed:
-        """The unsigned development install, with the signed install's health check; the model and
-        embedder of the old generation are let go. Once a root of trust is provisioned, only signed
-        bundles install unless `force` (audited)."""
-        from appliance.bundles import trust
-        from appliance.errors import BundleError
-
-        if trust.has_trusted_root(self.settings.home):
-            if not force:
-                self.audit(
-                    "install_refused",
-                    {
-                        "source": str(directory.resolve()),
-                        "signed": False,
-                        "error": "unsigned install on an appliance with a trusted root",
-                    },
-                    with_model=self._has_generation(),
-                    user=user,
-                )
-                raise BundleError(
-                    "this appliance has a trusted root: it installs signed bundles only",
-                    "install the bundle with `appliance bundle install`, or pass --force-unsigned "
-                    "(audited) for a development build",
-                )
-        health_report: dict = {}
-        installed = generations.install_unsigned(
-            directory,
-            self.settings.home,
-            check=lambda staged, manifest: health_report.update(health.check(self, staged, manifest)),
-        )
-        self._let_go()
-        self.audit(
-            "install",
-            {
-                "source": str(directory.resolve()),
-                "generation": installed.number,
-                "signed": False,
-                "forced": force,
-                "name": installed.manifest.name,
-                "health": health_report,
-            },
-            user=user,
-        )
-        return installed
-
-    # -- signed bundles (appliance.bundles.bundle) ------------------------------------------------------
-    def recover(self) -> str | None:
-        """Finish or undo an install that was killed; audited when something was done."""
-        from appliance.bundles import commit
-
-        message = commit.recover(self.settings.home)
-        if message:
-            self._let_go()
-            self.audit("recover", {"message": message}, with_model=self._has_generation())
-        return message
-
-    def trust_init(self, root_json: Path, force: bool = False) -> dict:
-        """Provisioning: the trusted root, and the appliance's own signing key if it has none."""
-        from appliance.bundles import trust
-
-        report = trust.trust_init(self.settings.home, root_json, force)
-        self.audit("trust", dict(report, source=str(root_json.resolve())), with_model=self._has_generation())
-        report["appliance_key_id"] = self.identity().key_id
-        return report
 
     def identity(self):
         """The appliance's signing key (appliance.bundles.identity), created and audited on first need."""
@@ -284,69 +205,43 @@ class Appliance:
                 self.audit(
                     "identity",
                     {"key_id": self._identity.key_id, "public_key": self._identity.public_pem},
-                    with_model=self._has_generation(),
+                    with_model=self.has_generation(),
                 )
         return self._identity
 
-    def verify_bundle(self, directory: Path, progress: Callable | None = None) -> BundleCheck:
-        from appliance.bundles import bundle
+    # -- what the appliance runs (appliance.installs) ----------------------------------------------------
+    install_generation = installs.install_generation
+    install_bundle = installs.install_bundle
+    verify_bundle = installs.verify_bundle
+    rollback = installs.rollback
+    recover = installs.recover
+    trust_init = installs.trust_init
+    generations = installs.history
 
-        return bundle.verify(self.settings.home, directory, progress).report()
+    # -- documents in, drafts out (appliance.intake) -----------------------------------------------------
+    ingest = intake.ingest
+    ingest_upload = intake.ingest_upload
+    clean_uploads = intake.clean_uploads
+    remove_document = intake.remove_document
+    draft = intake.draft
+    draft_upload = intake.draft_upload
 
-    def install_bundle(
-        self,
-        directory: Path,
-        allow_downgrade: bool = False,
-        progress: Callable | None = None,
-        reembed_progress: Callable | None = None,
-        user: str | None = None,
-    ) -> Installed:
-        """Verify and install a signed bundle (see appliance.bundles.bundle.install); audited either way."""
-        from appliance.bundles import bundle
+    # -- questions (appliance.asking): `answer` is `ask` with the whole record; the service runs the
+    # two steps around its engine server ---------------------------------------------------------------
+    ask = asking.ask
+    answer = asking.answer
+    prepare_ask = asking.prepare
+    finish_ask = asking.finish
 
-        try:
-            result = bundle.install(
-                self.settings.home,
-                directory,
-                lambda staged, m, i: health.check(self, staged, m, reembed_progress),
-                allow_downgrade=allow_downgrade,
-                security_floor=self.settings.security_floor,
-                progress=progress,
-            )
-        except ApplianceError as exc:
-            self.audit(
-                "install_refused",
-                {"source": str(directory.resolve()), "error": exc.message},
-                with_model=self._has_generation(),
-                user=user,
-            )
-            raise
-        if result.recovered:  # found under the install lock (the service and UI do not run `recover` first)
-            self.audit("recover", {"message": result.recovered}, with_model=self._has_generation(), user=user)
-        if result.number is not None:  # a no-op keeps the loaded model
-            self._let_go()
-            self.audit(
-                "install",
-                {
-                    "source": str(directory.resolve()),
-                    "generation": result.number,
-                    "signed": True,
-                    "version": result.version,
-                    "name": result.info.name if result.info else None,
-                    "downgrade": result.downgrade,
-                    "health": result.health,
-                },
-                user=user,
-            )
-        return result.report()
-
-    def rollback(self, user: str | None = None) -> tuple[int, int]:
-        from appliance.bundles import bundle
-
-        left, now = bundle.rollback(self.settings.home)
-        self._let_go()
-        self.audit("rollback", {"from": left, "to": now}, user=user)
-        return left, now
+    # -- the audit log and feedback (appliance.oversight) ------------------------------------------------
+    audit_rows = oversight.audit_rows
+    audit_verify = oversight.audit_verify
+    checkpoint_lines = oversight.checkpoint_lines
+    feedback = oversight.record_feedback
+    feedback_items = oversight.feedback_items
+    feedback_export = oversight.feedback_export
+    feedback_export_build = oversight.feedback_export_build
+    feedback_export_done = oversight.feedback_export_done
 
     @contextlib.contextmanager
     def sandbox(self, lane: str = "ingest"):
@@ -363,232 +258,6 @@ class Appliance:
         with Sandbox(self.settings.parse_memory_mb, self.settings.parse_timeout_s) as sandbox:
             yield sandbox
 
-    def ingest(
-        self,
-        paths: list[Path],
-        collection: str,
-        progress: Callable[[str, int, int], None] | None = None,
-        user: str | None = None,
-        source_name: Callable[[Path], str] | None = None,
-        admin: bool = True,
-        aside: Callable[[], contextlib.AbstractContextManager] | None = None,
-    ) -> IngestReport:
-        """`user`'s documents (default: ours); `admin`: may also replace documents from before owners
-        were recorded. Each document commits with its audit row, and the head is anchored after it.
-        `aside`: held while a file is parsed and embedded (appliance.retrieval.ingest)."""
-        owner = user or audit.os_user()
-        self.audit_ready()
-        try:
-            with self.sandbox() as sandbox:
-                report = ingest(
-                    self.store,
-                    self.embedder,
-                    paths,
-                    collection,
-                    max_bytes=int(self.settings.max_file_mb * 1_000_000),
-                    chunk_chars=self.settings.chunk_chars,
-                    progress=progress,
-                    source_name=source_name,
-                    owner=owner,
-                    admin=admin,
-                    sandbox=sandbox,
-                    committed=self.anchor,
-                    aside=aside,
-                    record=lambda action, detail: self.audit(action, detail, user=owner),
-                )
-        finally:
-            self.anchor()
-        if report.failed:  # what was refused is on record too, one row a batch
-            self.audit(
-                "ingest_refused",
-                {
-                    "collection": collection,
-                    "files": len(report.failed),
-                    "failed": [
-                        {"source": f["source"][:300], "error": f["error"][:300]} for f in report.failed[:50]
-                    ],
-                },
-                with_model=False,
-                user=owner,
-            )
-        return report
-
-    def clean_uploads(self) -> list[str]:
-        """Remove upload directories a killed service left in the home (the service calls this at start,
-        when no upload of its own can be under way); what was removed."""
-        import shutil
-
-        gone = []
-        for stale in self.settings.home.glob(".upload-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-            gone.append(f"removed {stale}")
-        return gone
-
-    @contextlib.contextmanager
-    def _uploaded(self, name: str, data: bytes):
-        """An uploaded file under the home (private, removed afterwards), named like the original so its
-        type is recognised."""
-        base = Path(name.replace("\\", "/")).name
-        if not base or base in (".", "..") or "\0" in base or len(base) > 255:
-            raise IngestError(f"upload name {name!r} is not a file name", "send the file's path as `name`")
-        with tempfile.TemporaryDirectory(dir=self.settings.home, prefix=".upload-") as tmp:
-            path = Path(tmp) / base
-            path.write_bytes(data)
-            yield path
-
-    def ingest_upload(
-        self,
-        name: str,
-        data: bytes,
-        collection: str,
-        user: str | None = None,
-        progress: Callable[[str, int, int], None] | None = None,
-        admin: bool = False,
-        aside: Callable[[], contextlib.AbstractContextManager] | None = None,
-    ) -> IngestReport:
-        """Ingest a file the caller read and sent (the service's upload route), recorded as `name` and
-        keyed by its user: one user's upload never replaces another's."""
-        with self._uploaded(name, data) as path:
-            return self.ingest(
-                [path],
-                collection,
-                progress=progress,
-                user=user,
-                source_name=lambda _: name,
-                admin=admin,
-                aside=aside,
-            )
-
-    def draft_upload(
-        self,
-        name: str,
-        data: bytes,
-        collections: list[str] | None = None,
-        max_tokens: int | None = None,
-        progress=None,
-        user: str | None = None,
-        generator=None,
-        model_info: dict | None = None,
-    ) -> DraftReport:
-        with self._uploaded(name, data) as path:
-            try:
-                return self.draft(
-                    path,
-                    collections,
-                    max_tokens,
-                    progress=progress,
-                    user=user,
-                    source=name,
-                    generator=generator,
-                    model_info=model_info,
-                )
-            except (
-                ApplianceError
-            ) as exc:  # named as the caller knows the file, not by the service's private path
-                for private, public in ((str(path), name), (str(path.parent), "(upload)")):
-                    exc.message = exc.message.replace(private, public)
-                    exc.fix = exc.fix and exc.fix.replace(private, public)
-                raise
-
-    # -- feedback (appliance.records.feedback) ---------------------------------------------------------------
-    def feedback(
-        self,
-        answer_audit_id: int,
-        kind: str,
-        *,
-        correction: str | None = None,
-        source: int | None = None,
-        chunk_id: int | None = None,
-        note: str | None = None,
-        question: str | None = None,
-        answer: str | None = None,
-        user: str | None = None,
-        admin: bool = True,
-    ) -> FeedbackRecorded:
-        """Record feedback on an answer (appliance.records.feedback.record), audited; the service audits
-        a refusal."""
-        from appliance.records import feedback
-
-        return feedback.record(
-            self.store,
-            answer_audit_id,
-            kind,
-            correction=correction,
-            source=source,
-            chunk_id=chunk_id,
-            note=note,
-            question=question,
-            answer=answer,
-            user=user,
-            admin=admin,
-            write_audit=lambda detail: self.audit("feedback", detail, user=user)["id"],
-        )
-
-    def feedback_items(
-        self, pending_only: bool = False, since: str | None = None, limit: int | None = None
-    ) -> list[dict]:
-        from appliance.records import feedback
-
-        return [i.to_json() for i in feedback.items(self.store.conn, pending_only, since, limit)]
-
-    def feedback_export_build(self, since: str | None = None):
-        """A signed export of the pending feedback (or all since `since`); nothing is marked yet."""
-        from appliance.records import feedback
-
-        chosen = feedback.items(self.store.conn, pending_only=since is None, since=since)
-        if not chosen:
-            raise FeedbackError(
-                "no feedback to export" + (f" since {since}" if since else " (all exported already)"),
-                "give --since DATE to export earlier feedback again",
-            )
-        return feedback.build(chosen, self.identity(), since)
-
-    def feedback_export_done(self, export, out: str, user: str | None = None) -> ExportWritten:
-        """After the export was written: its items are marked exported and the export is audited."""
-        from appliance.records import feedback
-
-        feedback.mark_exported(self.store.conn, export.feedback_ids, export.export_id)
-        self.audit(
-            "feedback_export",
-            {
-                "export_id": export.export_id,
-                "out": out,
-                "counts": export.counts,
-                "feedback_ids": export.feedback_ids,
-                "manifest_sha256": hashlib.sha256(export.manifest).hexdigest(),
-            },
-            with_model=False,
-            user=user,
-        )
-        return ExportWritten(
-            export_id=export.export_id, out=out, counts=export.counts, items=len(export.feedback_ids)
-        )
-
-    def feedback_export(self, out: Path, since: str | None = None, user: str | None = None) -> ExportWritten:
-        """Build, write into `out`, then mark and audit: a failed write marks nothing."""
-        export = self.feedback_export_build(since)
-        export.write(out)
-        return self.feedback_export_done(export, str(out.resolve()), user)
-
-    def remove_document(self, doc_id: int, user: str | None = None) -> DocumentRow:
-        """Removed with its audit row in one transaction."""
-        row = self.store.remove_document(
-            doc_id,
-            lambda row: self.audit(
-                "remove",
-                {
-                    "doc_id": row.id,
-                    "source": row.source,
-                    "sha256": row.sha256,
-                    "collection": row.collection,
-                    "owner": row.owner,
-                },
-                user=user,
-            ),
-        )
-        self.anchor()
-        return row
-
     def search(self, query: str, k: int | None = None, collection: str | None = None) -> list[Source]:
         return [Source.model_validate(h.to_json()) for h in self.hits(query, k, collection)]
 
@@ -602,219 +271,15 @@ class Appliance:
 
         return lookup(self.store, query, collection, limit)
 
-    def draft(
-        self,
-        rfp: Path,
-        collections: list[str] | None = None,
-        max_tokens: int | None = None,
-        progress: Callable[[str, int, int], None] | None = None,
-        generator=None,
-        user: str | None = None,
-        source: str | None = None,
-        model_info: dict | None = None,
-    ) -> DraftReport:
-        """A proposal draft for an RFP file (see appliance.drafting.draft); `generator` replaces the model in tests;
-        `source`: what the RFP is recorded as (an upload's name on the caller's side)."""
-        from appliance.drafting import draft
-
-        self.audit_ready()
-        self.ready_index()
-        generator = generator or self.engine
-        model_info = model_info or self.model_info()
-        with self.sandbox("draft") as sandbox:  # an RFP is as untrusted as any upload
-            result = draft.draft(
-                self.store,
-                self.embedder,
-                generator,
-                rfp,
-                collections=collections,
-                model_info=model_info,
-                max_bytes=int(self.settings.max_file_mb * 1_000_000),
-                n_ctx=getattr(generator, "n_ctx", None) or self.context_tokens(),
-                max_tokens=max_tokens or self.settings.max_tokens,
-                sampling=self.sampling(),
-                progress=progress,
-                source=source,
-                sandbox=sandbox,
-            )
-        self.audit(
-            "draft",
-            {
-                "rfp": result.rfp,
-                "rfp_sha256": sha256_file(rfp),
-                "requirements": len(result.requirements),
-                "gaps": result.gaps,
-                "unknown_codes": result.unknown_codes,
-                "chunks": [
-                    {"chunk_id": s["chunk_id"], "doc_sha256": s["doc_sha256"]} for s in result.sources
-                ],
-            },
-            user=user,
-            model=model_info,
-        )
-        return result.report()
-
-    def ask(
-        self,
-        question: str,
-        *,
-        collection: str | None = None,
-        use_rag: bool = True,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        on_text: Callable[[str], None] | None = None,
-        history: list[dict] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        user: str | None = None,
-        conversation: int | None = None,
-        sampling: Sampling | None = None,
-    ) -> AnswerReport:
-        """`conversation`: a stored conversation (the operator UI's); its last turns are the history and
-        the question and answer are added to it. `sampling`: all of how the answer is decoded (the API's
-        top_p, logit_bias, seed and stop), in place of `temperature`."""
-        return self.answer(
-            question,
-            collection=collection,
-            use_rag=use_rag,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            on_text=on_text,
-            history=history,
-            should_stop=should_stop,
-            user=user,
-            conversation=conversation,
-            sampling=sampling,
-        ).report()
-
-    def answer(
-        self,
-        question: str,
-        *,
-        collection: str | None = None,
-        use_rag: bool = True,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        on_text: Callable[[str], None] | None = None,
-        history: list[dict] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        user: str | None = None,
-        conversation: int | None = None,
-        sampling: Sampling | None = None,
-    ) -> rag.Answer:
-        """`ask` with the whole record (the raw text, whether it was stopped, the prompt): `prepare_ask`,
-        the model in this process, `finish_ask` (the service runs them apart around its engine server)."""
-        job = self.prepare_ask(
-            question,
-            collection,
-            use_rag,
-            max_tokens,
-            sampling or self.sampling(temperature),
-            history=history,
-            user=user,
-            conversation=conversation,
-        )
-        return self.finish_ask(job, *rag.decode(self.engine, job.prep, on_text, should_stop))
-
     def sampling(self, temperature: float | None = None) -> Sampling:
         """The settings' sampling, at `temperature` when given."""
         return Sampling(self.settings.temperature if temperature is None else temperature)
 
-    def prepare_ask(
-        self,
-        question: str,
-        collection: str | None = None,
-        use_rag: bool = True,
-        max_tokens: int | None = None,
-        sampling: Sampling | None = None,
-        history: list[dict] | None = None,
-        user: str | None = None,
-        conversation: int | None = None,
-        tokenizer=None,
-        model_info: dict | None = None,
-    ) -> asking.AskJob:
-        """Everything before the model (appliance.asking.prepare)."""
-        return asking.prepare(
-            self,
-            question,
-            collection,
-            use_rag,
-            max_tokens,
-            sampling,
-            history,
-            user,
-            conversation,
-            tokenizer,
-            model_info,
-        )
-
-    def finish_ask(
-        self, job: asking.AskJob, pieces: list[str], timing: dict, stopped: bool = False
-    ) -> rag.Answer:
-        """Everything after the model (appliance.asking.finish)."""
-        return asking.finish(self, job, pieces, timing, stopped)
-
-    # -- reads the operator UI and the CLI make (appliance.client.ServiceClient has the same methods) --
     def documents(self, collection: str | None = None) -> list[DocumentRow]:
         return self.store.list_documents(collection)
 
-    def generations(self) -> Generations:
-        from appliance.bundles import bundle, trust
-
-        return Generations(
-            generations=bundle.history(self.settings.home),
-            trusted_version=trust.trusted_version(self.settings.home),
-        )
-
-    def audit_rows(self, action: str | None = None, user: str | None = None, limit: int = 50) -> list[dict]:
-        """Newest first; `detail` parsed."""
-        return [
-            dict(e, detail=json.loads(e["detail"])) for e in audit.rows(self.store.conn, action, user, limit)
-        ]
-
-    def checkpoint_lines(self) -> list[str] | None:
-        path = self.settings.home / audit.CHECKPOINTS
-        try:
-            return path.read_text().splitlines()
-        except FileNotFoundError:
-            return None
-
-    def audit_verify(self, against: list[str] | None = None) -> AuditVerdict:
-        """The chain and every signed checkpoint (audit.verify); `against`: an earlier export's lines,
-        whose rows must still be the database's first rows, ending at the head the export names."""
-        from appliance.bundles import identity
-
-        ident = identity.load(self.settings.home)
-        public = ident.public if ident else None
-        entries = list(audit.rows(self.store.conn))
-        verdict = audit.verify(entries, self.checkpoint_lines(), public)
-        try:
-            if ident and not ident.matches_private():
-                verdict.problems.insert(
-                    0,
-                    "identity/appliance.pub is not the public half of identity/appliance.key: "
-                    "it was replaced, so nothing it vouches for is proven",
-                )
-        except (
-            OSError,
-            ValueError,
-            TypeError,
-        ):  # the key is not ours to read: the log's record still checks it
-            pass
-        result = AuditVerdict.model_validate(verdict.to_json())
-        if against is not None:
-            result.against = audit.compare_export(entries, against, public)
-            if result.against["problems"]:
-                result.intact = False
-        return result
-
     def new_conversation(self, user: str | None = None) -> int:
         return self.store.new_conversation(user or audit.os_user())
-
-    def _key_status(self) -> dict | None:
-        from appliance.bundles import identity
-
-        ident = identity.load(self.settings.home)
-        return {"key_id": ident.key_id, "public_key": ident.public_pem} if ident else None
 
     def status(self) -> Status:
         inst = self.installed
@@ -845,6 +310,6 @@ class Appliance:
                 "collections": self.store.collection_stats(),
                 "lineage": m.lineage,
                 "resident_mb": resident_mb(),
-                "appliance_key": self._key_status(),
+                "appliance_key": oversight.key_status(self),
             }
         )

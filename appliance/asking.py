@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.protocols import Sampling
 from appliance.records import audit
 from appliance.retrieval import evidence, rag
+from appliance.schemas import AnswerReport
 
 if TYPE_CHECKING:
     from appliance.app import Appliance
@@ -32,6 +34,72 @@ class AskJob:
 
 HISTORY_MESSAGES = 4  # earlier turns sent with a question: follow-ups work, sources keep most of the context
 RECALL_MESSAGES = 12  # a conversation this process answered is sent whole, with its sources, up to this
+
+
+def ask(
+    app: Appliance,
+    question: str,
+    *,
+    collection: str | None = None,
+    use_rag: bool = True,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    on_text: Callable[[str], None] | None = None,
+    history: list[dict] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    user: str | None = None,
+    conversation: int | None = None,
+    sampling: Sampling | None = None,
+) -> AnswerReport:
+    """A question answered by the model in this process, as the CLI and UI show it. `conversation`: a
+    stored conversation (the operator UI's); its last turns are the history and the question and answer
+    are added to it. `sampling`: all of how the answer is decoded (the API's top_p, logit_bias, seed and
+    stop), in place of `temperature`."""
+    return answer(
+        app,
+        question,
+        collection=collection,
+        use_rag=use_rag,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        on_text=on_text,
+        history=history,
+        should_stop=should_stop,
+        user=user,
+        conversation=conversation,
+        sampling=sampling,
+    ).report()
+
+
+def answer(
+    app: Appliance,
+    question: str,
+    *,
+    collection: str | None = None,
+    use_rag: bool = True,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    on_text: Callable[[str], None] | None = None,
+    history: list[dict] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    user: str | None = None,
+    conversation: int | None = None,
+    sampling: Sampling | None = None,
+) -> rag.Answer:
+    """`ask` with the whole record (the raw text, whether it was stopped, the prompt): `prepare`, the
+    model in this process, `finish` (the service runs them apart around its engine server)."""
+    job = prepare(
+        app,
+        question,
+        collection,
+        use_rag,
+        max_tokens,
+        sampling or app.sampling(temperature),
+        history=history,
+        user=user,
+        conversation=conversation,
+    )
+    return finish(app, job, *rag.decode(app.engine, job.prep, on_text, should_stop))
 
 
 def prepare(

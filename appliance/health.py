@@ -76,7 +76,7 @@ def check(app: Appliance, staged: Path, manifest: GenerationManifest, progress=N
     template_text = (staged / manifest.chat_template).read_text()
     try:
         shapes = render_shapes(template_text)  # before the model: a hostile template costs nothing to refuse
-        app._let_go()  # the running model's memory goes to the health check (reloaded on next use if refused)
+        app.let_go()  # the running model's memory goes to the health check (reloaded on next use if refused)
         n_ctx = min(512, manifest.model.context_length)
         with LlamaEngine(
             staged / manifest.model.file,
