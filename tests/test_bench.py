@@ -1,5 +1,9 @@
 """The benchmarks still run (small sizes): `make bench` must not rot between releases."""
 
+import json
+
+import pytest
+
 from bench import search
 
 
@@ -116,3 +120,31 @@ def test_the_reading_benchmark_prints_its_table(tiny_generation):
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert cells[2].endswith("/1 (0%)") or cells[2].endswith("/1 (100%)")
         assert float(cells[-1]) > 0
+
+
+def test_the_demo_tables_are_read_from_the_generations_records(tiny_generation):
+    """Every stage the chain ran has its row (its seconds from its lineage), and the eval table holds
+    each kind of held-out question for both models and the gate's verdict, from eval.json."""
+    from bench import demo
+
+    report = json.loads((tiny_generation / "eval.json").read_text())
+    stages = demo.stages_table(tiny_generation)
+    names = [line.split("|")[1].strip() for line in stages[2:-1]]
+    assert {"pretrain", "sft-qa", "align", "merge", "export", "eval"} <= set(names), names
+    sft = next(line for line in stages if line.startswith("| sft-qa "))
+    assert "->" in sft, sft  # its loss, first and last step
+    table = "\n".join(demo.eval_table(tiny_generation))
+    for kind, label in demo.KINDS.items():
+        if kind in report["tasks"]["Q8_0"]["by_kind"]:
+            assert label in table
+    verdict = "passed" if report["gate"]["passed"] else "failed"
+    assert f"| release gate |  | {verdict}" in table, table
+
+
+def test_the_demo_tables_say_what_to_run_when_nothing_was_built(tmp_path):
+    from bench import demo
+
+    with pytest.raises(SystemExit, match="make setup"):
+        demo.eval_table(tmp_path)
+    with pytest.raises(SystemExit, match="make setup"):
+        demo.stages_table(tmp_path)
