@@ -6,7 +6,7 @@ which `python -m bench.report` fills the README's measured tables (bench/report.
 import sys
 from pathlib import Path
 
-from bench import bundle, concurrency, decode, demo, embed, reading, report, search
+from bench import bundle, concurrency, decode, demo, embed, reading, report, search, service
 
 BUILD = Path(__file__).resolve().parent.parent / "build"
 AVX512_PYTHON = BUILD / "bench" / "avx512-venv" / "bin" / "python"
@@ -21,6 +21,7 @@ if __name__ == "__main__":
             "Decode",
             lambda: decode.run({"avx512": str(AVX512_PYTHON)} if AVX512_PYTHON.exists() else {}),
         ),
+        ("service", "The service against bare llama.cpp", service.run),
         ("concurrency", "Concurrent operators", concurrency.run),
         # the demo generation `make setup` built: read from its records, nothing is run
         ("demo-stages", "Demo stages", lambda: demo.stages_table(BUILD / "demo-generation")),

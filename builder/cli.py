@@ -40,11 +40,82 @@ def cli() -> None:
     \b
     Examples:
       builder demo --out build/demo-generation
+      builder prepare ~/documents --out build/data
       builder base fetch smollm2-135m-instruct
       builder run pipeline.yaml
       builder sft configs/sft-qa.yaml
       builder synth --shape llama-3.2-1b --out build/synth-1b
     """
+
+
+@cli.command()
+@click.argument("corpus", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Directory to write the data into."
+)
+@click.option(
+    "--held-out",
+    "held_out_share",
+    default=0.2,
+    show_default=True,
+    help="Share of the prose documents (whole documents) and of the reference table's rows held out of "
+    "training, for the eval's questions.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Random seed (which documents are held out, the chats)."
+)
+@click.option("--company", help='Who writes the proposals, as the writing chats name it (default: "we").')
+@click.option(
+    "--columns",
+    help="The reference table's columns by role, where its headers say nothing: "
+    "code=COLUMN,title=COLUMN[,duties=...,education=...,years=...,certification=...].",
+)
+@click.option("--quick", is_flag=True, help="Write a few of each (a smoke test of the wiring).")
+@json_option("Print prepare.json on stdout.")
+def prepare(
+    corpus: tuple[Path, ...],
+    out: Path,
+    held_out_share: float,
+    seed: int,
+    company: str | None,
+    columns: str | None,
+    quick: bool,
+    as_json: bool,
+) -> None:
+    """Turn folders of your documents into the training data of every stage.
+
+    Reads every file the appliance ingests (txt, md, pdf, docx, csv, xlsx) with the appliance's own
+    readers and says what it decided for each: a reference table (its code and title columns found by
+    header and by content, the mapping printed), an RFP, a proposal, or a table left to retrieval. A
+    folder named proposals/, rfps/ or reference/ decides for the files under it. Whole documents are
+    held out (and a share of the table's rows); heldout-questions.jsonl asks for what they state, so
+    `builder eval` measures on text the model never saw. Files it cannot read are listed with the
+    reason.
+
+    \b
+    Writes OUT as the workstation pipeline reads it (--var data=OUT): docs/ (trained on), heldout/,
+    sft-qa.jsonl, sft-write.jsonl, pairs.jsonl, heldout-questions.jsonl and prepare.json (every
+    input's sha256, kind, reason and whether it was held out).
+
+    \b
+    Example:
+      builder prepare ~/proposals ~/rfps ~/reference --out build/data --company "Meridian Ridge Systems"
+      builder run models/smollm2-135m-instruct/gpu-workstation.yaml --var data=build/data --var out=build
+    """
+    from builder.prepare import prepare as run
+
+    report = run(
+        list(corpus),
+        out,
+        held_out_share=held_out_share,
+        seed=seed,
+        size="quick" if quick else "full",
+        company=company,
+        columns=columns,
+        log=lambda line: click.echo(line, err=True),
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
 
 
 @cli.command()

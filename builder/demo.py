@@ -236,14 +236,26 @@ def _chat(
 class Corpus:
     """The demo corpus cut the way the appliance will retrieve it, minus what held-out questions ask."""
 
-    def __init__(self, docs: list, eval_items: list[dict]):
+    def __init__(
+        self,
+        docs: list,
+        eval_items: list[dict],
+        kinds: dict[Path, str] | None = None,
+        company: str | None = "Meridian Ridge Systems",
+        announce: bool = True,
+    ):
+        """`kinds`: each document's kind ("proposal", "rfp") as `builder prepare` decided it; without
+        it, the demo's folders say (proposals/, rfps/). `company`: who writes the proposals (None: "we")."""
+        self.doc_kinds = kinds or {}
+        self.company = company
         held_text = " ".join(f"{q['question']} {' '.join(q['must_contain'])}" for q in eval_items)
         tables = [d for d in docs if d.table is not None]
         self.table = tables[0] if tables else None  # a corpus without a table trains on its prose only
         self.roles = self.table.table.roles if self.table else None
         if self.table and self.roles:
             self.roles.require_key(str(self.table.path))  # refused with the mapping it found
-            print(f"demo data: {self.table.path.name}: {self.roles.describe()}", file=sys.stderr)
+            if announce:
+                print(f"demo data: {self.table.path.name}: {self.roles.describe()}", file=sys.stderr)
         self.rows = [self._row(r) for r in self.table.table.rows] if self.table else []
         self.train_rows = [r for r in self.rows if r["code"] not in held_text and r["title"] not in held_text]
         self.prose = [(d, c) for d in docs if d.table is None for c in chunk_document(d, 1200) if c.heading]
@@ -257,6 +269,12 @@ class Corpus:
             + [r["title"] for r in held_rows]
             + [m for q in eval_items for m in q["must_contain"] if len(m) >= 4]
         )
+
+    def doc_kind(self, doc) -> str:
+        """ "proposal" or "rfp": as decided (`kinds`), else by the demo's folder names."""
+        if doc.path in self.doc_kinds:
+            return self.doc_kinds[doc.path]
+        return "rfp" if "rfps" in doc.path.parts or doc.path.stem.startswith("RFP") else "proposal"
 
     def leaks(self, reply: str) -> bool:
         """Would this reply teach something a held-out question asks?"""
@@ -301,7 +319,9 @@ class Corpus:
 
     def other_passages(self, rng: random.Random, item, n: int, draw: int) -> list[tuple[str, str]]:
         """`n` prose sources other than `item`, out of `draw` drawn at random."""
-        return [self.prose_source(p) for p in rng.sample(self.prose, draw) if p is not item][:n]
+        return [
+            self.prose_source(p) for p in rng.sample(self.prose, min(draw, len(self.prose))) if p is not item
+        ][:n]
 
 
 def near_rows(rng: random.Random, target: dict, pool: list[dict], n: int) -> list[dict]:
@@ -334,10 +354,10 @@ def lcat_chat(
 ) -> list[dict]:
     """A question about one table row, answered from `sources` sources: near-miss rows, some prose, and
     the row itself at any position (left out when not `answerable`: then the reply says so)."""
-    n_prose = min(rng.choice([0, 0, 0, 1, 1, 2]), sources - 1)
+    n_prose = min(rng.choice([0, 0, 0, 1, 1, 2]), sources - 1, len(corpus.prose))  # a table alone: rows only
     others = [corpus.row_source(r) for r in near_rows(rng, target, pool, sources - 1 - n_prose)]
     others += [corpus.prose_source(p) for p in rng.sample(corpus.prose, n_prose)]
-    if not answerable:
+    if not answerable and corpus.prose:
         others.append(corpus.prose_source(rng.choice(corpus.prose)))
     questions, reply = _QUESTIONS[kind]
     fields = _fields(target)
@@ -367,7 +387,7 @@ def qa_chats(
     prose_n = int(n_lcat * prose_share) if corpus.rows else n_lcat // 2  # no table: prose questions only
     for i in range(n_lcat if corpus.rows else 0):
         kind = rng.choices(kinds, weights)[0]
-        if rng.random() < real_share:
+        if rng.random() < real_share and corpus.train_rows:
             target = rng.choice(corpus.train_rows)
             pool = corpus.train_rows + [_fake_row(rng, corpus.rows, like=target) for _ in range(3)]
         else:
@@ -440,14 +460,19 @@ _COMMON_STARTS = {
 
 
 def prose_facts(corpus: Corpus) -> list[tuple]:
-    """(chunk, question, sentence) for each sentence of the proposals and RFPs that states a figure:
+    """(chunk, question, sentence) for each sentence that states a figure (`figure_facts`)."""
+    return [fact[:3] for fact in figure_facts(corpus)]
+
+
+def figure_facts(corpus: Corpus) -> list[tuple]:
+    """(chunk, question, sentence, figure) for each sentence of the proposals and RFPs that states a figure:
     the question is the sentence with its figure asked for ("... scaled to how many concurrent users
     ...?") and names the document, as a proposal team asks; the reply is the sentence, cited. The
     answer is only found by matching the question to one sentence among five sources, as the held-out
     document questions need. Sentences holding what a held-out question asks are left out."""
     facts = []
     for doc, chunk in corpus.prose:
-        where = _doc_label(doc)
+        where = _doc_label(doc, corpus.doc_kind(doc))
         for sentence in re.split(r"(?<=[.!?])\s+", " ".join(chunk.text.split())):
             sentence = re.sub(r"^[A-Z]\.\d+(?:\.\d+)*\s+", "", sentence.lstrip("-* "))  # "C.2.1 The ..."
             words = sentence.split()
@@ -466,14 +491,14 @@ def prose_facts(corpus: Corpus) -> list[tuple]:
                 clause = (sentence[: figure.start()] + ask + sentence[figure.end() :]).rstrip(" .;:")
                 if clause.split()[0] in _COMMON_STARTS:
                     clause = clause[0].lower() + clause[1:]
-                facts.append(((doc, chunk), f"In the {where}, {clause}?", sentence))
+                facts.append(((doc, chunk), f"In the {where}, {clause}?", sentence, figure.group(0).strip()))
     return facts
 
 
-def _doc_label(doc) -> str:
-    """ "2020-SBA-loan-portal.md" in proposals/ -> "SBA loan portal proposal"."""
-    stem = re.sub(r"^(RFP-)?\d{4}-", "", doc.path.stem).replace("-", " ")
-    return f"{stem} {'RFP' if doc.path.stem.startswith('RFP') else 'proposal'}"
+def _doc_label(doc, kind: str) -> str:
+    """ "2020-SBA-loan-portal.md", a proposal -> "SBA loan portal proposal"."""
+    stem = re.sub(r"^(RFP-)?\d{4}-", "", doc.path.stem).replace("-", " ").replace("_", " ")
+    return f"{stem} {'RFP' if kind == 'rfp' else 'proposal'}"
 
 
 def _fields(row: dict) -> dict:
@@ -568,7 +593,9 @@ def write_chats(
                 [
                     f"We will meet this requirement as we did on the {project} contract.",
                     f"Our approach to {topic} is proven on the {project} contract.",
-                    f"Meridian Ridge Systems will deliver {topic} as it did for {project}.",
+                    f"{corpus.company} will deliver {topic} as it did for {project}."
+                    if corpus.company
+                    else f"We will deliver {topic} as we did for {project}.",
                 ]
             )
             chats.append(
@@ -590,7 +617,7 @@ def _proposal_sections(corpus: Corpus) -> list:
     return [
         (d, c)
         for d, c in corpus.prose
-        if "proposals" in d.path.parts
+        if corpus.doc_kind(d) == "proposal"
         and c.heading != d.title
         and not c.text.lstrip().startswith("|")
         and c.text.strip() != c.heading

@@ -148,3 +148,24 @@ def test_the_demo_tables_say_what_to_run_when_nothing_was_built(tmp_path):
         demo.eval_table(tmp_path)
     with pytest.raises(SystemExit, match="make setup"):
         demo.stages_table(tmp_path)
+
+
+def test_the_speed_comparisons_take_their_two_sides_in_turn():
+    """bench.decode and bench.service measure the appliance and bare llama.cpp in alternation, each
+    side's best, the baseline at the prompt length the appliance sent."""
+    from bench.decode import interleaved
+
+    calls = []
+    speeds = iter([20.0, 24.0])
+
+    def measured():
+        calls.append("appliance")
+        return {"tokens_per_s": next(speeds), "prompt_tokens": 422}
+
+    def baseline(context):
+        calls.append(("bare", context))
+        return {"tg": 25.0 - len(calls)}
+
+    app, base = interleaved(measured, baseline, "tokens_per_s", rounds=2)
+    assert calls == ["appliance", ("bare", 422), "appliance", ("bare", 422)]
+    assert app["tokens_per_s"] == 24.0 and base["tg"] == 23.0

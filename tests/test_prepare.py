@@ -1,0 +1,176 @@
+"""`builder prepare` on a folder shaped like a customer's, not like the demo: past proposals loose and in
+a folder, a solicitation found by its text, a reference table whose headers are not the demo's, files
+it cannot read. Whole documents are held out and nothing of theirs reaches a training file."""
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.engine.prompt import SYSTEM_PROMPT
+from builder.cli import cli
+from builder.prepare import held_out_count, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "builder" / "demo_data" / "corpus"
+READING = ROOT / "bench" / "reading"
+TRAINING_FILES = ("sft-qa.jsonl", "sft-write.jsonl", "pairs.jsonl")
+
+
+@pytest.fixture
+def customer(tmp_path) -> Path:
+    root = tmp_path / "documents"
+    (root / "proposals").mkdir(parents=True)
+    (root / "misc").mkdir()
+    (root / "tables").mkdir()
+    for p in (DEMO / "proposals").glob("*.md"):
+        shutil.copy(p, root / "proposals")
+    for p in (READING / "test" / "docs").iterdir():  # proposals no code here was written against
+        shutil.copy(p, root / "misc")
+    shutil.copy(
+        DEMO / "rfps" / "RFP-2025-USDA-application-modernization.md", root / "misc" / "usda-solicitation.md"
+    )
+    lines = (DEMO / "reference" / "labor_categories.csv").read_text().splitlines()
+    (root / "tables" / "lcats.csv").write_text(
+        "\n".join(["LCAT Code,Labor Category,Description,Minimum Education,Years of Experience"] + lines[1:])
+        + "\n"
+    )
+    (root / "misc" / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (root / "misc" / "deck.pptx").write_bytes(b"PK\x03\x04")
+    return root
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if len(s.split()) >= 8]
+
+
+def test_a_customers_folder_is_sorted_held_out_and_written(customer, tmp_path):
+    lines = []
+    report = prepare([customer], tmp_path / "data", held_out_share=0.25, size="quick", log=lines.append)
+    kinds = {Path(i["path"]).name: i["kind"] for i in report["inputs"]}
+    assert kinds["usda-solicitation.md"] == "rfp"  # by its text: no folder says so
+    assert kinds["lcats.csv"] == "reference"
+    for name in [p.name for p in (customer / "misc").glob("*.md") if p.name != "usda-solicitation.md"]:
+        assert kinds[name] == "proposal", (
+            name,
+            kinds[name],
+        )  # past proposals that cite a "statement of work"
+    assert all(kinds[p.name] == "proposal" for p in (customer / "proposals").iterdir())
+    assert report["table"]["columns"].startswith('code = "LCAT Code"')
+    assert {Path(s["path"]).name for s in report["skipped"]} == {"scan.png", "deck.pptx"}
+    assert any("skipped" in line and "scan.png" in line for line in lines)
+
+    prose = [i for i in report["inputs"] if i["kind"] in ("proposal", "rfp")]
+    held = [i for i in prose if i["held_out"]]
+    assert len(held) == held_out_count(len(prose), 0.25) == round(len(prose) * 0.25)
+    for i in report["inputs"]:
+        assert i["sha256"] == hashlib.sha256(Path(i["path"]).read_bytes()).hexdigest()
+
+    data = tmp_path / "data"
+    training = "\n".join(
+        json.dumps(json.loads(line))
+        for name in TRAINING_FILES
+        for line in (data / name).read_text().splitlines()
+    )
+    training = " ".join(json.loads(json.dumps(training)).split())
+    for i in held:  # no sentence of a held-out document is trained on
+        text = Path(i["path"]).read_text()
+        leaked = [s for s in _sentences(text) if json.dumps(s)[1:-1] in training]
+        assert not leaked, (Path(i["path"]).name, leaked[:2])
+    for code in report["table"]["held_out_rows"]:
+        assert code not in training, code
+
+    # the layout the workstation pipeline reads: documents trained on, and the held-out ones apart
+    trained = {p.name for p in (data / "docs").rglob("*") if p.is_file()}
+    assert {p.name for p in (data / "heldout").rglob("*") if p.is_file()} == {
+        Path(i["path"]).name for i in held
+    }
+    assert trained == {Path(i["path"]).name for i in report["inputs"] if not i["held_out"]}
+    assert (data / "docs" / "documents" / "tables" / "lcats.csv").read_bytes() == (
+        customer / "tables" / "lcats.csv"
+    ).read_bytes()
+
+    questions = [json.loads(line) for line in (data / "heldout-questions.jsonl").read_text().splitlines()]
+    held_text = " ".join(" ".join(Path(i["path"]).read_text().split()) for i in held)
+    documents = [q for q in questions if q["kind"] == "document"]
+    assert documents and all(q["source"] in {Path(i["path"]).name for i in held} for q in documents)
+    assert all(m in held_text for q in documents for m in q["must_contain"])
+    rows = [q for q in questions if q["kind"] == "lcat_code"]
+    assert len(rows) == 2 * len(report["table"]["held_out_rows"]) > 0
+
+    chat = json.loads((data / "sft-qa.jsonl").read_text().splitlines()[0])["messages"]
+    assert chat[0] == {"role": "system", "content": SYSTEM_PROMPT} and chat[-1]["role"] == "assistant"
+    assert (
+        report["files"]["heldout-questions.jsonl"]
+        == hashlib.sha256((data / "heldout-questions.jsonl").read_bytes()).hexdigest()
+    )
+    assert json.loads((data / "prepare.json").read_text()) == report
+
+
+def test_the_command_line_names_what_it_cannot_use(tmp_path):
+    runner = CliRunner()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(cli, ["prepare", str(empty), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "no readable documents" in result.output
+
+    (tmp_path / "ref" / "reference").mkdir(parents=True)
+    (tmp_path / "ref" / "reference" / "t.csv").write_text("Name,Notes\nalpha,one\nbeta,two\n")
+    result = runner.invoke(cli, ["prepare", str(tmp_path / "ref"), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "no code column found" in result.output, result.output
+    result = runner.invoke(
+        cli,
+        [
+            "prepare",
+            str(tmp_path / "ref"),
+            "--out",
+            str(tmp_path / "out"),
+            "--columns",
+            "code=Nope,title=Name",
+        ],
+    )
+    assert result.exit_code != 0 and "Nope" in result.output and "Name, Notes" in result.output
+    result = runner.invoke(
+        cli,
+        [
+            "prepare",
+            str(tmp_path / "ref"),
+            "--out",
+            str(tmp_path / "out"),
+            "--columns",
+            "code=Notes,title=Name",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "(mapping)" in result.output and "heldout-questions.jsonl is empty" in result.output
+    assert not (tmp_path / "out" / "heldout-questions.jsonl").read_text()
+
+
+def test_a_failed_run_leaves_the_last_data_whole(customer, tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    prepare([customer], out, size="quick", log=lambda _: None)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("builder.prepare._jsonl", broken)
+    with pytest.raises(RuntimeError):
+        prepare([customer], out, seed=1, size="quick", log=lambda _: None)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".data.")] == []
+
+
+def test_a_hostile_file_name_reaches_the_terminal_without_its_escapes(tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    for i, p in enumerate(sorted((READING / "calibration" / "docs").iterdir())):
+        shutil.copy(p, root / (f"\x1b]0;pwned\x07evil-{i}.md" if i == 0 else p.name))
+    lines = []
+    prepare([root], tmp_path / "out", size="quick", log=lines.append)
+    assert any("evil-0.md" in line for line in lines)
+    assert not any("\x1b" in line or "\x07" in line for line in lines)
