@@ -24,16 +24,24 @@ KINDS = {  # eval.json's question kinds, as a reader names them
 
 
 def _stages(generation: Path) -> dict[str, dict]:
-    """Each stage's lineage record: the work directory's (with its result) where it is still there,
-    else the generation's own copy."""
+    """The shipped generation's stages (its generation.json names them), each with its lineage record:
+    the work directory's (which holds the stage's result) when it is the same run of that stage (the same
+    input hashes), else the generation's own copy."""
+    shipped = {}
+    if (generation / "generation.json").exists():
+        lineage = json.loads((generation / "generation.json").read_text()).get("lineage", {})
+        shipped = dict(lineage.get("stages", {}))
     work = generation.parent / f".{generation.name}.work" / "stages"
     found = {}
-    if work.is_dir():
-        for path in sorted(work.glob("*/lineage.json"), key=lambda p: p.stat().st_mtime):
-            found[path.parent.name] = json.loads(path.read_text())
-    if not found and (generation / "generation.json").exists():
-        lineage = json.loads((generation / "generation.json").read_text()).get("lineage", {})
-        found = dict(lineage.get("stages", {}))
+    for name, record in shipped.items() or [
+        (p.parent.name, None) for p in sorted(work.glob("*/lineage.json"))
+    ]:
+        path = work / name / "lineage.json"
+        there = json.loads(path.read_text()) if path.exists() else None
+        if there is not None and (record is None or there.get("inputs") == record.get("inputs")):
+            found[name] = there
+        elif record is not None:
+            found[name] = record
     return found
 
 
@@ -85,7 +93,7 @@ def eval_table(generation: Path) -> list[str]:
     if not path.exists():
         raise SystemExit(f"{path} does not exist; run `make setup` (or `builder demo`) first")
     report = json.loads(path.read_text())
-    quant = next(iter(report["tasks"]))
+    quant = (report.get("gate") or {}).get("quant") or next(iter(report["tasks"]))  # the gated, shipped one
     adapted = _by_kind(report["tasks"], quant)
     base = _by_kind((report.get("baseline") or {}).get("tasks", {}), quant)  # absent: not measured
 

@@ -10,6 +10,7 @@ import click
 from pydantic import BaseModel
 
 from appliance.errors import ApplianceError
+from appliance.terminal import clean_text
 
 
 def json_option(help: str):
@@ -21,10 +22,10 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except ApplianceError as exc:
-            click.echo(f"error: {exc.message}", err=True)
+        except ApplianceError as exc:  # messages name files and columns from documents: no escapes pass
+            click.echo(f"error: {clean_text(exc.message)}", err=True)
             if exc.fix:
-                click.echo(f"  fix: {exc.fix}", err=True)
+                click.echo(f"  fix: {clean_text(exc.fix)}", err=True)
             ctx.exit(int(exc.exit_code))
 
 

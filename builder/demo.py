@@ -23,6 +23,7 @@ about are left out of every generated example (a test checks it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -243,9 +244,12 @@ class Corpus:
         kinds: dict[Path, str] | None = None,
         company: str | None = "Meridian Ridge Systems",
         announce: bool = True,
+        headless: bool = False,
     ):
         """`kinds`: each document's kind ("proposal", "rfp") as `builder prepare` decided it; without
-        it, the demo's folders say (proposals/, rfps/). `company`: who writes the proposals (None: "we")."""
+        it, the demo's folders say (proposals/, rfps/). `company`: who writes the proposals (None: "we").
+        `headless`: passages before any heading (a plain-text PDF, a DOCX without heading styles) are
+        used too, under their document's title; the demo's own corpus leaves them out."""
         self.doc_kinds = kinds or {}
         self.company = company
         held_text = " ".join(f"{q['question']} {' '.join(q['must_contain'])}" for q in eval_items)
@@ -258,7 +262,13 @@ class Corpus:
                 print(f"demo data: {self.table.path.name}: {self.roles.describe()}", file=sys.stderr)
         self.rows = [self._row(r) for r in self.table.table.rows] if self.table else []
         self.train_rows = [r for r in self.rows if r["code"] not in held_text and r["title"] not in held_text]
-        self.prose = [(d, c) for d in docs if d.table is None for c in chunk_document(d, 1200) if c.heading]
+        self.prose = [
+            (d, c if c.heading else dataclasses.replace(c, heading=d.title))
+            for d in docs
+            if d.table is None
+            for c in chunk_document(d, 1200)
+            if c.heading or (headless and d.title)
+        ]
         self.held_text = held_text
         self.eval_items = eval_items
         held_rows = [r for r in self.rows if r not in self.train_rows]

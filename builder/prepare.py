@@ -16,10 +16,13 @@ The held-out questions ask for the figures the held-out documents state and the 
 the held-out rows; nothing of theirs is in any training file.
 
 Writes OUT in the layout the workstation pipeline reads (models/*/gpu-workstation.yaml, `--var
-data=OUT`); OUT is replaced only once everything is written, so a failure leaves the last one whole:
-  docs/<folder>/...          the training documents, copied (continual pre-training, the importance
-                             matrix, and with heldout/ the eval's retrieval corpus)
+data=OUT`). OUT may not overlap the folders read, and an existing OUT must be one prepare wrote; only
+what prepare writes is replaced (a run's build/ and the site's general.jsonl stay), once everything
+is written, so a failure leaves the last data whole. Files with the same content are read once.
+  docs/<folder>/...          the prose documents trained on, copied (continual pre-training, the
+                             importance matrix, and with heldout/ and tables/ the eval's retrieval corpus)
   heldout/<folder>/...       the held-out documents (perplexity, and what the held-out questions ask)
+  tables/<folder>/...        the tables: retrieval only, never pre-trained on (a held-out row is in them)
   sft-qa.jsonl               question -> cited answer chats, shaped as the appliance sends them
   sft-write.jsonl            requirement -> cited proposal paragraph chats
   pairs.jsonl                preference pairs for DPO ({"prompt", "chosen", "rejected"})
@@ -44,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.documents.columns import detect, parse_mapping
-from appliance.documents.readers import SUPPORTED_SUFFIXES, expand_paths, read_document
+from appliance.documents.readers import SUPPORTED_SUFFIXES, expand_paths, parse_document, read_bytes
 from appliance.errors import ApplianceError
 from appliance.terminal import clean_text
 from builder import demo
@@ -111,7 +114,7 @@ def classify(doc, relative: Path, mapping: dict[str, str] | None = None) -> tupl
         if folder and folder[0] == "reference":
             roles.require_key(str(doc.path))  # the user said it is one: refused with what was found
         return "table", f"a table without a code and a title column ({roles.describe()}): retrieval only"
-    if folder:
+    if folder and folder[0] != "reference":  # prose filed beside the tables is still prose
         return folder[0], f"in a folder named {folder[1]!r}"
     markers = sorted({m.group(0).lower() for m in RFP_MARKERS.finditer(doc.text[:200_000])})
     if len(markers) >= RFP_MIN_MARKERS:
@@ -130,36 +133,113 @@ def held_out_count(n: int, share: float) -> int:
     return min(n - 1, max(1, round(n * share)))
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def _read(roots: list[Path]) -> tuple[list[tuple], list[dict]]:
-    """(document, its path relative to the root it came from, sha256) for every readable file, and every
-    other file with the reason it was not read (unsupported type, too large, unreadable)."""
-    found, skipped = [], []
+    """(document, its destination path under docs/ or heldout/, sha256, its bytes) for every readable
+    file, and every other file with the reason it was not read (unsupported type, hidden, too large,
+    unreadable, the same content as another). Read once: what is hashed is what is parsed and copied."""
+    found, skipped, seen, taken = [], [], {}, set()
     for root in roots:
         files, refused = expand_paths([root])
         skipped += [{"path": r["source"], "reason": r["error"]} for r in refused]
         if root.is_dir():
-            taken = set(files)
-            skipped += [
-                {"path": str(p), "reason": f"not a type prepare reads ({p.suffix or 'no extension'})"}
-                for p in sorted(root.rglob("*"))
-                if p.is_file()
-                and not p.is_symlink()
-                and p not in taken
-                and p.suffix.lower() not in SUPPORTED_SUFFIXES
-            ]
+            listed = set(files)
+            for p in sorted(root.rglob("*")):
+                if not p.is_file() or p.is_symlink() or p in listed:
+                    continue
+                if _hidden(p, root):
+                    if p.suffix.lower() in SUPPORTED_SUFFIXES and not any(
+                        part.startswith(".") for part in p.relative_to(root).parent.parts
+                    ):
+                        skipped.append({"path": str(p), "reason": "a hidden file: not read"})
+                    continue  # inside a hidden folder (.git): not the site's documents
+                if p.suffix.lower() not in SUPPORTED_SUFFIXES:
+                    skipped.append(
+                        {"path": str(p), "reason": f"not a type prepare reads ({p.suffix or 'no extension'})"}
+                    )
         for path in files:
             try:
-                doc = read_document(path, max_bytes=MAX_BYTES)
-                sha = hashlib.sha256(path.read_bytes()).hexdigest()
+                data = read_bytes(path, MAX_BYTES)
+                doc = parse_document(path, data)
             except (ApplianceError, OSError) as exc:
                 skipped.append({"path": str(path), "reason": getattr(exc, "message", None) or str(exc)})
                 continue
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in seen:  # one copy decides: two could fall on both sides of the held-out line
+                skipped.append({"path": str(path), "reason": f"the same content as {seen[sha]}"})
+                continue
+            seen[sha] = path
             # under the root's own name: `prepare ~/proposals` files them as proposals, as a folder inside would
             relative = (
                 Path(root.name) / path.relative_to(root) if root.is_dir() else Path("files") / path.name
             )
-            found.append((doc, relative, sha))
+            unique, n = relative, 1
+            while unique in taken:  # two roots with the same name, or two files named alike
+                n += 1
+                unique = relative.with_name(f"{relative.stem}-{n}{relative.suffix}")
+            taken.add(unique)
+            found.append((doc, unique, sha, data))
     return found, skipped
+
+
+OURS = (
+    "docs",
+    "heldout",
+    "tables",
+    "sft-qa.jsonl",
+    "sft-write.jsonl",
+    "pairs.jsonl",
+    "heldout-questions.jsonl",
+    "prepare.json",
+)
+
+
+def _check_out(out: Path, roots: list[Path]) -> None:
+    """OUT must not overlap what is read, and is only ever a folder prepare wrote (or a new one)."""
+    for root in roots:
+        if out == root or root in out.parents or out in root.parents:
+            raise BuilderError(
+                f"--out {out} overlaps the documents read from {root}",
+                "write the data to a folder outside the documents' folders",
+            )
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "prepare.json").is_file())):
+        raise BuilderError(
+            f"--out {out} exists and was not written by `builder prepare` (no prepare.json)",
+            "name a new folder, or one an earlier `builder prepare` wrote",
+        )
+
+
+def _replace_ours(staging: Path, out: Path) -> None:
+    """Put the staged data in OUT, replacing only what prepare writes: a training run's build/ or the
+    site's general.jsonl beside it stay. The old entries are moved aside first and put back if a move
+    fails, so OUT holds one run's data whole."""
+    out.mkdir(exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    moved: list[str] = []
+    placed: list[str] = []
+    try:
+        for name in OURS:
+            if (out / name).exists():
+                (out / name).rename(aside / name)
+                moved.append(name)
+        for name in OURS:
+            if (staging / name).exists():
+                (staging / name).rename(out / name)
+                placed.append(name)
+    except BaseException:
+        for name in placed:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
+        for name in moved:
+            (aside / name).rename(out / name)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _a(title: str) -> str:
@@ -198,7 +278,7 @@ def _row_questions(corpus_rows: list[dict], source: str) -> list[dict]:
 def _fact_questions(docs: list, kinds: dict, rng: random.Random, per_doc: int) -> list[dict]:
     """The figures the held-out documents state, asked as a proposal team asks (builder.demo's
     `figure_facts`), at most `per_doc` a document, each figure asked once."""
-    held = demo.Corpus(docs, [], kinds=kinds, announce=False)
+    held = demo.Corpus(docs, [], kinds=kinds, announce=False, headless=True)
     by_doc: dict[Path, list] = {}
     for (doc, _chunk), question, _sentence, figure in demo.figure_facts(held):
         by_doc.setdefault(doc.path, []).append((question, figure))
@@ -209,10 +289,10 @@ def _fact_questions(docs: list, kinds: dict, rng: random.Random, per_doc: int) -
             if figure not in seen:
                 seen.add(figure)
                 chosen.append((question, figure))
-        for i, (question, figure) in enumerate(rng.sample(chosen, min(per_doc, len(chosen)))):
+        for question, figure in rng.sample(chosen, min(per_doc, len(chosen))):
             items.append(
                 {
-                    "id": f"doc-{path.stem[:40]}-{i + 1}",
+                    "id": f"doc-{len(items) + 1}-{path.stem[:40]}",
                     "kind": "document",
                     "question": question,
                     "must_contain": [figure],
@@ -248,6 +328,9 @@ def prepare(
     if size not in SIZES:
         raise BuilderError(f"size {size!r} is not one of {', '.join(SIZES)}")
     roots = [r.resolve() for r in roots]
+    out = out.resolve()
+    _check_out(out, roots)
+    out.parent.mkdir(parents=True, exist_ok=True)
     found, skipped = _read(roots)
     if not found:
         raise BuilderError(
@@ -261,19 +344,23 @@ def prepare(
         )
     decisions: dict[Path, Decision] = {}
     relatives = {}
-    for doc, relative, sha in found:
+    for doc, relative, sha, _ in found:
         relatives[doc.path] = relative
         kind, reason = classify(doc, relative, mapping)
         decisions[doc.path] = Decision(str(doc.path), sha, kind, reason)
     if mapping and not any(
-        d.table is not None and d.table.roles.how.get("code") == "mapping" for d, _, _ in found
+        d.table is not None and all(d.table.roles.how.get(role) == "mapping" for role in mapping)
+        for d, _, _, _ in found
     ):
-        tables = [f"{d.path.name}: {', '.join(d.table.columns)}" for d, _, _ in found if d.table is not None]
+        tables = [
+            f"{d.path.name}: {', '.join(d.table.columns)}" for d, _, _, _ in found if d.table is not None
+        ]
         raise BuilderError(
             f"--columns names {', '.join(repr(c) for c in mapping.values())}, which no table has together",
             "the tables' columns: " + ("; ".join(tables) if tables else "no table was found"),
         )
-    docs = {doc.path: doc for doc, _, _ in found}
+    docs = {doc.path: doc for doc, _, _, _ in found}
+    contents = {doc.path: data for doc, _, _, data in found}
     prose = sorted(
         (p for p, d in decisions.items() if d.kind in ("proposal", "rfp")),
         key=lambda p: _rank(seed, decisions[p].sha256),
@@ -281,7 +368,7 @@ def prepare(
     held = set(prose[: held_out_count(len(prose), held_out_share)])
     for path in held:
         decisions[path].held_out = True
-    tables = [p for p, d in decisions.items() if d.kind == "reference"]
+    tables = [p for p, d in decisions.items() if d.kind == "reference" and docs[p].table is not None]
     for extra in tables[1:]:
         decisions[extra].reason += "; not trained on: only the first reference table teaches lookups"
     kinds = {p: d.kind for p, d in decisions.items() if d.kind in ("proposal", "rfp")}
@@ -308,16 +395,21 @@ def prepare(
             "rows": len(rows),
             "held_out_rows": [r["code"] for r in held_rows],
         }
-    corpus = demo.Corpus(train_docs, eval_items, kinds=kinds, company=company, announce=False)
+    corpus = demo.Corpus(train_docs, eval_items, kinds=kinds, company=company, announce=False, headless=True)
     if not corpus.prose and not corpus.rows:
         raise BuilderError(
-            "nothing to train on: every document was held out or is a table without a code column",
-            "add documents, or lower --held-out",
+            f"nothing to train on: {len(prose) - len(held)} prose documents to train on hold no passage of "
+            f"text, and no reference table was found ({len(held)} documents held out)",
+            "add documents or a reference table, or lower --held-out",
         )
     qa = demo.qa_chats(corpus, rng, sizes["lcat"] if corpus.rows else sizes["lcat"] // 4)
     write = demo.write_chats(corpus, rng, variants=sizes["write_variants"])
     pairs = demo.preference_pairs(rng, qa, sizes["pairs"]) if corpus.rows else []
-    copies = {p: Path("heldout" if p in held else "docs") / rel for p, rel in relatives.items()}
+    # tables go apart from what pre-training reads: a held-out row must not be learnt from its table
+    copies = {
+        p: Path("heldout" if p in held else "tables" if docs[p].table is not None else "docs") / rel
+        for p, rel in relatives.items()
+    }
 
     report = {
         "format": 1,
@@ -342,13 +434,13 @@ def prepare(
         },
         "files": {},
     }
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        for folder in ("docs", "heldout", "tables"):  # each there, empty or not: the pipeline names all three
+            (staging / folder).mkdir()
         for source, copy in copies.items():
             (staging / copy).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, staging / copy)
+            (staging / copy).write_bytes(contents[source])  # the bytes hashed and parsed
         for name, rows in (
             ("sft-qa.jsonl", [{"messages": c} for c in qa]),
             ("sft-write.jsonl", [{"messages": c} for c in write]),
@@ -358,12 +450,9 @@ def prepare(
             path = _jsonl(staging / name, rows)
             report["files"][name] = hashlib.sha256(path.read_bytes()).hexdigest()
         (staging / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
+        _replace_ours(staging, out)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     for d in report["inputs"]:
         say(f"  {d['kind']:<9} {'held out ' if d['held_out'] else ''}{Path(d['path']).name}: {d['reason']}")
     for s in skipped:
@@ -375,8 +464,9 @@ def prepare(
         )
     if not eval_items:
         say(
-            "warning: nothing was held out (fewer than 2 prose documents and 5 table rows): heldout-questions.jsonl is "
-            "empty, so `builder eval` cannot measure this data; add documents"
+            f"warning: heldout-questions.jsonl is empty ({len(held)} documents held out, none stating a figure "
+            f"prepare can ask for; {len(table_info['held_out_rows']) if table_info else 0} table rows held out), "
+            "so `builder eval` cannot measure this data: add documents, or raise --held-out"
         )
     c = report["counts"]
     say(

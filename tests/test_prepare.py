@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from appliance.engine.prompt import SYSTEM_PROMPT
 from builder.cli import cli
+from builder.errors import BuilderError
 from builder.prepare import held_out_count, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,21 +77,27 @@ def test_a_customers_folder_is_sorted_held_out_and_written(customer, tmp_path):
         for name in TRAINING_FILES
         for line in (data / name).read_text().splitlines()
     )
-    training = " ".join(json.loads(json.dumps(training)).split())
+    training = " ".join(training.split())
     for i in held:  # no sentence of a held-out document is trained on
         text = Path(i["path"]).read_text()
         leaked = [s for s in _sentences(text) if json.dumps(s)[1:-1] in training]
         assert not leaked, (Path(i["path"]).name, leaked[:2])
+    pretrained = " ".join(p.read_text(errors="replace") for p in (data / "docs").rglob("*") if p.is_file())
     for code in report["table"]["held_out_rows"]:
-        assert code not in training, code
+        assert code not in training and code not in pretrained, code
 
-    # the layout the workstation pipeline reads: documents trained on, and the held-out ones apart
-    trained = {p.name for p in (data / "docs").rglob("*") if p.is_file()}
-    assert {p.name for p in (data / "heldout").rglob("*") if p.is_file()} == {
-        Path(i["path"]).name for i in held
-    }
-    assert trained == {Path(i["path"]).name for i in report["inputs"] if not i["held_out"]}
-    assert (data / "docs" / "documents" / "tables" / "lcats.csv").read_bytes() == (
+    # the layout the workstation pipeline reads: prose trained on, held-out documents and tables apart
+    def names(folder):
+        return sorted(p.name for p in (data / folder).rglob("*") if p.is_file())
+
+    assert names("heldout") == sorted(Path(i["path"]).name for i in held)
+    assert names("docs") == sorted(
+        Path(i["path"]).name
+        for i in report["inputs"]
+        if not i["held_out"] and i["kind"] in ("proposal", "rfp")
+    )
+    assert names("tables") == ["lcats.csv"]  # for retrieval; never pre-trained on
+    assert (data / "tables" / "documents" / "tables" / "lcats.csv").read_bytes() == (
         customer / "tables" / "lcats.csv"
     ).read_bytes()
 
@@ -174,3 +181,76 @@ def test_a_hostile_file_name_reaches_the_terminal_without_its_escapes(tmp_path):
     prepare([root], tmp_path / "out", size="quick", log=lines.append)
     assert any("evil-0.md" in line for line in lines)
     assert not any("\x1b" in line or "\x07" in line for line in lines)
+
+
+def test_out_never_overlaps_the_documents_nor_takes_a_folder_it_did_not_write(customer, tmp_path):
+    for out in (customer, customer / "data", tmp_path):
+        with pytest.raises(BuilderError, match="overlaps"):
+            prepare([customer], out, size="quick", log=lambda _: None)
+    foreign = tmp_path.parent / f"{tmp_path.name}-mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(BuilderError, match="not written by `builder prepare`"):
+        prepare([customer], foreign, size="quick", log=lambda _: None)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_second_run_keeps_what_the_site_put_beside_the_data(customer, tmp_path):
+    out = tmp_path / "data"
+    prepare([customer], out, size="quick", log=lambda _: None)
+    (out / "general.jsonl").write_text('{"text": "general prose"}\n')
+    (out / "build" / "stages").mkdir(parents=True)
+    (out / "build" / "stages" / "checkpoint").write_text("weeks of GPU time")
+    (customer / "proposals" / "2024-DOE-cyber-operations.md").unlink()
+    report = prepare([customer], out, size="quick", log=lambda _: None)
+    assert (out / "general.jsonl").read_text() == '{"text": "general prose"}\n'
+    assert (out / "build" / "stages" / "checkpoint").read_text() == "weeks of GPU time"
+    assert not list(out.rglob("2024-DOE-cyber-operations.md"))  # the old copy went with its run
+    assert json.loads((out / "prepare.json").read_text()) == report
+
+
+def test_prose_beside_tables_duplicates_and_documents_without_headings(tmp_path):
+    root = tmp_path / "docs"
+    (root / "reference").mkdir(parents=True)
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    shutil.copy(DEMO / "reference" / "labor_categories.csv", root / "reference")
+    shutil.copy(DEMO / "proposals" / "2020-SBA-loan-portal.md", root / "reference" / "about.md")  # prose
+    shutil.copy(DEMO / "proposals" / "2021-VA-records-management.md", root / "a" / "va.md")
+    shutil.copy(DEMO / "proposals" / "2021-VA-records-management.md", root / "b" / "va-copy.md")  # same bytes
+    shutil.copy(DEMO / "proposals" / "2022-DHS-service-desk.txt", root / "a" / "same.txt")
+    (root / "b" / "same.txt").write_text(  # the same name, other content, and no heading at all
+        "The help desk answered 41,500 calls in its first year. Average speed of answer fell to 38 seconds "
+        "after the new routing went live. The team closed 96 percent of tickets at first contact."
+    )
+    report = prepare([root], tmp_path / "out", held_out_share=0.0, size="quick", log=lambda _: None)
+    kinds = {i["path"]: i["kind"] for i in report["inputs"]}
+    assert kinds[str(root / "reference" / "about.md")] == "proposal"
+    assert kinds[str(root / "reference" / "labor_categories.csv")] == "reference"
+    assert report["table"]["rows"] > 0
+    assert [s["reason"] for s in report["skipped"]] == [f"the same content as {root / 'a' / 'va.md'}"]
+    docs = tmp_path / "out" / "docs"
+    assert sorted(str(p.relative_to(docs)) for p in docs.rglob("*.txt")) == [
+        "docs/a/same.txt",
+        "docs/b/same.txt",
+    ]
+    chats = (tmp_path / "out" / "sft-qa.jsonl").read_text()
+    assert (
+        "41,500" in chats or "38 seconds" in chats or "96 percent" in chats
+    )  # a heading-less text teaches too
+
+
+def test_escapes_in_a_documents_text_never_reach_the_terminal_on_the_error_path(tmp_path):
+    (tmp_path / "docs" / "reference").mkdir(parents=True)
+    (tmp_path / "docs" / "reference" / "t.csv").write_text("\x1b[2JName\x07,Notes\nalpha,one\nbeta,two\n")
+    result = CliRunner().invoke(cli, ["prepare", str(tmp_path / "docs"), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "no code column found" in result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+
+
+def test_a_mapping_may_name_one_role_only(customer, tmp_path):
+    report = prepare(
+        [customer], tmp_path / "out", columns="duties=Description", size="quick", log=lambda _: None
+    )
+    assert 'duties = "Description" (mapping)' in report["table"]["columns"]
+    assert 'code = "LCAT Code" (header)' in report["table"]["columns"]
