@@ -243,7 +243,6 @@ class Corpus:
         eval_items: list[dict],
         kinds: dict[Path, str] | None = None,
         company: str | None = "Meridian Ridge Systems",
-        announce: bool = True,
         headless: bool = False,
     ):
         """`kinds`: each document's kind ("proposal", "rfp") as `builder prepare` decided it; without
@@ -258,8 +257,7 @@ class Corpus:
         self.roles = self.table.table.roles if self.table else None
         if self.table and self.roles:
             self.roles.require_key(str(self.table.path))  # refused with the mapping it found
-            if announce:
-                print(f"demo data: {self.table.path.name}: {self.roles.describe()}", file=sys.stderr)
+
         self.rows = [self._row(r) for r in self.table.table.rows] if self.table else []
         self.train_rows = [r for r in self.rows if r["code"] not in held_text and r["title"] not in held_text]
         self.prose = [
@@ -516,7 +514,7 @@ def _fields(row: dict) -> dict:
     duties = row["duties"].split(";")[0].rstrip(".")
     return {
         "t": row["title"],
-        "a": _a(row["title"]),
+        "a": article(row["title"]),
         "c": row["code"],
         "e": row["education"].rstrip("."),
         "y": row["years"],
@@ -524,8 +522,8 @@ def _fields(row: dict) -> dict:
     }
 
 
-def _a(title: str) -> str:
-    return ("an " if title[0].lower() in "aeiou" else "a ") + title
+def article(title: str) -> str:
+    return ("an " if title[:1].lower() in "aeiou" else "a ") + title
 
 
 def _first_sentence(text: str) -> str:
@@ -674,7 +672,7 @@ def preference_pairs(rng: random.Random, chats: list[list[dict]], n: int) -> lis
     return pairs
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -695,17 +693,19 @@ def write_data(data: Path, corpus_dir: Path, *, seed: int, quick: bool) -> dict:
     size = SIZES["quick" if quick else "full"]
     rng = random.Random(seed)
     corpus = Corpus(load_corpus(corpus_dir), all_held_out())
+    if corpus.table and corpus.roles:
+        print(f"demo data: {corpus.table.path.name}: {corpus.roles.describe()}", file=sys.stderr)
     qa = qa_chats(corpus, rng, size["lcat"])
     # the quick chain's model reads 1,024 positions of a 512-piece vocabulary: two sources fit there
     write = write_chats(corpus, rng, variants=size["write_variants"], sources=2 if quick else DRAFT_K)
     pairs = preference_pairs(rng, qa, size["pairs"])
-    _jsonl(data / "sft-qa.jsonl", [{"messages": c} for c in qa])
-    _jsonl(data / "sft-write.jsonl", [{"messages": c} for c in write])
-    _jsonl(data / "pairs.jsonl", pairs)
-    _jsonl(data / "eval.jsonl", all_held_out())
+    write_jsonl(data / "sft-qa.jsonl", [{"messages": c} for c in qa])
+    write_jsonl(data / "sft-write.jsonl", [{"messages": c} for c in write])
+    write_jsonl(data / "pairs.jsonl", pairs)
+    write_jsonl(data / "eval.jsonl", all_held_out())
     drills = lookup_drills(rng, corpus, size["drills"])
     if drills:  # a model trained from scratch (the quick chain) reads these too
-        _jsonl(
+        write_jsonl(
             data / "pretrain-texts.jsonl",
             [{"text": render_chat(c)} for c in qa[: len(qa) // 2]] + [{"text": t} for t in drills],
         )

@@ -46,14 +46,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from appliance.documents.columns import detect, parse_mapping
-from appliance.documents.readers import SUPPORTED_SUFFIXES, expand_paths, parse_document, read_bytes
+from appliance.documents.columns import parse_mapping
+from appliance.documents.readers import expand_paths, parse_document, read_bytes
 from appliance.errors import ApplianceError
 from appliance.terminal import clean_text
 from builder import demo
 from builder.errors import BuilderError
 
-KINDS = ("reference", "rfp", "proposal", "table")
 FOLDERS = {  # a folder name that decides the kind of the files under it
     "reference": "reference",
     "references": "reference",
@@ -71,7 +70,17 @@ RFP_MARKERS = re.compile(  # what only a solicitation says: a past proposal cite
     r"|proposals? (?:are|is|shall be) due|solicitation (?:number|no\.)",
     re.IGNORECASE,
 )
-RFP_MIN_MARKERS = 2
+# Who speaks: a solicitation tells contractors and offerors what they shall do and what the Government
+# will; a proposal says what we (or the company) will do, and quotes the solicitation only in passing.
+BUYER_VOICE = re.compile(
+    r"\bthe (?:contractor|offeror|vendor|quoter|bidder|respondent)s? (?:shall|must|should|is required)\b"
+    r"|\b(?:offerors|quoters|bidders|respondents|vendors|interested (?:parties|firms|vendors))"
+    r" (?:shall|must|should|are|may)\b"
+    r"|\bthe government (?:will|intends|anticipates|is seeking|seeks|reserves|may)\b"
+    r"|\b(?:proposals|quotes|quotations|bids|responses|questions) (?:are|is|shall be|must be) (?:due|submitted)\b",
+    re.IGNORECASE,
+)
+SELLER_VOICE = re.compile(r"\b(?:we|our|ours|us)\b", re.IGNORECASE)
 MAX_BYTES = 50_000_000
 SIZES = {  # how much each run writes: a workstation run, and the tests' quick one
     "full": {"lcat": 1200, "write_variants": 4, "pairs": 32, "facts_per_doc": 12},
@@ -107,7 +116,7 @@ def classify(doc, relative: Path, mapping: dict[str, str] | None = None) -> tupl
             or set(mapping.values()) <= set(doc.table.columns)
         ):
             # the user's mapping: a table they filed as reference must have its columns (refused, naming them)
-            doc.table.__dict__["roles"] = detect(doc.table.columns, doc.table.rows, mapping)
+            doc.table.use_mapping(mapping)
         roles = doc.table.roles
         if roles.code and roles.title:
             return "reference", f"a table: {roles.describe()}"
@@ -116,10 +125,18 @@ def classify(doc, relative: Path, mapping: dict[str, str] | None = None) -> tupl
         return "table", f"a table without a code and a title column ({roles.describe()}): retrieval only"
     if folder and folder[0] != "reference":  # prose filed beside the tables is still prose
         return folder[0], f"in a folder named {folder[1]!r}"
-    markers = sorted({m.group(0).lower() for m in RFP_MARKERS.finditer(doc.text[:200_000])})
-    if len(markers) >= RFP_MIN_MARKERS:
-        return "rfp", "its text says " + ", ".join(repr(m) for m in markers[:4])
-    return "proposal", "prose" + (f" (one solicitation phrase: {markers[0]!r})" if markers else "")
+    text = doc.text[:200_000]
+    asks = len(BUYER_VOICE.findall(text)) + 2 * len({m.group(0).lower() for m in RFP_MARKERS.finditer(text)})
+    offers = len(SELLER_VOICE.findall(text))
+    if asks > offers:  # a solicitation asks in the buyer's voice; a proposal, quoting it, answers in its own
+        return (
+            "rfp",
+            f"the buyer's voice ({asks} phrases like 'the contractor shall') over the seller's ({offers})",
+        )
+    return (
+        "proposal",
+        f"the seller's voice ({offers} phrases like 'we will', 'our') over the buyer's ({asks})",
+    )
 
 
 def _rank(seed: int, sha: str) -> str:
@@ -133,33 +150,15 @@ def held_out_count(n: int, share: float) -> int:
     return min(n - 1, max(1, round(n * share)))
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def _read(roots: list[Path]) -> tuple[list[tuple], list[dict]]:
     """(document, its destination path under docs/ or heldout/, sha256, its bytes) for every readable
     file, and every other file with the reason it was not read (unsupported type, hidden, too large,
     unreadable, the same content as another). Read once: what is hashed is what is parsed and copied."""
     found, skipped, seen, taken = [], [], {}, set()
     for root in roots:
-        files, refused = expand_paths([root])
-        skipped += [{"path": r["source"], "reason": r["error"]} for r in refused]
-        if root.is_dir():
-            listed = set(files)
-            for p in sorted(root.rglob("*")):
-                if not p.is_file() or p.is_symlink() or p in listed:
-                    continue
-                if _hidden(p, root):
-                    if p.suffix.lower() in SUPPORTED_SUFFIXES and not any(
-                        part.startswith(".") for part in p.relative_to(root).parent.parts
-                    ):
-                        skipped.append({"path": str(p), "reason": "a hidden file: not read"})
-                    continue  # inside a hidden folder (.git): not the site's documents
-                if p.suffix.lower() not in SUPPORTED_SUFFIXES:
-                    skipped.append(
-                        {"path": str(p), "reason": f"not a type prepare reads ({p.suffix or 'no extension'})"}
-                    )
+        passed: list[dict] = []
+        files, refused = expand_paths([root], passed)
+        skipped += [{"path": r["source"], "reason": r.get("error") or r["reason"]} for r in refused + passed]
         for path in files:
             try:
                 data = read_bytes(path, MAX_BYTES)
@@ -242,15 +241,6 @@ def _replace_ours(staging: Path, out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _a(title: str) -> str:
-    return ("an " if title[:1].lower() in "aeiou" else "a ") + title
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _row_questions(corpus_rows: list[dict], source: str) -> list[dict]:
     items = []
     for row in corpus_rows:
@@ -258,7 +248,7 @@ def _row_questions(corpus_rows: list[dict], source: str) -> list[dict]:
             {
                 "id": f"row-{row['code']}-code",
                 "kind": "lcat_code",
-                "question": f"What labor category code should we bid for {_a(row['title'])}?",
+                "question": f"What labor category code should we bid for {demo.article(row['title'])}?",
                 "must_contain": [row["code"]],
                 "source": source,
             }
@@ -278,7 +268,7 @@ def _row_questions(corpus_rows: list[dict], source: str) -> list[dict]:
 def _fact_questions(docs: list, kinds: dict, rng: random.Random, per_doc: int) -> list[dict]:
     """The figures the held-out documents state, asked as a proposal team asks (builder.demo's
     `figure_facts`), at most `per_doc` a document, each figure asked once."""
-    held = demo.Corpus(docs, [], kinds=kinds, announce=False, headless=True)
+    held = demo.Corpus(docs, [], kinds=kinds, headless=True)
     by_doc: dict[Path, list] = {}
     for (doc, _chunk), question, _sentence, figure in demo.figure_facts(held):
         by_doc.setdefault(doc.path, []).append((question, figure))
@@ -380,7 +370,7 @@ def prepare(
     train_docs = [docs[p] for p in prose if p not in held] + ([docs[tables[0]]] if tables else [])
     if tables:
         table_doc = docs[tables[0]]
-        probe = demo.Corpus([table_doc], [], company=company, announce=False)
+        probe = demo.Corpus([table_doc], [], company=company)
         rows = sorted(probe.rows, key=lambda r: _rank(seed, r["code"]))
         n_held = min(MAX_HELD_ROWS, math.floor(len(rows) * held_out_share)) if len(rows) >= 5 else 0
         # only rows no training document names: a proposal's staffing table would teach the answer
@@ -395,7 +385,7 @@ def prepare(
             "rows": len(rows),
             "held_out_rows": [r["code"] for r in held_rows],
         }
-    corpus = demo.Corpus(train_docs, eval_items, kinds=kinds, company=company, announce=False, headless=True)
+    corpus = demo.Corpus(train_docs, eval_items, kinds=kinds, company=company, headless=True)
     if not corpus.prose and not corpus.rows:
         raise BuilderError(
             f"nothing to train on: {len(prose) - len(held)} prose documents to train on hold no passage of "
@@ -447,7 +437,7 @@ def prepare(
             ("pairs.jsonl", pairs),
             ("heldout-questions.jsonl", eval_items),
         ):
-            path = _jsonl(staging / name, rows)
+            path = demo.write_jsonl(staging / name, rows)
             report["files"][name] = hashlib.sha256(path.read_bytes()).hexdigest()
         (staging / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
         _replace_ours(staging, out)

@@ -198,3 +198,21 @@ def test_a_hostile_source_cannot_make_ranking_unbounded(app):
     flood = "A sentence that is long enough. " * 50_000
     ranked = evidence.rank(app.embedder, "anything", [(1, 1, flood), (2, 2, flood)])
     assert len(ranked) == evidence.MAX_SENTENCES
+
+
+def test_a_question_is_embedded_once_for_its_search_and_its_evidence(app, monkeypatch):
+    """The real embedder: the evidence ranking finds the question's vector where its search left it."""
+    embedder = app.embedder
+    seen: list[str] = []
+    batch = embedder._embed_batch
+
+    def spy(texts):
+        seen.extend(texts)
+        return batch(texts)
+
+    monkeypatch.setattr(embedder, "_embed_batch", spy)
+    question = "What was the value of the SBA loan portal contract?"
+    prepared = app.prepare_ask(question, max_tokens=8)
+    assert prepared.prep.ranked, "the evidence was ranked"
+    assert seen.count(question) == 1, seen[:3]
+    assert len(seen) > 1  # its sentences were embedded

@@ -45,6 +45,12 @@ class Table:
         """Which column is the code, the title, the duties ... (appliance.documents.columns)."""
         return detect(self.columns, self.rows)
 
+    def use_mapping(self, mapping: dict[str, str]) -> Columns:
+        """The roles as `mapping` ({role: column}) names them, detection for the rest, from now on
+        (IngestError naming the columns when the mapping names one the table lacks)."""
+        self.__dict__["roles"] = detect(self.columns, self.rows, mapping)
+        return self.roles
+
 
 @dataclass
 class Document:
@@ -424,11 +430,12 @@ def table_row_text(table: Table, row: dict[str, str]) -> str:
     return "\n".join(f"{c}: {row.get(c, '')}" for c in ordered if row.get(c, ""))
 
 
-def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
+def expand_paths(paths: Iterable[Path], passed: list[dict] | None = None) -> tuple[list[Path], list[dict]]:
     """Files to ingest (directories recursively, supported types only) and what cannot be: paths that do
     not exist, folders that cannot be read, and links inside a folder that lead out of it (a folder
     hands over what is in it; a link to /etc/shadow or another user's file is reported, never followed -
-    name its target to ingest it)."""
+    name its target to ingest it). `passed`, when given, collects the files of a folder left out on
+    purpose ({source, reason}: a type not read, a hidden file); hidden folders are not entered."""
     import os
 
     files: list[Path] = []
@@ -451,6 +458,8 @@ def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
                 for name in sorted(names) + [d for d in dirs if Path(here, d).is_symlink()]:
                     p = Path(here) / name
                     if name.startswith("."):
+                        if passed is not None and p.suffix.lower() in SUPPORTED_SUFFIXES:
+                            passed.append({"source": str(p), "reason": "a hidden file: not read"})
                         continue
                     if p.is_symlink():
                         try:
@@ -480,6 +489,10 @@ def expand_paths(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
                             continue
                     if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES:
                         files.append(p)
+                    elif passed is not None and p.is_file():
+                        passed.append(
+                            {"source": str(p), "reason": f"not a type read ({p.suffix or 'no extension'})"}
+                        )
         elif path.is_file():
             files.append(path)
         else:

@@ -16,6 +16,7 @@ import numpy as np
 from appliance.errors import ModelError
 
 EMBEDDER_MANIFEST = "embedder.json"
+QUERIES_KEPT = 64  # single texts (queries) remembered by an embedder
 
 
 class OnnxEmbedder:
@@ -59,16 +60,25 @@ class OnnxEmbedder:
                 f"{directory / model_file}: onnxruntime cannot load it ({exc})", "re-export the embedder"
             ) from exc
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self._queries: dict[str, np.ndarray] = {}  # the last QUERIES_KEPT single texts, oldest first
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        """One vector a text. A single text (a query) is remembered: a question is embedded once for its
+        search and found again to rank its evidence (appliance.retrieval.evidence.rank)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if len(texts) == 1 and (kept := self._queries.get(texts[0])) is not None:
+            return kept[None].copy()
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         # Sorting by length keeps padding per batch small; results go back to the caller's order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(texts), self.batch_size):
             idx = order[start : start + self.batch_size]
             out[idx] = self._embed_batch([texts[i] for i in idx])
+        if len(texts) == 1:
+            self._queries[texts[0]] = out[0].copy()
+            while len(self._queries) > QUERIES_KEPT:
+                self._queries.pop(next(iter(self._queries)))
         return out
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:

@@ -151,8 +151,8 @@ def rank(embedder: Embedder, question: str, sources: list[tuple[int, int, str]])
     found = list(itertools.islice(every, MAX_SENTENCES))
     if not found or not question.strip():
         return []
-    vectors = embedder.embed([question] + [f[4] for f in found])
-    scores = vectors[1:] @ vectors[0] + ANSWER_KIND_WEIGHT * np.array(
+    asked = embedder.embed([question])[0]  # as its search embedded it (the embedder keeps queries)
+    scores = embedder.embed([f[4] for f in found]) @ asked + ANSWER_KIND_WEIGHT * np.array(
         [answer_kind(question, f[4]) for f in found]
     )
     order = np.argsort(-scores, kind="stable")
