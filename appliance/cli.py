@@ -590,7 +590,8 @@ def _print_answer(result: AnswerReport, streamed: bool) -> None:
         )
     t = result.timing
     _err(
-        f"(retrieval {t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
+        f"(retrieval {t['retrieval_ms']:.0f} ms, reading {t['reading_ms']:.0f} ms, "
+        f"first token {t['ttft_ms']:.0f} ms, "
         f"{t['tokens_per_s'] or 0:.1f} tokens/s; audit id {result.audit_id}: "
         f"`appliance feedback add {result.audit_id} --good` or `--correct TEXT`)"
     )

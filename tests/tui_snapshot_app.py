@@ -135,7 +135,7 @@ ANSWER = AnswerReport(
     answer="The Database Administrator labor category has code 15-1242.00 [1].",
     sources=[HIT],
     citations=[{"n": 1}],
-    timing={"retrieval_ms": 12.0, "ttft_ms": 150.0, "tokens_per_s": 40.0},
+    timing={"retrieval_ms": 12.0, "reading_ms": 30.0, "ttft_ms": 150.0, "tokens_per_s": 40.0},
 )
 
 

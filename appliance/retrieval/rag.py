@@ -316,6 +316,7 @@ class Prepared:
     titles: dict[str, list[dict]] | None = None
     ranked: list[evidence.Sentence] = field(default_factory=list)  # the new sources' sentences, best first
     abstain: str = ""  # no source answers: the appliance's own reply (evidence.not_covered); no model
+    reading_ms: float = 0.0  # ranking the sentences (evidence.rank): after retrieval, before the model
 
 
 def prepare(
@@ -344,6 +345,7 @@ def prepare(
     first = len(earlier) + 1
     ranked: list[evidence.Sentence] = []
     texts: list[str] | None = None
+    started = time.perf_counter()
     if use_rag and hits and reading is not None:
         ranked = evidence.rank(
             reading.embedder, question, [(n, h.chunk_id, h.text) for n, h in enumerate(hits, start=first)]
@@ -352,6 +354,7 @@ def prepare(
             hits, texts = _narrowed(hits, ranked, first, reading.shown_sentences)
             number = {h.chunk_id: n for n, h in enumerate(hits, start=first)}
             ranked = [replace(s, n=number[s.chunk_id]) for s in ranked if s.chunk_id in number]
+    reading_ms = (time.perf_counter() - started) * 1000
     sources = fit_sources(hits, question, generator, budget, first, texts) if use_rag else []
     hits = earlier + hits[: len(sources)]
     ranked = [s for s in ranked if s.n < first + len(sources)]
@@ -376,6 +379,7 @@ def prepare(
         titles,
         ranked,
         abstain,
+        reading_ms,
     )
 
 
@@ -439,6 +443,7 @@ def timing_of(
     decode_s = end - (first or end)
     return {
         "retrieval_ms": round(prep.retrieval_ms, 2),
+        "reading_ms": round(prep.reading_ms, 2),
         "prompt_tokens": prompt_tokens,
         "max_tokens": prep.max_tokens,
         "ttft_ms": round(((first or end) - start) * 1000, 2),

@@ -163,7 +163,8 @@ class ChatPane(Pane):
         t = answer.timing
         self.app.status_line(
             f"{len(answer.sources)} sources, {len(answer.citations)} cited; retrieval "
-            f"{t['retrieval_ms']:.0f} ms, first token {t['ttft_ms']:.0f} ms, "
+            f"{t['retrieval_ms']:.0f} ms, reading {t['reading_ms']:.0f} ms, "
+            f"first token {t['ttft_ms']:.0f} ms, "
             f"{t['tokens_per_s'] or 0:.1f} tokens/s"
         )
         self.post_message(Changed("audit"))
