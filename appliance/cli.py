@@ -320,6 +320,8 @@ def bundle_install(ctx, directory: Path, allow_downgrade: bool, as_json: bool) -
         )
         + ("; DOWNGRADE" if result.downgrade else "")
     )
+    if note := result.bundle.gate_note():
+        _err(f"note: {note}")
 
 
 @bundle_group.command("rollback")

@@ -10,7 +10,9 @@ Targets are the generation's files (generation.json included), bundle.json (name
 evaluation report, minimum RAM) and an optional prebuilt reference.db. V, the bundle version, is also
 the version of the targets, snapshot and timestamp metadata, so an appliance that installed V refuses
 an older bundle as a replay through TUF's own checks. A version is never signed twice for different
-contents: the keys directory remembers what it signed.
+contents: the keys directory remembers what it signed. Only a generation whose release gate passed
+(its signed eval.json says so) is signed, unless the caller says `ungated`; bundle.json carries the
+evaluation either way, so the appliance shows what was signed.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def create(
     passphrase: keyring.Passphrase | None = None,
     force: bool = False,
     signers: dict[str, list] | None = None,
+    ungated: bool = False,
 ) -> BundleManifest:
     """Write the signed bundle for `generation` into `out` and return its bundle.json. The steps:
     check the generation and the keys, describe it (bundle.json), copy the targets content-addressed
@@ -144,9 +147,20 @@ def create(
     the timestamp last, so a stick pulled early is refused cleanly).
 
     `expires` overrides `expires_days`; `signers` replaces the keys directory's signers per role (tests
-    build refused bundles with it: wrong keys, too few signatures)."""
+    build refused bundles with it: wrong keys, too few signatures); `ungated`: sign a generation whose
+    release gate did not pass, or that was never evaluated."""
     generation = generation.resolve()
     manifest = verify_generation(generation)  # sign only what its own manifest vouches for
+    gate = release_gate(generation, manifest)
+    if gate != "passed" and not ungated:
+        raise BuilderError(
+            f"{generation}: {gate}; a bundle carries only a model that passed its release gate",
+            "evaluate it (`builder eval`, or the pipeline's eval stage) and improve the model until the "
+            "gate passes; or pass --ungated to sign it anyway (bundle.json carries the evaluation, so "
+            "the appliance shows it)",
+        )
+    if gate != "passed":
+        print(f"warning: signing it although {gate} (--ungated)", file=sys.stderr)
     signers = _signers(keys_dir, signers, passphrase)
     generation_sha = sha256_file(generation / MANIFEST_NAME)
     version, created = _resolve_version(keys_dir, version, generation_sha)
@@ -186,6 +200,19 @@ def create(
         file=sys.stderr,
     )
     return info
+
+
+def release_gate(generation: Path, manifest) -> str:
+    """ "passed", or why not: the generation's eval.json (one of its signed files) did not pass its
+    gate (its failures named), records no gate, or is not there."""
+    if "eval.json" not in manifest.files:
+        return "the model was never evaluated (no eval.json)"
+    gate = json.loads((generation / "eval.json").read_text()).get("gate")
+    if not isinstance(gate, dict):
+        return "its eval.json records no release gate"
+    if gate.get("passed") is not True:
+        return "the model did not pass its release gate: " + "; ".join(map(str, gate.get("failures") or []))
+    return "passed"
 
 
 def _signers(keys_dir: Path, given: dict[str, list] | None, passphrase) -> dict[str, list]:

@@ -721,6 +721,12 @@ def bundle_group() -> None:
     help="How long appliances accept this bundle.",
 )
 @click.option("--force", is_flag=True, help="Replace a bundle already in --out.")
+@click.option(
+    "--ungated",
+    is_flag=True,
+    help="Sign a generation whose release gate did not pass, or that was never evaluated "
+    "(refused otherwise; bundle.json carries its evaluation either way).",
+)
 def bundle_create(
     generation: Path,
     keys_dir: Path,
@@ -729,12 +735,14 @@ def bundle_create(
     reference_db: Path | None,
     expires_days: int,
     force: bool,
+    ungated: bool,
 ) -> None:
     """Sign a generation into a bundle: a TUF repository in a plain directory.
 
     metadata/ holds the root versions and the signed targets, snapshot and timestamp; targets/
     holds each file once under its sha256. Appliances install it with
     `appliance bundle install DIR`, which refuses anything altered, older or signed by other keys.
+    A generation is signed only when its eval.json says its release gate passed (--ungated: anyway).
 
     \b
     Example:
@@ -751,6 +759,7 @@ def bundle_create(
         expires_days=expires_days,
         passphrase=_ask_passphrase,
         force=force,
+        ungated=ungated,
     )
     click.echo(info.model_dump_json(indent=2, exclude={"lineage", "evaluation"}))
 

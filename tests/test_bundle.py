@@ -926,3 +926,49 @@ def test_the_services_own_user_installs_a_bundle_not_only_root(tmp_path, keys, t
             if p.is_dir() and not p.is_symlink():
                 p.chmod(p.stat().st_mode | 0o700)
         shutil.rmtree(top)
+
+
+def _gate_failed(d: Path, fields: dict) -> None:
+    report = json.loads((d / "eval.json").read_text())
+    report["gate"] |= {
+        "passed": False,
+        "failures": ["Q8_0: 55% of lcat_code questions with retrieval (needs >= 80%)"],
+    }
+    (d / "eval.json").write_text(json.dumps(report))
+
+
+def test_bundle_create_signs_only_a_model_that_passed_its_gate(tmp_path, tiny_generation, keys):
+    """The next cycle's guard: a retrained model that failed its release gate, or was never evaluated,
+    is not signed unless the builder says --ungated; the appliance then says so before installing."""
+    failed = _regenerate(tiny_generation, tmp_path / "failed", _gate_failed)
+    never = _regenerate(tiny_generation, tmp_path / "never", lambda d, fields: (d / "eval.json").unlink())
+    with pytest.raises(BuilderError, match=r"did not pass its release gate: Q8_0: 55% of lcat_code") as e:
+        make_bundle(tmp_path, failed, keys, 1)
+    assert "--ungated" in e.value.fix
+    with pytest.raises(BuilderError, match="never evaluated"):
+        make_bundle(tmp_path, never, keys, 1)
+    assert not (tmp_path / "stick-v1" / "metadata").exists()  # nothing half-written
+    args = ["bundle", "create", "--generation", str(failed), "--keys", str(keys), "--version", "next"]
+    r = CliRunner().invoke(builder_cli, [*args, "--out", str(tmp_path / "refused")])
+    assert r.exit_code != 0 and "--ungated" in r.output
+    r = CliRunner().invoke(builder_cli, [*args, "--out", str(tmp_path / "forced"), "--ungated"])
+    assert r.exit_code == 0, r.output
+    assert "warning: signing it although the model did not pass its release gate" in r.stderr
+    home = tmp_path / "home"
+    r = CliRunner().invoke(appliance_cli, ["--home", str(home), "trust", "init", str(keys / "root.json")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(appliance_cli, ["--home", str(home), "bundle", "verify", str(tmp_path / "forced")])
+    assert r.exit_code == 0, r.output
+    assert "note: its model did not pass its release gate" in r.stderr
+    r = CliRunner().invoke(
+        appliance_cli, ["--home", str(home), "bundle", "install", str(tmp_path / "forced")]
+    )
+    assert r.exit_code == 0 and "note: its model did not pass its release gate" in r.stderr, r.output
+    forced = make_bundle(tmp_path, never, keys, 2, ungated=True)
+    r = CliRunner().invoke(appliance_cli, ["--home", str(home), "bundle", "verify", str(forced)])
+    assert r.exit_code == 0 and "note: its model was never evaluated" in r.stderr
+    r = CliRunner().invoke(
+        appliance_cli,
+        ["--home", str(home), "bundle", "verify", str(make_bundle(tmp_path, tiny_generation, keys, 3))],
+    )
+    assert r.exit_code == 0 and "release gate" not in r.stderr  # a passed gate needs no note

@@ -84,6 +84,8 @@ def verify(home: Path, source: Path, progress: Progress | None = None) -> Verifi
             verified,
             lambda name: verified.source / "targets" / verified.targets[name].get_prefixed_paths()[0],
         )
+    if note := verified.info.gate_note():  # bundle.json, read by validate
+        verified.notes.append(note)
     return verified
 
 

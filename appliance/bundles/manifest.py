@@ -220,3 +220,16 @@ class BundleManifest(BaseModel):
     min_ram_mb: int = Field(ge=1, description="Model + KV cache at the default context + embedder + 400 MB")
     reference_db: bool = False
     builder: str = ""
+
+    def gate_note(self) -> str | None:
+        """What an operator should know before installing a model the builder signed although its
+        release gate did not pass (`builder bundle create --ungated`); None when it passed."""
+        if self.evaluation is None:
+            return "its model was never evaluated: the builder signed it without a release gate"
+        gate = self.evaluation.get("gate")
+        if not isinstance(gate, dict) or gate.get("passed") is not True:
+            return (
+                "its model did not pass its release gate: the builder signed it anyway "
+                "(`appliance status` shows the figures)"
+            )
+        return None
