@@ -5,8 +5,10 @@ the runtime the appliance uses), and task accuracy on a held-out question set wi
 without, through the appliance's own ingest, hybrid search and answer code in-process (so what is
 measured is what the operator will get). With `baseline` (an export of the base model), the base is
 measured the same way beside it. Writes `eval.json`; the release gate (largest perplexity increase of
-a quant over F16, least accuracy with retrieval, most without, and beating the base with retrieval)
-fails the command with the numbers when it is not met, and `builder run` keeps failing until it is.
+a quant over F16, least accuracy with retrieval, most without, beating the base with retrieval, and,
+with `previous` (the eval.json of the release this one replaces), no drop beyond `max_regression` on
+the questions both were asked) fails the command with the numbers when it is not met, and
+`builder run` keeps failing until it is.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ class GateSettings(BaseModel):
         False,
         description="Fail unless the model answers more of the questions with "
         "retrieval than the baseline (the base model) does",
+    )
+    max_regression: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="With `previous`: most the share answered exactly with retrieval may fall below the "
+        "previous release's, on the questions both were asked (0.05 = 5 points)",
     )
     kind: str | None = Field(None, description="Apply the accuracy limits to questions of this kind only")
     quant: str | None = Field(
@@ -84,6 +93,29 @@ class EvalConfig(BaseModel):
         None, description="Quants that answer the questions (default: all but F16)"
     )
     gate: GateSettings = Field(default_factory=GateSettings, description="Release gate")
+    previous: Path | None = Field(
+        None,
+        description="The release this one replaces: its eval.json, or its generation directory (the next "
+        "cycle fails on a regression beyond gate.max_regression)",
+    )
+
+    def previous_report(self) -> dict | None:
+        if self.previous is None:
+            return None
+        path = self.previous / "eval.json" if self.previous.is_dir() else self.previous
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BuilderError(
+                f"{path}: not a readable eval.json ({type(exc).__name__})",
+                "set previous to the last release's eval.json or its generation directory",
+            ) from exc
+        if not _answered(report):
+            raise BuilderError(
+                f"{path}: no answered questions (tasks) to compare with",
+                "give an eval.json `builder eval` wrote",
+            )
+        return report
 
     def inputs(self) -> list[Path]:
         return [
@@ -91,6 +123,7 @@ class EvalConfig(BaseModel):
             for p in [
                 self.export,
                 self.baseline,
+                self.previous,
                 *self.heldout,
                 self.questions,
                 *self.corpus,
@@ -99,6 +132,28 @@ class EvalConfig(BaseModel):
             ]
             if p is not None
         ]
+
+
+def _answered(report) -> bool:
+    """Does this look like an eval.json's answers: tasks -> quant -> answers, each with its question and
+    whether it was exact with and without retrieval?"""
+
+    def row(a) -> bool:
+        return (
+            isinstance(a, dict)
+            and isinstance(a.get("question"), str)
+            and isinstance(a.get("retrieved_answer_source"), bool)
+            and all(
+                isinstance(a.get(k), dict) and isinstance(a[k].get("exact"), bool)
+                for k in ("with_retrieval", "without_retrieval")
+            )
+        )
+
+    tasks = report.get("tasks") if isinstance(report, dict) else None
+    return isinstance(tasks, dict) and all(
+        isinstance(t, dict) and isinstance(t.get("answers"), list) and all(map(row, t["answers"]))
+        for t in tasks.values()
+    )
 
 
 def ggufs(export: Path) -> dict[str, Path]:
@@ -250,7 +305,52 @@ def gate_failures(report: dict, gate: GateSettings) -> list[str]:
                     f"{label}: {acc['with_retrieval']:.0%} exact with retrieval, no better than the "
                     f"base model's {base_acc['with_retrieval']:.0%}"
                 )
+    return failures + _regressions(report, gate)
+
+
+def _regressions(report: dict, gate: GateSettings) -> list[str]:
+    """The release gate against the previous release (report["previous"], `against_previous`)."""
+    failures: list[str] = []
+    compared = (report.get("previous") or {}).get("tasks")
+    if compared is None or gate.max_regression is None:
+        return failures
+    quants = [q for q in compared if not gate.quant or q == gate.quant.upper()]
+    if not quants:
+        return [f"the previous release was not measured at {gate.quant or 'any quant measured now'}"]
+    for quant in quants:
+        now, before = _gated(compared[quant]["now"], gate), _gated(compared[quant]["previous"], gate)
+        label = f"{quant}" + (f" on {gate.kind} questions" if gate.kind else "")
+        if not now.get("questions"):
+            failures.append(
+                f"{label}: none of the previous release's questions was asked again, so no regression "
+                "can be ruled out (keep its held-out questions, or compare with another release)"
+            )
+        elif now["with_retrieval"] < before["with_retrieval"] - gate.max_regression:
+            failures.append(
+                f"{label}: {now['with_retrieval']:.0%} exact with retrieval on the {now['questions']} "
+                f"question{'s' * (now['questions'] != 1)} the previous release was also asked, against its "
+                f"{before['with_retrieval']:.0%} "
+                f"(allowed drop {gate.max_regression:.0%})"
+            )
     return failures
+
+
+def against_previous(report: dict, previous: dict) -> dict:
+    """Each quant measured now and in the previous release: both answers' accuracy on the questions both
+    were asked (matched by their text), overall and per kind."""
+    table = {}
+    for quant, task in report.get("tasks", {}).items():
+        before = {a["question"]: a for a in (previous["tasks"].get(quant) or {}).get("answers", [])}
+        if not before:
+            continue
+        now = [a for a in task["answers"] if a["question"] in before]
+        then = [before[a["question"]] for a in now]
+        kinds = sorted({a["kind"] for a in now if a.get("kind")})
+        table[quant] = {
+            who: {"overall": accuracy(rows), "by_kind": {k: accuracy(rows, k) for k in kinds}}
+            for who, rows in (("now", now), ("previous", then))
+        }
+    return {"tasks": table}
 
 
 def _gated(task: dict, gate: GateSettings) -> dict:
@@ -350,6 +450,7 @@ def run(config: EvalConfig) -> Path:
     ggufs(config.export)
     if config.baseline is not None:
         ggufs(config.baseline)
+    previous = config.previous_report()  # refused now, not after an hour of answering
     if config.questions and (not config.corpus or config.embedder is None):
         raise BuilderError("questions need corpus and embedder for retrieval", "add both to the config")
     with (
@@ -390,6 +491,17 @@ def run(config: EvalConfig) -> Path:
                 ),
             }
             report["comparison"] = comparison(report)
+        if previous is not None:
+            report["previous"] = {"eval": str(config.previous), **against_previous(report, previous)}
+            for quant, both in report["previous"]["tasks"].items():
+                now, then = both["now"]["overall"], both["previous"]["overall"]
+                if now["questions"]:
+                    print(
+                        f"eval: {quant} against the previous release on {now['questions']} shared "
+                        f"questions: {now['with_retrieval']:.0%} exact with retrieval, was "
+                        f"{then['with_retrieval']:.0%}",
+                        file=sys.stderr,
+                    )
         failures = gate_failures(report, config.gate)
         report["gate"] = {"passed": not failures, "failures": failures, **config.gate.model_dump()}
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -335,6 +335,22 @@ def test_eval_gate_fails_with_the_numbers(exported, embedder_dir, tmp_path):
         )
         + "\n"
     )
+    # the release this one replaces answered the same question (and one no longer asked) exactly
+    answered = {"retrieved_answer_source": True, "with_retrieval": {"exact": True}}
+    before = {
+        "tasks": {
+            "Q8_0": {
+                "answers": [
+                    {"question": "Code of an Incident Response Lead?", "kind": "lcat_code", **answered}
+                    | {"without_retrieval": {"exact": False}},
+                    {"question": "A question dropped since?", "kind": "lcat_code", **answered}
+                    | {"without_retrieval": {"exact": False}},
+                ]
+            }
+        }
+    }
+    (tmp_path / "previous.json").write_text(json.dumps(before))
+    (tmp_path / "garbled.json").write_text(json.dumps({"tasks": {"Q8_0": {"answers": [{"question": 1}]}}}))
     config = evaluate.EvalConfig(
         out=tmp_path / "eval",
         export=exported,
@@ -345,13 +361,24 @@ def test_eval_gate_fails_with_the_numbers(exported, embedder_dir, tmp_path):
         embedder=embedder_dir,
         max_tokens=8,
         gate={"max_ppl_increase": 0.5, "min_accuracy_with_retrieval": 0.9, "kind": "lcat_code"},
+        previous=tmp_path / "garbled.json",
     )
+    with pytest.raises(BuilderError, match="garbled.json: no answered questions"):  # before any answering
+        evaluate.run(config)
+    assert not (tmp_path / "eval" / "eval.json").exists()
+    config.previous = tmp_path / "previous.json"
     with pytest.raises(
         GateFailed, match=r"Q8_0 on lcat_code questions: 0% exact with retrieval \(needs >= 90%\)"
     ):
         evaluate.run(config)
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["gate"]["passed"] is False
+    # the next cycle: compared on the one question both releases were asked
+    assert report["previous"]["tasks"]["Q8_0"]["previous"]["overall"]["questions"] == 1
+    assert (
+        "Q8_0 on lcat_code questions: 0% exact with retrieval on the 1 question the previous release was "
+        "also asked, against its 100% (allowed drop 5%)"
+    ) in report["gate"]["failures"]
     assert set(report["perplexity"]) == {"F16", "Q8_0", "Q4_K_M"}
     row = report["tasks"]["Q8_0"]["answers"][0]
     assert (
