@@ -424,10 +424,13 @@ STAGES = {
     "eval": (
         "builder.evaluate",
         "EvalConfig",
-        "Perplexity and held-out task accuracy, with a release gate.",
+        "Perplexity and held-out task accuracy, with a release gate (and, with previous:, no regression "
+        "against the last release). A line per question shows progress; an interrupted run resumes: the "
+        "answers it gave are kept in <out>.checkpoints while config and inputs are unchanged.",
         "out: build/eval\nexport: build/export\nheldout: [heldout-docs/]\nquestions: data/heldout.jsonl\n"
         "corpus: [customer-docs/]\nembedder: build/embedder\n"
-        "gate: {max_ppl_increase: 0.05, min_accuracy_with_retrieval: 0.6}",
+        "gate: {max_ppl_increase: 0.05, min_accuracy_with_retrieval: 0.6}\n"
+        "previous: /releases/v3/generation",
     ),
 }
 

@@ -173,15 +173,69 @@ def template_for(config: EvalConfig, export: Path | None = None) -> str:
     raise BuilderError("no chat template found", "set chat_template in the eval config")
 
 
+class AnswerLog:
+    """The answers an interrupted run of the same eval (same config, same inputs by sha256) already gave,
+    in <out>.checkpoints/answers.jsonl beside the stages' own checkpoints: a rerun asks only the rest.
+    Removed when the eval's output lands."""
+
+    def __init__(self, out: Path, key: str):
+        self.path = out.with_name(out.name + ".checkpoints") / "answers.jsonl"
+        self.key = key
+        self.done: dict[tuple[str, str, str], dict] = {}
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        if lines and _json_line(lines[0]).get("key") == key:
+            for line in lines[1:]:
+                row = _json_line(line)
+                if not {"label", "quant", "question", "answer"} <= set(row):
+                    break  # the line the interruption cut short, and anything after it
+                self.done[(row["label"], row["quant"], row["question"])] = row["answer"]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w") as fh:  # rewritten: the header and every whole line kept
+            fh.write(json.dumps({"key": key}) + "\n")
+            for (label, quant, question), answer in self.done.items():
+                fh.write(
+                    json.dumps({"label": label, "quant": quant, "question": question, "answer": answer})
+                    + "\n"
+                )
+
+    def get(self, label: str, quant: str, question: str) -> dict | None:
+        return self.done.get((label, quant, question))
+
+    def add(self, label: str, quant: str, question: str, answer: dict) -> None:
+        self.done[(label, quant, question)] = answer
+        with self.path.open("a") as fh:
+            fh.write(
+                json.dumps({"label": label, "quant": quant, "question": question, "answer": answer}) + "\n"
+            )
+
+
+def _json_line(line: str) -> dict:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def correct(answer: str, must_contain: list[str]) -> bool:
     text = answer.casefold()
     return all(m.casefold() in text for m in must_contain)
 
 
 def ask_all(
-    model: Path, template: str, questions: list[dict], store, embedder, config: EvalConfig
+    model: Path,
+    template: str,
+    questions: list[dict],
+    store,
+    embedder,
+    config: EvalConfig,
+    log: AnswerLog | None = None,
+    label: str = "eval",
+    quant: str = "",
 ) -> list[dict]:
-    """Each question with retrieval and without; the answers, whether exact, and what was retrieved."""
+    """Each question with retrieval and without; the answers, whether exact, and what was retrieved.
+    `log`: answers an interrupted run gave (kept, not asked again) and where each new one is written;
+    a line per question on stderr says how far it is."""
     from appliance.engine.llama import LlamaEngine
     from appliance.retrieval import evidence
     from appliance.retrieval.rag import GREEDY, Reading, answer, search
@@ -192,7 +246,18 @@ def ask_all(
     n_ctx = min(config.n_ctx, model_metadata(model)["context_length"])
     with LlamaEngine(model, template, n_ctx=n_ctx) as engine:
         info = {"name": model.name}
-        for q in questions:
+        kept = [log.get(label, quant, q["question"]) for q in questions] if log else [None] * len(questions)
+        if any(kept):
+            print(
+                f"{label}: {quant} {sum(map(bool, kept))} of {len(questions)} answers kept from an "
+                "interrupted run",
+                file=sys.stderr,
+            )
+        for i, (q, row) in enumerate(zip(questions, kept, strict=True), start=1):
+            if row is not None:
+                results.append(row)
+                continue
+            start = time.perf_counter()
             hits = search(store, embedder, q["question"], config.top_k)
             unknown = (
                 evidence.unknown_terms(q["question"], store.term_document_counts, [h.text for h in hits])
@@ -219,24 +284,31 @@ def ask_all(
                 sampling=GREEDY,
                 use_rag=False,
             )
-            results.append(
-                {
-                    "id": q.get("id"),
-                    "kind": q.get("kind"),
-                    "question": q["question"],
-                    "must_contain": q["must_contain"],
-                    "retrieved_answer_source": any(correct(h.text, q["must_contain"]) for h in hits),
-                    "with_retrieval": {
-                        "answer": with_rag.answer,
-                        "exact": correct(with_rag.answer, q["must_contain"]),
-                        "unverified_codes": with_rag.unverified_codes,
-                        "abstained": with_rag.abstained,
-                    },
-                    "without_retrieval": {
-                        "answer": without.answer,
-                        "exact": correct(without.answer, q["must_contain"]),
-                    },
-                }
+            row = {
+                "id": q.get("id"),
+                "kind": q.get("kind"),
+                "question": q["question"],
+                "must_contain": q["must_contain"],
+                "retrieved_answer_source": any(correct(h.text, q["must_contain"]) for h in hits),
+                "with_retrieval": {
+                    "answer": with_rag.answer,
+                    "exact": correct(with_rag.answer, q["must_contain"]),
+                    "unverified_codes": with_rag.unverified_codes,
+                    "abstained": with_rag.abstained,
+                },
+                "without_retrieval": {
+                    "answer": without.answer,
+                    "exact": correct(without.answer, q["must_contain"]),
+                },
+            }
+            results.append(row)
+            if log is not None:
+                log.add(label, quant, q["question"], row)
+            print(
+                f"{label}: {quant} question {i}/{len(questions)} "
+                f"{'exact' if row['with_retrieval']['exact'] else 'missed'} with retrieval "
+                f"({time.perf_counter() - start:.1f} s)",
+                file=sys.stderr,
             )
     return results
 
@@ -397,9 +469,10 @@ def measure(
     store=None,
     embedder=None,
     label: str = "eval",
+    log: AnswerLog | None = None,
 ) -> dict:
     """Perplexity of every GGUF of an export on `text`, and the questions answered by `quants`
-    (default: every quant but F16)."""
+    (default: every quant but F16); `log`: see ask_all."""
     from builder import llamacpp
     from builder.training import read_jsonl
 
@@ -426,7 +499,7 @@ def measure(
                     f"no model-{quant}.gguf in {export}", f"choose task_quants among {', '.join(models)}"
                 )
             start = time.perf_counter()
-            rows = ask_all(models[quant], template, questions, store, embedder, config)
+            rows = ask_all(models[quant], template, questions, store, embedder, config, log, label, quant)
             kinds = sorted({r["kind"] for r in rows if r["kind"]})
             report["tasks"][quant] = {
                 "overall": accuracy(rows),
@@ -451,6 +524,12 @@ def run(config: EvalConfig) -> Path:
     if config.baseline is not None:
         ggufs(config.baseline)
     previous = config.previous_report()  # refused now, not after an hour of answering
+    # what an interrupted run of this same eval answered is kept, not asked again
+    log = (
+        AnswerLog(config.out, lineage.stage_key("eval", config, lineage.input_hashes(config.inputs())))
+        if config.questions
+        else None
+    )
     if config.questions and (not config.corpus or config.embedder is None):
         raise BuilderError("questions need corpus and embedder for retrieval", "add both to the config")
     with (
@@ -472,7 +551,9 @@ def run(config: EvalConfig) -> Path:
                 )
             )  # every table of the eval corpus
             ingest(store, embedder, config.corpus, "eval", max_bytes=200_000_000, chunk_chars=1200)
-        report.update(measure(config.export, config, quants, template_for(config), text, store, embedder))
+        report.update(
+            measure(config.export, config, quants, template_for(config), text, store, embedder, log=log)
+        )
         if config.baseline is not None:
             # The base model the same way: the same text, questions, retrieval, and the quants it has.
             available = set(ggufs(config.baseline))
@@ -488,6 +569,7 @@ def run(config: EvalConfig) -> Path:
                     store,
                     embedder,
                     label="eval (base)",
+                    log=log,
                 ),
             }
             report["comparison"] = comparison(report)

@@ -388,6 +388,64 @@ def test_eval_gate_fails_with_the_numbers(exported, embedder_dir, tmp_path):
         evaluate.check_gate(tmp_path / "eval")
 
 
+def test_eval_resumes_where_it_stopped(exported, embedder_dir, tmp_path, monkeypatch, capfd):
+    """An eval interrupted at its third question asks only that one again; a changed config or a line
+    the interruption cut short is not trusted."""
+    from appliance.retrieval import rag
+    from builder import evaluate
+
+    questions = tmp_path / "q.jsonl"
+    asked = [
+        ("Code of an Incident Response Lead?", "15-1212.03"),
+        ("Code of a Cloud Architect?", "15-1241.00"),
+    ]
+    asked.append(("Code of a Database Administrator?", "15-1242.00"))
+    questions.write_text(
+        "".join(
+            json.dumps({"id": str(i), "kind": "lcat_code", "question": q, "must_contain": [code]}) + "\n"
+            for i, (q, code) in enumerate(asked)
+        )
+    )
+    config = evaluate.EvalConfig(
+        out=tmp_path / "eval",
+        export=exported,
+        questions=questions,
+        corpus=[CORPUS / "reference"],
+        embedder=embedder_dir,
+        max_tokens=4,
+        task_quants=["Q8_0"],
+        gate={"max_ppl_increase": None},
+    )
+    real, calls = rag.answer, []
+
+    def answer(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 5:  # the third question, with retrieval
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rag, "answer", answer)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(config)
+    assert not (tmp_path / "eval").exists()
+    log = tmp_path / "eval.checkpoints" / "answers.jsonl"
+    assert len(log.read_text().splitlines()) == 3  # the key, then two whole answers
+    calls.clear()
+    evaluate.run(config)
+    assert calls == [asked[2][0]] * 2  # with retrieval and without: the only question asked again
+    assert "eval: Q8_0 2 of 3 answers kept from an interrupted run" in capfd.readouterr().err
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert [a["question"] for a in report["tasks"]["Q8_0"]["answers"]] == [q for q, _ in asked]
+    assert not log.parent.exists()  # the output landed: nothing left to resume
+    # what is not trusted: another config's answers, and the line an interruption cut short
+    key = "k1"
+    evaluate.AnswerLog(config.out, key).add("eval", "Q8_0", "q?", {"exact": True})
+    with log.open("a") as fh:
+        fh.write('{"label": "eval", "quant": "Q8_0", "quest')
+    assert set(evaluate.AnswerLog(config.out, key).done) == {("eval", "Q8_0", "q?")}
+    assert evaluate.AnswerLog(config.out, "k2").done == {}
+
+
 def _pipeline(tmp_path: Path, sft_steps: int) -> Path:
     (tmp_path / "chats.jsonl").write_text(json.dumps(chat()) + "\n")
     spec = {
