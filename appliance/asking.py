@@ -158,7 +158,7 @@ def prepare(
             app.settings.shown_sentences,
             app.settings.abstain_below,
             tuple(
-                evidence.unknown_terms(question, app.store.term_document_counts, [h.text for h in hits])
+                evidence.unknown_terms(question, app.store.term_document_counts, rag.named_in(hits))
                 if use_rag and app.settings.abstain_unknown_names
                 else ()
             ),

@@ -238,7 +238,7 @@ def ask_all(
     a line per question on stderr says how far it is."""
     from appliance.engine.llama import LlamaEngine
     from appliance.retrieval import evidence
-    from appliance.retrieval.rag import GREEDY, Reading, answer, search
+    from appliance.retrieval.rag import GREEDY, Reading, answer, named_in, search
     from builder.llamacpp import model_metadata
 
     results = []
@@ -260,7 +260,7 @@ def ask_all(
             start = time.perf_counter()
             hits = search(store, embedder, q["question"], config.top_k)
             unknown = (
-                evidence.unknown_terms(q["question"], store.term_document_counts, [h.text for h in hits])
+                evidence.unknown_terms(q["question"], store.term_document_counts, named_in(hits))
                 if config.abstain_unknown_names
                 else []
             )

@@ -201,6 +201,34 @@ def test_training_chats_are_shaped_like_the_appliances_prompts(tmp_path):
     assert 0 < len(unknown) < len(table) * 0.1
 
 
+def test_preference_pairs_reject_only_a_wrong_answer_code():
+    """A rejected reply with another code teaches something only where the code is the answer; where the
+    question names the code and asks for its title, such a pair taught DPO to stop after the code."""
+    import random
+
+    from builder.demo import preference_pairs
+
+    def chat(question: str, reply: str) -> list[dict]:
+        row = 'title: Data Engineer\ncode: 15-1243.01\n</source>\n\n<source n="2">\ncode: 15-1243.07'
+        return [
+            {"role": "user", "content": f"Sources:\n{row}\n\nQuestion: {question}"},
+            {"role": "assistant", "content": reply},
+        ]
+
+    title = chat(
+        "Which labor category has code 15-1243.01?",
+        "Code 15-1243.01 is the Data Engineer labor category [1].",
+    )
+    code = chat(
+        "What is the code for the Data Engineer?", "The Data Engineer labor category has code 15-1243.01 [1]."
+    )
+    pairs = preference_pairs(random.Random(0), [title, code, title], 8)
+    assert [p["chosen"] for p in pairs] == [code[-1]["content"]]
+    assert (
+        pairs[0]["rejected"] == "The Data Engineer labor category has code 15-1243.07 [1]."
+    )  # the wrong row's
+
+
 def test_prose_questions_ask_for_a_figure_their_source_states():
     """Questions about the proposals and RFPs: one sentence's figure asked for, that sentence as the reply;
     never one that answers a held-out document question (the "58 to 77 percent" of q06 included)."""

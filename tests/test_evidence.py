@@ -149,6 +149,13 @@ def test_a_question_naming_what_no_document_holds_is_answered_by_the_appliance(a
     assert evidence.index_words("José Müller foo_bar") == ["jose", "muller", "foo", "bar"]
     assert evidence.unknown_terms("Which Proposals name Zero Trust?", counts, []) == []
     assert evidence.unknown_terms("How fast does DOE remediate critical vulnerabilities?", counts, []) == []
+    # a term a retrieved source's file name or title holds is held: the RFP whose text says "Request for
+    # Proposals" (a question about the USDA RFP was answered "No document mentions RFP")
+    usda = "RFP-2025-USDA-application-modernization.md USDA modernization  The page limit is 30."
+    none = lambda ws: dict.fromkeys(ws, 0)  # noqa: E731
+    assert evidence.unknown_terms("What is the USDA RFP's page limit?", none, [usda]) == []
+    assert evidence.unknown_terms("What is the NASA RFP's page limit?", none, [usda]) == ["NASA"]
+    assert evidence.unknown_terms("What did USDAX pay?", none, [usda]) == ["USDAX"]  # a whole word only
     # an acronym spelled out in what was retrieved is held
     assert (
         evidence.unknown_terms(

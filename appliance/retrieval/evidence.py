@@ -212,8 +212,10 @@ def unknown_terms(question: str, counts, texts: list[str]) -> list[str]:
     """The question's named terms (`named_terms`) that no document holds: `counts` gives how many
     chunks hold each lower-case word (Store.term_document_counts, over the whole store); a plural is
     held when its singular is ("RFPs"); an acronym of three or more letters spelled out in the retrieved
-    `texts` is held ("BPA": "blanket purchase agreement"). A question about something no document
-    mentions ("our NASA contract") is answered by saying so, not by citing an unrelated passage."""
+    `texts` is held ("BPA": "blanket purchase agreement"), and so is a term the retrieved sources' names
+    or titles hold (`texts` carries them: "RFP-2025-USDA-modernization.md" holds "RFP" though its text
+    says "Request for Proposals"). A question about something no document mentions ("our NASA
+    contract") is answered by saying so, not by citing an unrelated passage."""
     terms = named_terms(question)
     words = {t: index_words(t) for t in terms}
     every = list(dict.fromkeys(w for ws in words.values() for w in ws))
@@ -224,6 +226,8 @@ def unknown_terms(question: str, counts, texts: list[str]) -> list[str]:
     for term in terms:
         missing = [w for w in words[term] if not held.get(w) and not (w.endswith("s") and held.get(w[:-1]))]
         if not missing:
+            continue
+        if any(re.search(rf"(?<![^\W_]){re.escape(term)}(?![^\W_])", text, re.IGNORECASE) for text in texts):
             continue
         if term.isupper() and term.isalpha() and 3 <= len(term) <= 6:
             if initials is None:  # built once a question, however many acronyms it names

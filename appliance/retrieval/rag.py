@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from appliance.documents.readers import CODE_RE
 from appliance.engine.prompt import build_messages, cited_numbers, format_source, source_title
@@ -108,6 +109,12 @@ def conflicting_codes(answer: str, question: str, titles: dict[str, list[dict]])
                 "tables_disagree": True,
             }
     return list(conflicts.values())
+
+
+def named_in(hits: list[Hit]) -> list[str]:
+    """What the name check (evidence.unknown_terms) reads of each retrieved source: its file name, title,
+    section and text."""
+    return [f"{Path(h.source).name} {h.title} {h.heading} {h.text}" for h in hits]
 
 
 def query_codes(query: str) -> list[str]:
