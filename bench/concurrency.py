@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import pct, row
+from bench.common import children, pct, row, rss_mb
 from bench.decode import QUESTION, bench_home, model_path
 
 SLOTS = 4
@@ -42,13 +42,6 @@ CLIENTS = (1, 2, 4, 8)
 
 def _client(sock: Path) -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://x", timeout=900)
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _stream(sock: Path, path: str, body: dict, final) -> dict:
@@ -166,32 +159,12 @@ def through_service(home: Path, threads: int, clients: tuple[int, ...]) -> tuple
                 while not busy_run.done():
                     busy.append(_timed(http.get, "/appliance/search", params={"q": "cloud architect code"}))
                     time.sleep(0.05)
-        engine_pid = next(
-            int(p.name)
-            for p in Path("/proc").iterdir()
-            if p.name.isdigit()
-            and f"PPid:\t{proc.pid}\n" in _read(p / "status")
-            and b"llama-server" in _readb(p / "cmdline")
-        )
-        memory = {"service": _rss_mb(proc.pid), "engine": _rss_mb(engine_pid)}
+        engine_pid = children(proc.pid, b"llama-server")[0]
+        memory = {"service": rss_mb(proc.pid), "engine": rss_mb(engine_pid)}
         return results, {"idle": idle, "busy": busy, "memory": memory, "alone": alone}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
-def _readb(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
 
 
 def _timed(fn, *args, **kwargs) -> float:

@@ -25,35 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import row
+from bench.common import children, cpu_s, row, rss_mb
 from bench.decode import N_TOKENS, QUESTION, bare, bench_home, interleaved, model_path
 
 FOLLOW_UP = "Which of those roles needs a security clearance?"
-
-
-def _children(pid: int) -> list[int]:
-    """The service's child processes: its engine server (llama-server) and its parsing sandbox."""
-    found = []
-    for p in Path("/proc").iterdir():
-        try:
-            if p.name.isdigit() and f"PPid:\t{pid}\n" in (p / "status").read_text():
-                found.append(int(p.name))
-        except OSError:  # gone meanwhile
-            pass
-    return found
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def through_api(home: Path, threads: int) -> dict:
@@ -113,14 +88,12 @@ def through_api(home: Path, threads: int) -> dict:
                 }
 
             streamed(16)  # load and warm
-            engines = [
-                c for c in _children(proc.pid) if b"llama-server" in Path(f"/proc/{c}/cmdline").read_bytes()
-            ]
-            before = _cpu_s(proc.pid), sum(map(_cpu_s, engines))
+            engines = children(proc.pid, b"llama-server")
+            before = cpu_s(proc.pid), sum(map(cpu_s, engines))
             runs = [streamed(N_TOKENS) for _ in range(3)]
-            service_s, engine_s = _cpu_s(proc.pid) - before[0], sum(map(_cpu_s, engines)) - before[1]
+            service_s, engine_s = cpu_s(proc.pid) - before[0], sum(map(cpu_s, engines)) - before[1]
             best = max(runs, key=lambda r: r["tokens_per_s"])
-            best["rss_mb"] = _rss_mb(proc.pid) + sum(_rss_mb(child) for child in _children(proc.pid))
+            best["rss_mb"] = rss_mb(proc.pid) + sum(map(rss_mb, children(proc.pid)))
             # where the CPU of an answer goes: the service's own work (retrieval, reading, proxying each
             # token, the audit row) against its engine's decoding (none when it generates in process)
             best["service_cpu_ms"] = service_s * 1000 / len(runs)

@@ -31,6 +31,7 @@ from appliance.bundles.manifest import (
     MANIFEST_NAME,
     REFERENCE_DB,
     BundleManifest,
+    ReleaseGate,
     sha256_file,
     utc_stamp,
     verify_generation,
@@ -207,11 +208,11 @@ def release_gate(generation: Path, manifest) -> str:
     gate (its failures named), records no gate, or is not there."""
     if "eval.json" not in manifest.files:
         return "the model was never evaluated (no eval.json)"
-    gate = json.loads((generation / "eval.json").read_text()).get("gate")
-    if not isinstance(gate, dict):
+    gate = ReleaseGate.of(json.loads((generation / "eval.json").read_text()))
+    if gate is None:
         return "its eval.json records no release gate"
-    if gate.get("passed") is not True:
-        return "the model did not pass its release gate: " + "; ".join(map(str, gate.get("failures") or []))
+    if not gate.passed:
+        return "the model did not pass its release gate: " + "; ".join(gate.failures)
     return "passed"
 
 

@@ -133,36 +133,20 @@ def test_the_command_line_names_what_it_cannot_use(tmp_path):
     runner = CliRunner()
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = runner.invoke(cli, ["prepare", str(empty), "--out", str(tmp_path / "out")])
+
+    def prepare_cli(*args: str):
+        return runner.invoke(cli, ["prepare", *args, "--out", str(tmp_path / "out")])
+
+    result = prepare_cli(str(empty))
     assert result.exit_code != 0 and "no readable documents" in result.output
 
     (tmp_path / "ref" / "reference").mkdir(parents=True)
     (tmp_path / "ref" / "reference" / "t.csv").write_text("Name,Notes\nalpha,one\nbeta,two\n")
-    result = runner.invoke(cli, ["prepare", str(tmp_path / "ref"), "--out", str(tmp_path / "out")])
+    result = prepare_cli(str(tmp_path / "ref"))
     assert result.exit_code != 0 and "no code column found" in result.output, result.output
-    result = runner.invoke(
-        cli,
-        [
-            "prepare",
-            str(tmp_path / "ref"),
-            "--out",
-            str(tmp_path / "out"),
-            "--columns",
-            "code=Nope,title=Name",
-        ],
-    )
+    result = prepare_cli(str(tmp_path / "ref"), "--columns", "code=Nope,title=Name")
     assert result.exit_code != 0 and "Nope" in result.output and "Name, Notes" in result.output
-    result = runner.invoke(
-        cli,
-        [
-            "prepare",
-            str(tmp_path / "ref"),
-            "--out",
-            str(tmp_path / "out"),
-            "--columns",
-            "code=Notes,title=Name",
-        ],
-    )
+    result = prepare_cli(str(tmp_path / "ref"), "--columns", "code=Notes,title=Name")
     assert result.exit_code == 0, result.output
     assert "(mapping)" in result.output and "heldout-questions.jsonl is empty" in result.output
     assert not (tmp_path / "out" / "heldout-questions.jsonl").read_text()

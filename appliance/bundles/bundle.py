@@ -34,6 +34,7 @@ from appliance.bundles.manifest import (
     BUNDLE_NAME,
     BundleManifest,
     GenerationManifest,
+    ReleaseGate,
     read_bundle,
     read_manifest,
     utc_stamp,
@@ -231,11 +232,11 @@ def history(home: Path) -> list[dict]:
         with contextlib.suppress(ValueError, OSError):
             info = read_bundle(path)
             if info is not None:
-                gate = (info.evaluation or {}).get("gate")
+                gate = ReleaseGate.of(info.evaluation) if info.evaluation is not None else None
                 row.update(
                     version=info.version,
                     created=info.created,
-                    gate=None if gate is None else gate.get("passed"),
+                    gate=None if gate is None else gate.passed,
                 )
         rows.append(row)
     return rows

@@ -185,6 +185,20 @@ class ReleaseGate(BaseModel):
         """The limits that were set (a limit left at None was not checked)."""
         return {k: v for k, v in (self.model_extra or {}).items() if v not in (None, False)}
 
+    @classmethod
+    def of(cls, evaluation: dict) -> ReleaseGate | None:
+        """The gate an eval.json (or a bundle's copy of it) records; None when it records none or it is
+        not a gate's shape."""
+        try:
+            return EvalSummary.model_validate(evaluation).gate
+        except ValidationError:
+            return None
+
+    @classmethod
+    def passed_in(cls, evaluation: dict) -> bool:
+        gate = cls.of(evaluation)
+        return gate is not None and gate.passed
+
 
 class EvalSummary(BaseModel):
     """What a generation's lineage (and its bundle) records of `eval.json`: perplexity per quant and the
@@ -226,8 +240,7 @@ class BundleManifest(BaseModel):
         release gate did not pass (`builder bundle create --ungated`); None when it passed."""
         if self.evaluation is None:
             return "its model was never evaluated: the builder signed it without a release gate"
-        gate = self.evaluation.get("gate")
-        if not isinstance(gate, dict) or gate.get("passed") is not True:
+        if not ReleaseGate.passed_in(self.evaluation):
             return (
                 "its model did not pass its release gate: the builder signed it anyway "
                 "(`appliance status` shows the figures)"
