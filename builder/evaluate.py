@@ -180,7 +180,6 @@ class AnswerLog:
 
     def __init__(self, out: Path, key: str):
         self.path = out.with_name(out.name + ".checkpoints") / "answers.jsonl"
-        self.key = key
         self.done: dict[tuple[str, str, str], dict] = {}
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
         if lines and _json_line(lines[0]).get("key") == key:
@@ -190,13 +189,8 @@ class AnswerLog:
                     break  # the line the interruption cut short, and anything after it
                 self.done[(row["label"], row["quant"], row["question"])] = row["answer"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w") as fh:  # rewritten: the header and every whole line kept
-            fh.write(json.dumps({"key": key}) + "\n")
-            for (label, quant, question), answer in self.done.items():
-                fh.write(
-                    json.dumps({"label": label, "quant": quant, "question": question, "answer": answer})
-                    + "\n"
-                )
+        kept = [self._line(*k, answer) for k, answer in self.done.items()]
+        self.path.write_text("".join([json.dumps({"key": key}) + "\n", *kept]))  # every whole line kept
 
     def get(self, label: str, quant: str, question: str) -> dict | None:
         return self.done.get((label, quant, question))
@@ -204,9 +198,11 @@ class AnswerLog:
     def add(self, label: str, quant: str, question: str, answer: dict) -> None:
         self.done[(label, quant, question)] = answer
         with self.path.open("a") as fh:
-            fh.write(
-                json.dumps({"label": label, "quant": quant, "question": question, "answer": answer}) + "\n"
-            )
+            fh.write(self._line(label, quant, question, answer))
+
+    @staticmethod
+    def _line(label: str, quant: str, question: str, answer: dict) -> str:
+        return json.dumps({"label": label, "quant": quant, "question": question, "answer": answer}) + "\n"
 
 
 def _json_line(line: str) -> dict:
