@@ -514,9 +514,13 @@ def draft(
 ) -> None:
     """Draft a proposal from an RFP (pdf, docx, md, txt): compliance matrix, cited responses, staffing.
 
-    Every "shall"/"must"/"will provide" statement becomes a row of the compliance matrix and a
-    cited paragraph; the staffing table's codes and qualifications come from the reference tables.
-    Codes the model writes that the tables lack are flagged; requirements left unanswered are gaps.
+    The RFP is shredded into a compliance matrix: every obligation of the contractor or offeror
+    (C.4.2, C.4.2(a), PRS-2, A003, L.5.2 ...; the Government's own are left out), section M's
+    evaluation factors and the page limits, each with its section, page and the factor that
+    evaluates it. Each obligation gets a cited paragraph; the staffing table's codes and
+    qualifications come from the reference tables. Codes the model writes that the tables lack are
+    flagged; a requirement left unanswered is a gap; a response that cites nothing, restates its
+    requirement or repeats another is marked "needs writing", never "Drafted".
 
     \b
     Example:
@@ -538,7 +542,8 @@ def draft(
         _echo_json(result.model_dump(mode="json", exclude={"markdown"}))
     _err(
         f"wrote {out}{' and ' + str(out.with_suffix('.docx')) if as_docx else ''}: "
-        f"{result.requirements_found} requirements, {result.answered} drafted, {len(result.gaps)} gaps, "
+        f"{result.requirements_found} matrix rows, {result.to_answer} to answer: {result.answered} drafted, "
+        f"{len(result.needs_writing)} need writing, {len(result.gaps)} gaps; "
         f"{len(result.staffing)} roles staffed, {len(result.sources)} sources cited"
     )
     if result.unknown_codes:
@@ -547,6 +552,8 @@ def draft(
         )
     if result.gaps:
         _err(f"warning: requirements without a response: {', '.join(result.gaps)}")
+    if result.needs_writing:
+        _err(f"warning: responses that need writing: {', '.join(result.needs_writing)}")
 
 
 def _print_answer(result: AnswerReport, streamed: bool) -> None:

@@ -182,6 +182,7 @@ def draft(
             "rfp_sha256": sha256_file(rfp),
             "requirements": len(result.requirements),
             "gaps": result.gaps,
+            "needs_writing": sorted(result.needs_writing),
             "unknown_codes": result.unknown_codes,
             "chunks": [{"chunk_id": s["chunk_id"], "doc_sha256": s["doc_sha256"]} for s in result.sources],
         },

@@ -399,9 +399,16 @@ class Status(Answered):
 class Requirement(BaseModel):
     """A statement the RFP makes (shall, must, will provide): a row of the compliance matrix."""
 
-    id: str
+    id: str = Field(description="as the RFP numbers it (C.4.2, C.4.2(a), PRS-2, M.2.1); derived ones: C.u1")
     text: str
-    section: str
+    section: str = Field(description="the Uniform Contract Format section letter (B ... M), or ''")
+    heading: str = ""
+    page: int | None = Field(default=None, description="the page its text begins on, where the RFP has pages")
+    kind: str = Field(
+        default="obligation", description="obligation (to answer), evaluation (an M factor), format (a limit)"
+    )
+    derived: bool = Field(default=False, description="the RFP gives it no identifier; `id` is made up")
+    evaluated_under: list[str] = Field(default_factory=list, description="the M factors that name it")
 
 
 class Role(BaseModel):
@@ -420,9 +427,15 @@ class DraftReport(Answered):
 
     rfp: str
     markdown: str
-    requirements_found: int
-    answered: int
+    requirements_found: int = Field(
+        description="compliance-matrix rows: obligations, evaluation factors, limits"
+    )
+    to_answer: int = Field(default=0, description="rows that need a response (obligations)")
+    answered: int = Field(description="responses drafted that are not gaps and need no writing")
     gaps: list[str] = Field(default_factory=list, description="requirement ids with no response")
+    needs_writing: dict[str, str] = Field(
+        default_factory=dict, description="requirement id -> why its response needs writing"
+    )
     codes_used: list[str] = Field(default_factory=list)
     unknown_codes: list[str] = Field(default_factory=list, description="codes no reference table holds")
     citations: list[int] = Field(default_factory=list)

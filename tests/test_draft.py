@@ -25,6 +25,7 @@ EXPECTED_IDS = {
         "L.1",
         "L.2",
         "L.3",
+        "M.2",
     ],
     "RFP-2025-DOT-service-desk.docx": [
         "C.2.1",
@@ -34,10 +35,11 @@ EXPECTED_IDS = {
         "C.2.5",
         "C.2.6",
         "C.2.7",
+        "C.3.1",
         "L.1",
         "L.2",
     ],
-    "RFP-2026-EPA-data-platform.pdf": ["C.2.1", "C.2.2", "C.2.3", "C.2.4", "C.2.5", "C.2.6"],
+    "RFP-2026-EPA-data-platform.pdf": ["C.2.1", "C.2.2", "C.2.3", "C.2.4", "C.2.5", "C.2.6", "C.3.1"],
 }
 
 
@@ -50,8 +52,11 @@ def test_demo_rfp_draft(app, name):
     draft = app.draft(RFPS / name, ["proposals", "reference"], max_tokens=16)
     md = draft.markdown
     assert [r.id for r in draft.requirements] == EXPECTED_IDS[name]
-    for req in draft.requirements:  # each statement is in the matrix, with its id
-        assert f"| {req.id} | {req.text} |" in md
+    for req in draft.requirements:  # each statement is in the matrix, with its id and section
+        assert f"| {req.id} | {req.section} | - | {req.text} |" in md
+    assert [r.id for r in draft.requirements if r.kind == "evaluation"] == [
+        i for i in EXPECTED_IDS[name] if i.startswith("M.")
+    ]
     known = _known_codes(app)
     for code in set(re.findall(r"\b\d{2}-\d{4}\.\d{2}\b", md)):
         assert code in known or f"{code} [UNVERIFIED CODE" in md, code
@@ -152,15 +157,24 @@ def test_cli_writes_markdown_docx_and_json_summary(demo_home, tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["requirements_found"] == 6 and summary["answered"] + len(summary["gaps"]) == 6
+    assert summary["requirements_found"] == 7 and summary["to_answer"] == 7
+    assert summary["answered"] + len(summary["gaps"]) + len(summary["needs_writing"]) == 7
     assert {"codes_used", "unknown_codes", "citations", "gaps"} <= set(summary)
     assert out.read_text().startswith("# Proposal draft:")
     import docx
 
     document = docx.Document(str(out.with_suffix(".docx")))
     matrix = document.tables[0]
-    assert [c.text for c in matrix.rows[0].cells] == ["Requirement", "Text", "Response section", "Status"]
-    assert len(matrix.rows) == 7
+    assert [c.text for c in matrix.rows[0].cells] == [
+        "ID",
+        "Section",
+        "Page",
+        "Requirement",
+        "Evaluated under",
+        "Response location",
+        "Status",
+    ]
+    assert len(matrix.rows) == 8
     audited = json.loads(
         CliRunner()
         .invoke(
@@ -169,7 +183,7 @@ def test_cli_writes_markdown_docx_and_json_summary(demo_home, tmp_path):
         .stdout
     )["rows"]
     assert audited[0]["detail"]["rfp"].endswith("RFP-2026-EPA-data-platform.pdf")
-    assert audited[0]["detail"]["requirements"] == 6 and len(audited[0]["detail"]["rfp_sha256"]) == 64
+    assert audited[0]["detail"]["requirements"] == 7 and len(audited[0]["detail"]["rfp_sha256"]) == 64
 
 
 @pytest.mark.parametrize(
@@ -206,3 +220,57 @@ def test_an_uploaded_rfp_is_named_as_its_caller_knows_it_in_errors(app):
         )
     assert "/home/alice/rfp.txt" in str(raised.value) and ".upload-" not in str(raised.value)
     assert str(app.settings.home) not in str(raised.value)
+
+
+class EchoGenerator(InventingGenerator):
+    """The model edge only: answers each requirement by restating it, with a citation."""
+
+    def stream(self, messages, max_tokens, sampling):
+        asked = messages[-1]["content"]
+        yield (
+            asked.split("Write our proposal's response to requirement ", 1)[1]
+            .split(": ", 1)[1]
+            .split("\n")[0]
+        )
+        yield " [1]"
+
+
+class SameGenerator(InventingGenerator):
+    """The model edge only: one cited paragraph, whatever is asked."""
+
+    def stream(self, messages, max_tokens, sampling):
+        yield "Our program office runs weekly risk reviews with the agency and tracks every action [1]."
+
+
+def test_a_response_that_restates_or_repeats_is_marked_needs_writing_never_drafted(app):
+    rfp = RFPS / "RFP-2026-EPA-data-platform.pdf"
+    draft = app.draft(rfp, ["proposals"], generator=EchoGenerator())
+    assert set(draft.needs_writing) == {r.id for r in draft.requirements if r.kind == "obligation"}
+    assert set(draft.needs_writing.values()) == {"restates the requirement"}
+    assert draft.answered == 0 and "| Drafted |" not in draft.markdown
+    assert "| Needs writing (restates the requirement) |" in draft.markdown
+    assert "**NEEDS WRITING (restates the requirement).**" in draft.markdown
+    assert "responses that need writing: C.2.1" in draft.markdown
+
+    draft = app.draft(rfp, ["proposals"], generator=SameGenerator())
+    assert "C.2.1" not in draft.needs_writing  # the first one is a response; the others repeat it
+    assert draft.needs_writing["C.2.2"] == "repeats the response to C.2.1"
+    assert draft.answered == 1
+
+
+def test_an_uncited_response_needs_writing():
+    from appliance.drafting.draft import weakness
+    from appliance.schemas import Requirement
+
+    req = Requirement(
+        id="C.4.2", text="The Contractor shall patch all Oracle databases monthly.", section="C"
+    )
+    assert weakness("We patch every database within 48 hours of release.", req, {}) == "cites no source"
+    assert weakness("The Contractor shall patch all Oracle databases monthly [1].", req, {}) == (
+        "restates the requirement"
+    )
+    ours = (
+        "Our DBAs applied quarterly patch sets to 41 Oracle instances for NOAA with no unplanned outage [1]."
+    )
+    assert weakness(ours, req, {}) is None
+    assert weakness(ours, req, {"C.4.1": ours}) == "repeats the response to C.4.1"

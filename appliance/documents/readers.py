@@ -15,12 +15,13 @@ process with memory and time limits.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import io
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.documents.columns import Columns, detect
@@ -59,6 +60,13 @@ class Document:
     title: str
     text: str
     table: Table | None = None
+    # Where each page's text begins in `text` (offsets, non-decreasing; the first is 0), where the file
+    # has pages: a PDF's pages, a DOCX's page breaks, a text file's form feeds. Empty: one page.
+    pages: list[int] = field(default_factory=list)
+
+    def page_at(self, offset: int) -> int | None:
+        """The page (1-based) on which `offset` of the text lies; None when the file has no pages."""
+        return bisect.bisect_right(self.pages, offset) if self.pages else None
 
 
 MAX_UNZIPPED = 256_000_000  # all members of a DOCX/XLSX, as their headers declare, before any is read
@@ -111,7 +119,7 @@ def _title_from(text: str, path: Path) -> str:
 MAX_HEADING_DEPTH = 6  # Markdown's deepest heading
 
 
-def _read_pdf(path: Path, data: bytes) -> str:
+def _read_pdf(path: Path, data: bytes) -> list[str]:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
@@ -126,14 +134,29 @@ def _read_pdf(path: Path, data: bytes) -> str:
         raise IngestError(
             f"{path}: unreadable PDF ({exc})", "re-export it from the source application"
         ) from exc
-    text = "\n\n".join(p.strip() for p in pages if p.strip())
-    _check_text_size(len(text), path)
-    if not text.strip():
+    _check_text_size(sum(len(p) for p in pages), path)
+    if not any(p.strip() for p in pages):
         raise IngestError(
             f"{path}: the PDF has no extractable text (a scanned image?)",
             "run OCR on it first and ingest the result",
         )
-    return text
+    return pages
+
+
+MAX_PAGES = 100_000
+
+
+def paged(pages: list[str]) -> tuple[str, list[int]]:
+    """Pages' text cleaned (`clean_text`) and joined by blank lines, with where each page begins; an
+    empty page holds no offset of its own."""
+    text, starts = "", []
+    for page in pages[:MAX_PAGES]:
+        page = clean_text(page).strip()
+        if page and text:
+            text += "\n\n"
+        starts.append(len(text))
+        text += page
+    return text, starts
 
 
 def _check_text_size(chars: int, path: Path) -> None:
@@ -225,13 +248,38 @@ def _heading_depth(style: str) -> int | None:
     return min(int(level), MAX_HEADING_DEPTH) if level.isdigit() and len(level) < 4 else 1
 
 
-def _read_docx(path: Path, data: bytes) -> tuple[str, Table | None]:
-    """Body paragraphs (headings as Markdown) and tables as `a | b` rows, in document order, read as a
-    stream: memory follows the largest table, not the file."""
+_BREAKS = (f"{_W}br", f"{_W}lastRenderedPageBreak", f"{_W}pageBreakBefore")
+
+
+def _page_break(element) -> str | None:
+    """Where a page break in a paragraph or table row puts the element: "before" (the break comes
+    before any of its text: the element starts the next page), "after" (the next element does), or
+    None. Explicit breaks, `pageBreakBefore`, and the breaks Word recorded when it last laid the
+    document out (`lastRenderedPageBreak`)."""
+    text_seen = False
+    for node in element.iter(f"{_W}t", *_BREAKS):
+        if node.tag == f"{_W}t":
+            text_seen = text_seen or bool((node.text or "").strip())
+        elif node.tag != f"{_W}br" or node.get(f"{_W}type") == "page":
+            return "after" if text_seen else "before"
+    return None
+
+
+def _read_docx(path: Path, data: bytes) -> tuple[list[str], Table | None]:
+    """Body paragraphs (headings as Markdown) and tables as `a | b` rows, in document order, one string
+    per page, read as a stream: memory follows the largest table, not the file."""
     from lxml import etree
 
     zf = _open_zip(path, data, "DOCX")
     lines: list[str] = []
+    pages: list[list[str]] = [lines]
+
+    def turn(where: str | None) -> None:
+        nonlocal lines
+        if where == "before" and lines:
+            lines = []
+            pages.append(lines)
+
     chars = paragraphs = rows = 0
     try:
         styles = _docx_styles(zf, path)
@@ -245,11 +293,16 @@ def _read_docx(path: Path, data: bytes) -> tuple[str, Table | None]:
                 continue  # inside a table or a content control: read with its top-level element
             if element.tag == f"{_W}p":
                 text = _docx_text(element).strip()
+                where = _page_break(element)
+                turn(where)
                 if text:
                     style_el = element.find(f"{_W}pPr/{_W}pStyle")
                     style = styles.get(style_el.get(f"{_W}val", ""), "") if style_el is not None else ""
                     depth = _heading_depth(style)  # "Heading 3000000000" is not 3 GB of '#'
-                    lines.append("#" * depth + " " + text if depth else text)
+                    listed = element.find(f"{_W}pPr/{_W}numPr") is not None or style.startswith("list")
+                    # a Word list item keeps a marker, as it has on the page: "- "
+                    lines.append("#" * depth + " " + text if depth else "- " + text if listed else text)
+                turn("before" if where == "after" or (where == "before" and not text) else None)
             elif element.tag == f"{_W}tbl":
                 for tr in element.iter(f"{_W}tr"):
                     rows += 1
@@ -261,7 +314,10 @@ def _read_docx(path: Path, data: bytes) -> tuple[str, Table | None]:
                         " ".join(_docx_text(p).strip() for p in tc.iter(f"{_W}p")).strip()
                         for tc in tr.iterchildren(f"{_W}tc")
                     ]
+                    where = _page_break(tr)
+                    turn(where)
                     lines.append(" | ".join(cells[:MAX_COLUMNS]))
+                    turn("before" if where == "after" else None)
             chars += len(lines[-1]) if lines else 0
             _check_text_size(chars, path)
             element.clear()
@@ -275,7 +331,7 @@ def _read_docx(path: Path, data: bytes) -> tuple[str, Table | None]:
         raise IngestError(
             f"{path}: unreadable DOCX ({type(exc).__name__}: {exc})", "re-save it from Word or LibreOffice"
         ) from exc
-    return "\n\n".join(lines), None
+    return ["\n\n".join(page) for page in pages], None
 
 
 def _rows_to_table(rows: list[list[str]], path: Path) -> Table:
@@ -544,13 +600,16 @@ def parse_document(path: Path, data: bytes) -> Document:
         )
     if not data:
         raise IngestError(f"{path}: empty file", "nothing to ingest; remove it or fill it")
-    table = None
+    table, pages = None, []
     if suffix in TEXT_SUFFIXES:
         text = _decode(data, path)
+        if "\f" in text:  # form feeds: a text export of a paged document
+            text, pages = paged(text.split("\f"))
     elif suffix == ".pdf":
-        text = _read_pdf(path, data)
+        text, pages = paged(_read_pdf(path, data))
     elif suffix == ".docx":
-        text, table = _read_docx(path, data)
+        docx_pages, table = _read_docx(path, data)
+        text, pages = paged(docx_pages)
     else:
         table = _read_csv(path, data) if suffix == ".csv" else _read_xlsx(path, data)
         text = "\n\n".join(table_row_text(table, r) for r in table.rows)
@@ -561,9 +620,17 @@ def parse_document(path: Path, data: bytes) -> Document:
                 "shorten the column names, or remove empty columns",
             )
     _check_text_size(len(text), path)
-    text = clean_text(text)
+    if not pages:  # paged text is clean already, and its offsets stay true
+        text = clean_text(text)
     if not text.strip():
         raise IngestError(f"{path}: no text in the file", "nothing to ingest")
     kind = {".markdown": "md", ".text": "txt"}.get(suffix, suffix.lstrip("."))
     title = path.stem if table is not None else _title_from(text, path)
-    return Document(path=path, kind=kind, title=clean_text(title), text=text, table=table)
+    return Document(
+        path=path,
+        kind=kind,
+        title=clean_text(title),
+        text=text,
+        table=table,
+        pages=pages if len(pages) > 1 else [],
+    )

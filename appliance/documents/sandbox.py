@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.documents.readers import TEXT_SUFFIXES, Document, Table, parse_document
+from appliance.documents.readers import MAX_PAGES, TEXT_SUFFIXES, Document, Table, parse_document
 from appliance.errors import IngestError
 
 DEFAULT_MEMORY_MB = 1536
@@ -112,7 +112,18 @@ class Sandbox:
             raise IngestError(reply["error"], reply.get("fix"))
         doc = reply["document"]
         table = Table(doc["table"]["columns"], doc["table"]["rows"]) if doc["table"] else None
-        return Document(path=path, kind=doc["kind"], title=doc["title"], text=doc["text"], table=table)
+        pages = doc.get("pages") or []
+        if not (
+            isinstance(pages, list)
+            and len(pages) <= MAX_PAGES
+            and all(isinstance(p, int) for p in pages)
+            and pages == sorted(pages)
+            and (not pages or (pages[0] == 0 and pages[-1] <= len(doc["text"])))
+        ):
+            raise IngestError(f"{path}: the parser answered malformed page offsets", "report this file")
+        return Document(
+            path=path, kind=doc["kind"], title=doc["title"], text=doc["text"], table=table, pages=pages
+        )
 
     def _reply(self, proc: subprocess.Popen, path: Path) -> dict | None:
         deadline = time.monotonic() + self.timeout_s
@@ -180,6 +191,7 @@ def _serve(memory_mb: int) -> None:
                     "title": doc.title,
                     "text": doc.text,
                     "table": {"columns": doc.table.columns, "rows": doc.table.rows} if doc.table else None,
+                    "pages": doc.pages,
                 }
             }
         except IngestError as exc:

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from appliance.documents.columns import detect
-from appliance.documents.readers import CODE_RE, read_document
+from appliance.documents.readers import CODE_RE, Document, read_document
+from appliance.drafting.shred import shred
 from appliance.engine.prompt import CITATION_RE
 from appliance.errors import IngestError
 from appliance.protocols import Embedder, Generator, Sampling
@@ -32,12 +33,6 @@ from appliance.retrieval import rag
 from appliance.retrieval.store import Store
 from appliance.schemas import DraftReport, Requirement, Role
 from appliance.terminal import clean_text
-
-_REQ_RE = re.compile(
-    r"\b(shall|must|will (?:provide|deliver|submit|ensure|perform|maintain|support)|is required to)\b",
-    re.IGNORECASE,
-)
-_ID_RE = re.compile(r"^([A-Z]\.\d+(?:\.\d+)*)\.?\s+(.+)$", re.DOTALL)
 
 
 @dataclass
@@ -50,8 +45,13 @@ class Draft:
     sources: list[dict]
     unknown_codes: list[str]
     gaps: list[str]
+    needs_writing: dict[str, str] = field(default_factory=dict)  # requirement id -> why its response is weak
     markdown: str = ""
     timing: dict = field(default_factory=dict)
+
+    @property
+    def to_answer(self) -> list[Requirement]:
+        return [r for r in self.requirements if r.kind == "obligation"]
 
     def report(self) -> DraftReport:
         cited = sorted({int(n) for text in self.responses.values() for n in CITATION_RE.findall(text)})
@@ -63,8 +63,10 @@ class Draft:
             rfp=self.rfp,
             markdown=self.markdown,
             requirements_found=len(self.requirements),
-            answered=len(self.requirements) - len(self.gaps),
+            to_answer=len(self.to_answer),
+            answered=len(self.to_answer) - len(self.gaps) - len(self.needs_writing),
             gaps=self.gaps,
+            needs_writing=self.needs_writing,
             codes_used=codes,
             unknown_codes=self.unknown_codes,
             citations=cited,
@@ -75,47 +77,19 @@ class Draft:
         )
 
 
-def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[str, list[Requirement], str]:
-    """(title, requirements, full text); IngestError for an empty, unreadable or image-only file.
-    `sandbox` (appliance.documents.sandbox.Sandbox): where an uploaded file is parsed."""
+def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[Document, list[Requirement]]:
+    """The RFP and its requirement rows (appliance.drafting.shred); IngestError for an empty,
+    unreadable or image-only file, or one that states no requirement. `sandbox`
+    (appliance.documents.sandbox.Sandbox): where an uploaded file is parsed."""
     doc = read_document(path, max_bytes, sandbox)
-    requirements: list[Requirement] = []
-    section = ""
-    for block in _units(doc.text):
-        if not block:
-            continue
-        if block.startswith("#"):
-            section = block.lstrip("#").strip()
-            continue
-        match = _ID_RE.match(block)
-        if match and _REQ_RE.search(match.group(2)):
-            requirements.append(Requirement(id=match.group(1), text=match.group(2), section=section))
-        elif match and len(block) < 80:
-            section = block  # "C.2 Requirements"
-        elif _REQ_RE.search(block):
-            for sentence in re.split(r"(?<=[.;])\s+", block):
-                if _REQ_RE.search(sentence):
-                    requirements.append(
-                        Requirement(id=f"R{len(requirements) + 1}", text=sentence, section=section)
-                    )
-    if not requirements:
+    requirements = shred(doc).requirements
+    if not any(r.kind == "obligation" for r in requirements):
         raise IngestError(
-            f"{path}: no requirement statements found (no 'shall', 'must' or 'will provide')",
+            f"{path}: no requirement statements found (no 'shall', 'must' or 'is required to' of the "
+            "contractor or offeror)",
             "check that this is the RFP's statement of work, or draft from its sections by hand",
         )
-    return doc.title, requirements, doc.text
-
-
-_UNIT_START_RE = re.compile(r"\n(?=[A-Z]\.\d+(?:\.\d+)*\.?\s|SECTION\s|#)")
-
-
-def _units(text: str) -> list[str]:
-    """Paragraphs, also split where a line starts with an identifier or heading: PDF text often has
-    no blank lines between paragraphs, only line breaks."""
-    units = []
-    for block in re.split(r"\n\s*\n", text):
-        units += [" ".join(u.split()) for u in _UNIT_START_RE.split(block) if u.strip()]
-    return units
+    return doc, requirements
 
 
 def _title_pattern(title: str) -> re.Pattern:
@@ -168,7 +142,7 @@ def staff_by_duties(
     have = {r.code for r in staffed}
     titles = [_title_pattern(r["title"]) for r in rows if r["title"]]
     for req in requirements:
-        if req.id[:2] in ("L.", "M.") or any(t.search(req.text) for t in titles):
+        if req.kind != "obligation" or req.section in ("L", "M") or any(t.search(req.text) for t in titles):
             continue
         found = match(req.text)
         if found is None or found[1] < DUTY_MATCH or found[0]["code"] in have:
@@ -226,7 +200,8 @@ def draft(
     sandbox=None,
 ) -> Draft:
     start = time.perf_counter()
-    title, requirements, text = parse_rfp(rfp, max_bytes, sandbox)
+    doc, requirements = parse_rfp(rfp, max_bytes, sandbox)
+    title, text = doc.title, doc.text
     rows = store.ref_rows()
     by_chunk = {r["chunk_id"]: r for r in rows}
 
@@ -251,7 +226,10 @@ def draft(
     rfp_source = source or str(rfp.resolve())  # an upload: its path on the caller's side
     sources: dict[int, dict] = {}  # chunk id -> the draft's numbered source
     responses, unknown, gaps = {}, [], []
+    weak: dict[str, str] = {}
     for i, req in enumerate(requirements):
+        if req.kind != "obligation":  # an evaluation factor or a page limit: a matrix row, not a response
+            continue
         if progress:
             progress(req.id, i, len(requirements))
         hits = [
@@ -295,6 +273,10 @@ def draft(
         responses[req.id] = response
         if not response:
             gaps.append(req.id)
+        else:
+            why = weakness(response, req, responses)
+            if why:
+                weak[req.id] = why
     if progress:
         progress("", len(requirements), len(requirements))
     result = Draft(
@@ -306,10 +288,82 @@ def draft(
         sources=list(sources.values()),
         unknown_codes=unknown,
         gaps=gaps,
+        needs_writing=weak,
         timing={"seconds": round(time.perf_counter() - start, 1)},
     )
     result.markdown = assemble(result)
     return result
+
+
+_WORD_RE = re.compile(r"[a-z0-9][a-z0-9'-]*")
+_STOP = frozenset(
+    "the a an and or of to in on for with by at from as is are be will shall must our we its it this that "
+    "these those all each any their they which who has have been into per than not".split()
+)
+# A response whose words are mostly its requirement's restates it: measured on the demo model's drafts,
+# restatements keep 0.7-1.0 of their content words from the requirement, responses that bring
+# something of their own 0.2-0.5.
+RESTATES = 0.65
+REPEATS = 0.8  # share of content words two responses have in common (Jaccard) for one to repeat the other
+
+
+def _content(text: str) -> set[str]:
+    return {w for w in _WORD_RE.findall(CITATION_RE.sub(" ", text.lower())) if w not in _STOP and len(w) > 2}
+
+
+def weakness(response: str, req: Requirement, earlier: dict[str, str]) -> str | None:
+    """Why a drafted response is not yet a response (None when nothing is wrong with its shape): it
+    cites no source, restates its requirement, or repeats another requirement's response."""
+    words = _content(response)
+    if not CITATION_RE.search(response):
+        return "cites no source"
+    if not words or len(words & _content(req.text)) / len(words) >= RESTATES:
+        return "restates the requirement"
+    for other, text in earlier.items():
+        theirs = _content(text)
+        if other != req.id and theirs and len(words & theirs) / len(words | theirs) >= REPEATS:
+            return f"repeats the response to {other}"
+    return None
+
+
+def _status(d: Draft, r: Requirement) -> str:
+    if r.kind == "evaluation":
+        return "Evaluation factor"
+    if r.kind == "format":
+        return "Format: comply"
+    if r.id in d.gaps:
+        return "GAP"
+    if r.id in d.needs_writing:
+        return f"Needs writing ({d.needs_writing[r.id]})"
+    return "Drafted"
+
+
+def _volumes(d: Draft) -> dict[str, str]:
+    """Volume names from the RFP's page-limit rows, by subject: technical, past performance, price."""
+    found: dict[str, str] = {}
+    for r in d.requirements:
+        if r.kind != "format":
+            continue
+        name = r.text.split(" | ")[0].strip()
+        for subject in ("past performance", "price", "cost", "management", "technical"):
+            if subject in name.lower():
+                found.setdefault(subject, name)
+    return found
+
+
+def _location(d: Draft, r: Requirement, volumes: dict[str, str]) -> str:
+    if r.kind != "obligation" or r.id in d.gaps:
+        return "-"
+    lower = r.text.lower()
+    subject = next(
+        (s for s in ("past performance", "price", "cost", "management") if s in lower and s in volumes),
+        "technical",
+    )
+    return f"{volumes.get(subject, 'Technical volume')}, {r.id}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def assemble(d: Draft) -> str:
@@ -320,41 +374,37 @@ def assemble(d: Draft) -> str:
         "proposals and the reference tables; every statement must be reviewed before submission.",
         "",
     ]
-    if d.unknown_codes or d.gaps:
-        out += [
-            "> **Review first:** "
-            + "; ".join(
-                (
-                    [f"codes not in the reference table: {', '.join(d.unknown_codes)}"]
-                    if d.unknown_codes
-                    else []
-                )
-                + ([f"requirements without a response: {', '.join(d.gaps)}"] if d.gaps else [])
-            ),
-            "",
-        ]
+    review = (
+        ([f"codes not in the reference table: {', '.join(d.unknown_codes)}"] if d.unknown_codes else [])
+        + ([f"requirements without a response: {', '.join(d.gaps)}"] if d.gaps else [])
+        + ([f"responses that need writing: {', '.join(d.needs_writing)}"] if d.needs_writing else [])
+    )
+    if review:
+        out += ["> **Review first:** " + "; ".join(review), ""]
+    volumes = _volumes(d)
     out += [
         "## Compliance matrix",
         "",
-        "| Requirement | Text | Response section | Status |",
-        "| --- | --- | --- | --- |",
+        "| ID | Section | Page | Requirement | Evaluated under | Response location | Status |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in d.requirements:
-        status = "GAP" if r.id in d.gaps else "Drafted"
-        text = r.text.replace("|", "\\|")
+        rid = f"{r.id}\u2020" if r.derived else r.id
         out.append(
-            f"| {r.id} | {text} | {'-' if r.id in d.gaps else f'Technical approach, {r.id}'} | {status} |"
+            f"| {rid} | {r.section or '-'} | {r.page or '-'} | {_cell(r.text)} | "
+            f"{', '.join(r.evaluated_under) or '-'} | {_location(d, r, volumes)} | {_status(d, r)} |"
         )
-    out += ["", "## Technical approach", ""]
-    for r in d.requirements:
+    if any(r.derived for r in d.requirements):
         out += [
-            f"### {r.id}",
             "",
-            f"*Requirement:* {r.text}",
-            "",
-            d.responses.get(r.id) or "**GAP: no response drafted.**",
-            "",
+            "\u2020 The RFP does not number this requirement: its ID is its section and its order there.",
         ]
+    out += ["", "## Technical approach", ""]
+    for r in d.to_answer:
+        response = d.responses.get(r.id) or "**GAP: no response drafted.**"
+        if r.id in d.needs_writing:
+            response = f"**NEEDS WRITING ({d.needs_writing[r.id]}).** {response}"
+        out += [f"### {r.id}", "", f"*Requirement:* {r.text}", "", response, ""]
     out += [
         "## Staffing",
         "",

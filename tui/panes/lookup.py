@@ -94,8 +94,9 @@ class LookupPane(Pane):
     def _drafted(self, message: Drafted) -> None:
         result = message.result
         lines = [
-            f"wrote {message.out}: {result.requirements_found} requirements, {result.answered} drafted, "
-            f"{len(result.gaps)} gaps, {len(result.staffing)} roles staffed, {len(result.sources)} sources"
+            f"wrote {message.out}: {result.requirements_found} matrix rows, {result.to_answer} to answer: "
+            f"{result.answered} drafted, {len(result.needs_writing)} need writing, {len(result.gaps)} gaps; "
+            f"{len(result.staffing)} roles staffed, {len(result.sources)} sources"
         ]
         if result.unknown_codes:
             lines.append(
@@ -103,5 +104,7 @@ class LookupPane(Pane):
             )
         if result.gaps:
             lines.append("requirements without a response: " + ", ".join(result.gaps))
+        if result.needs_writing:
+            lines.append("responses that need writing: " + ", ".join(result.needs_writing))
         self.query_one("#draft-status", Static).update(inert("\n".join(lines)))
         self.post_message(Changed("audit"))

@@ -1,0 +1,184 @@
+"""Shredding an RFP into compliance-matrix rows: what counts, identifiers, sections, pages, factors; and
+the figures on RFPs written by helpers that saw no code (bench/shred), held as floors."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.documents.readers import Document, parse_document
+from appliance.drafting.shred import MAX_REQUIREMENTS, obligation, shred
+
+SHRED = Path(__file__).resolve().parent.parent / "bench" / "shred"
+
+RFP = """# Request for Proposals 70RDAD26R0007
+
+## SECTION B - SUPPLIES OR SERVICES AND PRICES
+
+| CLIN | Description | Amount |
+| --- | --- | --- |
+| 0001 | Base year services, the Contractor shall perform all tasks | $1 |
+
+## SECTION C - STATEMENT OF WORK
+
+C.1 Background. The agency operates 14 regional offices.
+
+C.4.2 Database Support. The Contractor shall perform the following:
+
+(a) Patch every Oracle database within 30 days of a vendor release.
+
+(b) Restore any database from backup within 4 hours.
+
+C.4.3 The Government will provide office space for four contractor staff.
+
+C.4.4 The COR shall review each monthly report. The Contractor shall deliver the report by the fifth business day.
+
+The Contractor shall keep a current inventory of all licenses.
+
+Page 1 of 2
+
+C.5 Reports. Monthly reports shall be delivered in PDF. Badges will be issued by the Government.
+
+| ID | Standard | Threshold |
+| --- | --- | --- |
+| PRS-1 | Tier 1 calls answered within 60 seconds | 90% |
+
+## SECTION L - INSTRUCTIONS TO OFFERORS
+
+| Volume | Page limit |
+| --- | --- |
+| Volume I - Technical | 25 |
+
+L.5.2 The Offeror shall address the following, not to exceed 300 words:
+
+- its approach to database patching;
+- its staffing plan.
+
+## SECTION M - EVALUATION FACTORS FOR AWARD
+
+M.1 Basis for award. Award will be made on a best value tradeoff basis.
+
+M.2.1 Factor 1, Technical Approach. The Government will evaluate the Offeror's approach to Section C.4 and its response to L.5.2.
+
+M.2.2 Factor 2, Reports. The Government will evaluate how the Offeror meets C.5 and the performance standards.
+"""
+
+
+def _rows(text=RFP, name="rfp.md"):
+    return {r.id: r for r in shred(parse_document(Path(name), text.encode())).requirements}
+
+
+def test_offeror_obligations_are_rows_and_the_governments_are_not():
+    rows = _rows()
+    assert list(rows) == [
+        "C.4.2",
+        "C.4.2(a)",
+        "C.4.2(b)",
+        "C.4.4",
+        "C.u1",
+        "C.5",
+        "PRS-1",
+        "L.u1",
+        "L.5.2",
+        "L.5.2(a)",
+        "L.5.2(b)",
+        "M.2.1",
+        "M.2.2",
+    ]
+    assert "C.4.3" not in rows and "C.1" not in rows  # the Government's obligation; background
+    assert rows["C.4.4"].text.startswith("The COR shall review")  # kept whole: the Contractor's part counts
+    assert (
+        rows["C.u1"].derived
+        and rows["C.u1"].text == "The Contractor shall keep a current inventory of all licenses."
+    )
+    assert rows["C.4.2(a)"].text.startswith(
+        "Patch every Oracle database"
+    )  # an item inherits its lead-in's duty
+    assert rows["L.5.2(b)"].text == "its staffing plan."
+    assert rows["PRS-1"].text == "Tier 1 calls answered within 60 seconds | 90%"
+    assert rows["L.u1"].kind == "format" and rows["L.u1"].text == "Volume I - Technical | 25"
+    assert [rows[i].kind for i in ("M.2.1", "M.2.2")] == ["evaluation", "evaluation"]
+
+
+def test_sections_headings_pages_and_the_factors_that_evaluate_them():
+    rows = _rows()
+    assert {i: r.section for i, r in rows.items()} == {i: i[0] if i[0] in "CLM" else "C" for i in rows}
+    assert rows["C.4.2(b)"].heading == "C.4.2 Database Support"  # its parent's inline title
+    assert rows["C.u1"].page == 1 and rows["C.5"].page == 2  # "Page 1 of 2" ends the first page
+    assert rows["C.4.2(a)"].evaluated_under == ["M.2.1"]
+    assert rows["L.5.2(a)"].evaluated_under == ["M.2.1"]
+    assert rows["C.5"].evaluated_under == ["M.2.2"]
+    assert rows["C.u1"].evaluated_under == []  # C.4 names C.4.x; the unnumbered row is in no named part
+
+
+@pytest.mark.parametrize(
+    "sentence, who",
+    [
+        ("The Contractor shall maintain the system.", "ours"),
+        ("All deliverables must be submitted electronically.", "ours"),
+        ("Offerors are required to submit three references.", "ours"),
+        ("The Contractor will provide a transition plan.", "ours"),
+        ("The Government will provide workstations.", "theirs"),
+        ("The Contracting Officer will notify the Contractor in writing.", "theirs"),
+        ("NOAA shall furnish the data sets.", "theirs"),
+        ("Badges will be issued by the Government within ten days.", "theirs"),
+        ("Offerors are advised that the Government will evaluate price.", "theirs"),
+        ("This contract will be a firm-fixed-price award.", None),
+        ("The period of performance is one base year.", None),
+    ],
+)
+def test_whose_obligation_a_sentence_states(sentence, who):
+    assert obligation(sentence) == who
+
+
+def test_pdf_and_docx_pages_come_from_the_file():
+    """The same RFP as a PDF and a DOCX gives each row the page its text begins on."""
+    for path in (
+        sorted((SHRED / "tuned").glob("rfp*.pdf"))[:1] + sorted((SHRED / "tuned").glob("rfp*.docx"))[:1]
+    ):
+        stem = path.name.split(".")[0]
+        key = json.loads(path.with_name(stem + ".key.json").read_text())
+        doc = parse_document(path, path.read_bytes())
+        assert len(doc.pages) == path.with_name(stem + ".md").read_text().count("\n---page---\n") + 1
+        rows = shred(doc).requirements
+        assert {r.page for r in rows} - {None} == {r["page"] for r in key["requirements"]}
+
+
+def test_a_hostile_rfp_is_shredded_in_bounded_time_and_rows():
+    lines = "\n".join(
+        f"C.{i // 100}.{i % 100} The Contractor shall do task {i}." for i in range(MAX_REQUIREMENTS + 500)
+    )
+    long_line = "C.1.1 The Contractor shall " + "(((( " * 100_000
+    start = time.perf_counter()
+    assert len(shred(Document(Path("x.md"), "md", "x", lines)).requirements) == MAX_REQUIREMENTS
+    shred(Document(Path("y.md"), "md", "y", long_line + "\n" + "- " * 200_000))
+    assert time.perf_counter() - start < 20
+
+
+def _figures(name):
+    from bench.shred import scores
+
+    return scores(name)
+
+
+# The lowest figure measured on any file of each set (bench/shred.py, the README's table), rounded
+# down: `tuned` is what the rules were written against, `held-out` and `blind` were not (the blind
+# set was measured once, after the rules were done).
+FLOORS = {
+    "tuned": {"found": 0.99, "ids": 0.98, "sections": 0.98, "pages": 0.98, "traps": 0, "extra": 1},
+    "held-out": {"found": 0.96, "ids": 0.98, "sections": 0.98, "pages": 0.98, "traps": 3, "extra": 0},
+    "blind": {"found": 0.84, "ids": 0.97, "sections": 0.49, "pages": 0.98, "traps": 3, "extra": 3},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_rfps_the_code_was_not_written_against(name):
+    """Rows found, and the identifier, section and page of the rows found, on every file (Markdown
+    text, DOCX, PDF) of each RFP, held at the floors above."""
+    floor = FLOORS[name]
+    for s in _figures(name):
+        assert s.found >= floor["found"] * s.expected, (s.name, s.misses)
+        for field in ("ids", "sections", "pages"):
+            assert getattr(s, field) >= floor[field] * s.found, (s.name, field, s.misses)
+        assert s.traps <= floor["traps"] and s.extra <= floor["extra"], (s.name, s.misses)
