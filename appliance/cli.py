@@ -537,7 +537,7 @@ def draft(
     )
     out.write_text(result.markdown)
     if as_docx:
-        write_docx(result.markdown, out.with_suffix(".docx"))
+        write_docx(result.markdown, out.with_suffix(".docx"), result.format)
     if as_json:
         _echo_json(result.model_dump(mode="json", exclude={"markdown"}))
     _err(
@@ -554,6 +554,11 @@ def draft(
         _err(f"warning: requirements without a response: {', '.join(result.gaps)}")
     if result.needs_writing:
         _err(f"warning: responses that need writing: {', '.join(result.needs_writing)}")
+    for volume, limit in result.page_limits.items():
+        if result.pages_estimated.get(volume, 0) > limit:
+            _err(
+                f"warning: {volume}: about {result.pages_estimated[volume]:g} pages drafted, its limit is {limit}"
+            )
 
 
 def _print_answer(result: AnswerReport, streamed: bool) -> None:

@@ -409,6 +409,7 @@ class Requirement(BaseModel):
     )
     derived: bool = Field(default=False, description="the RFP gives it no identifier; `id` is made up")
     evaluated_under: list[str] = Field(default_factory=list, description="the M factors that name it")
+    word_limit: int | None = Field(default=None, description="the most words its response may have")
 
 
 class Role(BaseModel):
@@ -435,6 +436,14 @@ class DraftReport(Answered):
     gaps: list[str] = Field(default_factory=list, description="requirement ids with no response")
     needs_writing: dict[str, str] = Field(
         default_factory=dict, description="requirement id -> why its response needs writing"
+    )
+    page_limits: dict[str, int] = Field(default_factory=dict, description="volume -> pages, from section L")
+    pages_estimated: dict[str, float] = Field(
+        default_factory=dict, description="volume -> pages its drafted responses fill"
+    )
+    format: dict = Field(default_factory=dict, description="font, size_pt, margins_in, from section L")
+    trimmed: dict[str, int] = Field(
+        default_factory=dict, description="requirement id -> words cut to keep its word limit"
     )
     codes_used: list[str] = Field(default_factory=list)
     unknown_codes: list[str] = Field(default_factory=list, description="codes no reference table holds")

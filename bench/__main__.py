@@ -6,7 +6,7 @@ which `python -m bench.report` fills the README's measured tables (bench/report.
 import sys
 from pathlib import Path
 
-from bench import bundle, concurrency, decode, demo, embed, reading, report, search, service
+from bench import bundle, concurrency, decode, demo, embed, reading, report, search, service, shred
 
 BUILD = Path(__file__).resolve().parent.parent / "build"
 AVX512_PYTHON = BUILD / "bench" / "avx512-venv" / "bin" / "python"
@@ -15,6 +15,7 @@ if __name__ == "__main__":
     sections = [
         ("search", "Hybrid search", lambda: search.run([10_000, 100_000])),
         ("embed", "Embedding throughput", embed.run),
+        ("shred", "Shredding RFPs the code was not written against", shred.run),
         ("bundle", "Bundle verify+install", bundle.run),
         (
             "decode",

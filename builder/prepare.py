@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from pathlib import Path
 
 from appliance.documents.columns import parse_mapping
 from appliance.documents.readers import expand_paths, parse_document, read_bytes
+from appliance.documents.voice import voice
 from appliance.errors import ApplianceError
 from appliance.terminal import clean_text
 from builder import demo
@@ -64,23 +64,6 @@ FOLDERS = {  # a folder name that decides the kind of the files under it
     "past-proposals": "proposal",
     "past_proposals": "proposal",
 }
-RFP_MARKERS = re.compile(  # what only a solicitation says: a past proposal cites a "statement of work" too
-    r"request for (?:proposals?|quotations?)|instructions,? conditions,? and notices|instructions to offerors"
-    r"|evaluation factors|basis (?:for|of) award|\bsection [lm]\b|\bofferors? (?:shall|must)\b"
-    r"|proposals? (?:are|is|shall be) due|solicitation (?:number|no\.)",
-    re.IGNORECASE,
-)
-# Who speaks: a solicitation tells contractors and offerors what they shall do and what the Government
-# will; a proposal says what we (or the company) will do, and quotes the solicitation only in passing.
-BUYER_VOICE = re.compile(
-    r"\bthe (?:contractor|offeror|vendor|quoter|bidder|respondent)s? (?:shall|must|should|is required)\b"
-    r"|\b(?:offerors|quoters|bidders|respondents|vendors|interested (?:parties|firms|vendors))"
-    r" (?:shall|must|should|are|may)\b"
-    r"|\bthe government (?:will|intends|anticipates|is seeking|seeks|reserves|may)\b"
-    r"|\b(?:proposals|quotes|quotations|bids|responses|questions) (?:are|is|shall be|must be) (?:due|submitted)\b",
-    re.IGNORECASE,
-)
-SELLER_VOICE = re.compile(r"\b(?:we|our|ours|us)\b", re.IGNORECASE)
 MAX_BYTES = 50_000_000
 SIZES = {  # how much each run writes: a workstation run, and the tests' quick one
     "full": {"lcat": 1200, "write_variants": 4, "pairs": 32, "facts_per_doc": 12},
@@ -125,17 +108,16 @@ def classify(doc, relative: Path, mapping: dict[str, str] | None = None) -> tupl
         return "table", f"a table without a code and a title column ({roles.describe()}): retrieval only"
     if folder and folder[0] != "reference":  # prose filed beside the tables is still prose
         return folder[0], f"in a folder named {folder[1]!r}"
-    text = doc.text[:200_000]
-    asks = len(BUYER_VOICE.findall(text)) + 2 * len({m.group(0).lower() for m in RFP_MARKERS.finditer(text)})
-    offers = len(SELLER_VOICE.findall(text))
-    if asks > offers:  # a solicitation asks in the buyer's voice; a proposal, quoting it, answers in its own
+    spoken = voice(doc.text)  # a solicitation asks in the buyer's voice; a proposal answers in its own
+    if spoken.solicitation:
         return (
             "rfp",
-            f"the buyer's voice ({asks} phrases like 'the contractor shall') over the seller's ({offers})",
+            f"the buyer's voice ({spoken.asks} phrases like 'the contractor shall') over the seller's "
+            f"({spoken.offers})",
         )
     return (
         "proposal",
-        f"the seller's voice ({offers} phrases like 'we will', 'our') over the buyer's ({asks})",
+        f"the seller's voice ({spoken.offers} phrases like 'we will', 'our') over the buyer's ({spoken.asks})",
     )
 
 

@@ -138,8 +138,8 @@ def test_an_rfp_docx_keeps_its_requirement_table_under_its_heading(tmp_path):
         )
     ]
     assert order == sorted(order), text
-    _, requirements = parse_rfp(path, 10**8)
-    where = {r.text: (r.id, r.section, r.heading) for r in requirements}
+    _, shredded = parse_rfp(path, 10**8)
+    where = {r.text: (r.id, r.section, r.heading) for r in shredded.requirements}
     assert where["The contractor shall migrate all case records."] == (
         "C.3.1",
         "C",

@@ -182,3 +182,54 @@ def test_rfps_the_code_was_not_written_against(name):
         for field in ("ids", "sections", "pages"):
             assert getattr(s, field) >= floor[field] * s.found, (s.name, field, s.misses)
         assert s.traps <= floor["traps"] and s.extra <= floor["extra"], (s.name, s.misses)
+
+
+@pytest.mark.parametrize("stem", ["rfp01", "rfp02"])
+def test_page_word_limits_and_format_are_read_from_section_l(stem):
+    """The volumes' page limits (a table, in each file format), each item's word limit and the font,
+    size and margins, against the key of the RFPs the rules were written on."""
+    key = json.loads((SHRED / "tuned" / f"{stem}.key.json").read_text())
+    for suffix in (".text.md", ".docx", ".pdf"):
+        path = SHRED / "tuned" / f"{stem}{suffix}"
+        got = shred(parse_document(path, path.read_bytes()))
+        volumes = {(" ".join(v.split()[:2]), n) for v, n in got.page_limits.items()}
+        assert volumes == {
+            (" ".join(p["volume"].split()[:2]), p["pages"])
+            for p in key["page_limits"]
+            if p["volume"].startswith("Volume")
+        }, (suffix, got.page_limits)
+        assert sorted(r.word_limit for r in got.requirements if r.word_limit) == sorted(
+            w["words"] for w in key["word_limits"]
+        )
+        assert got.format == {
+            "font": key["format"]["font"],
+            "size_pt": key["format"]["size_pt"],
+            "margins_in": key["format"]["margins_in"],
+        }
+
+
+def test_a_response_is_cut_to_its_word_limit_at_a_sentence():
+    from appliance.drafting.draft import within
+
+    text = "One two three. Four five six seven. Eight nine."
+    assert within(text, 20) == (text, 0)
+    assert within(text, 8) == ("One two three. Four five six seven.", 2)
+    assert within("A single long sentence of many words", 3) == ("A single long", 4)
+
+
+def test_the_docx_follows_section_l_with_the_matrix_on_pages_of_its_own(tmp_path):
+    import docx
+    from docx.shared import Inches, Pt
+
+    from appliance.drafting.draft import write_docx
+
+    markdown = (
+        "# Proposal draft: x\n\nIntro.\n\n## Compliance matrix\n\n| ID | Text |\n| --- | --- |\n| C.1 | a |\n\n"
+        "## Technical approach\n\n### C.1\n\nWe will.\n"
+    )
+    write_docx(markdown, tmp_path / "d.docx", {"font": "Arial", "size_pt": 11.0, "margins_in": 0.75})
+    document = docx.Document(str(tmp_path / "d.docx"))
+    normal = document.styles["Normal"].font
+    assert (normal.name, normal.size) == ("Arial", Pt(11))
+    assert len(document.sections) == 3  # the cover, the matrix, the responses
+    assert all(s.left_margin == Inches(0.75) and s.top_margin == Inches(0.75) for s in document.sections)

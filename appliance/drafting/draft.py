@@ -25,7 +25,8 @@ import numpy as np
 
 from appliance.documents.columns import detect
 from appliance.documents.readers import CODE_RE, Document, read_document
-from appliance.drafting.shred import shred
+from appliance.documents.voice import BUYER_VOICE, READ_CHARS, voice
+from appliance.drafting.shred import Shredded, obligation, shred
 from appliance.engine.prompt import CITATION_RE
 from appliance.errors import IngestError
 from appliance.protocols import Embedder, Generator, Sampling
@@ -46,6 +47,9 @@ class Draft:
     unknown_codes: list[str]
     gaps: list[str]
     needs_writing: dict[str, str] = field(default_factory=dict)  # requirement id -> why its response is weak
+    page_limits: dict[str, int] = field(default_factory=dict)  # volume -> pages (section L)
+    format: dict = field(default_factory=dict)  # font, size_pt, margins_in (section L)
+    trimmed: dict[str, int] = field(default_factory=dict)  # requirement id -> words cut to keep its limit
     markdown: str = ""
     timing: dict = field(default_factory=dict)
 
@@ -67,6 +71,10 @@ class Draft:
             answered=len(self.to_answer) - len(self.gaps) - len(self.needs_writing),
             gaps=self.gaps,
             needs_writing=self.needs_writing,
+            page_limits=self.page_limits,
+            pages_estimated=estimate_pages(self),
+            format=self.format,
+            trimmed=self.trimmed,
             codes_used=codes,
             unknown_codes=self.unknown_codes,
             citations=cited,
@@ -77,19 +85,19 @@ class Draft:
         )
 
 
-def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[Document, list[Requirement]]:
-    """The RFP and its requirement rows (appliance.drafting.shred); IngestError for an empty,
-    unreadable or image-only file, or one that states no requirement. `sandbox`
+def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[Document, Shredded]:
+    """The RFP and its requirement rows, limits and format (appliance.drafting.shred); IngestError for
+    an empty, unreadable or image-only file, or one that states no requirement. `sandbox`
     (appliance.documents.sandbox.Sandbox): where an uploaded file is parsed."""
     doc = read_document(path, max_bytes, sandbox)
-    requirements = shred(doc).requirements
-    if not any(r.kind == "obligation" for r in requirements):
+    shredded = shred(doc)
+    if not any(r.kind == "obligation" for r in shredded.requirements):
         raise IngestError(
             f"{path}: no requirement statements found (no 'shall', 'must' or 'is required to' of the "
             "contractor or offeror)",
             "check that this is the RFP's statement of work, or draft from its sections by hand",
         )
-    return doc, requirements
+    return doc, shredded
 
 
 def _title_pattern(title: str) -> re.Pattern:
@@ -200,8 +208,8 @@ def draft(
     sandbox=None,
 ) -> Draft:
     start = time.perf_counter()
-    doc, requirements = parse_rfp(rfp, max_bytes, sandbox)
-    title, text = doc.title, doc.text
+    doc, shredded = parse_rfp(rfp, max_bytes, sandbox)
+    title, text, requirements = doc.title, doc.text, shredded.requirements
     rows = store.ref_rows()
     by_chunk = {r["chunk_id"]: r for r in rows}
 
@@ -220,6 +228,12 @@ def draft(
         best = int(sims.argmax())
         return rows[best], float(sims[best])
 
+    @functools.cache
+    def solicitation(
+        doc_id: int,
+    ) -> bool:  # another RFP is not evidence of our work (unless asked for by name)
+        return voice(store.document_text(doc_id, READ_CHARS)).solicitation
+
     staffing = staff(text, rows, best_row)
     staffing += staff_by_duties(requirements, staffing, rows, duty_row)
     known = {r["code"] for r in rows if r["code"]}
@@ -227,6 +241,7 @@ def draft(
     sources: dict[int, dict] = {}  # chunk id -> the draft's numbered source
     responses, unknown, gaps = {}, [], []
     weak: dict[str, str] = {}
+    trimmed: dict[str, int] = {}
     for i, req in enumerate(requirements):
         if req.kind != "obligation":  # an evaluation factor or a page limit: a matrix row, not a response
             continue
@@ -235,8 +250,8 @@ def draft(
         hits = [
             h
             for coll in (collections or [None])
-            for h in rag.search(store, embedder, req.text, k=4, collection=coll)
-            if h.source != rfp_source
+            for h in rag.search(store, embedder, req.text, k=8, collection=coll)
+            if h.source != rfp_source and (collections or not solicitation(h.doc_id))
         ]
         hits = sorted(hits, key=lambda h: -h.score)[:4]
         result = rag.answer(
@@ -270,11 +285,23 @@ def draft(
             clean_text(CITATION_RE.sub(renumber, result.answer)).strip(), known
         )
         unknown += [c for c in flagged if c not in unknown]
+        if req.word_limit:
+            response, cut = within(response, req.word_limit)
+            if cut:
+                trimmed[req.id] = cut
         responses[req.id] = response
         if not response:
             gaps.append(req.id)
         else:
-            why = weakness(response, req, responses)
+            plain = CITATION_RE.sub(" ", response)
+            pair = embedder.embed([plain, req.text])
+            why = weakness(
+                response,
+                req,
+                responses,
+                unsupported=result.unsupported,
+                relevance=float(pair[0] @ pair[1]),
+            )
             if why:
                 weak[req.id] = why
     if progress:
@@ -289,6 +316,9 @@ def draft(
         unknown_codes=unknown,
         gaps=gaps,
         needs_writing=weak,
+        page_limits=shredded.page_limits,
+        format=shredded.format,
+        trimmed=trimmed,
         timing={"seconds": round(time.perf_counter() - start, 1)},
     )
     result.markdown = assemble(result)
@@ -300,20 +330,36 @@ _STOP = frozenset(
     "the a an and or of to in on for with by at from as is are be will shall must our we its it this that "
     "these those all each any their they which who has have been into per than not".split()
 )
-# A response whose words are mostly its requirement's restates it: measured on the demo model's drafts,
-# restatements keep 0.7-1.0 of their content words from the requirement, responses that bring
-# something of their own 0.2-0.5.
+# A response whose words are mostly its requirement's restates it. On the demo model's draft of
+# bench/shred/tuned/rfp01 (66 responses), the ones that copied their requirement kept 0.7-1.0 of their
+# content words from it; responses that brought a past proposal's evidence kept under 0.5.
 RESTATES = 0.65
 REPEATS = 0.8  # share of content words two responses have in common (Jaccard) for one to repeat the other
+# Cosine (all-MiniLM-L6-v2) between a response and its requirement below which it answers something
+# else: on that draft, "The Program Manager is the single point of contact ..." under a deliverable
+# scored 0.17, a labor category's code under a transition task 0.19-0.38; no response that addressed its
+# requirement scored under 0.45.
+ON_TOPIC = 0.35
+MIN_WORDS = 40  # a response is a paragraph (the issue asks 80-250 words); one sentence is a start, not one
 
 
 def _content(text: str) -> set[str]:
     return {w for w in _WORD_RE.findall(CITATION_RE.sub(" ", text.lower())) if w not in _STOP and len(w) > 2}
 
 
-def weakness(response: str, req: Requirement, earlier: dict[str, str]) -> str | None:
-    """Why a drafted response is not yet a response (None when nothing is wrong with its shape): it
-    cites no source, restates its requirement, or repeats another requirement's response."""
+def weakness(
+    response: str,
+    req: Requirement,
+    earlier: dict[str, str],
+    *,
+    unsupported: list[str] | None = None,
+    relevance: float | None = None,
+) -> str | None:
+    """Why a drafted response is not yet a response (None when none of these is wrong with it): it
+    cites no source, restates its requirement, repeats another response, speaks in the RFP's voice
+    ("the Contractor shall") or for the Government, holds figures or names no source it was shown
+    holds (`unsupported`), answers something else (`relevance`, cosine to the requirement), or is too
+    short to be a paragraph."""
     words = _content(response)
     if not CITATION_RE.search(response):
         return "cites no source"
@@ -323,6 +369,17 @@ def weakness(response: str, req: Requirement, earlier: dict[str, str]) -> str | 
         theirs = _content(text)
         if other != req.id and theirs and len(words & theirs) / len(words | theirs) >= REPEATS:
             return f"repeats the response to {other}"
+    if obligation(response) == "theirs":
+        return "speaks for the Government, not for us"
+    if BUYER_VOICE.search(response):
+        return "in the RFP's voice, not ours"
+    if unsupported:
+        return f"holds what no source shows: {', '.join(unsupported[:3])}"
+    if relevance is not None and relevance < ON_TOPIC:
+        return "answers something else"
+    count = len(CITATION_RE.sub(" ", response).split())
+    if count < min(MIN_WORDS, req.word_limit or MIN_WORDS):
+        return f"too short for a response ({count} words)"
     return None
 
 
@@ -339,16 +396,46 @@ def _status(d: Draft, r: Requirement) -> str:
 
 
 def _volumes(d: Draft) -> dict[str, str]:
-    """Volume names from the RFP's page-limit rows, by subject: technical, past performance, price."""
+    """Volume names from the RFP's page limits, by subject: technical, past performance, price ..."""
     found: dict[str, str] = {}
-    for r in d.requirements:
-        if r.kind != "format":
-            continue
-        name = r.text.split(" | ")[0].strip()
+    for name in d.page_limits:
         for subject in ("past performance", "price", "cost", "management", "technical"):
             if subject in name.lower():
                 found.setdefault(subject, name)
     return found
+
+
+def within(text: str, limit: int) -> tuple[str, int]:
+    """`text` cut to at most `limit` words, at the last sentence that fits (mid-sentence only when
+    not even the first fits), and how many words were cut."""
+    words = text.split()
+    if len(words) <= limit:
+        return text, 0
+    kept: list[str] = []
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        if len(kept) + len(sentence.split()) > limit:
+            break
+        kept += sentence.split()
+    kept = kept or words[:limit]
+    return " ".join(kept), len(words) - len(kept)
+
+
+WORDS_PER_PAGE_12PT = 500  # single-spaced 12-point text on a letter page with one-inch margins
+
+
+def estimate_pages(d: Draft) -> dict[str, float]:
+    """Pages each volume's drafted responses fill, at the RFP's font size and margins."""
+    size = float(d.format.get("size_pt") or 12)
+    margins = float(d.format.get("margins_in") or 1.0)
+    area = (8.5 - 2 * margins) * (11 - 2 * margins) / (6.5 * 9)
+    per_page = WORDS_PER_PAGE_12PT * (12 / size) ** 2 * area
+    volumes, pages = _volumes(d), {}
+    for r in d.to_answer:
+        where = _location(d, r, volumes)
+        volume = where.rsplit(", ", 1)[0] if where != "-" else None
+        if volume:
+            pages[volume] = pages.get(volume, 0.0) + len(d.responses.get(r.id, "").split()) / per_page
+    return {v: round(p, 1) for v, p in pages.items()}
 
 
 def _location(d: Draft, r: Requirement, volumes: dict[str, str]) -> str:
@@ -379,8 +466,39 @@ def assemble(d: Draft) -> str:
         + ([f"requirements without a response: {', '.join(d.gaps)}"] if d.gaps else [])
         + ([f"responses that need writing: {', '.join(d.needs_writing)}"] if d.needs_writing else [])
     )
+    estimated = estimate_pages(d)
+    over = [v for v, limit in d.page_limits.items() if estimated.get(v, 0) > limit]
+    review += [f"over its page limit: {v}" for v in over]
     if review:
         out += ["> **Review first:** " + "; ".join(review), ""]
+    if d.page_limits or d.format or d.trimmed:
+        out += ["## Limits and format", ""]
+        if d.format:
+            out += [
+                "Section L asks for: "
+                + ", ".join(
+                    part
+                    for part in (
+                        d.format.get("font"),
+                        f"{d.format['size_pt']:g} point" if d.format.get("size_pt") else "",
+                        f"{d.format['margins_in']:g}-inch margins" if d.format.get("margins_in") else "",
+                    )
+                    if part
+                )
+                + " (the DOCX is written so).",
+                "",
+            ]
+        if d.page_limits:
+            out += ["| Volume | Page limit | Drafted so far (estimated pages) |", "| --- | --- | --- |"]
+            out += [f"| {_cell(v)} | {n} | {estimated.get(v, 0):g} |" for v, n in d.page_limits.items()]
+            out += [""]
+        if d.trimmed:
+            out += [
+                "Cut to the RFP's word limits: "
+                + "; ".join(f"{rid} ({words} words cut)" for rid, words in d.trimmed.items())
+                + ".",
+                "",
+            ]
     volumes = _volumes(d)
     out += [
         "## Compliance matrix",
@@ -424,12 +542,26 @@ def assemble(d: Draft) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_docx(markdown: str, path: Path) -> None:
-    """The Markdown draft as a Word document: headings, paragraphs and tables."""
+def write_docx(markdown: str, path: Path, fmt: dict | None = None) -> None:
+    """The Markdown draft as a Word document: headings, paragraphs and tables, in the font, size and
+    margins section L asks for (`fmt`), the compliance matrix a section of its own."""
     import docx
+    from docx.enum.section import WD_SECTION
+    from docx.shared import Inches, Pt
 
+    fmt = fmt or {}
     document = docx.Document()
+    normal = document.styles["Normal"]
+    if fmt.get("font"):
+        normal.font.name = fmt["font"]
+    if fmt.get("size_pt"):
+        normal.font.size = Pt(float(fmt["size_pt"]))
+    if fmt.get("margins_in"):
+        for section in document.sections:
+            section.left_margin = section.right_margin = Inches(float(fmt["margins_in"]))
+            section.top_margin = section.bottom_margin = Inches(float(fmt["margins_in"]))
     lines = markdown.splitlines()
+    matrix_open = False
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -448,6 +580,9 @@ def write_docx(markdown: str, path: Path) -> None:
             continue
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
+            if line == "## Compliance matrix" or (level == 2 and matrix_open):
+                document.add_section(WD_SECTION.NEW_PAGE)  # the matrix on pages of its own (same margins)
+                matrix_open = line == "## Compliance matrix"
             document.add_heading(line.lstrip("#").strip(), level=min(level, 3))
         elif line.strip():
             document.add_paragraph(line.replace("**", "").replace("*", "").lstrip("> "))

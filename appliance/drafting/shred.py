@@ -144,6 +144,74 @@ class _Parent:
 class Shredded:
     requirements: list[Requirement]
     sections: dict[str, str] = field(default_factory=dict)  # UCF letter -> its title as the RFP gives it
+    page_limits: dict[str, int] = field(default_factory=dict)  # volume -> pages, as section L states them
+    format: dict = field(default_factory=dict)  # font, size_pt, margins_in: what section L asks for
+
+
+_WORD_LIMIT_RE = re.compile(
+    r"(?:not\s+(?:to\s+)?exceed|no\s+more\s+than|(?:limited|limit)\s+to|maximum\s+of|at\s+most|up\s+to)"
+    r"\s+(?:\w+\s+)?\(?(\d{1,2},?\d{3}|\d{1,4})\)?\s+words"
+    r"|(\d{1,2},?\d{3}|\d{1,4})[- ]word\s+(?:limit|maximum)",
+    re.IGNORECASE,
+)
+_PROSE_PAGE_LIMIT_RE = re.compile(
+    r"(Volume\s+(?:[IVX]{1,4}|\d{1,2})\b)[^.]{0,120}?"
+    r"(?:not\s+(?:to\s+)?exceed|no\s+more\s+than|(?:limited|limit)\s+to|maximum\s+of)\s+(\d{1,3})\s+pages",
+    re.IGNORECASE,
+)
+_FONT_RE = re.compile(
+    r"\b(Times New Roman|Arial|Calibri|Helvetica|Garamond|Cambria|Courier New|Verdana|Georgia|Book Antiqua|"
+    r"Century Schoolbook|Tahoma)\b[^.;]{0,40}?\b(\d{1,2}(?:\.5)?)[- ]?(?:point|pt)\b",
+    re.IGNORECASE,
+)
+_SIZE_FIRST_RE = re.compile(
+    r"\b(\d{1,2}(?:\.5)?)[- ]?(?:point|pt)\s+(Times New Roman|Arial|Calibri|Helvetica|Garamond|Cambria|"
+    r"Courier New|Verdana|Georgia|Book Antiqua|Century Schoolbook|Tahoma)\b",
+    re.IGNORECASE,
+)
+_MARGIN_RE = re.compile(
+    r"margins?\s+(?:shall\s+be\s+|must\s+be\s+|of\s+)?(?:at\s+least\s+|no\s+less\s+than\s+|a\s+minimum\s+of\s+)?"
+    r"(one|1(?:\.0|\.25|\.5)?|0?\.75|three-quarters?\s+of\s+an?)[- ]inch"
+    r"|(one|1(?:\.0|\.25|\.5)?|0?\.75)[- ]inch\s+margins?",
+    re.IGNORECASE,
+)
+
+
+def _number(text: str) -> float:
+    return 1.0 if text.lower() == "one" else 0.75 if text.lower().startswith("three") else float(text)
+
+
+def limits(requirements: list[Requirement], text: str) -> tuple[dict[str, int], dict]:
+    """Page limits per volume (a page-limit table's rows, or prose such as "Volume II shall not exceed
+    8 pages") and the format section L asks for; each requirement's own word limit is set on it."""
+    for req in requirements:
+        m = _WORD_LIMIT_RE.search(req.text)
+        if m:
+            req.word_limit = int((m.group(1) or m.group(2)).replace(",", ""))
+    pages: dict[str, int] = {}
+    for req in requirements:
+        if req.kind == "format":
+            cells = [c.strip() for c in req.text.split(" | ")]
+            number = re.search(r"(\d{1,3})\s*(?:pages?)?\s*$", cells[-1])
+            if number:
+                name = re.sub(r"\s*\d{1,3}\s*(?:pages?)?\s*$", "", cells[0]) if len(cells) == 1 else cells[0]
+                name = " ".join(name.split(",")[0].split())  # "Volume 1 - Technical, including ..."
+                pages.setdefault(name.strip(" -|"), int(number.group(1)))
+        elif req.section == "L":
+            for m in _PROSE_PAGE_LIMIT_RE.finditer(req.text):
+                pages.setdefault(" ".join(m.group(1).split()), int(m.group(2)))
+    instructions = " ".join(r.text for r in requirements if r.section == "L") or text[:200_000]
+    fmt: dict = {}
+    font = _FONT_RE.search(instructions)
+    size_first = _SIZE_FIRST_RE.search(instructions)
+    if font:
+        fmt.update(font=font.group(1), size_pt=float(font.group(2)))
+    elif size_first:
+        fmt.update(font=size_first.group(2), size_pt=float(size_first.group(1)))
+    margin = _MARGIN_RE.search(instructions)
+    if margin:
+        fmt["margins_in"] = _number(margin.group(1) or margin.group(2))
+    return pages, fmt
 
 
 def _units(text: str) -> list[_Unit]:
@@ -420,7 +488,8 @@ def shred(doc: Document) -> Shredded:
         elif len(text) < 90 and not text.endswith("."):
             heading = text  # an unmarked heading line of PDF text
     _link_factors(requirements)
-    return Shredded(requirements, sections)
+    page_limits, fmt = limits(requirements, doc.text)
+    return Shredded(requirements, sections, page_limits, fmt)
 
 
 def _clean_id(identifier: str) -> str:

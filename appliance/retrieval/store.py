@@ -593,6 +593,18 @@ class Store:
         )
         return {row[0]: ChunkRow(*row) for row in rows}
 
+    def document_text(self, doc_id: int, chars: int) -> str:
+        """A document's first `chars` characters of text, from its chunks in order."""
+        parts, size = [], 0
+        for (text,) in self.conn.execute(
+            "SELECT text FROM chunks WHERE document_id = ? ORDER BY position", (doc_id,)
+        ):
+            parts.append(text)
+            size += len(text)
+            if size >= chars:
+                break
+        return "\n\n".join(parts)[:chars]
+
     def _in_reference(self, column: str) -> str:
         return f"{column} IN ({', '.join('?' * len(self.reference))})" if self.reference else "0"
 
