@@ -420,7 +420,21 @@ class Role(BaseModel):
     title: str
     education: str
     years: str
-    how: str = Field(description='"exact title", "retrieval", or "duties of C.2.3" (matched by what it asks)')
+    certification: str = ""
+    table: str = Field(default="", description="the reference table (its source) the row comes from")
+    how: str = Field(
+        description='"exact title", "retrieval", "named in C.4.1.2" or "duties of C.2.3" (matched by what it asks)'
+    )
+    review: bool = Field(default=False, description="a close call between two categories: check it")
+    key: bool = Field(default=False, description="the RFP names it among the key personnel")
+
+
+class TaskStaffing(BaseModel):
+    """A task of the statement of work (C.4.1, 5.3 ...) and the labor categories that do it."""
+
+    task: str
+    heading: str = ""
+    roles: list[Role] = Field(default_factory=list)
 
 
 class DraftReport(Answered):
@@ -451,6 +465,7 @@ class DraftReport(Answered):
     sources: list[dict] = Field(default_factory=list)
     requirements: list[Requirement] = Field(default_factory=list)
     staffing: list[Role] = Field(default_factory=list)
+    plan: list[TaskStaffing] = Field(default_factory=list, description="the staffing plan, task by task")
     timing: dict = Field(default_factory=dict)
 
 

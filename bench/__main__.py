@@ -6,7 +6,7 @@ which `python -m bench.report` fills the README's measured tables (bench/report.
 import sys
 from pathlib import Path
 
-from bench import bundle, concurrency, decode, demo, embed, reading, report, search, service, shred
+from bench import bundle, concurrency, decode, demo, embed, reading, report, search, service, shred, staffing
 
 BUILD = Path(__file__).resolve().parent.parent / "build"
 AVX512_PYTHON = BUILD / "bench" / "avx512-venv" / "bin" / "python"
@@ -16,6 +16,7 @@ if __name__ == "__main__":
         ("search", "Hybrid search", lambda: search.run([10_000, 100_000])),
         ("embed", "Embedding throughput", embed.run),
         ("shred", "Shredding RFPs the code was not written against", shred.run),
+        ("staffing", "Staffing plans on RFPs the code was not written against", staffing.run),
         ("bundle", "Bundle verify+install", bundle.run),
         (
             "decode",

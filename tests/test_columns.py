@@ -7,7 +7,7 @@ from appliance.app import Appliance
 from appliance.config import load_settings
 from appliance.documents.columns import detect, parse_mapping
 from appliance.documents.readers import read_document
-from appliance.drafting.draft import staff
+from appliance.drafting.staffing import named as staff
 from appliance.errors import IngestError
 
 RENAMED = (

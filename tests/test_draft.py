@@ -68,17 +68,23 @@ def test_demo_rfp_draft(app, name):
 
 def test_staffing_comes_from_the_reference_table(app):
     draft = app.draft(RFPS / "RFP-2025-USDA-application-modernization.md", max_tokens=4)
-    assert sorted((s.code, s.title) for s in draft.staffing) == [
-        ("11-3021.00", "Program Manager"),
-        ("15-1241.01", "Cloud Architect"),
-        ("15-1242.01", "Senior Database Administrator"),
-        ("15-1252.00", "Software Developer"),
-        ("15-1252.02", "Software Architect"),
-        ("15-1252.03", "DevSecOps Engineer"),
+    by_title = sorted((s.code, s.title, s.key) for s in draft.staffing if s.how == "exact title")
+    assert by_title == [
+        ("11-3021.00", "Program Manager", True),  # "Key personnel are the Program Manager and ..."
+        ("15-1241.01", "Cloud Architect", False),
+        ("15-1242.01", "Senior Database Administrator", False),
+        ("15-1252.00", "Software Developer", False),
+        ("15-1252.02", "Software Architect", True),
+        ("15-1252.03", "DevSecOps Engineer", False),
     ]
+    assert {s.code for s in draft.staffing} <= _known_codes(app)
     pm = next(s for s in draft.staffing if s.code == "11-3021.00")
     assert pm.years == "12" and "PMP" in pm.education
     assert "| Program Manager | Program Manager | 11-3021.00 |" in draft.markdown
+    # the plan: each task of section C with the categories its requirements call for
+    plan = {t.task: {r.code for r in t.roles} for t in draft.plan}
+    assert plan["C.2.3"] == {"15-1252.03"}  # "a DevSecOps pipeline with automated testing"
+    assert "### Staffing plan by task" in draft.markdown and "From `labor_categories.csv`." in draft.markdown
 
 
 def test_requirements_that_imply_a_role_by_its_duties_are_staffed_for_review(app, tmp_path):
@@ -98,7 +104,7 @@ def test_requirements_that_imply_a_role_by_its_duties_are_staffed_for_review(app
         ("Software Quality Assurance Analyst", "15-1253.00", "duties of C.2.1"),
         ("Tier 2 Desktop Support Specialist", "15-1232.01", "duties of C.2.2"),
     }, by_duties
-    assert "| duties of C.2.1 (review) |" in draft.markdown
+    assert "| duties of C.2.1 |" in draft.markdown
     # a role the RFP names by title is staffed by title, and its duties do not add it twice
     rfp.write_text(
         rfp.read_text().replace(
@@ -288,3 +294,30 @@ def test_what_makes_a_response_need_writing():
     )
     short = req.model_copy(update={"word_limit": 9})  # a limit shorter than a paragraph: short is right
     assert weakness("We patch every Oracle instance within the window [1].", short, {}) is None
+
+
+def test_staffing_draws_only_on_the_tables_of_the_collections_named(home):
+    """Two labor-category tables, in two reference collections: a draft staffs from the one its
+    collections name, says which, and staffs nobody when none is named among them."""
+    from appliance.app import Appliance
+    from appliance.config import load_settings
+
+    shred = Path(__file__).resolve().parent.parent / "bench" / "shred"
+    tables = {
+        "reference": shred / "tuned" / "lcats-tuned.csv",
+        "other": shred / "held-out" / "lcats-held-out.csv",
+    }
+    with Appliance(load_settings(home=home, reference_collections=["reference", "other"])) as app:
+        for collection, table in tables.items():
+            assert not app.ingest([table], collection).failed
+        codes = {c: {r["code"] for r in app.store.ref_rows() if r["collection"] == c} for c in tables}
+        rfp = shred / "tuned" / "rfp02.text.md"
+        for collection, table in tables.items():
+            draft = app.draft(rfp, [collection], generator=SameGenerator())
+            staffed = {s.code for s in draft.staffing} | {r.code for t in draft.plan for r in t.roles}
+            assert staffed and staffed <= codes[collection], collection
+            assert f"From `{table.name}`." in draft.markdown
+        assert not app.ingest([RFPS.parent / "proposals" / "2020-SBA-loan-portal.md"], "proposals").failed
+        nobody = app.draft(rfp, ["proposals"], generator=SameGenerator())
+        assert not nobody.staffing and not nobody.plan
+        assert "No reference table among the collections the draft drew on" in nobody.markdown

@@ -1,15 +1,14 @@
-"""Proposal drafting from an RFP: requirements, staffing from the reference table, cited responses.
+"""Proposal drafting from an RFP: the compliance matrix, cited responses, and staffing from the reference table.
 
-`parse_rfp` finds numbered requirement statements ("shall", "must", "will provide" ...) with their
-identifiers (C.2.1, L.1; R1, R2 ... where the RFP numbers none). `staff` finds the roles the RFP
-names and maps each to a labor category by exact title first, retrieval second; `staff_by_duties`
-adds the categories that statement-of-work requirements imply by their duties ("conduct software
-testing of every release" -> the QA analyst), found by the same hybrid search over the table and
-marked for review. Codes, titles and qualifications in the staffing table come from the reference
-table, never from the model. `draft`
-writes one cited paragraph per requirement and assembles a Markdown draft: cover, compliance matrix,
-technical approach, staffing table, sources. A code in generated text that the reference tables do
-not hold is flagged in the text and in the summary; a requirement left without a response is a gap.
+`parse_rfp` reads the RFP and shreds it (appliance.drafting.shred: requirement rows, limits, format).
+`draft` staffs it (appliance.drafting.staffing: roles the RFP names, and each task of its statement
+of work with the categories its requirements call for, from the tables of the collections named),
+writes one cited response per obligation from past proposals (never from another RFP unless its
+collection is named), judges each (`weakness`: "Needs writing" rather than "Drafted"), keeps the RFP's
+word limits, and assembles a Markdown draft: cover, limits and format, compliance matrix, technical
+approach, staffing, sources. Codes, titles and qualifications in the staffing table come from the
+reference table, never from the model; a code in generated text that the reference tables do not hold
+is flagged in the text and in the summary; a requirement left without a response is a gap.
 """
 
 from __future__ import annotations
@@ -21,18 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from appliance.documents.columns import detect
 from appliance.documents.readers import CODE_RE, Document, read_document
 from appliance.documents.voice import BUYER_VOICE, READ_CHARS, voice
 from appliance.drafting.shred import Shredded, obligation, shred
+from appliance.drafting.staffing import matches, named, plan
 from appliance.engine.prompt import CITATION_RE
 from appliance.errors import IngestError
 from appliance.protocols import Embedder, Generator, Sampling
 from appliance.retrieval import rag
 from appliance.retrieval.store import Store
-from appliance.schemas import DraftReport, Requirement, Role
+from appliance.schemas import DraftReport, Requirement, Role, TaskStaffing
 from appliance.terminal import clean_text
 
 
@@ -50,6 +47,8 @@ class Draft:
     page_limits: dict[str, int] = field(default_factory=dict)  # volume -> pages (section L)
     format: dict = field(default_factory=dict)  # font, size_pt, margins_in (section L)
     trimmed: dict[str, int] = field(default_factory=dict)  # requirement id -> words cut to keep its limit
+    plan: list[TaskStaffing] = field(default_factory=list)  # the statement of work's tasks and who does them
+    tables: list[str] = field(default_factory=list)  # the reference tables staffing chose from
     markdown: str = ""
     timing: dict = field(default_factory=dict)
 
@@ -81,6 +80,7 @@ class Draft:
             sources=self.sources,
             requirements=self.requirements,
             staffing=self.staffing,
+            plan=self.plan,
             timing=self.timing,
         )
 
@@ -100,86 +100,12 @@ def parse_rfp(path: Path, max_bytes: int, sandbox=None) -> tuple[Document, Shred
     return doc, shredded
 
 
-def _title_pattern(title: str) -> re.Pattern:
-    return re.compile(r"\b" + re.escape(title) + r"(?:s|es)?\b", re.IGNORECASE)
-
-
-def staff(text: str, rows: list[dict], find: Callable[[str], dict | None]) -> list[Role]:
-    """Roles named in the RFP text, each with its labor category from the reference rows."""
-    roles: dict[str, Role] = {}
-    remaining = text
-    for row in sorted((r for r in rows if r["title"] and r["code"]), key=lambda r: -len(r["title"])):
-        pattern = _title_pattern(row["title"])
-        found = pattern.search(remaining)
-        if found:
-            roles[row["code"]] = _role(found.group(0), row, "exact title")
-            remaining = pattern.sub(" ", remaining)  # "Senior Database Administrator" is not also a DBA
-    # Roles the table does not name word for word: "Key personnel: X and Y", "Other roles: ...".
-    for listing in re.findall(r"(?:personnel|roles)\s*:\s*([^\n.]+)", remaining, re.IGNORECASE):
-        for phrase in re.split(r",|\band\b|;", listing):
-            phrase = re.split(r"\b(?:with|who|having|at least)\b", phrase, flags=re.IGNORECASE)[
-                0
-            ]  # not qualifications
-            phrase = " ".join(re.sub(r"\b(?:a|an|the)\b", " ", phrase, flags=re.IGNORECASE).split())
-            if len(phrase) < 4 or not phrase[0].isupper():
-                continue
-            row = find(phrase)
-            if row and row["code"] not in roles:
-                roles[row["code"]] = _role(phrase, row, "retrieval")
-    return list(roles.values())
-
-
-# Least cosine similarity between a requirement and a reference row's work (its title and its longest
-# descriptive value, the duties) for the row to staff the requirement. Measured with all-MiniLM-L6-v2 on
-# the demo RFPs: requirements that imply a role scored 0.45-0.77 against it (DevSecOps pipeline 0.77,
-# Tier 2 desktop support 0.61, data architecture 0.51, cloud migration 0.45) and ones that imply none
-# (status reports, call answer times, knowledge base, loan data) 0.20-0.44.
-DUTY_MATCH = 0.45
-
-
-def staff_by_duties(
-    requirements: list[Requirement],
-    staffed: list[Role],
-    rows: list[dict],
-    match: Callable[[str], tuple[dict, float] | None],
-) -> list[Role]:
-    """Categories implied by what statement-of-work requirements ask for, one per category, for
-    requirements that name no role of the table themselves; instructions to offerors (section L, M)
-    are not work to staff."""
-    roles: list[Role] = []
-    have = {r.code for r in staffed}
-    titles = [_title_pattern(r["title"]) for r in rows if r["title"]]
-    for req in requirements:
-        if req.kind != "obligation" or req.section in ("L", "M") or any(t.search(req.text) for t in titles):
-            continue
-        found = match(req.text)
-        if found is None or found[1] < DUTY_MATCH or found[0]["code"] in have:
-            continue
-        have.add(found[0]["code"])
-        words = req.text.split()
-        roles.append(
-            _role(" ".join(words[:8]) + (" ..." if len(words) > 8 else ""), found[0], f"duties of {req.id}")
-        )
-    return roles
-
-
-def row_work(row: dict) -> str:
-    """What a reference row says its category does: the title and the row's longest other value (the
-    duties column of a labor-category table, whatever it is called)."""
-    values = [v for v in row["data"].values() if v and v not in (row["code"], row["title"])]
-    return f"{row['title']}. {max(values, key=len)}" if values else row["title"]
-
-
-def _role(name: str, row: dict, how: str) -> Role:
-    roles = detect(list(row["data"]))  # by header: "Minimum Education", "Years of Experience" ...
-    return Role(
-        name=name,
-        code=row["code"],
-        title=row["title"],
-        education=roles.get(row["data"], "education"),
-        years=roles.get(row["data"], "years"),
-        how=how,
-    )
+def staffing_rows(store: Store, collections: list[str] | None) -> list[dict]:
+    """The reference rows staffing may choose from: those of the collections named, or of every
+    reference collection when none is named (a category from a table the user did not choose never
+    staffs their draft)."""
+    rows = store.ref_rows()
+    return rows if not collections else [r for r in rows if r["collection"] in collections]
 
 
 def flag_unknown_codes(text: str, known: set[str]) -> tuple[str, list[str]]:
@@ -210,7 +136,8 @@ def draft(
     start = time.perf_counter()
     doc, shredded = parse_rfp(rfp, max_bytes, sandbox)
     title, text, requirements = doc.title, doc.text, shredded.requirements
-    rows = store.ref_rows()
+    every_row = store.ref_rows()
+    rows = staffing_rows(store, collections)
     by_chunk = {r["chunk_id"]: r for r in rows}
 
     def best_row(phrase: str) -> dict | None:  # retrieval, for roles the table does not name verbatim
@@ -218,25 +145,20 @@ def draft(
         return next((by_chunk[h.chunk_id] for h in hits if h.chunk_id in by_chunk), None)
 
     @functools.cache
-    def work() -> np.ndarray:  # each row's title and duties as a vector, made once, on first use
-        return embedder.embed([row_work(r) for r in rows])
-
-    def duty_row(requirement: str) -> tuple[dict, float] | None:  # the closest row by its work, and how close
-        if not rows:
-            return None
-        sims = work() @ embedder.embed([requirement])[0]
-        best = int(sims.argmax())
-        return rows[best], float(sims[best])
-
-    @functools.cache
     def solicitation(
         doc_id: int,
     ) -> bool:  # another RFP is not evidence of our work (unless asked for by name)
         return voice(store.document_text(doc_id, READ_CHARS)).solicitation
 
-    staffing = staff(text, rows, best_row)
-    staffing += staff_by_duties(requirements, staffing, rows, duty_row)
-    known = {r["code"] for r in rows if r["code"]}
+    staffing = named(text, rows, best_row)
+    tasks = plan(matches(requirements, rows, embedder.embed))
+    have = {r.code for r in staffing}
+    for task in tasks:
+        for role in task.roles:
+            if role.code not in have:
+                have.add(role.code)
+                staffing.append(role)
+    known = {r["code"] for r in every_row if r["code"]}
     rfp_source = source or str(rfp.resolve())  # an upload: its path on the caller's side
     sources: dict[int, dict] = {}  # chunk id -> the draft's numbered source
     responses, unknown, gaps = {}, [], []
@@ -312,6 +234,8 @@ def draft(
         requirements=requirements,
         responses=responses,
         staffing=staffing,
+        plan=tasks,
+        tables=sorted({r["source"] for r in rows}),
         sources=list(sources.values()),
         unknown_codes=unknown,
         gaps=gaps,
@@ -526,14 +450,40 @@ def assemble(d: Draft) -> str:
     out += [
         "## Staffing",
         "",
-        "| Role in the RFP | Labor category | Code | Minimum education | Years | Matched by |",
-        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    if d.tables:
+        out += ["From " + ", ".join(f"`{Path(t).name}`" for t in d.tables) + ".", ""]
+    else:
+        out += [
+            "No reference table among the collections the draft drew on: nobody is staffed. Name the "
+            "labor-category table's collection (for example `-c reference`).",
+            "",
+        ]
+    out += [
+        "| Role in the RFP | Labor category | Code | Minimum education | Years | Certifications | Key | Matched by |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     out += [
-        f"| {s.name} | {s.title} | {s.code} | {s.education} | {s.years} | "
-        f"{s.how + ' (review)' if s.how.startswith('duties') else s.how} |"
+        f"| {_cell(s.name)} | {s.title} | {s.code} | {_cell(s.education)} | {s.years} | {_cell(s.certification)} | "
+        f"{'key' if s.key else ''} | {s.how + ' (review)' if s.review else s.how} |"
         for s in d.staffing
     ]
+    if d.plan:
+        out += [
+            "",
+            "### Staffing plan by task",
+            "",
+            "| Task | Labor categories | Matched by |",
+            "| --- | --- | --- |",
+        ]
+        out += [
+            f"| {t.task} {_cell(t.heading)} | "
+            + "; ".join(f"{r.title} ({r.code})" for r in t.roles)
+            + " | "
+            + "; ".join(r.how + (" (review)" if r.review else "") for r in t.roles)
+            + " |"
+            for t in d.plan
+        ]
     out += ["", "## Sources", ""]
     out += [
         f"[{s['n']}] {Path(s['source']).name}, chunk {s['position']} (sha256 {s['doc_sha256'][:12]})"
