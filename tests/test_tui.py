@@ -301,10 +301,16 @@ async def test_through_the_running_service(ui_home, corpus_copy, tmp_path, monke
                 corpus_copy / "rfps" / "RFP-2026-EPA-data-platform.pdf"
             )
             app.query_one("#draft-rfp", Input).focus()
+            (tmp_path / "RFP-2026-EPA-data-platform-draft.md").write_text("an earlier draft, edited by hand")
             await pilot.press("enter")
             status = app.query_one("#draft-status", Static)
             await _settle(pilot, app, until=lambda: "wrote" in str(status.content), seconds=120)
-            assert (tmp_path / "RFP-2026-EPA-data-platform-draft.md").read_text().startswith("#")
+            # a file of that name is never replaced: the draft takes the next free name
+            assert (
+                tmp_path / "RFP-2026-EPA-data-platform-draft.md"
+            ).read_text() == "an earlier draft, edited by hand"
+            assert (tmp_path / "RFP-2026-EPA-data-platform-draft-2.md").read_text().startswith("#")
+            assert "RFP-2026-EPA-data-platform-draft-2.md" in str(status.content)
             assert app.query_one("#draft-progress").progress == app.query_one("#draft-progress").total
             # feedback on the last answer, then a signed export written here, by the UI, not the service
             await pilot.press("f2", "ctrl+g")
@@ -425,3 +431,13 @@ def test_model_pane_lists_a_failed_gates_reasons():
     assert "release gate FAILED (max ppl increase 0.1)" in lines
     assert "  Q4_K_M: perplexity 25.5 is 28% above F16" in lines
     assert "perplexity F16: 20.00" in lines and "perplexity Q4_K_M: 25.50" in lines
+
+
+def test_a_draft_never_replaces_a_file_or_follows_a_planted_link(tmp_path):
+    from tui.panes.lookup import write_new
+
+    target = tmp_path / "elsewhere.txt"
+    (tmp_path / "rfp-draft.md").symlink_to(target)  # dangling: writing through it would create target
+    out = write_new(tmp_path, "rfp-draft", ".md", "# draft")
+    assert out == tmp_path / "rfp-draft-2.md" and out.read_text() == "# draft" and not target.exists()
+    assert write_new(tmp_path, "rfp-draft", ".md", "# again") == tmp_path / "rfp-draft-3.md"

@@ -82,11 +82,10 @@ class LookupPane(Pane):
         result = self.call("draft", lambda: self.backend.draft(rfp, collections, progress=progress))
         if result is None:
             return
-        out = folder / f"{rfp.stem}-draft.md"
         try:
-            out.write_text(result.markdown)
+            out = write_new(folder, f"{rfp.stem}-draft", ".md", result.markdown)
         except OSError as exc:
-            self.post_message(Failed("draft", f"{out}: cannot write ({exc.strerror})"))
+            self.post_message(Failed("draft", f"{folder}: cannot write the draft ({exc.strerror})"))
             return
         self.post_message(self.Drafted(out, result))
 
@@ -108,3 +107,18 @@ class LookupPane(Pane):
             lines.append("responses that need writing: " + ", ".join(result.needs_writing))
         self.query_one("#draft-status", Static).update(inert("\n".join(lines)))
         self.post_message(Changed("audit"))
+
+
+def write_new(folder: Path, stem: str, suffix: str, text: str, tries: int = 100) -> Path:
+    """Write `text` to `folder/stem+suffix`, or to `stem-2`, `stem-3` ... when that exists: a draft
+    never replaces a file (an earlier draft, or anything else of that name), and never follows a link
+    planted in its place (the file is created exclusively)."""
+    for n in range(1, tries + 1):
+        out = folder / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}"
+        try:
+            with out.open("x") as fh:
+                fh.write(text)
+            return out
+        except FileExistsError:
+            continue
+    raise FileExistsError(17, f"{stem}{suffix} and {tries - 1} numbered copies exist", str(folder))
