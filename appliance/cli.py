@@ -395,9 +395,11 @@ def ingest(ctx, paths: tuple[Path, ...], collection: str, as_json: bool) -> None
             )
         for item in report.failed:
             click.echo(f"FAILED    {_line(item['error'])}")
+        for item in report.skipped:
+            click.echo(f"skipped   {_line(item['source'])}: {_line(item['reason'])}")
     _err(
         f"{len(report.added)} added, {len(report.unchanged)} unchanged, {len(report.duplicates)} duplicates, "
-        f"{len(report.failed)} failed "
+        f"{len(report.failed)} failed, {len(report.skipped)} skipped "
         f"(collection '{collection}')"
     )
     if report.failed:

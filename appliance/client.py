@@ -234,8 +234,9 @@ class ServiceClient:
 
     def ingest(self, paths: list[Path], collection: str, progress: Callable | None = None) -> IngestReport:
         """Each file is read here and uploaded; unreadable ones are reported like an in-process ingest."""
-        files, missing = expand_paths(paths)
-        report = IngestReport(failed=missing)
+        skipped: list[dict] = []
+        files, missing = expand_paths(paths, skipped)
+        report = IngestReport(failed=missing, skipped=skipped)
         for i, path in enumerate(files):
             source = str(path.resolve())
             if progress:

@@ -71,6 +71,19 @@ def ingest(
             with_model=False,
             user=owner,
         )
+    if report.skipped:  # a folder's files left out on purpose are accounted for too, one row a batch
+        app.audit(
+            "ingest_skipped",
+            {
+                "collection": collection,
+                "files": len(report.skipped),
+                "skipped": [
+                    {"source": f["source"][:300], "reason": f["reason"][:300]} for f in report.skipped[:50]
+                ],
+            },
+            with_model=False,
+            user=owner,
+        )
     return report
 
 

@@ -164,6 +164,7 @@ class IngestReport:
     unchanged: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)  # {"source", "same_as", "removed"}
+    skipped: list[dict] = field(default_factory=list)  # {"source", "reason"}: a folder's files not read
 
     def to_json(self) -> dict:
         return {
@@ -171,11 +172,12 @@ class IngestReport:
             "unchanged": self.unchanged,
             "failed": self.failed,
             "duplicates": self.duplicates,
+            "skipped": self.skipped,
         }
 
     def extend(self, other: dict) -> None:
         """Add a report's JSON (one upload's) to this one."""
-        for name in ("added", "unchanged", "failed", "duplicates"):
+        for name in ("added", "unchanged", "failed", "duplicates", "skipped"):
             getattr(self, name).extend(other.get(name, []))
 
 

@@ -213,3 +213,34 @@ def test_a_link_loop_in_a_folder_is_refused_and_the_rest_ingested(home, tmp_path
         "rows"
     ]
     assert rows[0]["action"] == "ingest_refused" and rows[0]["detail"]["files"] == 4  # refusals are on record
+
+
+def test_every_file_of_a_folder_is_accounted_for(home, tmp_path):
+    """A folder with slides, images, an old Word file and a hidden note: each file not read is listed
+    with its reason, in the output, the JSON and the audit row (they were once left out without a word)."""
+    folder = tmp_path / "drop"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "proposal.md").write_text("# Proposal\n\nWe delivered the records system on time.\n")
+    for name in ("deck.pptx", "scan.png", "logo.svg", "sub/old.doc"):
+        (folder / name).write_bytes(b"\x00binary")
+    (folder / ".draft.md").write_text("# hidden\n")
+    result = CliRunner().invoke(cli, ["--home", str(home), "ingest", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "1 added, 0 unchanged, 0 duplicates, 0 failed, 5 skipped" in result.output
+    assert "scan.png: not a type read (.png)" in result.output
+    assert ".draft.md: a hidden file: not read" in result.output
+    report = json.loads(
+        CliRunner().invoke(cli, ["--home", str(home), "ingest", str(folder), "--json"]).stdout
+    )
+    assert sorted(Path(s["source"]).name for s in report["skipped"]) == [
+        ".draft.md",
+        "deck.pptx",
+        "logo.svg",
+        "old.doc",
+        "scan.png",
+    ]
+    rows = json.loads(CliRunner().invoke(cli, ["--home", str(home), "audit", "list", "--json"]).stdout)[
+        "rows"
+    ]
+    skipped = next(r for r in rows if r["action"] == "ingest_skipped")
+    assert skipped["detail"]["files"] == 5 and {"source", "reason"} <= set(skipped["detail"]["skipped"][0])

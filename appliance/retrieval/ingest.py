@@ -84,8 +84,9 @@ def ingest(
     `aside()`: held while a file is parsed and embedded, the long part that touches neither the store
     nor the audit log (the service gives up its worker's turn there, so searches and answers go on)."""
     store.ensure_embedder(embedder.name, embedder.dim, embedder.embed)
-    files, missing = expand_paths(paths)
-    report = IngestReport(failed=missing)
+    skipped: list[dict] = []
+    files, missing = expand_paths(paths, skipped)
+    report = IngestReport(failed=missing, skipped=skipped)
     own_sandbox = sandbox is None
     sandbox = sandbox or Sandbox()
     try:

@@ -10,6 +10,7 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, ProgressBar
 
+from appliance.terminal import clean_text
 from tui.messages import Changed, Progress
 from tui.panes import Pane
 from tui.screens import ConfirmScreen
@@ -91,9 +92,14 @@ class DocumentsPane(Pane):
     @on(Ingested)
     def _ingested(self, message: Ingested) -> None:
         r = message.report
+        skipped = ""
+        if r.skipped:
+            names = ", ".join(clean_text(Path(s["source"]).name) for s in r.skipped[:5])
+            skipped = f", {len(r.skipped)} skipped ({names}{' ...' if len(r.skipped) > 5 else ''}: not a type read, or hidden)"
         self.notify(
-            f"{len(r.added)} added, {len(r.unchanged)} unchanged, {len(r.failed)} failed",
-            severity="error" if r.failed else "information",
+            f"{len(r.added)} added, {len(r.unchanged)} unchanged, {len(r.failed)} failed{skipped}",
+            severity="error" if r.failed else "warning" if r.skipped else "information",
+            markup=False,  # file names are the folder's, not ours: "[b]" in one is text
         )
         self.post_message(Changed("documents", "status", "audit"))
 
