@@ -542,25 +542,9 @@ def draft(
         write_docx(result.markdown, out.with_suffix(".docx"), result.format)
     if as_json:
         _echo_json(result.model_dump(mode="json", exclude={"markdown"}))
-    _err(
-        f"wrote {out}{' and ' + str(out.with_suffix('.docx')) if as_docx else ''}: "
-        f"{result.requirements_found} matrix rows, {result.to_answer} to answer: {result.answered} drafted, "
-        f"{len(result.needs_writing)} need writing, {len(result.gaps)} gaps; "
-        f"{len(result.staffing)} roles staffed, {len(result.sources)} sources cited"
-    )
-    if result.unknown_codes:
-        _err(
-            f"warning: codes not in the reference tables (flagged in the draft): {', '.join(result.unknown_codes)}"
-        )
-    if result.gaps:
-        _err(f"warning: requirements without a response: {', '.join(result.gaps)}")
-    if result.needs_writing:
-        _err(f"warning: responses that need writing: {', '.join(result.needs_writing)}")
-    for volume, limit in result.page_limits.items():
-        if result.pages_estimated.get(volume, 0) > limit:
-            _err(
-                f"warning: {volume}: about {result.pages_estimated[volume]:g} pages drafted, its limit is {limit}"
-            )
+    _err(f"wrote {out}{' and ' + str(out.with_suffix('.docx')) if as_docx else ''}: {result.summary()}")
+    for warning in result.warnings():
+        _err(f"warning: {warning}")
 
 
 def _print_answer(result: AnswerReport, streamed: bool) -> None:

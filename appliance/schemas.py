@@ -470,6 +470,38 @@ class DraftReport(Answered):
     plan: list[TaskStaffing] = Field(default_factory=list, description="the staffing plan, task by task")
     timing: dict = Field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line of counts, as the CLI and the UI report a draft."""
+
+        def n(count: int, one: str, many: str) -> str:
+            return f"{count} {one if count == 1 else many}"
+
+        return (
+            f"{n(self.requirements_found, 'matrix row', 'matrix rows')}, {self.to_answer} to answer: "
+            f"{self.answered} drafted, {n(len(self.needs_writing), 'needs', 'need')} writing, "
+            f"{n(len(self.gaps), 'gap', 'gaps')}; {n(len(self.staffing), 'role', 'roles')} staffed, "
+            f"{n(len(self.sources), 'source', 'sources')} cited"
+        )
+
+    def warnings(self) -> list[str]:
+        """What to review first: codes no table holds, gaps, responses that need writing, volumes over
+        their page limit."""
+        out = []
+        if self.unknown_codes:
+            out.append(
+                "codes not in the reference tables (flagged in the draft): " + ", ".join(self.unknown_codes)
+            )
+        if self.gaps:
+            out.append("requirements without a response: " + ", ".join(self.gaps))
+        if self.needs_writing:
+            out.append("responses that need writing: " + ", ".join(self.needs_writing))
+        out += [
+            f"{volume}: about {self.pages_estimated[volume]:g} pages drafted, its limit is {limit}"
+            for volume, limit in self.page_limits.items()
+            if self.pages_estimated.get(volume, 0) > limit
+        ]
+        return out
+
 
 class FeedbackExport(Answered):
     export_id: str

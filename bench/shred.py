@@ -4,7 +4,9 @@ The material is in bench/shred/<set>/: RFPs in the Uniform Contract Format writt
 no code, each as Markdown text with page footers, a DOCX and a PDF (bench/shred/render.py), with a key
 (`rfpNN.key.json`: every requirement row's ID, section, page and first words; the Government's own
 obligations and other traps). `tuned` is the set the shredder's rules were adjusted on; `held-out` was
-never looked at while writing them: only its figures are reported.
+never looked at while writing them: only its figures are reported; `reviewed` was measured once, blind
+(408 of 453 rows found), then its failures were read and the rules mended; `blind` was written after
+that and measured once.
 
     python -m bench.shred            # both sets, every format
     python -m bench.shred --set tuned --misses   # and what was missed or wrongly listed
@@ -132,15 +134,15 @@ def table(sets: list[str]) -> list[str]:
 
 
 def run() -> list[str]:
-    return table(["tuned", "held-out", "blind"])
+    return table(["tuned", "held-out", "reviewed", "blind"])
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", action="append", choices=["tuned", "held-out", "blind"])
+    parser.add_argument("--set", action="append", choices=["tuned", "held-out", "reviewed", "blind"])
     parser.add_argument("--misses", action="store_true", help="list each miss, wrong field, extra row")
     args = parser.parse_args()
-    sets = args.set or ["tuned", "held-out", "blind"]
+    sets = args.set or ["tuned", "held-out", "reviewed", "blind"]
     print("\n".join(table(sets)))
     if args.misses:
         for name in sets:

@@ -169,3 +169,40 @@ def test_pages_survive_the_sandbox():
             doc = sandbox.parse(path, path.read_bytes())
             assert doc.pages == parse_document(path, path.read_bytes()).pages and len(doc.pages) == 9
             assert doc.page_at(doc.text.index("SECTION M")) == 9
+
+
+def test_a_parser_childs_page_offsets_are_checked():
+    """The sandboxed child's answer is not trusted: malformed offsets are this file's error, and one
+    page or none is no pages."""
+    from appliance.documents.sandbox import checked_pages
+
+    assert checked_pages({"text": "abc def", "pages": [0, 4]}, Path("x.pdf")) == [0, 4]
+    assert checked_pages({"text": "abc", "pages": [0]}, Path("x.pdf")) == []
+    for bad in (
+        {"text": "abc", "pages": [0, 99]},
+        {"text": "abc", "pages": [0, True]},
+        {"text": "abc", "pages": [2, 1]},
+        {"text": "abc", "pages": [1, 2]},
+        {"text": 7, "pages": [0, 1]},
+        {"text": "abc", "pages": "0,1"},
+    ):
+        with pytest.raises(IngestError, match="malformed page offsets"):
+            checked_pages(bad, Path("x.pdf"))
+
+
+def test_page_breaks_switched_off_are_not_breaks_and_too_many_pages_are_refused(tmp_path):
+    import docx
+
+    from appliance.documents.readers import MAX_PAGES
+
+    d = docx.Document()
+    d.add_paragraph("First.")
+    d.add_paragraph("Second.").paragraph_format.page_break_before = False  # written as val="0"
+    d.add_paragraph("Third.").paragraph_format.page_break_before = True
+    d.add_paragraph("Fourth.")
+    d.save(tmp_path / "x.docx")
+    doc = read_document(tmp_path / "x.docx", 10**8)
+    assert [doc.page_at(doc.text.index(w)) for w in ("First", "Second", "Third", "Fourth")] == [1, 1, 2, 2]
+    (tmp_path / "many.txt").write_text("x\f" * (MAX_PAGES + 1))
+    with pytest.raises(IngestError, match="pages"):
+        read_document(tmp_path / "many.txt", 10**8)

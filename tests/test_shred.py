@@ -133,16 +133,16 @@ def test_whose_obligation_a_sentence_states(sentence, who):
 
 
 def test_pdf_and_docx_pages_come_from_the_file():
-    """The same RFP as a PDF and a DOCX gives each row the page its text begins on."""
-    for path in (
-        sorted((SHRED / "tuned").glob("rfp*.pdf"))[:1] + sorted((SHRED / "tuned").glob("rfp*.docx"))[:1]
-    ):
-        stem = path.name.split(".")[0]
-        key = json.loads(path.with_name(stem + ".key.json").read_text())
+    """The same RFP as a PDF and a DOCX gives each row the page its text begins on, row by row."""
+    from bench.shred import score
+
+    key = json.loads((SHRED / "tuned" / "rfp01.key.json").read_text())
+    for name in ("rfp01.pdf", "rfp01.docx"):
+        path = SHRED / "tuned" / name
         doc = parse_document(path, path.read_bytes())
-        assert len(doc.pages) == path.with_name(stem + ".md").read_text().count("\n---page---\n") + 1
-        rows = shred(doc).requirements
-        assert {r.page for r in rows} - {None} == {r["page"] for r in key["requirements"]}
+        assert len(doc.pages) == (SHRED / "tuned" / "rfp01.md").read_text().count("\n---page---\n") + 1
+        measured = score(path, key)
+        assert measured.pages == measured.found == measured.expected, measured.misses
 
 
 def test_a_hostile_rfp_is_shredded_in_bounded_time_and_rows():
@@ -150,10 +150,19 @@ def test_a_hostile_rfp_is_shredded_in_bounded_time_and_rows():
         f"C.{i // 100}.{i % 100} The Contractor shall do task {i}." for i in range(MAX_REQUIREMENTS + 500)
     )
     long_line = "C.1.1 The Contractor shall " + "(((( " * 100_000
+    hostile = [
+        long_line + "\n" + "- " * 200_000,
+        "A" * 2_000_000,  # capitals where an agency's name would be
+        "Abc " * 500_000,
+        "SECTION C" + " " * 300_000 + "x\nPRS-1" + " " * 300_000 + "|",  # spaces where a separator goes
+        "\n".join(["The contractor shall do the work described here every day"] * 35_000),  # one paragraph
+        "The Government shall " * 40_000,  # a modal every few words, in one sentence
+    ]
     start = time.perf_counter()
     assert len(shred(Document(Path("x.md"), "md", "x", lines)).requirements) == MAX_REQUIREMENTS
-    shred(Document(Path("y.md"), "md", "y", long_line + "\n" + "- " * 200_000))
-    assert time.perf_counter() - start < 20
+    for text in hostile:
+        shred(Document(Path("y.md"), "md", "y", text))
+    assert time.perf_counter() - start < 30  # each took 8 s to hours before the patterns were bounded
 
 
 def _figures(name):
@@ -163,12 +172,14 @@ def _figures(name):
 
 
 # The lowest figure measured on any file of each set (bench/shred.py, the README's table), rounded
-# down: `tuned` is what the rules were written against, `held-out` and `blind` were not (the blind
-# set was measured once, after the rules were done).
+# down: `tuned` is what the rules were written against; `held-out` was not looked at; `reviewed` was
+# measured once blind (90% of rows found), then its failures mended the rules; `blind` was written
+# after that and measured once (98%).
 FLOORS = {
     "tuned": {"found": 0.99, "ids": 0.98, "sections": 0.98, "pages": 0.98, "traps": 0, "extra": 1},
-    "held-out": {"found": 0.96, "ids": 0.98, "sections": 0.98, "pages": 0.98, "traps": 3, "extra": 0},
-    "blind": {"found": 0.84, "ids": 0.97, "sections": 0.49, "pages": 0.98, "traps": 3, "extra": 3},
+    "held-out": {"found": 0.96, "ids": 0.98, "sections": 0.98, "pages": 0.98, "traps": 2, "extra": 0},
+    "reviewed": {"found": 0.91, "ids": 0.98, "sections": 0.98, "pages": 0.98, "traps": 3, "extra": 1},
+    "blind": {"found": 0.95, "ids": 0.98, "sections": 0.98, "pages": 0.98, "traps": 0, "extra": 0},
 }
 
 
@@ -248,3 +259,35 @@ def test_staffing_plans_on_rfps_the_code_was_not_written_against(embedder_dir, n
     right, got, want = (sum(m[k] for m in found) for k in ("right", "got", "want"))
     precision, recall = STAFFING[name]
     assert right >= precision * got and right >= recall * want, [m["detail"] for m in found]
+
+
+def test_forms_seen_in_a_reviewed_rfp():
+    """What a blind RFP's misses taught (bench/shred/reviewed): "agrees to"; numbered steps under a
+    lead-in; deliverables numbered like D-01 after section D; an attachment heading after section L; a
+    number restated in figures at a line start; a titled lead-in to the factors; a definition's
+    "who is responsible for"."""
+    text = (
+        "## SECTION B - SUPPLIES\n\nB.1 General. The Contractor shall furnish all management and labor.\n\n"
+        "## SECTION C - STATEMENT OF WORK\n\nC.5.2 Transition-Out. The Contractor shall:\n\n"
+        "C.5.2.1 Deliver a Transition-Out Plan to the Contracting Officer.\n\n"
+        "C.5.2.2 Return all Government-furnished property.\n\n"
+        "C.6 Kickoff. The Contractor will attend a kickoff meeting within ten\n(10) business days after award.\n\n"
+        "C.7 Insurance. The Vendor agrees to maintain liability insurance.\n\n"
+        "C.8 Definitions.\n\n(a) Site manager: the VA employee who is responsible for call quality.\n\n"
+        "## SECTION L - INSTRUCTIONS\n\nL.1 The Offeror shall submit one volume.\n\n"
+        "## ATTACHMENT J-1 - DELIVERABLES\n\n| ID | Deliverable | Due |\n| --- | --- | --- |\n"
+        "| D-01 | Quality Review Plan with sampling method | 30 days |\n| L-1 | Past Performance Questionnaire | - |\n\n"
+        "## SECTION M - EVALUATION\n\nM.1 Evaluation Factors. The Government will evaluate proposals using the "
+        "factors below.\n\nM.2 Technical Approach. The Government will evaluate the soundness of the approach.\n"
+    )
+    doc = Document(Path("x.md"), "md", "x", "Department of Veterans Affairs (VA) call centers.\n\n" + text)
+    rows = {r.id: r for r in shred(doc).requirements}
+    assert list(rows) == ["B.1", "C.5.2", "C.5.2.1", "C.5.2.2", "C.6", "C.7", "L.1", "D-01", "M.2"]
+    assert rows["C.6"].text.endswith("within ten (10) business days after award.")
+    assert rows["D-01"].section == "J" and rows["M.2"].kind == "evaluation"
+
+
+def test_every_row_keeps_an_id_of_its_own():
+    text = "## SECTION C\n\n1. The Contractor shall do one thing.\n\n## SECTION L\n\n1. The Offeror shall do another.\n"
+    ids = [r.id for r in shred(Document(Path("x.md"), "md", "x", text)).requirements]
+    assert ids == ["1", "1 (2)"]

@@ -146,11 +146,13 @@ def _read_pdf(path: Path, data: bytes) -> list[str]:
 MAX_PAGES = 100_000
 
 
-def paged(pages: list[str]) -> tuple[str, list[int]]:
+def paged(pages: list[str], path: Path) -> tuple[str, list[int]]:
     """Pages' text cleaned (`clean_text`) and joined by blank lines, with where each page begins; an
     empty page holds no offset of its own."""
+    if len(pages) > MAX_PAGES:
+        raise IngestError(f"{path}: more than {MAX_PAGES} pages", "split the document")
     text, starts = "", []
-    for page in pages[:MAX_PAGES]:
+    for page in pages:
         page = clean_text(page).strip()
         if page and text:
             text += "\n\n"
@@ -260,6 +262,12 @@ def _page_break(element) -> str | None:
     for node in element.iter(f"{_W}t", *_BREAKS):
         if node.tag == f"{_W}t":
             text_seen = text_seen or bool((node.text or "").strip())
+        elif node.tag == f"{_W}pageBreakBefore" and node.get(f"{_W}val", "1").lower() in (
+            "0",
+            "false",
+            "off",
+        ):
+            continue  # written as switched off
         elif node.tag != f"{_W}br" or node.get(f"{_W}type") == "page":
             return "after" if text_seen else "before"
     return None
@@ -279,6 +287,12 @@ def _read_docx(path: Path, data: bytes) -> tuple[list[str], Table | None]:
         if where == "before" and lines:
             lines = []
             pages.append(lines)
+
+    def add(line: str) -> None:
+        nonlocal chars
+        lines.append(line)
+        chars += len(line) + 2
+        _check_text_size(chars, path)
 
     chars = paragraphs = rows = 0
     try:
@@ -301,7 +315,7 @@ def _read_docx(path: Path, data: bytes) -> tuple[list[str], Table | None]:
                     depth = _heading_depth(style)  # "Heading 3000000000" is not 3 GB of '#'
                     listed = element.find(f"{_W}pPr/{_W}numPr") is not None or style.startswith("list")
                     # a Word list item keeps a marker, as it has on the page: "- "
-                    lines.append("#" * depth + " " + text if depth else "- " + text if listed else text)
+                    add("#" * depth + " " + text if depth else "- " + text if listed else text)
                 turn("before" if where == "after" or (where == "before" and not text) else None)
             elif element.tag == f"{_W}tbl":
                 for tr in element.iter(f"{_W}tr"):
@@ -316,10 +330,8 @@ def _read_docx(path: Path, data: bytes) -> tuple[list[str], Table | None]:
                     ]
                     where = _page_break(tr)
                     turn(where)
-                    lines.append(" | ".join(cells[:MAX_COLUMNS]))
+                    add(" | ".join(cells[:MAX_COLUMNS]))
                     turn("before" if where == "after" else None)
-            chars += len(lines[-1]) if lines else 0
-            _check_text_size(chars, path)
             element.clear()
             while element.getprevious() is not None:  # what was read is let go
                 del parent[0]
@@ -604,12 +616,12 @@ def parse_document(path: Path, data: bytes) -> Document:
     if suffix in TEXT_SUFFIXES:
         text = _decode(data, path)
         if "\f" in text:  # form feeds: a text export of a paged document
-            text, pages = paged(text.split("\f"))
+            text, pages = paged(text.split("\f"), path)
     elif suffix == ".pdf":
-        text, pages = paged(_read_pdf(path, data))
+        text, pages = paged(_read_pdf(path, data), path)
     elif suffix == ".docx":
         docx_pages, table = _read_docx(path, data)
-        text, pages = paged(docx_pages)
+        text, pages = paged(docx_pages, path)
     else:
         table = _read_csv(path, data) if suffix == ".csv" else _read_xlsx(path, data)
         text = "\n\n".join(table_row_text(table, r) for r in table.rows)

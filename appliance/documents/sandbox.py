@@ -112,17 +112,13 @@ class Sandbox:
             raise IngestError(reply["error"], reply.get("fix"))
         doc = reply["document"]
         table = Table(doc["table"]["columns"], doc["table"]["rows"]) if doc["table"] else None
-        pages = doc.get("pages") or []
-        if not (
-            isinstance(pages, list)
-            and len(pages) <= MAX_PAGES
-            and all(isinstance(p, int) for p in pages)
-            and pages == sorted(pages)
-            and (not pages or (pages[0] == 0 and pages[-1] <= len(doc["text"])))
-        ):
-            raise IngestError(f"{path}: the parser answered malformed page offsets", "report this file")
         return Document(
-            path=path, kind=doc["kind"], title=doc["title"], text=doc["text"], table=table, pages=pages
+            path=path,
+            kind=doc["kind"],
+            title=doc["title"],
+            text=doc["text"],
+            table=table,
+            pages=checked_pages(doc, path),
         )
 
     def _reply(self, proc: subprocess.Popen, path: Path) -> dict | None:
@@ -162,6 +158,22 @@ class Sandbox:
                     return None
                 continue
             return json.loads(b"".join(chunks))
+
+
+def checked_pages(doc: dict, path: Path) -> list[int]:
+    """The page offsets the child answered, checked as the parent relies on them: whole numbers
+    (not booleans), non-decreasing, the first 0, none past the text; one page or none is no pages."""
+    pages, text = doc.get("pages") or [], doc.get("text")
+    if not (
+        isinstance(text, str)
+        and isinstance(pages, list)
+        and len(pages) <= MAX_PAGES
+        and all(type(p) is int for p in pages)
+        and pages == sorted(pages)
+        and (not pages or (pages[0] == 0 and pages[-1] <= len(text)))
+    ):
+        raise IngestError(f"{path}: the parser answered malformed page offsets", "report this file")
+    return pages if len(pages) > 1 else []
 
 
 def _limit(memory_mb: int) -> None:

@@ -264,6 +264,7 @@ REPEATS = 0.8  # share of content words two responses have in common (Jaccard) f
 # scored 0.17, a labor category's code under a transition task 0.19-0.38; no response that addressed its
 # requirement scored under 0.45.
 ON_TOPIC = 0.35
+_FIRST_PERSON_RE = re.compile(r"\b(?:we|our|us)\b", re.IGNORECASE)
 MIN_WORDS = 40  # a response is a paragraph (the issue asks 80-250 words); one sentence is a start, not one
 
 
@@ -293,7 +294,7 @@ def weakness(
         theirs = _content(text)
         if other != req.id and theirs and len(words & theirs) / len(words | theirs) >= REPEATS:
             return f"repeats the response to {other}"
-    if obligation(response) == "theirs":
+    if obligation(response) == "theirs" and not _FIRST_PERSON_RE.search(response):
         return "speaks for the Government, not for us"
     if BUYER_VOICE.search(response):
         return "in the RFP's voice, not ours"
@@ -330,18 +331,21 @@ def _volumes(d: Draft) -> dict[str, str]:
 
 
 def within(text: str, limit: int) -> tuple[str, int]:
-    """`text` cut to at most `limit` words, at the last sentence that fits (mid-sentence only when
-    not even the first fits), and how many words were cut."""
-    words = text.split()
+    """`text` cut to at most `limit` words (citations do not count), at the end of the last sentence
+    that fits (mid-sentence only when not even the first fits), its line breaks kept; and how many
+    words were cut."""
+    words = [m for m in re.finditer(r"\S+", text) if not CITATION_RE.fullmatch(m.group(0))]
     if len(words) <= limit:
         return text, 0
-    kept: list[str] = []
-    for sentence in re.split(r"(?<=[.!?])\s+", text):
-        if len(kept) + len(sentence.split()) > limit:
+    end = 0
+    for sentence in re.finditer(r".+?(?:[.!?](?:\s*\[\d{1,3}\])*(?=\s|$)|$)", text, re.DOTALL):
+        if sum(1 for w in words if w.end() <= sentence.end()) > limit:
             break
-        kept += sentence.split()
-    kept = kept or words[:limit]
-    return " ".join(kept), len(words) - len(kept)
+        end = sentence.end()
+    if not end:
+        end = words[limit - 1].end()
+    kept = text[:end].rstrip()
+    return kept, len(words) - sum(1 for w in words if w.end() <= end)
 
 
 WORDS_PER_PAGE_12PT = 500  # single-spaced 12-point text on a letter page with one-inch margins
@@ -464,7 +468,8 @@ def assemble(d: Draft) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     out += [
-        f"| {_cell(s.name)} | {s.title} | {s.code} | {_cell(s.education)} | {s.years} | {_cell(s.certification)} | "
+        f"| {_cell(s.name)} | {_cell(s.title)} | {_cell(s.code)} | {_cell(s.education)} | {_cell(s.years)} | "
+        f"{_cell(s.certification)} | "
         f"{'key' if s.key else ''} | {s.how + ' (review)' if s.review else s.how} |"
         for s in d.staffing
     ]
@@ -477,8 +482,8 @@ def assemble(d: Draft) -> str:
             "| --- | --- | --- |",
         ]
         out += [
-            f"| {t.task} {_cell(t.heading)} | "
-            + "; ".join(f"{r.title} ({r.code})" for r in t.roles)
+            f"| {_cell(t.heading if t.heading.startswith(t.task) else f'{t.task} {t.heading}'.strip())} | "
+            + "; ".join(_cell(f"{r.title} ({r.code})") for r in t.roles)
             + " | "
             + "; ".join(r.how + (" (review)" if r.review else "") for r in t.roles)
             + " |"
@@ -518,7 +523,10 @@ def write_docx(markdown: str, path: Path, fmt: dict | None = None) -> None:
         if line.startswith("|"):
             rows = []
             while i < len(lines) and lines[i].startswith("|"):
-                cells = [c.strip() for c in lines[i].strip("|").split(" | ")]
+                cells = [
+                    c.strip().replace("\\|", "|")
+                    for c in re.split(r"(?<!\\) \| ", lines[i].strip().strip("|"))
+                ]
                 if not all(set(c) <= {"-", " "} for c in cells):
                     rows.append(cells)
                 i += 1

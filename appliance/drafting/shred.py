@@ -34,7 +34,7 @@ UCF_LETTERS = "ABCDEFGHIJKLM"
 # A page footer in text that lost its page breaks: "Page 3 of 12", "Page 3", "- 3 -".
 _FOOTER_RE = re.compile(r"^\s*(?:page\s+(\d{1,4})(?:\s+of\s+\d{1,4})?|-\s*(\d{1,4})\s*-)\s*$", re.IGNORECASE)
 _SECTION_RE = re.compile(
-    r"^(?:#{1,6}\s*)?(?:part\s+[ivx]+\s*[-:\u2013\u2014]?\s*)?section\s+([A-M])\b[\s.:\u2013\u2014-]*(.*)$",
+    r"^(?:#{1,6} ?)?(?:part\s+[ivx]{1,5}(?:\s*[-:\u2013\u2014])? ?)?section\s+([A-M])\b[\s.:\u2013\u2014-]{0,8}(.*)$",
     re.IGNORECASE,
 )
 _ATTACHMENT_RE = re.compile(r"^(?:#{1,6}\s*)?(?:attachment|exhibit)\s+(?:J[-.\s]?)?\w+\b", re.IGNORECASE)
@@ -55,7 +55,7 @@ _ITEM_RE = re.compile(
 _BULLET_RE = re.compile(r"^[-*\u2022\u25aa\u25e6\u2023\u2043\u00b7o]\s+(?P<rest>\S.*)$", re.DOTALL)
 # The identifier in a table row's first cell: PRS-2, PR-01, A003, CDRL A003, KP-1.
 _ROW_ID_RE = re.compile(
-    r"^(?:CDRL\s+)?(?P<id>[A-Z]{1,5}-?\d{1,4}(?:\.\d{1,3})?)(?![\d.])(?P<rest>(?:\s*\|?\s*[A-Z0-9(\"\u201c].*)?)$",
+    r"^(?:CDRL\s+)?(?P<id>[A-Z]{1,5}-?\d{1,4}(?:\.\d{1,3})?)(?![\d.])(?P<rest>(?:\s*(?:\|\s*)?[A-Z0-9(\"\u201c].*)?)$",
     re.DOTALL,
 )
 # A paragraph's inline title: a few capitalised words and a period before its first sentence.
@@ -68,14 +68,14 @@ _CELL_ID_RE = re.compile(
 _TABLE_SEPARATOR_RE = re.compile(r"^\|?\s*:?-{3,}:?\s*(?:\|\s*:?-{3,}:?\s*)*\|?\s*$")
 
 _MODAL_RE = re.compile(
-    r"\b(?:shall|must|will|is required to|are required to|is responsible for|are responsible for)\b",
+    r"\b(?:shall|must|will|is required to|are required to|is responsible for|are responsible for|agrees? to)\b",
     re.IGNORECASE,
 )
-_STRONG_RE = re.compile(r"\b(?:shall|must|required to|responsible for)\b", re.IGNORECASE)
+_STRONG_RE = re.compile(r"\b(?:shall|must|required to|responsible for|agrees? to)\b", re.IGNORECASE)
 _CONTRACTOR_RE = re.compile(
     r"\b(?:contractors?|offerors?|vendors?|quoters?|bidders?|contractor's|offeror's)\b", re.IGNORECASE
 )
-_AGENCY_RE = re.compile(r"((?:[A-Z][\w'&-]*\s+(?:(?:of|for|and|the|on)\s+)?){1,8})\(([A-Z]{2,8})\)")
+_ACRONYM_DEFINED_RE = re.compile(r"\(([A-Z]{2,8})\)")
 _ORG_WORD_RE = re.compile(
     r"\b(?:Administration|Agency|Department|Office|Service|Bureau|Commission|Command|Center|Institute|"
     r"Program|Division|Directorate|Authority|Board|Council|Corps|Force|Army|Navy|Guard)\b"
@@ -93,13 +93,17 @@ _THEIRS_RE = re.compile(
 )
 _ACRONYM_SUBJECT_RE = re.compile(r"^(?:the\s+)?[A-Z]{2,8}$")
 _CLAUSE_BREAK_RE = re.compile(
-    r"[,;:(]|\b(?:that|which|if|when|unless|and|or|but|where|after|before)\b", re.IGNORECASE
+    r"[,;:(]|\b(?:that|which|who|if|when|unless|and|or|but|where|after|before)\b", re.IGNORECASE
 )
 _SENTENCE_RE = re.compile(r"(?<=[.;!?])\s+(?=[A-Z(])")
 _EVALUATE_RE = re.compile(r"\b(?:evaluat\w*|assess\w*|rated?|consider\w*)\b", re.IGNORECASE)
 _AWARD_PROSE_RE = re.compile(
     r"\b(?:basis (?:for|of) award|best value|trade-?off|relative importance|more important than|"
     r"equal(?:ly)? important|lowest price|responsib(?:le|ility) determination)\b",
+    re.IGNORECASE,
+)
+_FACTOR_LEAD_IN_RE = re.compile(
+    r"\b(?:following|below|listed)\s+(?:evaluation\s+)?(?:sub)?factors\b|\b(?:sub)?factors\s+(?:below|listed|that follow)\b",
     re.IGNORECASE,
 )
 _FACTOR_ID_RE = re.compile(r"^(?:sub-?)?factor\b", re.IGNORECASE)
@@ -130,6 +134,8 @@ class _Unit:
     heading: bool = False  # a section line or a Markdown heading: one line, nothing continues it
     lines: int = 1
     marked: bool = False  # it starts with an identifier, a list marker, a row's ID ...: not a bare heading
+    words: int = 0
+    more: list[str] = field(default_factory=list)  # its further lines, joined once at the end (not per line)
 
 
 @dataclass
@@ -228,35 +234,56 @@ def _units(text: str) -> list[_Unit]:
     for line in lines:
         start, stripped = offset, line.strip()
         offset += len(line) + 1
+        # "... within ten\n(10) business days": a number restated in figures, not an item "(10)"
+        restated = bool(_FIGURES_RE.match(stripped) and _NUMBER_WORD_RE.search(previous[-20:]))
         ended, previous = _ends_paragraph(previous, stripped, width, current), stripped
         if not stripped:
             current = None
             continue
         first = start + len(line) - len(line.lstrip())
         table = stripped.startswith("|") or (" | " in stripped and not stripped.startswith("#"))
+        head = stripped[:400]  # what starts a paragraph is at its start: no pattern reads a whole line
         starts = (
             table
-            or _FOOTER_RE.match(stripped)
-            or _HEADING_RE.match(stripped)
-            or _SECTION_RE.match(stripped)
-            or _ATTACHMENT_RE.match(stripped)
-            or _ID_RE.match(stripped)
-            or _ITEM_RE.match(stripped)
-            or _BULLET_RE.match(stripped)
-            or _ROW_ID_RE.match(stripped)
-            or _KEY_PERSONNEL_RE.match(stripped)
-            or _VOLUME_RE.match(stripped)
+            or _FOOTER_RE.match(head)
+            or _HEADING_RE.match(head)
+            or _SECTION_RE.match(head)
+            or _ATTACHMENT_RE.match(head)
+            or _ID_RE.match(head)
+            or (_ITEM_RE.match(head) and not restated)
+            or _BULLET_RE.match(head)
+            or _ROW_ID_RE.match(head)
+            or _KEY_PERSONNEL_RE.match(head)
+            or _VOLUME_RE.match(head)
         )
         if current is None or starts or ended or current.table or current.heading:
-            heading = bool(_SECTION_RE.match(stripped) or _HEADING_RE.match(stripped))
-            current = _Unit(stripped, first, table=bool(table), heading=heading, marked=bool(starts))
+            heading = bool(_SECTION_RE.match(head) or _HEADING_RE.match(head))
+            current = _Unit(
+                stripped,
+                first,
+                table=bool(table),
+                heading=heading,
+                marked=bool(starts),
+                words=len(stripped.split()),
+            )
             units.append(current)
         else:
-            current.text += " " + stripped
+            current.more.append(stripped)
             current.lines += 1
+            current.words += len(stripped.split())
+    for unit in units:
+        if unit.more:
+            unit.text = " ".join([unit.text, *unit.more])
+            unit.more = []
     return units
 
 
+_FIGURES_RE = re.compile(r"^\(\d{1,3}\)")
+_NUMBER_WORD_RE = re.compile(
+    r"\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty|forty|"
+    r"sixty|ninety|hundred)$",
+    re.IGNORECASE,
+)
 _FUNCTION_WORD_RE = re.compile(
     r"\b(?:of|the|and|or|to|for|in|with|a|an|on|by|including|at|from|as)$", re.IGNORECASE
 )
@@ -268,7 +295,7 @@ def _ends_paragraph(previous: str, line: str, width: int, current: _Unit | None)
     full width, or was a lone short line (a heading) that ends on no function word."""
     if not previous or not line or current is None or not (line[0].isupper() or line[0].isdigit()):
         return False
-    if len(current.text.split()) < 2:
+    if current.words < 2:
         return False  # "PRS-1" on a line of its own: a table row's identifier, its cells follow
     short = len(previous) < 0.75 * width
     if short and previous[-1] in ".:;?!":
@@ -289,16 +316,24 @@ def _cells(row: str) -> list[str]:
 
 def _subject(sentence: str, modal: re.Match) -> str:
     """The words a modal verb binds: from the last clause break before it."""
-    before = sentence[: modal.start()]
+    before = sentence[max(0, modal.start() - 200) : modal.start()]  # a subject is a few words: a window
     breaks = list(_CLAUSE_BREAK_RE.finditer(before))
-    return " ".join(before[breaks[-1].end() :].split()[-8:] if breaks else before.split()[-8:])
+    if not breaks:
+        return " ".join(before.split()[-8:])
+    subject = before[breaks[-1].end() :].split()
+    if not subject and breaks[-1].group(0).lower() in ("that", "which", "who"):
+        subject = before[: breaks[-1].start()].split()  # "the VA employee who is responsible for ..."
+    return " ".join(subject[-8:])
 
 
 def agencies(text: str) -> frozenset[str]:
     """The acronyms the RFP defines for Government bodies: "Federal Motor Carrier Safety
     Administration (FMCSA)" -> FMCSA; with them, "FMCSA will review ..." is the Government's."""
-    return frozenset(
-        m.group(2) for m in _AGENCY_RE.finditer(text[:2_000_000]) if _ORG_WORD_RE.search(m.group(1))
+    text = text[:2_000_000]
+    return frozenset(  # the name is the few words before the parenthesis: looked at there, nowhere else
+        m.group(1)
+        for m in _ACRONYM_DEFINED_RE.finditer(text)
+        if _ORG_WORD_RE.search(text[max(0, m.start() - 80) : m.start()])
     )
 
 
@@ -310,7 +345,7 @@ def obligation(text: str, bodies: frozenset[str] = frozenset()) -> str | None:
     for sentence in _SENTENCE_RE.split(text):
         for modal in _MODAL_RE.finditer(sentence):
             subject = _subject(sentence, modal)
-            after = sentence[modal.end() :].lower()[:120]
+            after = sentence[modal.end() : modal.end() + 120].lower()
             word = modal.group(0).lower()
             by_them = bool(_BY_THEM_RE.match(after))  # "... will be issued by the Government"
             if word == "will" and re.match(r"\s+be\s+(?!responsible for|required to)", after):
@@ -345,6 +380,7 @@ def shred(doc: Document) -> Shredded:
     item_parent: _Parent | None = None  # a lettered item: the parent of its own sub-items
     table_header: list[str] | None = None
     derived: dict[str, int] = {}
+    used: set[str] = set()
 
     def page(offset: int) -> int | None:
         return doc.page_at(offset) if doc.pages else page_from_footer
@@ -357,6 +393,12 @@ def shred(doc: Document) -> Shredded:
             letter = section or "X"
             derived[letter] = derived.get(letter, 0) + 1
             rid = f"{letter}.u{derived[letter]}"
+        if rid in used:  # "1." in section C and again in L: each row keeps an ID of its own
+            n = 2
+            while f"{rid} ({n})" in used:
+                n += 1
+            rid = f"{rid} ({n})"
+        used.add(rid)
         req = Requirement(
             id=rid,
             text=text,
@@ -372,8 +414,9 @@ def shred(doc: Document) -> Shredded:
     bodies = agencies(doc.text)
 
     def ours(text: str) -> bool:
-        return section != "B" and obligation(text, bodies) == "ours"
+        return obligation(text, bodies) == "ours"
 
+    leads: dict[str, bool] = {}  # numbered lead-ins of ours ("... the Contractor shall:"), by ID
     units = _units(doc.text)
     if not doc.pages and any(_FOOTER_RE.match(u.text) for u in units):
         page_from_footer = 1
@@ -400,7 +443,7 @@ def shred(doc: Document) -> Shredded:
             sections.setdefault(section, sect.group(2).strip(" -#"))
             heading, parent, item_parent = text.lstrip("# ").strip(), None, None
             continue
-        if _ATTACHMENT_RE.match(text) and section in ("J", ""):
+        if _ATTACHMENT_RE.match(text) and len(text) < 120 and not _MODAL_RE.search(text):  # a heading
             section, heading, parent, item_parent = "J", text.lstrip("# ").strip(), None, None
             continue
         head = _HEADING_RE.match(text)
@@ -417,10 +460,26 @@ def shred(doc: Document) -> Shredded:
             item_parent = None
             continue
         numbered = _ID_RE.match(text)
+        letter = _section_of(_clean_id(numbered.group("id"))) if numbered else None
+        if numbered and letter and section and letter < section and section not in ("B", "M"):
+            # "D-01 Quality Review Plan ..." in section J: a table row's ID (PDF text has no cell
+            # borders), not a paragraph of an earlier section: the Uniform Contract Format runs B to M
+            rid, rest = _clean_id(numbered.group("id")), numbered.group("rest")
+            if _is_row(rest):
+                add(unit, rid, rest)
+            continue
         if numbered:
             rid, rest = _clean_id(numbered.group("id")), numbered.group("rest")
             section = _section_of(rid) or section
-            duty = ours(rest) or bool(_KEY_PERSONNEL_RE.match(rest))
+            lead = leads.get(rid.rsplit(".", 1)[0]) if "." in rid else None
+            duty = (
+                ours(rest)
+                or bool(_KEY_PERSONNEL_RE.match(rest))
+                # "C.5.2.1 Deliver a Transition-Out Plan ..." under "C.5.2 ... the Contractor shall:"
+                or (lead is True and section != "B" and obligation(rest, bodies) != "theirs")
+            )
+            if duty and rest.rstrip().endswith(":"):
+                leads[rid] = True
             if section == "M":
                 kind = _evaluation_kind(rid, rest)
                 parent, item_parent = _Parent(rid, kind is not None), None
@@ -512,7 +571,9 @@ def _evaluation_kind(identifier: str, text: str) -> str | None:
         return "evaluation"
     if _AWARD_PROSE_RE.search(text):
         return None
-    if re.search(r"\b(?:sub)?factors\b", text, re.IGNORECASE) and not _INLINE_TITLE_RE.match(text):
+    if _FACTOR_LEAD_IN_RE.search(text) or (
+        re.search(r"\b(?:sub)?factors\b", text, re.IGNORECASE) and not _INLINE_TITLE_RE.match(text)
+    ):
         return None  # "The Government will evaluate proposals using the factors below."
     return "evaluation" if _EVALUATE_RE.search(text) and len(text.split()) >= 8 else None
 
@@ -525,9 +586,11 @@ def _table_row(cells: list[str], header: list[str], unit: _Unit, section: str, a
     first = _ROW_ID_RE.match(cells[0]) or _CELL_ID_RE.match(cells[0])
     rest = " | ".join(c for c in cells[1:] if c)
     if first and not first.group("rest").strip(". ") and rest:
-        # a standard (PRS-2) or a deliverable (A003) is a requirement as it stands; a row numbered
-        # like a paragraph (C.3.1, J-1) is one when it states an obligation: not an attachment list
-        if not _section_of(first.group("id")) or ours(rest):
+        # a standard (PRS-2) or a deliverable (A003, D-01) is a requirement as it stands; a row numbered
+        # like a paragraph of its own section (C.3.1 in C, J-1 in J) is one when it states an
+        # obligation: not an attachment list
+        letter = _section_of(first.group("id"))
+        if letter is None or (section and letter < section) or ours(rest):  # D-01 in J: a row ID
             add(unit, first.group("id"), rest)
     elif any(_PAGE_LIMIT_HEADER_RE.search(h) for h in header) and section == "L":
         add(unit, None, " | ".join(c for c in cells if c), "format")

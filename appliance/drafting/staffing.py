@@ -97,8 +97,9 @@ def named(text: str, rows: list[dict], find: Callable[[str], dict | None]) -> li
     roles: dict[str, Role] = {}
     remaining = text
     keys = " ".join(re.findall(r"key personnel\s*(?:are|include|:)\s*([^\n.;]+)", text, re.IGNORECASE))
-    key_codes = {row["code"] for row, _ in titles_in(keys, rows)}
-    for row, words in titles_in(text, rows):
+    patterns = titled(rows)
+    key_codes = {row["code"] for row, _ in titles_in(keys, patterns)}
+    for row, words in titles_in(text, patterns):
         roles[row["code"]] = role(words, row, "exact title", key=row["code"] in key_codes)
         remaining = title_pattern(row["title"]).sub(" ", remaining)
     # Roles the table does not name word for word: "Key personnel: X and Y", "Other roles: ...".
@@ -114,12 +115,17 @@ def named(text: str, rows: list[dict], find: Callable[[str], dict | None]) -> li
     return list(roles.values())
 
 
-def titles_in(text: str, rows: list[dict]) -> list[tuple[dict, str]]:
-    """The rows whose title the text names, longest title first, each with the words the text uses:
+def titled(rows: list[dict]) -> list[tuple[dict, re.Pattern]]:
+    """The rows with a code and a title, each with its title's pattern compiled once, longest first."""
+    keep = sorted((r for r in rows if r["title"] and r["code"]), key=lambda r: -len(r["title"]))
+    return [(r, title_pattern(r["title"])) for r in keep]
+
+
+def titles_in(text: str, rows: list[tuple[dict, re.Pattern]]) -> list[tuple[dict, str]]:
+    """The rows (from `titled`) whose title the text names, each with the words the text uses:
     "Senior Database Administrator" is not also a "Database Administrator"."""
     found = []
-    for row in sorted((r for r in rows if r["title"] and r["code"]), key=lambda r: -len(r["title"])):
-        pattern = title_pattern(row["title"])
+    for row, pattern in rows:
         match = pattern.search(text)
         if match:
             found.append((row, match.group(0)))
@@ -169,11 +175,12 @@ def matches(
     by_id = {r.id: r for r in requirements}
     texts = [_with_lead_in(req, by_id) for req in asked]
     sims_all = embed(works) @ embed(texts).T  # rows x requirements
+    patterns = titled(rows)
     found = []
     for i, req in enumerate(asked):
-        titled = [Match(req, row, f"named in {req.id}") for row, _ in titles_in(req.text, rows)]
-        found += titled
-        if titled:
+        named_here = [Match(req, row, f"named in {req.id}") for row, _ in titles_in(req.text, patterns)]
+        found += named_here
+        if named_here:
             continue  # a requirement that names who does it is not also matched by its duties
         sims = sims_all[:, i]
         score = sims + LEXICAL * words.scores(texts[i])

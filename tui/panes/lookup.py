@@ -92,19 +92,7 @@ class LookupPane(Pane):
     @on(Drafted)
     def _drafted(self, message: Drafted) -> None:
         result = message.result
-        lines = [
-            f"wrote {message.out}: {result.requirements_found} matrix rows, {result.to_answer} to answer: "
-            f"{result.answered} drafted, {len(result.needs_writing)} need writing, {len(result.gaps)} gaps; "
-            f"{len(result.staffing)} roles staffed, {len(result.sources)} sources"
-        ]
-        if result.unknown_codes:
-            lines.append(
-                "codes not in the reference tables (flagged in the draft): " + ", ".join(result.unknown_codes)
-            )
-        if result.gaps:
-            lines.append("requirements without a response: " + ", ".join(result.gaps))
-        if result.needs_writing:
-            lines.append("responses that need writing: " + ", ".join(result.needs_writing))
+        lines = [f"wrote {message.out}: {result.summary()}", *result.warnings()]
         self.query_one("#draft-status", Static).update(inert("\n".join(lines)))
         self.post_message(Changed("audit"))
 
@@ -116,9 +104,14 @@ def write_new(folder: Path, stem: str, suffix: str, text: str, tries: int = 100)
     for n in range(1, tries + 1):
         out = folder / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}"
         try:
-            with out.open("x") as fh:
-                fh.write(text)
-            return out
+            fh = out.open("x", encoding="utf-8")
         except FileExistsError:
             continue
+        try:
+            with fh:
+                fh.write(text)
+        except BaseException:
+            out.unlink(missing_ok=True)  # nothing half-written is left behind
+            raise
+        return out
     raise FileExistsError(17, f"{stem}{suffix} and {tries - 1} numbered copies exist", str(folder))
