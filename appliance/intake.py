@@ -58,32 +58,20 @@ def ingest(
             )
     finally:
         app.anchor()
-    if report.failed:  # what was refused is on record too, one row a batch
-        app.audit(
-            "ingest_refused",
-            {
-                "collection": collection,
-                "files": len(report.failed),
-                "failed": [
-                    {"source": f["source"][:300], "error": f["error"][:300]} for f in report.failed[:50]
-                ],
-            },
-            with_model=False,
-            user=owner,
-        )
-    if report.skipped:  # a folder's files left out on purpose are accounted for too, one row a batch
-        app.audit(
-            "ingest_skipped",
-            {
-                "collection": collection,
-                "files": len(report.skipped),
-                "skipped": [
-                    {"source": f["source"][:300], "reason": f["reason"][:300]} for f in report.skipped[:50]
-                ],
-            },
-            with_model=False,
-            user=owner,
-        )
+    # what was refused, and what a folder held that is not read, are on record too: one row a batch each
+    for action, key, why in (("ingest_refused", "failed", "error"), ("ingest_skipped", "skipped", "reason")):
+        files = getattr(report, key)
+        if files:
+            app.audit(
+                action,
+                {
+                    "collection": collection,
+                    "files": len(files),
+                    key: [{"source": f["source"][:300], why: f[why][:300]} for f in files[:50]],
+                },
+                with_model=False,
+                user=owner,
+            )
     return report
 
 

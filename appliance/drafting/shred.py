@@ -165,16 +165,13 @@ _PROSE_PAGE_LIMIT_RE = re.compile(
     r"(?:not\s+(?:to\s+)?exceed|no\s+more\s+than|(?:limited|limit)\s+to|maximum\s+of)\s+(\d{1,3})\s+pages",
     re.IGNORECASE,
 )
-_FONT_RE = re.compile(
-    r"\b(Times New Roman|Arial|Calibri|Helvetica|Garamond|Cambria|Courier New|Verdana|Georgia|Book Antiqua|"
-    r"Century Schoolbook|Tahoma)\b[^.;]{0,40}?\b(\d{1,2}(?:\.5)?)[- ]?(?:point|pt)\b",
-    re.IGNORECASE,
+_FONTS = (
+    "Times New Roman|Arial|Calibri|Helvetica|Garamond|Cambria|Courier New|Verdana|Georgia|Book Antiqua|"
+    "Century Schoolbook|Tahoma"
 )
-_SIZE_FIRST_RE = re.compile(
-    r"\b(\d{1,2}(?:\.5)?)[- ]?(?:point|pt)\s+(Times New Roman|Arial|Calibri|Helvetica|Garamond|Cambria|"
-    r"Courier New|Verdana|Georgia|Book Antiqua|Century Schoolbook|Tahoma)\b",
-    re.IGNORECASE,
-)
+_SIZE = r"(\d{1,2}(?:\.5)?)[- ]?(?:point|pt)\b"
+_FONT_RE = re.compile(rf"\b({_FONTS})\b[^.;]{{0,40}}?\b{_SIZE}", re.IGNORECASE)  # "Arial, 11-point"
+_SIZE_FIRST_RE = re.compile(rf"\b{_SIZE}\s+({_FONTS})\b", re.IGNORECASE)  # "11-point Arial"
 _MARGIN_RE = re.compile(
     r"margins?\s+(?:shall\s+be\s+|must\s+be\s+|of\s+)?(?:at\s+least\s+|no\s+less\s+than\s+|a\s+minimum\s+of\s+)?"
     r"(one|1(?:\.0|\.25|\.5)?|0?\.75|three-quarters?\s+of\s+an?)[- ]inch"
