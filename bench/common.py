@@ -35,6 +35,11 @@ def pct(values: list[float], q: float) -> float:
     )
 
 
+def frac(done: int, total: int) -> str:
+    """A count out of a total, with its percentage: "7/24 (29%)"."""
+    return f"{done}/{total} ({100 * done / total:.0f}%)" if total else "-"
+
+
 def row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 

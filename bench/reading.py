@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import row
+from bench.common import frac, row
 
 HERE = Path(__file__).resolve().parent / "reading"
 COLLECTION = "heldout"
@@ -195,11 +195,6 @@ def summary(records: list[dict]) -> dict:
     }
 
 
-def frac(pair: tuple[int, int]) -> str:
-    done, total = pair
-    return f"{done}/{total} ({100 * done / total:.0f}%)" if total else "-"
-
-
 def floor_from(records: list[dict], refuse_at_most: float = 0.05) -> float:
     """The highest floor on the best sentence's score that refuses at most `refuse_at_most` of the
     answerable questions (abstaining on as many unanswerable ones as that allows)."""
@@ -267,15 +262,15 @@ def run(
                     row(
                         model,
                         label,
-                        frac(s["facts"]),
-                        frac(s["multi"]),
-                        frac(s["abstained"]),
-                        frac(s["refused"]),
-                        frac(s["cited"]),
-                        frac(s["flagged wrong"]),
-                        frac(s["flagged right"]),
-                        frac(s["evidence"]),
-                        frac(s["retrieved"]),
+                        frac(*s["facts"]),
+                        frac(*s["multi"]),
+                        frac(*s["abstained"]),
+                        frac(*s["refused"]),
+                        frac(*s["cited"]),
+                        frac(*s["flagged wrong"]),
+                        frac(*s["flagged right"]),
+                        frac(*s["evidence"]),
+                        frac(*s["retrieved"]),
                         f"{(time.perf_counter() - start) / len(records):.1f}",
                     )
                 )

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import row
+from bench.common import frac, row
 
 HERE = Path(__file__).resolve().parent / "shred"
 FORMATS = (".text.md", ".docx", ".pdf")
@@ -103,10 +103,6 @@ def scores(name: str) -> list[Score]:
     return out
 
 
-def _pct(n: int, d: int) -> str:
-    return f"{n}/{d} ({100 * n / d:.0f}%)" if d else "-"
-
-
 def table(sets: list[str]) -> list[str]:
     lines = [
         row(
@@ -121,10 +117,10 @@ def table(sets: list[str]) -> list[str]:
                     *[
                         name,
                         s.name,
-                        _pct(s.found, s.expected),
-                        _pct(s.ids, s.found),
-                        _pct(s.sections, s.found),
-                        _pct(s.pages, s.found),
+                        frac(s.found, s.expected),
+                        frac(s.ids, s.found),
+                        frac(s.sections, s.found),
+                        frac(s.pages, s.found),
                         str(s.extra),
                         str(s.traps),
                     ]

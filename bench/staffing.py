@@ -19,9 +19,9 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.common import row
+from bench.common import frac, row
+from bench.shred import HERE
 
-HERE = Path(__file__).resolve().parent / "shred"
 BUILD = Path(__file__).resolve().parent.parent / "build"
 
 
@@ -82,10 +82,6 @@ def _under(rid: str, task: str) -> bool:
     return rid == task or rid.startswith((task + ".", task + "("))
 
 
-def _pct(n: int, d: int) -> str:
-    return f"{n}/{d} ({100 * n / d:.0f}%)" if d else "-"
-
-
 def table(sets: list[str], embed=None) -> list[str]:
     embed = embed or embedder()
     lines = [
@@ -98,9 +94,9 @@ def table(sets: list[str], embed=None) -> list[str]:
                 row(
                     name,
                     m["rfp"],
-                    _pct(m["tasks_found"], m["tasks"]),
-                    _pct(m["right"], m["got"]),
-                    _pct(m["right"], m["want"]),
+                    frac(m["tasks_found"], m["tasks"]),
+                    frac(m["right"], m["got"]),
+                    frac(m["right"], m["want"]),
                     f"{m['review']} ({m['review_wrong']})",
                 )
             )

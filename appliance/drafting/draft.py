@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.documents.readers import CODE_RE, Document, read_document
-from appliance.documents.voice import BUYER_VOICE, READ_CHARS, voice
+from appliance.documents.voice import BUYER_VOICE, READ_CHARS, SELLER_VOICE, voice
 from appliance.drafting.shred import Shredded, obligation, shred
-from appliance.drafting.staffing import matches, named, plan
+from appliance.drafting.staffing import STOP_WORDS, matches, named, plan
 from appliance.engine.prompt import CITATION_RE
 from appliance.errors import IngestError
 from appliance.protocols import Embedder, Generator, Sampling
@@ -164,15 +164,17 @@ def draft(
     responses, unknown, gaps = {}, [], []
     weak: dict[str, str] = {}
     trimmed: dict[str, int] = {}
+    to_answer = [r for r in requirements if r.kind == "obligation"]  # factors and limits get no response
+    asked = dict(zip((r.id for r in to_answer), embedder.embed([r.text for r in to_answer]), strict=True))
     for i, req in enumerate(requirements):
-        if req.kind != "obligation":  # an evaluation factor or a page limit: a matrix row, not a response
+        if req.kind != "obligation":
             continue
         if progress:
             progress(req.id, i, len(requirements))
         hits = [
             h
             for coll in (collections or [None])
-            for h in rag.search(store, embedder, req.text, k=8, collection=coll)
+            for h in rag.search(store, embedder, req.text, k=8, collection=coll, vector=asked[req.id])
             if h.source != rfp_source and (collections or not solicitation(h.doc_id))
         ]
         hits = sorted(hits, key=lambda h: -h.score)[:4]
@@ -216,13 +218,12 @@ def draft(
             gaps.append(req.id)
         else:
             plain = CITATION_RE.sub(" ", response)
-            pair = embedder.embed([plain, req.text])
             why = weakness(
                 response,
                 req,
                 responses,
                 unsupported=result.unsupported,
-                relevance=float(pair[0] @ pair[1]),
+                relevance=float(embedder.embed([plain])[0] @ asked[req.id]),
             )
             if why:
                 weak[req.id] = why
@@ -250,10 +251,6 @@ def draft(
 
 
 _WORD_RE = re.compile(r"[a-z0-9][a-z0-9'-]*")
-_STOP = frozenset(
-    "the a an and or of to in on for with by at from as is are be will shall must our we its it this that "
-    "these those all each any their they which who has have been into per than not".split()
-)
 # A response whose words are mostly its requirement's restates it. On the demo model's draft of
 # bench/shred/tuned/rfp01 (66 responses), the ones that copied their requirement kept 0.7-1.0 of their
 # content words from it; responses that brought a past proposal's evidence kept under 0.5.
@@ -264,12 +261,13 @@ REPEATS = 0.8  # share of content words two responses have in common (Jaccard) f
 # scored 0.17, a labor category's code under a transition task 0.19-0.38; no response that addressed its
 # requirement scored under 0.45.
 ON_TOPIC = 0.35
-_FIRST_PERSON_RE = re.compile(r"\b(?:we|our|us)\b", re.IGNORECASE)
 MIN_WORDS = 40  # a response is a paragraph (the issue asks 80-250 words); one sentence is a start, not one
 
 
 def _content(text: str) -> set[str]:
-    return {w for w in _WORD_RE.findall(CITATION_RE.sub(" ", text.lower())) if w not in _STOP and len(w) > 2}
+    return {
+        w for w in _WORD_RE.findall(CITATION_RE.sub(" ", text.lower())) if w not in STOP_WORDS and len(w) > 2
+    }
 
 
 def weakness(
@@ -294,7 +292,7 @@ def weakness(
         theirs = _content(text)
         if other != req.id and theirs and len(words & theirs) / len(words | theirs) >= REPEATS:
             return f"repeats the response to {other}"
-    if obligation(response) == "theirs" and not _FIRST_PERSON_RE.search(response):
+    if obligation(response) == "theirs" and not SELLER_VOICE.search(response):
         return "speaks for the Government, not for us"
     if BUYER_VOICE.search(response):
         return "in the RFP's voice, not ours"

@@ -143,13 +143,11 @@ class _Parent:
     id: str
     ours: bool  # its text is an obligation of ours (or a section L instruction): its items are too
     items: int = 0
-    depth: int = 0
 
 
 @dataclass
 class Shredded:
     requirements: list[Requirement]
-    sections: dict[str, str] = field(default_factory=dict)  # UCF letter -> its title as the RFP gives it
     page_limits: dict[str, int] = field(default_factory=dict)  # volume -> pages, as section L states them
     format: dict = field(default_factory=dict)  # font, size_pt, margins_in: what section L asks for
 
@@ -370,7 +368,6 @@ def _section_of(identifier: str) -> str | None:
 def shred(doc: Document) -> Shredded:
     """The RFP's requirement rows, in order (see the module's docstring for what counts)."""
     requirements: list[Requirement] = []
-    sections: dict[str, str] = {}
     section, heading = "", ""
     page_from_footer: int | None = None  # text without page breaks: the page after the last footer
     parent: _Parent | None = None
@@ -437,7 +434,6 @@ def shred(doc: Document) -> Shredded:
         sect = _SECTION_RE.match(text)
         if sect:
             section = sect.group(1).upper()
-            sections.setdefault(section, sect.group(2).strip(" -#"))
             heading, parent, item_parent = text.lstrip("# ").strip(), None, None
             continue
         if _ATTACHMENT_RE.match(text) and len(text) < 120 and not _MODAL_RE.search(text):  # a heading
@@ -545,7 +541,7 @@ def shred(doc: Document) -> Shredded:
             heading = text  # an unmarked heading line of PDF text
     _link_factors(requirements)
     page_limits, fmt = limits(requirements, doc.text)
-    return Shredded(requirements, sections, page_limits, fmt)
+    return Shredded(requirements, page_limits, fmt)
 
 
 def _clean_id(identifier: str) -> str:
@@ -611,8 +607,14 @@ def _references(text: str) -> list[tuple[str, ...]]:
     return refs
 
 
+def paragraph_id(rid: str) -> str:
+    """The paragraph a row's ID names, without its item letters or repeat mark: C.4.2 for C.4.2(a)(1),
+    1 for "1 (2)"."""
+    return re.sub(r"\s*\(.*$", "", rid)
+
+
 def _path(req: Requirement) -> tuple[str, ...]:
-    base = re.sub(r"\(.*$", "", req.id)
+    base = paragraph_id(req.id)
     if re.match(r"^[A-M][.-]\d", base):
         return (base[0], *base[2:].split("."))
     named = re.match(r"^(PWS|SOW|Task|Subtask)\s+(\S+)", base, re.IGNORECASE)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.documents.columns import detect
+from appliance.drafting.shred import paragraph_id
 from appliance.schemas import Requirement, Role, TaskStaffing
 
 # Least cosine (all-MiniLM-L6-v2) between a requirement and a row's work for the row to staff it, and
@@ -32,14 +33,16 @@ MARGIN = 0.03
 # Weight of the shared words beside the cosine. On bench/shred/tuned, the cosine alone staffed 24 of the
 # key's 37 task -> category rows with 9 wrong ones; with the words at 1.0, 30 with 1 wrong.
 LEXICAL = 1.0
-_STOP = frozenset(
-    "the a an and or of to in on for with by at from as is are be will shall must all each any its their this "
-    "that these those contractor government within including".split()
+# Words that say nothing of the work in an RFP, a response or a table's duties.
+STOP_WORDS = frozenset(
+    "the a an and or of to in on for with by at from as is are be will shall must all each any its it their "
+    "they this that these those which who has have been into per than not our we contractor government "
+    "within including".split()
 )
 
 
 def _stems(text: str) -> set[str]:
-    return {w[:6] for w in re.findall(r"[a-z][a-z0-9-]+", text.lower()) if w not in _STOP and len(w) > 2}
+    return {w[:6] for w in re.findall(r"[a-z][a-z0-9-]+", text.lower()) if w not in STOP_WORDS and len(w) > 2}
 
 
 class _Words:
@@ -133,22 +136,22 @@ def titles_in(text: str, rows: list[tuple[dict, re.Pattern]]) -> list[tuple[dict
     return found
 
 
+_TASK_RE = re.compile(
+    r"^((?:[A-M][.-]|(?:PWS|SOW|SOO|Task|Subtask)\s+)?\d{1,3}(?:\.\d{1,3})?)(?:\.\d{1,3})*$", re.IGNORECASE
+)
+
+
 def task_of(req: Requirement) -> str | None:
     """The task a statement-of-work requirement belongs to (its identifier cut to two levels: C.4.1 for
     C.4.1.2(a), 5.3 for 5.3.1, PWS 3.2 for PWS 3.2.1), or None for one outside the work (L, M, a table
     row, an unnumbered paragraph)."""
     if req.kind != "obligation" or req.derived or req.section not in ("C", "J"):
         return None
-    base = re.sub(r"\(.*$", "", req.id)
-    lettered = re.match(r"^([A-M][.-])(\d+(?:\.\d+)*)$", base)
-    if lettered:
-        return lettered.group(1) + ".".join(lettered.group(2).split(".")[:2])
-    worded = re.match(r"^(PWS|SOW|SOO|Task|Subtask)\s+(\d+(?:\.\d+)*)$", base, re.IGNORECASE)
-    if worded:
-        return f"{worded.group(1)} " + ".".join(worded.group(2).split(".")[:2])
-    if re.match(r"^\d+(?:\.\d+)+$", base):
-        return ".".join(base.split(".")[:2])
-    return None
+    base = paragraph_id(req.id)
+    task = _TASK_RE.match(base)
+    if task is None or (base[0].isdigit() and "." not in base):  # "1." is a list item, not a task
+        return None
+    return task.group(1)
 
 
 @dataclass

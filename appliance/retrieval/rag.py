@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from appliance.documents.readers import CODE_RE
 from appliance.engine.prompt import build_messages, cited_numbers, format_source, source_title
 from appliance.protocols import Embedder, Generator, Sampling
@@ -159,7 +161,10 @@ def search(
     k: int = 5,
     collection: str | None = None,
     fetch: int | None = None,
+    vector: np.ndarray | None = None,
 ) -> list[Hit]:
+    """`vector`: the query's embedding when the caller has it already (a draft searches every
+    collection for one requirement, and compares its responses with it)."""
     query = query.strip()
     if not query:
         return []
@@ -168,7 +173,9 @@ def search(
     scores: dict[int, float] = {}
     match = fts_query(query, selective_words(store, query_words(query)))
     ranked_lists = [store.keyword_search(match, fetch, coll_id)] if match else []
-    ranked_lists.append(store.vector_search(embedder.embed([query])[0], fetch, coll_id))
+    if vector is None:
+        vector = embedder.embed([query])[0]
+    ranked_lists.append(store.vector_search(vector, fetch, coll_id))
     for ranked in ranked_lists:
         for rank, (chunk_id, _) in enumerate(ranked):
             scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
